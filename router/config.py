@@ -1,0 +1,637 @@
+"""YAML -> `Config`: the one parser of the project's configuration file.
+
+The renderer, the router and the benchmark all read the YAML through
+`load_config`, so they can never disagree about what it says. The format is
+the kvcached controller's (``kvcached``, ``router``, ``sleep_manager``,
+``instances``) plus a few keys of our own; every key is documented in
+README.md. Validation collects every problem before failing, and each message
+names the file and the field path (``instances[1].engine_args``) with a fix.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import yaml
+
+from .engines import ENGINE_ALIASES, ENGINES, EngineSpec, flag_values, last_flag_value, split_args
+
+#: Instance names that would collide with programs or tmux sessions we render.
+RESERVED_NAMES = frozenset({"router", "frontend", "logs"})
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+WILDCARD_HOSTS = {"0.0.0.0", "::", "", "*"}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every reason."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One engine process: a replica of `model` listening on host:port."""
+
+    name: str
+    model: str
+    engine: str
+    engine_args: tuple[str, ...]
+    #: Environment for this engine, in the order it is exported: global
+    #: kvcached vars, then the instance's kvcached_env, then its engine_env.
+    env: tuple[tuple[str, str], ...]
+    venv_path: Optional[str]
+    host: str
+    port: int
+    aliases: tuple[str, ...] = ()
+    #: Names the engine itself answers to (``--served-model-name``, else model).
+    served_names: tuple[str, ...] = ()
+    launch: bool = True
+    sleep: bool = True
+    max_concurrency: Optional[int] = None
+    max_queue: int = 0
+    sim_args: tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> EngineSpec:
+        return ENGINES[self.engine]
+
+    @property
+    def url(self) -> str:
+        """Where the router reaches this engine."""
+        host = connect_host(self.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def python(self) -> str:
+        return f"{self.venv_path}/bin/python" if self.venv_path else "python"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every model name a request may use to reach this instance."""
+        seen: dict[str, None] = {}
+        for n in (self.model, *self.aliases, *self.served_names):
+            seen[n] = None
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    enable_router: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    connect_timeout_seconds: float = 5.0
+    #: Total time for a non-streaming request.
+    request_timeout_seconds: float = 600.0
+    #: Longest silence between two chunks of a stream.
+    stream_idle_timeout_seconds: float = 120.0
+    health_check_interval_seconds: float = 5.0
+    health_check_timeout_seconds: float = 2.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+    eject_seconds: float = 10.0
+    max_request_bytes: int = 16 * 1024 * 1024
+    queue_timeout_seconds: float = 30.0
+    shutdown_grace_seconds: float = 30.0
+    access_log: bool = True
+    log_level: str = "info"
+    api_keys: tuple[str, ...] = ()
+    admin_api_key: Optional[str] = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SleepSettings:
+    auto_sleep_enabled: bool = False
+    #: A model is idle when its last request ended this long ago.
+    idle_threshold_seconds: float = 300.0
+    check_interval_seconds: float = 60.0
+    wakeup_on_request: bool = True
+    #: Least time a model stays awake after a wake before the idle loop may
+    #: put it to sleep again (the kvcached key, used against thrashing).
+    min_sleep_duration: float = 80.0
+    sleep_level: int = 1
+    wake_timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    instances: tuple[Instance, ...]
+    router: RouterSettings = RouterSettings()
+    sleep: SleepSettings = SleepSettings()
+    kvcached_env: tuple[tuple[str, str], ...] = ()
+    launch_delay_seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def models(self) -> dict[str, tuple[Instance, ...]]:
+        """Model -> its replicas, in config order."""
+        out: dict[str, list[Instance]] = {}
+        for inst in self.instances:
+            out.setdefault(inst.model, []).append(inst)
+        return {m: tuple(v) for m, v in out.items()}
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """Every routable name (model, alias, served name) -> its model."""
+        out: dict[str, str] = {}
+        for inst in self.instances:
+            for n in inst.names:
+                out.setdefault(n, inst.model)
+        return out
+
+    @property
+    def launched(self) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.launch)
+
+
+def connect_host(host: str) -> str:
+    """The address to dial for an engine bound to `host`."""
+    if host in WILDCARD_HOSTS or host == "localhost":
+        return "::1" if host == "::" else "127.0.0.1"
+    return host
+
+
+def env_value(value: Any) -> str:
+    """YAML scalar -> env var text; booleans as lower-case true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+TOP_KEYS = ("kvcached", "router", "sleep_manager", "launch_delay_seconds", "instances")
+INSTANCE_KEYS = (
+    "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
+    "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
+)
+ROUTER_KEYS = {
+    # YAML key: (RouterSettings field, kind)
+    "enable_router": ("enable_router", "bool"),
+    "router_host": ("host", "host"),
+    "router_port": ("port", "port"),
+    "connect_timeout_seconds": ("connect_timeout_seconds", "posfloat"),
+    "request_timeout_seconds": ("request_timeout_seconds", "posfloat"),
+    "stream_idle_timeout_seconds": ("stream_idle_timeout_seconds", "posfloat"),
+    "health_check_interval_seconds": ("health_check_interval_seconds", "posfloat"),
+    "health_check_timeout_seconds": ("health_check_timeout_seconds", "posfloat"),
+    "unhealthy_threshold": ("unhealthy_threshold", "posint"),
+    "healthy_threshold": ("healthy_threshold", "posint"),
+    "eject_seconds": ("eject_seconds", "nonnegfloat"),
+    "max_request_bytes": ("max_request_bytes", "posint"),
+    "queue_timeout_seconds": ("queue_timeout_seconds", "posfloat"),
+    "shutdown_grace_seconds": ("shutdown_grace_seconds", "nonnegfloat"),
+    "access_log": ("access_log", "bool"),
+    "log_level": ("log_level", "loglevel"),
+    "api_keys": ("api_keys", "keys"),
+    "admin_api_key": ("admin_api_key", "key"),
+}
+SLEEP_KEYS = {
+    "auto_sleep_enabled": ("auto_sleep_enabled", "bool"),
+    "idle_threshold_seconds": ("idle_threshold_seconds", "nonnegfloat"),
+    "check_interval_seconds": ("check_interval_seconds", "posfloat"),
+    "wakeup_on_request": ("wakeup_on_request", "bool"),
+    "min_sleep_duration": ("min_sleep_duration", "nonnegfloat"),
+    "sleep_level": ("sleep_level", "level"),
+    "wake_timeout_seconds": ("wake_timeout_seconds", "posfloat"),
+}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+class _Problems:
+    """Collects errors and warnings while walking the YAML."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, where: str, msg: str) -> None:
+        self.errors.append(f"{where}: {msg}" if where else msg)
+
+    def warn(self, where: str, msg: str) -> None:
+        self.warnings.append(f"{where}: {msg}" if where else msg)
+
+    def unknown_keys(self, where: str, keys: Any, known: tuple[str, ...] | Mapping[str, Any]) -> None:
+        for key in keys:
+            if key in known:
+                continue
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(known)}"
+            self.warn(_join(where, str(key)), f"unknown key, ignored; {fix}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def load_config(path: str | os.PathLike, sim: bool = False) -> Config:
+    """Read and validate the YAML at `path`.
+
+    `sim` relaxes checks that only matter on a real GPU host (a missing venv
+    is then a warning, since the simulated engine does not use it).
+    Raises ConfigError listing every problem.
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read the config file: {e.strerror or e}"]) from None
+    return parse_config(text, path, sim=sim)
+
+
+def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -> Config:
+    """Validate YAML `text` as if read from `path` (relative paths resolve beside it)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, [f"not valid YAML: {' '.join(str(e).split())}"]) from None
+    except (ValueError, TypeError, RecursionError) as e:  # odd scalars, deep nesting
+        raise ConfigError(path, [f"not valid YAML: {e}"]) from None
+    p = _Problems()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, ["the file must be a YAML mapping with an 'instances:' list"])
+    base = Path(path).resolve().parent if not path.startswith("<") else Path.cwd()
+    p.unknown_keys("", raw.keys(), TOP_KEYS)
+
+    kv_env = _kvcached_block(raw.get("kvcached"), p)
+    router = _settings(raw.get("router"), "router", ROUTER_KEYS, RouterSettings, p, base)
+    sleep = _settings(raw.get("sleep_manager"), "sleep_manager", SLEEP_KEYS, SleepSettings, p, base)
+    delay = _number(raw.get("launch_delay_seconds", 0), "launch_delay_seconds", "nonnegfloat", p)
+    instances = _instances(raw.get("instances"), kv_env, base, sim, p)
+    if p.errors:
+        raise ConfigError(path, p.errors)
+    cfg = Config(
+        path=path if path.startswith("<") else str(Path(path).resolve()),
+        instances=tuple(instances),
+        router=router,
+        sleep=sleep,
+        kvcached_env=tuple(kv_env),
+        launch_delay_seconds=delay if delay is not None else 0.0,
+    )
+    _cross_checks(cfg, p)
+    if p.errors:
+        raise ConfigError(path, p.errors)
+    return Config(**{**cfg.__dict__, "warnings": tuple(f"{path}: {w}" for w in p.warnings)})
+
+
+def _kvcached_block(block: Any, p: _Problems) -> list[tuple[str, str]]:
+    if block is None:
+        return []
+    if not isinstance(block, dict):
+        p.error("kvcached", "must be a mapping of kvcached settings, e.g. 'kvcached_gpu_utilization: 0.95'")
+        return []
+    out = []
+    for key, value in block.items():
+        name = str(key).upper()
+        if not ENV_NAME.match(name):
+            p.error(f"kvcached.{key}", "not a valid environment variable name (letters, digits, '_')")
+        elif isinstance(value, (dict, list)) or value is None:
+            p.error(f"kvcached.{key}", "must be a single value (number, true/false or text)")
+        else:
+            out.append((name, env_value(value)))
+    return out
+
+
+def _settings(block: Any, where: str, keys: Mapping[str, tuple[str, str]], cls: type, p: _Problems, base: Path) -> Any:
+    if block is None:
+        return cls()
+    if not isinstance(block, dict):
+        p.error(where, "must be a mapping")
+        return cls()
+    p.unknown_keys(where, block.keys(), keys)
+    values = {}
+    for key, (attr, kind) in keys.items():
+        if key in block:
+            v = _value(block[key], _join(where, key), kind, p, base)
+            if v is not None:
+                values[attr] = v
+    return cls(**values)
+
+
+def _value(v: Any, where: str, kind: str, p: _Problems, base: Path) -> Any:
+    if kind == "bool":
+        if isinstance(v, bool):
+            return v
+        p.error(where, f"must be true or false, not {v!r}")
+        return None
+    if kind == "host":
+        if isinstance(v, str) and v and not any(c.isspace() for c in v):
+            return v
+        p.error(where, f"must be a host name or address, not {v!r}")
+        return None
+    if kind == "loglevel":
+        if isinstance(v, str) and v.lower() in LOG_LEVELS:
+            return v.lower()
+        p.error(where, f"must be one of {', '.join(LOG_LEVELS)}")
+        return None
+    if kind == "keys":
+        return _secrets(v, where, p, base, many=True)
+    if kind == "key":
+        keys = _secrets(v, where, p, base, many=False)
+        return keys[0] if keys else None
+    return _number(v, where, kind, p)
+
+
+def _number(v: Any, where: str, kind: str, p: _Problems) -> Any:
+    is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind in ("posint", "port", "level"):
+        ok = isinstance(v, int) and not isinstance(v, bool)
+        lo, hi = {"posint": (1, 2**31), "port": (1, 65535), "level": (1, 2)}[kind]
+        if ok and lo <= v <= hi:
+            return v
+        p.error(where, f"must be a whole number from {lo} to {hi}, not {v!r}")
+        return None
+    if is_num and math.isfinite(v) and (v > 0 or (kind == "nonnegfloat" and v == 0)):
+        return float(v)
+    need = "a number >= 0" if kind == "nonnegfloat" else "a number > 0"
+    p.error(where, f"must be {need}, not {v!r}")
+    return None
+
+
+def _secrets(v: Any, where: str, p: _Problems, base: Path, many: bool) -> tuple[str, ...]:
+    """Keys inline, or ``{env: NAME}`` / ``{file: PATH}`` so they need not sit in the YAML."""
+    shape = "a list of keys" if many else "a key"
+    if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("env", "file"):
+        (src, ref), = v.items()
+        if not isinstance(ref, str) or not ref:
+            p.error(where, f"'{src}:' needs a name")
+            return ()
+        if src == "env":
+            text = os.environ.get(ref)
+            if text is None:
+                p.error(where, f"environment variable {ref} is not set")
+                return ()
+            items = text.split(",")
+        else:
+            fp = Path(ref) if Path(ref).is_absolute() else base / ref
+            try:
+                items = fp.read_text().splitlines()
+            except OSError as e:
+                p.error(where, f"cannot read key file {fp}: {e.strerror or e}")
+                return ()
+        keys = tuple(k.strip() for k in items if k.strip())
+        if not keys:
+            p.error(where, f"no key found in {src} {ref}")
+        return keys if many else keys[:1]
+    if many and isinstance(v, list) and all(isinstance(k, str) and k.strip() for k in v):
+        return tuple(k.strip() for k in v)
+    if not many and isinstance(v, str) and v.strip():
+        return (v.strip(),)
+    p.error(where, f"must be {shape}, or {{env: VAR}} or {{file: PATH}}")
+    return ()
+
+
+def _str_list(v: Any, where: str, p: _Problems) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
+        return [str(x) for x in v]
+    p.error(where, "must be a list of strings")
+    return []
+
+
+def _env_list(v: Any, where: str, p: _Problems) -> list[tuple[str, str]]:
+    """``["KEY=VALUE", ...]`` (the kvcached format) or a ``KEY: value`` mapping."""
+    if v is None:
+        return []
+    if isinstance(v, dict):
+        pairs = [(str(k), v[k]) for k in v]
+        items = [(f"{where}.{k}", k, val) for k, val in pairs]
+    elif isinstance(v, list):
+        items = []
+        for i, entry in enumerate(v):
+            if not isinstance(entry, str) or "=" not in entry:
+                p.error(f"{where}[{i}]", f"must be a 'KEY=VALUE' string, not {entry!r}")
+                continue
+            k, _, val = entry.partition("=")
+            items.append((f"{where}[{i}]", k.strip(), val))
+    else:
+        p.error(where, "must be a list of 'KEY=VALUE' strings")
+        return []
+    out = []
+    for at, k, val in items:
+        if not ENV_NAME.match(k):
+            p.error(at, f"{k!r} is not a valid environment variable name (letters, digits, '_')")
+        elif isinstance(val, (dict, list)) or val is None:
+            p.error(at, "must have a single value")
+        elif "\0" in env_value(val):
+            p.error(at, "value must not contain a NUL character")
+        else:
+            out.append((k, env_value(val)))
+    return out
+
+
+def _instances(block: Any, kv_env: list[tuple[str, str]], base: Path, sim: bool, p: _Problems) -> list[Instance]:
+    if not isinstance(block, list) or not block:
+        p.error("instances", "must be a non-empty list of engine instances (each with at least 'model' and 'engine')")
+        return []
+    out = []
+    for i, raw in enumerate(block):
+        where = f"instances[{i}]"
+        if not isinstance(raw, dict):
+            p.error(where, "must be a mapping with 'model', 'engine' and 'engine_args'")
+            continue
+        inst = _instance(raw, where, kv_env, base, sim, p)
+        if inst is not None:
+            out.append(inst)
+    return out
+
+
+def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, sim: bool, p: _Problems) -> Optional[Instance]:
+    p.unknown_keys(where, raw.keys(), INSTANCE_KEYS)
+    ok = True
+    model = raw.get("model")
+    if not isinstance(model, str) or not model.strip() or model != model.strip():
+        p.error(f"{where}.model", "missing or not a model name/path (e.g. 'meta-llama/Llama-3.2-1B')")
+        ok = False
+    engine_raw = raw.get("engine")
+    engine = ENGINE_ALIASES.get(engine_raw.strip().lower()) if isinstance(engine_raw, str) else None
+    if engine is None:
+        p.error(f"{where}.engine", f"unknown engine {engine_raw!r}; use one of: {', '.join(ENGINES)}")
+        ok = False
+
+    if "name" in raw:
+        name = raw["name"]
+        if not isinstance(name, str) or not SAFE_NAME.match(name):
+            p.error(f"{where}.name", f"{name!r} is not a safe name: use letters, digits, '-' and '_' (at most 63, starting with a letter or digit)")
+            ok = False
+    elif ok:
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", model.rstrip("/").rsplit("/", 1)[-1]).lstrip("_-")[:63] or "model"
+    else:
+        name = None
+    if isinstance(name, str) and name.lower() in RESERVED_NAMES:
+        p.error(f"{where}.name", f"{name!r} is reserved for the router's own programs; pick another name")
+        ok = False
+
+    args_raw = raw.get("engine_args", [])
+    args: list[str] = []
+    if isinstance(args_raw, (str, list)) and (isinstance(args_raw, str) or all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in args_raw)):
+        try:
+            args = split_args(args_raw if isinstance(args_raw, str) else [str(a) for a in args_raw])
+        except ValueError as e:
+            p.error(f"{where}.engine_args", f"cannot split into arguments ({e}); check the quotes")
+            ok = False
+        if any("\0" in a for a in args):
+            p.error(f"{where}.engine_args", "must not contain a NUL character")
+            ok = False
+    else:
+        p.error(f"{where}.engine_args", "must be a list of strings (each may hold several words) or one string")
+        ok = False
+
+    host = last_flag_value(args, "--host") or "127.0.0.1"
+    port_text = last_flag_value(args, "--port")
+    port = None
+    if port_text is None:
+        p.error(f"{where}.engine_args", "no '--port' given; the router needs it to reach the engine (add e.g. '--port=8001')")
+        ok = False
+    elif not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        p.error(f"{where}.engine_args", f"--port {port_text!r} is not a port number (1-65535)")
+        ok = False
+    else:
+        port = int(port_text)
+
+    env = list(kv_env) + _env_list(raw.get("kvcached_env"), f"{where}.kvcached_env", p) + _env_list(raw.get("engine_env"), f"{where}.engine_env", p)
+    aliases = [a for a in _str_list(raw.get("aliases"), f"{where}.aliases", p)]
+    for j, a in enumerate(aliases):
+        if not a.strip():
+            p.error(f"{where}.aliases[{j}]", "must not be empty")
+    sim_args = []
+    try:
+        sim_args = split_args(_str_list(raw.get("sim_args"), f"{where}.sim_args", p))
+    except ValueError as e:
+        p.error(f"{where}.sim_args", f"cannot split into arguments ({e}); check the quotes")
+
+    flags = {}
+    for key in ("launch", "sleep", "using_venv"):
+        v = raw.get(key, key != "using_venv")
+        if not isinstance(v, bool):
+            p.error(f"{where}.{key}", f"must be true or false, not {v!r}")
+            v = False
+        flags[key] = v
+
+    venv_path = None
+    venv_raw = raw.get("venv_path")
+    if flags["using_venv"]:
+        if not isinstance(venv_raw, str) or not venv_raw.strip():
+            p.error(f"{where}.venv_path", "using_venv is true but venv_path is missing; give the virtualenv directory or set using_venv: false")
+            ok = False
+        else:
+            vp = Path(os.path.expanduser(venv_raw.strip()))
+            vp = vp if vp.is_absolute() else base / vp
+            venv_path = os.path.normpath(str(vp))
+            if not (Path(venv_path) / "bin" / "python").exists() and flags["launch"]:
+                msg = f"virtualenv {venv_path} has no bin/python; create it or fix the path (relative paths are from the config file's folder)"
+                (p.warn if sim else p.error)(f"{where}.venv_path", msg)
+    elif venv_raw is not None and not isinstance(venv_raw, str):
+        p.error(f"{where}.venv_path", "must be a path")
+
+    max_conc = raw.get("max_concurrency")
+    if max_conc is not None:
+        max_conc = _number(max_conc, f"{where}.max_concurrency", "posint", p)
+    max_queue = raw.get("max_queue", max_conc or 0)
+    if not (isinstance(max_queue, int) and not isinstance(max_queue, bool) and max_queue >= 0):
+        p.error(f"{where}.max_queue", f"must be a whole number >= 0, not {max_queue!r}")
+        max_queue = 0
+
+    if not ok:
+        return None
+    served = tuple(flag_values(args, "--served-model-name")) or (model,)
+    return Instance(
+        name=name, model=model, engine=engine, engine_args=tuple(args), env=tuple(env),
+        venv_path=venv_path, host=host, port=port, aliases=tuple(aliases), served_names=served,
+        launch=flags["launch"], sleep=flags["sleep"], max_concurrency=max_conc, max_queue=max_queue,
+        sim_args=tuple(sim_args),
+    )
+
+
+def _cross_checks(cfg: Config, p: _Problems) -> None:
+    """Checks across instances: clashes are errors, risky combinations warnings."""
+    names: dict[str, int] = {}
+    binds: dict[tuple[str, int, bool], str] = {}
+    route_owner: dict[str, str] = {}
+    served_owner: dict[str, str] = {}
+    for i, inst in enumerate(cfg.instances):
+        where = f"instances[{i}]"
+        if inst.name in names:
+            p.error(f"{where}.name", f"duplicate instance name {inst.name!r} (also instances[{names[inst.name]}]); give each instance its own 'name'")
+        names.setdefault(inst.name, i)
+        host = connect_host(inst.host)
+        wild = inst.host in WILDCARD_HOSTS
+        for (h, port, other_wild), other in binds.items():
+            if port == inst.port and (h == host or (inst.launch and (wild or other_wild))):
+                p.error(f"{where}.engine_args", f"{inst.host}:{inst.port} is already used by instance {other!r}; give each instance its own --port")
+                break
+        binds[(host, inst.port, wild and inst.launch)] = inst.name
+        if cfg.router.enable_router and inst.port == cfg.router.port and host in ("127.0.0.1", connect_host(cfg.router.host)):
+            p.error(f"{where}.engine_args", f"--port {inst.port} is the router's port (router.router_port); pick another")
+        for n in inst.names:
+            owner = route_owner.setdefault(n, inst.model)
+            if owner != inst.model:
+                p.error(f"{where}", f"model name {n!r} would route to both {owner!r} and {inst.model!r}; rename the alias or served name")
+        for n in inst.served_names:
+            if n != inst.model and served_owner.setdefault(n, inst.model) != inst.model:
+                p.warn(f"{where}.engine_args", f"--served-model-name {n!r} is also served for model {served_owner[n]!r}")
+        if cfg.sleep.auto_sleep_enabled and inst.sleep:
+            spec = inst.spec
+            env = dict(inst.env)
+            missing = [a for a in spec.sleep_needs_args if a not in inst.engine_args]
+            missing += [f"{k}={v}" for k, v in spec.sleep_needs_env.items() if env.get(k) != v]
+            if missing:
+                p.warn(where, f"auto sleep is on but this {inst.engine} engine lacks {', '.join(missing)}, so its sleep API will not exist; add them or set 'sleep: false'")
+    _gpu_checks(cfg, p)
+
+
+def _gpu_checks(cfg: Config, p: _Problems) -> None:
+    groups: dict[str, list[tuple[int, Instance, float]]] = {}
+    forms: dict[str, list[int]] = {}
+    for i, inst in enumerate(cfg.launched):
+        env = dict(inst.env)
+        devices = env.get("CUDA_VISIBLE_DEVICES", "")
+        if devices:
+            form = "uuid" if "GPU-" in devices or "MIG-" in devices else "index"
+            forms.setdefault(form, []).append(i)
+        spec = inst.spec
+        text = last_flag_value(inst.engine_args, spec.gpu_fraction_flag)
+        try:
+            frac = float(text) if text is not None else spec.gpu_fraction_default
+        except ValueError:
+            p.warn(f"instances[{i}].engine_args", f"{spec.gpu_fraction_flag} {text!r} is not a number")
+            frac = None
+        if frac is None or env.get("ENABLE_KVCACHED", "").lower() in ("true", "1", "yes"):
+            continue
+        for dev in (devices.split(",") if devices else ["default"]):
+            groups.setdefault(dev.strip(), []).append((i, inst, frac))
+    for dev, members in groups.items():
+        total = sum(f for _, _, f in members)
+        if len(members) > 1 and total > 1.0 + 1e-9:
+            who = ", ".join(f"{inst.name} ({f:g})" for _, inst, f in members)
+            p.warn("instances", f"GPU memory fractions on GPU {dev} add up to {total:g} > 1.0 without kvcached: {who}; lower them or enable kvcached (ENABLE_KVCACHED=true)")
+    if len(forms) > 1:
+        p.warn("instances", "CUDA_VISIBLE_DEVICES is given as indexes for some instances and as UUIDs for others; use one form so GPU sharing can be checked")
+
+
+def summary_table(cfg: Config) -> str:
+    """The instance table printed by ``render --check``."""
+    rows = [("NAME", "MODEL", "ENGINE", "HOST:PORT", "VENV", "LAUNCH")]
+    for inst in cfg.instances:
+        rows.append((inst.name, inst.model, inst.engine, f"{inst.host}:{inst.port}", inst.venv_path or "-", "yes" if inst.launch else "no (external)"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)

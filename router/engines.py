@@ -1,0 +1,138 @@
+"""The one table of per-engine knowledge.
+
+Everything the rest of the project needs to know about an inference engine
+(how to launch it, where its health and sleep endpoints are, which flags carry
+its port, served names and GPU memory share) lives in one `EngineSpec` entry,
+so supporting a new engine is one entry here and nothing elsewhere.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP call to an engine's control API."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] = field(default_factory=dict)
+    json: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    #: ``python -m <module>`` launches the engine's OpenAI server.
+    module: str
+    #: The flag that names the model to load.
+    model_flag: str
+    #: The flag giving this engine's share of GPU memory, and its default.
+    gpu_fraction_flag: str
+    gpu_fraction_default: Optional[float]
+    #: The flag for the engine's maximum context length.
+    max_len_flag: str
+    health_path: str
+    sleep_call: Call
+    wake_call: Call
+    #: GET path answering ``{"is_sleeping": bool}``, where the engine has one.
+    is_sleeping_path: Optional[str]
+    #: What the engine needs for its sleep API: launch flags and env vars.
+    sleep_needs_args: tuple[str, ...]
+    sleep_needs_env: Mapping[str, str]
+
+    def launch_argv(self, python: str, model: str, args: Sequence[str]) -> list[str]:
+        return [python, "-m", self.module, self.model_flag, model, *args]
+
+
+ENGINES: Mapping[str, EngineSpec] = {
+    "vllm": EngineSpec(
+        name="vllm",
+        module="vllm.entrypoints.openai.api_server",
+        model_flag="--model",
+        gpu_fraction_flag="--gpu-memory-utilization",
+        gpu_fraction_default=0.9,
+        max_len_flag="--max-model-len",
+        health_path="/health",
+        sleep_call=Call("POST", "/sleep", {"level": "1"}),
+        wake_call=Call("POST", "/wake_up"),
+        is_sleeping_path="/is_sleeping",
+        sleep_needs_args=("--enable-sleep-mode",),
+        sleep_needs_env={"VLLM_SERVER_DEV_MODE": "1"},
+    ),
+    "sglang": EngineSpec(
+        name="sglang",
+        module="sglang.launch_server",
+        model_flag="--model-path",
+        gpu_fraction_flag="--mem-fraction-static",
+        gpu_fraction_default=None,  # SGLang sizes it from the GPU itself
+        max_len_flag="--context-length",
+        health_path="/health",
+        sleep_call=Call("POST", "/release_memory_occupation", json={}),
+        wake_call=Call("POST", "/resume_memory_occupation", json={}),
+        is_sleeping_path=None,
+        sleep_needs_args=("--enable-memory-saver",),
+        sleep_needs_env={},
+    ),
+}
+
+#: Spellings users write for an engine, mapped to its ENGINES key.
+ENGINE_ALIASES: Mapping[str, str] = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang"}
+
+#: ``python -m`` module of the project's simulated engine (router/sim.py).
+SIM_MODULE = "router.sim"
+
+
+def sim_argv(python: str, engine: str, model: str, args: Sequence[str], sim_args: Sequence[str]) -> list[str]:
+    """The simulated engine stands in for `engine`, taking the same arguments.
+
+    The simulator parses the engine's own flags it understands (host, port,
+    served names, max length) and ignores the rest, so the instance's
+    engine_args pass through unchanged.
+    """
+    return [python, "-m", SIM_MODULE, "--engine", engine, "--model", model, *args, *sim_args]
+
+
+def split_args(args: Sequence[str] | str) -> list[str]:
+    """Shell-split each item, so ``"--gpu-memory-utilization 0.5"`` is two args."""
+    items = [args] if isinstance(args, str) else list(args)
+    out: list[str] = []
+    for item in items:
+        out.extend(shlex.split(item))
+    return out
+
+
+def flag_values(args: Sequence[str], flag: str) -> list[str]:
+    """Every value given for `flag`, in both ``--f v`` and ``--f=v`` forms.
+
+    A flag followed by several non-flag words (vLLM's ``--served-model-name a b``)
+    yields each of them.
+    """
+    values: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == flag:
+            j = i + 1
+            while j < len(args) and not args[j].startswith("--"):
+                values.append(args[j])
+                j += 1
+            i = j
+            continue
+        if arg.startswith(flag + "="):
+            values.append(arg[len(flag) + 1:])
+        i += 1
+    return values
+
+
+def last_flag_value(args: Sequence[str], flag: str) -> Optional[str]:
+    """The value an argparse-style engine would use: the last one given."""
+    for i in range(len(args) - 1, -1, -1):
+        arg = args[i]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None

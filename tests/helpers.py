@@ -1,0 +1,80 @@
+"""Shared test utilities: free ports, waiting for HTTP, owned subprocesses.
+
+Tests never kill processes by name: other suites may share the machine.
+Each process a test starts is tracked and its whole group is ended.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Optional, Sequence
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 1.0) -> Optional[int]:
+    """Status of GET `url`, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+def wait_http(url: str, status: int = 200, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = http_status(url)
+        if last == status:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+class Proc:
+    """A subprocess in its own process group, ended with its children."""
+
+    def __init__(self, argv: Sequence[str], env: Optional[dict] = None, log: Optional[str] = None):
+        self.log_path = log
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        self.p = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        if log:
+            out.close()
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, sig)
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+            except ProcessLookupError:
+                pass
+
+
+def start_sim(engine: str, model: str, port: int, *args: str, log: Optional[str] = None) -> Proc:
+    """The simulated engine as its own process, waited on until healthy."""
+    proc = Proc([PY, "-m", "router.sim", "--engine", engine, "--model", model,
+                 "--host", "127.0.0.1", "--port", str(port), *args], log=log)
+    return proc

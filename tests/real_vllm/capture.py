@@ -1,0 +1,211 @@
+"""Record what a real vLLM OpenAI server answers, for the simulator to match.
+
+Usage (with the cache made by prepare.sh)::
+
+    python tests/real_vllm/capture.py [--cache DIR] [--out tests/real_vllm/captured]
+
+Starts ``VENV/bin/python -m vllm.entrypoints.openai.api_server`` on the tiny
+model on a free loopback port, sends a fixed list of requests with the standard
+library's http.client, and writes each exchange to OUT/<case>.http: the request
+line and body, then the status line, the response headers and the raw body
+(SSE bytes as sent). The engine is stopped (process group) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CACHE = os.environ.get(
+    "REAL_VLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "router-real-vllm")
+)
+SKIP_HEADERS = {"date"}  # volatile
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Recorder:
+    def __init__(self, port: int, out: str):
+        self.port = port
+        self.out = out
+        os.makedirs(out, exist_ok=True)
+
+    def request(self, method, path, body=None, raw=None, timeout=120.0, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(headers or {})
+        t0 = time.monotonic()
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        elapsed = time.monotonic() - t0
+        conn.close()
+        return resp, payload, data, elapsed
+
+    def case(self, name, method, path, body=None, raw=None, note="", **kw):
+        resp, payload, data, elapsed = self.request(method, path, body=body, raw=raw, **kw)
+        self.write(name, method, path, data, resp.status, resp.reason, resp.getheaders(), payload,
+                   elapsed, note)
+        return resp.status, payload
+
+    def write(self, name, method, path, data, status, reason, headers, payload, elapsed, note=""):
+        lines = []
+        if note:
+            lines.append(f"# {note}")
+        lines.append(f"# elapsed {elapsed:.3f} s")
+        lines.append(f"> {method} {path}")
+        if data is not None:
+            lines.append(f"> {data.decode('utf-8', 'replace')}")
+        lines.append(f"< HTTP/1.1 {status} {reason}")
+        for k, v in headers:
+            if k.lower() not in SKIP_HEADERS:
+                lines.append(f"< {k}: {v}")
+        lines.append("")
+        text = "\n".join(lines) + "\n" + payload.decode("utf-8", "replace")
+        with open(os.path.join(self.out, name + ".http"), "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        print(f"{name}: {status} ({len(payload)} bytes, {elapsed:.2f} s)")
+
+
+def wait_health(port, proc, timeout=180.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"engine exited with {proc.returncode} before becoming healthy")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("engine not healthy in time")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default=DEFAULT_CACHE)
+    ap.add_argument("--out", default=os.path.join(HERE, "captured"))
+    args = ap.parse_args()
+    venv = os.path.join(args.cache, "venv")
+    model = os.path.join(args.cache, "tiny-model")
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_HOST_IP="127.0.0.1",
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_SERVER_DEV_MODE="1")
+    cmd = [os.path.join(venv, "bin", "python"), "-m", "vllm.entrypoints.openai.api_server",
+           "--model", model, "--served-model-name", "tiny", "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", "512", "--max-num-seqs", "8",
+           "--enforce-eager"]
+    log = open(os.path.join(args.cache, "capture-engine.log"), "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        up = wait_health(port, proc)
+        print(f"engine healthy after {up:.1f} s (pid {proc.pid})")
+        r = Recorder(port, args.out)
+        r.case("health", "GET", "/health")
+        r.case("models", "GET", "/v1/models")
+        r.case("version", "GET", "/version")
+        r.case("completions", "POST", "/v1/completions",
+               {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0})
+        r.case("completions_stream", "POST", "/v1/completions",
+               {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0,
+                "stream": True})
+        r.case("completions_stream_usage", "POST", "/v1/completions",
+               {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}})
+        r.case("chat", "POST", "/v1/chat/completions",
+               {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 8, "temperature": 0})
+        r.case("chat_stream_usage", "POST", "/v1/chat/completions",
+               {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}})
+        r.case("error_unknown_model", "POST", "/v1/completions",
+               {"model": "nope", "prompt": "Hello", "max_tokens": 4})
+        r.case("error_unknown_model_stream", "POST", "/v1/completions",
+               {"model": "nope", "prompt": "Hello", "max_tokens": 4, "stream": True})
+        r.case("error_max_tokens_too_large", "POST", "/v1/completions",
+               {"model": "tiny", "prompt": "Hello", "max_tokens": 100000})
+        r.case("error_max_tokens_too_large_stream", "POST", "/v1/chat/completions",
+               {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 100000, "stream": True})
+        r.case("error_invalid_json", "POST", "/v1/completions", raw=b'{"model": "tiny", ')
+        r.case("error_body_not_object", "POST", "/v1/completions", raw=b'[1, 2]')
+        r.case("error_bad_type", "POST", "/v1/completions",
+               {"model": "tiny", "prompt": "Hello", "max_tokens": "many"})
+        r.case("no_model_field", "POST", "/v1/completions",
+               {"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+        r.case("error_unknown_route", "GET", "/v1/nothing")
+        r.case("error_wrong_method", "GET", "/v1/completions")
+        r.case("is_sleeping_awake", "GET", "/is_sleeping")
+        r.case("sleep", "POST", "/sleep?level=1")
+        r.case("is_sleeping_asleep", "GET", "/is_sleeping")
+        r.case("health_asleep", "GET", "/health")
+        r.case("models_asleep", "GET", "/v1/models")
+
+        # A request sent while asleep: does it hang, and what happens on wake_up?
+        result = {}
+
+        def asleep_request():
+            try:
+                resp, payload, data, elapsed = r.request(
+                    "POST", "/v1/completions",
+                    {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0},
+                    timeout=120)
+                result.update(resp=resp, payload=payload, data=data, elapsed=elapsed)
+            except Exception as e:  # noqa: BLE001
+                result["error"] = repr(e)
+
+        t = threading.Thread(target=asleep_request)
+        t.start()
+        t.join(8.0)
+        pending_after_8s = t.is_alive()
+        r.case("wake_up", "POST", "/wake_up")
+        t.join(60.0)
+        note = (f"sent while asleep; still pending after 8 s: {pending_after_8s}; "
+                "then POST /wake_up was sent")
+        if "resp" in result:
+            r.write("request_while_asleep", "POST", "/v1/completions", result["data"],
+                    result["resp"].status, result["resp"].reason, result["resp"].getheaders(),
+                    result["payload"], result["elapsed"], note)
+        else:
+            with open(os.path.join(args.out, "request_while_asleep.http"), "w") as f:
+                f.write(f"# {note}\n# no response: {result.get('error', 'timeout')}\n")
+        r.case("is_sleeping_after_wake", "GET", "/is_sleeping")
+        r.case("sleep_level2_mode_abort", "POST", "/sleep?level=2&mode=abort",
+               note="does 0.32 accept level=2 and a mode parameter?")
+        r.case("wake_up_again", "POST", "/wake_up")
+        r.case("completions_after_wake", "POST", "/v1/completions",
+               {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        r.case("metrics", "GET", "/metrics")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
