@@ -34,3 +34,20 @@ class Lifecycle:
     def release(self) -> None:
         self.in_flight -= 1
         self.last_end = self._clock()
+
+
+class SleepManager:
+    """Runs the idle loop and engine-state reconciliation (to be filled in).
+
+    The app's lifespan calls `start()` after the upstream session exists and
+    `stop()` before it closes.
+    """
+
+    def __init__(self, state: object):
+        self.state = state
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
