@@ -122,6 +122,9 @@ class SleepSettings:
     min_sleep_duration: float = 80.0
     sleep_level: int = 1
     wake_timeout_seconds: float = 120.0
+    #: Longest wait for in-flight requests to finish before a manual sleep
+    #: gives up (the idle loop only sleeps models with none in flight).
+    drain_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ SLEEP_KEYS = {
     "min_sleep_duration": ("min_sleep_duration", "nonnegfloat"),
     "sleep_level": ("sleep_level", "level"),
     "wake_timeout_seconds": ("wake_timeout_seconds", "posfloat"),
+    "drain_timeout_seconds": ("drain_timeout_seconds", "posfloat"),
 }
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 

@@ -43,8 +43,18 @@ class EngineSpec:
     sleep_needs_args: tuple[str, ...]
     sleep_needs_env: Mapping[str, str]
 
+    #: Query parameter of `sleep_call` carrying the sleep level, if the engine has levels.
+    sleep_level_param: Optional[str] = None
+
     def launch_argv(self, python: str, model: str, args: Sequence[str]) -> list[str]:
         return [python, "-m", self.module, self.model_flag, model, *args]
+
+    def sleep_call_at(self, level: int) -> Call:
+        """The sleep call for `level` (engines without levels ignore it)."""
+        if self.sleep_level_param is None:
+            return self.sleep_call
+        params = {**self.sleep_call.params, self.sleep_level_param: str(level)}
+        return Call(self.sleep_call.method, self.sleep_call.path, params, self.sleep_call.json)
 
 
 ENGINES: Mapping[str, EngineSpec] = {
@@ -56,11 +66,14 @@ ENGINES: Mapping[str, EngineSpec] = {
         gpu_fraction_default=0.9,
         max_len_flag="--max-model-len",
         health_path="/health",
-        sleep_call=Call("POST", "/sleep", {"level": "1"}),
+        # mode=wait: recent vLLM finishes running requests instead of aborting
+        # them (its default); older vLLM ignores the parameter. See lifecycle.py.
+        sleep_call=Call("POST", "/sleep", {"level": "1", "mode": "wait"}),
         wake_call=Call("POST", "/wake_up"),
         is_sleeping_path="/is_sleeping",
         sleep_needs_args=("--enable-sleep-mode",),
         sleep_needs_env={"VLLM_SERVER_DEV_MODE": "1"},
+        sleep_level_param="level",
     ),
     "sglang": EngineSpec(
         name="sglang",
