@@ -81,6 +81,74 @@ class Recorder:
         print(f"{name}: {status} ({len(payload)} bytes, {elapsed:.2f} s)")
 
 
+def _keep_metric_lines(path: str) -> None:
+    """Trim a captured /metrics to its headers and the vllm: request/sleep gauges."""
+    keep = ("vllm:num_requests_running", "vllm:num_requests_waiting{", "vllm:engine_sleep_state",
+            "vllm:generation_tokens_total", "vllm:prompt_tokens_total")
+    with open(path) as f:
+        head, _, body = f.read().partition("\n\n")
+    lines = [ln for ln in body.splitlines() if ln.startswith(keep)]
+    with open(path, "w") as f:
+        f.write(head + "\n# (trimmed to a few vllm: series)\n\n" + "\n".join(lines) + "\n")
+
+
+def sleep_during_streams(r, port, out, suffix, sleep_path):
+    """Send `sleep_path` once four 500-token streams are generating; record both sides."""
+    streams = [dict() for _ in range(4)]
+    started = threading.Event()
+
+    def long_stream(slot):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            data = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 500,
+                               "temperature": 1.0, "ignore_eos": True,
+                               "stream": True}).encode()
+            t0 = time.monotonic()
+            conn.request("POST", "/v1/completions", body=data,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            body = b""
+            while True:
+                line = resp.readline()
+                if not line:
+                    break
+                body += line
+                if body.count(b"data: ") >= 20:
+                    started.set()
+            slot.update(resp=resp, payload=body, data=data, elapsed=time.monotonic() - t0)
+            conn.close()
+        except Exception as e:  # noqa: BLE001
+            slot["error"] = repr(e)
+
+    threads = [threading.Thread(target=long_stream, args=(s,)) for s in streams]
+    for t in threads:
+        t.start()
+    started.wait(30)
+    r.case("sleep_during_stream" + suffix, "POST", sleep_path,
+           note=f"sent while four 500-token streams were generating")
+    for t in threads:
+        t.join(60.0)
+    slot = streams[0]
+    name = "stream_cut_by_sleep" + suffix
+    if "resp" not in slot:
+        with open(os.path.join(out, name + ".http"), "w") as f:
+            f.write(f"# no response: {slot.get('error', 'timeout (still hanging after 60 s)')}\n")
+        return
+    finals = []
+    counts = []
+    for s in streams:
+        body = s.get("payload", b"")
+        counts.append(body.count(b"data: {"))
+        finals += [json.loads(ln[6:])["choices"][0]["finish_reason"] for ln in body.splitlines()
+                   if ln.startswith(b"data: {") and b'"finish_reason":"' in ln][-1:]
+    r.write(name, "POST", "/v1/completions", slot["data"], slot["resp"].status,
+            slot["resp"].reason, slot["resp"].getheaders(), slot["payload"][-1200:],
+            slot["elapsed"],
+            f"streams in flight when {sleep_path} came; text events per stream {counts}; "
+            f"final finish_reason per stream {finals}; only the last 1200 bytes of the first "
+            "stream are kept")
+
+
 def wait_health(port, proc, timeout=180.0) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -174,7 +242,12 @@ def main() -> int:
 
         t = threading.Thread(target=asleep_request)
         t.start()
-        t.join(8.0)
+        t.join(6.0)
+        # What the engine's own gauges say about the held request.
+        r.case("metrics_asleep_with_held_request", "GET", "/metrics",
+               note="asleep, one completion request held for 6 s")
+        _keep_metric_lines(os.path.join(args.out, "metrics_asleep_with_held_request.http"))
+        t.join(2.0)
         pending_after_8s = t.is_alive()
         r.case("wake_up", "POST", "/wake_up")
         t.join(60.0)
@@ -191,6 +264,16 @@ def main() -> int:
         r.case("sleep_level2_mode_abort", "POST", "/sleep?level=2&mode=abort",
                note="does 0.32 accept level=2 and a mode parameter?")
         r.case("wake_up_again", "POST", "/wake_up")
+        r.case("sleep_bad_level", "POST", "/sleep?level=3")
+        r.case("sleep_bad_mode", "POST", "/sleep?mode=bogus")
+        r.case("is_sleeping_after_bad_sleep", "GET", "/is_sleeping")
+
+        # /sleep while four 500-token streams are generating: default mode=abort,
+        # then mode=wait (what the router's sleep manager sends).
+        sleep_during_streams(r, port, args.out, "", "/sleep?level=1")
+        r.case("wake_up_after_stream_sleep", "POST", "/wake_up")
+        sleep_during_streams(r, port, args.out, "_mode_wait", "/sleep?level=1&mode=wait")
+        r.case("wake_up_after_stream_sleep", "POST", "/wake_up")
         r.case("completions_after_wake", "POST", "/v1/completions",
                {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
         r.case("metrics", "GET", "/metrics")

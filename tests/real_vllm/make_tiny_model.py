@@ -163,6 +163,7 @@ def build(out_dir: str) -> None:
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-model-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the engine may run as another user
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         fast.save_pretrained(tmp)
