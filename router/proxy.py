@@ -1,0 +1,321 @@
+"""The hot path: a raw ASGI handler for the OpenAI generation routes.
+
+No framework objects on this path: the body is read from ASGI messages,
+parsed once with orjson to find `model` and `stream`, and forwarded as the
+original bytes unless the model name must be rewritten. Engine answers are
+relayed as bytes: non-streaming bodies whole, streams chunk by chunk as they
+arrive, with ASGI `send` backpressure reaching the engine connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, MutableMapping, Optional
+
+import aiohttp
+import orjson
+
+from .backends import Backend, Model, NoBackend, Overloaded
+from .config import RouterSettings
+from .errors import error_body
+from .lifecycle import ModelUnavailable
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+ACCESS_LOG = logging.getLogger("router.access")
+
+#: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones aiohttp sets itself.
+DROP_REQUEST_HEADERS = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
+})
+#: Engine response headers relayed to the client besides content-type.
+RELAY_RESPONSE_HEADERS = frozenset({b"content-encoding", b"x-request-id"})
+STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+#: Outcome codes recorded for requests that did not end with the engine's status.
+CLIENT_GONE = 499
+
+CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+class Reject(Exception):
+    """The router answers this request itself with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 headers: Optional[list[tuple[bytes, bytes]]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or []
+
+
+async def send_error(send: Send, status: int, message: str, param: Optional[str] = None,
+                     headers: Optional[list[tuple[bytes, bytes]]] = None) -> None:
+    body = error_body(status, message, param)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def retry_after(seconds: int) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(seconds).encode())]
+
+
+def forward_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[str, str]]:
+    """End-to-end request headers for the engine (the one place deciding what is forwarded)."""
+    extra: frozenset[bytes] = frozenset()
+    for k, v in headers:
+        if k == b"connection":  # headers named in Connection are hop-by-hop too
+            extra = frozenset(t.strip().lower().encode() for t in v.decode("latin-1").split(","))
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in drop and k not in extra]
+
+
+def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
+    """(payload, model name, stream) from a request body, or Reject(400)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise Reject(400, f"The request body is not valid JSON: {e}") from None
+    if type(payload) is not dict:
+        raise Reject(400, "The request body must be a JSON object.")
+    model = payload.get("model")
+    if type(model) is not str or not model:
+        what = "missing" if model is None else f"a {type(model).__name__}, not a non-empty string"
+        raise Reject(400, f"'model' is {what}; give the name of the model to use.", "model")
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    elif type(stream) is not bool:
+        raise Reject(400, "'stream' must be true or false.", "stream")
+    return payload, model, stream
+
+
+class Exchange:
+    """What one proxied request did, for metrics, traffic and the access log."""
+
+    __slots__ = ("status", "nbytes", "ttfb", "backend")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.nbytes = 0
+        self.ttfb: Optional[float] = None
+        self.backend: Optional[Backend] = None
+
+
+class Proxy:
+    """ASGI handler for POST /v1/completions, /v1/chat/completions, /v1/embeddings."""
+
+    def __init__(self, state: Any):
+        self.state = state
+        settings: RouterSettings = state.config.router
+        self.table = state.table
+        self.traffic = state.traffic
+        self.max_bytes = settings.max_request_bytes
+        self.queue_timeout = settings.queue_timeout_seconds
+        self.eject_seconds = settings.eject_seconds
+        self.access_log = settings.access_log
+        self.idle_timeout = settings.stream_idle_timeout_seconds
+        self.drop_headers = DROP_REQUEST_HEADERS | ({b"authorization"} if settings.api_keys else set())
+        self.timeout = aiohttp.ClientTimeout(total=settings.request_timeout_seconds,
+                                             connect=settings.connect_timeout_seconds)
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_seconds,
+                                                    sock_read=settings.stream_idle_timeout_seconds)
+        self.known = ", ".join(self.table.names)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
+        try:
+            body = await self.read_body(scope, receive)
+            if body is None:
+                return  # the client left before sending its request
+            payload, name, stream = parse_request(body)
+            model = self.table.get(name)
+            if model is None:
+                raise Reject(404, f"The model '{name}' does not exist. Known models: {self.known}.", "model",)
+        except Reject as r:
+            await send_error(send, r.status, r.message, r.param, r.headers)
+            return
+        await self.handle(scope, receive, send, model, name, payload, body, stream, start)
+
+    async def read_body(self, scope: Scope, receive: Receive) -> Optional[bytes]:
+        """The request body, refusing (413) as soon as it is known to exceed the limit."""
+        limit = self.max_bytes
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    raise Reject(400, "Content-Length is not a number.") from None
+                if declared > limit:
+                    raise Reject(413, f"The request body ({declared} bytes) exceeds the limit of {limit} bytes "
+                                      "(router.max_request_bytes).")
+                break
+        msg = await receive()
+        body = msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body if msg["type"] == "http.request" else None
+        parts = [body]
+        size = len(body)
+        while msg.get("more_body"):
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return None
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise Reject(413, f"The request body exceeds the limit of {limit} bytes (router.max_request_bytes).")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, model: Model, name: str,
+                     payload: dict[str, Any], body: bytes, stream: bool, start: float) -> None:
+        """Admit, forward, relay and account one request, cancelling it if the client leaves."""
+        ex = Exchange()
+        task = asyncio.current_task()
+        gone = False
+
+        def on_disconnect(w: asyncio.Task[Message]) -> None:
+            nonlocal gone
+            if not w.cancelled() and task is not None and not task.done():
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(on_disconnect)
+        lifecycle = model.lifecycle
+        admitted = False
+        try:
+            await lifecycle.admit()
+            admitted = True
+            await self.forward(scope, send, model, name, payload, body, stream, start, ex)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+            ex.status = CLIENT_GONE
+        except ModelUnavailable as e:
+            ex.status = 503
+            await send_error(send, 503, e.message, headers=retry_after(e.retry_after))
+        except Reject as r:
+            ex.status = r.status
+            await send_error(send, r.status, r.message, r.param, r.headers)
+        finally:
+            watcher.remove_done_callback(on_disconnect)
+            watcher.cancel()
+            if admitted:
+                lifecycle.release()
+        self.account(model, ex, stream, start)
+
+    async def forward(self, scope: Scope, send: Send, model: Model, name: str, payload: dict[str, Any],
+                      body: bytes, stream: bool, start: float, ex: Exchange) -> None:
+        session: aiohttp.ClientSession = self.state.session
+        headers = forward_headers(scope["headers"], self.drop_headers)
+        timeout = self.stream_timeout if stream else self.timeout
+        tried: tuple[Backend, ...] = ()
+        while True:
+            now = time.monotonic()
+            try:
+                backend = await model.acquire(now, tried, self.queue_timeout)
+            except NoBackend as e:
+                if tried:
+                    raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
+                                      f"(tried {', '.join(b.url for b in tried)}).") from None
+                raise Reject(503, f"No healthy engine of model '{model.name}' is available; retry later.",
+                             headers=retry_after(e.retry_after)) from None
+            except Overloaded:
+                raise Reject(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
+                                  "retry later.", headers=retry_after(1)) from None
+            ex.backend = backend
+            data = body if name in backend.served else orjson.dumps({**payload, "model": backend.served_name})
+            try:
+                resp = await session.post(backend.upstream_url(scope["path"], scope["query_string"]),
+                                          data=data, headers=headers, timeout=timeout)
+            except CONNECT_ERRORS as e:
+                backend.eject(time.monotonic(), self.eject_seconds)
+                model.release(backend)
+                model.metrics.upstream_error("connect")
+                tried += (backend,)
+                if isinstance(e, asyncio.TimeoutError) and len(tried) == len(model.backends):
+                    raise Reject(504, f"Timed out connecting to the engine of model '{model.name}'.") from None
+                continue
+            except BaseException as e:
+                model.release(backend)
+                raise self.upstream_failure(model, e) from None
+            try:
+                if stream and resp.content_type == "text/event-stream":
+                    await self.relay_stream(send, resp, start, ex, model)
+                else:
+                    await self.relay_body(send, resp, start, ex, model)
+            finally:
+                resp.close()
+                model.release(backend)
+            return
+
+    def upstream_failure(self, model: Model, e: BaseException) -> BaseException:
+        """A failure before anything reached the client, as the error to answer (or re-raise)."""
+        if isinstance(e, asyncio.TimeoutError):
+            model.metrics.upstream_error("timeout")
+            return Reject(504, f"The engine of model '{model.name}' did not answer in time.")
+        if isinstance(e, aiohttp.ClientError):
+            model.metrics.upstream_error("disconnect")
+            return Reject(502, f"The engine of model '{model.name}' failed: {type(e).__name__}: {e}")
+        return e
+
+    async def relay_body(self, send: Send, resp: aiohttp.ClientResponse, start: float, ex: Exchange,
+                         model: Model) -> None:
+        try:
+            data = await resp.read()
+        except BaseException as e:
+            raise self.upstream_failure(model, e) from None
+        headers = [(b"content-length", str(len(data)).encode())]
+        for k, v in resp.raw_headers:
+            lk = k.lower()
+            if lk == b"content-type" or lk in RELAY_RESPONSE_HEADERS:
+                headers.append((lk, v))
+        ex.status = resp.status
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        ex.ttfb = time.perf_counter() - start
+        await send({"type": "http.response.body", "body": data})
+        ex.nbytes = len(data)
+
+    async def relay_stream(self, send: Send, resp: aiohttp.ClientResponse, start: float, ex: Exchange,
+                           model: Model) -> None:
+        headers = [(b"content-type", resp.headers["Content-Type"].encode("latin-1")), *STREAM_HEADERS]
+        ex.status = resp.status
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        nbytes = 0
+        try:
+            async for chunk in resp.content.iter_any():
+                if not nbytes:
+                    ex.ttfb = time.perf_counter() - start
+                nbytes += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            ex.nbytes = nbytes
+            timed_out = isinstance(e, asyncio.TimeoutError)
+            model.metrics.upstream_error("timeout" if timed_out else "disconnect")
+            ex.status = 504 if timed_out else 502
+            message = (f"The engine of model '{model.name}' sent nothing for {self.idle_timeout:g}s; stream aborted."
+                       if timed_out else f"The engine of model '{model.name}' closed the stream: {type(e).__name__}.")
+            await send({"type": "http.response.body", "body": b"data: " + error_body(ex.status, message) + b"\n\n",
+                        "more_body": True})
+        else:
+            ex.nbytes = nbytes
+        await send({"type": "http.response.body", "body": b""})
+
+    def account(self, model: Model, ex: Exchange, stream: bool, start: float) -> None:
+        total = time.perf_counter() - start
+        model.metrics.observe(ex.status, total, ex.ttfb)
+        self.traffic.record(model.name, ex.status, total, ex.ttfb, stream)
+        if self.access_log:
+            b = ex.backend
+            ACCESS_LOG.info("%s %s -> %s %d %dB ttfb=%s total=%.1fms", model.name, "stream" if stream else "single",
+                            b.name if b else "-", ex.status, ex.nbytes,
+                            f"{ex.ttfb * 1000:.1f}ms" if ex.ttfb is not None else "-", total * 1000)

@@ -1,0 +1,122 @@
+"""The proxy routes through the real app on uvicorn, with the OpenAI SDK as client."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any, Optional
+
+import openai
+import orjson
+import pytest
+
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=10)
+
+
+def post(url: str, body: bytes, headers: Optional[dict[str, str]] = None, method: str = "POST") -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def assert_error(status: int, body: bytes, expected: int, *words: str) -> dict[str, Any]:
+    assert status == expected, body
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in err["message"]
+    return err
+
+
+def test_completions_and_chat_with_the_sdk(stack: Stack) -> None:
+    e = stack.engine(chunks=4)
+    r = stack.router([instance("org/m1", e.port)])
+    c = client(r.url)
+    assert c.completions.create(model="org/m1", prompt="hi", max_tokens=3).choices[0].text == "hello world"
+    chat = c.chat.completions.create(model="org/m1", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == "hello world"
+    text = "".join(ch.choices[0].text for ch in c.completions.create(model="org/m1", prompt="hi", stream=True))
+    assert text == "t0 t1 t2 t3 "
+    deltas = [ch.choices[0].delta.content for ch in
+              c.chat.completions.create(model="org/m1", messages=[{"role": "user", "content": "x"}], stream=True)]
+    assert "".join(deltas) == "t0 t1 t2 t3 "
+    emb = c.embeddings.create(model="org/m1", input="x")
+    assert emb.data[0].embedding == [0.5, 0.25]
+
+
+def test_body_untouched_when_served_and_rewritten_when_not(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("org/m1", e.port, "--served-model-name", "m1", "m1b", aliases=["alias1"])])
+    raw = b'{ "model" : "m1b",  "prompt": "x", "extra_field": [1, 2.50] }'
+    status, _, _ = post(r.url + "/v1/completions?foo=bar", raw, {"X-Custom": "kept"})
+    assert status == 200
+    assert e.bodies[-1] == raw  # byte for byte
+    assert e.headers[-1]["X-Custom"] == "kept"
+    for name in ("alias1", "org/m1"):
+        status, _, body = post(r.url + "/v1/completions", orjson.dumps({"model": name, "prompt": "x", "n": 1}))
+        assert status == 200
+        assert orjson.loads(e.bodies[-1]) == {"model": "m1", "prompt": "x", "n": 1}
+
+
+def test_engine_error_is_relayed_as_is(stack: Stack) -> None:
+    e = stack.engine(behaviour="error400")
+    r = stack.router([instance("m", e.port)])
+    with pytest.raises(openai.BadRequestError) as info:
+        client(r.url).completions.create(model="m", prompt="x", max_tokens=10**6)
+    assert info.value.status_code == 400
+    assert info.value.body["type"] == "BadRequestError"  # the engine's own body, not ours
+    with pytest.raises(openai.BadRequestError):
+        client(r.url).completions.create(model="m", prompt="x", stream=True)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"{not json", ["not valid JSON"]),
+    (b"[1, 2]", ["JSON object"]),
+    (b'{"prompt": "x"}', ["'model' is missing"]),
+    (b'{"model": 3}', ["'model' is a int"]),
+    (b'{"model": "m", "stream": "yes"}', ["'stream'"]),
+    (b"[" * 100000 + b"]" * 100000, ["not valid JSON"]),
+])
+def test_bad_bodies_get_400(stack: Stack, body: bytes, words: list[str]) -> None:
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)])
+    status, _, data = post(r.url + "/v1/chat/completions", body)
+    assert_error(status, data, 400, *words)
+    assert e.bodies == []
+
+
+def test_unknown_model_404_lists_known(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("org/m1", e.port, aliases=["a1"])])
+    with pytest.raises(openai.NotFoundError) as info:
+        client(r.url).completions.create(model="nope", prompt="x")
+    msg = info.value.body["message"]
+    assert "'nope'" in msg and "org/m1" in msg and "a1" in msg
+
+
+def test_body_over_limit_413(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)], max_request_bytes=1000)
+    status, _, data = post(r.url + "/v1/completions", orjson.dumps({"model": "m", "prompt": "x" * 2000}))
+    assert_error(status, data, 413, "1000")
+    assert e.bodies == []
+
+
+def test_paths_and_methods(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)])
+    status, headers, data = post(r.url + "/v1/completions", None, method="GET")  # type: ignore[arg-type]
+    assert_error(status, data, 405, "POST")
+    assert headers["allow"] == "POST"
+    status, _, data = post(r.url + "/nope/../x", b"{}")
+    assert_error(status, data, 404)
+    status, _, data = post(r.url + "/v1/models", b"{}")
+    assert_error(status, data, 405)
