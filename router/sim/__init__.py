@@ -1,0 +1,73 @@
+"""Simulated vLLM / SGLang engine: the OpenAI HTTP API with no GPU and no model.
+
+Run ``python -m router.sim --engine vllm|sglang --model NAME --port P [knobs]
+[any other engine args]``, or in-process::
+
+    engine = SimEngine(SimOptions(engine="vllm", model="m", port=0, itl_ms=5))
+    await engine.start()          # engine.url, engine.port
+    ...
+    await engine.stop()
+
+``parse_options(argv)`` builds the same `SimOptions` from a command line.
+
+Engine flags understood (both ``--f v`` and ``--f=v``): ``--host``, ``--port``,
+``--model``/``--model-path``, ``--served-model-name`` (vLLM: one or more names;
+SGLang: one), ``--max-model-len``/``--context-length`` (default 4096),
+``--max-num-seqs``/``--max-running-requests`` (used as --max-concurrency when
+that is not given). Every other flag is logged once and ignored.
+
+Knobs: ``--startup-s`` (the port opens only after it, as vLLM listens only once
+loaded: connections are refused meanwhile), ``--ttft-ms``, ``--itl-ms`` (per
+further token), ``--max-concurrency`` (0 = unlimited; more requests wait),
+faults ``--fail-rate F`` (that fraction of generations answered 500
+``InternalServerError`` in the engine's error shape, drawn from ``--seed``),
+``--die-after N`` (the process exits with os._exit(1) during generation
+request N: a stream after its first token chunk, a plain request before its
+answer), ``--stall-after N`` (every stream stops after N SSE chunks, role
+chunk included, and keeps the connection open), ``--hang`` (generation
+requests are read but never answered).
+
+Text and tokens: see `router.sim.textgen` (output token i of choice j is
+``" " + WORDS[(crc32(prompt) + 7*j + i) % 64]``; prompt tokens = words).
+Requests stop at ``max_tokens`` (default: context left) with
+``finish_reason "length"``, or at the first ``stop`` string (text cut before
+it, ``"stop"``, ``stop_reason`` = the string). ``n`` choices, ``echo``
+(completions), a list of prompts, and ``stream_options.include_usage`` (a last
+chunk with ``choices: []`` and ``usage``) work as in vLLM.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models``, ``GET /health`` (200, empty body), ``GET /metrics``.
+vLLM only: ``GET /version``, ``POST /sleep?level=1|2&mode=abort|wait|keep``
+(abort, the default, ends running requests with finish_reason "abort"; wait
+lets them finish first; keep pauses them until wake), ``POST /wake_up``,
+``GET /is_sleeping`` -> ``{"is_sleeping": bool}``. A generation arriving while
+asleep is held, unanswered, until ``/wake_up`` (as real vLLM 0.32 does).
+SGLang only: ``POST|GET /release_memory_occupation`` and
+``/resume_memory_occupation`` (JSON body, optional ``tags``; answer ``null``),
+``GET /get_server_info``, ``GET /get_model_info``, ``GET /health_generate``.
+SGLang refuses a release while requests run (its scheduler asserts it is idle;
+we answer 400 instead of crashing); SGLang itself has no gate for requests
+sent while released (they would run on released GPU memory), so the simulator
+answers them 500 to make such routing visible, and /health_generate 503.
+SGLang does not check the request's ``model``; vLLM answers an unknown one 404
+``NotFoundError``.
+
+Errors: ``{"error": {"message", "type", "param", "code"}}`` with type
+``BadRequestError`` (400: bad JSON, bad field, ``max_tokens`` beyond the
+context), ``NotFoundError`` (404) or ``InternalServerError`` (500). Unknown
+paths get ``{"detail": "Not Found"}`` (404) and wrong methods 405, as FastAPI.
+
+Metrics (``GET /metrics``, Prometheus text): vLLM ``vllm:num_requests_running``,
+``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``,
+``vllm:generation_tokens_total`` (labels engine, model_name); SGLang
+``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
+``sglang:prompt_tokens_total``, ``sglang:generation_tokens_total`` (label
+model_name); and for tests ``sim_requests_total`` (generation requests
+received), ``sim_client_disconnects_total`` (clients gone before their answer
+ended: mid-stream, queued, held asleep, or hung), ``sim_sleep_calls_total``,
+``sim_wake_calls_total``.
+"""
+from .engine import SimEngine
+from .options import SimOptions, parse_options
+
+__all__ = ["SimEngine", "SimOptions", "parse_options"]

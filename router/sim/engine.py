@@ -1,0 +1,594 @@
+"""SimEngine: one simulated vLLM or SGLang server, runnable many times in one loop.
+
+Everything a request goes through lives here: validation (the engine's own
+errors), the fault knobs, the sleep gate, the concurrency queue, and token
+by token generation with client-disconnect checks. Response shapes come from
+dialects.py, the text from textgen.py, the HTTP plumbing from http.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+import orjson
+
+from . import textgen
+from .dialects import DIALECTS, Choice, Dialect
+from .http import HttpServer, Request, Responder
+from .options import SimOptions
+
+log = logging.getLogger("router.sim")
+
+SLEEP_MODES = ("abort", "wait", "keep")
+Route = Callable[[Request, Responder], Awaitable[None]]
+
+
+class ApiError(Exception):
+    """A request the engine refuses, answered in its error shape."""
+
+    def __init__(self, status: int, message: str, err_type: str = "BadRequestError", param: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+        self.param = param
+
+
+@dataclass
+class Counters:
+    """What /metrics reports; tests read these names (see the package docstring)."""
+
+    requests: int = 0
+    started: int = 0
+    disconnects: int = 0
+    sleep_calls: int = 0
+    wake_calls: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass
+class Generation:
+    """A validated generation request."""
+
+    chat: bool
+    model: str
+    prompts: list[str]
+    prompt_tokens: int
+    n: int
+    max_tokens: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    echo: bool
+    choices: list[list[str]] = field(default_factory=list)
+    finish: list[str] = field(default_factory=list)
+    stop_reason: list[Optional[str]] = field(default_factory=list)
+
+
+class SimEngine:
+    """A simulated engine serving `options` on loopback HTTP.
+
+    ``await start()`` waits the startup delay, then listens (like vLLM, which
+    only opens its port once the model is loaded); ``await stop()`` closes it.
+    """
+
+    def __init__(self, options: SimOptions):
+        self.options = options
+        self.dialect: Dialect = DIALECTS[options.engine](options)
+        self.counters = Counters()
+        self.port = options.port
+        self.created = int(time.time())
+        self._random = random.Random(options.seed)
+        self._http = HttpServer(self._handle)
+        self._slots = asyncio.Semaphore(options.max_concurrency) if options.max_concurrency else None
+        #: Open while new generations may start (closed asleep, released, or draining for sleep).
+        self._gate = asyncio.Event()
+        self._gate.set()
+        #: Set while running generations may proceed (cleared by sleep mode=keep).
+        self._awake = asyncio.Event()
+        self._awake.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.sleep_level = 0
+        #: Bumped by sleep mode=abort: generations started before it finish with "abort".
+        self._abort_epoch = 0
+        self._control = asyncio.Lock()
+        self._routes: dict[tuple[str, str], Route] = {
+            ("GET", "/health"): self._health,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/metrics"): self._metrics,
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/chat/completions"): self._chat,
+        }
+        if options.engine == "vllm":
+            self._routes.update({
+                ("GET", "/version"): self._version,
+                ("POST", "/sleep"): self._vllm_sleep,
+                ("POST", "/wake_up"): self._vllm_wake,
+                ("GET", "/is_sleeping"): self._vllm_is_sleeping,
+            })
+        else:
+            for method in ("GET", "POST"):
+                self._routes[(method, "/release_memory_occupation")] = self._sglang_release
+                self._routes[(method, "/resume_memory_occupation")] = self._sglang_resume
+            self._routes.update({
+                ("GET", "/get_server_info"): self._sglang_server_info,
+                ("GET", "/get_model_info"): self._sglang_model_info,
+                ("GET", "/health_generate"): self._sglang_health_generate,
+            })
+        self._paths = {path for _, path in self._routes}
+
+    # ------------------------------------------------------------------ life
+    async def start(self) -> None:
+        if self.options.startup_s:
+            await asyncio.sleep(self.options.startup_s)
+        self.port = await self._http.listen(self.options.host, self.options.port)
+
+    async def stop(self) -> None:
+        await self._http.close()
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.options.host in ("0.0.0.0", "", "localhost") else self.options.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def asleep(self) -> bool:
+        return self.sleep_level > 0
+
+    # ---------------------------------------------------------------- routing
+    async def _handle(self, req: Request, resp: Responder) -> None:
+        route = self._routes.get((req.method, req.path))
+        if route is None:
+            if req.path in self._paths:
+                resp.send(405, b'{"detail":"Method Not Allowed"}')
+            else:
+                resp.send(404, b'{"detail":"Not Found"}')
+            return
+        try:
+            await route(req, resp)
+        except ApiError as e:
+            resp.send(e.status, self.dialect.error(e.status, e.message, e.err_type, e.param))
+
+    def _json_body(self, req: Request, allow_empty: bool = False) -> dict[str, Any]:
+        if allow_empty and not req.body.strip():
+            return {}
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as e:
+            raise ApiError(400, f"Invalid JSON in request body: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object")
+        return body
+
+    # ----------------------------------------------------------- plain routes
+    async def _health(self, req: Request, resp: Responder) -> None:
+        resp.send(200, b"", b"text/plain; charset=utf-8")
+
+    async def _version(self, req: Request, resp: Responder) -> None:
+        resp.send(200, b'{"version":"0.32.0"}')
+
+    async def _models(self, req: Request, resp: Responder) -> None:
+        resp.send(200, self.dialect.models(self.created))
+
+    async def _metrics(self, req: Request, resp: Responder) -> None:
+        resp.send(200, self.metrics_text().encode(), b"text/plain; version=0.0.4; charset=utf-8")
+
+    def metrics_text(self) -> str:
+        d, c, labels = self.dialect, self.counters, self.dialect.metric_labels()
+        rows = [
+            (d.metric_running, "gauge", "Requests being generated.", c.running),
+            (d.metric_waiting, "gauge", "Requests waiting (queued, or held while asleep).", c.waiting),
+            (d.metric_prompt_tokens, "counter", "Prompt tokens processed.", c.prompt_tokens),
+            (d.metric_generation_tokens, "counter", "Generated tokens.", c.generation_tokens),
+        ]
+        lines = []
+        for name, kind, help_text, value in rows:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {float(value)}"]
+        sim_rows = [
+            ("sim_requests_total", "Generation requests received.", c.requests),
+            ("sim_client_disconnects_total", "Clients that went away before their answer ended.", c.disconnects),
+            ("sim_sleep_calls_total", "Sleep / release_memory_occupation calls received.", c.sleep_calls),
+            ("sim_wake_calls_total", "Wake_up / resume_memory_occupation calls received.", c.wake_calls),
+        ]
+        for name, help_text, value in sim_rows:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {float(value)}"]
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------ vLLM sleep
+    async def _vllm_sleep(self, req: Request, resp: Responder) -> None:
+        params = req.params()
+        level_text, mode = params.get("level", "1"), params.get("mode", "abort")
+        if level_text not in ("0", "1", "2"):
+            raise ApiError(400, f"level must be 0, 1 or 2, got {level_text!r}", param="level")
+        if mode not in SLEEP_MODES:
+            raise ApiError(400, f"mode must be one of {', '.join(SLEEP_MODES)}, got {mode!r}", param="mode")
+        self.counters.sleep_calls += 1
+        async with self._control:
+            if not self.asleep:
+                await self._fall_asleep(mode)
+                self.sleep_level = max(1, int(level_text))
+        resp.send(200, b"", b"text/plain; charset=utf-8")
+
+    async def _fall_asleep(self, mode: str) -> None:
+        """Close the gate to new work, then deal with running work as `mode` says."""
+        self._gate.clear()
+        if mode == "abort":
+            self._abort_epoch += 1
+        elif mode == "wait":
+            await self._idle.wait()
+        self._awake.clear()
+
+    async def _vllm_wake(self, req: Request, resp: Responder) -> None:
+        self.counters.wake_calls += 1
+        async with self._control:
+            self._wake()
+        resp.send(200, b"", b"text/plain; charset=utf-8")
+
+    def _wake(self) -> None:
+        self.sleep_level = 0
+        self._awake.set()
+        self._gate.set()
+
+    async def _vllm_is_sleeping(self, req: Request, resp: Responder) -> None:
+        resp.send(200, b'{"is_sleeping":true}' if self.asleep else b'{"is_sleeping":false}')
+
+    # ------------------------------------------------------- SGLang memory API
+    def _tags(self, req: Request) -> None:
+        body = self._json_body(req, allow_empty=True)
+        tags = body.get("tags")
+        if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+            raise ApiError(400, "tags must be a list of strings (e.g. [\"weights\", \"kv_cache\"])", param="tags")
+
+    async def _sglang_release(self, req: Request, resp: Responder) -> None:
+        self._tags(req)
+        self.counters.sleep_calls += 1
+        async with self._control:
+            if self.counters.running or self.counters.waiting:
+                # SGLang asserts the scheduler is idle; we refuse instead of crashing.
+                resp.send(400, orjson.dumps({"error": {"message": "release_memory_occupation should be called only when server is idle."}}))
+                return
+            self.sleep_level = 1
+            self._gate.clear()
+            self._awake.clear()
+        resp.send(200, b"null")
+
+    async def _sglang_resume(self, req: Request, resp: Responder) -> None:
+        self._tags(req)
+        self.counters.wake_calls += 1
+        async with self._control:
+            self._wake()
+        resp.send(200, b"null")
+
+    async def _sglang_server_info(self, req: Request, resp: Responder) -> None:
+        o = self.options
+        resp.send(200, orjson.dumps({
+            "model_path": o.model, "tokenizer_path": o.model, "served_model_name": o.public_name,
+            "host": o.host, "port": self.port, "context_length": o.max_model_len,
+            "max_running_requests": o.max_concurrency or None, "version": "sim",
+            "internal_states": [{"memory_released": self.asleep, "num_running_reqs": self.counters.running,
+                                 "num_queue_reqs": self.counters.waiting}],
+        }))
+
+    async def _sglang_model_info(self, req: Request, resp: Responder) -> None:
+        resp.send(200, orjson.dumps({"model_path": self.options.model, "tokenizer_path": self.options.model,
+                                     "is_generation": True}))
+
+    async def _sglang_health_generate(self, req: Request, resp: Responder) -> None:
+        if self.asleep:
+            resp.send(503, b"")
+            return
+        if self.options.ttft_ms:
+            await asyncio.sleep(self.options.ttft_ms / 1000)
+        resp.send(200, b"", b"text/plain; charset=utf-8")
+
+    # -------------------------------------------------------------- generation
+    async def _completions(self, req: Request, resp: Responder) -> None:
+        await self._generate(req, resp, chat=False)
+
+    async def _chat(self, req: Request, resp: Responder) -> None:
+        await self._generate(req, resp, chat=True)
+
+    async def _generate(self, req: Request, resp: Responder, chat: bool) -> None:
+        self.counters.requests += 1
+        gen = self._validate(self._json_body(req), chat)
+        o = self.options
+        if o.engine == "sglang" and self.asleep:
+            raise ApiError(500, "memory is released (release_memory_occupation); call "
+                                "/resume_memory_occupation first. Real SGLang has no gate here and "
+                                "would run on released GPU memory.", "InternalServerError")
+        if o.fail_rate and self._random.random() < o.fail_rate:
+            raise ApiError(500, "simulated engine failure (--fail-rate)", "InternalServerError")
+        if o.hang:
+            await self._until_disconnect(resp)
+            return
+        if not await self._admit(resp):
+            return
+        try:
+            self.counters.started += 1
+            self.counters.prompt_tokens += gen.prompt_tokens
+            fatal = o.die_after > 0 and self.counters.started == o.die_after
+            self._plan(gen)
+            if gen.stream:
+                await self._stream(gen, resp, fatal)
+            else:
+                await self._answer(gen, resp, fatal)
+        finally:
+            self.counters.running -= 1
+            if self._slots is not None:
+                self._slots.release()
+            if not self.counters.running:
+                self._idle.set()
+
+    def _validate(self, body: dict[str, Any], chat: bool) -> Generation:
+        o = self.options
+        model = body.get("model")
+        if model is None:
+            model = o.public_name
+        elif not isinstance(model, str):
+            raise ApiError(400, "model must be a string", param="model")
+        elif o.engine == "vllm" and model not in o.names:
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ApiError(400, "messages must be a non-empty list", param="messages")
+            try:
+                prompts = [textgen.chat_prompt(messages)]
+            except ValueError as e:
+                raise ApiError(400, str(e), param="messages") from None
+        else:
+            prompts = self._prompts(body.get("prompt"))
+        n = self._int(body, "n", 1, 1)
+        echo = bool(body.get("echo")) and not chat
+        stream = body.get("stream") is True
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not stream:
+            raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        stop = body.get("stop")
+        if stop is None:
+            stops: list[str] = []
+        elif isinstance(stop, str):
+            stops = [stop] if stop else []
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            stops = [s for s in stop if s]
+        else:
+            raise ApiError(400, "stop must be a string or a list of strings", param="stop")
+        counts = [textgen.count_tokens(p) for p in prompts]
+        longest = max(counts)
+        limit = o.max_model_len - longest
+        key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+        max_tokens = self._int(body, key, None, 1)
+        if longest >= o.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {o.max_model_len} tokens. However, "
+                                f"your request has {longest} input tokens. Please reduce the length of the input.",
+                           param="input_tokens")
+        if max_tokens is None:
+            max_tokens = limit
+        elif max_tokens > limit:
+            raise ApiError(400, f"'{key}' is too large: {max_tokens}. This model's maximum context length is "
+                                f"{o.max_model_len} tokens and your request has {longest} input tokens "
+                                f"({max_tokens} > {o.max_model_len} - {longest}).", param=key)
+        return Generation(chat=chat, model=model, prompts=prompts, prompt_tokens=sum(counts), n=n,
+                          max_tokens=max_tokens, stop=stops, stream=stream, include_usage=include_usage, echo=echo)
+
+    @staticmethod
+    def _int(body: dict[str, Any], key: str, default: Optional[int], least: int) -> Optional[int]:
+        value = body.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ApiError(400, f"{key} must be an integer, got {value!r}", param=key)
+        if value < least:
+            raise ApiError(400, f"{key} must be at least {least}, got {value}.", param=key)
+        return value
+
+    @staticmethod
+    def _prompts(prompt: Any) -> list[str]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return list(prompt)
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                return [" ".join(map(str, prompt))]
+            if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+                return [" ".join(map(str, p)) for p in prompt]
+        raise ApiError(400, "prompt must be a string, a list of strings, or a list of token ids", param="prompt")
+
+    def _plan(self, gen: Generation) -> None:
+        """Decide every choice's tokens up front: the rule of textgen, cut at the first stop string."""
+        for prompt in gen.prompts:
+            seed = textgen.prompt_seed(prompt)
+            for j in range(gen.n):
+                pieces: list[str] = []
+                text = ""
+                finish, matched = "length", None
+                for i in range(gen.max_tokens):
+                    tok = textgen.token(seed, j, i)
+                    hit = self._first_stop(text + tok, gen.stop, len(text)) if gen.stop else None
+                    if hit is not None:
+                        at, matched = hit
+                        pieces.append(tok[:max(0, at - len(text))])
+                        finish = "stop"
+                        break
+                    pieces.append(tok)
+                    text += tok
+                if gen.echo:
+                    pieces[0] = prompt + pieces[0]
+                gen.choices.append(pieces)
+                gen.finish.append(finish)
+                gen.stop_reason.append(matched)
+
+    @staticmethod
+    def _first_stop(text: str, stops: list[str], since: int) -> Optional[tuple[int, str]]:
+        best: Optional[tuple[int, str]] = None
+        for s in stops:
+            at = text.find(s, max(0, since - len(s) + 1))
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, s)
+        return best
+
+    # ------------------------------------------------------ admission, waits
+    async def _admit(self, resp: Responder) -> bool:
+        """Wait for the gate (sleep) and a slot (max concurrency); False if the client left."""
+        if self._gate.is_set() and (self._slots is None or not self._slots.locked()):
+            if self._slots is not None:
+                await self._slots.acquire()
+            self._enter()
+            return True
+        self.counters.waiting += 1
+        try:
+            while True:
+                if not self._gate.is_set() and not await self._race(self._gate.wait(), resp):
+                    return False
+                if self._slots is None:
+                    break
+                if not await self._race(self._slots.acquire(), resp):
+                    return False
+                if self._gate.is_set():
+                    break
+                self._slots.release()  # fell asleep while we queued: wait again
+        finally:
+            self.counters.waiting -= 1
+        self._enter()
+        return True
+
+    def _enter(self) -> None:
+        self.counters.running += 1
+        self._idle.clear()
+
+    async def _race(self, aw: Awaitable[Any], resp: Responder) -> bool:
+        """Await `aw` unless the client disconnects first (then count it, return False)."""
+        task = asyncio.ensure_future(aw)
+        lost = resp.wait_disconnect()
+        await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                self.counters.disconnects += 1
+                return False
+        # Done (maybe in the same instant the client left): the caller owns what it got.
+        return True
+
+    async def _until_disconnect(self, resp: Responder) -> None:
+        await resp.wait_disconnect()
+        self.counters.disconnects += 1
+
+    async def _step(self, delay: float, resp: Responder, epoch: int) -> Optional[str]:
+        """Wait one token's time; None to go on, else why generation ends."""
+        if delay:
+            await asyncio.sleep(delay)
+        if resp.disconnected:
+            self.counters.disconnects += 1
+            return "disconnect"
+        if epoch != self._abort_epoch:
+            return "abort"
+        if not self._awake.is_set():  # slept with mode=keep: pause until woken
+            if not await self._race(self._awake.wait(), resp):
+                return "disconnect"
+        return None
+
+    # ----------------------------------------------------------------- output
+    async def _answer(self, gen: Generation, resp: Responder, fatal: bool) -> None:
+        o, epoch = self.options, self._abort_epoch
+        steps = max(len(p) for p in gen.choices)
+        produced = [0] * len(gen.choices)
+        if o.itl_ms:
+            for i in range(steps):
+                why = await self._step((o.ttft_ms if i == 0 else o.itl_ms) / 1000, resp, epoch)
+                if why == "disconnect":
+                    return
+                if why == "abort":
+                    break
+                for k, pieces in enumerate(gen.choices):
+                    if i < len(pieces):
+                        produced[k] += 1
+                if fatal:
+                    os._exit(1)
+        else:
+            why = await self._step(o.ttft_ms / 1000, resp, epoch)
+            if why == "disconnect":
+                return
+            if fatal:
+                os._exit(1)
+            if why is None:
+                produced = [len(p) for p in gen.choices]
+        choices = []
+        for k, pieces in enumerate(gen.choices):
+            done = produced[k] == len(pieces)
+            choices.append(Choice(k, "".join(pieces[:produced[k]]), gen.finish[k] if done else "abort",
+                                  gen.stop_reason[k] if done else None))
+        total = sum(produced)
+        self.counters.generation_tokens += total
+        rid = self.dialect.new_id(gen.chat)
+        resp.send(200, self.dialect.response(gen.chat, rid, int(time.time()), gen.model, choices,
+                                             self.dialect.usage(gen.prompt_tokens, total)))
+
+    async def _stream(self, gen: Generation, resp: Responder, fatal: bool) -> None:
+        o, d, epoch = self.options, self.dialect, self._abort_epoch
+        rid, created = d.new_id(gen.chat), int(time.time())
+        head, tail = d.stream_frame(gen.chat, rid, created, gen.model)
+        dumps = orjson.dumps
+        budget = o.stall_after or -1  # chunks left before a stall
+        resp.start_stream()
+        if gen.chat:
+            out = [head + dumps(d.role_delta(k)) + tail for k in range(len(gen.choices))]
+            if not await self._send(resp, out, budget):
+                return
+            budget -= len(out)
+        steps = max(len(p) for p in gen.choices)
+        total = 0
+        ended = ""
+        for i in range(steps):
+            ended = await self._step((o.ttft_ms if i == 0 else o.itl_ms) / 1000, resp, epoch) or ""
+            if ended:
+                break
+            out = []
+            for k, pieces in enumerate(gen.choices):
+                if i < len(pieces):
+                    last = i == len(pieces) - 1
+                    out.append(head + dumps(d.stream_choice(
+                        gen.chat, k, pieces[i], gen.finish[k] if last else None,
+                        gen.stop_reason[k] if last else None)) + tail)
+            total += len(out)
+            self.counters.generation_tokens += len(out)
+            if not await self._send(resp, out, budget):
+                return
+            budget -= len(out)
+            if fatal:
+                await asyncio.sleep(0)
+                os._exit(1)
+        if ended == "disconnect":
+            return
+        out = []
+        if ended == "abort":
+            out = [head + dumps(d.stream_choice(gen.chat, k, "", "abort", None)) + tail
+                   for k, pieces in enumerate(gen.choices) if len(pieces) > i]
+        if gen.include_usage:
+            out.append(d.usage_chunk(gen.chat, rid, created, gen.model, d.usage(gen.prompt_tokens, total)))
+        out.append(b"data: [DONE]\n\n")
+        if await self._send(resp, out, budget):
+            resp.end()
+
+    async def _send(self, resp: Responder, chunks: list[bytes], budget: int) -> bool:
+        """Write SSE chunks, stalling forever (until disconnect) once `budget` runs out."""
+        if not chunks:
+            return True
+        if 0 <= budget < len(chunks):
+            resp.chunk(b"".join(chunks[:budget]))
+            await self._until_disconnect(resp)
+            return False
+        resp.chunk(b"".join(chunks))
+        return True

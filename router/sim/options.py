@@ -1,0 +1,115 @@
+"""What a simulated engine is told: the engine's own flags it honours, plus knobs.
+
+The renderer's ``--sim`` mode passes an instance's real engine_args through
+unchanged, so the parser takes the flags that change what a client sees
+(host, port, served names, context length, batch size) in both engines'
+spellings and ignores every other engine flag instead of failing on it.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+ENGINE_NAMES = ("vllm", "sglang")
+DEFAULT_PORTS = {"vllm": 8000, "sglang": 30000}
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    engine: str
+    model: str
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (in-process use); the bound port is `SimEngine.port`.
+    port: int = 0
+    #: Names the engine answers to; empty means just `model`.
+    served_model_names: tuple[str, ...] = ()
+    max_model_len: int = 4096
+    #: Requests running at once; 0 = unlimited. Beyond it requests wait.
+    max_concurrency: int = 0
+    startup_s: float = 0.0
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    fail_rate: float = 0.0
+    die_after: int = 0
+    stall_after: int = 0
+    hang: bool = False
+    seed: int = 0
+    #: Engine flags given but not understood (logged once, otherwise ignored).
+    ignored_args: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.served_model_names or (self.model,)
+
+    @property
+    def public_name(self) -> str:
+        """The name /v1/models and responses report: the first served name."""
+        return self.names[0]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors without a traceback and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"python -m router.sim: error: {message}\n"
+                     "usage: python -m router.sim --engine vllm|sglang --model NAME --port P [options]\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m router.sim", allow_abbrev=False,
+                description="Simulated vLLM/SGLang OpenAI server (no GPU). Unknown engine flags are ignored.")
+    p.add_argument("--engine", required=True, type=str.lower, choices=ENGINE_NAMES + ("sgl",))
+    p.add_argument("--model", "--model-path", dest="model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--served-model-name", dest="served", nargs="+", default=None)
+    p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", "--max-running-requests", dest="batch", type=int, default=0,
+                   help="the engine's batch size; used as --max-concurrency when that is not given")
+    g = p.add_argument_group("simulation knobs")
+    g.add_argument("--startup-s", type=float, default=0.0, help="seconds before the server listens (model load)")
+    g.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    g.add_argument("--itl-ms", type=float, default=0.0, help="time per further output token")
+    g.add_argument("--max-concurrency", type=int, default=None, help="running requests at once; more queue")
+    g.add_argument("--fail-rate", type=float, default=0.0, help="fraction of generations answered 500")
+    g.add_argument("--die-after", type=int, default=0, help="exit abruptly during generation request N")
+    g.add_argument("--stall-after", type=int, default=0, help="streams stop sending after N chunks")
+    g.add_argument("--hang", action="store_true", help="never answer generation requests")
+    g.add_argument("--seed", type=int, default=0, help="seed of the --fail-rate draws")
+    return p
+
+
+def parse_options(argv: Sequence[str]) -> SimOptions:
+    """argv -> SimOptions; exits 2 with a clear message on a bad value."""
+    p = _parser()
+    ns, unknown = p.parse_known_args(list(argv))
+    engine = "sglang" if ns.engine == "sgl" else ns.engine
+    problems = []
+    if ns.port is not None and not 0 <= ns.port <= 65535:
+        problems.append(f"--port {ns.port} is not a port number (0-65535)")
+    if ns.max_model_len < 1:
+        problems.append("--max-model-len must be at least 1")
+    if not 0.0 <= ns.fail_rate <= 1.0:
+        problems.append(f"--fail-rate {ns.fail_rate} must be between 0 and 1")
+    for flag in ("startup_s", "ttft_ms", "itl_ms"):
+        if getattr(ns, flag) < 0:
+            problems.append(f"--{flag.replace('_', '-')} must not be negative")
+    for flag in ("die_after", "stall_after", "batch"):
+        if getattr(ns, flag) < 0:
+            problems.append(f"--{flag.replace('_', '-')} must not be negative")
+    if ns.max_concurrency is not None and ns.max_concurrency < 0:
+        problems.append("--max-concurrency must not be negative")
+    if engine == "sglang" and ns.served and len(ns.served) > 1:
+        problems.append("SGLang's --served-model-name takes one name")
+    if problems:
+        p.error("; ".join(problems))
+    return SimOptions(
+        engine=engine, model=ns.model, host=ns.host,
+        port=DEFAULT_PORTS[engine] if ns.port is None else ns.port,
+        served_model_names=tuple(ns.served or ()), max_model_len=ns.max_model_len,
+        max_concurrency=ns.batch if ns.max_concurrency is None else ns.max_concurrency,
+        startup_s=ns.startup_s, ttft_ms=ns.ttft_ms, itl_ms=ns.itl_ms, fail_rate=ns.fail_rate,
+        die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed,
+        ignored_args=tuple(unknown),
+    )

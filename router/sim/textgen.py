@@ -1,0 +1,71 @@
+"""The simulator's "model": deterministic text and token counts tests can predict.
+
+Rules (stable; tests and benchmarks rely on them):
+
+- A token is a word. The prompt of a completion is its text; the prompt of a
+  chat request is its messages rendered one per line as ``role: content``
+  (content parts of type ``text`` joined by spaces). A prompt given as a list
+  of token ids is that many tokens and reads as the ids joined by spaces.
+- Prompt tokens = the number of whitespace-separated words of the prompt,
+  at least 1.
+- Output token i (0-based) of choice j is ``" " + WORDS[(h + 7*j + i) % 64]``
+  where ``h = zlib.crc32(prompt.encode("utf-8"))``. So the text depends only on
+  the prompt, choices of one request differ, and every token is one word.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+WORDS: tuple[str, ...] = (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+    "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
+    "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray",
+    "yankee", "zulu", "amber", "bronze", "cobalt", "denim", "ember", "fern",
+    "garnet", "hazel", "ivory", "jade", "khaki", "lemon", "maroon", "navy",
+    "olive", "pearl", "quartz", "ruby", "sage", "teal", "umber", "violet",
+    "wheat", "xanadu", "yellow", "zinc", "apple", "birch", "cedar", "dune",
+    "elm", "flint", "grove", "heath", "iris", "juniper", "kelp", "lotus",
+)
+#: Each token, with its leading space, ready to send.
+TOKENS: tuple[str, ...] = tuple(" " + w for w in WORDS)
+
+
+def prompt_seed(prompt: str) -> int:
+    return zlib.crc32(prompt.encode("utf-8", "surrogatepass"))
+
+
+def token(seed: int, choice: int, i: int) -> str:
+    return TOKENS[(seed + 7 * choice + i) % len(TOKENS)]
+
+
+def generate(prompt: str, n_tokens: int, choice: int = 0) -> str:
+    """The full text the simulator produces for `prompt` (without stop strings)."""
+    seed = prompt_seed(prompt)
+    return "".join(token(seed, choice, i) for i in range(n_tokens))
+
+
+def count_tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def chat_prompt(messages: list[Any]) -> str:
+    """Render chat messages as the prompt text; raises ValueError on a malformed message."""
+    lines = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{k}] must be an object with a string 'role'")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{k}].content parts must be {{'type': 'text', 'text': str}}")
+                parts.append(part["text"])
+            content = " ".join(parts)
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{k}].content must be a string or a list of parts")
+        lines.append(f"{m['role']}: {content}")
+    return "\n".join(lines)
