@@ -132,6 +132,9 @@ class Traffic:
         if m is not None:
             m.add(self._clock(), 0 < status < 400, latency_s, ttfb_s if stream else None)
 
+    def total(self, model: str) -> int:
+        return self._models[model].total
+
     def summary(self, model: str, window: float) -> dict:
         """The numbers of one model over `window` seconds (zeros when it had no traffic)."""
         m = self._models[model]

@@ -1,0 +1,298 @@
+"""The sleep manager through the running router over HTTP.
+
+Engines: the project's simulated vLLM engine where the test is about normal
+behaviour, and `ControlEngine` (a small aiohttp server speaking vLLM's sleep
+API) where a test needs a precise misbehaviour: a slow sleep call, a wake
+that fails or hangs. Both are real HTTP servers on loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Optional
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from helpers import free_port
+from router.config import load_config
+from router_support import LoopThread, RouterServer, until
+
+MODEL = "org/sleepy-model"
+ENC = urllib.parse.quote(MODEL, safe="")
+
+
+class ControlEngine:
+    """vLLM's sleep API and completions; a request sent while asleep is held until woken, as real vLLM does."""
+
+    def __init__(self, sleep_delay: float = 0.0, wake_delay: float = 0.0, wake_status: int = 200,
+                 gen_delay: float = 0.0, asleep: bool = False):
+        self.port = free_port()
+        self.sleep_delay = sleep_delay
+        self.wake_delay = wake_delay
+        self.wake_status = wake_status
+        self.gen_delay = gen_delay
+        self.asleep = asleep
+        self.awake_event = asyncio.Event()
+        self.log: list[str] = []
+        self.sleep_params: list[dict[str, str]] = []
+        self.runner: Optional[web.AppRunner] = None
+
+    def count(self, what: str) -> int:
+        return self.log.count(what)
+
+    async def start(self) -> "ControlEngine":
+        if not self.asleep:
+            self.awake_event.set()
+        app = web.Application()
+        app.router.add_get("/health", lambda r: web.Response(status=200))
+        app.router.add_post("/sleep", self.sleep)
+        app.router.add_post("/wake_up", self.wake)
+        app.router.add_get("/is_sleeping", lambda r: web.json_response({"is_sleeping": self.asleep}))
+        app.router.add_post("/v1/completions", self.generate)
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        self.log.append("sleep")
+        self.sleep_params.append(dict(request.query))
+        await asyncio.sleep(self.sleep_delay)
+        self.asleep = True
+        self.awake_event.clear()
+        self.log.append("asleep")
+        return web.Response(status=200)
+
+    async def wake(self, request: web.Request) -> web.Response:
+        self.log.append("wake")
+        await asyncio.sleep(self.wake_delay)
+        if self.wake_status != 200:
+            return web.json_response({"error": "cannot allocate memory"}, status=self.wake_status)
+        self.asleep = False
+        self.awake_event.set()
+        return web.Response(status=200)
+
+    async def generate(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.log.append("generate")
+        await self.awake_event.wait()
+        await asyncio.sleep(self.gen_delay)
+        return web.json_response({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": body["model"],
+                                  "choices": [{"index": 0, "text": "ok", "finish_reason": "stop", "logprobs": None}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+def write_config(tmp: Path, port: int, settings: dict[str, Any], **inst: Any) -> Path:
+    doc = {
+        "router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30},
+        "sleep_manager": {"auto_sleep_enabled": False, "check_interval_seconds": 0.05, "idle_threshold_seconds": 300,
+                          "min_sleep_duration": 0, "wake_timeout_seconds": 5, **settings},
+        "instances": [{"model": MODEL, "engine": "vllm", "launch": False,
+                       "engine_args": ["--host", "127.0.0.1", "--port", str(port)], **inst}],
+    }
+    path = tmp / f"config-{port}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def loop():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+class Stack:
+    """An engine and a router on the loop thread; HTTP helpers run on that loop too."""
+
+    def __init__(self, loop: LoopThread, tmp: Path, engine: ControlEngine, settings: dict[str, Any], **inst: Any):
+        self.loop = loop
+        self.engine = loop.run(engine.start())
+        self.config_path = write_config(tmp, engine.port, settings, **inst)
+        self.router = RouterServer(loop, load_config(self.config_path, sim=True)).start()
+
+    def restart_router(self) -> None:
+        self.router.stop()
+        self.router = RouterServer(self.loop, load_config(self.config_path, sim=True)).start()
+
+    def close(self) -> None:
+        self.router.stop()
+        self.loop.run(self.engine.stop())
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+        return self.loop.run(self._call(method, self.router.url + path, body))
+
+    async def _call(self, method: str, url: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, url, data=orjson.dumps(body) if body is not None else None,
+                                 headers={"content-type": "application/json"}) as r:
+                raw = await r.read()
+                return r.status, orjson.loads(raw) if raw else None, dict(r.headers)
+
+    def completions(self, n: int) -> list[tuple[int, Any, dict[str, str]]]:
+        """`n` completions sent at once; their (status, body, headers)."""
+        async def go() -> list[tuple[int, Any, dict[str, str]]]:
+            url = self.router.url + "/v1/completions"
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+            return list(await asyncio.gather(*(self._call("POST", url, body) for _ in range(n))))
+        return self.loop.run(go())
+
+    def state(self) -> str:
+        return self.call("GET", "/sleep/status")[1]["models"][MODEL]["state"]
+
+
+@pytest.fixture
+def stack(loop, tmp_path):
+    made: list[Stack] = []
+
+    def make(engine: Optional[ControlEngine] = None, settings: Optional[dict[str, Any]] = None, **inst: Any) -> Stack:
+        st = Stack(loop, tmp_path, engine or ControlEngine(), settings or {}, **inst)
+        made.append(st)
+        return st
+    yield make
+    for st in made:
+        st.close()
+
+
+def test_auto_sleep_after_idle_threshold(stack):
+    st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.4})
+    t0 = time.monotonic()
+    assert st.completions(1)[0][0] == 200
+    assert until(lambda: st.state() == "sleeping", 5)
+    assert time.monotonic() - t0 >= 0.4
+    assert st.engine.count("sleep") == 1 and st.engine.asleep
+    assert st.engine.sleep_params == [{"level": "1", "mode": "wait"}]
+    status, health, _ = st.call("GET", "/health/all")
+    assert status == 200 and health["models"][MODEL]["status"] == "sleeping"
+
+
+def test_wake_on_request_many_concurrent_one_wake_call(stack):
+    st = stack(ControlEngine(wake_delay=0.3))
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    results = st.completions(50)
+    assert [r[0] for r in results] == [200] * 50
+    assert st.engine.count("wake") == 1
+    status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
+    assert status["state"] == "awake" and status["wake_count"] == 1 and status["last_wake_seconds"] >= 0.3
+
+
+def test_manual_sleep_and_wake_endpoints(stack):
+    st = stack()
+    status, body, _ = st.call("POST", f"/action/sleep/{MODEL}")  # raw slash
+    assert status == 200 and body["success"] and body["state"] == "sleeping"
+    assert st.engine.asleep
+    status, body, _ = st.call("GET", "/sleep/status")
+    assert body["sleeping_models"] == [MODEL] and body["models"][MODEL]["manual"] is True
+    status, body, _ = st.call("POST", f"/action/sleep/{ENC}")  # already asleep: no second call
+    assert status == 200 and st.engine.count("sleep") == 1
+    status, body, _ = st.call("POST", f"/action/wakeup/{ENC}")
+    assert status == 200 and body["state"] == "awake" and not st.engine.asleep
+    status, body, _ = st.call("POST", "/action/wakeup/no%2Fsuch")
+    assert status == 404 and body["error"]["param"] == "model" and "no/such" in body["error"]["message"]
+
+
+def test_sleep_opt_out_is_refused(stack):
+    st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0}, sleep=False)
+    status, body, _ = st.call("POST", f"/action/sleep/{ENC}")
+    assert status == 409 and "sleep: false" in body["error"]["message"]
+    _, cands, _ = st.call("GET", "/sleep/candidates")
+    assert cands["sleep_candidates"] == [] and "sleep: false" in cands["candidate_details"][MODEL]["reason"]
+    assert st.engine.count("sleep") == 0
+
+
+def test_min_sleep_duration_keeps_a_woken_model_awake(stack):
+    st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.1, "min_sleep_duration": 1.2})
+    assert until(lambda: st.state() == "sleeping", 5)  # never used since start: idle from start-up
+    assert st.completions(1)[0][0] == 200  # wakes it
+    woke = time.monotonic()
+    time.sleep(0.4)  # idle well past the threshold, yet kept awake
+    _, cands, _ = st.call("GET", "/sleep/candidates")
+    assert "min_sleep_duration" in cands["candidate_details"][MODEL]["reason"]
+    assert st.state() == "awake"
+    assert until(lambda: st.state() == "sleeping", 5)
+    assert time.monotonic() - woke >= 1.2
+    assert st.engine.count("sleep") == 2 and st.engine.count("wake") == 1
+
+
+def test_request_during_sleep_call_waits_then_wakes(stack):
+    st = stack(ControlEngine(sleep_delay=0.5))
+
+    async def race() -> tuple[Any, Any]:
+        sleeper = asyncio.ensure_future(st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))
+        while "sleep" not in st.engine.log:
+            await asyncio.sleep(0.005)
+        req = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions",
+                                             {"model": MODEL, "prompt": "x", "max_tokens": 1}))
+        return await sleeper, await req
+    slept, served = st.loop.run(race())
+    assert slept[0] == 200 and served[0] == 200
+    # The request reached the engine only after the sleep finished and the wake ran.
+    assert st.engine.log == ["sleep", "asleep", "wake", "generate"]
+
+
+def test_drain_before_sleep_holds_new_requests(stack):
+    st = stack(ControlEngine(gen_delay=0.4))
+
+    async def race() -> tuple[Any, Any, Any]:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        first = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
+        while "generate" not in st.engine.log:
+            await asyncio.sleep(0.005)
+        sleeper = asyncio.ensure_future(st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))
+        await asyncio.sleep(0.05)
+        held = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
+        return await first, await sleeper, await held
+    first, slept, held = st.loop.run(race())
+    assert first[0] == 200 and slept[0] == 200 and held[0] == 200
+    assert st.engine.log == ["generate", "sleep", "asleep", "wake", "generate"]
+
+
+@pytest.mark.parametrize("engine_kw, words", [({"wake_status": 500}, "500"), ({"wake_delay": 3}, "within 0.5s")])
+def test_wake_failure_gives_503_to_every_waiter(stack, engine_kw, words):
+    st = stack(ControlEngine(**engine_kw), settings={"wake_timeout_seconds": 0.5})
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    results = st.completions(10)
+    assert st.engine.count("wake") == 1
+    for status, body, headers in results:
+        assert status == 503 and headers["Retry-After"].isdigit()
+        assert words in body["error"]["message"] and body["error"]["type"] == "service_unavailable"
+    status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
+    assert status["state"] == "sleeping" and status["wake_failures"] == 1
+    assert "generate" not in st.engine.log
+
+
+def test_wakeup_on_request_off_answers_503_with_how_to_wake(stack):
+    st = stack(settings={"wakeup_on_request": False})
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    status, body, headers = st.completions(1)[0]
+    assert status == 503 and "Retry-After" in headers and f"/action/wakeup/{MODEL}" in body["error"]["message"]
+    assert st.engine.count("wake") == 0
+    assert st.call("POST", f"/action/wakeup/{ENC}")[0] == 200
+    assert st.completions(1)[0][0] == 200
+
+
+def test_router_restart_rediscovers_a_sleeping_engine(stack):
+    st = stack()
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    st.restart_router()
+    assert st.state() == "sleeping"  # asked the engine at start-up, before any request
+    assert st.completions(1)[0][0] == 200
+    assert st.engine.count("wake") == 1 and st.state() == "awake"
+
+
+def test_engine_woken_elsewhere_is_seen_awake(stack):
+    st = stack(settings={"check_interval_seconds": 0.05})
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    st.engine.asleep = False
+    st.engine.awake_event.set()
+    assert until(lambda: st.state() == "awake", 3)
