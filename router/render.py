@@ -143,6 +143,9 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
     """
     if not out.is_absolute():
         raise RenderError(f"output folder {out} must be an absolute path")
+    if "%" in str(out):
+        # supervisord %-expands log file paths twice, so no escaping survives.
+        raise RenderError(f"output folder {out} contains '%', which supervisord cannot use in log paths; choose another --out")
     socket = out / "supervisor.sock"
     if len(str(socket).encode()) > MAX_SOCKET_PATH:
         raise RenderError(f"supervisord's socket path {socket} is longer than {MAX_SOCKET_PATH} bytes; use a shorter --out")

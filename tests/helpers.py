@@ -6,14 +6,18 @@ Each process a test starts is tracked and its whole group is ended.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from typing import Optional, Sequence
+
+import pytest
 
 PY = sys.executable
 
@@ -78,3 +82,30 @@ def start_sim(engine: str, model: str, port: int, *args: str, log: Optional[str]
     proc = Proc([PY, "-m", "router.sim", "--engine", engine, "--model", model,
                  "--host", "127.0.0.1", "--port", str(port), *args], log=log)
     return proc
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def kvcached_fixture(tmp: str) -> str:
+    """The kvcached-format fixture copied into `tmp`/cfg, with the virtualenvs
+    it names (relative to the config's folder) made to exist; returns its path."""
+    cfg_dir = os.path.join(tmp, "cfg")
+    os.makedirs(cfg_dir, exist_ok=True)
+    for venv in ("vllm-v0.9.2", "sglang-v0.4.9"):
+        bin_dir = os.path.join(tmp, "engine_integration", venv, ".venv", "bin")
+        os.makedirs(bin_dir, exist_ok=True)
+        os.symlink(PY, os.path.join(bin_dir, "python"))
+    path = os.path.join(cfg_dir, "config.yaml")
+    with open(os.path.join(FIXTURES, "kvcached-format.yaml"), "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    return path
+
+
+@pytest.fixture
+def short_tmp():
+    """A temp folder with a short path: unix socket paths (supervisord's,
+    tmux's) must stay under 108 bytes, which pytest's tmp_path can exceed."""
+    path = tempfile.mkdtemp(prefix="kvr", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
