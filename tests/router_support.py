@@ -120,9 +120,11 @@ class Engine:
                 await resp.write(b"data: " + orjson.dumps(chunk(payload, request.path, i)) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             self.disconnects += 1
             raise
+        except ConnectionResetError:
+            self.disconnects += 1
         return resp
 
 
