@@ -166,13 +166,23 @@ async def run_phase(label: str, tgts: Mapping[str, Target], work: Workload, stop
 
 
 async def bench(args: argparse.Namespace, cfg: Config, models: list[str]) -> dict:
-    work = workload(args)
-    url = router_url(cfg, args.url)
-    key = args.api_key or (cfg.router.api_keys[0] if cfg.router.api_keys else None)
+    """Ctrl-C or SIGTERM stops sending; requests in flight finish and the figures are kept."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        return await _phases(args, cfg, models, stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _phases(args: argparse.Namespace, cfg: Config, models: list[str], stop: asyncio.Event) -> dict:
+    """Run the router and/or direct phases, then summarise each model."""
+    work = workload(args)
+    url = router_url(cfg, args.url)
+    key = args.api_key or (cfg.router.api_keys[0] if cfg.router.api_keys else None)
     progress = Progress(sys.stderr, args.progress_interval)
     kinds = ["router", "direct"] if args.compare_direct else ["direct" if args.direct else "router"]
     totals: dict[str, dict[str, Recorder]] = {k: {m: Recorder() for m in models} for k in kinds}
