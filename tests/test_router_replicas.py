@@ -1,0 +1,100 @@
+"""Replicas: balancing, failover, ejection, health thresholds, concurrency limits."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import openai
+import orjson
+
+from helpers import free_port
+from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from test_router_proxy import assert_error, client, post
+
+
+def test_least_outstanding_balances_replicas(stack: Stack) -> None:
+    a, b = stack.engine(interval=0.3), stack.engine(interval=0.3)
+    r = stack.router([instance("m", a.port, name="a"), instance("m", b.port, name="b")])
+    body = orjson.dumps({"model": "m", "prompt": "x"})
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [f.result()[0] for f in [pool.submit(post, r.url + "/v1/completions", body) for _ in range(8)]]
+    assert statuses == [200] * 8
+    assert len(a.bodies) == len(b.bodies) == 4
+
+
+def test_failover_when_a_replica_refuses_connections(stack: Stack) -> None:
+    live = stack.engine()
+    dead_port = free_port()  # nothing listens here
+    r = stack.router([instance("m", dead_port, name="dead"), instance("m", live.port, name="live")], eject_seconds=30)
+    c = client(r.url)
+    for _ in range(4):
+        assert c.completions.create(model="m", prompt="x").choices[0].text == "hello world"
+    assert len(live.bodies) == 4
+    dead = r.app.state.table.get("m").backends[0]
+    assert dead.ejected_until > time.monotonic() + 20  # ejected after its first refusal
+    metrics = r.app.state.metrics.render().decode()
+    assert 'router_upstream_errors_total{kind="connect",model="m"} 1.0' in metrics
+
+
+def test_all_replicas_refusing_is_502_then_503_while_ejected(stack: Stack) -> None:
+    r = stack.router([instance("m", free_port(), name="a"), instance("m", free_port(), name="b")], eject_seconds=30)
+    status, _, data = post(r.url + "/v1/completions", b'{"model": "m"}')
+    assert_error(status, data, 502, "Could not connect")
+    status, headers, data = post(r.url + "/v1/completions", b'{"model": "m"}')
+    assert_error(status, data, 503)
+    assert 25 <= int(headers["retry-after"]) <= 30
+
+
+def test_unhealthy_backends_get_503_at_once_and_recover(stack: Stack) -> None:
+    e = stack.engine(health=500)
+    r = stack.router([instance("m", e.port)], health_check_interval_seconds=0.05, unhealthy_threshold=2,
+                     healthy_threshold=3)
+    backend = r.app.state.table.get("m").backends[0]
+    assert until(lambda: backend.health == "unhealthy")
+    assert e.health_probes >= 2
+    start = time.monotonic()
+    status, headers, data = post(r.url + "/v1/chat/completions", b'{"model": "m", "messages": []}')
+    assert_error(status, data, 503, "No healthy engine")
+    assert time.monotonic() - start < 0.5 and int(headers["retry-after"]) >= 1
+    assert e.bodies == []  # probes never send generations either
+    e.health_status = 200
+    seen = e.health_probes
+    assert until(lambda: backend.health == "healthy")
+    assert e.health_probes - seen >= 3
+    assert post(r.url + "/v1/completions", b'{"model": "m"}')[0] == 200
+
+
+def test_max_concurrency_queue_then_429(stack: Stack) -> None:
+    e = stack.engine(interval=0.5)
+    r = stack.router([instance("m", e.port, max_concurrency=1, max_queue=1)], queue_timeout_seconds=5)
+    body = orjson.dumps({"model": "m", "prompt": "x"})
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(post, r.url + "/v1/completions", body)
+        assert until(lambda: len(e.bodies) == 1)
+        queued = pool.submit(post, r.url + "/v1/completions", body)
+        time.sleep(0.1)
+        status, headers, data = post(r.url + "/v1/completions", body)
+        assert_error(status, data, 429, "concurrency limit")
+        assert headers["retry-after"] == "1"
+        assert first.result()[0] == 200 and queued.result()[0] == 200
+    assert r.app.state.table.get("m").backends[0].outstanding == 0
+
+
+def test_queue_timeout_is_429(stack: Stack) -> None:
+    e = stack.engine(interval=1.0)
+    r = stack.router([instance("m", e.port, max_concurrency=1)], queue_timeout_seconds=0.2)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, r.url + "/v1/completions", b'{"model": "m"}')
+        assert until(lambda: len(e.bodies) == 1)
+        with_sdk = client(r.url)
+        try:
+            with_sdk.completions.create(model="m", prompt="x")
+            raise AssertionError("expected 429")
+        except openai.RateLimitError as err:
+            assert err.status_code == 429
+        assert first.result()[0] == 200
+    assert len(e.bodies) == 1
+    status, _, data = post(r.url + "/metrics", None, method="GET")  # type: ignore[arg-type]
+    assert 'router_requests_total{model="m",status="429"} 1.0' in data.decode()
+    assert json.loads(post(r.url + "/v1/completions", b'{"model": "m"}')[2])["choices"]
