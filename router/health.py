@@ -77,12 +77,12 @@ async def model_report(session: aiohttp.ClientSession, model: Model, settings: R
     if not is_awake(model):
         state = model.lifecycle.state
         return {"model": model.name, "status": "sleeping" if state == "sleeping" else state,
-                "endpoints": [_endpoint(b, state) for b in model.backends]}
+                "endpoints": [_endpoint(b, state) for b in model.backends], "sleep": model.lifecycle.status()}
     results = await asyncio.gather(*(probe_and_record(session, b, settings) for b in model.backends))
     endpoints = [_endpoint(b, "healthy" if ok else "unhealthy", detail) for b, (ok, detail) in zip(model.backends, results)]
     n_ok = sum(ok for ok, _ in results)
     status = "healthy" if n_ok == len(results) else "degraded" if n_ok else "unhealthy"
-    return {"model": model.name, "status": status, "endpoints": endpoints}
+    return {"model": model.name, "status": status, "endpoints": endpoints, "sleep": model.lifecycle.status()}
 
 
 def _endpoint(b: Backend, status: str, detail: Optional[str] = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import time
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .backends import HEALTHY, UNHEALTHY, ModelTable
@@ -66,16 +66,31 @@ class StateCollector(Collector):
         ejected = GaugeMetricFamily("router_backend_ejected", "1 while the backend is ejected after a failure",
                                     labels=["model", "instance", "endpoint"])
         sleeping = GaugeMetricFamily("router_model_sleeping", "1 while the model's engines are asleep", labels=["model"])
+        sleeps = CounterMetricFamily("router_model_sleeps", "Times the model was put to sleep", labels=["model"])
+        wakes = CounterMetricFamily("router_model_wakes", "Successful wakes of the model", labels=["model"])
+        wake_failures = CounterMetricFamily("router_model_wake_failures", "Wakes that failed or timed out",
+                                            labels=["model"])
+        wake_seconds = CounterMetricFamily("router_model_wake_seconds", "Time spent in successful wakes "
+                                           "(divide by router_model_wakes_total for the mean)", labels=["model"])
+        last_wake = GaugeMetricFamily("router_model_last_wake_seconds", "Duration of the last successful wake",
+                                      labels=["model"])
         now = time.monotonic()
         for model in self.table:
             in_flight.add_metric([model.name], model.lifecycle.in_flight)
             sleeping.add_metric([model.name], 1.0 if getattr(model.lifecycle, "state", "awake") == "sleeping" else 0.0)
+            lc = model.lifecycle
+            sleeps.add_metric([model.name], lc.sleep_count)
+            wakes.add_metric([model.name], lc.wake_count)
+            wake_failures.add_metric([model.name], lc.wake_failures)
+            wake_seconds.add_metric([model.name], lc.wake_seconds_total)
+            if lc.last_wake_seconds is not None:
+                last_wake.add_metric([model.name], lc.last_wake_seconds)
             for b in model.backends:
                 labels = [model.name, b.name, b.url]
                 outstanding.add_metric(labels, b.outstanding)
                 healthy.add_metric(labels, 1.0 if b.health == HEALTHY else 0.0 if b.health == UNHEALTHY else -1.0)
                 ejected.add_metric(labels, 1.0 if b.ejected_until > now else 0.0)
-        yield from (in_flight, outstanding, healthy, ejected, sleeping)
+        yield from (in_flight, outstanding, healthy, ejected, sleeping, sleeps, wakes, wake_failures, wake_seconds, last_wake)
 
 
 class Metrics:

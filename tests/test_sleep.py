@@ -21,6 +21,7 @@ from aiohttp import web
 
 from helpers import free_port
 from router.config import load_config
+from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, until
 
 MODEL = "org/sleepy-model"
@@ -46,7 +47,7 @@ class ControlEngine:
     def count(self, what: str) -> int:
         return self.log.count(what)
 
-    async def start(self) -> "ControlEngine":
+    async def start(self) -> None:
         if not self.asleep:
             self.awake_event.set()
         app = web.Application()
@@ -58,7 +59,6 @@ class ControlEngine:
         self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        return self
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -92,12 +92,16 @@ class ControlEngine:
                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
 
-def write_config(tmp: Path, port: int, settings: dict[str, Any], **inst: Any) -> Path:
+def sim(engine: str = "vllm") -> SimEngine:
+    return SimEngine(SimOptions(engine=engine, model=MODEL, port=0))
+
+
+def write_config(tmp: Path, engine: str, port: int, settings: dict[str, Any], **inst: Any) -> Path:
     doc = {
         "router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30},
         "sleep_manager": {"auto_sleep_enabled": False, "check_interval_seconds": 0.05, "idle_threshold_seconds": 300,
                           "min_sleep_duration": 0, "wake_timeout_seconds": 5, **settings},
-        "instances": [{"model": MODEL, "engine": "vllm", "launch": False,
+        "instances": [{"model": MODEL, "engine": engine, "launch": False,
                        "engine_args": ["--host", "127.0.0.1", "--port", str(port)], **inst}],
     }
     path = tmp / f"config-{port}.yaml"
@@ -115,10 +119,12 @@ def loop():
 class Stack:
     """An engine and a router on the loop thread; HTTP helpers run on that loop too."""
 
-    def __init__(self, loop: LoopThread, tmp: Path, engine: ControlEngine, settings: dict[str, Any], **inst: Any):
+    def __init__(self, loop: LoopThread, tmp: Path, engine: Any, settings: dict[str, Any], **inst: Any):
         self.loop = loop
-        self.engine = loop.run(engine.start())
-        self.config_path = write_config(tmp, engine.port, settings, **inst)
+        self.engine = engine
+        loop.run(engine.start())
+        kind = engine.options.engine if isinstance(engine, SimEngine) else "vllm"
+        self.config_path = write_config(tmp, kind, engine.port, settings, **inst)
         self.router = RouterServer(loop, load_config(self.config_path, sim=True)).start()
 
     def restart_router(self) -> None:
@@ -147,6 +153,11 @@ class Stack:
             return list(await asyncio.gather(*(self._call("POST", url, body) for _ in range(n))))
         return self.loop.run(go())
 
+    async def _text(self, url: str) -> str:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url) as r:
+                return await r.text()
+
     def state(self) -> str:
         return self.call("GET", "/sleep/status")[1]["models"][MODEL]["state"]
 
@@ -155,8 +166,8 @@ class Stack:
 def stack(loop, tmp_path):
     made: list[Stack] = []
 
-    def make(engine: Optional[ControlEngine] = None, settings: Optional[dict[str, Any]] = None, **inst: Any) -> Stack:
-        st = Stack(loop, tmp_path, engine or ControlEngine(), settings or {}, **inst)
+    def make(engine: Any = None, settings: Optional[dict[str, Any]] = None, **inst: Any) -> Stack:
+        st = Stack(loop, tmp_path, engine or sim(), settings or {}, **inst)
         made.append(st)
         return st
     yield make
@@ -165,7 +176,7 @@ def stack(loop, tmp_path):
 
 
 def test_auto_sleep_after_idle_threshold(stack):
-    st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.4})
+    st = stack(ControlEngine(), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.4})
     t0 = time.monotonic()
     assert st.completions(1)[0][0] == 200
     assert until(lambda: st.state() == "sleeping", 5)
@@ -174,16 +185,22 @@ def test_auto_sleep_after_idle_threshold(stack):
     assert st.engine.sleep_params == [{"level": "1", "mode": "wait"}]
     status, health, _ = st.call("GET", "/health/all")
     assert status == 200 and health["models"][MODEL]["status"] == "sleeping"
+    assert health["models"][MODEL]["sleep"]["sleep_count"] == 1 and health["status"] == "healthy"
 
 
-def test_wake_on_request_many_concurrent_one_wake_call(stack):
-    st = stack(ControlEngine(wake_delay=0.3))
-    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_auto_sleep_then_many_concurrent_requests_make_one_wake_call(stack, engine):
+    st = stack(sim(engine), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.2,
+                                      "min_sleep_duration": 30})
+    assert until(lambda: st.state() == "sleeping", 5)
+    assert st.engine.asleep and st.engine.counters.sleep_calls == 1
     results = st.completions(50)
     assert [r[0] for r in results] == [200] * 50
-    assert st.engine.count("wake") == 1
+    assert all(r[1]["choices"][0]["text"] for r in results)
+    assert st.engine.counters.wake_calls == 1 and not st.engine.asleep
     status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
-    assert status["state"] == "awake" and status["wake_count"] == 1 and status["last_wake_seconds"] >= 0.3
+    assert status["state"] == "awake" and status["wake_count"] == 1 and status["sleep_count"] == 1
+    assert status["last_wake_seconds"] is not None
 
 
 def test_manual_sleep_and_wake_endpoints(stack):
@@ -193,12 +210,16 @@ def test_manual_sleep_and_wake_endpoints(stack):
     assert st.engine.asleep
     status, body, _ = st.call("GET", "/sleep/status")
     assert body["sleeping_models"] == [MODEL] and body["models"][MODEL]["manual"] is True
-    status, body, _ = st.call("POST", f"/action/sleep/{ENC}")  # already asleep: no second call
-    assert status == 200 and st.engine.count("sleep") == 1
+    status, body, _ = st.call("POST", f"/action/sleep/{ENC}")  # encoded; already asleep: no second call
+    assert status == 200 and st.engine.counters.sleep_calls == 1
     status, body, _ = st.call("POST", f"/action/wakeup/{ENC}")
     assert status == 200 and body["state"] == "awake" and not st.engine.asleep
+    assert st.engine.counters.wake_calls == 1
     status, body, _ = st.call("POST", "/action/wakeup/no%2Fsuch")
     assert status == 404 and body["error"]["param"] == "model" and "no/such" in body["error"]["message"]
+    metrics = st.loop.run(st._text(st.router.url + "/metrics"))
+    assert f'router_model_sleeps_total{{model="{MODEL}"}} 1.0' in metrics
+    assert f'router_model_wakes_total{{model="{MODEL}"}} 1.0' in metrics
 
 
 def test_sleep_opt_out_is_refused(stack):
@@ -207,7 +228,7 @@ def test_sleep_opt_out_is_refused(stack):
     assert status == 409 and "sleep: false" in body["error"]["message"]
     _, cands, _ = st.call("GET", "/sleep/candidates")
     assert cands["sleep_candidates"] == [] and "sleep: false" in cands["candidate_details"][MODEL]["reason"]
-    assert st.engine.count("sleep") == 0
+    assert st.engine.counters.sleep_calls == 0
 
 
 def test_min_sleep_duration_keeps_a_woken_model_awake(stack):
@@ -221,7 +242,7 @@ def test_min_sleep_duration_keeps_a_woken_model_awake(stack):
     assert st.state() == "awake"
     assert until(lambda: st.state() == "sleeping", 5)
     assert time.monotonic() - woke >= 1.2
-    assert st.engine.count("sleep") == 2 and st.engine.count("wake") == 1
+    assert st.engine.counters.sleep_calls == 2 and st.engine.counters.wake_calls == 1
 
 
 def test_request_during_sleep_call_waits_then_wakes(stack):
@@ -276,7 +297,7 @@ def test_wakeup_on_request_off_answers_503_with_how_to_wake(stack):
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
     status, body, headers = st.completions(1)[0]
     assert status == 503 and "Retry-After" in headers and f"/action/wakeup/{MODEL}" in body["error"]["message"]
-    assert st.engine.count("wake") == 0
+    assert st.engine.counters.wake_calls == 0
     assert st.call("POST", f"/action/wakeup/{ENC}")[0] == 200
     assert st.completions(1)[0][0] == 200
 
@@ -287,11 +308,11 @@ def test_router_restart_rediscovers_a_sleeping_engine(stack):
     st.restart_router()
     assert st.state() == "sleeping"  # asked the engine at start-up, before any request
     assert st.completions(1)[0][0] == 200
-    assert st.engine.count("wake") == 1 and st.state() == "awake"
+    assert st.engine.counters.wake_calls == 1 and st.state() == "awake"
 
 
 def test_engine_woken_elsewhere_is_seen_awake(stack):
-    st = stack(settings={"check_interval_seconds": 0.05})
+    st = stack(ControlEngine(), settings={"check_interval_seconds": 0.05})
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
     st.engine.asleep = False
     st.engine.awake_event.set()
