@@ -1,15 +1,16 @@
-"""How vLLM and SGLang word their answers: response bodies, ids, errors, metric names.
+"""How vLLM and SGLang word their answers: bodies, ids, errors, stream chunks, metric names.
 
-Only the shapes live here (field by field as the real servers send them); the
-behaviour that is the same for both engines lives in engine.py. The vLLM shapes
-follow what real vLLM 0.32 sent on this project's machines
-(tests/real_vllm/captured/); the SGLang ones follow SGLang's protocol.py and
+Only the shapes live here, field by field and in the engines' key order; the
+behaviour common to both engines lives in engine.py. The vLLM shapes are what
+real vLLM 0.32.0 sent (tests/real_vllm/captured/, summarised in
+tests/real_vllm/FINDINGS.md); the SGLang ones follow SGLang's protocol.py and
 serving code (current main).
 """
 from __future__ import annotations
 
 import itertools
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -28,8 +29,34 @@ class Choice:
     stop_reason: Optional[str] = None
 
 
+class Stream:
+    """The SSE chunks of one streamed response; each chunk is head + choice + tail."""
+
+    __slots__ = ("_d", "chat", "_head", "_id_fields")
+
+    def __init__(self, dialect: "Dialect", chat: bool, rid: str, created: int, model: str):
+        self._d = dialect
+        self.chat = chat
+        self._id_fields = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": created, "model": model}
+        self._head = b"data: " + orjson.dumps(self._id_fields)[:-1] + b',"choices":['
+
+    def role(self, index: int) -> bytes:
+        return self._head + orjson.dumps(self._d.role_choice(index)) + b"]" + self._d.role_tail + b"}\n\n"
+
+    def token(self, index: int, text: str, finish: Optional[str] = None, stop: Optional[str] = None) -> bytes:
+        d = self._d
+        tail = d.final_tail(self.chat) if finish is not None else d.token_tail
+        return self._head + orjson.dumps(d.token_choice(self.chat, index, text, finish, stop)) + b"]" + tail + b"}\n\n"
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        body = {**self._id_fields, "choices": [], "usage": self._d.stream_usage(prompt_tokens, completion_tokens),
+                **self._d.usage_extras}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
 class Dialect:
-    """Response shapes shared by both engines; subclasses override what differs."""
+    """What both engines share; subclasses fill in their own fields."""
 
     name = ""
     owned_by = ""
@@ -37,19 +64,25 @@ class Dialect:
     metric_waiting = ""
     metric_prompt_tokens = ""
     metric_generation_tokens = ""
-    #: The key SGLang uses where vLLM says `stop_reason`.
-    stop_key = "stop_reason"
+    #: `type` of request-validation errors (bad JSON, wrong field type).
+    validation_type = "BadRequestError"
     id_prefixes = {False: "cmpl-", True: "chatcmpl-"}
+    role_tail = b""
+    token_tail = b""
+    usage_extras: dict[str, Any] = {}
 
     def __init__(self, options: SimOptions):
         self.options = options
         self._ids = itertools.count(1)
-        self._id_base = os.urandom(8).hex()
+        self._id_base = os.urandom(4).hex()
 
     # -- ids and errors
+    def hex_id(self) -> str:
+        """16 hex digits, unique per process and cheap: a random half and a counter half."""
+        return f"{self._id_base}{next(self._ids) & 0xFFFFFFFF:08x}"
+
     def new_id(self, chat: bool) -> str:
-        """Unique per process, cheap: a random per-engine half and a counter half (32 hex)."""
-        return f"{self.id_prefixes[chat]}{self._id_base}{next(self._ids):016x}"
+        return self.id_prefixes[chat] + self.hex_id()
 
     def error(self, status: int, message: str, err_type: str, param: Optional[str] = None) -> bytes:
         return orjson.dumps({"error": {"message": message, "type": err_type, "param": param, "code": status}})
@@ -62,55 +95,27 @@ class Dialect:
     def models(self, created: int) -> bytes:
         return orjson.dumps({"object": "list", "data": [self.model_card(n, created) for n in self.options.names]})
 
-    # -- complete responses
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-                "completion_tokens": completion_tokens, "prompt_tokens_details": None}
-
-    def completion_choice(self, c: Choice) -> dict[str, Any]:
-        return {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,
-                self.stop_key: c.stop_reason}
-
-    def chat_choice(self, c: Choice) -> dict[str, Any]:
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": None, "finish_reason": c.finish_reason, self.stop_key: c.stop_reason}
-
+    # -- whole responses
     def response(self, chat: bool, rid: str, created: int, model: str, choices: Sequence[Choice],
-                 usage: dict[str, Any]) -> bytes:
-        make = self.chat_choice if chat else self.completion_choice
-        return orjson.dumps({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": model, "choices": [make(c) for c in choices],
-                             "usage": usage, **self.response_extras(chat)})
+                 prompt_tokens: int, completion_tokens: int) -> bytes:
+        raise NotImplementedError
 
-    def response_extras(self, chat: bool) -> dict[str, Any]:
-        return {}
+    # -- stream pieces
+    def stream(self, chat: bool, rid: str, created: int, model: str) -> Stream:
+        return Stream(self, chat, rid, created, model)
 
-    # -- streams: each chunk is prefix + one choice (JSON) + suffix
-    def stream_frame(self, chat: bool, rid: str, created: int, model: str) -> tuple[bytes, bytes]:
-        head = orjson.dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                             "created": created, "model": model})
-        return b"data: " + head[:-1] + b',"choices":[', b"]" + self.chunk_tail(chat) + b"}\n\n"
+    def role_choice(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
 
-    def chunk_tail(self, chat: bool) -> bytes:
-        return b""
+    def token_choice(self, chat: bool, index: int, text: str, finish: Optional[str], stop: Optional[str]) -> dict[str, Any]:
+        raise NotImplementedError
 
-    def role_delta(self, index: int) -> dict[str, Any]:
-        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}
+    def final_tail(self, chat: bool) -> bytes:
+        return self.token_tail
 
-    def stream_choice(self, chat: bool, index: int, text: str, finish: Optional[str], stop: Optional[str]) -> dict[str, Any]:
-        if chat:
-            out: dict[str, Any] = {"index": index, "delta": {"content": text}, "logprobs": None,
-                                   "finish_reason": finish}
-            if finish is not None:
-                out[self.stop_key] = stop
-            return out
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish, self.stop_key: stop}
-
-    def usage_chunk(self, chat: bool, rid: str, created: int, model: str, usage: dict[str, Any]) -> bytes:
-        return b"data: " + orjson.dumps({
-            "id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": model, "choices": [], "usage": usage}) + b"\n\n"
+    def stream_usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                "completion_tokens": completion_tokens}
 
     # -- /metrics
     def metric_labels(self) -> str:
@@ -124,27 +129,65 @@ class VllmDialect(Dialect):
     metric_waiting = "vllm:num_requests_waiting"
     metric_prompt_tokens = "vllm:prompt_tokens_total"
     metric_generation_tokens = "vllm:generation_tokens_total"
+    # FastAPI request-validation errors carry the HTTP phrase as their type.
+    validation_type = "Bad Request"
+    role_tail = b',"prompt_token_ids":null,"prompt_text":null'
+
+    def __init__(self, options: SimOptions):
+        super().__init__(options)
+        self.fingerprint = f"vllm-0.32.0-{zlib.crc32(options.model.encode()):08x}"
+        self._fingerprint_tail = b',"system_fingerprint":' + orjson.dumps(self.fingerprint)
+        self.usage_extras = {"system_fingerprint": self.fingerprint}
 
     def model_card(self, name: str, created: int) -> dict[str, Any]:
         card = super().model_card(name, created)
         card["permission"] = [{
-            "id": f"modelperm-{self._id_base}{next(self._ids):016x}", "object": "model_permission",
+            "id": f"modelperm-{self.hex_id()}", "object": "model_permission",
             "created": created, "allow_create_engine": False, "allow_sampling": True,
             "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
             "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}]
         return card
 
-    def chat_choice(self, c: Choice) -> dict[str, Any]:
-        out = super().chat_choice(c)
-        out["message"] = {"role": "assistant", "content": c.text, "refusal": None, "annotations": None,
-                          "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None}
-        return out
-
-    def response_extras(self, chat: bool) -> dict[str, Any]:
-        extras: dict[str, Any] = {"system_fingerprint": None, "service_tier": None, "kv_transfer_params": None}
+    def response(self, chat: bool, rid: str, created: int, model: str, choices: Sequence[Choice],
+                 prompt_tokens: int, completion_tokens: int) -> bytes:
         if chat:
-            extras["prompt_logprobs"] = None
-        return extras
+            out = [{"index": c.index, "message": {
+                        "role": "assistant", "content": c.text, "refusal": None, "annotations": None,
+                        "audio": None, "function_call": None, "reasoning": None},
+                    "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                    "token_ids": None, "routed_experts": None} for c in choices]
+        else:
+            out = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason, "token_ids": None, "prompt_logprobs": None,
+                    "prompt_token_ids": None, "routed_experts": None} for c in choices]
+        body: dict[str, Any] = {
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": out, "service_tier": None, "system_fingerprint": self.fingerprint,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                      "completion_tokens": completion_tokens, "prompt_tokens_details": None,
+                      "completion_tokens_details": None}}
+        if chat:
+            body.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        body.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
+        return orjson.dumps(body)
+
+    def role_choice(self, index: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def token_choice(self, chat: bool, index: int, text: str, finish: Optional[str], stop: Optional[str]) -> dict[str, Any]:
+        if not chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish,
+                    "stop_reason": stop, "prompt_token_ids": None, "token_ids": None}
+        if finish is None:
+            return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None,
+                    "token_ids": None}
+        return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": finish,
+                "stop_reason": stop, "token_ids": None}
+
+    def final_tail(self, chat: bool) -> bytes:
+        # vLLM adds the fingerprint to a completion stream's last text chunk, not a chat one's.
+        return b"" if chat else self._fingerprint_tail
 
     def metric_labels(self) -> str:
         return f'engine="0",model_name="{self.options.public_name}"'
@@ -157,26 +200,39 @@ class SglangDialect(Dialect):
     metric_waiting = "sglang:num_queue_reqs"
     metric_prompt_tokens = "sglang:prompt_tokens_total"
     metric_generation_tokens = "sglang:generation_tokens_total"
-    stop_key = "matched_stop"
+    role_tail = b',"usage":null'
+    token_tail = b',"usage":null'
 
-    def chat_choice(self, c: Choice) -> dict[str, Any]:
-        out = super().chat_choice(c)
-        out["message"] = {"role": "assistant", "content": c.text, "reasoning_content": None, "tool_calls": None}
-        return out
+    def response(self, chat: bool, rid: str, created: int, model: str, choices: Sequence[Choice],
+                 prompt_tokens: int, completion_tokens: int) -> bytes:
+        if chat:
+            out = [{"index": c.index, "message": {"role": "assistant", "content": c.text,
+                                                   "reasoning_content": None, "tool_calls": None},
+                    "logprobs": None, "finish_reason": c.finish_reason, "matched_stop": c.stop_reason}
+                   for c in choices]
+        else:
+            out = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,
+                    "matched_stop": c.stop_reason} for c in choices]
+        return orjson.dumps({
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": out,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                      "completion_tokens": completion_tokens, "prompt_tokens_details": None}})
 
-    def role_delta(self, index: int) -> dict[str, Any]:
-        out = super().role_delta(index)
-        out["delta"] = {"role": "assistant", "content": "", "reasoning_content": None, "tool_calls": None}
-        out[self.stop_key] = None
-        return out
+    def role_choice(self, index: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"role": "assistant", "content": "", "reasoning_content": None,
+                                          "tool_calls": None},
+                "logprobs": None, "finish_reason": None, "matched_stop": None}
 
-    def stream_choice(self, chat: bool, index: int, text: str, finish: Optional[str], stop: Optional[str]) -> dict[str, Any]:
-        out = super().stream_choice(chat, index, text, finish, stop)
-        out[self.stop_key] = stop
-        return out
+    def token_choice(self, chat: bool, index: int, text: str, finish: Optional[str], stop: Optional[str]) -> dict[str, Any]:
+        if chat:
+            return {"index": index, "delta": {"role": None, "content": text, "reasoning_content": None,
+                                              "tool_calls": None},
+                    "logprobs": None, "finish_reason": finish, "matched_stop": stop}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish, "matched_stop": stop}
 
-    def chunk_tail(self, chat: bool) -> bytes:
-        return b',"usage":null'
+    def stream_usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return {**super().stream_usage(prompt_tokens, completion_tokens), "prompt_tokens_details": None}
 
 
 DIALECTS: dict[str, type[Dialect]] = {"vllm": VllmDialect, "sglang": SglangDialect}

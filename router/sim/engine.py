@@ -97,6 +97,7 @@ class SimEngine:
         self._awake.set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.sleeping = False
         self.sleep_level = 0
         #: Bumped by sleep mode=abort: generations started before it finish with "abort".
         self._abort_epoch = 0
@@ -124,7 +125,6 @@ class SimEngine:
                 ("GET", "/get_model_info"): self._sglang_model_info,
                 ("GET", "/health_generate"): self._sglang_health_generate,
             })
-        self._paths = {path for _, path in self._routes}
 
     # ------------------------------------------------------------------ life
     async def start(self) -> None:
@@ -140,16 +140,13 @@ class SimEngine:
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "", "localhost") else self.options.host
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
-    @property
-    def asleep(self) -> bool:
-        return self.sleep_level > 0
-
     # ---------------------------------------------------------------- routing
     async def _handle(self, req: Request, resp: Responder) -> None:
         route = self._routes.get((req.method, req.path))
         if route is None:
-            if req.path in self._paths:
-                resp.send(405, b'{"detail":"Method Not Allowed"}')
+            allowed = [m for m, path in self._routes if path == req.path]
+            if allowed:
+                resp.send(405, b'{"detail":"Method Not Allowed"}', headers=b"allow: %s\r\n" % ", ".join(allowed).encode())
             else:
                 resp.send(404, b'{"detail":"Not Found"}')
             return
@@ -158,20 +155,30 @@ class SimEngine:
         except ApiError as e:
             resp.send(e.status, self.dialect.error(e.status, e.message, e.err_type, e.param))
 
+    def _invalid(self, loc: str, kind: str, msg: str, value: Any, ctx: str = "") -> ApiError:
+        """A request-validation error worded as FastAPI/pydantic word it in the engines."""
+        shown = value if isinstance(value, str) else f"<{type(value).__name__}>"
+        return ApiError(400, f"1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': {msg!r}, "
+                             f"'input': {shown!r}{ctx}}}", self.dialect.validation_type, loc)
+
     def _json_body(self, req: Request, allow_empty: bool = False) -> dict[str, Any]:
         if allow_empty and not req.body.strip():
             return {}
         try:
             body = orjson.loads(req.body)
         except orjson.JSONDecodeError as e:
-            raise ApiError(400, f"Invalid JSON in request body: {e}") from None
+            raise self._invalid(f"body.{e.pos}", "json_invalid", "JSON decode error", "<dict of 0 items>",
+                                f", 'ctx': {{'error': {e.msg!r}}}") from None
         if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object")
+            size = f" of {len(body)} items" if isinstance(body, list) else ""
+            raise self._invalid("body", "model_attributes_type",
+                                "Input should be a valid dictionary or object to extract fields from",
+                                f"<{type(body).__name__}{size}>")
         return body
 
     # ----------------------------------------------------------- plain routes
     async def _health(self, req: Request, resp: Responder) -> None:
-        resp.send(200, b"", b"text/plain; charset=utf-8")
+        resp.send(200, b"", None)
 
     async def _version(self, req: Request, resp: Responder) -> None:
         resp.send(200, b'{"version":"0.32.0"}')
@@ -180,19 +187,27 @@ class SimEngine:
         resp.send(200, self.dialect.models(self.created))
 
     async def _metrics(self, req: Request, resp: Responder) -> None:
-        resp.send(200, self.metrics_text().encode(), b"text/plain; version=0.0.4; charset=utf-8")
+        resp.send(200, self.metrics_text().encode(), b"text/plain; version=1.0.0; charset=utf-8")
 
     def metrics_text(self) -> str:
         d, c, labels = self.dialect, self.counters, self.dialect.metric_labels()
         rows = [
-            (d.metric_running, "gauge", "Requests being generated.", c.running),
-            (d.metric_waiting, "gauge", "Requests waiting (queued, or held while asleep).", c.waiting),
-            (d.metric_prompt_tokens, "counter", "Prompt tokens processed.", c.prompt_tokens),
-            (d.metric_generation_tokens, "counter", "Generated tokens.", c.generation_tokens),
+            (d.metric_running, "gauge", "Number of requests in model execution batches.", c.running),
+            (d.metric_waiting, "gauge", "Number of requests waiting to be processed.", c.waiting),
+            (d.metric_prompt_tokens, "counter", "Number of prefill tokens processed.", c.prompt_tokens),
+            (d.metric_generation_tokens, "counter", "Number of generation tokens processed.", c.generation_tokens),
         ]
         lines = []
         for name, kind, help_text, value in rows:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {float(value)}"]
+        if self.options.engine == "vllm":
+            name = "vllm:engine_sleep_state"
+            lines += [f"# HELP {name} Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means "
+                      "engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+                      f"# TYPE {name} gauge"]
+            states = {"awake": not self.sleeping, "weights_offloaded": self.sleeping and self.sleep_level == 1,
+                      "discard_all": self.sleeping and self.sleep_level == 2}
+            lines += [f'{name}{{{labels},sleep_state="{k}"}} {float(v)}' for k, v in states.items()]
         sim_rows = [
             ("sim_requests_total", "Generation requests received.", c.requests),
             ("sim_client_disconnects_total", "Clients that went away before their answer ended.", c.disconnects),
@@ -207,16 +222,26 @@ class SimEngine:
     async def _vllm_sleep(self, req: Request, resp: Responder) -> None:
         params = req.params()
         level_text, mode = params.get("level", "1"), params.get("mode", "abort")
-        if level_text not in ("0", "1", "2"):
-            raise ApiError(400, f"level must be 0, 1 or 2, got {level_text!r}", param="level")
+        try:
+            level = int(level_text)
+        except ValueError:
+            raise self._invalid("query.level", "int_parsing",
+                                "Input should be a valid integer, unable to parse string as an integer", level_text) from None
+        if level > 2:
+            raise self._invalid("query.level", "less_than_equal", "Input should be less than or equal to 2",
+                                level_text, ", 'ctx': {'le': 2}")
+        if level < 0:
+            raise self._invalid("query.level", "greater_than_equal", "Input should be greater than or equal to 0",
+                                level_text, ", 'ctx': {'ge': 0}")
         if mode not in SLEEP_MODES:
-            raise ApiError(400, f"mode must be one of {', '.join(SLEEP_MODES)}, got {mode!r}", param="mode")
+            raise self._invalid("query.mode", "literal_error", "Input should be 'abort', 'wait' or 'keep'", mode,
+                                ", 'ctx': {'expected': \"'abort', 'wait' or 'keep'\"}")
         self.counters.sleep_calls += 1
         async with self._control:
-            if not self.asleep:
+            if not self.sleeping:
                 await self._fall_asleep(mode)
-                self.sleep_level = max(1, int(level_text))
-        resp.send(200, b"", b"text/plain; charset=utf-8")
+            self.sleeping, self.sleep_level = True, level
+        resp.send(200, orjson.dumps({"status": "sleeping", "level": level}))
 
     async def _fall_asleep(self, mode: str) -> None:
         """Close the gate to new work, then deal with running work as `mode` says."""
@@ -229,17 +254,18 @@ class SimEngine:
 
     async def _vllm_wake(self, req: Request, resp: Responder) -> None:
         self.counters.wake_calls += 1
+        tags = [v for k, v in req.param_items() if k == "tags"] or None
         async with self._control:
             self._wake()
-        resp.send(200, b"", b"text/plain; charset=utf-8")
+        resp.send(200, orjson.dumps({"status": "awake", "tags": tags}))
 
     def _wake(self) -> None:
-        self.sleep_level = 0
+        self.sleeping, self.sleep_level = False, 0
         self._awake.set()
         self._gate.set()
 
     async def _vllm_is_sleeping(self, req: Request, resp: Responder) -> None:
-        resp.send(200, b'{"is_sleeping":true}' if self.asleep else b'{"is_sleeping":false}')
+        resp.send(200, b'{"is_sleeping":true}' if self.sleeping else b'{"is_sleeping":false}')
 
     # ------------------------------------------------------- SGLang memory API
     def _tags(self, req: Request) -> None:
@@ -256,7 +282,7 @@ class SimEngine:
                 # SGLang asserts the scheduler is idle; we refuse instead of crashing.
                 resp.send(400, orjson.dumps({"error": {"message": "release_memory_occupation should be called only when server is idle."}}))
                 return
-            self.sleep_level = 1
+            self.sleeping, self.sleep_level = True, 1
             self._gate.clear()
             self._awake.clear()
         resp.send(200, b"null")
@@ -274,7 +300,7 @@ class SimEngine:
             "model_path": o.model, "tokenizer_path": o.model, "served_model_name": o.public_name,
             "host": o.host, "port": self.port, "context_length": o.max_model_len,
             "max_running_requests": o.max_concurrency or None, "version": "sim",
-            "internal_states": [{"memory_released": self.asleep, "num_running_reqs": self.counters.running,
+            "internal_states": [{"memory_released": self.sleeping, "num_running_reqs": self.counters.running,
                                  "num_queue_reqs": self.counters.waiting}],
         }))
 
@@ -283,7 +309,7 @@ class SimEngine:
                                      "is_generation": True}))
 
     async def _sglang_health_generate(self, req: Request, resp: Responder) -> None:
-        if self.asleep:
+        if self.sleeping:
             resp.send(503, b"")
             return
         if self.options.ttft_ms:
@@ -301,7 +327,7 @@ class SimEngine:
         self.counters.requests += 1
         gen = self._validate(self._json_body(req), chat)
         o = self.options
-        if o.engine == "sglang" and self.asleep:
+        if o.engine == "sglang" and self.sleeping:
             raise ApiError(500, "memory is released (release_memory_occupation); call "
                                 "/resume_memory_occupation first. Real SGLang has no gate here and "
                                 "would run on released GPU memory.", "InternalServerError")
@@ -334,9 +360,10 @@ class SimEngine:
         if model is None:
             model = o.public_name
         elif not isinstance(model, str):
-            raise ApiError(400, "model must be a string", param="model")
+            raise self._invalid("body.model", "string_type", "Input should be a valid string", model)
         elif o.engine == "vllm" and model not in o.names:
-            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(o.names)}.",
+                           "NotFoundError", "model")
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -365,29 +392,28 @@ class SimEngine:
             raise ApiError(400, "stop must be a string or a list of strings", param="stop")
         counts = [textgen.count_tokens(p) for p in prompts]
         longest = max(counts)
-        limit = o.max_model_len - longest
         key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
         max_tokens = self._int(body, key, None, 1)
-        if longest >= o.max_model_len:
-            raise ApiError(400, f"This model's maximum context length is {o.max_model_len} tokens. However, "
-                                f"your request has {longest} input tokens. Please reduce the length of the input.",
+        if max_tokens is not None and max_tokens > o.max_model_len:
+            raise ApiError(400, f"{key}={max_tokens} cannot be greater than max_model_len={o.max_model_len}. "
+                                f"Please request fewer output tokens. (parameter={key}, value={max_tokens})", param=key)
+        if longest + (max_tokens or 1) > o.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {o.max_model_len} tokens. However, you "
+                                f"requested {longest + (max_tokens or 1)} tokens ({longest} in the input, "
+                                f"{max_tokens or 1} in the output). Please reduce the length of the input or output.",
                            param="input_tokens")
         if max_tokens is None:
-            max_tokens = limit
-        elif max_tokens > limit:
-            raise ApiError(400, f"'{key}' is too large: {max_tokens}. This model's maximum context length is "
-                                f"{o.max_model_len} tokens and your request has {longest} input tokens "
-                                f"({max_tokens} > {o.max_model_len} - {longest}).", param=key)
+            max_tokens = o.max_model_len - longest
         return Generation(chat=chat, model=model, prompts=prompts, prompt_tokens=sum(counts), n=n,
                           max_tokens=max_tokens, stop=stops, stream=stream, include_usage=include_usage, echo=echo)
 
-    @staticmethod
-    def _int(body: dict[str, Any], key: str, default: Optional[int], least: int) -> Optional[int]:
+    def _int(self, body: dict[str, Any], key: str, default: Optional[int], least: int) -> Optional[int]:
         value = body.get(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ApiError(400, f"{key} must be an integer, got {value!r}", param=key)
+            raise self._invalid(f"body.{key}", "int_parsing",
+                                "Input should be a valid integer, unable to parse string as an integer", value)
         if value < least:
             raise ApiError(400, f"{key} must be at least {least}, got {value}.", param=key)
         return value
@@ -440,26 +466,28 @@ class SimEngine:
 
     # ------------------------------------------------------ admission, waits
     async def _admit(self, resp: Responder) -> bool:
-        """Wait for the gate (sleep) and a slot (max concurrency); False if the client left."""
-        if self._gate.is_set() and (self._slots is None or not self._slots.locked()):
-            if self._slots is not None:
+        """Wait for the gate (sleep) and a slot (max concurrency); False if the client left.
+
+        Only slot waits count as waiting in /metrics: real vLLM 0.32 shows a
+        request held by sleep in neither its running nor its waiting gauge.
+        """
+        while True:
+            if not self._gate.is_set() and not await self._race(self._gate.wait(), resp):
+                return False
+            if self._slots is None:
+                break
+            if self._slots.locked():
+                self.counters.waiting += 1
+                try:
+                    if not await self._race(self._slots.acquire(), resp):
+                        return False
+                finally:
+                    self.counters.waiting -= 1
+            else:
                 await self._slots.acquire()
-            self._enter()
-            return True
-        self.counters.waiting += 1
-        try:
-            while True:
-                if not self._gate.is_set() and not await self._race(self._gate.wait(), resp):
-                    return False
-                if self._slots is None:
-                    break
-                if not await self._race(self._slots.acquire(), resp):
-                    return False
-                if self._gate.is_set():
-                    break
-                self._slots.release()  # fell asleep while we queued: wait again
-        finally:
-            self.counters.waiting -= 1
+            if self._gate.is_set():
+                break
+            self._slots.release()  # fell asleep while we queued: wait again
         self._enter()
         return True
 
@@ -534,17 +562,15 @@ class SimEngine:
         self.counters.generation_tokens += total
         rid = self.dialect.new_id(gen.chat)
         resp.send(200, self.dialect.response(gen.chat, rid, int(time.time()), gen.model, choices,
-                                             self.dialect.usage(gen.prompt_tokens, total)))
+                                             gen.prompt_tokens, total))
 
     async def _stream(self, gen: Generation, resp: Responder, fatal: bool) -> None:
-        o, d, epoch = self.options, self.dialect, self._abort_epoch
-        rid, created = d.new_id(gen.chat), int(time.time())
-        head, tail = d.stream_frame(gen.chat, rid, created, gen.model)
-        dumps = orjson.dumps
-        budget = o.stall_after or -1  # chunks left before a stall
+        o, epoch = self.options, self._abort_epoch
+        sse = self.dialect.stream(gen.chat, self.dialect.new_id(gen.chat), int(time.time()), gen.model)
+        budget = o.stall_after or -1  # chunks left before a stall; -1: no limit
         resp.start_stream()
         if gen.chat:
-            out = [head + dumps(d.role_delta(k)) + tail for k in range(len(gen.choices))]
+            out = [sse.role(k) for k in range(len(gen.choices))]
             if not await self._send(resp, out, budget):
                 return
             budget -= len(out)
@@ -557,11 +583,10 @@ class SimEngine:
                 break
             out = []
             for k, pieces in enumerate(gen.choices):
-                if i < len(pieces):
-                    last = i == len(pieces) - 1
-                    out.append(head + dumps(d.stream_choice(
-                        gen.chat, k, pieces[i], gen.finish[k] if last else None,
-                        gen.stop_reason[k] if last else None)) + tail)
+                if i < len(pieces) - 1:
+                    out.append(sse.token(k, pieces[i]))
+                elif i == len(pieces) - 1:
+                    out.append(sse.token(k, pieces[i], gen.finish[k], gen.stop_reason[k]))
             total += len(out)
             self.counters.generation_tokens += len(out)
             if not await self._send(resp, out, budget):
@@ -574,10 +599,9 @@ class SimEngine:
             return
         out = []
         if ended == "abort":
-            out = [head + dumps(d.stream_choice(gen.chat, k, "", "abort", None)) + tail
-                   for k, pieces in enumerate(gen.choices) if len(pieces) > i]
+            out = [sse.token(k, "", "abort") for k, pieces in enumerate(gen.choices) if len(pieces) > i]
         if gen.include_usage:
-            out.append(d.usage_chunk(gen.chat, rid, created, gen.model, d.usage(gen.prompt_tokens, total)))
+            out.append(sse.usage(gen.prompt_tokens, total))
         out.append(b"data: [DONE]\n\n")
         if await self._send(resp, out, budget):
             resp.end()

@@ -11,6 +11,7 @@ responses, and tells the handler when the client has gone away.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from email.utils import formatdate
@@ -18,6 +19,8 @@ from typing import Awaitable, Callable, Optional
 from urllib.parse import parse_qsl
 
 import httptools
+
+log = logging.getLogger("router.sim")
 
 REASONS = {
     200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -43,8 +46,11 @@ class Request:
         self.body = body
         self.keep_alive = keep_alive
 
+    def param_items(self) -> list[tuple[str, str]]:
+        return parse_qsl(self.query, keep_blank_values=True)
+
     def params(self) -> dict[str, str]:
-        return dict(parse_qsl(self.query, keep_blank_values=True))
+        return dict(self.param_items())
 
 
 class _Clock:
@@ -81,24 +87,26 @@ class Responder:
         """A future done when the client closes the connection."""
         return self._conn.lost_future()
 
-    def _head(self, status: int, content_type: bytes, extra: bytes) -> bytes:
+    def _head(self, status: int, fields: bytes) -> bytes:
         conn = b"" if self._keep_alive else b"connection: close\r\n"
-        return b"".join((
-            b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: uvicorn\r\ncontent-type: %s\r\n" % (
-                status, REASONS.get(status, "Unknown").encode(), self._conn.clock.date(), content_type),
-            extra, conn, b"\r\n"))
+        return b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: uvicorn\r\n%svary: Origin\r\n%s\r\n" % (
+            status, REASONS.get(status, "Unknown").encode(), self._conn.clock.date(), fields, conn)
 
-    def send(self, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
-        """A whole response with Content-Length."""
+    def send(self, status: int, body: bytes, content_type: Optional[bytes] = b"application/json",
+             headers: bytes = b"") -> None:
+        """A whole response with Content-Length (no content-type when `content_type` is None)."""
         if self.started or self._conn.lost:
             return
         self.started = self.finished = True
-        self._conn.write(self._head(status, content_type, b"content-length: %d\r\n" % len(body)) + body)
+        fields = b"%scontent-length: %d\r\n" % (headers, len(body))
+        if content_type is not None:
+            fields += b"content-type: %s\r\n" % content_type
+        self._conn.write(self._head(status, fields) + body)
 
     def start_stream(self, status: int = 200, content_type: bytes = b"text/event-stream; charset=utf-8") -> None:
         """Begin a chunked response; follow with `chunk()` and `end()`."""
         self.started = True
-        self._conn.write(self._head(status, content_type, b"transfer-encoding: chunked\r\n"))
+        self._conn.write(self._head(status, b"content-type: %s\r\ntransfer-encoding: chunked\r\n" % content_type))
 
     def chunk(self, data: bytes) -> None:
         if data and not self._conn.lost:
@@ -109,8 +117,7 @@ class Responder:
         if self.finished or self._conn.lost:
             return
         self.finished = True
-        tail = b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n"
-        self._conn.write(tail)
+        self._conn.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
 
 
 class Connection(asyncio.Protocol):
@@ -225,6 +232,7 @@ class Connection(asyncio.Protocol):
 
     def _done(self, task: "asyncio.Task[None]") -> None:
         if not task.cancelled() and task.exception() is not None:
+            log.error("request handler failed", exc_info=task.exception())
             self.close()
         self._next()
 
