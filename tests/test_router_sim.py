@@ -1,0 +1,120 @@
+"""The router in front of the project's simulated vLLM/SGLang engines, and as
+`python -m router.serve` in its own process (graceful shutdown on SIGTERM)."""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from helpers import PY, Proc, free_port, start_sim, wait_http
+from router_support import Stack, instance, loop, stack, until, write_config  # noqa: F401  (fixtures)
+
+
+def sim_metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
+    assert m, f"{name} not in sim metrics"
+    return float(m.group(1))
+
+
+@pytest.fixture
+def sims(procs: list[Proc]):
+    """Start simulated engines: sims(engine, model, *args) -> port."""
+    def start(engine: str, model: str, *args: str) -> int:
+        port = free_port()
+        procs.append(start_sim(engine, model, port, *args))
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
+        return port
+    return start
+
+
+def test_sdk_through_router_to_simulated_engines(stack: Stack, sims) -> None:
+    vport = sims("vllm", "org/llama", "--served-model-name", "llama")
+    sport = sims("sglang", "org/qwen")
+    r = stack.router([instance("org/llama", vport, "--served-model-name", "llama"),
+                      instance("org/qwen", sport, engine="sglang", aliases=["qwen"])])
+    c = openai.OpenAI(base_url=r.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    # vLLM answers only to its served name: asking by the config's model works through the rewrite.
+    for name in ("org/llama", "llama", "qwen"):
+        done = c.completions.create(model=name, prompt="hello", max_tokens=5)
+        assert done.choices[0].text and done.usage.completion_tokens == 5
+        chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert chat.choices[0].message.content
+        chunks = list(c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=4, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].choices == []
+        text = "".join(ch.choices[0].text for ch in c.completions.create(model=name, prompt="hello", max_tokens=5,
+                                                                         stream=True))
+        assert text == done.choices[0].text  # the sim's text is deterministic
+    # The engine's own 400 (max_tokens beyond max_model_len) is relayed, not masked.
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="llama", prompt="x", max_tokens=10**7)
+    assert info.value.body["type"] == "BadRequestError"
+
+
+def test_disconnect_reaches_simulated_engine(stack: Stack, sims) -> None:
+    port = sims("vllm", "m", "--itl-ms", "50")
+    r = stack.router([instance("m", port)])
+    body = json.dumps({"model": "m", "prompt": "x", "max_tokens": 200, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", r.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while got.count(b"data: ") < 2:
+            got += s.recv(65536)
+    assert until(lambda: sim_metric(port, "sim_client_disconnects_total") == 1, timeout=3)
+
+
+def test_engine_killed_mid_stream(stack: Stack, sims) -> None:
+    port = sims("vllm", "m", "--die-after", "1", "--itl-ms", "20")
+    r = stack.router([instance("m", port)])
+    c = openai.OpenAI(base_url=r.url + "/v1", api_key="x", max_retries=0, timeout=10)
+    start = time.monotonic()
+    with pytest.raises(openai.APIError):
+        list(c.completions.create(model="m", prompt="x", max_tokens=100, stream=True))
+    assert time.monotonic() - start < 5
+
+
+def test_graceful_shutdown_finishes_streams_and_refuses_new(tmp_path: Path, sims, procs: list[Proc]) -> None:
+    port = sims("vllm", "m", "--itl-ms", "100")
+    cfg = write_config(tmp_path, [instance("m", port)], {"shutdown_grace_seconds": 10})
+    rport = yaml.safe_load(cfg.read_text())["router"]["router_port"]
+    router = Proc([PY, "-m", "router.serve", "--config", str(cfg)], log=str(tmp_path / "router.log"))
+    procs.append(router)
+    wait_http(f"http://127.0.0.1:{rport}/health", timeout=20)
+
+    result: dict = {}
+
+    def stream() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", rport, timeout=20)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": 20,
+                                                            "stream": True}))
+        resp = conn.getresponse()
+        result["status"] = resp.status
+        result["body"] = resp.read()
+        result["end"] = time.monotonic()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.5)  # the stream is under way (2 s in all)
+    router.p.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", rport), timeout=2).close()
+    t.join(15)
+    assert result["status"] == 200
+    body = result["body"].decode()
+    assert body.rstrip().endswith("data: [DONE]") and body.count("data: ") == 21
+    # uvicorn re-raises the SIGTERM it caught once shutdown is complete.
+    assert router.p.wait(10) in (0, -signal.SIGTERM)
+    log = (tmp_path / "router.log").read_text()
+    assert "Traceback" not in log and "Application shutdown complete" in log
