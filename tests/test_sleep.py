@@ -32,11 +32,12 @@ class ControlEngine:
     """vLLM's sleep API and completions; a request sent while asleep is held until woken, as real vLLM does."""
 
     def __init__(self, sleep_delay: float = 0.0, wake_delay: float = 0.0, wake_status: int = 200,
-                 gen_delay: float = 0.0, asleep: bool = False):
+                 gen_delay: float = 0.0, asleep: bool = False, sleep_status: int = 200):
         self.port = free_port()
         self.sleep_delay = sleep_delay
         self.wake_delay = wake_delay
         self.wake_status = wake_status
+        self.sleep_status = sleep_status
         self.gen_delay = gen_delay
         self.asleep = asleep
         self.awake_event = asyncio.Event()
@@ -68,6 +69,8 @@ class ControlEngine:
         self.log.append("sleep")
         self.sleep_params.append(dict(request.query))
         await asyncio.sleep(self.sleep_delay)
+        if self.sleep_status != 200:
+            return web.json_response({"error": "sleep mode is not enabled"}, status=self.sleep_status)
         self.asleep = True
         self.awake_event.clear()
         self.log.append("asleep")
@@ -96,15 +99,20 @@ def sim(engine: str = "vllm") -> SimEngine:
     return SimEngine(SimOptions(engine=engine, model=MODEL, port=0))
 
 
-def write_config(tmp: Path, engine: str, port: int, settings: dict[str, Any], **inst: Any) -> Path:
+def write_config(tmp: Path, engines: list[Any], settings: dict[str, Any], **inst: Any) -> Path:
+    """One model served by `engines` (replicas r0, r1, ...); `inst` adds keys to r0."""
+    instances = []
+    for i, e in enumerate(engines):
+        kind = e.options.engine if isinstance(e, SimEngine) else "vllm"
+        instances.append({"name": f"r{i}", "model": MODEL, "engine": kind, "launch": False,
+                          "engine_args": ["--host", "127.0.0.1", "--port", str(e.port)], **(inst if i == 0 else {})})
     doc = {
         "router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30},
         "sleep_manager": {"auto_sleep_enabled": False, "check_interval_seconds": 0.05, "idle_threshold_seconds": 300,
                           "min_sleep_duration": 0, "wake_timeout_seconds": 5, **settings},
-        "instances": [{"model": MODEL, "engine": engine, "launch": False,
-                       "engine_args": ["--host", "127.0.0.1", "--port", str(port)], **inst}],
+        "instances": instances,
     }
-    path = tmp / f"config-{port}.yaml"
+    path = tmp / f"config-{engines[0].port}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -117,14 +125,15 @@ def loop():
 
 
 class Stack:
-    """An engine and a router on the loop thread; HTTP helpers run on that loop too."""
+    """Engines (replicas of MODEL) and a router on the loop thread; HTTP helpers run on that loop too."""
 
-    def __init__(self, loop: LoopThread, tmp: Path, engine: Any, settings: dict[str, Any], **inst: Any):
+    def __init__(self, loop: LoopThread, tmp: Path, engines: list[Any], settings: dict[str, Any], **inst: Any):
         self.loop = loop
-        self.engine = engine
-        loop.run(engine.start())
-        kind = engine.options.engine if isinstance(engine, SimEngine) else "vllm"
-        self.config_path = write_config(tmp, kind, engine.port, settings, **inst)
+        self.engines = engines
+        self.engine = engines[0]
+        for e in engines:
+            loop.run(e.start())
+        self.config_path = write_config(tmp, engines, settings, **inst)
         self.router = RouterServer(loop, load_config(self.config_path, sim=True)).start()
 
     def restart_router(self) -> None:
@@ -133,7 +142,8 @@ class Stack:
 
     def close(self) -> None:
         self.router.stop()
-        self.loop.run(self.engine.stop())
+        for e in self.engines:
+            self.loop.run(e.stop())
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
         return self.loop.run(self._call(method, self.router.url + path, body))
@@ -166,8 +176,8 @@ class Stack:
 def stack(loop, tmp_path):
     made: list[Stack] = []
 
-    def make(engine: Any = None, settings: Optional[dict[str, Any]] = None, **inst: Any) -> Stack:
-        st = Stack(loop, tmp_path, engine or sim(), settings or {}, **inst)
+    def make(*engines: Any, settings: Optional[dict[str, Any]] = None, **inst: Any) -> Stack:
+        st = Stack(loop, tmp_path, list(engines) or [sim()], settings or {}, **inst)
         made.append(st)
         return st
     yield make
@@ -201,6 +211,44 @@ def test_auto_sleep_then_many_concurrent_requests_make_one_wake_call(stack, engi
     status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
     assert status["state"] == "awake" and status["wake_count"] == 1 and status["sleep_count"] == 1
     assert status["last_wake_seconds"] is not None
+
+
+def test_a_long_request_is_never_idle(stack):
+    st = stack(ControlEngine(gen_delay=1.0), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.3,
+                                                       "min_sleep_duration": 0})
+
+    async def go() -> tuple[int, str, dict[str, Any], float]:
+        req = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions",
+                                             {"model": MODEL, "prompt": "x", "max_tokens": 1}))
+        await asyncio.sleep(0.7)  # well past the idle threshold, mid-request
+        _, cands, _ = await st._call("GET", f"{st.router.url}/sleep/candidates")
+        _, status, _ = await st._call("GET", f"{st.router.url}/sleep/status")
+        status_code = (await req)[0]
+        return status_code, cands["candidate_details"][MODEL]["reason"], status["models"][MODEL], time.monotonic()
+    code, reason, during, ended = st.loop.run(go())
+    assert code == 200 and "1 requests in flight" in reason
+    assert during["state"] == "awake" and during["in_flight"] == 1 and during["idle_seconds"] == 0
+    assert st.engine.count("sleep") == 0
+    assert until(lambda: st.state() == "sleeping", 5)
+    assert time.monotonic() - ended >= 0.3  # idle counted from the end of the request
+
+
+def test_replicas_sleep_and_wake_together(stack):
+    st = stack(sim(), sim())
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    assert all(e.asleep and e.counters.sleep_calls == 1 for e in st.engines)
+    assert st.call("GET", "/sleep/status")[1]["models"][MODEL]["replicas"] == {"r0": "asleep", "r1": "asleep"}
+    assert [r[0] for r in st.completions(8)] == [200] * 8
+    assert all(not e.asleep and e.counters.wake_calls == 1 for e in st.engines)
+
+
+def test_a_failed_sleep_on_one_replica_is_rolled_back(stack):
+    st = stack(ControlEngine(), ControlEngine(sleep_status=500))
+    status, body, _ = st.call("POST", f"/action/sleep/{ENC}")
+    assert status == 502 and "r1" in body["error"]["message"] and "500" in body["error"]["message"]
+    assert st.engines[0].log == ["sleep", "asleep", "wake"] and not st.engines[0].asleep
+    assert st.state() == "awake"
+    assert [r[0] for r in st.completions(4)] == [200] * 4
 
 
 def test_manual_sleep_and_wake_endpoints(stack):
