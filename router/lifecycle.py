@@ -28,17 +28,22 @@ api_router.py`` and ``vllm/v1/engine/__init__.py``; SGLang ``python/sglang/
 srt/entrypoints/http_server.py``, ``managers/io_struct.py`` and the
 scheduler's ``release_memory_occupation``; vLLM docs ``features/sleep_mode``):
 
-- vLLM ``POST /sleep``: query parameters ``level`` (default 1) and, in
-  recent versions, ``mode`` (``abort`` = default, aborts running requests;
-  ``wait`` = lets them finish; ``keep`` = freezes them). Older versions read
-  only ``level`` and ignore ``mode``, so we always send ``mode=wait`` after
-  draining. Answers 200 with an empty body.
+- vLLM ``POST /sleep``: query parameters ``level`` and, in recent versions
+  (0.32 included), ``mode``: ``abort`` (the default) ends running requests
+  at once, ``wait`` answers only once they have finished, ``keep`` freezes
+  them until the wake. Older versions read only ``level`` and ignore
+  ``mode``, so we always send ``mode=wait`` (after draining, as a second
+  guard). 0.32 answers 200 ``{"status":"sleeping","level":N}`` and 400 for an
+  unknown level or mode (tests/real_vllm/FINDINGS.md); we only look at the
+  status code.
 - vLLM ``POST /wake_up``: optional repeated query parameter ``tags``
-  (``weights``, ``kv_cache``); none wakes everything. 200, empty body.
+  (``weights``, ``kv_cache``); none wakes everything. 200 (0.32:
+  ``{"status":"awake","tags":null}``), also when the engine was awake.
 - vLLM ``GET /is_sleeping``: ``{"is_sleeping": true|false}``. All three exist
   only with ``VLLM_SERVER_DEV_MODE=1`` (and ``--enable-sleep-mode`` on GPU).
-  A request sent to a sleeping vLLM is held until ``/wake_up`` (measured on
-  vLLM 0.32, issue 6), which is why the router must know the state.
+  While asleep, vLLM 0.32 still answers ``/health`` 200 and holds (neither
+  answers nor refuses) generation requests until ``/wake_up``, so the router
+  must know the state and wake the engine itself.
 - SGLang ``POST /release_memory_occupation`` and ``POST
   /resume_memory_occupation``: JSON body ``{"tags": [...]}`` with ``tags``
   optional (absent/null = weights and KV cache); we send ``{}``, which every
