@@ -1,0 +1,333 @@
+"""The renderer: files, permissions, quoting, determinism, atomicity and the CLI.
+
+supervisord.conf is checked by supervisor's own config parser, and the launch
+scripts by running them with a stand-in ``python`` that prints its argv and
+environment, so quoting is proven by the shell that will run it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from supervisor.options import ServerOptions
+
+from helpers import PY, kvcached_fixture, short_tmp  # noqa: F401  (fixture)
+from router import render
+from router.config import load_config, parse_config
+from router.engines import SIM_MODULE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A ``bin/python`` that prints what it was started with, instead of an engine.
+ECHO_PYTHON = f"""#!{PY}
+import json, os, sys
+json.dump({{"argv": sys.argv[1:], "env": dict(os.environ)}}, sys.stdout)
+"""
+
+
+def write_config(folder: Path, data: dict) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def echo_venv(folder: Path) -> Path:
+    venv = folder / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(ECHO_PYTHON)
+    (venv / "bin" / "python").chmod(0o700)
+    return venv
+
+
+def run_script(script: Path) -> dict:
+    """Run a rendered launch script with a minimal environment; what the engine got."""
+    done = subprocess.run([str(script)], capture_output=True, timeout=30, env={"PATH": os.environ["PATH"]})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return json.loads(done.stdout)
+
+
+def supervisor_programs(conf: Path) -> dict:
+    """supervisord.conf as supervisord itself reads it: name -> process config."""
+    options = ServerOptions()
+    options.realize(args=["-c", str(conf)])
+    return {p.name: p for g in options.process_group_configs for p in g.process_configs}
+
+
+def rendered(cfg_path: Path, out: Path, sim: bool = False) -> dict[str, tuple[str, int]]:
+    files = render.render_files(load_config(cfg_path, sim=sim), out, sim=sim)
+    render.write_tree(out, files)
+    return dict(files)
+
+
+# -- the files ---------------------------------------------------------------
+
+def test_kvcached_config_renders_every_file_private(short_tmp: str) -> None:
+    out = Path(short_tmp) / "out"
+    files = rendered(Path(kvcached_fixture(short_tmp)), out)
+    assert sorted(files) == ["engines/instance1.sh", "engines/instance2.sh", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "logs").stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "engines").stat().st_mode) == 0o700
+    for rel, (text, mode) in files.items():
+        assert (out / rel).read_text() == text
+        assert stat.S_IMODE((out / rel).stat().st_mode) == mode == (0o600 if rel.endswith(".conf") else 0o700)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_supervisord_reads_back_programs_as_meant(short_tmp: str) -> None:
+    out = Path(short_tmp) / "out"
+    cfg_path = Path(kvcached_fixture(short_tmp))
+    rendered(cfg_path, out)
+    progs = supervisor_programs(out / "supervisord.conf")
+    assert sorted(progs) == ["instance1", "instance2", "logs", "router"]
+    for name in ("instance1", "instance2"):
+        p = progs[name]
+        assert p.command == str(out / "engines" / f"{name}.sh")
+        assert (p.autorestart is not False, p.stopasgroup, p.killasgroup) == (True, True, True)
+        assert p.stopwaitsecs >= 30
+        assert p.stdout_logfile == str(out / "logs" / f"{name}.log")
+        assert p.stdout_logfile_backups > 0 and p.stdout_logfile_maxbytes > 0
+    router = progs["router"]
+    assert shlex.split(router.command) == [sys.executable, "-m", "router.serve", "--config", str(cfg_path)]
+    assert router.stopwaitsecs >= load_config(cfg_path).router.shutdown_grace_seconds + 5
+    assert router.environment == {"PYTHONUNBUFFERED": "1"}
+
+
+def test_values_reaching_supervisord_conf_come_back_literally(short_tmp: str) -> None:
+    """A config path with %, spaces and ; reaches the router's command intact."""
+    odd = Path(short_tmp) / "c %(here)s x;y"
+    odd.mkdir()
+    cfg_path = write_config(odd, {"instances": [{"model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}]})
+    out = Path(short_tmp) / "out dir;#x"
+    rendered(cfg_path, out, sim=True)
+    progs = supervisor_programs(out / "supervisord.conf")
+    assert shlex.split(progs["router"].command)[-1] == str(cfg_path)
+    assert shlex.split(progs["m"].command) == [str(out / "engines" / "m.sh")]
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a ;b", "a #b", " a", "a\r"])
+def test_ini_value_refuses_what_supervisord_would_cut(bad: str) -> None:
+    with pytest.raises(render.RenderError, match="cannot be written into supervisord.conf"):
+        render.ini_value(bad)
+
+
+def test_ini_value_doubles_percent() -> None:
+    assert render.ini_value("/a/%(here)s;b") == "/a/%%(here)s;b"
+
+
+@pytest.mark.parametrize("out, fragment", [
+    ("relative/out", "must be an absolute path"),
+    ("/tmp/" + "x" * 100, "longer than 107 bytes"),
+    ("/tmp/50%/out", "contains '%'"),
+])
+def test_unusable_output_folders_are_refused(out: str, fragment: str) -> None:
+    cfg = parse_config("instances: [{model: m, engine: vllm, engine_args: ['--port=9001']}]")
+    with pytest.raises(render.RenderError, match=fragment):
+        render.render_files(cfg, Path(out))
+
+
+def test_engine_script_exports_env_in_order_and_runs_the_venv_python(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    venv = echo_venv(tmp)
+    cfg_path = write_config(tmp, {
+        "kvcached": {"kvcached_gpu_utilization": 0.95, "enable_kvcached": True},
+        "instances": [{
+            "name": "e", "model": "org/M", "engine": "sglang", "using_venv": True, "venv_path": "venv",
+            "kvcached_env": ["ENABLE_KVCACHED=false"], "engine_env": ["X=$(touch pwned) `id` ~ $HOME", "PYTHONUNBUFFERED=0"],
+            "engine_args": ["--port=9001", "--mem-fraction-static 0.5", "--served-model-name \"a b\"; rm -rf ~"],
+        }],
+    })
+    rendered(cfg_path, tmp / "out")
+    got = run_script(tmp / "out" / "engines" / "e.sh")
+    assert got["argv"] == ["-m", "sglang.launch_server", "--model-path", "org/M", "--port=9001", "--mem-fraction-static", "0.5",
+                           "--served-model-name", "a b;", "rm", "-rf", "~"]
+    env = got["env"]
+    assert env["KVCACHED_GPU_UTILIZATION"] == "0.95"
+    assert env["ENABLE_KVCACHED"] == "false"  # the instance's kvcached_env overrides the global block
+    assert env["X"] == "$(touch pwned) `id` ~ $HOME"
+    assert env["PYTHONUNBUFFERED"] == "0"  # the instance's env has the last word
+    assert env["VIRTUAL_ENV"] == str(venv)
+    assert env["PATH"].split(":")[0] == str(venv / "bin")
+    assert not (tmp / "out" / "engines" / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_vllm_script_launches_the_api_server(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    echo_venv(tmp)
+    cfg_path = write_config(tmp, {"instances": [{"model": "x%(here)s", "name": "v", "engine": "vllm", "using_venv": True,
+                                                 "venv_path": str(tmp / "venv"), "engine_args": "--port 9001 --enforce-eager"}]})
+    rendered(cfg_path, tmp / "out")
+    got = run_script(tmp / "out" / "engines" / "v.sh")
+    assert got["argv"] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "x%(here)s", "--port", "9001", "--enforce-eager"]
+
+
+# Anything YAML can hold but NUL (which no argv or environment can carry).
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=24)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.lists(TEXT, max_size=6), values=st.lists(TEXT, min_size=1, max_size=4),
+       model=TEXT.filter(lambda s: s.strip() == s and s != ""))
+def test_arbitrary_args_and_env_values_arrive_literally(short_tmp: str, args: list[str], values: list[str], model: str) -> None:
+    """Each engine_args item quoted as a shell word, and each env value, reach the engine unchanged."""
+    tmp = Path(short_tmp)
+    if not (tmp / "venv").exists():
+        echo_venv(tmp)
+    env = [f"KVR_T{i}={v}" for i, v in enumerate(values)]
+    cfg_path = write_config(tmp, {"instances": [{
+        "name": "p", "model": model, "engine": "vllm", "using_venv": True, "venv_path": "venv",
+        "engine_env": env, "engine_args": [shlex.quote(a) for a in args] + ["--port=9001"],
+    }]})
+    rendered(cfg_path, tmp / "out")
+    got = run_script(tmp / "out" / "engines" / "p.sh")
+    assert got["argv"] == ["-m", "vllm.entrypoints.openai.api_server", "--model", model, *args, "--port=9001"]
+    assert [got["env"][f"KVR_T{i}"] for i in range(len(values))] == values
+
+
+def test_sim_replaces_each_engine_on_the_same_host_and_port(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    cfg_path = write_config(tmp, {"launch_delay_seconds": 0, "instances": [
+        {"name": "v", "model": "m", "engine": "vllm", "using_venv": True, "venv_path": "missing",
+         "engine_args": ["--host=127.0.0.1", "--port=9001"], "sim_args": ["--ttft-ms 5"]},
+    ]})
+    files = rendered(cfg_path, tmp / "out", sim=True)
+    script = files["engines/v.sh"][0]
+    assert "VIRTUAL_ENV" not in script  # the simulator runs with the renderer's python, not the venv's
+    last = script.rstrip().splitlines()[-1]
+    assert shlex.split(last) == ["exec", sys.executable, "-m", SIM_MODULE, "--engine", "vllm", "--model", "m",
+                                 "--host=127.0.0.1", "--port=9001", "--ttft-ms", "5"]
+
+
+def test_launch_delay_staggers_engines_in_config_order(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    cfg_path = write_config(tmp, {"launch_delay_seconds": 0.1, "instances": [
+        {"name": f"e{i}", "model": f"m{i}", "engine": "vllm", "engine_args": [f"--port={9001 + i}"]} for i in range(4)
+    ]})
+    files = rendered(cfg_path, tmp / "out", sim=True)
+    sleeps = [[ln for ln in files[f"engines/e{i}.sh"][0].splitlines() if ln.startswith("sleep ")] for i in range(4)]
+    assert sleeps == [[], ["sleep 0.1"], ["sleep 0.2"], ["sleep 0.3"]]
+
+
+def test_external_instances_and_a_disabled_router_are_not_rendered(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    cfg_path = write_config(tmp, {"router": {"enable_router": False}, "instances": [
+        {"name": "here", "model": "m", "engine": "vllm", "engine_args": ["--port=9001"]},
+        {"name": "there", "model": "m", "engine": "vllm", "launch": False, "engine_args": ["--host=10.0.0.2", "--port=9001"]},
+    ]})
+    files = rendered(cfg_path, tmp / "out", sim=True)
+    assert sorted(files) == ["engines/here.sh", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
+    assert sorted(supervisor_programs(tmp / "out" / "supervisord.conf")) == ["here", "logs"]
+    for script in ("tmux-launch.sh", "tmux-logs.sh"):
+        assert "SESSIONS=( kvcached-here )" in files[script][0].splitlines()
+
+
+# -- determinism and atomicity -----------------------------------------------
+
+def test_rendering_is_deterministic(short_tmp: str) -> None:
+    cfg_path = Path(kvcached_fixture(short_tmp))
+    out = Path(short_tmp) / "out"
+    first = rendered(cfg_path, out)
+    on_disk = {rel: (out / rel).read_bytes() for rel in first}
+    second = rendered(cfg_path, out)
+    assert first == second
+    assert on_disk == {rel: (out / rel).read_bytes() for rel in second}
+
+
+def test_rerender_replaces_scripts_and_keeps_runtime_files(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    out = tmp / "out"
+    two = {"instances": [{"name": n, "model": n, "engine": "vllm", "engine_args": [f"--port={p}"]} for n, p in (("a", 9001), ("b", 9002))]}
+    rendered(write_config(tmp, two), out, sim=True)
+    (out / "logs" / "a.log").write_text("kept")
+    rendered(write_config(tmp, {"instances": two["instances"][:1]}), out, sim=True)
+    assert sorted(p.name for p in (out / "engines").iterdir()) == ["a.sh"]
+    assert (out / "logs" / "a.log").read_text() == "kept"
+
+
+def test_failed_write_leaves_previous_output_intact(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    out = tmp / "out"
+    before = rendered(Path(kvcached_fixture(short_tmp)), out)
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    broken = {**before, "engines/instance1.sh/inside": ("x", 0o600)}  # a file under a file: the write fails
+    with pytest.raises(OSError):
+        render.write_tree(out, broken)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+# -- the command line --------------------------------------------------------
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "router.render", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_config_error_exits_2_and_writes_nothing(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    cfg_path = write_config(tmp, {"instances": [{"model": "m", "engine": "tgi", "engine_args": ["--port=9001"]}]})
+    done = cli("--config", str(cfg_path), "--out", "out", cwd=tmp)
+    assert done.returncode == 2
+    assert f"{cfg_path}: instances[0].engine: unknown engine 'tgi'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp / "out").exists()
+
+
+def test_cli_check_prints_the_table_and_warnings_and_writes_nothing(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    cfg_path = write_config(tmp, {"instance": 1, "instances": [{"name": "a", "model": "org/m", "engine": "sgl", "engine_args": ["--port=9001"]}]})
+    done = cli("--config", str(cfg_path), "--check", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.splitlines()
+    assert header.split() == ["NAME", "MODEL", "ENGINE", "HOST:PORT", "VENV", "LAUNCH"]
+    assert row.split() == ["a", "org/m", "sglang", "127.0.0.1:9001", "-", "yes"]
+    assert "warning:" in done.stderr and "did you mean 'instances'?" in done.stderr
+    assert sorted(p.name for p in tmp.iterdir()) == ["config.yaml"]
+
+
+def test_cli_renders_the_example_under_sim_from_any_folder(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    done = cli("--config", str(ROOT / "example-config.yaml"), "--out", "o", "--sim", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    conf = tmp / "o" / "supervisord.conf"
+    assert f"  supervisord -c {conf}\n" in done.stdout
+    assert f"  supervisorctl -c {conf} status\n" in done.stdout
+    for session in ("kvcached-llama", "kvcached-qwen", "kvcached-frontend"):
+        assert f"  tmux attach -t {session}\n" in done.stdout
+    assert "venv_path" in done.stderr  # the missing GPU venvs are warnings under --sim
+    assert sorted(supervisor_programs(conf)) == ["llama", "logs", "qwen", "router"]
+
+
+def test_cli_bad_output_folder_exits_2(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    done = cli("--config", str(ROOT / "example-config.yaml"), "--sim", "--out", "a%b", cwd=tmp)
+    assert done.returncode == 2 and "contains '%'" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp.iterdir()) == []
+
+
+def test_templates_are_found_in_a_non_editable_install(short_tmp: str) -> None:
+    """`pip install .` ships templates/ as router/templates, found from any folder."""
+    target = Path(short_tmp) / "site"
+    subprocess.run([PY, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
+                   check=True, capture_output=True, timeout=180)
+    assert sorted(p.name for p in (target / "router" / "templates").glob("*.j2")) == sorted(p.name for p in (ROOT / "templates").glob("*.j2"))
+    code = textwrap.dedent("""
+        import sys
+        from router import render
+        print(render.__file__); print(render.templates_dir())
+        sys.exit(render.main(sys.argv[1:]))
+    """)
+    done = subprocess.run([PY, "-c", code, "--config", str(ROOT / "example-config.yaml"), "--sim", "--out", "o"],
+                          cwd=short_tmp, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    module, templates = done.stdout.splitlines()[:2]
+    assert module.startswith(str(target)) and templates == str(target / "router" / "templates")
+    assert (Path(short_tmp) / "o" / "supervisord.conf").is_file()
