@@ -32,11 +32,12 @@ class Choice:
 class Stream:
     """The SSE chunks of one streamed response; each chunk is head + choice + tail."""
 
-    __slots__ = ("_d", "chat", "_head", "_id_fields")
+    __slots__ = ("_d", "chat", "include_usage", "_head", "_id_fields")
 
-    def __init__(self, dialect: "Dialect", chat: bool, rid: str, created: int, model: str):
+    def __init__(self, dialect: "Dialect", chat: bool, include_usage: bool, rid: str, created: int, model: str):
         self._d = dialect
         self.chat = chat
+        self.include_usage = include_usage
         self._id_fields = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                            "created": created, "model": model}
         self._head = b"data: " + orjson.dumps(self._id_fields)[:-1] + b',"choices":['
@@ -46,7 +47,7 @@ class Stream:
 
     def token(self, index: int, text: str, finish: Optional[str] = None, stop: Optional[str] = None) -> bytes:
         d = self._d
-        tail = d.final_tail(self.chat) if finish is not None else d.token_tail
+        tail = d.final_tail(self.chat, self.include_usage) if finish is not None else d.token_tail
         return self._head + orjson.dumps(d.token_choice(self.chat, index, text, finish, stop)) + b"]" + tail + b"}\n\n"
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -101,8 +102,8 @@ class Dialect:
         raise NotImplementedError
 
     # -- stream pieces
-    def stream(self, chat: bool, rid: str, created: int, model: str) -> Stream:
-        return Stream(self, chat, rid, created, model)
+    def stream(self, chat: bool, include_usage: bool, rid: str, created: int, model: str) -> Stream:
+        return Stream(self, chat, include_usage, rid, created, model)
 
     def role_choice(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -110,7 +111,7 @@ class Dialect:
     def token_choice(self, chat: bool, index: int, text: str, finish: Optional[str], stop: Optional[str]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def final_tail(self, chat: bool) -> bytes:
+    def final_tail(self, chat: bool, include_usage: bool) -> bytes:
         return self.token_tail
 
     def stream_usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -185,9 +186,10 @@ class VllmDialect(Dialect):
         return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": finish,
                 "stop_reason": stop, "token_ids": None}
 
-    def final_tail(self, chat: bool) -> bytes:
-        # vLLM adds the fingerprint to a completion stream's last text chunk, not a chat one's.
-        return b"" if chat else self._fingerprint_tail
+    def final_tail(self, chat: bool, include_usage: bool) -> bytes:
+        # vLLM puts the fingerprint on a completion stream's last chunk: the usage
+        # chunk when there is one, else the last text chunk; chat text chunks never.
+        return b"" if chat or include_usage else self._fingerprint_tail
 
     def metric_labels(self) -> str:
         return f'engine="0",model_name="{self.options.public_name}"'

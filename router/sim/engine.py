@@ -97,7 +97,7 @@ class SimEngine:
         self._awake.set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.sleeping = False
+        self.asleep = False
         self.sleep_level = 0
         #: Bumped by sleep mode=abort: generations started before it finish with "abort".
         self._abort_epoch = 0
@@ -205,8 +205,8 @@ class SimEngine:
             lines += [f"# HELP {name} Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means "
                       "engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
                       f"# TYPE {name} gauge"]
-            states = {"awake": not self.sleeping, "weights_offloaded": self.sleeping and self.sleep_level == 1,
-                      "discard_all": self.sleeping and self.sleep_level == 2}
+            states = {"awake": not self.asleep, "weights_offloaded": self.asleep and self.sleep_level == 1,
+                      "discard_all": self.asleep and self.sleep_level == 2}
             lines += [f'{name}{{{labels},sleep_state="{k}"}} {float(v)}' for k, v in states.items()]
         sim_rows = [
             ("sim_requests_total", "Generation requests received.", c.requests),
@@ -238,9 +238,9 @@ class SimEngine:
                                 ", 'ctx': {'expected': \"'abort', 'wait' or 'keep'\"}")
         self.counters.sleep_calls += 1
         async with self._control:
-            if not self.sleeping:
+            if not self.asleep:
                 await self._fall_asleep(mode)
-            self.sleeping, self.sleep_level = True, level
+            self.asleep, self.sleep_level = True, level
         resp.send(200, orjson.dumps({"status": "sleeping", "level": level}))
 
     async def _fall_asleep(self, mode: str) -> None:
@@ -260,12 +260,12 @@ class SimEngine:
         resp.send(200, orjson.dumps({"status": "awake", "tags": tags}))
 
     def _wake(self) -> None:
-        self.sleeping, self.sleep_level = False, 0
+        self.asleep, self.sleep_level = False, 0
         self._awake.set()
         self._gate.set()
 
     async def _vllm_is_sleeping(self, req: Request, resp: Responder) -> None:
-        resp.send(200, b'{"is_sleeping":true}' if self.sleeping else b'{"is_sleeping":false}')
+        resp.send(200, b'{"is_sleeping":true}' if self.asleep else b'{"is_sleeping":false}')
 
     # ------------------------------------------------------- SGLang memory API
     def _tags(self, req: Request) -> None:
@@ -282,7 +282,7 @@ class SimEngine:
                 # SGLang asserts the scheduler is idle; we refuse instead of crashing.
                 resp.send(400, orjson.dumps({"error": {"message": "release_memory_occupation should be called only when server is idle."}}))
                 return
-            self.sleeping, self.sleep_level = True, 1
+            self.asleep, self.sleep_level = True, 1
             self._gate.clear()
             self._awake.clear()
         resp.send(200, b"null")
@@ -300,7 +300,7 @@ class SimEngine:
             "model_path": o.model, "tokenizer_path": o.model, "served_model_name": o.public_name,
             "host": o.host, "port": self.port, "context_length": o.max_model_len,
             "max_running_requests": o.max_concurrency or None, "version": "sim",
-            "internal_states": [{"memory_released": self.sleeping, "num_running_reqs": self.counters.running,
+            "internal_states": [{"memory_released": self.asleep, "num_running_reqs": self.counters.running,
                                  "num_queue_reqs": self.counters.waiting}],
         }))
 
@@ -309,7 +309,7 @@ class SimEngine:
                                      "is_generation": True}))
 
     async def _sglang_health_generate(self, req: Request, resp: Responder) -> None:
-        if self.sleeping:
+        if self.asleep:
             resp.send(503, b"")
             return
         if self.options.ttft_ms:
@@ -327,7 +327,7 @@ class SimEngine:
         self.counters.requests += 1
         gen = self._validate(self._json_body(req), chat)
         o = self.options
-        if o.engine == "sglang" and self.sleeping:
+        if o.engine == "sglang" and self.asleep:
             raise ApiError(500, "memory is released (release_memory_occupation); call "
                                 "/resume_memory_occupation first. Real SGLang has no gate here and "
                                 "would run on released GPU memory.", "InternalServerError")
@@ -566,7 +566,7 @@ class SimEngine:
 
     async def _stream(self, gen: Generation, resp: Responder, fatal: bool) -> None:
         o, epoch = self.options, self._abort_epoch
-        sse = self.dialect.stream(gen.chat, self.dialect.new_id(gen.chat), int(time.time()), gen.model)
+        sse = self.dialect.stream(gen.chat, gen.include_usage, self.dialect.new_id(gen.chat), int(time.time()), gen.model)
         budget = o.stall_after or -1  # chunks left before a stall; -1: no limit
         resp.start_stream()
         if gen.chat:
