@@ -1,0 +1,355 @@
+"""What the router costs on top of the engine, measured against the simulated engine.
+
+Run from the project root: ``python benchmarks/overhead.py`` (about two
+minutes on 2 cores). It starts three simulated vLLM engines (fast, streaming
+at 20 ms per token, and near-idle streams) and the router as separate
+processes on free ports, with every router feature on (metrics, traffic
+stats, health checks, access log to a file), and drives them from this
+process with the project's load generator (router.loadgen).
+
+Figures are CPU time of the router process per unit of work (from
+/proc/<pid>/stat) and differences or ratios against going to the engine
+directly, in alternating phases of the same run: wall-clock alone is too
+noisy on a shared 2-core machine. Each figure is printed next to its target
+from issue 4 with PASS or MISS.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import aiohttp
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from router.benchreport import distribution_ms  # noqa: E402
+from router.loadgen import Recorder, Span, Target, Workload, new_session, run_model  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: name -> simulator knobs; one router model per simulated engine.
+SIMS = {
+    "fast": ["--ttft-ms", "0", "--itl-ms", "0"],
+    "stream": ["--ttft-ms", "20", "--itl-ms", "20"],
+    "idle": ["--ttft-ms", "0", "--itl-ms", "3000"],
+}
+
+
+# --------------------------------------------------------------------------
+# Processes and their /proc figures
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class Stack:
+    router_pid: int
+    baseline_pid: int
+    urls: dict[str, str]
+    sim_pids: dict[str, int]
+    sim_urls: dict[str, str]
+
+    def target(self, model: str, via: str) -> Target:
+        """`via` is "router", "baseline" (the bare pass-through) or "direct" (the engine itself)."""
+        return Target(model, ((self.sim_urls[model] if via == "direct" else self.urls[via], model),))
+
+    def pid(self, via: str) -> int:
+        return self.router_pid if via == "router" else self.baseline_pid
+
+
+@contextlib.contextmanager
+def stack(tmp: Path) -> Iterator[Stack]:
+    """Simulated engines, the router and the bare pass-through, each in its own process group."""
+    ports = {name: free_port() for name in SIMS}
+    router_port, baseline_port = free_port(), free_port()
+    instances = "\n".join(f"  - {{name: {n}, model: {n}, engine: vllm, launch: false, engine_args: ['--port {p}']}}"
+                          for n, p in ports.items())
+    config = tmp / "overhead.yaml"
+    config.write_text(f"router:\n  router_port: {router_port}\n  access_log: true\n"
+                      f"  health_check_interval_seconds: 5\ninstances:\n{instances}\n")
+    procs: list[subprocess.Popen] = []
+
+    def start(argv: list[str], log: str) -> subprocess.Popen:
+        with open(tmp / log, "wb") as out:
+            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        procs.append(p)
+        return p
+
+    try:
+        sims = {n: start([sys.executable, "-m", "router.sim", "--engine", "vllm", "--model", n, "--host", "127.0.0.1",
+                          "--port", str(p), *SIMS[n]], f"sim-{n}.log") for n, p in ports.items()}
+        router = start([sys.executable, "-m", "router.serve", "--config", str(config)], "router.log")
+        baseline = start([sys.executable, str(ROOT / "benchmarks" / "passthrough.py"), "--port", str(baseline_port),
+                          *(f"--upstream={n}=http://127.0.0.1:{p}" for n, p in ports.items())], "passthrough.log")
+        yield Stack(router.pid, baseline.pid,
+                    {"router": f"http://127.0.0.1:{router_port}", "baseline": f"http://127.0.0.1:{baseline_port}"},
+                    {n: s.pid for n, s in sims.items()}, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+async def wait_ready(session: aiohttp.ClientSession, urls: list[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    for url in urls:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(url) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url} did not come up within {timeout:g}s; see the logs in the temp dir")
+            await asyncio.sleep(0.1)
+
+
+# --------------------------------------------------------------------------
+# Measurement
+
+@dataclass
+class Sides:
+    """Figures of one scenario from alternating phases: through the router, the bare pass-through, direct."""
+
+    recs: dict[str, Recorder]
+    #: CPU seconds of the proxy process during its own phases ("router", "baseline"), and of the
+    #: engine and of this load generator during the router phases.
+    cpu: dict[str, float]
+    router_rss_mb: float = 0.0
+
+
+async def phase(session: aiohttp.ClientSession, target: Target, work: Workload) -> Recorder:
+    rec = Recorder()
+    await run_model(session, target, work, asyncio.Event(), rec)
+    return rec
+
+
+async def sides(session: aiohttp.ClientSession, st: Stack, model: str, work: Workload, rounds: int,
+                baseline: bool, warmup: Optional[Workload] = None) -> Sides:
+    order = ("router", "baseline", "direct") if baseline else ("router", "direct")
+    if warmup:
+        for via in order:
+            await phase(session, st.target(model, via), warmup)
+    out = Sides({via: Recorder() for via in order}, {"router": 0.0, "baseline": 0.0, "engine": 0.0, "client": 0.0})
+    for _ in range(rounds):
+        for via in order:
+            proxy = cpu_seconds(st.pid(via))
+            engine, client = cpu_seconds(st.sim_pids[model]), time.process_time()
+            out.recs[via].merge(await phase(session, st.target(model, via), work))
+            if via != "direct":
+                out.cpu[via] += cpu_seconds(st.pid(via)) - proxy
+            if via == "router":
+                out.cpu["engine"] += cpu_seconds(st.sim_pids[model]) - engine
+                out.cpu["client"] += time.process_time() - client
+                out.router_rss_mb = max(out.router_rss_mb, rss_mb(st.router_pid))
+    return out
+
+
+async def idle_streams(session: aiohttp.ClientSession, st: Stack, n: int) -> dict:
+    """`n` streams open at once through the router; peak RSS and sockets sampled while they last."""
+    work = Workload(stream=True, input_len=Span(8, 8), output_len=Span(3, 3), concurrency=n, duration=None,
+                    requests=n, timeout=120.0)
+    rec = Recorder()
+    rss0 = rss_mb(st.router_pid)
+    run = asyncio.ensure_future(run_model(session, st.target("idle", "router"), work, asyncio.Event(), rec))
+    peak_rss = peak_fds = 0.0
+    while not run.done():
+        peak_rss = max(peak_rss, rss_mb(st.router_pid))
+        peak_fds = max(peak_fds, open_fds(st.router_pid))
+        await asyncio.sleep(0.25)
+    await run
+    return {"streams": n, "ok": rec.ok, "errors": sum(v for k, v in rec.failed.items() if k != "refused"),
+            "refused": rec.failed.get("refused", 0), "failed_by_status": dict(rec.failed),
+            "router_rss_before_mb": rss0, "router_rss_peak_mb": peak_rss, "router_open_fds_peak": peak_fds}
+
+
+def _ms(rec: Recorder, attr: str, q: str) -> float:
+    d = distribution_ms(getattr(rec, attr))
+    return d[q] if d else float("nan")
+
+
+def relayed_chunks(rec: Recorder) -> int:
+    """SSE events the router relayed: every data chunk plus each stream's [DONE]."""
+    return rec.chunks + rec.ok
+
+
+def failures(s: Sides) -> int:
+    return sum(sum(rec.failed.values()) for rec in s.recs.values())
+
+
+# --------------------------------------------------------------------------
+# Report
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.figures: dict[str, float] = {}
+        self.misses = 0
+
+    def add(self, key: str, label: str, value: float, unit: str, target: Optional[tuple[str, float]] = None) -> None:
+        self.figures[key] = value
+        verdict = ""
+        if target:
+            op, limit = target
+            ok = value == value and (value < limit if op == "<" else value <= limit)
+            verdict = f"{op} {limit:g} {unit}  {'PASS' if ok else 'MISS'}"
+            self.misses += not ok
+        text = f"{value:,.0f}" if value == int(value) and not unit else f"{value:,.3f}" if abs(value) < 100 else f"{value:,.1f}"
+        self.rows.append((label, text, unit, verdict))
+
+    def section(self, title: str) -> None:
+        self.rows.append((f"-- {title}", "", "", ""))
+
+    def text(self) -> str:
+        w = [max(len(r[i]) for r in self.rows) for i in range(3)]
+        return "\n".join(f"{a.ljust(w[0])}  {b.rjust(w[1])} {c.ljust(w[2])}  {d}".rstrip() if b else a
+                         for a, b, c, d in self.rows)
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor() or "unknown CPU")
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def per_unit(s: Sides, unit: Callable[[Recorder], int]) -> dict[str, float]:
+    """CPU microseconds per unit of work: each proxy over its own phases, engine and client over the router's."""
+    n = {"router": unit(s.recs["router"]), "engine": unit(s.recs["router"]), "client": unit(s.recs["router"])}
+    if "baseline" in s.recs:
+        n["baseline"] = unit(s.recs["baseline"])
+    return {k: s.cpu[k] / max(v, 1) * 1e6 for k, v in n.items()}
+
+
+def cpu_rows(r: Report, key: str, label: str, us: dict[str, float], unit: str,
+             target: Optional[tuple[str, float]]) -> None:
+    r.add(f"{key}_router_cpu_us", f"{label}: router CPU per {unit}", us["router"], "us", target)
+    if "baseline" in us:
+        r.add(f"{key}_baseline_cpu_us", f"{label}: bare pass-through CPU per {unit} (yardstick)", us["baseline"], "us")
+    r.add(f"{key}_engine_cpu_us", f"{label}: simulated engine CPU per {unit} (reference)", us["engine"], "us")
+    r.add(f"{key}_client_cpu_us", f"{label}: load generator CPU per {unit} (reference)", us["client"], "us")
+
+
+def added(r: Report, key: str, label: str, s: Sides, attr: str, limit: Optional[float]) -> None:
+    for q in ("p50", "p99"):
+        value = _ms(s.recs["router"], attr, q) - _ms(s.recs["direct"], attr, q)
+        r.add(f"{key}_added_{attr}_{q}", f"{label}: added {'TTFT' if attr == 'ttft' else 'latency'} {q}", value, "ms",
+              ("<", limit) if limit is not None and q == "p50" else None)
+
+
+async def measure(st: Stack, quick: bool) -> Report:
+    r = Report()
+    rounds = 2
+    scale = 0.5 if quick else 1.0
+    async with new_session(120.0) as session:
+        await wait_ready(session, [u + "/health" for u in [*st.sim_urls.values(), *st.urls.values()]])
+
+        r.section("non-streaming, 16 output tokens, engine answers at once")
+        fast = dict(stream=False, input_len=Span(32, 32), output_len=Span(16, 16))
+        for conc, secs in ((1, 3.0), (64, 4.0)):
+            label = f"c={conc}"
+            s = await sides(session, st, "fast", Workload(concurrency=conc, duration=secs * scale, **fast), rounds,
+                            baseline=conc > 1, warmup=Workload(concurrency=conc, duration=0.5, **fast))
+            for via in ("router", "direct"):
+                rec = s.recs[via]
+                r.add(f"ns_c{conc}_{via}_rps", f"{label}: req/s {'through the router' if via == 'router' else via}",
+                      rec.ok / rec.elapsed, "req/s")
+            added(r, f"ns_c{conc}", label, s, "latency", 0.3 if conc == 1 else None)
+            cpu_rows(r, f"ns_c{conc}", label, per_unit(s, lambda rec: rec.ok), "request",
+                     ("<=", 150) if conc > 1 else None)
+            r.add(f"ns_c{conc}_errors", f"{label}: failed requests (all phases)", failures(s), "")
+
+        r.section("streaming, 50 tokens at 20 ms each")
+        stream = dict(stream=True, input_len=Span(32, 32), output_len=Span(50, 50))
+        for conc, secs in ((1, 8.0), (500, 4.0)):
+            label = f"{conc} stream{'s' if conc > 1 else ''}"
+            s = await sides(session, st, "stream", Workload(concurrency=conc, duration=secs * scale, **stream), rounds,
+                            baseline=conc > 1)
+            added(r, f"s_c{conc}", label, s, "ttft", 0.5 if conc == 1 else None)
+            gap_r, gap_d = _ms(s.recs["router"], "gaps", "mean"), _ms(s.recs["direct"], "gaps", "mean")
+            r.add(f"s_c{conc}_gap_router_ms", f"{label}: mean inter-chunk gap, router", gap_r, "ms")
+            r.add(f"s_c{conc}_gap_direct_ms", f"{label}: mean inter-chunk gap, direct", gap_d, "ms")
+            r.add(f"s_c{conc}_gap_excess_pct", f"{label}: router gap vs direct, |difference|",
+                  abs(gap_r / gap_d - 1) * 100, "%", ("<=", 2) if conc == 1 else None)
+            cpu_rows(r, f"s_c{conc}", label, per_unit(s, relayed_chunks), "chunk", ("<=", 50) if conc > 1 else None)
+            r.add(f"s_c{conc}_router_rss_mb", f"{label}: router RSS", s.router_rss_mb, "MB")
+            r.add(f"s_c{conc}_errors", f"{label}: failed streams (all phases)", failures(s), "")
+
+        r.section("1,000 simultaneous idle streams through the router")
+        idle = await idle_streams(session, st, 1000)
+        r.add("idle_ok", "idle streams: completed", idle["ok"], "")
+        r.add("idle_errors", "idle streams: errors", idle["errors"], "", ("<=", 0))
+        r.add("idle_refused", "idle streams: connections refused", idle["refused"], "", ("<=", 0))
+        r.add("idle_router_rss_mb", "idle streams: router RSS at peak", idle["router_rss_peak_mb"], "MB")
+        r.add("idle_router_fds", "idle streams: router open sockets at peak", idle["router_open_fds_peak"], "")
+    return r
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="half-length phases (about a minute)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the router and engine logs")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="router-overhead-"))
+    print(f"machine: {machine()}", flush=True)
+    t0, load0 = time.monotonic(), os.getloadavg()[0]
+    with stack(tmp) as st:
+        report = uvloop.run(measure(st, args.quick))
+    print(report.text())
+    print(f"took {time.monotonic() - t0:.0f}s; load average before/after: {load0:.2f}/{os.getloadavg()[0]:.2f} "
+          f"(other work on the machine inflates every figure, the yardsticks as much as the router)")
+    print("workers: the router runs as one process (one uvicorn worker); more workers are not supported, because\n"
+          "the sleep manager must be the one owner of each model's state, so there is no 2-worker figure.")
+    print(f"targets missed: {report.misses}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "figures": report.figures}, indent=2))
+    if args.keep_logs:
+        print(f"logs: {tmp}")
+    else:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return 0 if report.misses == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
