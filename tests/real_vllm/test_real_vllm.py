@@ -325,7 +325,9 @@ def test_supervisord_runs_engine_and_router(stack: Stack):
     tree = stack.engine_tree()
     # The API server runs the engine core in a child process: both are ours to stop.
     assert len(tree) >= 2, f"expected the API server and its EngineCore, got {[p.cmdline() for p in tree]}"
-    assert any("vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()) for p in tree)
+    described = [f"{p.name()} {' '.join(p.cmdline())}" for p in tree]
+    assert any("vllm.entrypoints.openai.api_server" in d for d in described), described
+    assert any("EngineCore" in d for d in described), described
     rss = sum(p.memory_info().rss for p in tree if _alive(p))
     stack.timings["engine_rss_gb"] = rss / 2**30
     # The router answers and reports the engine healthy.
