@@ -32,7 +32,7 @@ class ControlEngine:
     """vLLM's sleep API and completions; a request sent while asleep is held until woken, as real vLLM does."""
 
     def __init__(self, sleep_delay: float = 0.0, wake_delay: float = 0.0, wake_status: int = 200,
-                 gen_delay: float = 0.0, asleep: bool = False, sleep_status: int = 200):
+                 gen_delay: float = 0.0, asleep: bool = False, sleep_status: int = 200, hold_wake: bool = False):
         self.port = free_port()
         self.sleep_delay = sleep_delay
         self.wake_delay = wake_delay
@@ -41,6 +41,9 @@ class ControlEngine:
         self.gen_delay = gen_delay
         self.asleep = asleep
         self.awake_event = asyncio.Event()
+        #: /wake_up answers only once this is set (`hold_wake` leaves it to the test).
+        self.wake_gate = asyncio.Event()
+        self.hold_wake = hold_wake
         self.log: list[str] = []
         self.sleep_params: list[dict[str, str]] = []
         self.runner: Optional[web.AppRunner] = None
@@ -51,6 +54,8 @@ class ControlEngine:
     async def start(self) -> None:
         if not self.asleep:
             self.awake_event.set()
+        if not self.hold_wake:
+            self.wake_gate.set()
         app = web.Application()
         app.router.add_get("/health", lambda r: web.Response(status=200))
         app.router.add_post("/sleep", self.sleep)
@@ -78,6 +83,7 @@ class ControlEngine:
 
     async def wake(self, request: web.Request) -> web.Response:
         self.log.append("wake")
+        await self.wake_gate.wait()
         await asyncio.sleep(self.wake_delay)
         if self.wake_status != 200:
             return web.json_response({"error": "cannot allocate memory"}, status=self.wake_status)
@@ -163,6 +169,20 @@ class Stack:
             return list(await asyncio.gather(*(self._call("POST", url, body) for _ in range(n))))
         return self.loop.run(go())
 
+    def requests_held_by_a_wake(self, n: int, release: bool) -> list[tuple[int, Any, dict[str, str]]]:
+        """Send `n` completions to the sleeping model; once all `n` wait on the wake, open the engine's
+        wake gate (if `release`); their (status, body, headers)."""
+        async def go() -> list[tuple[int, Any, dict[str, str]]]:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+            reqs = [asyncio.ensure_future(self._call("POST", f"{self.router.url}/v1/completions", body))
+                    for _ in range(n)]
+            while (await self._call("GET", f"{self.router.url}/sleep/status"))[1]["models"][MODEL]["waiting"] < n:
+                await asyncio.sleep(0.01)
+            if release:
+                self.engine.wake_gate.set()
+            return list(await asyncio.gather(*reqs))
+        return self.loop.run(go())
+
     async def _text(self, url: str) -> str:
         async with aiohttp.ClientSession() as s:
             async with s.get(url) as r:
@@ -211,6 +231,15 @@ def test_auto_sleep_then_many_concurrent_requests_make_one_wake_call(stack, engi
     status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
     assert status["state"] == "awake" and status["wake_count"] == 1 and status["sleep_count"] == 1
     assert status["last_wake_seconds"] is not None
+
+
+def test_fifty_requests_waiting_on_a_wake_share_one_wake_call(stack):
+    st = stack(ControlEngine(hold_wake=True))
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    results = st.requests_held_by_a_wake(50, release=True)
+    assert [r[0] for r in results] == [200] * 50
+    assert st.engine.count("wake") == 1 and st.engine.count("generate") == 50
+    assert st.engine.log.index("wake") < st.engine.log.index("generate")
 
 
 def test_a_long_request_is_never_idle(stack):
@@ -318,7 +347,8 @@ def test_drain_before_sleep_holds_new_requests(stack):
         while "generate" not in st.engine.log:
             await asyncio.sleep(0.005)
         sleeper = asyncio.ensure_future(st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))
-        await asyncio.sleep(0.05)
+        while (await st._call("GET", f"{st.router.url}/sleep/status"))[1]["models"][MODEL]["state"] != "draining":
+            await asyncio.sleep(0.005)
         held = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
         return await first, await sleeper, await held
     first, slept, held = st.loop.run(race())
@@ -326,17 +356,18 @@ def test_drain_before_sleep_holds_new_requests(stack):
     assert st.engine.log == ["generate", "sleep", "asleep", "wake", "generate"]
 
 
-@pytest.mark.parametrize("engine_kw, words", [({"wake_status": 500}, "500"), ({"wake_delay": 3}, "within 0.5s")])
-def test_wake_failure_gives_503_to_every_waiter(stack, engine_kw, words):
-    st = stack(ControlEngine(**engine_kw), settings={"wake_timeout_seconds": 0.5})
+@pytest.mark.parametrize("release, words", [(True, "answered 500"), (False, "within 1.5s")])
+def test_wake_failure_gives_503_to_every_waiter(stack, release, words):
+    """A wake that fails (500), or never answers within wake_timeout_seconds."""
+    st = stack(ControlEngine(wake_status=500, hold_wake=True), settings={"wake_timeout_seconds": 1.5})
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
-    results = st.completions(10)
+    results = st.requests_held_by_a_wake(10, release)
     assert st.engine.count("wake") == 1
     for status, body, headers in results:
         assert status == 503 and headers["Retry-After"].isdigit()
         assert words in body["error"]["message"] and body["error"]["type"] == "service_unavailable"
     status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
-    assert status["state"] == "sleeping" and status["wake_failures"] == 1
+    assert status["state"] == "sleeping" and status["wake_failures"] == 1 and status["waiting"] == 0
     assert "generate" not in st.engine.log
 
 
