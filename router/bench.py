@@ -228,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, sim=True)  # engines are not launched here: a missing venv is no matter
         models = pick_models(cfg, args.models)
     except (ConfigError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")

@@ -251,3 +251,15 @@ def test_a_broken_config_is_a_clear_error(tmp_path: Path) -> None:
     r = subprocess.run([PY, "-m", "router.bench", "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "instances[0].engine_args" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_readme_config_runs_and_refused_connections_are_failures(tmp_path: Path) -> None:
+    """example-config.yaml names virtualenvs absent here; the benchmark launches no engine, so that is no error."""
+    out = tmp_path / "out.json"
+    closed = free_port()
+    rc = main(["--config", str(Path(__file__).resolve().parents[1] / "example-config.yaml"), "--url",
+               f"http://127.0.0.1:{closed}", "--requests", "2", "--concurrency", "1", "--json", str(out)])
+    assert rc == 1
+    doc = json.loads(out.read_text())
+    assert {m: s["failed_by_status"] for m, s in doc["router"].items()} == {
+        "meta-llama/Llama-3.2-1B": {"refused": 2}, "Qwen/Qwen3-0.6B": {"refused": 2}}
