@@ -397,6 +397,8 @@ class Lifecycle:
                 self.state = SLEEPING
                 self.manual = False
                 self.slept_at = self._clock()
+                if self.in_flight and self.settings.wakeup_on_request:
+                    self._start_wake()  # requests already sent are held by the engine: wake it for them
             elif not now_asleep and self.state == SLEEPING:
                 log.warning("model %s: engine reports it is awake (woken or restarted outside the router)", self.model)
                 self.state = AWAKE

@@ -396,3 +396,13 @@ def test_engine_woken_elsewhere_is_seen_awake(stack):
     st.engine.asleep = False
     st.engine.awake_event.set()
     assert until(lambda: st.state() == "awake", 3)
+
+
+def test_engine_found_asleep_under_a_request_is_woken_for_it(stack):
+    """Slept behind the router's back: the held request is not left hanging."""
+    st = stack(ControlEngine(), settings={"check_interval_seconds": 0.5})
+    st.engine.asleep = True
+    st.engine.awake_event.clear()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    status, _, _ = st.loop.run(st._call("POST", f"{st.router.url}/v1/completions", body), timeout=10)
+    assert status == 200 and st.engine.count("wake") == 1 and not st.engine.asleep
