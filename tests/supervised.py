@@ -1,0 +1,128 @@
+"""A real supervisord running a rendered output folder, owned by one test.
+
+It runs in the foreground (``-n``) in its own process group, with a private
+tmux server (``TMUX_TMPDIR``) so the rendered ``kvcached-*`` sessions never
+meet another suite's or the user's. `close` always leaves nothing behind:
+``supervisorctl shutdown``, then SIGKILL to every process it was seen to own.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import psutil
+
+PY = sys.executable
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
+    """Poll `check` until it returns something truthy; that value, or AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Supervised:
+    def __init__(self, out: Path, tmux_dir: Path):
+        self.out = out
+        self.conf = out / "supervisord.conf"
+        tmux_dir.mkdir(exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if k != "TMUX"}
+        self.env["TMUX_TMPDIR"] = str(tmux_dir)
+        #: Every process seen under supervisord (and the tmux server), by (pid, start time).
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        log = open(self.out / "supervisord.stdout", "wb")
+        self.proc = subprocess.Popen([PY, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def tmux(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["tmux", *args], env=self.env, capture_output=True, text=True, timeout=10)
+
+    def status(self) -> dict[str, str]:
+        return {p[0]: p[1] for p in (ln.split() for ln in self.ctl("status").stdout.splitlines()) if len(p) >= 2}
+
+    def pid(self, program: str) -> int:
+        return int(self.ctl("pid", program).stdout.strip())
+
+    def wait_running(self, programs: list[str], timeout: float = 30) -> None:
+        def all_running() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"supervisord exited: {self.log('supervisord')}"
+            states = self.status()
+            bad = {p: s for p, s in states.items() if s in ("FATAL", "BACKOFF", "EXITED")}
+            assert not bad, f"{bad}\n" + "\n".join(self.log(p) for p in bad)
+            return sorted(states) == sorted(programs) and set(states.values()) == {"RUNNING"}
+        wait_for(all_running, timeout, f"{programs} RUNNING (now {self.status()})", interval=0.3)
+
+    def log(self, name: str) -> str:
+        path = self.out / "logs" / f"{name}.log"
+        return f"--- {path}\n" + (path.read_text(errors="replace")[-3000:] if path.exists() else "(none)")
+
+    def tmux_server(self) -> Optional[int]:
+        done = self.tmux("display-message", "-p", "#{pid}")
+        return int(done.stdout) if done.returncode == 0 and done.stdout.strip() else None
+
+    def snapshot(self) -> list[psutil.Process]:
+        """Record and return supervisord, its descendants, and the tmux server with its children."""
+        found: list[psutil.Process] = []
+        for root in (self.proc.pid if self.proc else None, self.tmux_server()):
+            try:
+                root = psutil.Process(root) if isinstance(root, int) else root
+                if root is not None:
+                    found += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for p in found:
+            try:
+                self.seen.setdefault((p.pid, p.create_time()), p)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def shutdown(self, timeout: float = 60) -> None:
+        """`supervisorctl shutdown` and wait until supervisord has exited."""
+        assert self.proc is not None
+        self.snapshot()
+        self.ctl("shutdown", timeout=timeout)
+        self.proc.wait(timeout)
+
+    def close(self) -> None:
+        """Whatever state the test left: stop supervisord, then kill anything it owned."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.shutdown()
+            except (subprocess.TimeoutExpired, AssertionError, OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        leftovers = [p for p in self.seen.values() if alive(p)]
+        for p in leftovers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=10)
+        self.tmux("kill-server")

@@ -1,0 +1,188 @@
+"""The rendered files run for real: supervisord keeps simulated engines and the
+router alive, tmux shows their logs, and nothing outlives a shutdown."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from helpers import PY, free_port, http_status, short_tmp, wait_http  # noqa: F401  (fixture)
+from supervised import Supervised, alive, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def distinct_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def render(tmp: Path, config: dict, *flags: str) -> Path:
+    """Write `config` (JSON is YAML) and render it with the real CLI; the output folder."""
+    path = tmp / "config.yaml"
+    path.write_text(json.dumps(config))
+    out = tmp / "out"
+    done = subprocess.run([PY, "-m", "router.render", "--config", str(path), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def sim_config(router_port: int, a: int, b: int) -> dict:
+    return {
+        "router": {"router_port": router_port, "shutdown_grace_seconds": 1, "health_check_interval_seconds": 1},
+        "launch_delay_seconds": 0.2,
+        "instances": [
+            {"name": "a", "model": "org/model-a", "engine": "vllm", "engine_args": [f"--port={a}"]},
+            {"name": "b", "model": "org/model-b", "engine": "sglang", "engine_args": ["--host", "127.0.0.1", "--port", str(b)]},
+        ],
+    }
+
+
+@contextlib.contextmanager
+def running_sim_stack() -> Iterator[tuple[Supervised, list[int]]]:
+    """Two simulated engines and the router under a real supervisord; its ports (router, a, b)."""
+    tmp = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
+    ports = distinct_ports(3)
+    stack = Supervised(render(tmp, sim_config(*ports), "--sim"), tmp / "tmux")
+    try:
+        stack.start()
+        stack.wait_running(["a", "b", "router", "logs"])
+        yield stack, ports
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sim_stack() -> Iterator[tuple[Supervised, list[int]]]:
+    """Shared by the tests that leave it as they found it (every program RUNNING)."""
+    with running_sim_stack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def own_sim_stack() -> Iterator[tuple[Supervised, list[int]]]:
+    with running_sim_stack() as stack:
+        yield stack
+
+
+def test_supervisord_runs_engines_and_router_and_restarts_a_killed_engine(sim_stack: tuple[Supervised, list[int]]) -> None:
+    stack, (router_port, a, b) = sim_stack
+    for port in (a, b):
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
+    wait_http(f"http://127.0.0.1:{router_port}/health", timeout=20)
+    assert (stack.out / "supervisor.sock").stat().st_mode & 0o777 == 0o700
+
+    old = stack.pid("a")
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: http_status(f"http://127.0.0.1:{a}/health") is None, 10, "the killed engine to stop answering")
+    wait_for(lambda: stack.status().get("a") == "RUNNING" and stack.pid("a") != old, 20, "supervisord to restart engine a")
+    wait_http(f"http://127.0.0.1:{a}/health", timeout=20)
+    assert stack.status() == {"a": "RUNNING", "b": "RUNNING", "router": "RUNNING", "logs": "RUNNING"}
+
+
+def test_tmux_sessions_follow_each_log_under_supervisord(sim_stack: tuple[Supervised, list[int]]) -> None:
+    stack, _ = sim_stack
+    sessions = {"kvcached-a": "simulated vllm engine", "kvcached-b": "simulated sglang engine", "kvcached-frontend": ""}
+
+    def listed() -> bool:
+        return set(stack.tmux("list-sessions", "-F", "#{session_name}").stdout.split()) == set(sessions)
+    wait_for(listed, 15, f"tmux sessions {sorted(sessions)}")
+
+    def shows(session: str, text: str) -> bool:
+        pane = stack.tmux("capture-pane", "-p", "-S", "-", "-t", f"={session}:").stdout
+        return bool(pane.strip()) and text in pane
+    for session, text in sessions.items():
+        wait_for(lambda: shows(session, text), 15, f"log lines in tmux session {session}")
+
+    # A session the user closes comes back.
+    stack.tmux("kill-session", "-t", "=kvcached-a")
+    wait_for(listed, 15, "kvcached-a to be reopened")
+
+
+def test_shutdown_leaves_no_process_behind(own_sim_stack: tuple[Supervised, list[int]]) -> None:
+    stack, ports = own_sim_stack
+    wait_for(lambda: stack.tmux_server(), 15, "the tmux server of the logs program")
+    before = stack.snapshot()
+    assert len(before) >= 7  # supervisord, 2 engines, router, logs (bash + sleep), tmux server (+ tails)
+    stack.shutdown()
+    wait_for(lambda: not [p for p in before if alive(p)], 15, f"every process to exit: {[p for p in before if alive(p)]}")
+    for port in ports:
+        assert http_status(f"http://127.0.0.1:{port}/health") is None
+    assert stack.tmux("list-sessions").returncode != 0  # the private tmux server is gone too
+
+
+# An engine that starts a worker process, as vLLM and SGLang do; the worker
+# outlives the engine unless supervisord stops the whole process group.
+ENGINE_WITH_WORKER = f"""#!/usr/bin/env bash
+sleep 1000 &
+shift 2  # -m <engine module>; what follows is the engine's own flags
+exec {PY} -m router.sim --engine vllm "$@"
+"""
+
+
+def test_stopping_an_engine_stops_its_workers_too(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    venv = tmp / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(ENGINE_WITH_WORKER)
+    (venv / "bin" / "python").chmod(0o700)
+    (port,) = distinct_ports(1)
+    out = render(tmp, {"router": {"enable_router": False}, "instances": [
+        {"name": "w", "model": "m", "engine": "vllm", "using_venv": True, "venv_path": str(venv), "engine_args": [f"--port={port}"]},
+    ]})
+    stack = Supervised(out, tmp / "tmux")
+    try:
+        stack.start()
+        stack.wait_running(["w", "logs"])
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
+        engine = psutil.Process(stack.pid("w"))
+        workers = engine.children()
+        assert [w.name() for w in workers] == ["sleep"]
+        assert "stopped" in stack.ctl("stop", "w").stdout
+        wait_for(lambda: not alive(workers[0]) and not alive(engine), 10, "the engine and its worker to exit")
+    finally:
+        stack.close()
+
+
+def test_tmux_launch_script_starts_lists_and_kills_exactly_its_sessions(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    router_port, a, b = distinct_ports(3)
+    out = render(tmp, sim_config(router_port, a, b), "--sim")
+    stack = Supervised(out, tmp / "tmux")  # only for its private tmux server; no supervisord here
+    launch = str(out / "tmux-launch.sh")
+    ours = ["kvcached-a", "kvcached-b", "kvcached-frontend"]
+    try:
+        stack.tmux("new-session", "-d", "-s", "kvcached-a-decoy", "sleep 60")  # shares a prefix; not ours
+        started = subprocess.run([launch], env=stack.env, capture_output=True, text=True, timeout=30)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.splitlines() == [f"{s}: started (tmux attach -t {s})" for s in ours]
+        for port in (a, b, router_port):
+            wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
+        again = subprocess.run([launch, "start"], env=stack.env, capture_output=True, text=True, timeout=30)
+        assert again.stdout.splitlines() == [f"{s}: already running" for s in ours]
+        listed = subprocess.run([launch, "list"], env=stack.env, capture_output=True, text=True, timeout=30)
+        assert listed.stdout.split() == ours
+        pane = stack.tmux("capture-pane", "-p", "-S", "-", "-t", "=kvcached-a:").stdout
+        assert "simulated vllm engine" in pane
+        engines = [p for p in stack.snapshot() if "router.sim" in p.cmdline()]
+        assert len(engines) == 2
+        killed = subprocess.run([launch, "kill"], env=stack.env, capture_output=True, text=True, timeout=30)
+        assert killed.stdout.splitlines() == [f"{s}: killed" for s in ours]
+        assert stack.tmux("list-sessions", "-F", "#{session_name}").stdout.split() == ["kvcached-a-decoy"]
+        wait_for(lambda: not any(alive(p) for p in engines), 10, "the engines in the killed sessions to exit")
+        assert subprocess.run([launch, "bogus"], env=stack.env, capture_output=True, timeout=30).returncode == 2
+    finally:
+        stack.close()
