@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
+from .accesslog import AccessLog
 from .backends import ModelTable
 from .config import Config
 from .errors import error_response
@@ -41,6 +42,7 @@ class RouterState:
         self.metrics = Metrics(self.table)
         self.health = HealthChecker(self.table, config.router)
         self.sleep_manager = SleepManager(self)
+        self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         #: The one upstream client session; exists between lifespan start and end.
         self.session: Optional[aiohttp.ClientSession] = None
         self.started_at = time.time()
@@ -50,8 +52,7 @@ class RouterState:
 def new_session() -> aiohttp.ClientSession:
     """Pooled keep-alive connections with no cap; bodies relayed as the engine encoded them."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-    return aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                 skip_auto_headers=("User-Agent", "Accept-Encoding"))
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
 
 class RouterApp:
@@ -87,6 +88,8 @@ def create_app(config: Config) -> RouterApp:
             await state.sleep_manager.stop()
             await state.health.stop()
             await state.session.close()
+            if state.access_log is not None:
+                state.access_log.flush()
 
     web = Starlette(routes=routes(state) + _admin_routes(state), lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
@@ -182,7 +185,7 @@ def server_information(state: RouterState) -> dict[str, Any]:
         "sleep_manager": dict(config.sleep.__dict__),
         "models": {m.name: {
             "aliases": [n for n in state.table.names if state.table.get(n) is m and n != m.name],
-            "state": getattr(m.lifecycle, "state", "awake"),
+            "state": m.lifecycle.state,
             "endpoints": [{"instance": b.name, "endpoint": b.url, "engine": b.instance.engine,
                            "served_names": list(b.instance.served_names), "health": b.health,
                            "outstanding": b.outstanding} for b in m.backends],

@@ -11,7 +11,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from yarl import URL
 
@@ -102,8 +102,8 @@ class Model:
         self.name = name
         self.backends = backends
         self.lifecycle = lifecycle
-        #: Per-model metric children, bound by Metrics at start-up.
-        self.metrics: object = None
+        #: Per-model metric children (metrics.ModelMetrics), bound by Metrics at start-up.
+        self.metrics: Any = None
         self._waiters: deque[asyncio.Future[Backend]] = deque()
         self._retry_after = retry_after
 

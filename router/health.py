@@ -16,10 +16,11 @@ import aiohttp
 
 from .backends import Backend, Model, ModelTable
 from .config import RouterSettings
+from .lifecycle import AWAKE
 
 
 def is_awake(model: Model) -> bool:
-    return getattr(model.lifecycle, "state", "awake") == "awake"
+    return model.lifecycle.state == AWAKE
 
 
 async def probe(session: aiohttp.ClientSession, backend: Backend, timeout: float) -> tuple[bool, str]:

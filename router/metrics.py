@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .backends import HEALTHY, UNHEALTHY, ModelTable
+from .lifecycle import SLEEPING
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
@@ -77,7 +78,7 @@ class StateCollector(Collector):
         now = time.monotonic()
         for model in self.table:
             in_flight.add_metric([model.name], model.lifecycle.in_flight)
-            sleeping.add_metric([model.name], 1.0 if getattr(model.lifecycle, "state", "awake") == "sleeping" else 0.0)
+            sleeping.add_metric([model.name], 1.0 if model.lifecycle.state == SLEEPING else 0.0)
             lc = model.lifecycle
             sleeps.add_metric([model.name], lc.sleep_count)
             wakes.add_metric([model.name], lc.wake_count)

@@ -9,7 +9,6 @@ arrive, with ASGI `send` backpressure reaching the engine connection.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any, Awaitable, Callable, MutableMapping, Optional
 
@@ -25,8 +24,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-ACCESS_LOG = logging.getLogger("router.access")
 
 #: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones aiohttp sets itself.
 DROP_REQUEST_HEADERS = frozenset({
@@ -69,12 +66,22 @@ def retry_after(seconds: int) -> list[tuple[bytes, bytes]]:
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[str, str]]:
-    """End-to-end request headers for the engine (the one place deciding what is forwarded)."""
-    extra: frozenset[bytes] = frozenset()
+    """End-to-end request headers for the engine (the one place deciding what is forwarded).
+
+    Without an Accept-Encoding from the client, ask the engine for identity:
+    bodies are relayed as the engine encoded them, so the client must get an
+    encoding it asked for.
+    """
+    identity = True
     for k, v in headers:
         if k == b"connection":  # headers named in Connection are hop-by-hop too
-            extra = frozenset(t.strip().lower().encode() for t in v.decode("latin-1").split(","))
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in drop and k not in extra]
+            drop = drop | {t.strip().lower().encode() for t in v.decode("latin-1").split(",")}
+        elif k == b"accept-encoding":
+            identity = False
+    out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in drop]
+    if identity:
+        out.append(("Accept-Encoding", "identity"))
+    return out
 
 
 def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
@@ -120,7 +127,7 @@ class Proxy:
         self.max_bytes = settings.max_request_bytes
         self.queue_timeout = settings.queue_timeout_seconds
         self.eject_seconds = settings.eject_seconds
-        self.access_log = settings.access_log
+        self.access_log = state.access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.drop_headers = DROP_REQUEST_HEADERS | ({b"authorization"} if settings.api_keys else set())
         self.timeout = aiohttp.ClientTimeout(total=settings.request_timeout_seconds,
@@ -314,8 +321,8 @@ class Proxy:
         total = time.perf_counter() - start
         model.metrics.observe(ex.status, total, ex.ttfb)
         self.traffic.record(model.name, ex.status, total, ex.ttfb, stream)
-        if self.access_log:
+        if self.access_log is not None:
             b = ex.backend
-            ACCESS_LOG.info("%s %s -> %s %d %dB ttfb=%s total=%.1fms", model.name, "stream" if stream else "single",
-                            b.name if b else "-", ex.status, ex.nbytes,
-                            f"{ex.ttfb * 1000:.1f}ms" if ex.ttfb is not None else "-", total * 1000)
+            ttfb = f"{ex.ttfb * 1000:.1f}ms" if ex.ttfb is not None else "-"
+            self.access_log.write(f"{model.name} {'stream' if stream else 'single'} -> {b.name if b else '-'} "
+                                  f"{ex.status} {ex.nbytes}B ttfb={ttfb} total={total * 1000:.1f}ms")

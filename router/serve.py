@@ -55,7 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raise_nofile_limit()
     server = uvicorn.Server(uvicorn.Config(
         create_app(config), host=args.host or settings.host, port=args.port or settings.port,
-        loop="uvloop", http="httptools", lifespan="on", access_log=False, backlog=BACKLOG,
+        # proxy_headers off: the router never uses the client address, so skip that middleware.
+        loop="uvloop", http="httptools", lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds, log_level=settings.log_level,
     ))
     server.run()
