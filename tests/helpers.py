@@ -5,6 +5,7 @@ Each process a test starts is tracked and its whole group is ended.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Optional, Sequence
 
 import pytest
@@ -26,6 +28,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def distinct_ports(n: int) -> list[int]:
+    """`n` free ports, all different (free_port alone may repeat one)."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def render(tmp: Path, config: dict, *flags: str) -> Path:
+    """Write `config` (JSON is YAML) and render it with the real CLI; the output folder."""
+    path = tmp / "config.yaml"
+    path.write_text(json.dumps(config))
+    out = tmp / "out"
+    done = subprocess.run([PY, "-m", "router.render", "--config", str(path), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return out
 
 
 def http_status(url: str, timeout: float = 1.0) -> Optional[int]:

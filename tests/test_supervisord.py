@@ -3,7 +3,6 @@ router alive, tmux shows their logs, and nothing outlives a shutdown."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -15,28 +14,10 @@ from typing import Iterator
 import psutil
 import pytest
 
-from helpers import PY, free_port, http_status, short_tmp, wait_http  # noqa: F401  (fixture)
+from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_http  # noqa: F401  (fixture)
 from supervised import Supervised, alive, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def distinct_ports(n: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
-
-
-def render(tmp: Path, config: dict, *flags: str) -> Path:
-    """Write `config` (JSON is YAML) and render it with the real CLI; the output folder."""
-    path = tmp / "config.yaml"
-    path.write_text(json.dumps(config))
-    out = tmp / "out"
-    done = subprocess.run([PY, "-m", "router.render", "--config", str(path), "--out", str(out), *flags],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return out
 
 
 def sim_config(router_port: int, a: int, b: int) -> dict:
