@@ -22,8 +22,8 @@ import yaml
 
 from .engines import ENGINE_ALIASES, ENGINES, EngineSpec, flag_values, last_flag_value, split_args
 
-#: Instance names that would collide with programs or tmux sessions we render.
-RESERVED_NAMES = frozenset({"router", "frontend", "logs"})
+#: Instance names that would collide with programs, tmux sessions or log files we render.
+RESERVED_NAMES = frozenset({"router", "frontend", "logs", "supervisord"})
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 WILDCARD_HOSTS = {"0.0.0.0", "::", "", "*"}

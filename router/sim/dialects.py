@@ -59,7 +59,6 @@ class Stream:
 class Dialect:
     """What both engines share; subclasses fill in their own fields."""
 
-    name = ""
     owned_by = ""
     metric_running = ""
     metric_waiting = ""
@@ -124,7 +123,6 @@ class Dialect:
 
 
 class VllmDialect(Dialect):
-    name = "vllm"
     owned_by = "vllm"
     metric_running = "vllm:num_requests_running"
     metric_waiting = "vllm:num_requests_waiting"
@@ -196,7 +194,6 @@ class VllmDialect(Dialect):
 
 
 class SglangDialect(Dialect):
-    name = "sglang"
     owned_by = "sglang"
     metric_running = "sglang:num_running_reqs"
     metric_waiting = "sglang:num_queue_reqs"

@@ -8,7 +8,6 @@ dialects.py, the text from textgen.py, the HTTP plumbing from http.py.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 import time
@@ -22,7 +21,6 @@ from .dialects import DIALECTS, Choice, Dialect
 from .http import HttpServer, Request, Responder
 from .options import SimOptions
 
-log = logging.getLogger("router.sim")
 
 SLEEP_MODES = ("abort", "wait", "keep")
 Route = Callable[[Request, Responder], Awaitable[None]]
