@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from . import __version__
 from .accesslog import AccessLog
+from .auth import Guard
 from .backends import ModelTable
 from .config import Config
 from .errors import error_response
@@ -62,9 +63,13 @@ class RouterApp:
         self.state = state
         self.web = web
         self._proxy = {p: proxy for p in PROXY_PATHS}
+        self._guard = Guard(state.config.router)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            denied = self._guard.check(scope)
+            if denied is not None:
+                return await send_error(send, denied.status, denied.message, headers=denied.headers)
             handler = self._proxy.get(scope["path"])
             if handler is not None:
                 if scope["method"] == "POST":

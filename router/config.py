@@ -106,7 +106,8 @@ class RouterSettings:
     shutdown_grace_seconds: float = 30.0
     access_log: bool = True
     log_level: str = "info"
-    api_keys: tuple[str, ...] = ()
+    #: Secrets: kept out of repr() (and so out of logged configs and tracebacks).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     admin_api_key: Optional[str] = field(default=None, repr=False)
 
 
