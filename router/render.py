@@ -9,7 +9,8 @@ The output folder holds everything needed to run the node:
   supervisord and by ``tmux-launch.sh`` alike;
 - ``tmux-launch.sh``: the supervisord-free mode of the kvcached controller;
 - ``tmux-logs.sh``: the body of the ``logs`` program;
-- ``logs/``, the socket and the pidfile, created by supervisord at run time.
+- ``logs/``, where supervisord writes ``<program>.log`` and its own
+  ``supervisord.log``, beside its socket and pidfile.
 
 Every value from the YAML reaches a shell script only through `shlex.quote`,
 and supervisord.conf only holds values that `ini_value` accepts, so no config
@@ -19,6 +20,7 @@ python): the same input gives the same bytes.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -169,7 +171,7 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
     if cfg.router.enable_router:
         log = str(logs / f"{ROUTER_PROGRAM}.log")
         argv = router_argv(cfg, python)
-        grace = int(cfg.router.shutdown_grace_seconds + 0.999) + ROUTER_STOP_MARGIN_SECONDS
+        grace = math.ceil(cfg.router.shutdown_grace_seconds) + ROUTER_STOP_MARGIN_SECONDS
         programs.append(Program(ROUTER_PROGRAM, argv, log, STARTSECS, grace, (("PYTHONUNBUFFERED", "1"),)))
         sessions.append(Session(ROUTER_SESSION, argv, log))
     logs_script = out / "tmux-logs.sh"

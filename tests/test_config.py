@@ -121,6 +121,7 @@ def test_kvcached_block_upper_cases_keys_and_renders_booleans() -> None:
     ("{name: router, model: m, engine: vllm, engine_args: ['--port=9001']}", "instances[0].name", "reserved"),
     ("{name: Frontend, model: m, engine: vllm, engine_args: ['--port=9001']}", "instances[0].name", "reserved"),
     ("{name: logs, model: m, engine: vllm, engine_args: ['--port=9001']}", "instances[0].name", "reserved"),
+    ("{name: supervisord, model: m, engine: vllm, engine_args: ['--port=9001']}", "instances[0].name", "reserved"),
     ("{model: m, engine: vllm, engine_args: ['--port=9001'], engine_env: ['NOEQUALS']}", "instances[0].engine_env[0]", "must be a 'KEY=VALUE' string"),
     ("{model: m, engine: vllm, engine_args: ['--port=9001'], engine_env: ['1BAD=x']}", "instances[0].engine_env[0]", "not a valid environment variable name"),
     ("{model: m, engine: vllm, engine_args: ['--port=9001'], kvcached_env: ['OK=1', 'A B=2']}", "instances[0].kvcached_env[1]", "not a valid environment variable name"),
