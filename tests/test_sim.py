@@ -363,6 +363,14 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     assert events[-1] == "[DONE]" and events[-2]["choices"][0] == {**events[-2]["choices"][0], "text": "", "finish_reason": "abort"}
     assert len(events) < 15
     await sim.post("/wake_up", raw=b"")
+    # abort cuts a non-streaming request too: the tokens made so far, finish_reason "abort".
+    plain = asyncio.ensure_future(sim.post("/v1/completions", {**req, "stream": False}))
+    await asyncio.sleep(0.15)
+    await sim.post("/sleep", raw=b"")
+    choice = orjson.loads((await asyncio.wait_for(plain, 2))[2])["choices"][0]
+    assert choice["finish_reason"] == "abort" and 2 <= len(choice["text"].split()) < 15
+    assert textgen.generate("Hello", 15).startswith(choice["text"])
+    await sim.post("/wake_up", raw=b"")
     # wait: /sleep answers only after the running stream finished normally.
     stream = asyncio.ensure_future(sim.post("/v1/completions", req))
     await asyncio.sleep(0.1)

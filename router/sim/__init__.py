@@ -57,6 +57,11 @@ Errors: ``{"error": {"message", "type", "param", "code"}}`` with type
 context), ``NotFoundError`` (404) or ``InternalServerError`` (500). Unknown
 paths get ``{"detail": "Not Found"}`` (404) and wrong methods 405, as FastAPI.
 
+Cost (``python -m router.sim.loadtest``, 2-core machine, client in another
+process): about 45 us of simulator CPU per non-streaming request (16 tokens,
+concurrency 64) and about 22 us per streamed chunk (1,000 concurrent streams
+of 50 tokens at 20 ms, request overhead included), 37 MiB RSS.
+
 Metrics (``GET /metrics``, Prometheus text): vLLM ``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``,
 ``vllm:generation_tokens_total`` (labels engine, model_name); SGLang

@@ -23,6 +23,8 @@ from .options import SimOptions
 
 
 SLEEP_MODES = ("abort", "wait", "keep")
+#: A non-streaming request checks for disconnects and sleep at least this often.
+ANSWER_SLICE_S = 0.05
 Route = Callable[[Request, Responder], Awaitable[None]]
 
 
@@ -528,29 +530,27 @@ class SimEngine:
 
     # ----------------------------------------------------------------- output
     async def _answer(self, gen: Generation, resp: Responder, fatal: bool) -> None:
+        """Wait the generation time in slices (not token by token: cheaper), then answer."""
         o, epoch = self.options, self._abort_epoch
+        ttft, itl = o.ttft_ms / 1000, o.itl_ms / 1000
         steps = max(len(p) for p in gen.choices)
-        produced = [0] * len(gen.choices)
-        if o.itl_ms:
-            for i in range(steps):
-                why = await self._step((o.ttft_ms if i == 0 else o.itl_ms) / 1000, resp, epoch)
-                if why == "disconnect":
-                    return
-                if why == "abort":
-                    break
-                for k, pieces in enumerate(gen.choices):
-                    if i < len(pieces):
-                        produced[k] += 1
-                if fatal:
-                    os._exit(1)
-        else:
-            why = await self._step(o.ttft_ms / 1000, resp, epoch)
+        due = ttft + (steps - 1) * itl  # when the last token is ready
+        spent = 0.0  # generation time so far (pauses of sleep mode=keep excluded)
+        while True:
+            piece = min(due - spent, ANSWER_SLICE_S)
+            why = await self._step(piece, resp, epoch)
+            spent += piece
             if why == "disconnect":
                 return
-            if fatal:
-                os._exit(1)
-            if why is None:
-                produced = [len(p) for p in gen.choices]
+            if why == "abort" or spent >= due:
+                break
+        if fatal:
+            os._exit(1)
+        if why == "abort":
+            ready = 0 if spent < ttft else (1 + int((spent - ttft) / itl) if itl else steps)
+            produced = [min(ready, len(p)) for p in gen.choices]
+        else:
+            produced = [len(p) for p in gen.choices]
         choices = []
         for k, pieces in enumerate(gen.choices):
             done = produced[k] == len(pieces)
