@@ -170,14 +170,16 @@ class Proxy:
             return body if msg["type"] == "http.request" else None
         parts = [body]
         size = len(body)
-        while msg.get("more_body"):
+        while True:
+            if size > limit:
+                raise Reject(413, f"The request body exceeds the limit of {limit} bytes (router.max_request_bytes).")
+            if not msg.get("more_body"):
+                break
             msg = await receive()
             if msg["type"] != "http.request":
                 return None
             chunk = msg.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                raise Reject(413, f"The request body exceeds the limit of {limit} bytes (router.max_request_bytes).")
             parts.append(chunk)
         return b"".join(parts)
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Optional
@@ -10,6 +12,7 @@ import openai
 import orjson
 import pytest
 
+from helpers import free_port
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
 
@@ -120,3 +123,33 @@ def test_paths_and_methods(stack: Stack) -> None:
     assert_error(status, data, 404)
     status, _, data = post(r.url + "/v1/models", b"{}")
     assert_error(status, data, 405)
+
+
+def test_chunked_body_over_limit_is_cut_off_with_413(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)], max_request_bytes=10_000)
+    with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b'{"model": "m", "prompt": "' + b"x" * 4000
+        s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        for _ in range(3):  # 12 KB sent, the rest (megabytes) never is
+            s.sendall(b"%x\r\n%s\r\n" % (4000, b"x" * 4000))
+        head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413") and b"10000 bytes" in head
+    assert e.bodies == []
+
+
+def test_model_name_cannot_inject_headers(stack: Stack) -> None:
+    r = stack.router([instance("m", free_port())])
+    status, headers, data = post(r.url + "/v1/completions", orjson.dumps({"model": "x\r\nSet-Cookie: a=b"}))
+    err = assert_error(status, data, 404)
+    assert "Set-Cookie: a=b" in err["message"] and "set-cookie" not in {k.lower() for k in headers}
+
+
+def test_access_log_line_per_request(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)], access_log=True)
+    assert post(r.url + "/v1/completions", b'{"model": "m"}')[0] == 200
+    time.sleep(0.4)  # lines are written in batches every 0.2 s
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "router.access" in ln]
+    assert len(lines) == 1 and " m single -> m 200 " in lines[0] and "ttfb=" in lines[0]
