@@ -158,15 +158,19 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
     sessions: list[Session] = []
     for index, inst in enumerate(cfg.launched):
         script = out / "engines" / f"{inst.name}.sh"
+        delay = index * cfg.launch_delay_seconds
         files[f"engines/{inst.name}.sh"] = (env.get_template("engine.sh.j2").render(
             inst=inst,
             argv=engine_argv(inst, sim, python),
             venv=None if sim else inst.venv_path,
-            delay=_seconds(index * cfg.launch_delay_seconds),
+            delay=_seconds(delay),
             sim=sim,
         ), SCRIPT_MODE)
         log = str(logs / f"{inst.name}.log")
-        programs.append(Program(inst.name, (str(script),), log, STARTSECS, ENGINE_STOPWAITSECS))
+        # The launch delay does not count as having started: an engine that
+        # dies right after it is still a failed start (retried, then FATAL).
+        startsecs = STARTSECS + math.ceil(delay)
+        programs.append(Program(inst.name, (str(script),), log, startsecs, ENGINE_STOPWAITSECS))
         sessions.append(Session(SESSION_PREFIX + inst.name, (str(script),), log))
     if cfg.router.enable_router:
         log = str(logs / f"{ROUTER_PROGRAM}.log")
