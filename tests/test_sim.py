@@ -465,6 +465,11 @@ async def test_keep_alive_pipelining_and_chunked_framing(make_sim) -> None:
     assert sse_events(body)[-1] == "[DONE]"
     writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")  # the connection is still usable
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(one))
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(one)
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(re.search(rb"content-length: (\d+)", head).group(1)))
     writer.write(b"BOGUS\r\n\r\n")
     assert (await reader.read()).startswith(b"HTTP/1.1 400")
     writer.close()
