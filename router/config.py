@@ -150,8 +150,11 @@ class Config:
     def routes(self) -> dict[str, str]:
         """Every routable name (model, alias, served name) -> its model."""
         out: dict[str, str] = {}
+        for inst in self.instances:  # names the config gives win over engine-served ones
+            for n in (inst.model, *inst.aliases):
+                out.setdefault(n, inst.model)
         for inst in self.instances:
-            for n in inst.names:
+            for n in inst.served_names:
                 out.setdefault(n, inst.model)
         return out
 
@@ -572,7 +575,6 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
     names: dict[str, int] = {}
     binds: dict[tuple[str, int, bool], str] = {}
     route_owner: dict[str, str] = {}
-    served_owner: dict[str, str] = {}
     for i, inst in enumerate(cfg.instances):
         where = f"instances[{i}]"
         if inst.name in names:
@@ -587,13 +589,17 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
         binds[(host, inst.port, wild and inst.launch)] = inst.name
         if cfg.router.enable_router and inst.port == cfg.router.port and host in ("127.0.0.1", connect_host(cfg.router.host)):
             p.error(f"{where}.engine_args", f"--port {inst.port} is the router's port (router.router_port); pick another")
-        for n in inst.names:
+        for n in (inst.model, *inst.aliases):
             owner = route_owner.setdefault(n, inst.model)
             if owner != inst.model:
-                p.error(f"{where}", f"model name {n!r} would route to both {owner!r} and {inst.model!r}; rename the alias or served name")
+                p.error(f"{where}.aliases", f"model name {n!r} would route to both {owner!r} and {inst.model!r}; rename the alias")
+    routes = cfg.routes
+    for i, inst in enumerate(cfg.instances):
+        where = f"instances[{i}]"
         for n in inst.served_names:
-            if n != inst.model and served_owner.setdefault(n, inst.model) != inst.model:
-                p.warn(f"{where}.engine_args", f"--served-model-name {n!r} is also served for model {served_owner[n]!r}")
+            if routes[n] != inst.model:
+                p.warn(f"{where}.engine_args", f"--served-model-name {n!r} is also a name of model {routes[n]!r}, "
+                       f"so requests for {n!r} go there; reach this instance as {inst.model!r}")
         if cfg.sleep.auto_sleep_enabled and inst.sleep:
             spec = inst.spec
             env = dict(inst.env)

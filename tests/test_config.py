@@ -236,4 +236,21 @@ def test_cuda_visible_devices_in_two_forms_warns() -> None:
 def test_same_served_model_name_on_two_models_is_reported() -> None:
     a = "{model: a, engine: vllm, engine_args: ['--port=9001', '--served-model-name chat']}"
     b = "{model: b, engine: sglang, engine_args: ['--port=9002', '--served-model-name=chat']}"
-    one_problem(cfg_text(a, b), "instances[1]", "model name 'chat' would route to both 'a' and 'b'")
+    (w,) = warnings_of(cfg_text(a, b))
+    assert w.startswith("conf.yaml: instances[1].engine_args: --served-model-name 'chat' is also a name of model 'a'")
+    cfg = parse_config(cfg_text(a, b), "conf.yaml")
+    assert cfg.routes["chat"] == "a" and cfg.routes["b"] == "b"
+
+
+def test_model_name_wins_over_another_models_served_name() -> None:
+    a = "{model: a, engine: vllm, engine_args: ['--port=9001', '--served-model-name b']}"
+    b = "{model: b, engine: vllm, engine_args: ['--port=9002']}"
+    cfg = parse_config(cfg_text(a, b), "conf.yaml")
+    assert cfg.routes["b"] == "b"
+    assert any("'b' is also a name of model 'b'" in w for w in cfg.warnings)
+
+
+def test_alias_naming_another_model_is_an_error() -> None:
+    a = "{model: a, engine: vllm, engine_args: ['--port=9001']}"
+    b = "{model: b, engine: vllm, engine_args: ['--port=9002'], aliases: [a]}"
+    one_problem(cfg_text(a, b), "instances[1].aliases", "model name 'a' would route to both 'a' and 'b'")
