@@ -347,6 +347,11 @@ async def test_vllm_sleep_holds_requests_until_wake(make_sim) -> None:
     assert await sim.metric("sim_sleep_calls_total") == 1 and await sim.metric("sim_wake_calls_total") == 1
     status, _, body = await sim.post("/sleep?level=2&mode=abort", raw=b"")
     assert body == captured("sleep_level2_mode_abort")[2]
+    # Waking only the weights leaves the engine asleep; the KV cache then wakes it.
+    assert (await sim.post("/wake_up?tags=weights", raw=b""))[2] == b'{"status":"sleeping","tags":["weights"]}'
+    assert (await sim.get("/is_sleeping"))[2] == b'{"is_sleeping":true}'
+    assert (await sim.post("/wake_up?tags=kv_cache", raw=b""))[2] == b'{"status":"awake","tags":["kv_cache"]}'
+    assert (await sim.get("/is_sleeping"))[2] == b'{"is_sleeping":false}'
     for query, case in (("level=3", "sleep_bad_level"), ("mode=bogus", "sleep_bad_mode")):
         status, _, body = await sim.post(f"/sleep?{query}", raw=b"")
         assert status == 400 and body == captured(case)[2]

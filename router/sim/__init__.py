@@ -39,7 +39,8 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, ``GET /health`` (200, empty body), ``GET /metrics``.
 vLLM only: ``GET /version``, ``POST /sleep?level=1|2&mode=abort|wait|keep``
 (abort, the default, ends running requests with finish_reason "abort"; wait
-lets them finish first; keep pauses them until wake), ``POST /wake_up``,
+lets them finish first; keep pauses them until wake), ``POST /wake_up``
+(``?tags=weights``/``kv_cache`` wake parts; awake once both are),
 ``GET /is_sleeping`` -> ``{"is_sleeping": bool}``. A generation arriving while
 asleep is held, unanswered, until ``/wake_up`` (as real vLLM 0.32 does).
 SGLang only: ``POST|GET /release_memory_occupation`` and

@@ -25,6 +25,8 @@ from .options import SimOptions
 SLEEP_MODES = ("abort", "wait", "keep")
 #: A non-streaming request checks for disconnects and sleep at least this often.
 ANSWER_SLICE_S = 0.05
+#: What vLLM's /wake_up must restore before the engine runs again.
+VLLM_WAKE_TAGS = frozenset({"weights", "kv_cache"})
 Route = Callable[[Request, Responder], Awaitable[None]]
 
 
@@ -99,6 +101,8 @@ class SimEngine:
         self._idle.set()
         self.asleep = False
         self.sleep_level = 0
+        #: Parts woken by ``/wake_up?tags=`` while still asleep.
+        self._woken: set[str] = set()
         #: Bumped by sleep mode=abort: generations started before it finish with "abort".
         self._abort_epoch = 0
         self._control = asyncio.Lock()
@@ -253,14 +257,18 @@ class SimEngine:
         self._awake.clear()
 
     async def _vllm_wake(self, req: Request, resp: Responder) -> None:
+        """Wake; with ``?tags=`` only those parts: awake once weights and KV cache both are."""
         self.counters.wake_calls += 1
         tags = [v for k, v in req.param_items() if k == "tags"] or None
         async with self._control:
-            self._wake()
-        resp.send(200, orjson.dumps({"status": "awake", "tags": tags}))
+            self._woken.update(tags or VLLM_WAKE_TAGS)
+            if self._woken >= VLLM_WAKE_TAGS:
+                self._wake()
+        resp.send(200, orjson.dumps({"status": "sleeping" if self.asleep else "awake", "tags": tags}))
 
     def _wake(self) -> None:
         self.asleep, self.sleep_level = False, 0
+        self._woken = set()
         self._awake.set()
         self._gate.set()
 
