@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -128,6 +129,25 @@ def stack(tmp: Path) -> Iterator[Stack]:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Optional[Path]) -> Iterator[None]:
+    """py-spy flame graph of `pid` while the block runs (nothing when `out` is None)."""
+    if out is None:
+        yield
+        return
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
 
 
 async def wait_ready(session: aiohttp.ClientSession, urls: list[str], timeout: float = 60.0) -> None:
@@ -264,6 +284,7 @@ def cpu_rows(r: Report, key: str, label: str, us: dict[str, float], unit: str,
     r.add(f"{key}_router_cpu_us", f"{label}: router CPU per {unit}", us["router"], "us", target)
     if "baseline" in us:
         r.add(f"{key}_baseline_cpu_us", f"{label}: bare pass-through CPU per {unit} (yardstick)", us["baseline"], "us")
+        r.add(f"{key}_router_vs_baseline", f"{label}: router CPU / bare pass-through CPU", us["router"] / us["baseline"], "x")
     r.add(f"{key}_engine_cpu_us", f"{label}: simulated engine CPU per {unit} (reference)", us["engine"], "us")
     r.add(f"{key}_client_cpu_us", f"{label}: load generator CPU per {unit} (reference)", us["client"], "us")
 
@@ -275,7 +296,7 @@ def added(r: Report, key: str, label: str, s: Sides, attr: str, limit: Optional[
               ("<", limit) if limit is not None and q == "p50" else None)
 
 
-async def measure(st: Stack, quick: bool) -> Report:
+async def measure(st: Stack, quick: bool, profile: Optional[Path]) -> Report:
     r = Report()
     rounds = 2
     scale = 0.5 if quick else 1.0
@@ -286,8 +307,10 @@ async def measure(st: Stack, quick: bool) -> Report:
         fast = dict(stream=False, input_len=Span(32, 32), output_len=Span(16, 16))
         for conc, secs in ((1, 3.0), (64, 4.0)):
             label = f"c={conc}"
-            s = await sides(session, st, "fast", Workload(concurrency=conc, duration=secs * scale, **fast), rounds,
-                            baseline=conc > 1, warmup=Workload(concurrency=conc, duration=0.5, **fast))
+            flame = profile / f"router-nonstream-c{conc}.svg" if profile and conc > 1 else None
+            with profiled(st.router_pid, flame):
+                s = await sides(session, st, "fast", Workload(concurrency=conc, duration=secs * scale, **fast), rounds,
+                                baseline=conc > 1, warmup=Workload(concurrency=conc, duration=0.5, **fast))
             for via in ("router", "direct"):
                 rec = s.recs[via]
                 r.add(f"ns_c{conc}_{via}_rps", f"{label}: req/s {'through the router' if via == 'router' else via}",
@@ -301,8 +324,10 @@ async def measure(st: Stack, quick: bool) -> Report:
         stream = dict(stream=True, input_len=Span(32, 32), output_len=Span(50, 50))
         for conc, secs in ((1, 8.0), (500, 4.0)):
             label = f"{conc} stream{'s' if conc > 1 else ''}"
-            s = await sides(session, st, "stream", Workload(concurrency=conc, duration=secs * scale, **stream), rounds,
-                            baseline=conc > 1)
+            flame = profile / f"router-stream-c{conc}.svg" if profile and conc > 1 else None
+            with profiled(st.router_pid, flame):
+                s = await sides(session, st, "stream", Workload(concurrency=conc, duration=secs * scale, **stream),
+                                rounds, baseline=conc > 1)
             added(r, f"s_c{conc}", label, s, "ttft", 0.5 if conc == 1 else None)
             gap_r, gap_d = _ms(s.recs["router"], "gaps", "mean"), _ms(s.recs["direct"], "gaps", "mean")
             r.add(f"s_c{conc}_gap_router_ms", f"{label}: mean inter-chunk gap, router", gap_r, "ms")
@@ -328,12 +353,19 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="half-length phases (about a minute)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the router and engine logs")
+    p.add_argument("--profile", metavar="DIR", type=Path,
+                   help="write py-spy flame graphs of the router at 64 requests and 500 streams to DIR "
+                        "(pip install py-spy)")
     args = p.parse_args()
+    if args.profile:
+        if shutil.which("py-spy") is None:
+            p.error("--profile needs py-spy on PATH: pip install py-spy")
+        args.profile.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="router-overhead-"))
     print(f"machine: {machine()}", flush=True)
     t0, load0 = time.monotonic(), os.getloadavg()[0]
     with stack(tmp) as st:
-        report = uvloop.run(measure(st, args.quick))
+        report = uvloop.run(measure(st, args.quick, args.profile))
     print(report.text())
     print(f"took {time.monotonic() - t0:.0f}s; load average before/after: {load0:.2f}/{os.getloadavg()[0]:.2f} "
           f"(other work on the machine inflates every figure, the yardsticks as much as the router)")
