@@ -420,7 +420,10 @@ def test_sleep_then_request_wakes_the_engine(stack: Stack):
     assert status == 200, body
     assert _engine_sleeping(stack), "the router said asleep but vLLM is awake"
     st, sb = _get(stack.router + "/sleep/status")
-    assert st == 200 and "sleeping" in sb.decode(), sb
+    assert st == 200 and json.loads(sb)["sleeping_models"] == [str(MODEL)], sb
+    # A sleeping engine still answers /health 200: the router reports it sleeping, not healthy.
+    st, hb = _get(stack.router + "/health/all")
+    assert st == 200 and json.loads(hb)["models"][str(MODEL)]["status"] == "sleeping", hb
     # A request to the sleeping model: the router wakes the engine, then serves it.
     t0 = time.monotonic()
     result = _client(stack, timeout=60).completions.create(
@@ -428,6 +431,7 @@ def test_sleep_then_request_wakes_the_engine(stack: Stack):
     stack.timings["request_while_asleep_s"] = time.monotonic() - t0
     assert result.usage.completion_tokens == 4
     assert not _engine_sleeping(stack)
+    assert json.loads(_get(stack.router + "/sleep/status")[1])["sleeping_models"] == []
     assert stack.timings["request_while_asleep_s"] < 30
 
 
