@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import signal
 import sys
 import time
 from dataclasses import asdict
 from typing import Callable, Mapping, Optional, Sequence, TextIO
 
-from .benchreport import compare, comparison_table, results_table, summarize
+import uvloop
+
+from .benchreport import compare, comparison_table, results_table, summarize, write_json
 from .config import Config, ConfigError, connect_host, load_config
 from .engines import last_flag_value
 from .loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
@@ -166,11 +166,21 @@ async def run_phase(label: str, tgts: Mapping[str, Target], work: Workload, stop
 
 
 async def bench(args: argparse.Namespace, cfg: Config, models: list[str]) -> dict:
-    """Ctrl-C or SIGTERM stops sending; requests in flight finish and the figures are kept."""
+    """Ctrl-C or SIGTERM stops sending: requests in flight finish and the figures are kept.
+
+    A second one abandons the requests in flight (long streams) without figures.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stop.is_set() and task is not None:
+            task.cancel()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         return await _phases(args, cfg, models, stop)
     finally:
@@ -216,14 +226,6 @@ def report(doc: dict, out: TextIO) -> None:
         out.write(comparison_table(doc["comparison"]) + "\n")
 
 
-def _run(coro_fn: Callable[[], "asyncio.Future[dict]"]) -> dict:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro_fn())
-    return uvloop.run(coro_fn())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -235,31 +237,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.tmux:
         from .benchtmux import launch
         return launch(args, cfg, models, p)
-    doc = _run(lambda: bench(args, cfg, models))
+    try:
+        doc = uvloop.run(bench(args, cfg, models))
+    except asyncio.CancelledError:
+        print(f"{p.prog}: interrupted twice; requests in flight abandoned, no figures", file=sys.stderr)
+        return 130
     report(doc, sys.stdout)
     if args.json:
         write_json(args.json, doc)
     kinds = [k for k in ("router", "direct") if k in doc]
     return 0 if all(doc[k][m]["ok"] for k in kinds for m in doc[k]) else 1
-
-
-def write_json(path: str, doc: dict) -> None:
-    """Written whole then renamed, so a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_finite(doc), f, indent=2)
-    os.replace(tmp, path)
-
-
-def _finite(v: object) -> object:
-    """JSON has no NaN: a rate over no time becomes null."""
-    if isinstance(v, float) and v != v:
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ unit) so the same object is printed as a table and written as ``--json``.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Mapping, Optional, Sequence
 
 from .loadgen import Recorder
@@ -98,3 +100,22 @@ def comparison_table(comparisons: Mapping[str, dict]) -> str:
                      f"{_num(ttft['p50'], '{:+.3f}')}/{_num(ttft['p99'], '{:+.3f}')}",
                      _num(c["itl_ratio"], "{:.3f}")))
     return _table(rows)
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Written whole then renamed, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_finite(doc), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _finite(v: object) -> object:
+    """JSON has no NaN: a rate over no time becomes null."""
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v

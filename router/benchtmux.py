@@ -17,11 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-from .benchreport import results_table
+from .benchreport import results_table, write_json
 from .config import Config
 
 #: Options that only the launching process uses; every other option is passed on.
+#: (--json: the launcher writes every client's figures to it, under "sessions".)
 _OWN = {"tmux", "models", "json", "results_dir", "config"}
 
 
@@ -81,22 +83,25 @@ def launch(args: argparse.Namespace, cfg: Config, models: list[str], p: argparse
             time.sleep(0.2)
     except KeyboardInterrupt:
         return 130
-    return _collect(runs)
+    return _collect(runs, args.json)
 
 
-def _collect(runs: dict[str, tuple[str, Path, Path]]) -> int:
-    summaries, failed = {}, []
+def _collect(runs: dict[str, tuple[str, Path, Path]], json_path: Optional[str]) -> int:
+    """Print every client's figures in one table; with --json, write them all to one file too."""
+    summaries, failed, docs = {}, [], {}
     for model, (session, result, status) in runs.items():
         if status.read_text().strip() != "0" or not result.exists():
             failed.append(f"{model} (see tmux session {session})")
             if not result.exists():
                 continue
-        doc = json.loads(result.read_text())
+        doc = docs[model] = json.loads(result.read_text())
         kinds = [k for k in ("router", "direct") if k in doc]
         for kind in kinds:
             summaries.update({(m if len(kinds) == 1 else f"{m} ({kind})"): s for m, s in doc[kind].items()})
     if summaries:
         print(results_table(summaries))
+    if json_path:
+        write_json(json_path, {"sessions": {runs[m][0]: doc for m, doc in docs.items()}})
     if failed:
         print("not every client succeeded: " + ", ".join(failed), file=sys.stderr)
     print("end the sessions with: " + "; ".join(f"tmux kill-session -t {s}" for s, _, _ in runs.values()))

@@ -197,7 +197,8 @@ def test_tmux_runs_one_client_per_model_in_its_own_session(stack: Stack, tmp_pat
     env["TMUX_TMPDIR"] = str(tmp_path)  # a private tmux server for this test
     results = tmp_path / "results"
     parent = subprocess.Popen([PY, "-m", "router.bench", "--config", str(stack.config), "--tmux", "--models",
-                               f"{ALPHA},{BETA}", "--results-dir", str(results), "--duration", "3",
+                               f"{ALPHA},{BETA}", "--results-dir", str(results), "--json", str(tmp_path / "all.json"),
+                               "--duration", "3",
                                "--concurrency", "1", "--output-len", "4", "--progress-interval", "0.2"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -217,6 +218,7 @@ def test_tmux_runs_one_client_per_model_in_its_own_session(stack: Stack, tmp_pat
         for session, model in (("benchmark-alpha", ALPHA), ("benchmark-beta", BETA)):
             doc = json.loads((results / f"{session}.json").read_text())
             assert doc["router"][model]["ok"] > 0 and doc["router"][model]["failed"] == 0
+            assert json.loads((tmp_path / "all.json").read_text())["sessions"][session] == doc
         # the sessions stay so the final table can be read
         assert "benchmark finished" in _tmux(env, "capture-pane", "-p", "-t", "benchmark-alpha").stdout
         again = subprocess.run([PY, "-m", "router.bench", "--config", str(stack.config), "--tmux", "--models", BETA,
