@@ -44,7 +44,8 @@ class RouterState:
         self.health = HealthChecker(self.table, config.router)
         self.sleep_manager = SleepManager(self)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
-        #: The one upstream client session; exists between lifespan start and end.
+        #: The aiohttp session for health probes, sleep/wake and admin calls (the proxy
+        #: uses each backend's own pool); exists between lifespan start and end.
         self.session: Optional[aiohttp.ClientSession] = None
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
@@ -93,6 +94,8 @@ def create_app(config: Config) -> RouterApp:
             await state.sleep_manager.stop()
             await state.health.stop()
             await state.session.close()
+            for backend in state.table.backends():
+                backend.pool.close()
             if state.access_log is not None:
                 state.access_log.flush()
 

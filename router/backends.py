@@ -2,7 +2,7 @@
 and every name a request may use (ModelTable).
 
 Everything the hot path needs per request is precomputed here at start-up
-(served-name sets, upstream URLs), so routing a request is a dict lookup and
+(served-name sets, connection pools), so routing a request is a dict lookup and
 a scan over a model's few replicas.
 """
 from __future__ import annotations
@@ -13,10 +13,9 @@ import time
 from collections import deque
 from typing import Any, Iterator, Optional
 
-from yarl import URL
-
-from .config import Config, Instance, RouterSettings
+from .config import Config, Instance, RouterSettings, connect_host
 from .lifecycle import Lifecycle
+from .upstream import Pool
 
 #: Health states of a backend; "unknown" (never probed) is routable.
 UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
@@ -38,7 +37,7 @@ class Backend:
     """One engine instance, with the router's view of its load and health."""
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
-                 "health", "ok_streak", "fail_streak", "ejected_until", "last_probe", "_urls")
+                 "health", "ok_streak", "fail_streak", "ejected_until", "last_probe", "pool", "authority")
 
     def __init__(self, instance: Instance):
         self.instance = instance
@@ -56,16 +55,9 @@ class Backend:
         self.ejected_until = 0.0
         #: (monotonic time, ok, detail) of the last probe, for the health endpoints.
         self.last_probe: Optional[tuple[float, bool, str]] = None
-        self._urls: dict[str, URL] = {}
-
-    def upstream_url(self, path: str, query: bytes) -> URL:
-        """The engine URL for `path`; parsed once per path, since yarl parsing is not free."""
-        if query:
-            return URL(f"{self.url}{path}?{query.decode('latin-1')}", encoded=True)
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.url + path)
-        return url
+        #: Keep-alive connections of the hot path; `authority` is the Host header value.
+        self.pool = Pool(connect_host(instance.host), instance.port)
+        self.authority = self.url.split("//", 1)[1].encode()
 
     def routable(self, now: float) -> bool:
         return self.health != UNHEALTHY and now >= self.ejected_until

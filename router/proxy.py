@@ -12,20 +12,20 @@ import asyncio
 import time
 from typing import Any, Awaitable, Callable, MutableMapping, Optional
 
-import aiohttp
 import orjson
 
 from .backends import Backend, Model, NoBackend, Overloaded
 from .config import RouterSettings
 from .errors import error_body
 from .lifecycle import ModelUnavailable
+from .upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones aiohttp sets itself.
+#: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones the router sets itself.
 DROP_REQUEST_HEADERS = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te",
     b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
@@ -37,8 +37,6 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 
 #: Outcome codes recorded for requests that did not end with the engine's status.
 CLIENT_GONE = 499
-
-CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 class Reject(Exception):
@@ -65,23 +63,29 @@ def retry_after(seconds: int) -> list[tuple[bytes, bytes]]:
     return [(b"retry-after", str(seconds).encode())]
 
 
-def forward_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[str, str]]:
-    """End-to-end request headers for the engine (the one place deciding what is forwarded).
+def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[bytes]) -> bytes:
+    """Request line and headers for the engine (the one place deciding which headers are forwarded).
 
-    Without an Accept-Encoding from the client, ask the engine for identity:
-    bodies are relayed as the engine encoded them, so the client must get an
-    encoding it asked for.
+    End-to-end headers pass as the client sent them; hop-by-hop ones (and
+    those the Connection header names) do not.
     """
-    identity = True
+    headers = scope["headers"]
+    typed = False
     for k, v in headers:
-        if k == b"connection":  # headers named in Connection are hop-by-hop too
+        if k == b"connection":
             drop = drop | {t.strip().lower().encode() for t in v.decode("latin-1").split(",")}
-        elif k == b"accept-encoding":
-            identity = False
-    out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in drop]
-    if identity:
-        out.append(("Accept-Encoding", "identity"))
-    return out
+        elif k == b"content-type":
+            typed = True
+    target = scope.get("raw_path") or scope["path"].encode("latin-1")
+    if scope["query_string"]:
+        target += b"?" + scope["query_string"]
+    parts = [b"POST ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\ncontent-length: ", str(length).encode(),
+             b"\r\n" if typed else b"\r\ncontent-type: application/json\r\n"]
+    for k, v in headers:
+        if k not in drop:
+            parts += (k, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
@@ -120,7 +124,6 @@ class Proxy:
     """ASGI handler for POST /v1/completions, /v1/chat/completions, /v1/embeddings."""
 
     def __init__(self, state: Any):
-        self.state = state
         settings: RouterSettings = state.config.router
         self.table = state.table
         self.traffic = state.traffic
@@ -130,10 +133,8 @@ class Proxy:
         self.access_log = state.access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.drop_headers = DROP_REQUEST_HEADERS | ({b"authorization"} if settings.api_keys else set())
-        self.timeout = aiohttp.ClientTimeout(total=settings.request_timeout_seconds,
-                                             connect=settings.connect_timeout_seconds)
-        self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout_seconds,
-                                                    sock_read=settings.stream_idle_timeout_seconds)
+        self.connect_timeout = settings.connect_timeout_seconds
+        self.request_timeout = settings.request_timeout_seconds
         self.known = ", ".join(self.table.names)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -224,14 +225,12 @@ class Proxy:
 
     async def forward(self, scope: Scope, send: Send, model: Model, name: str, payload: dict[str, Any],
                       body: bytes, stream: bool, start: float, ex: Exchange) -> None:
-        session: aiohttp.ClientSession = self.state.session
-        headers = forward_headers(scope["headers"], self.drop_headers)
-        timeout = self.stream_timeout if stream else self.timeout
         tried: tuple[Backend, ...] = ()
+        # A stream waits at most one idle period for its first byte; an answer, the request timeout.
+        timeout = self.idle_timeout if stream else self.request_timeout
         while True:
-            now = time.monotonic()
             try:
-                backend = await model.acquire(now, tried, self.queue_timeout)
+                backend = await model.acquire(time.monotonic(), tried, self.queue_timeout)
             except NoBackend as e:
                 if tried:
                     raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
@@ -243,22 +242,23 @@ class Proxy:
                                   "retry later.", headers=retry_after(1)) from None
             ex.backend = backend
             data = body if name in backend.served else orjson.dumps({**payload, "model": backend.served_name})
+            head = request_head(scope, backend.authority, len(data), self.drop_headers)
             try:
-                resp = await session.post(backend.upstream_url(scope["path"], scope["query_string"]),
-                                          data=data, headers=headers, timeout=timeout)
-            except CONNECT_ERRORS as e:
+                resp = await backend.pool.request(head, data, self.connect_timeout, timeout)
+            except ConnectFailed:
                 backend.eject(time.monotonic(), self.eject_seconds)
                 model.release(backend)
                 model.metrics.upstream_error("connect")
                 tried += (backend,)
-                if isinstance(e, asyncio.TimeoutError) and len(tried) == len(model.backends):
-                    raise Reject(504, f"Timed out connecting to the engine of model '{model.name}'.") from None
                 continue
-            except BaseException as e:
+            except UpstreamError as e:
                 model.release(backend)
                 raise self.upstream_failure(model, e) from None
+            except BaseException:
+                model.release(backend)
+                raise
             try:
-                if stream and resp.content_type == "text/event-stream":
+                if stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
                     await self.relay_stream(send, resp, start, ex, model)
                 else:
                     await self.relay_body(send, resp, start, ex, model)
@@ -267,56 +267,48 @@ class Proxy:
                 model.release(backend)
             return
 
-    def upstream_failure(self, model: Model, e: BaseException) -> BaseException:
-        """A failure before anything reached the client, as the error to answer (or re-raise)."""
-        if isinstance(e, asyncio.TimeoutError):
-            model.metrics.upstream_error("timeout")
-            return Reject(504, f"The engine of model '{model.name}' did not answer in time.")
-        if isinstance(e, aiohttp.ClientError):
-            model.metrics.upstream_error("disconnect")
-            return Reject(502, f"The engine of model '{model.name}' failed: {type(e).__name__}: {e}")
-        return e
+    def upstream_failure(self, model: Model, e: UpstreamError) -> Reject:
+        """A failure before anything reached the client, as the error to answer."""
+        model.metrics.upstream_error(e.kind)
+        if isinstance(e, UpstreamTimeout):
+            return Reject(504, f"The engine of model '{model.name}' timed out: {e}.")
+        return Reject(502, f"The engine of model '{model.name}' failed: {e}.")
 
-    async def relay_body(self, send: Send, resp: aiohttp.ClientResponse, start: float, ex: Exchange,
-                         model: Model) -> None:
+    async def relay_body(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model) -> None:
         try:
             data = await resp.read()
-        except BaseException as e:
+        except UpstreamError as e:
             raise self.upstream_failure(model, e) from None
         headers = [(b"content-length", str(len(data)).encode())]
-        for k, v in resp.raw_headers:
-            lk = k.lower()
-            if lk == b"content-type" or lk in RELAY_RESPONSE_HEADERS:
-                headers.append((lk, v))
+        for k, v in resp.headers:
+            if k == b"content-type" or k in RELAY_RESPONSE_HEADERS:
+                headers.append((k, v))
         ex.status = resp.status
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         ex.ttfb = time.perf_counter() - start
         await send({"type": "http.response.body", "body": data})
         ex.nbytes = len(data)
 
-    async def relay_stream(self, send: Send, resp: aiohttp.ClientResponse, start: float, ex: Exchange,
-                           model: Model) -> None:
-        headers = [(b"content-type", resp.headers["Content-Type"].encode("latin-1")), *STREAM_HEADERS]
+    async def relay_stream(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model) -> None:
+        resp.stream(self.idle_timeout)
         ex.status = resp.status
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": [(b"content-type", resp.header(b"content-type") or b""), *STREAM_HEADERS]})
         nbytes = 0
         try:
-            async for chunk in resp.content.iter_any():
-                if not nbytes:
-                    ex.ttfb = time.perf_counter() - start
+            chunk = await resp.next_chunk()
+            ex.ttfb = time.perf_counter() - start
+            while chunk:
                 nbytes += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            ex.nbytes = nbytes
-            timed_out = isinstance(e, asyncio.TimeoutError)
-            model.metrics.upstream_error("timeout" if timed_out else "disconnect")
-            ex.status = 504 if timed_out else 502
-            message = (f"The engine of model '{model.name}' sent nothing for {self.idle_timeout:g}s; stream aborted."
-                       if timed_out else f"The engine of model '{model.name}' closed the stream: {type(e).__name__}.")
+                chunk = await resp.next_chunk()
+        except UpstreamError as e:
+            model.metrics.upstream_error(e.kind)
+            ex.status = 504 if isinstance(e, UpstreamTimeout) else 502
+            message = f"The engine of model '{model.name}' stopped the stream: {e}."
             await send({"type": "http.response.body", "body": b"data: " + error_body(ex.status, message) + b"\n\n",
                         "more_body": True})
-        else:
-            ex.nbytes = nbytes
+        ex.nbytes = nbytes
         await send({"type": "http.response.body", "body": b""})
 
     def account(self, model: Model, ex: Exchange, stream: bool, start: float) -> None:

@@ -50,17 +50,21 @@ class Engine:
     Records every request body and whether a streaming client went away.
     """
 
-    def __init__(self, behaviour: str = "ok", chunks: int = 5, interval: float = 0.0, health: int = 200):
+    def __init__(self, behaviour: str = "ok", chunks: int = 5, interval: float = 0.0, health: int = 200,
+                 keepalive: float = 75.0):
         self.behaviour = behaviour
         self.chunks = chunks
         self.interval = interval
         self.health_status = health
+        self.keepalive = keepalive
         self.port = free_port()
         self.bodies: list[bytes] = []
         self.headers: list[Any] = []
         self.disconnects = 0
         self.health_probes = 0
         self.chunk_times: list[float] = []
+        #: Client addresses seen, one per connection the router opened.
+        self.peers: set[Any] = set()
         self.runner: Optional[web.AppRunner] = None
 
     @property
@@ -73,7 +77,7 @@ class Engine:
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_post("/v1/embeddings", self.generate)
-        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=self.keepalive)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
         return self
@@ -91,6 +95,7 @@ class Engine:
         body = await request.read()
         self.bodies.append(body)
         self.headers.append(request.headers.copy())
+        self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
         payload = orjson.loads(body)
         if self.behaviour == "error400":
             return web.json_response({"error": {"message": "max_tokens is too large", "type": "BadRequestError",
@@ -99,6 +104,8 @@ class Engine:
             await asyncio.sleep(3600)
         if payload.get("stream"):
             return await self.stream(request, payload)
+        if self.behaviour == "big":
+            return web.json_response({**completion(payload, request.path), "padding": "x" * 2_000_000})
         if self.interval:
             await asyncio.sleep(self.interval)
         return web.json_response(completion(payload, request.path))

@@ -153,3 +153,22 @@ def test_access_log_line_per_request(stack: Stack, capsys: pytest.CaptureFixture
     time.sleep(0.4)  # lines are written in batches every 0.2 s
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "router.access" in ln]
     assert len(lines) == 1 and " m single -> m 200 " in lines[0] and "ttfb=" in lines[0]
+
+
+def test_upstream_connections_are_reused_and_survive_keepalive_expiry(stack: Stack) -> None:
+    e = stack.engine(keepalive=0.3)
+    r = stack.router([instance("m", e.port)])
+    for _ in range(5):
+        assert post(r.url + "/v1/completions", b'{"model": "m"}')[0] == 200
+    assert len(e.peers) == 1  # one keep-alive connection served all five
+    time.sleep(0.6)  # the engine closes the idle connection; the router must not reuse it
+    assert post(r.url + "/v1/completions", b'{"model": "m"}')[0] == 200
+    assert len(e.peers) == 2
+
+
+def test_large_answer_relayed_whole(stack: Stack) -> None:
+    e = stack.engine(behaviour="big")
+    r = stack.router([instance("m", e.port)])
+    status, headers, data = post(r.url + "/v1/completions", b'{"model": "m"}')
+    assert status == 200 and int(headers["content-length"]) == len(data) > 2_000_000
+    assert json.loads(data)["padding"] == "x" * 2_000_000

@@ -82,14 +82,14 @@ def test_engine_death_mid_stream_ends_with_error_event(stack: Stack) -> None:
     assert status == 200
     last = json.loads(events[-1][1])
     assert set(last["error"]) == {"message", "type", "param", "code"} and last["error"]["code"] == 502
-    assert "closed the stream" in last["error"]["message"]
+    assert "closed the connection" in last["error"]["message"]
     # The SDK turns the error event into an exception rather than a silent end.
     c = openai.OpenAI(base_url=r.url + "/v1", api_key="x", max_retries=0)
     try:
         list(c.completions.create(model="m", prompt="x", stream=True))
         raise AssertionError("the SDK should raise on the error event")
     except openai.APIError as err:
-        assert "closed the stream" in str(err)
+        assert "closed the connection" in str(err)
 
 
 def test_stalled_stream_hits_idle_timeout(stack: Stack) -> None:

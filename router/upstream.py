@@ -1,0 +1,299 @@
+"""A lean HTTP/1.1 keep-alive client for the proxy hot path.
+
+Profiles of the router (issue 4) showed aiohttp's client machinery (request
+and response objects, header multidicts, payload registry, per-chunk read
+timers) costing more router CPU per request than all of the router's own
+work. The proxy needs little of it: one POST of bytes it already has, to an
+engine on a known host:port, and the answer relayed as bytes. So the hot path
+writes the request in one `write`, parses the answer with httptools (the
+parser uvicorn uses), and keeps connections per backend for reuse. The
+shared aiohttp session still serves everything else (health probes, sleep
+and wake calls, admin).
+
+Timeouts cost one timer per request, not one per chunk: a non-streaming
+answer has a deadline; a stream has an idle watchdog that re-arms itself only
+when it fires and sees progress, so silence is caught between one and two
+idle periods after the last byte.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Optional
+
+import httptools
+
+#: Bytes of a response buffered before reading from the engine pauses (backpressure).
+HIGH_WATER = 256 * 1024
+#: Idle keep-alive connections kept per backend.
+MAX_IDLE = 512
+
+
+class UpstreamError(Exception):
+    """A failure talking to an engine; `kind` is connect, timeout or disconnect (metrics label)."""
+
+    kind = "disconnect"
+
+
+class ConnectFailed(UpstreamError):
+    kind = "connect"
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection; parses one response at a time."""
+
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
+        self.transport: Optional[asyncio.Transport] = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.received = False
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.error: Optional[UpstreamError] = None
+        self.paused = False
+        #: Only a stream's reader takes pieces as they come; a whole body must not pause reading.
+        self.streaming = False
+        self._waiter: Optional[asyncio.Future[None]] = None
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.fail(UpstreamError(f"the engine sent an invalid HTTP response: {e}"))
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if not self.complete and self.error is None:
+            self.error = UpstreamError("the engine closed the connection" + (f": {exc}" if exc else ""))
+        self._wake()
+
+    # ---------------------------------------------------------------- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and self.streaming and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        # Asked now: httptools forgets it once the message is over.
+        self.keep_alive = self.parser.should_keep_alive()
+        self._wake()
+
+    # ---------------------------------------------------------------- used by Response
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    async def wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def take(self) -> bytes:
+        """Everything buffered so far, as one piece."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def fail(self, error: UpstreamError) -> None:
+        """End this connection with `error` (timeouts, parse errors)."""
+        if self.error is None:
+            self.error = error
+        self.abort()
+        self._wake()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Response:
+    """The engine's answer on a connection; `close()` frees the connection (reused only if read whole)."""
+
+    __slots__ = ("conn", "status", "headers", "_timer", "_watchdog")
+
+    def __init__(self, conn: Connection, timer: asyncio.TimerHandle):
+        self.conn = conn
+        self.status = conn.status
+        self.headers = conn.headers
+        self._timer = timer
+        self._watchdog: Optional[_IdleWatchdog] = None
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    async def read(self) -> bytes:
+        """The whole body (the request's deadline still applies)."""
+        conn = self.conn
+        while not conn.complete:
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait()
+        return conn.take()
+
+    def stream(self, idle_timeout: float) -> None:
+        """Switch from the deadline to an idle watchdog, for reading with `next_chunk`."""
+        self._timer.cancel()
+        self.conn.streaming = True
+        self._watchdog = _IdleWatchdog(self.conn, idle_timeout)
+
+    async def next_chunk(self) -> bytes:
+        """What arrived since the last call (waiting for something), or b"" at the end of the body."""
+        conn = self.conn
+        while True:
+            if conn.chunks:
+                if self._watchdog is not None:
+                    self._watchdog.progress += 1
+                return conn.take()
+            if conn.complete:
+                return b""
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        conn = self.conn
+        if conn.keep_alive and not conn.closed and conn.error is None:
+            conn.pool.put(conn)
+        else:
+            conn.abort()
+
+
+class _IdleWatchdog:
+    """Fails the connection when a check finds no progress since the previous one."""
+
+    __slots__ = ("conn", "timeout", "progress", "_seen", "_handle")
+
+    def __init__(self, conn: Connection, timeout: float):
+        self.conn = conn
+        self.timeout = timeout
+        self.progress = 0
+        self._seen = 0
+        self._handle = asyncio.get_running_loop().call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        if self.progress == self._seen:
+            self.conn.fail(UpstreamTimeout(f"the engine sent nothing for {self.timeout:g}s"))
+            return
+        self._seen = self.progress
+        self._handle = asyncio.get_running_loop().call_later(self.timeout, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+class Pool:
+    """Keep-alive connections to one engine (host, port)."""
+
+    def __init__(self, host: str, port: int):
+        self.host = host
+        self.port = port
+        self.idle: list[Connection] = []
+
+    def put(self, conn: Connection) -> None:
+        conn._reset()
+        conn.reused = True
+        if len(self.idle) < MAX_IDLE:
+            self.idle.append(conn)
+        else:
+            conn.abort()
+
+    def forget(self, conn: Connection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        for conn in self.idle[:]:
+            conn.abort()
+        self.idle.clear()
+
+    async def _connect(self, timeout: float) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: Connection(self), self.host, self.port),
+                                             timeout)
+        except asyncio.TimeoutError:
+            raise ConnectFailed(f"no connection to {self.host}:{self.port} within {timeout:g}s") from None
+        except OSError as e:
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
+        return conn
+
+    async def request(self, head: bytes, body: bytes, connect_timeout: float, timeout: float) -> Response:
+        """Send `head` (request line and headers, ending with a blank line) and `body`; wait for the status.
+
+        `timeout` bounds the whole exchange until `Response.stream` replaces it.
+        A reused connection that the engine closed before answering (its
+        keep-alive expired as we sent) is retried once on a new connection:
+        the engine never saw that request.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            conn = self.idle.pop() if self.idle else await self._connect(connect_timeout)
+            if conn.closed:
+                continue
+            reused = conn.reused
+            timer = loop.call_later(timeout, conn.fail, UpstreamTimeout(f"the engine did not answer within {timeout:g}s"))
+            assert conn.transport is not None
+            conn.transport.write(head + body)
+            try:
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait()
+            except BaseException as e:
+                timer.cancel()
+                conn.abort()
+                if reused and not conn.received and type(e) is UpstreamError:
+                    continue
+                raise
+            return Response(conn, timer)
