@@ -4,7 +4,7 @@ Run from the project root: ``python benchmarks/overhead.py`` (about two
 minutes on 2 cores). It starts three simulated vLLM engines (fast, streaming
 at 20 ms per token, and near-idle streams) and the router as separate
 processes on free ports, with every router feature on (metrics, traffic
-stats, health checks, access log to a file), and drives them from this
+stats, health checks, access log to a file, API key, sleep manager), and drives them from this
 process with the project's load generator (router.loadgen).
 
 Figures are CPU time of the router process per unit of work (from
@@ -42,6 +42,7 @@ from router.benchreport import distribution_ms  # noqa: E402
 from router.loadgen import Recorder, Span, Target, Workload, new_session, run_model  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+API_KEY = "overhead-bench-key"
 #: name -> simulator knobs; one router model per simulated engine.
 SIMS = {
     "fast": ["--ttft-ms", "0", "--itl-ms", "0"],
@@ -86,7 +87,8 @@ class Stack:
 
     def target(self, model: str, via: str) -> Target:
         """`via` is "router", "baseline" (the bare pass-through) or "direct" (the engine itself)."""
-        return Target(model, ((self.sim_urls[model] if via == "direct" else self.urls[via], model),))
+        headers = {"Authorization": f"Bearer {API_KEY}"} if via == "router" else {}
+        return Target(model, ((self.sim_urls[model] if via == "direct" else self.urls[via], model),), headers)
 
     def pid(self, via: str) -> int:
         return self.router_pid if via == "router" else self.baseline_pid
@@ -97,11 +99,15 @@ def stack(tmp: Path) -> Iterator[Stack]:
     """Simulated engines, the router and the bare pass-through, each in its own process group."""
     ports = {name: free_port() for name in SIMS}
     router_port, baseline_port = free_port(), free_port()
-    instances = "\n".join(f"  - {{name: {n}, model: {n}, engine: vllm, launch: false, engine_args: ['--port {p}']}}"
-                          for n, p in ports.items())
+    instances = "\n".join(f"  - {{name: {n}, model: {n}, engine: vllm, launch: false, engine_env: ['VLLM_SERVER_DEV_MODE=1'], "
+                          f"engine_args: ['--port {p} --enable-sleep-mode']}}" for n, p in ports.items())
     config = tmp / "overhead.yaml"
-    config.write_text(f"router:\n  router_port: {router_port}\n  access_log: true\n"
-                      f"  health_check_interval_seconds: 5\ninstances:\n{instances}\n")
+    # Every feature on: access log, health checks, API key, the sleep manager's idle loop (with a
+    # threshold no phase reaches); metrics and traffic stats are always on.
+    config.write_text(f"router:\n  router_port: {router_port}\n  access_log: true\n  api_keys: [{API_KEY}]\n"
+                      f"  health_check_interval_seconds: 5\n"
+                      f"sleep_manager:\n  auto_sleep_enabled: true\n  idle_threshold_seconds: 3600\n"
+                      f"  check_interval_seconds: 5\ninstances:\n{instances}\n")
     procs: list[subprocess.Popen] = []
 
     def start(argv: list[str], log: str) -> subprocess.Popen:
