@@ -5,8 +5,10 @@ Each process a test starts is tracked and its whole group is ended.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -19,7 +21,9 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
 
@@ -130,3 +134,83 @@ def short_tmp():
     path = tempfile.mkdtemp(prefix="kvr", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+class Streamed:
+    """What a client saw of one request: status, SSE data payloads, or the connection error."""
+
+    def __init__(self, status: int = 0, events: Optional[list[bytes]] = None, body: bytes = b"",
+                 failure: Optional[str] = None, ended: float = 0.0):
+        self.status = status
+        self.events = events or []
+        self.body = body
+        self.failure = failure
+        self.ended = ended
+
+    @property
+    def done(self) -> bool:
+        """A complete stream: status 200 and the closing [DONE]."""
+        return self.status == 200 and bool(self.events) and self.events[-1] == b"[DONE]"
+
+    def chunks(self) -> list[dict]:
+        return [json.loads(e) for e in self.events if e != b"[DONE]"]
+
+    def text(self) -> str:
+        """The generated text: completion `text` or chat `delta.content` of every chunk."""
+        parts = []
+        for c in self.chunks():
+            for choice in c.get("choices") or ():
+                parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+        return "".join(parts)
+
+    def error_event(self) -> Optional[dict]:
+        """The OpenAI-shaped error the router put in the stream, if any."""
+        found = [c["error"] for c in self.chunks() if "error" in c]
+        return found[-1] if found else None
+
+
+async def stream_request(http: aiohttp.ClientSession, url: str, body: dict, first: Optional[asyncio.Event] = None,
+                         stop_after: Optional[int] = None) -> Streamed:
+    """POST `body` with aiohttp and read it as SSE; `first` is set on the first data event.
+
+    `stop_after` N: close the connection after N events, as a client that gives up.
+    Connection failures are returned (`failure`), not raised, so load tests can count them.
+    """
+    out = Streamed()
+    try:
+        async with http.post(url, json=body) as r:
+            out.status = r.status
+            if r.content_type != "text/event-stream":
+                out.body = await r.read()
+                return out
+            async for line in r.content:
+                if not line.startswith(b"data: "):
+                    continue
+                out.events.append(line[6:].rstrip())
+                if first is not None and len(out.events) == 1:
+                    first.set()
+                if stop_after is not None and len(out.events) >= stop_after:
+                    r.close()
+                    return out
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        out.failure = type(e).__name__
+    finally:
+        out.ended = time.monotonic()
+    return out
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus sample `name` over the series matching `labels`."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def raise_own_nofile_limit() -> None:
+    """This test process holds a socket per client: lift its soft open-file limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
