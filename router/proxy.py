@@ -208,7 +208,7 @@ class Proxy:
         except asyncio.CancelledError:
             if not gone:
                 raise
-            task.uncancel()
+            task.uncancel()  # the cancel was ours, for the client that left
             ex.status = CLIENT_GONE
         except ModelUnavailable as e:
             ex.status = 503

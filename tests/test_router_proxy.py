@@ -1,6 +1,7 @@
 """The proxy routes through the real app on uvicorn, with the OpenAI SDK as client."""
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -172,3 +173,41 @@ def test_large_answer_relayed_whole(stack: Stack) -> None:
     status, headers, data = post(r.url + "/v1/completions", b'{"model": "m"}')
     assert status == 200 and int(headers["content-length"]) == len(data) > 2_000_000
     assert json.loads(data)["padding"] == "x" * 2_000_000
+
+
+def test_reused_connection_closed_before_answering_is_retried(stack: Stack) -> None:
+    """The keep-alive race: the engine closes an idle connection as the router reuses it."""
+    port = free_port()
+    seen = {"connections": 0, "answered": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            if not head.startswith(b"POST"):  # a health probe
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                continue
+            if served:  # a later request on this connection: close it unanswered
+                writer.close()
+                return
+            seen["connections"] += 1
+            length = next(int(ln.split(b":")[1]) for ln in head.split(b"\r\n") if ln.startswith(b"content-length"))
+            await reader.readexactly(length)
+            body = b'{"ok": true}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            seen["answered"] += 1
+            served += 1
+
+    server = stack.loop.run(asyncio.start_server(handle, "127.0.0.1", port))
+    try:
+        r = stack.router([instance("m", port)])
+        for i in range(3):
+            status, _, data = post(r.url + "/v1/completions", b'{"model": "m"}')
+            assert (status, data) == (200, b'{"ok": true}')
+        assert seen == {"connections": 3, "answered": 3}
+    finally:
+        server.close()
