@@ -220,7 +220,9 @@ class _IdleWatchdog:
         self._handle = asyncio.get_running_loop().call_later(timeout, self._check)
 
     def _check(self) -> None:
-        if self.progress == self._seen:
+        # Bytes still waiting for the relay mean the hold-up is a slow client
+        # (backpressure), not a silent engine: only the engine's silence times out.
+        if self.progress == self._seen and not self.conn.chunks:
             self.conn.fail(UpstreamTimeout(f"the engine sent nothing for {self.timeout:g}s"))
             return
         self._seen = self.progress
