@@ -193,7 +193,8 @@ class Proxy:
 
         def on_disconnect(w: asyncio.Task[Message]) -> None:
             nonlocal gone
-            if not w.cancelled() and task is not None and not task.done():
+            if (not w.cancelled() and w.exception() is None and w.result()["type"] == "http.disconnect"
+                    and task is not None and not task.done()):
                 gone = True
                 task.cancel()
 
