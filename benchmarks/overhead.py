@@ -178,8 +178,9 @@ class Sides:
 
     recs: dict[str, Recorder]
     #: CPU seconds of the proxy process during its own phases ("router", "baseline"), and of the
-    #: engine and of this load generator during the router phases.
+    #: engine and of this load generator while they served `shared`.
     cpu: dict[str, float]
+    shared: tuple[str, ...] = ("router",)
     router_rss_mb: float = 0.0
 
 
@@ -208,6 +209,17 @@ async def sides(session: aiohttp.ClientSession, st: Stack, model: str, work: Wor
                 out.cpu["client"] += time.process_time() - client
                 out.router_rss_mb = max(out.router_rss_mb, rss_mb(st.router_pid))
     return out
+
+
+async def paired(session: aiohttp.ClientSession, st: Stack, model: str, work: Workload) -> Sides:
+    """Router and direct loads at the same time, so both meet the same machine; for one request
+    or stream at a time, where the figures are wall-clock differences and drift would swamp them."""
+    router, engine, client = cpu_seconds(st.router_pid), cpu_seconds(st.sim_pids[model]), time.process_time()
+    via_router, via_direct = await asyncio.gather(phase(session, st.target(model, "router"), work),
+                                                  phase(session, st.target(model, "direct"), work))
+    cpu = {"router": cpu_seconds(st.router_pid) - router, "engine": cpu_seconds(st.sim_pids[model]) - engine,
+           "client": time.process_time() - client}
+    return Sides({"router": via_router, "direct": via_direct}, cpu, ("router", "direct"), rss_mb(st.router_pid))
 
 
 async def idle_streams(session: aiohttp.ClientSession, st: Stack, n: int) -> dict:
@@ -279,7 +291,8 @@ def machine() -> str:
 
 def per_unit(s: Sides, unit: Callable[[Recorder], int]) -> dict[str, float]:
     """CPU microseconds per unit of work: each proxy over its own phases, engine and client over the router's."""
-    n = {"router": unit(s.recs["router"]), "engine": unit(s.recs["router"]), "client": unit(s.recs["router"])}
+    shared = sum(unit(s.recs[via]) for via in s.shared)
+    n = {"router": unit(s.recs["router"]), "engine": shared, "client": shared}
     if "baseline" in s.recs:
         n["baseline"] = unit(s.recs["baseline"])
     return {k: s.cpu[k] / max(v, 1) * 1e6 for k, v in n.items()}
@@ -302,47 +315,54 @@ def added(r: Report, key: str, label: str, s: Sides, attr: str, limit: Optional[
               ("<", limit) if limit is not None and q == "p50" else None)
 
 
+def request_rows(r: Report, conc: int, s: Sides) -> None:
+    label = f"c={conc}"
+    for via in ("router", "direct"):
+        rec = s.recs[via]
+        r.add(f"ns_c{conc}_{via}_rps", f"{label}: req/s {'through the router' if via == 'router' else via}",
+              rec.ok / rec.elapsed, "req/s")
+    added(r, f"ns_c{conc}", label, s, "latency", 0.3 if conc == 1 else None)
+    cpu_rows(r, f"ns_c{conc}", label, per_unit(s, lambda rec: rec.ok), "request", ("<=", 150) if conc > 1 else None)
+    r.add(f"ns_c{conc}_errors", f"{label}: failed requests", failures(s), "")
+
+
+def stream_rows(r: Report, conc: int, s: Sides) -> None:
+    label = f"{conc} stream{'s' if conc > 1 else ''}"
+    r.add(f"s_c{conc}_streams_router", f"{label}: streams measured through the router", s.recs["router"].ok, "")
+    r.add(f"s_c{conc}_streams_direct", f"{label}: streams measured direct", s.recs["direct"].ok, "")
+    added(r, f"s_c{conc}", label, s, "ttft", 0.5 if conc == 1 else None)
+    gap_r, gap_d = _ms(s.recs["router"], "gaps", "mean"), _ms(s.recs["direct"], "gaps", "mean")
+    r.add(f"s_c{conc}_gap_router_ms", f"{label}: mean inter-chunk gap, router", gap_r, "ms")
+    r.add(f"s_c{conc}_gap_direct_ms", f"{label}: mean inter-chunk gap, direct", gap_d, "ms")
+    r.add(f"s_c{conc}_gap_excess_pct", f"{label}: router gap vs direct, |difference|",
+          abs(gap_r / gap_d - 1) * 100, "%", ("<=", 2) if conc == 1 else None)
+    cpu_rows(r, f"s_c{conc}", label, per_unit(s, relayed_chunks), "chunk", ("<=", 50) if conc > 1 else None)
+    r.add(f"s_c{conc}_router_rss_mb", f"{label}: router RSS", s.router_rss_mb, "MB")
+    r.add(f"s_c{conc}_errors", f"{label}: failed streams", failures(s), "")
+
+
 async def measure(st: Stack, quick: bool, profile: Optional[Path]) -> Report:
+    """One at a time: router and direct side by side. Many at once: alternating phases, twice."""
     r = Report()
-    rounds = 2
     scale = 0.5 if quick else 1.0
     async with new_session(120.0) as session:
         await wait_ready(session, [u + "/health" for u in [*st.sim_urls.values(), *st.urls.values()]])
 
         r.section("non-streaming, 16 output tokens, engine answers at once")
         fast = dict(stream=False, input_len=Span(32, 32), output_len=Span(16, 16))
-        for conc, secs in ((1, 3.0), (64, 4.0)):
-            label = f"c={conc}"
-            flame = profile / f"router-nonstream-c{conc}.svg" if profile and conc > 1 else None
-            with profiled(st.router_pid, flame):
-                s = await sides(session, st, "fast", Workload(concurrency=conc, duration=secs * scale, **fast), rounds,
-                                baseline=conc > 1, warmup=Workload(concurrency=conc, duration=0.5, **fast))
-            for via in ("router", "direct"):
-                rec = s.recs[via]
-                r.add(f"ns_c{conc}_{via}_rps", f"{label}: req/s {'through the router' if via == 'router' else via}",
-                      rec.ok / rec.elapsed, "req/s")
-            added(r, f"ns_c{conc}", label, s, "latency", 0.3 if conc == 1 else None)
-            cpu_rows(r, f"ns_c{conc}", label, per_unit(s, lambda rec: rec.ok), "request",
-                     ("<=", 150) if conc > 1 else None)
-            r.add(f"ns_c{conc}_errors", f"{label}: failed requests (all phases)", failures(s), "")
+        request_rows(r, 1, await paired(session, st, "fast", Workload(concurrency=1, duration=6.0 * scale, **fast)))
+        with profiled(st.router_pid, profile / "router-nonstream-c64.svg" if profile else None):
+            s = await sides(session, st, "fast", Workload(concurrency=64, duration=4.0 * scale, **fast), rounds=2,
+                            baseline=True, warmup=Workload(concurrency=64, duration=0.5, **fast))
+        request_rows(r, 64, s)
 
         r.section("streaming, 50 tokens at 20 ms each")
         stream = dict(stream=True, input_len=Span(32, 32), output_len=Span(50, 50))
-        for conc, secs in ((1, 8.0), (500, 4.0)):
-            label = f"{conc} stream{'s' if conc > 1 else ''}"
-            flame = profile / f"router-stream-c{conc}.svg" if profile and conc > 1 else None
-            with profiled(st.router_pid, flame):
-                s = await sides(session, st, "stream", Workload(concurrency=conc, duration=secs * scale, **stream),
-                                rounds, baseline=conc > 1)
-            added(r, f"s_c{conc}", label, s, "ttft", 0.5 if conc == 1 else None)
-            gap_r, gap_d = _ms(s.recs["router"], "gaps", "mean"), _ms(s.recs["direct"], "gaps", "mean")
-            r.add(f"s_c{conc}_gap_router_ms", f"{label}: mean inter-chunk gap, router", gap_r, "ms")
-            r.add(f"s_c{conc}_gap_direct_ms", f"{label}: mean inter-chunk gap, direct", gap_d, "ms")
-            r.add(f"s_c{conc}_gap_excess_pct", f"{label}: router gap vs direct, |difference|",
-                  abs(gap_r / gap_d - 1) * 100, "%", ("<=", 2) if conc == 1 else None)
-            cpu_rows(r, f"s_c{conc}", label, per_unit(s, relayed_chunks), "chunk", ("<=", 50) if conc > 1 else None)
-            r.add(f"s_c{conc}_router_rss_mb", f"{label}: router RSS", s.router_rss_mb, "MB")
-            r.add(f"s_c{conc}_errors", f"{label}: failed streams (all phases)", failures(s), "")
+        stream_rows(r, 1, await paired(session, st, "stream", Workload(concurrency=1, duration=30.0 * scale, **stream)))
+        with profiled(st.router_pid, profile / "router-stream-c500.svg" if profile else None):
+            s = await sides(session, st, "stream", Workload(concurrency=500, duration=4.0 * scale, **stream),
+                            rounds=2, baseline=True)
+        stream_rows(r, 500, s)
 
         r.section("1,000 simultaneous idle streams through the router")
         idle = await idle_streams(session, st, 1000)
