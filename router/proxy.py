@@ -209,7 +209,8 @@ class Proxy:
         except asyncio.CancelledError:
             if not gone:
                 raise
-            task.uncancel()  # the cancel was ours, for the client that left
+            if hasattr(task, "uncancel"):  # Python >= 3.11 counts cancels; this one was ours
+                task.uncancel()
             ex.status = CLIENT_GONE
         except ModelUnavailable as e:
             ex.status = 503

@@ -186,7 +186,6 @@ class RouterServer:
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, http="httptools", lifespan="on",
             access_log=False, log_level="warning", timeout_graceful_shutdown=2))
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.task: Optional[asyncio.Task[None]] = None
 
     @property

@@ -5,7 +5,7 @@ import json
 import urllib.parse
 
 from helpers import free_port
-from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_proxy import assert_error, client, post
 
 
