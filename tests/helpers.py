@@ -64,6 +64,15 @@ def http_status(url: str, timeout: float = 1.0) -> Optional[int]:
         return None
 
 
+def refused(port: int) -> bool:
+    """Whether a connection to loopback `port` is refused (nothing listens there)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
 def wait_http(url: str, status: int = 200, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     last = None

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -24,7 +25,7 @@ import aiohttp
 import psutil
 import pytest
 
-from helpers import Streamed, distinct_ports, http_status, metric_value, render, stream_request
+from helpers import Streamed, distinct_ports, http_status, metric_value, refused, render, stream_request
 from supervised import Supervised, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,7 +67,6 @@ class FaultStack:
         return psutil.Process(self.pid("router"))
 
     def metrics(self, base: Optional[str] = None) -> str:
-        import urllib.request
         with urllib.request.urlopen(f"{base or self.url}/metrics", timeout=5) as r:
             return r.read().decode()
 
@@ -282,14 +282,6 @@ def test_router_sigkill_under_load_costs_only_the_gap(fs: FaultStack) -> None:
     after = [entry for entry in log if entry[0] > back + 0.2]
     assert len(after) > 20 and all(entry[2] for entry in after)
     assert {n: fs.pid(n) for n in ENGINES} == engines  # the engines never noticed
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return False
-    except ConnectionRefusedError:
-        return True
 
 
 def test_router_sigterm_finishes_streams_in_flight_and_refuses_new_connections(fs: FaultStack) -> None:

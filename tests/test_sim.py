@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 import pytest
 
-from helpers import PY, Proc, free_port, wait_http
+from helpers import PY, Proc, free_port, refused, wait_http
 from router.sim import SimEngine, SimOptions, parse_options
 from router.sim import textgen
 
@@ -536,14 +536,6 @@ def test_bad_cli_values_exit_2_with_a_message() -> None:
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
 
 
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return False
-    except ConnectionRefusedError:
-        return True
-
-
 def test_process_startup_delay_unknown_args_and_die_after(procs: list[Proc], tmp_path: Path) -> None:
     port = free_port()
     log = str(tmp_path / "sim.log")
@@ -553,7 +545,7 @@ def test_process_startup_delay_unknown_args_and_die_after(procs: list[Proc], tmp
     procs.append(proc)
     t0 = time.monotonic()
     time.sleep(0.5)
-    assert _refused(port)  # still "loading the model": nothing listens yet
+    assert refused(port)  # still "loading the model": nothing listens yet
     wait_http(f"http://127.0.0.1:{port}/health", timeout=10)
     assert time.monotonic() - t0 >= 1.0
     assert "ignoring engine arguments the simulator does not model: --dtype half --gpu-memory-utilization 0.5" in open(log).read()
