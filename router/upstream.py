@@ -52,6 +52,8 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
+        #: A request was sent and its answer is not over; idle connections must stay silent.
+        self.busy = False
         self._reset()
 
     def _reset(self) -> None:
@@ -75,6 +77,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy:  # bytes on an idle connection (say a 408 before closing): never reuse it
+            self.abort()
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -242,6 +247,7 @@ class Pool:
 
     def put(self, conn: Connection) -> None:
         conn._reset()
+        conn.busy = False
         conn.reused = True
         if len(self.idle) < MAX_IDLE:
             self.idle.append(conn)
@@ -286,6 +292,7 @@ class Pool:
             reused = conn.reused
             timer = loop.call_later(timeout, conn.fail, UpstreamTimeout(f"the engine did not answer within {timeout:g}s"))
             assert conn.transport is not None
+            conn.busy = True
             conn.transport.write(head + body)
             try:
                 while not conn.headers_done:
