@@ -30,6 +30,7 @@ TOKENS = 16
 #: Long enough for every client to connect before the first token, so all streams are open at once.
 TTFT_MS = 5000
 ITL_MS = 50
+SOFT_NOFILE = 1024
 
 
 class LoadStack:
@@ -59,7 +60,10 @@ def load_stack(tmp_path: Path) -> Iterator[LoadStack]:
                   log=str(tmp_path / f"{engine}.log"))
              for engine, model, port in (("vllm", "load/a", a), ("sglang", "load/b", b))]
     try:
-        router = Proc([PY, "-m", "router.serve", "--config", str(path)], log=str(tmp_path / "router.log"))
+        # Started with the usual soft limit of 1024 descriptors, too few for 4,000
+        # sockets: the router must lift its own soft limit to carry this load.
+        router = Proc(["prlimit", f"--nofile={SOFT_NOFILE}:", PY, "-m", "router.serve", "--config", str(path)],
+                      log=str(tmp_path / "router.log"))
         procs.append(router)
         for port in (a, b, router_port):
             wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
@@ -96,6 +100,8 @@ def check(r: Streamed, chat: bool, expected: str) -> str:
 
 def test_two_thousand_concurrent_streams(load_stack: LoadStack) -> None:
     s = load_stack
+    soft, hard = s.router.rlimit(psutil.RLIMIT_NOFILE)
+    assert soft == hard > 2 * STREAMS + SOFT_NOFILE, "the router did not raise its open-file limit"
     base_rss = s.router.memory_info().rss
     peak = {"rss": base_rss, "in_flight": 0.0}
     stop = threading.Event()
