@@ -148,6 +148,9 @@ class Connection(asyncio.Protocol):
         self.abort()
         self._wake()
 
+    def time_out(self, seconds: float) -> None:
+        self.fail(UpstreamTimeout(f"the engine did not answer within {seconds:g}s"))
+
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -280,9 +283,9 @@ class Pool:
         """Send `head` (request line and headers, ending with a blank line) and `body`; wait for the status.
 
         `timeout` bounds the whole exchange until `Response.stream` replaces it.
-        A reused connection that the engine closed before answering (its
-        keep-alive expired as we sent) is retried once on a new connection:
-        the engine never saw that request.
+        When a reused connection is closed by the engine before any answer
+        (its keep-alive expired as we sent), the request goes again on another
+        connection: the engine never saw it.
         """
         loop = asyncio.get_running_loop()
         while True:
@@ -290,7 +293,7 @@ class Pool:
             if conn.closed:
                 continue
             reused = conn.reused
-            timer = loop.call_later(timeout, conn.fail, UpstreamTimeout(f"the engine did not answer within {timeout:g}s"))
+            timer = loop.call_later(timeout, conn.time_out, timeout)
             assert conn.transport is not None
             conn.busy = True
             conn.transport.write(head + body)
