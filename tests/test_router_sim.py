@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -118,3 +119,12 @@ def test_graceful_shutdown_finishes_streams_and_refuses_new(tmp_path: Path, sims
     assert router.p.wait(10) in (0, -signal.SIGTERM)
     log = (tmp_path / "router.log").read_text()
     assert "Traceback" not in log and "Application shutdown complete" in log
+
+
+def test_serve_rejects_a_bad_config_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("router:\n  router_port: 0\ninstances:\n  - model: m\n    engine: nope\n")
+    done = subprocess.run([PY, "-m", "router.serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"{bad}: router.router_port" in done.stderr and "instances[0].engine" in done.stderr
