@@ -1,17 +1,19 @@
 """What the router costs on top of the engine, measured against the simulated engine.
 
 Run from the project root: ``python benchmarks/overhead.py`` (about two
-minutes on 2 cores). It starts three simulated vLLM engines (fast, streaming
-at 20 ms per token, and near-idle streams) and the router as separate
-processes on free ports, with every router feature on (metrics, traffic
-stats, health checks, access log to a file, API key, sleep manager), and drives them from this
-process with the project's load generator (router.loadgen).
+minutes on 2 cores). It starts three simulated vLLM engines (answering at
+once, streaming at 20 ms per token, near-idle streams), the router with every
+feature on (metrics, traffic stats, health checks, API key, sleep manager,
+access log to a file) and a bare pass-through on uvicorn + aiohttp
+(benchmarks/passthrough.py) as separate processes on free ports, and drives
+them from this process with the project's load generator (router.loadgen).
 
 Figures are CPU time of the router process per unit of work (from
-/proc/<pid>/stat) and differences or ratios against going to the engine
-directly, in alternating phases of the same run: wall-clock alone is too
-noisy on a shared 2-core machine. Each figure is printed next to its target
-from issue 4 with PASS or MISS.
+/proc/<pid>/stat) and differences against going to the engine directly in
+the same run: one request or stream at a time side by side with direct,
+heavier loads in alternating phases, since wall-clock alone is too noisy on a
+shared 2-core machine. Each figure is printed next to its target from issue 4
+with PASS or MISS.
 """
 from __future__ import annotations
 
