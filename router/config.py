@@ -29,13 +29,19 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 WILDCARD_HOSTS = {"0.0.0.0", "::", "", "*"}
 
 
+def one_line(text: str) -> str:
+    """`text` with control characters escaped: a YAML key holding a newline or a terminal
+    escape sequence cannot split a message or drive the user's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ConfigError(Exception):
-    """The configuration cannot be used; `problems` lists every reason."""
+    """The configuration cannot be used; `problems` lists every reason, one line each."""
 
     def __init__(self, path: str, problems: list[str]):
         self.path = path
-        self.problems = problems
-        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+        self.problems = [one_line(p) for p in problems]
+        super().__init__("\n".join(one_line(f"{path}: {p}") for p in problems))
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     _cross_checks(cfg, p)
     if p.errors:
         raise ConfigError(path, p.errors)
-    return Config(**{**cfg.__dict__, "warnings": tuple(f"{path}: {w}" for w in p.warnings)})
+    return Config(**{**cfg.__dict__, "warnings": tuple(one_line(f"{path}: {w}") for w in p.warnings)})
 
 
 def _kvcached_block(block: Any, p: _Problems) -> list[tuple[str, str]]:
