@@ -108,7 +108,7 @@ def targets(cfg: Config, models: Sequence[str], direct: bool, url: str, api_key:
     for model in models:
         if direct:
             replicas = cfg.models[model]
-            key = next((k for k in (last_flag_value(i.engine_args, "--api-key") for i in replicas) if k), None)
+            key = next((k for k in (last_flag_value(i.engine_args, i.spec.api_key_flag) for i in replicas) if k), None)
             out[model] = Target(model, tuple((i.url, i.served_names[0]) for i in replicas), _auth(key))
         else:
             out[model] = Target(model, ((url, model),), _auth(api_key))

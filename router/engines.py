@@ -45,6 +45,8 @@ class EngineSpec:
 
     #: Query parameter of `sleep_call` carrying the sleep level, if the engine has levels.
     sleep_level_param: Optional[str] = None
+    #: The flag giving the bearer key the engine's own OpenAI server requires (both use --api-key).
+    api_key_flag: str = "--api-key"
 
     def launch_argv(self, python: str, model: str, args: Sequence[str]) -> list[str]:
         return [python, "-m", self.module, self.model_flag, model, *args]

@@ -21,7 +21,8 @@ import pytest
 from aiohttp import web
 
 from helpers import PY, Proc, free_port, start_sim, wait_http
-from router.bench import main
+from router.bench import main, targets
+from router.config import load_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,12 +35,13 @@ class Stack:
         self.router_port = free_port()
         self.config = tmp / "bench.yaml"
         p = self.ports
-        # gamma's streams stall after 2 chunks; the router gives up on them after 1 s.
+        # gamma's streams stall after 2 chunks; the router gives up on them after 1 s. The router
+        # wants an API key: the benchmark sends the config's own. alpha's engines name theirs.
         self.config.write_text(f"""
-router: {{router_port: {self.router_port}, stream_idle_timeout_seconds: 1.0, access_log: true}}
+router: {{router_port: {self.router_port}, stream_idle_timeout_seconds: 1.0, access_log: true, api_keys: [bench-key]}}
 instances:
-  - {{name: alpha, model: {ALPHA}, engine: vllm, launch: false, engine_args: ["--port {p['alpha']} --served-model-name alpha-served"]}}
-  - {{name: alpha2, model: {ALPHA}, engine: vllm, launch: false, engine_args: ["--port {p['alpha2']} --served-model-name alpha-served"]}}
+  - {{name: alpha, model: {ALPHA}, engine: vllm, launch: false, engine_args: ["--port {p['alpha']} --served-model-name alpha-served --api-key engine-key"]}}
+  - {{name: alpha2, model: {ALPHA}, engine: vllm, launch: false, engine_args: ["--port {p['alpha2']} --served-model-name alpha-served --api-key engine-key"]}}
   - {{name: beta, model: {BETA}, engine: sglang, launch: false, engine_args: ["--port={p['beta']}"]}}
   - {{name: gamma, model: {GAMMA}, engine: vllm, launch: false, engine_args: ["--port {p['gamma']}"]}}
 """)
@@ -124,6 +126,10 @@ def test_direct_sends_served_names_to_every_replica(stack: Stack, tmp_path: Path
     assert doc["direct"][ALPHA]["ok"] == 10 and "router" not in doc
     after = [generated_tokens(stack.sim_url(n)) for n in ("alpha", "alpha2")]
     assert [a - b for a, b in zip(after, before)] == [15, 15]
+    # engines started with --api-key get their own key, never the router's
+    direct = targets(load_config(stack.config), [ALPHA, BETA], True, "http://router", "bench-key")
+    assert direct[ALPHA].headers == {"Authorization": "Bearer engine-key"} and direct[BETA].headers == {}
+    assert direct[ALPHA].endpoints == ((stack.sim_url("alpha"), "alpha-served"), (stack.sim_url("alpha2"), "alpha-served"))
 
 
 def test_compare_direct_reports_the_router_overhead(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
