@@ -392,8 +392,12 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="router-overhead-"))
     print(f"machine: {machine()}", flush=True)
     t0, load0 = time.monotonic(), os.getloadavg()[0]
-    with stack(tmp) as st:
-        report = uvloop.run(measure(st, args.quick, args.profile))
+    try:
+        with stack(tmp) as st:
+            report = uvloop.run(measure(st, args.quick, args.profile))
+    except BaseException:
+        print(f"the benchmark stopped; the processes' logs are in {tmp}", file=sys.stderr)
+        raise
     print(report.text())
     print(f"took {time.monotonic() - t0:.0f}s; load average before/after: {load0:.2f}/{os.getloadavg()[0]:.2f} "
           f"(other work on the machine inflates every figure, the yardsticks as much as the router)")
@@ -405,9 +409,7 @@ def main() -> int:
     if args.keep_logs:
         print(f"logs: {tmp}")
     else:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
     return 0 if report.misses == 0 else 1
 
 
