@@ -17,10 +17,9 @@ header a client could forge.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from typing import Any, MutableMapping, NamedTuple, Optional
 
-from .config import RouterSettings
+from .config import RouterSettings, loopback_ip
 
 Scope = MutableMapping[str, Any]
 
@@ -68,16 +67,8 @@ def matches(token: Optional[bytes], keys: tuple[bytes, ...]) -> bool:
 
 
 def is_loopback(client: Optional[tuple[str, int]]) -> bool:
-    """Whether the peer is this machine's loopback (IPv4, IPv6, or IPv4-mapped IPv6)."""
-    if not client:
-        return False
-    try:
-        ip = ipaddress.ip_address(client[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    """Whether the peer (the ASGI scope's ``client``) is on this machine's loopback."""
+    return bool(client) and loopback_ip(client[0])
 
 
 def is_admin(scope: Scope) -> bool:

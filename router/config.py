@@ -10,6 +10,7 @@ names the file and the field path (``instances[1].engine_args``) with a fix.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -174,6 +175,17 @@ def connect_host(host: str) -> str:
     if host in WILDCARD_HOSTS or host == "localhost":
         return "::1" if host == "::" else "127.0.0.1"
     return host
+
+
+def loopback_ip(text: str) -> bool:
+    """Whether `text` is a loopback IP address (IPv4, IPv6, or IPv4-mapped IPv6)."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def env_value(value: Any) -> str:
@@ -613,6 +625,10 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
             missing += [f"{k}={v}" for k, v in spec.sleep_needs_env.items() if env.get(k) != v]
             if missing:
                 p.warn(where, f"auto sleep is on but this {inst.engine} engine lacks {', '.join(missing)}, so its sleep API will not exist; add them or set 'sleep: false'")
+    router = cfg.router
+    if router.enable_router and not router.api_keys and not (router.host == "localhost" or loopback_ip(router.host)):
+        p.warn("router.router_host", f"{router.host} lets other machines reach the router and router.api_keys is not "
+                                     "set, so anyone who can connect may use every model; set api_keys")
     _gpu_checks(cfg, p)
 
 

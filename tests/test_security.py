@@ -25,7 +25,7 @@ import pytest
 
 from helpers import PY, Proc, distinct_ports, free_port, render, start_sim, wait_http
 from router.auth import is_loopback
-from router.config import load_config
+from router.config import load_config, parse_config
 from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, Stack, config_from, instance, loop, stack  # noqa: F401
 from supervised import Supervised
@@ -264,6 +264,18 @@ def test_serve_binds_loopback_by_default_and_never_shows_a_key(tmp_path: Path, p
         for where, what in (("the log", text), ("repr(config)", repr(config)), ("str(config)", str(config))):
             assert secret not in what, f"{secret} in {where}"
         assert all(secret.encode() not in body for _, _, body in answers), secret
+
+
+@pytest.mark.parametrize("host, keys, warned", [
+    ("0.0.0.0", None, True), ("::", None, True), ("192.0.2.2", None, True), ("gpu-node.example", None, True),
+    ("0.0.0.0", ["k"], False), ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False),
+])
+def test_listening_beyond_loopback_without_keys_is_warned(host: str, keys: Optional[list[str]], warned: bool) -> None:
+    router: dict[str, Any] = {"router_host": host, **({"api_keys": keys} if keys else {})}
+    cfg = parse_config(json.dumps({"router": router, "instances": [
+        {"model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}]}), "c.yaml")
+    hits = [w for w in cfg.warnings if "router.router_host" in w]
+    assert len(hits) == warned and all("set api_keys" in w and w.startswith("c.yaml: ") for w in hits)
 
 
 # -- hostile HTTP ----------------------------------------------------------------
