@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from helpers import Streamed, distinct_ports, http_status, metric_value, refused, render, stream_request
-from supervised import Supervised, wait_for
+from supervised import Supervised, alive, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,7 +79,7 @@ class FaultStack:
         return [c for c in (router or self.router()).net_connections("tcp") if c.raddr and c.raddr.port == port]
 
     def wait_serving(self, timeout: float = 30) -> None:
-        """Every engine answers /health and the router reports every model healthy."""
+        """The router reports every model healthy (it probes each engine's /health)."""
         wait_for(lambda: http_status(f"{self.url}/health/all") == 200, timeout, "every model healthy via the router")
 
 
@@ -112,7 +112,10 @@ def fs() -> Iterator[FaultStack]:
         sup.wait_running([*ENGINES, "router", "logs"], timeout=60)
         stack.wait_serving()
         yield stack
+        everything = sup.snapshot()
         sup.shutdown()
+        wait_for(lambda: not any(alive(p) for p in everything), 15,
+                 f"every process of the stack to exit: {[p for p in everything if alive(p)]}")
     finally:
         sup.close()
         shutil.rmtree(tmp, ignore_errors=True)
