@@ -371,7 +371,9 @@ def test_hostile_values_render_literally_or_are_refused(bench: Bench, case: tupl
     try:
         (work / folder).mkdir()
         cfg_path = work / folder / "config.yaml"
-        cfg_path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+        text = yaml.safe_dump(doc)  # escaped: with allow_unicode, PyYAML folds a raw U+0085 into a space
+        assert yaml.safe_load(text) == doc
+        cfg_path.write_text(text)
         try:
             cfg = load_config(cfg_path, sim=True)
         except ConfigError as e:  # random aliases may name another instance's model: a config error, not ours
