@@ -4,6 +4,9 @@ It runs in the foreground (``-n``) in its own process group, with a private
 tmux server (``TMUX_TMPDIR``) so the rendered ``kvcached-*`` sessions never
 meet another suite's or the user's. `close` always leaves nothing behind:
 ``supervisorctl shutdown``, then SIGKILL to every process it was seen to own.
+With ``watch`` set, a background thread also records that tree every ``watch``
+seconds, so a process that is orphaned between two explicit snapshots is
+still found and killed.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,7 +44,8 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, interval: f
 
 
 class Supervised:
-    def __init__(self, out: Path, tmux_dir: Path):
+    def __init__(self, out: Path, tmux_dir: Path, *, ctl_timeout: float = 30, shutdown_timeout: float = 60,
+                 watch: Optional[float] = None):
         self.out = out
         self.conf = out / "supervisord.conf"
         tmux_dir.mkdir(exist_ok=True)
@@ -49,16 +54,32 @@ class Supervised:
         #: Every process seen under supervisord (and the tmux server), by (pid, start time).
         self.seen: dict[tuple[int, float], psutil.Process] = {}
         self.proc: Optional[subprocess.Popen] = None
+        #: supervisord as psutil sees it, taken while it is surely ours (a pid reused later is not).
+        self._root: Optional[psutil.Process] = None
+        self.ctl_timeout = ctl_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self._watch = watch
+        self._watch_stop = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
 
     def start(self) -> None:
         log = open(self.out / "supervisord.stdout", "wb")
         self.proc = subprocess.Popen([PY, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        self._root = psutil.Process(self.proc.pid)
+        if self._watch:
+            self._watcher = threading.Thread(target=self._watch_tree, daemon=True)
+            self._watcher.start()
 
-    def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    def _watch_tree(self) -> None:
+        while not self._watch_stop.is_set():
+            self.snapshot()
+            self._watch_stop.wait(self._watch)
+
+    def ctl(self, *args: str, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
         return subprocess.run([PY, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+                              env=self.env, capture_output=True, text=True, timeout=timeout or self.ctl_timeout)
 
     def tmux(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["tmux", *args], env=self.env, capture_output=True, text=True, timeout=10)
@@ -78,9 +99,10 @@ class Supervised:
             return sorted(states) == sorted(programs) and set(states.values()) == {"RUNNING"}
         wait_for(all_running, timeout, f"{programs} RUNNING (now {self.status()})", interval=0.3)
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int = 3000) -> str:
+        """The last `tail` characters of program `name`'s log, under a line naming the file."""
         path = self.out / "logs" / f"{name}.log"
-        return f"--- {path}\n" + (path.read_text(errors="replace")[-3000:] if path.exists() else "(none)")
+        return f"--- {path}\n" + (path.read_text(errors="replace")[-tail:] if path.exists() else "(none)")
 
     def tmux_server(self) -> Optional[int]:
         done = self.tmux("display-message", "-p", "#{pid}")
@@ -89,10 +111,10 @@ class Supervised:
     def snapshot(self) -> list[psutil.Process]:
         """Record and return supervisord, its descendants, and the tmux server with its children."""
         found: list[psutil.Process] = []
-        for root in (self.proc.pid if self.proc else None, self.tmux_server()):
+        for root in (self._root, self.tmux_server()):
             try:
                 root = psutil.Process(root) if isinstance(root, int) else root
-                if root is not None:
+                if root is not None and alive(root):
                     found += [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
@@ -103,12 +125,15 @@ class Supervised:
                 pass
         return found
 
-    def shutdown(self, timeout: float = 60) -> None:
-        """`supervisorctl shutdown` and wait until supervisord has exited."""
+    def shutdown(self, timeout: Optional[float] = None) -> float:
+        """`supervisorctl shutdown` and wait until supervisord has exited; the seconds that took."""
         assert self.proc is not None
+        timeout = timeout or self.shutdown_timeout
         self.snapshot()
+        t0 = time.monotonic()
         self.ctl("shutdown", timeout=timeout)
         self.proc.wait(timeout)
+        return time.monotonic() - t0
 
     def close(self) -> None:
         """Whatever state the test left: stop supervisord, then kill anything it owned."""
@@ -118,7 +143,10 @@ class Supervised:
             except (subprocess.TimeoutExpired, AssertionError, OSError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        leftovers = [p for p in self.seen.values() if alive(p)]
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+        leftovers = [p for p in list(self.seen.values()) if alive(p)]
         for p in leftovers:
             try:
                 p.kill()

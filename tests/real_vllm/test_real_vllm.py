@@ -12,17 +12,16 @@ engine says directly. The tests run in file order and share the stack: the
 stop/start and shutdown tests come last.
 
 Nothing is ever killed by name: every process killed is one this module
-started or a descendant recorded (pid and start time) from supervisord's tree.
+started or a descendant recorded (pid and start time) from supervisord's tree;
+``tests/supervised.py`` keeps that record for this and the other supervisord
+tests.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"
 try:
     import openai
     import psutil
+    from supervised import Supervised, alive as _alive
 except ImportError as e:  # the test extra is not installed
     if REQUIRED:
         raise
@@ -49,6 +49,7 @@ MARKER = CACHE / "READY"
 SERVED = "tiny"
 MAX_MODEL_LEN = 512
 ENGINE_START_TIMEOUT = 240.0  # ~30 s alone; more on a busy 2-core machine
+LOG_TAIL = 8000  # characters of a program's log shown when the engine does not come up
 
 
 # --------------------------------------------------------------------------- helpers
@@ -99,36 +100,23 @@ def _post(url: str, body: Optional[dict] = None, timeout: float = 120.0) -> tupl
     return status, data
 
 
-def _alive(proc: "psutil.Process") -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+class Stack(Supervised):
+    """Rendered config + real supervisord + its process tree, owned by this module.
 
-
-class Stack:
-    """Rendered config + real supervisord + its process tree, owned by this module."""
+    `Supervised` starts, stops and cleans up; its watcher thread records the
+    tree twice a second, so cleanup finds any orphan of a slow vLLM.
+    """
 
     def __init__(self, root: Path):
         self.root = root
-        self.out = root / "out"
-        self.conf = self.out / "supervisord.conf"
         self.engine_port = _free_port()
         self.router_port = _free_port()
         while self.router_port == self.engine_port:
             self.router_port = _free_port()
         self.router = f"http://127.0.0.1:{self.router_port}"
         self.engine = f"http://127.0.0.1:{self.engine_port}"
-        # A private tmux server for the rendered `logs` program, so its
-        # kvcached-* sessions never meet another suite's.
-        self.tmux_dir = root / "tmux"
-        self.tmux_dir.mkdir()
-        self.env = {**os.environ, "TMUX_TMPDIR": str(self.tmux_dir)}
-        self.supervisord: Optional[subprocess.Popen] = None
-        #: (pid, create_time) -> process, of everything seen under supervisord.
-        self.seen: dict[tuple[int, float], psutil.Process] = {}
-        self._watch_stop = threading.Event()
-        self._watcher: Optional[threading.Thread] = None
+        # vLLM starts and stops slowly, more so on a busy 2-core machine.
+        super().__init__(root / "out", root / "tmux", ctl_timeout=120, shutdown_timeout=120, watch=0.5)
         self.timings: dict[str, float] = {}
 
     # -- config and render
@@ -173,118 +161,29 @@ class Stack:
         assert r.returncode == 0, f"render failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
         assert self.conf.is_file() and (self.out / "engines" / f"{SERVED}.sh").is_file()
 
-    # -- supervisord
-    def start(self) -> None:
-        self.supervisord = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
-            env=self.env, stdout=open(self.root / "supervisord.stdout", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
-        self._watcher.start()
-
-    def _watch(self) -> None:
-        """Record every descendant of supervisord, so cleanup can find orphans."""
-        while not self._watch_stop.is_set():
-            self.snapshot()
-            self._watch_stop.wait(0.5)
-
-    def snapshot(self) -> list["psutil.Process"]:
-        if self.supervisord is None:
-            return []
-        try:
-            kids = psutil.Process(self.supervisord.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        for p in kids:
-            try:
-                self.seen.setdefault((p.pid, p.create_time()), p)
-            except psutil.NoSuchProcess:
-                pass
-        return kids
-
-    def ctl(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
-                              capture_output=True, text=True, timeout=timeout, env=self.env)
-
-    def status(self) -> dict[str, str]:
-        out = {}
-        for line in self.ctl("status", timeout=30).stdout.splitlines():
-            parts = line.split()
-            if len(parts) >= 2:
-                out[parts[0]] = parts[1]
-        return out
-
-    def program_pid(self, name: str) -> int:
-        r = self.ctl("pid", name, timeout=30)
-        return int(r.stdout.strip())
-
+    # -- the engine
     def engine_tree(self) -> list["psutil.Process"]:
         """The engine program's process and all its descendants (API server, EngineCore, ...)."""
-        root = psutil.Process(self.program_pid(SERVED))
+        root = psutil.Process(self.pid(SERVED))
         return [root, *root.children(recursive=True)]
-
-    def log_tail(self, name: str, n: int = 60) -> str:
-        path = self.out / "logs" / f"{name}.log"
-        try:
-            return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return f"(no {path})"
 
     def wait_engine_ready(self, timeout: float = ENGINE_START_TIMEOUT) -> float:
         """Until the engine answers /health directly and the router reports it healthy."""
         t0 = time.monotonic()
         deadline = t0 + timeout
         while time.monotonic() < deadline:
-            assert self.supervisord is not None and self.supervisord.poll() is None, \
-                f"supervisord exited ({self.supervisord.returncode})"
+            assert self.proc is not None and self.proc.poll() is None, \
+                f"supervisord exited ({self.proc.returncode})"
             state = self.status().get(SERVED)
             if state in ("FATAL", "BACKOFF"):
-                pytest.fail(f"engine program is {state}; its log:\n{self.log_tail(SERVED)}")
+                pytest.fail(f"engine program is {state}; its log:\n{self.log(SERVED, LOG_TAIL)}")
             if _get(self.engine + "/health", 2)[0] == 200:
                 status, body = _get(f"{self.router}/health/{SERVED}", 5)
                 if status == 200 and json.loads(body).get("status") == "healthy":
                     return time.monotonic() - t0
             time.sleep(1)
         pytest.fail(f"engine not healthy through the router within {timeout:.0f}s; engine log:\n"
-                    f"{self.log_tail(SERVED)}\nrouter log:\n{self.log_tail('router')}")
-
-    def shutdown(self, timeout: float = 120.0) -> float:
-        """`supervisorctl shutdown`, then wait for supervisord to exit; returns the seconds taken."""
-        assert self.supervisord is not None
-        self.snapshot()
-        t0 = time.monotonic()
-        self.ctl("shutdown", timeout=timeout)
-        self.supervisord.wait(timeout)
-        return time.monotonic() - t0
-
-    def cleanup(self) -> None:
-        """Whatever happened: stop supervisord, then kill any recorded descendant still alive."""
-        if self.supervisord is not None and self.supervisord.poll() is None:
-            try:
-                self.shutdown(timeout=90)
-            except Exception:  # noqa: BLE001 - fall through to signals
-                pass
-            if self.supervisord.poll() is None:
-                self.supervisord.send_signal(signal.SIGTERM)
-                try:
-                    self.supervisord.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.supervisord.kill()
-                    self.supervisord.wait(10)
-        self._watch_stop.set()
-        if self._watcher is not None:
-            self._watcher.join(5)
-        leftovers = [p for p in self.seen.values() if _alive(p)]
-        for p in leftovers:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(leftovers, timeout=10)
-        tmux = shutil.which("tmux")
-        sock = self.tmux_dir / f"tmux-{os.getuid()}" / "default"
-        if tmux and sock.exists():
-            subprocess.run([tmux, "-S", str(sock), "kill-server"], capture_output=True, timeout=10)
+                    f"{self.log(SERVED, LOG_TAIL)}\nrouter log:\n{self.log('router', LOG_TAIL)}")
 
 
 def _client(stack: Stack, base: Optional[str] = None, timeout: float = 90.0) -> "openai.OpenAI":
@@ -312,7 +211,7 @@ def stack(tmp_path_factory) -> Stack:
         s.timings["stack_start_s"] = time.monotonic() - t0
         yield s
     finally:
-        s.cleanup()
+        s.close()
         print(f"\nreal vLLM stack timings: {json.dumps({k: round(v, 1) for k, v in s.timings.items()})}")
 
 
@@ -551,7 +450,7 @@ def test_clean_shutdown_leaves_no_process(stack: Stack):
     engine = stack.engine_tree()
     assert len(engine) >= 2
     stack.timings["shutdown_s"] = stack.shutdown()
-    assert stack.supervisord.returncode == 0
+    assert stack.proc.returncode == 0
     survivors = [p for p in [*tree, *engine] if _alive(p)]
     # Nothing of the engine (API server, EngineCore, workers), router or logs program is left.
     assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
