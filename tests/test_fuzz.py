@@ -15,6 +15,7 @@ router, YAML to the config loader, and hostile values through the renderer.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import logging
@@ -40,6 +41,7 @@ from router.config import (
 )
 from router.engines import ENGINES
 from router.sim import SimEngine, SimOptions
+from router.app import create_app
 from router_support import LoopThread, RouterServer, config_from, instance
 
 MODEL = "org/fuzz-model"
@@ -173,6 +175,66 @@ def test_router_never_fails_on_client_input(target: Target,
         assert set(err) == {"message", "type", "param", "code"} and err["code"] == resp.status
     logged = target.errors.records[before:]
     assert not logged, [r.getMessage() for r in logged]
+
+
+KEYS = (b"sk-fuzz-key-one", b"sk-fuzz-key-two")
+SCHEMES = st.sampled_from([b"Bearer", b"bearer", b"BEARER", b"Basic", b"", b"Bearer:", b"Token"])
+SEPARATORS = st.sampled_from([b" ", b"  ", b"\t", b""])
+TOKENS = st.sampled_from([*KEYS, KEYS[0][:-1], KEYS[0] + b"x", KEYS[0].upper(), b"", b"sk-fuzz-key-"])
+TAILS = st.sampled_from([b"", b" ", b"\t", b"x", b" x"])
+
+
+def joined(*parts: st.SearchStrategy) -> st.SearchStrategy:
+    return st.tuples(*parts).map(b"".join)
+
+
+def accepted(value: bytes) -> bool:
+    """RFC 6750: ``Bearer`` (any case), one or more spaces, the token; whitespace around it is not part of it."""
+    scheme, _, token = value.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and token.strip() in KEYS
+
+
+async def asgi_get(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """One GET straight through the ASGI app (no server): (status, body)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080)}
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.fixture(scope="module")
+def keyed_app() -> Any:
+    cfg = parse_config(json.dumps({"router": {"api_keys": [k.decode() for k in KEYS], "access_log": False},
+                                   "instances": [{"model": MODEL, "engine": "vllm", "engine_args": ["--port=9001"]}]}))
+    return create_app(cfg)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.one_of(
+    joined(st.sampled_from([b"Bearer", b"bearer", b"BEARER"]), st.sampled_from([b" ", b"  "]), st.sampled_from(KEYS),
+           st.sampled_from([b"", b" ", b"\t"])),  # the accepted forms
+    joined(SCHEMES, SEPARATORS, TOKENS, TAILS),  # near misses among them
+    st.binary(max_size=40),
+),
+       before=st.lists(st.tuples(st.sampled_from([b"x-api-key", b"cookie", b"proxy-authorization"]),
+                                 st.sampled_from(KEYS)), max_size=2))
+def test_only_a_configured_bearer_key_opens_v1(keyed_app: Any, value: bytes, before: list) -> None:
+    """Whatever Authorization value (or other header carrying a key) a client sends: 200 only for a real key."""
+    status, body = asyncio.run(asgi_get(keyed_app, "/v1/models", [*before, (b"authorization", value)]))
+    event("accepted" if status == 200 else "refused")
+    assert status == (200 if accepted(value) else 401)
+    if status == 401:
+        assert json.loads(body)["error"]["type"] == "authentication_error"
+        assert b"sk-fuzz" not in body
 
 
 # -- config loading -------------------------------------------------------------------
