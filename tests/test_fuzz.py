@@ -4,6 +4,8 @@ router, YAML to the config loader, and hostile values through the renderer.
 - HTTP: any method, path and body get an answer below 500 (the simulated
   engine behind the router is up, so even a known model never needs a 5xx),
   router errors keep the OpenAI shape, and nothing is logged at ERROR.
+- Auth: any Authorization value opens ``/v1/`` only if it is a configured
+  bearer key, and is never echoed.
 - Config: any text or YAML structure loads into a consistent Config or
   raises ConfigError, never another exception.
 - Render: hostile model names, args, env values, aliases and config paths come
