@@ -332,6 +332,18 @@ def test_model_names_cannot_inject_headers_or_break_json(hostile: RouterServer) 
     assert set(json.loads(data)["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("value", [b"a\x00b", b"a\rb", b"a\nX-Injected: 1", b"a\r\n folded", b"a\x7fb", b"a\x1bb"])
+def test_header_values_with_control_characters_never_reach_the_engine(stack: Stack, value: bytes) -> None:
+    """Client headers are forwarded as sent, so a value that could split the engine request is refused first."""
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)])
+    body = b'{"model": "m"}'
+    head, _ = raw(r.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Test: " + value +
+                  b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert e.bodies == [] and e.headers == []
+
+
 @pytest.mark.parametrize("request_line", [
     b"GET /health/..%2F..%2Fetc%2Fpasswd",
     b"GET /health/../../etc/passwd",
