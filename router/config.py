@@ -279,12 +279,29 @@ def load_config(path: str | os.PathLike, sim: bool = False) -> Config:
     return parse_config(text, path, sim=sim)
 
 
+#: Text PyYAML quotes from the file (an alias or anchor name), but not token names like '<scalar>'.
+YAML_QUOTED = re.compile(r"'(?!<)[^']{2,}'")
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint with its line and column, but none of the file's text that
+    PyYAML quotes with it (the line's snippet, a name): that text may be an API key."""
+    if not isinstance(e, yaml.MarkedYAMLError):  # a bad byte or character: its code and position only
+        return " ".join(str(e).split())
+    parts = []
+    for text, mark in ((e.context, e.context_mark), (e.problem, e.problem_mark)):
+        if text:
+            text = YAML_QUOTED.sub("'...'", text)
+            parts.append(f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark else text)
+    return "; ".join(parts) or "cannot be parsed"
+
+
 def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -> Config:
     """Validate YAML `text` as if read from `path` (relative paths resolve beside it)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(path, [f"not valid YAML: {' '.join(str(e).split())}"]) from None
+        raise ConfigError(path, [f"not valid YAML: {yaml_problem(e)}"]) from None
     except (ValueError, TypeError, RecursionError) as e:  # odd scalars, deep nesting
         raise ConfigError(path, [f"not valid YAML: {e}"]) from None
     p = _Problems()

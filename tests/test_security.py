@@ -25,7 +25,7 @@ import pytest
 
 from helpers import PY, Proc, distinct_ports, free_port, render, start_sim, wait_http
 from router.auth import is_loopback
-from router.config import load_config, parse_config
+from router.config import ConfigError, load_config, parse_config
 from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, Stack, config_from, instance, loop, stack  # noqa: F401
 from supervised import Supervised
@@ -264,6 +264,21 @@ def test_serve_binds_loopback_by_default_and_never_shows_a_key(tmp_path: Path, p
         for where, what in (("the log", text), ("repr(config)", repr(config)), ("str(config)", str(config))):
             assert secret not in what, f"{secret} in {where}"
         assert all(secret.encode() not in body for _, _, body in answers), secret
+
+
+@pytest.mark.parametrize("text", [
+    f'router:\n  api_keys: ["{CLIENT_KEYS[0]}"\n  router_port: 1\n',
+    f"router:\n  admin_api_key: {ADMIN_KEY}: x\n",
+    f'router:\n  api_keys: ["{CLIENT_KEYS[0]}", "\\q"]\n',
+    f"router:\n  api_keys: [{CLIENT_KEYS[0]}, *{CLIENT_KEYS[1]}]\n",
+])
+def test_yaml_errors_name_the_line_without_quoting_it(text: str) -> None:
+    """PyYAML quotes the offending line in its messages; ours give line and column only."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    message = str(info.value)
+    assert message.startswith("c.yaml: not valid YAML: ") and "(line 2, column " in message
+    assert not any(secret in message for secret in (*CLIENT_KEYS, ADMIN_KEY)), message
 
 
 @pytest.mark.parametrize("host, keys, warned", [
