@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -424,10 +425,19 @@ def _secrets(v: Any, where: str, p: _Problems, base: Path, many: bool) -> tuple[
         else:
             fp = Path(ref) if Path(ref).is_absolute() else base / ref
             try:
-                items = fp.read_text().splitlines()
+                mode = fp.stat().st_mode
+                if not stat.S_ISREG(mode):  # a FIFO or device could block or never end
+                    p.error(where, f"key file {fp} is not a regular file")
+                    return ()
+                items = fp.read_text(encoding="utf-8").splitlines()
             except OSError as e:
                 p.error(where, f"cannot read key file {fp}: {e.strerror or e}")
                 return ()
+            except UnicodeDecodeError:
+                p.error(where, f"key file {fp} is not UTF-8 text")
+                return ()
+            if mode & 0o077:
+                p.warn(where, f"key file {fp} is open to other users (mode {mode & 0o777:o}); run chmod 600 on it")
         keys = tuple(k.strip() for k in items if k.strip())
         if not keys:
             p.error(where, f"no key found in {src} {ref}")

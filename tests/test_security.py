@@ -266,6 +266,32 @@ def test_serve_binds_loopback_by_default_and_never_shows_a_key(tmp_path: Path, p
         assert all(secret.encode() not in body for _, _, body in answers), secret
 
 
+def test_key_files_must_be_private_regular_text_files(tmp_path: Path) -> None:
+    def load(ref: str) -> tuple[str, ...]:
+        doc = {"router": {"api_keys": {"file": ref}}, "instances": [
+            {"model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}]}
+        (tmp_path / "c.yaml").write_text(json.dumps(doc))
+        cfg = load_config(tmp_path / "c.yaml")
+        assert cfg.router.api_keys == (CLIENT_KEYS[0],)
+        return cfg.warnings
+
+    key = tmp_path / "keys"
+    key.write_text(CLIENT_KEYS[0] + "\n")
+    key.chmod(0o600)
+    assert load("keys") == ()
+    key.chmod(0o640)
+    [warning] = load("keys")
+    assert "router.api_keys" in warning and "open to other users (mode 640)" in warning and "chmod 600" in warning
+    assert CLIENT_KEYS[0] not in warning
+    os.mkfifo(tmp_path / "fifo")  # reading it would block the loader forever
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" + CLIENT_KEYS[0].encode())
+    for ref, problem in (("fifo", "is not a regular file"), ("binary", "is not UTF-8 text"), (".", "is not a regular file"),
+                         ("missing", "cannot read key file")):
+        with pytest.raises(ConfigError, match=problem) as info:
+            load(ref)
+        assert "router.api_keys" in str(info.value) and CLIENT_KEYS[0] not in str(info.value)
+
+
 @pytest.mark.parametrize("text", [
     f'router:\n  api_keys: ["{CLIENT_KEYS[0]}"\n  router_port: 1\n',
     f"router:\n  admin_api_key: {ADMIN_KEY}: x\n",
