@@ -281,14 +281,17 @@ def test_any_yaml_structure_loads_or_raises_config_error(doc: Any) -> None:
     check_loaded(yaml.safe_dump(doc))
 
 
+#: Keys read from elsewhere: environment variables and files that may or may not exist, or be odd files.
+KEY_SOURCES = st.dictionaries(st.sampled_from(["env", "file"]), st.sampled_from(["PATH", "HOME", "NOPE_KVR", ".", "/",
+                              "/dev/null", "setup.cfg", "missing.keys", ""]) | YAML_VALUES, min_size=1, max_size=2)
 #: A valid value of each kind of setting in config.ROUTER_KEYS / SLEEP_KEYS.
 KIND_VALUES = {
     "bool": st.booleans(), "host": st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "localhost"]),
     "port": st.integers(1, 65535), "posint": st.integers(1, 1000), "level": st.integers(1, 2),
     "posfloat": st.floats(0.01, 1e6), "nonnegfloat": st.floats(0, 1e6),
     "loglevel": st.sampled_from(["info", "DEBUG", "trace"]),
-    "keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2),
-    "key": st.text(min_size=1, max_size=8).filter(str.strip),
+    "keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2) | KEY_SOURCES,
+    "key": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
 }
 
 
