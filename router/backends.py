@@ -37,7 +37,7 @@ class Backend:
     """One engine instance, with the router's view of its load and health."""
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
-                 "health", "ok_streak", "fail_streak", "ejected_until", "last_probe", "pool", "authority")
+                 "health", "ok_streak", "fail_streak", "ejected_until", "last_probe", "pool", "authority", "auth_line")
 
     def __init__(self, instance: Instance):
         self.instance = instance
@@ -58,6 +58,8 @@ class Backend:
         #: Keep-alive connections of the hot path; `authority` is the Host header value.
         self.pool = Pool(connect_host(instance.host), instance.port)
         self.authority = self.url.split("//", 1)[1].encode()
+        #: The engine's own key (its --api-key), sent in place of the client's authorization.
+        self.auth_line = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in instance.auth_headers.items())
 
     def routable(self, now: float) -> bool:
         return self.health != UNHEALTHY and now >= self.ejected_until

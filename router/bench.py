@@ -18,7 +18,6 @@ import uvloop
 
 from .benchreport import compare, comparison_table, results_table, summarize, write_json
 from .config import Config, ConfigError, connect_host, load_config
-from .engines import last_flag_value
 from .loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
 
 
@@ -108,8 +107,8 @@ def targets(cfg: Config, models: Sequence[str], direct: bool, url: str, api_key:
     for model in models:
         if direct:
             replicas = cfg.models[model]
-            key = next((k for k in (last_flag_value(i.engine_args, i.spec.api_key_flag) for i in replicas) if k), None)
-            out[model] = Target(model, tuple((i.url, i.served_names[0]) for i in replicas), _auth(key))
+            auth = next((i.auth_headers for i in replicas if i.auth_headers), {})
+            out[model] = Target(model, tuple((i.url, i.served_names[0]) for i in replicas), auth)
         else:
             out[model] = Target(model, ((url, model),), _auth(api_key))
     return out

@@ -82,6 +82,12 @@ class Instance:
         return f"http://{host}:{self.port}"
 
     @property
+    def auth_headers(self) -> dict[str, str]:
+        """What the router sends to reach an engine started with its own API key."""
+        key = last_flag_value(self.engine_args, self.spec.api_key_flag)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    @property
     def python(self) -> str:
         return f"{self.venv_path}/bin/python" if self.venv_path else "python"
 

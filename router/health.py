@@ -27,7 +27,8 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, timeout: float
     """One GET of the backend's health path: (ok, what happened)."""
     url = backend.url + backend.instance.spec.health_path
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(url, headers=backend.instance.auth_headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             await resp.read()
             return resp.status == 200, f"HTTP {resp.status}"
     except asyncio.TimeoutError:

@@ -120,7 +120,7 @@ async def engine_call(session: aiohttp.ClientSession, inst: "Instance", call: "C
     url = inst.url + call.path
     try:
         async with session.request(call.method, url, params=dict(call.params), json=call.json,
-                                   timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                                   headers=inst.auth_headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             body = await r.read()
             if r.status >= 300:
                 text = body[:300].decode("utf-8", "replace")
@@ -134,7 +134,8 @@ async def engine_call(session: aiohttp.ClientSession, inst: "Instance", call: "C
 async def ask_is_sleeping(session: aiohttp.ClientSession, inst: "Instance", path: str) -> Optional[bool]:
     """The engine's own answer, or None when it cannot tell (down, no dev mode)."""
     try:
-        async with session.get(inst.url + path, timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT_SECONDS)) as r:
+        async with session.get(inst.url + path, headers=inst.auth_headers,
+                               timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT_SECONDS)) as r:
             if r.status != 200:
                 return None
             data: Any = await r.json(content_type=None)

@@ -32,6 +32,7 @@ DROP_REQUEST_HEADERS = frozenset({
 })
 #: Engine response headers relayed to the client besides content-type.
 RELAY_RESPONSE_HEADERS = frozenset({b"content-encoding", b"x-request-id"})
+AUTHORIZATION = frozenset({b"authorization"})
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -63,12 +64,15 @@ def retry_after(seconds: int) -> list[tuple[bytes, bytes]]:
     return [(b"retry-after", str(seconds).encode())]
 
 
-def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[bytes]) -> bytes:
+def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[bytes], auth_line: bytes = b"") -> bytes:
     """Request line and headers for the engine (the one place deciding which headers are forwarded).
 
     End-to-end headers pass as the client sent them; hop-by-hop ones (and
-    those the Connection header names) do not.
+    those the Connection header names) do not. An engine with its own API
+    key gets that key (`auth_line`) instead of whatever the client sent.
     """
+    if auth_line:
+        drop = drop | AUTHORIZATION
     headers = scope["headers"]
     typed = False
     for k, v in headers:
@@ -80,7 +84,7 @@ def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[by
     if scope["query_string"]:
         target += b"?" + scope["query_string"]
     parts = [b"POST ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\ncontent-length: ", str(length).encode(),
-             b"\r\n" if typed else b"\r\ncontent-type: application/json\r\n"]
+             b"\r\n" if typed else b"\r\ncontent-type: application/json\r\n", auth_line]
     for k, v in headers:
         if k not in drop:
             parts += (k, b": ", v, b"\r\n")
@@ -132,7 +136,7 @@ class Proxy:
         self.eject_seconds = settings.eject_seconds
         self.access_log = state.access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
-        self.drop_headers = DROP_REQUEST_HEADERS | ({b"authorization"} if settings.api_keys else set())
+        self.drop_headers = DROP_REQUEST_HEADERS | (AUTHORIZATION if settings.api_keys else frozenset())
         self.connect_timeout = settings.connect_timeout_seconds
         self.request_timeout = settings.request_timeout_seconds
         self.known = ", ".join(self.table.names)
@@ -244,7 +248,7 @@ class Proxy:
                                   "retry later.", headers=retry_after(1)) from None
             ex.backend = backend
             data = body if name in backend.served else orjson.dumps({**payload, "model": backend.served_name})
-            head = request_head(scope, backend.authority, len(data), self.drop_headers)
+            head = request_head(scope, backend.authority, len(data), self.drop_headers, backend.auth_line)
             try:
                 resp = await backend.pool.request(head, data, self.connect_timeout, timeout)
             except ConnectFailed:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -128,3 +129,32 @@ def test_serve_rejects_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert f"{bad}: router.router_port" in done.stderr and "instances[0].engine" in done.stderr
+
+
+def test_engines_with_their_own_api_key(stack: Stack, sims) -> None:
+    """The router holds each engine's --api-key: clients use the router's keys, never the engines'."""
+    vport = sims("vllm", "v", "--api-key", "engine-v")
+    sport = sims("sglang", "s", "--api-key", "engine-s")
+    req = urllib.request.Request(f"http://127.0.0.1:{vport}/v1/completions", method="POST",
+                                 data=b'{"model":"v","prompt":"x"}', headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=5)
+    assert refused.value.code == 401  # the engine really guards itself
+    r = stack.router([instance("v", vport, "--api-key", "engine-v"),
+                      instance("s", sport, "--api-key=engine-s", engine="sglang")], api_keys=["client-key"])
+    c = openai.OpenAI(base_url=r.url + "/v1", api_key="client-key", max_retries=0, timeout=20)
+    for name in ("v", "s"):
+        assert c.completions.create(model=name, prompt="hello", max_tokens=3).usage.completion_tokens == 3
+        chunks = list(c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=3, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=r.url + "/v1", api_key="engine-v", max_retries=0).completions.create(
+            model="v", prompt="x", max_tokens=1)
+    # Health probes and SGLang's key-guarded sleep calls carry the engine's key too.
+    health = json.loads(urllib.request.urlopen(r.url + "/health/all", timeout=10).read())
+    assert {m["status"] for m in health["models"].values()} == {"healthy"}
+    for action in ("sleep", "wakeup"):
+        ok = urllib.request.urlopen(urllib.request.Request(f"{r.url}/action/{action}/s", method="POST"), timeout=10)
+        assert ok.status == 200
+    assert sim_metric(sport, "sim_sleep_calls_total") == 1 and sim_metric(sport, "sim_wake_calls_total") == 1

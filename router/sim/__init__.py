@@ -14,7 +14,9 @@ Engine flags understood (both ``--f v`` and ``--f=v``): ``--host``, ``--port``,
 ``--model``/``--model-path``, ``--served-model-name`` (vLLM: one or more names;
 SGLang: one), ``--max-model-len``/``--context-length`` (default 4096),
 ``--max-num-seqs``/``--max-running-requests`` (used as --max-concurrency when
-that is not given). Every other flag is logged once and ignored.
+that is not given), ``--api-key`` (then requests need ``Authorization: Bearer
+KEY``, answered 401 ``{"error":"Unauthorized"}`` otherwise: on vLLM's /v1
+routes, on every SGLang route but /health and /metrics). Every other flag is logged once and ignored.
 
 Knobs: ``--startup-s`` (the port opens only after it, as vLLM listens only once
 loaded: connections are refused meanwhile), ``--ttft-ms``, ``--itl-ms`` (per

@@ -76,6 +76,10 @@ class Dialect:
         self._ids = itertools.count(1)
         self._id_base = os.urandom(4).hex()
 
+    def key_guards(self, path: str) -> bool:
+        """Whether --api-key guards `path`: vLLM checks only its /v1 routes."""
+        return path.startswith("/v1")
+
     # -- ids and errors
     def hex_id(self) -> str:
         """16 hex digits, unique per process and cheap: a random half and a counter half."""
@@ -201,6 +205,10 @@ class SglangDialect(Dialect):
     metric_generation_tokens = "sglang:generation_tokens_total"
     role_tail = b',"usage":null'
     token_tail = b',"usage":null'
+
+    def key_guards(self, path: str) -> bool:
+        """SGLang checks every route but its health and metrics ones."""
+        return path not in ("/health", "/metrics")
 
     def response(self, chat: bool, rid: str, created: int, model: str, choices: Sequence[Choice],
                  prompt_tokens: int, completion_tokens: int) -> bytes:

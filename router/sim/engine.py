@@ -90,6 +90,7 @@ class SimEngine:
         self.created = int(time.time())
         self._random = random.Random(options.seed)
         self._http = HttpServer(self._handle)
+        self._bearer = f"Bearer {options.api_key}" if options.api_key else ""
         self._slots = asyncio.Semaphore(options.max_concurrency) if options.max_concurrency else None
         #: Open while new generations may start (closed asleep, released, or draining for sleep).
         self._gate = asyncio.Event()
@@ -146,6 +147,9 @@ class SimEngine:
 
     # ---------------------------------------------------------------- routing
     async def _handle(self, req: Request, resp: Responder) -> None:
+        if self._bearer and self.dialect.key_guards(req.path) and req.headers.get("authorization") != self._bearer:
+            resp.send(401, b'{"error":"Unauthorized"}')
+            return
         route = self._routes.get((req.method, req.path))
         if route is None:
             allowed = [m for m, path in self._routes if path == req.path]

@@ -35,6 +35,8 @@ class SimOptions:
     stall_after: int = 0
     hang: bool = False
     seed: int = 0
+    #: The engine's own --api-key: requests it guards need ``Authorization: Bearer <key>``.
+    api_key: str = ""
     #: Engine flags given but not understood (logged once, otherwise ignored).
     ignored_args: tuple[str, ...] = field(default=(), compare=False)
 
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--served-model-name", dest="served", nargs="+", default=None)
+    p.add_argument("--api-key", dest="api_key", default="")
     p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=4096)
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="batch", type=int, default=0,
                    help="the engine's batch size; used as --max-concurrency when that is not given")
@@ -110,6 +113,6 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         served_model_names=tuple(ns.served or ()), max_model_len=ns.max_model_len,
         max_concurrency=ns.batch if ns.max_concurrency is None else ns.max_concurrency,
         startup_s=ns.startup_s, ttft_ms=ns.ttft_ms, itl_ms=ns.itl_ms, fail_rate=ns.fail_rate,
-        die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed,
+        die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed, api_key=ns.api_key,
         ignored_args=tuple(unknown),
     )
