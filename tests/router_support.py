@@ -39,6 +39,13 @@ class LoopThread:
         return fut.result(timeout)
 
     def close(self) -> None:
+        """Cancel what is still pending (handlers of hung test engines), then stop the loop."""
+        async def cancel_rest() -> None:
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        self.run(cancel_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
