@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from . import __version__
 from .accesslog import AccessLog
+from .admin import admin_routes
 from .auth import Guard
 from .backends import ModelTable
 from .config import Config
@@ -99,18 +100,9 @@ def create_app(config: Config) -> RouterApp:
             if state.access_log is not None:
                 state.access_log.flush()
 
-    web = Starlette(routes=routes(state) + _admin_routes(state), lifespan=lifespan,
+    web = Starlette(routes=routes(state) + admin_routes(state), lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     return RouterApp(state, Proxy(state), web)
-
-
-def _admin_routes(state: RouterState) -> list[BaseRoute]:
-    """Traffic, sleep and action endpoints, from router.admin once it exists."""
-    try:
-        from .admin import admin_routes
-    except ImportError:
-        return []
-    return list(admin_routes(state))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
