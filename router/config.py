@@ -652,12 +652,10 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
                 p.warn(f"{where}.engine_args", f"--served-model-name {n!r} is also a name of model {routes[n]!r}, "
                        f"so requests for {n!r} go there; reach this instance as {inst.model!r}")
         if cfg.sleep.auto_sleep_enabled and inst.sleep:
-            spec = inst.spec
-            env = dict(inst.env)
-            missing = [a for a in spec.sleep_needs_args if a not in inst.engine_args]
-            missing += [f"{k}={v}" for k, v in spec.sleep_needs_env.items() if env.get(k) != v]
+            missing = inst.spec.sleep_api_missing(inst.engine_args, dict(inst.env))
             if missing:
-                p.warn(where, f"auto sleep is on but this {inst.engine} engine lacks {', '.join(missing)}, so its sleep API will not exist; add them or set 'sleep: false'")
+                p.warn(where, f"auto sleep is on but this {inst.engine} engine lacks what its sleep API needs: "
+                              f"{', '.join(missing)}; add them or set 'sleep: false'")
     router = cfg.router
     if router.enable_router and not router.api_keys and not (router.host == "localhost" or loopback_ip(router.host)):
         p.warn("router.router_host", f"{router.host} lets other machines reach the router and router.api_keys is not "

@@ -39,9 +39,10 @@ class EngineSpec:
     wake_call: Call
     #: GET path answering ``{"is_sleeping": bool}``, where the engine has one.
     is_sleeping_path: Optional[str]
-    #: What the engine needs for its sleep API: launch flags and env vars.
-    sleep_needs_args: tuple[str, ...]
+    #: What the engine needs for its sleep API: env vars, and launch flags each
+    #: with a note on when it applies (empty when always).
     sleep_needs_env: Mapping[str, str]
+    sleep_needs_args: Mapping[str, str]
 
     #: Query parameter of `sleep_call` carrying the sleep level, if the engine has levels.
     sleep_level_param: Optional[str] = None
@@ -50,6 +51,13 @@ class EngineSpec:
 
     def launch_argv(self, python: str, model: str, args: Sequence[str]) -> list[str]:
         return [python, "-m", self.module, self.model_flag, model, *args]
+
+    def sleep_api_missing(self, args: Sequence[str], env: Mapping[str, str]) -> list[str]:
+        """What `args` and `env` lack for the sleep API, for a warning: a flag only some
+        builds need carries its note, so the warning is right on every build."""
+        missing = [f"{k}={v}" for k, v in self.sleep_needs_env.items() if env.get(k) != v]
+        missing += [f"{flag} ({note})" if note else flag for flag, note in self.sleep_needs_args.items() if flag not in args]
+        return missing
 
     def sleep_call_at(self, level: int) -> Call:
         """The sleep call for `level` (engines without levels ignore it)."""
@@ -73,8 +81,9 @@ ENGINES: Mapping[str, EngineSpec] = {
         sleep_call=Call("POST", "/sleep", {"level": "1", "mode": "wait"}),
         wake_call=Call("POST", "/wake_up"),
         is_sleeping_path="/is_sleeping",
-        sleep_needs_args=("--enable-sleep-mode",),
         sleep_needs_env={"VLLM_SERVER_DEV_MODE": "1"},
+        # CPU builds refuse --enable-sleep-mode yet serve the sleep API in dev mode.
+        sleep_needs_args={"--enable-sleep-mode": "GPU builds only; CPU builds refuse it and need just VLLM_SERVER_DEV_MODE=1"},
         sleep_level_param="level",
     ),
     "sglang": EngineSpec(
@@ -88,8 +97,8 @@ ENGINES: Mapping[str, EngineSpec] = {
         sleep_call=Call("POST", "/release_memory_occupation", json={}),
         wake_call=Call("POST", "/resume_memory_occupation", json={}),
         is_sleeping_path=None,
-        sleep_needs_args=("--enable-memory-saver",),
         sleep_needs_env={},
+        sleep_needs_args={"--enable-memory-saver": ""},
     ),
 }
 

@@ -254,3 +254,23 @@ def test_alias_naming_another_model_is_an_error() -> None:
     a = "{model: a, engine: vllm, engine_args: ['--port=9001']}"
     b = "{model: b, engine: vllm, engine_args: ['--port=9002'], aliases: [a]}"
     one_problem(cfg_text(a, b), "instances[1].aliases", "model name 'a' would route to both 'a' and 'b'")
+
+
+def test_auto_sleep_warns_about_what_each_engines_sleep_api_needs() -> None:
+    auto = "sleep_manager: {auto_sleep_enabled: true}"
+    bare_vllm = "{model: a, engine: vllm, engine_args: ['--port=9001']}"
+    (w,) = warnings_of(cfg_text(bare_vllm, top=auto))
+    assert w.startswith("conf.yaml: instances[0]: auto sleep is on but this vllm engine lacks what its sleep API needs: "
+                        "VLLM_SERVER_DEV_MODE=1, --enable-sleep-mode (GPU builds only;")
+    # a CPU build of vLLM refuses --enable-sleep-mode: the warning must not claim the API is then missing
+    cpu_vllm = "{model: a, engine: vllm, engine_args: ['--port=9001'], engine_env: ['VLLM_SERVER_DEV_MODE=1']}"
+    (w,) = warnings_of(cfg_text(cpu_vllm, top=auto))
+    assert "--enable-sleep-mode (GPU builds only; CPU builds refuse it and need just VLLM_SERVER_DEV_MODE=1)" in w
+    assert "will not exist" not in w
+    gpu_vllm = "{model: a, engine: vllm, engine_args: ['--port=9001 --enable-sleep-mode'], engine_env: ['VLLM_SERVER_DEV_MODE=1']}"
+    assert warnings_of(cfg_text(gpu_vllm, top=auto)) == []
+    (w,) = warnings_of(cfg_text(SGL, top=auto))
+    assert w.endswith("this sglang engine lacks what its sleep API needs: --enable-memory-saver; add them or set 'sleep: false'")
+    # no warning when the engine never sleeps automatically
+    assert warnings_of(cfg_text(bare_vllm)) == []
+    assert warnings_of(cfg_text("{model: a, engine: vllm, engine_args: ['--port=9001'], sleep: false}", top=auto)) == []
