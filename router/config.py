@@ -16,7 +16,7 @@ import os
 import re
 import shlex
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -29,6 +29,8 @@ RESERVED_NAMES = frozenset({"router", "frontend", "logs", "supervisord"})
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 WILDCARD_HOSTS = {"0.0.0.0", "::", "", "*"}
+#: Environment variables whose values repr() hides (HF_TOKEN, VLLM_API_KEY, ...).
+SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
 
 
 def one_line(text: str) -> str:
@@ -72,6 +74,15 @@ class Instance:
     @property
     def spec(self) -> EngineSpec:
         return ENGINES[self.engine]
+
+    def __repr__(self) -> str:
+        """The dataclass repr with the engine's own key and secret-looking env values
+        masked, so a logged config or a traceback shows no secret."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["engine_args"] = self.spec.redacted(self.engine_args)
+        shown["sim_args"] = self.spec.redacted(self.sim_args)
+        shown["env"] = tuple((k, "***" if SECRET_ENV.search(k) else v) for k, v in self.env)
+        return f"Instance({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def url(self) -> str:

@@ -59,6 +59,21 @@ class EngineSpec:
         missing += [f"{flag} ({note})" if note else flag for flag, note in self.sleep_needs_args.items() if flag not in args]
         return missing
 
+    def redacted(self, args: Sequence[str]) -> tuple[str, ...]:
+        """`args` with every value of `api_key_flag` masked, for repr: the words after the
+        flag up to the next flag (the first one even if it looks like a flag)."""
+        out: list[str] = []
+        masking = False
+        for arg in args:
+            if masking and (not arg.startswith("--") or out[-1] == self.api_key_flag):
+                arg = "***"
+            elif arg.startswith(self.api_key_flag + "="):
+                arg = f"{self.api_key_flag}=***"
+            else:
+                masking = arg == self.api_key_flag
+            out.append(arg)
+        return tuple(out)
+
     def sleep_call_at(self, level: int) -> Call:
         """The sleep call for `level` (engines without levels ignore it)."""
         if self.sleep_level_param is None:

@@ -274,3 +274,15 @@ def test_auto_sleep_warns_about_what_each_engines_sleep_api_needs() -> None:
     # no warning when the engine never sleeps automatically
     assert warnings_of(cfg_text(bare_vllm)) == []
     assert warnings_of(cfg_text("{model: a, engine: vllm, engine_args: ['--port=9001'], sleep: false}", top=auto)) == []
+
+
+def test_repr_hides_engine_keys_and_secret_env_but_keeps_the_rest() -> None:
+    inst = ("{model: m, engine: vllm, engine_args: ['--port=9001 --api-key sk-one', '--api-key=sk-two --dtype half'],"
+            " engine_env: ['HF_TOKEN=hf-three', 'VLLM_USE_V1=1'], sim_args: ['--api-key sk-four']}")
+    cfg = parse_config(cfg_text(inst, top="router: {api_keys: [sk-five]}"), "conf.yaml")
+    for text in (repr(cfg), str(cfg), repr(cfg.instances[0])):
+        assert not any(secret in text for secret in ("sk-one", "sk-two", "hf-three", "sk-four", "sk-five")), text
+        assert "'--port=9001', '--api-key', '***', '--api-key=***', '--dtype', 'half'" in text
+        assert "('HF_TOKEN', '***'), ('VLLM_USE_V1', '1')" in text and "model='m'" in text
+    (a,) = cfg.instances  # only the repr is masked: the engine still gets its key
+    assert a.engine_args[2] == "sk-one" and a.auth_headers == {"Authorization": "Bearer sk-two"}
