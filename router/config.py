@@ -14,11 +14,10 @@ import ipaddress
 import math
 import os
 import re
-import shlex
 import stat
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
@@ -105,10 +104,7 @@ class Instance:
     @property
     def names(self) -> tuple[str, ...]:
         """Every model name a request may use to reach this instance."""
-        seen: dict[str, None] = {}
-        for n in (self.model, *self.aliases, *self.served_names):
-            seen[n] = None
-        return tuple(seen)
+        return tuple(dict.fromkeys((self.model, *self.aliases, *self.served_names)))
 
 
 @dataclass(frozen=True)
@@ -348,7 +344,7 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     _cross_checks(cfg, p)
     if p.errors:
         raise ConfigError(path, p.errors)
-    return Config(**{**cfg.__dict__, "warnings": tuple(one_line(f"{path}: {w}") for w in p.warnings)})
+    return replace(cfg, warnings=tuple(one_line(f"{path}: {w}") for w in p.warnings))
 
 
 def _kvcached_block(block: Any, p: _Problems) -> list[tuple[str, str]]:
@@ -483,8 +479,7 @@ def _env_list(v: Any, where: str, p: _Problems) -> list[tuple[str, str]]:
     if v is None:
         return []
     if isinstance(v, dict):
-        pairs = [(str(k), v[k]) for k in v]
-        items = [(f"{where}.{k}", k, val) for k, val in pairs]
+        items = [(f"{where}.{k}", str(k), val) for k, val in v.items()]
     elif isinstance(v, list):
         items = []
         for i, entry in enumerate(v):
@@ -579,7 +574,7 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
         port = int(port_text)
 
     env = list(kv_env) + _env_list(raw.get("kvcached_env"), f"{where}.kvcached_env", p) + _env_list(raw.get("engine_env"), f"{where}.engine_env", p)
-    aliases = [a for a in _str_list(raw.get("aliases"), f"{where}.aliases", p)]
+    aliases = _str_list(raw.get("aliases"), f"{where}.aliases", p)
     for j, a in enumerate(aliases):
         if not a.strip():
             p.error(f"{where}.aliases[{j}]", "must not be empty")
@@ -589,13 +584,8 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
     except ValueError as e:
         p.error(f"{where}.sim_args", f"cannot split into arguments ({e}); check the quotes")
 
-    flags = {}
-    for key in ("launch", "sleep", "using_venv"):
-        v = raw.get(key, key != "using_venv")
-        if not isinstance(v, bool):
-            p.error(f"{where}.{key}", f"must be true or false, not {v!r}")
-            v = False
-        flags[key] = v
+    flags = {key: _value(raw.get(key, key != "using_venv"), f"{where}.{key}", "bool", p, base) is True
+             for key in ("launch", "sleep", "using_venv")}
 
     venv_path = None
     venv_raw = raw.get("venv_path")
