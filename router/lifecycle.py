@@ -12,7 +12,8 @@ and a client that disconnects cannot abandon a half-done transition:
 
 - sleep: state ``draining`` (new requests are held, not refused) until no
   request is in flight, then ``falling_asleep`` while every replica's sleep
-  call runs, then ``sleeping``. A failed call rolls the slept replicas back.
+  call runs, then ``sleeping``. A failed call rolls the slept replicas back,
+  and the idle loop backs off before its next try (`Lifecycle._sleep_failed`).
 - wake: requests arriving at a sleeping model share ONE wake task (one wake
   call per replica however many requests arrive); they are admitted when it
   succeeds, and get `ModelUnavailable` (503 + Retry-After) when it fails or
@@ -91,6 +92,9 @@ WAKING = "waking"
 RETRY_AFTER_SECONDS = 5
 #: Time limit of one ``/is_sleeping`` question.
 ASK_TIMEOUT_SECONDS = 2.0
+#: Longest pause of the idle loop's sleep attempts after failures in a row
+#: (longer only if ``check_interval_seconds`` itself is).
+MAX_SLEEP_BACKOFF_SECONDS = 3600.0
 
 
 class ModelUnavailable(Exception):
@@ -169,6 +173,10 @@ class Lifecycle:
         self.sleep_count = 0
         self.wake_count = 0
         self.sleep_failures = 0
+        #: Sleeps the engines refused since the last one that worked.
+        self.sleep_failures_in_row = 0
+        #: Before this clock time the idle loop does not try again (back-off).
+        self.sleep_retry_at: Optional[float] = None
         self.wake_failures = 0
         self.last_wake_seconds: Optional[float] = None
         self.wake_seconds_total = 0.0
@@ -255,7 +263,23 @@ class Lifecycle:
             return f"idle {idle:.1f}s of the {s.idle_threshold_seconds:g}s threshold"
         if self.last_wake_at is not None and now - self.last_wake_at < s.min_sleep_duration:
             return f"woke {now - self.last_wake_at:.1f}s ago; min_sleep_duration is {s.min_sleep_duration:g}s"
+        if self.sleep_retry_at is not None and now < self.sleep_retry_at:
+            return (f"the last {self.sleep_failures_in_row} sleeps failed (see last_error); next try in "
+                    f"{self.sleep_retry_at - now:.1f}s")
         return None
+
+    def _sleep_failed(self) -> float:
+        """Back off: an engine that cannot sleep (no sleep API, no memory to
+        offload to) would otherwise be asked, and its refusal logged, at every
+        check. The idle loop waits check_interval x 2, x 4, x 8... (at most an
+        hour) after each failure in a row; requests and manual sleeps never wait.
+        Returns the pause in seconds."""
+        self.sleep_failures += 1
+        self.sleep_failures_in_row += 1
+        interval = self.settings.check_interval_seconds
+        pause = min(max(MAX_SLEEP_BACKOFF_SECONDS, interval), interval * 2.0 ** min(self.sleep_failures_in_row, 32))
+        self.sleep_retry_at = self._clock() + pause
+        return pause
 
     def _opt_out_reason(self) -> str:
         if not self.replicas:
@@ -308,10 +332,12 @@ class Lifecycle:
             targets = [i for i in self.replicas if not self.asleep[i.name]]
             errors = await self._call_all(targets, lambda i: i.spec.sleep_call_at(self.settings.sleep_level))
             if errors:
-                self.sleep_failures += 1
+                pause = self._sleep_failed()
                 await self._roll_back([i for i in targets if i.name not in errors])
                 self.state = SLEEPING if any(self.asleep.values()) else AWAKE
-                return self._failed("sleep", errors)
+                return self._failed("sleep", errors, f"; the idle loop tries again in {pause:.3g}s at the earliest")
+            self.sleep_failures_in_row = 0
+            self.sleep_retry_at = None
             self.state = SLEEPING
             self.manual = manual
             self.slept_at = self._clock()
@@ -372,9 +398,9 @@ class Lifecycle:
                 errors[inst.name] = f"{inst.name}: {type(res).__name__}: {res}"
         return errors
 
-    def _failed(self, what: str, errors: dict[str, str]) -> Outcome:
+    def _failed(self, what: str, errors: dict[str, str], then: str = "") -> Outcome:
         self.last_error = "; ".join(errors.values())
-        log.warning("model %s: %s failed: %s", self.model, what, self.last_error)
+        log.warning("model %s: %s failed: %s%s", self.model, what, self.last_error, then)
         return Outcome(False, f"could not {what} model {self.model!r}: {self.last_error}", 502)
 
     async def reconcile(self) -> None:
@@ -432,6 +458,7 @@ class Lifecycle:
             "sleep_count": self.sleep_count,
             "wake_count": self.wake_count,
             "sleep_failures": self.sleep_failures,
+            "sleep_retry_in_seconds": max(0.0, self.sleep_retry_at - now) if self.sleep_retry_at is not None else None,
             "wake_failures": self.wake_failures,
             "last_wake_seconds": self.last_wake_seconds,
             "wake_seconds_total": self.wake_seconds_total,

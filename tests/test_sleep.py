@@ -262,6 +262,28 @@ def test_a_long_request_is_never_idle(stack):
     assert time.monotonic() - ended >= 0.3  # idle counted from the end of the request
 
 
+def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
+    """An engine without its sleep API: the idle loop retries after 2, 4, 8... check intervals, not every one."""
+    st = stack(ControlEngine(sleep_status=404), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0,
+                                                          "check_interval_seconds": 0.05})
+    assert until(lambda: st.engine.count("sleep") >= 1, 5)
+    t0 = time.monotonic()
+    codes = []
+    while st.engine.count("sleep") < 4 and time.monotonic() - t0 < 10:
+        codes.append(st.completions(1)[0][0])
+        time.sleep(0.02)
+    # Without back-off 3 more tries take 3 checks (0.15s); with it 0.1 + 0.2 + 0.4s, then a pause of 0.8s.
+    assert set(codes) == {200} and time.monotonic() - t0 >= 0.6
+    status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
+    assert status["state"] == "awake" and status["sleep_failures"] == 4 == st.engine.count("sleep")
+    assert status["sleep_retry_in_seconds"] > 0.5 and "404" in status["last_error"]
+    _, cands, _ = st.call("GET", "/sleep/candidates")
+    assert cands["sleep_candidates"] == [] and "next try in" in cands["candidate_details"][MODEL]["reason"]
+    st.engine.sleep_status = 200  # a manual sleep ignores the back-off, and its success ends it
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    assert st.call("GET", "/sleep/status")[1]["models"][MODEL]["sleep_retry_in_seconds"] is None
+
+
 def test_replicas_sleep_and_wake_together(stack):
     st = stack(sim(), sim())
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
