@@ -625,7 +625,8 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
 def _cross_checks(cfg: Config, p: _Problems) -> None:
     """Checks across instances: clashes are errors, risky combinations warnings."""
     names: dict[str, int] = {}
-    binds: dict[tuple[str, int, bool], str] = {}
+    #: (address dialled, port, bound to a wildcard, launched here) -> instance name
+    binds: dict[tuple[str, int, bool, bool], str] = {}
     route_owner: dict[str, str] = {}
     for i, inst in enumerate(cfg.instances):
         where = f"instances[{i}]"
@@ -634,11 +635,13 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
         names.setdefault(inst.name, i)
         host = connect_host(inst.host)
         wild = inst.host in WILDCARD_HOSTS
-        for (h, port, other_wild), other in binds.items():
-            if port == inst.port and (h == host or (inst.launch and (wild or other_wild))):
+        for (h, port, other_wild, other_launch), other in binds.items():
+            # A wildcard bind takes the port on every local address, but only
+            # clashes with another engine on this machine, i.e. one launched here.
+            if port == inst.port and (h == host or (inst.launch and other_launch and (wild or other_wild))):
                 p.error(f"{where}.engine_args", f"{inst.host}:{inst.port} is already used by instance {other!r}; give each instance its own --port")
                 break
-        binds[(host, inst.port, wild and inst.launch)] = inst.name
+        binds[(host, inst.port, wild, inst.launch)] = inst.name
         if cfg.router.enable_router and inst.port == cfg.router.port and host in ("127.0.0.1", connect_host(cfg.router.host)):
             p.error(f"{where}.engine_args", f"--port {inst.port} is the router's port (router.router_port); pick another")
         for n in (inst.model, *inst.aliases):

@@ -165,6 +165,16 @@ def test_same_port_on_different_hosts_is_fine() -> None:
     assert [i.url for i in cfg.instances] == ["http://127.0.0.1:9001", "http://10.1.1.1:9001"]
 
 
+def test_wildcard_bind_does_not_clash_with_an_external_engine_in_either_order() -> None:
+    external = "{model: a, engine: vllm, launch: false, engine_args: ['--host 10.0.0.5 --port 9001']}"
+    local = "{model: b, engine: vllm, engine_args: ['--host 0.0.0.0 --port 9001']}"
+    for first, second in ((external, local), (local, external)):
+        assert [i.port for i in parse_config(cfg_text(first, second)).instances] == [9001, 9001]
+    # two engines launched here still clash through the wildcard
+    one_problem(cfg_text(local, "{model: c, engine: vllm, engine_args: ['--host 10.0.0.5 --port 9001']}"),
+                "instances[1].engine_args", "is already used by instance 'b'")
+
+
 def test_engine_on_the_router_port() -> None:
     one_problem(cfg_text("{model: m, engine: vllm, engine_args: ['--port=8080']}"), "instances[0].engine_args", "router's port")
 
