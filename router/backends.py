@@ -37,7 +37,8 @@ class Backend:
     """One engine instance, with the router's view of its load and health."""
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
-                 "health", "ok_streak", "fail_streak", "ejected_until", "last_probe", "pool", "authority", "auth_line")
+                 "health", "ok_streak", "fail_streak", "ejected_until", "eject_timer", "last_probe", "pool", "authority",
+                 "auth_line")
 
     def __init__(self, instance: Instance):
         self.instance = instance
@@ -53,6 +54,8 @@ class Backend:
         self.ok_streak = 0
         self.fail_streak = 0
         self.ejected_until = 0.0
+        #: Armed while ejected, to hand the replica to queued requests when the ejection ends.
+        self.eject_timer: Optional[asyncio.TimerHandle] = None
         #: (monotonic time, ok, detail) of the last probe, for the health endpoints.
         self.last_probe: Optional[tuple[float, bool, str]] = None
         #: Keep-alive connections of the hot path; `authority` is the Host header value.
@@ -64,14 +67,13 @@ class Backend:
     def routable(self, now: float) -> bool:
         return self.health != UNHEALTHY and now >= self.ejected_until
 
-    def eject(self, now: float, seconds: float) -> None:
-        self.ejected_until = now + seconds
-
     def record_probe(self, now: float, ok: bool, detail: str, settings: RouterSettings) -> None:
         """Apply one probe result: unhealthy after N failures in a row, healthy after M successes.
 
         A never-probed backend turns healthy on its first success: it was
-        routable already, so there is nothing to be cautious about.
+        routable already, so there is nothing to be cautious about. The
+        caller hands a replica that turned routable to queued requests
+        (`Model.dispatch`).
         """
         self.last_probe = (now, ok, detail)
         if ok:
@@ -124,7 +126,12 @@ class Model:
         raise NoBackend(self._wait_hint(now))
 
     async def acquire(self, now: float, exclude: tuple[Backend, ...], queue_timeout: float) -> Backend:
-        """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full."""
+        """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full.
+
+        A waiter is handed a slot by `dispatch`: when a request ends, when an
+        ejection ends, or after a health probe. It fails with NoBackend if no
+        replica is routable any more, and with Overloaded after `queue_timeout`.
+        """
         try:
             return self.pick(now, exclude)
         except Overloaded:
@@ -135,33 +142,65 @@ class Model:
         self._waiters.append(fut)
         try:
             return await asyncio.wait_for(fut, queue_timeout)
-        except asyncio.TimeoutError:
-            raise Overloaded() from None
-        except BaseException:
-            # Cancelled after a slot was handed over: give it back.
-            if fut.done() and not fut.cancelled():
-                self.release(fut.result())
-            raise
-        finally:
-            if not fut.done():
+        except BaseException as e:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result())  # handed a slot just as the wait ended: give it back
+            else:
                 fut.cancel()
-            try:
-                self._waiters.remove(fut)
-            except ValueError:
-                pass
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            if isinstance(e, asyncio.TimeoutError):
+                raise Overloaded() from None
+            raise
 
     def release(self, backend: Backend) -> None:
-        """Free a slot; the first waiter, if any, takes it over directly (FIFO)."""
+        """Free a slot; queued requests, if any, take it over."""
         backend.outstanding -= 1
-        waiters = self._waiters
-        if not waiters or not backend.routable(time.monotonic()):
+        if self._waiters:
+            self.dispatch()
+
+    def eject(self, backend: Backend, now: float, seconds: float) -> None:
+        """Skip `backend` for `seconds`; then queued requests may take it again."""
+        backend.ejected_until = now + seconds
+        if backend.eject_timer is None:
+            backend.eject_timer = asyncio.get_running_loop().call_later(seconds, self._ejection_over, backend)
+
+    def _ejection_over(self, backend: Backend) -> None:
+        # The loop's clock may run a little behind time.monotonic(), and the
+        # ejection may have been extended: wait for what is left of it.
+        left = backend.ejected_until - time.monotonic()
+        if left > 0:
+            backend.eject_timer = asyncio.get_running_loop().call_later(left, self._ejection_over, backend)
             return
+        backend.eject_timer = None
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand free slots of routable replicas to queued requests, first come first served.
+
+        When no replica is routable at all, the queued requests fail with
+        NoBackend at once (503), as new ones do, rather than waiting out
+        their queue timeout.
+        """
+        waiters = self._waiters
+        now = time.monotonic()
         while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                backend.outstanding += 1
-                fut.set_result(backend)
+            fut = waiters[0]
+            if fut.done():
+                waiters.popleft()
+                continue
+            try:
+                backend = self.pick(now)
+            except Overloaded:
                 return
+            except NoBackend as e:
+                waiters.popleft()
+                fut.set_exception(NoBackend(e.retry_after))
+                continue
+            waiters.popleft()
+            fut.set_result(backend)
 
     def _wait_hint(self, now: float) -> int:
         """Seconds until a replica may be routable again, for Retry-After."""

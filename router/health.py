@@ -37,10 +37,13 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, timeout: float
         return False, f"{type(e).__name__}: {e}"
 
 
-async def probe_and_record(session: aiohttp.ClientSession, backend: Backend, settings: RouterSettings,
-                           timeout: Optional[float] = None) -> tuple[bool, str]:
-    ok, detail = await probe(session, backend, timeout or settings.health_check_timeout_seconds)
+async def probe_and_record(session: aiohttp.ClientSession, model: Model, backend: Backend,
+                           settings: RouterSettings) -> tuple[bool, str]:
+    """Probe one replica now and record the result; a replica that turned
+    routable goes at once to requests queued for a slot (`Model.dispatch`)."""
+    ok, detail = await probe(session, backend, settings.health_check_timeout_seconds)
     backend.record_probe(time.monotonic(), ok, detail, settings)
+    model.dispatch()
     return ok, detail
 
 
@@ -68,7 +71,7 @@ class HealthChecker:
             await asyncio.sleep(self.settings.health_check_interval_seconds)
 
     async def check_all(self, session: aiohttp.ClientSession) -> None:
-        probes = [probe_and_record(session, b, self.settings)
+        probes = [probe_and_record(session, m, b, self.settings)
                   for m in self.table if is_awake(m) for b in m.backends]
         if probes:
             await asyncio.gather(*probes)
@@ -80,7 +83,7 @@ async def model_report(session: aiohttp.ClientSession, model: Model, settings: R
         state = model.lifecycle.state
         return {"model": model.name, "status": "sleeping" if state == "sleeping" else state,
                 "endpoints": [_endpoint(b, state) for b in model.backends], "sleep": model.lifecycle.status()}
-    results = await asyncio.gather(*(probe_and_record(session, b, settings) for b in model.backends))
+    results = await asyncio.gather(*(probe_and_record(session, model, b, settings) for b in model.backends))
     endpoints = [_endpoint(b, "healthy" if ok else "unhealthy", detail) for b, (ok, detail) in zip(model.backends, results)]
     n_ok = sum(ok for ok, _ in results)
     status = "healthy" if n_ok == len(results) else "degraded" if n_ok else "unhealthy"

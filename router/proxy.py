@@ -252,7 +252,7 @@ class Proxy:
             try:
                 resp = await backend.pool.request(head, data, self.connect_timeout, timeout)
             except ConnectFailed:
-                backend.eject(time.monotonic(), self.eject_seconds)
+                model.eject(backend, time.monotonic(), self.eject_seconds)
                 model.release(backend)
                 model.metrics.upstream_error("connect")
                 tried += (backend,)

@@ -98,3 +98,64 @@ def test_queue_timeout_is_429(stack: Stack) -> None:
     status, _, data = post(r.url + "/metrics", None, method="GET")  # type: ignore[arg-type]
     assert 'router_requests_total{model="m",status="429"} 1.0' in data.decode()
     assert json.loads(post(r.url + "/v1/completions", b'{"model": "m"}')[2])["choices"]
+
+
+def test_queued_request_takes_a_replica_back_from_ejection(stack: Stack) -> None:
+    busy, back = stack.engine(interval=4.0), stack.engine()
+    stack.loop.run(back.stop())  # refuses connections until started again
+    r = stack.router([instance("m", back.port, name="back", max_concurrency=1),
+                      instance("m", busy.port, name="busy", max_concurrency=1)],
+                     eject_seconds=0.5, queue_timeout_seconds=2.5)
+    body = orjson.dumps({"model": "m", "prompt": "x"})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, r.url + "/v1/completions", body)  # refused by "back", then held by "busy"
+        assert until(lambda: len(busy.bodies) == 1)
+        stack.loop.run(back.start())
+        start = time.monotonic()
+        status, _, _ = post(r.url + "/v1/completions", body)  # both unavailable: waits in the queue
+        # Served by "back" once its ejection ends, not timed out (429) while "busy" is held.
+        assert status == 200 and len(back.bodies) == 1
+        assert time.monotonic() - start < 2.0
+        assert first.result()[0] == 200
+    assert [b.outstanding for b in r.app.state.table.get("m").backends] == [0, 0]
+
+
+def test_queued_request_takes_a_replica_that_turned_healthy(stack: Stack) -> None:
+    busy, sick = stack.engine(interval=4.0), stack.engine(health=500)
+    r = stack.router([instance("m", sick.port, name="sick", max_concurrency=1),
+                      instance("m", busy.port, name="busy", max_concurrency=1)],
+                     health_check_interval_seconds=0.05, unhealthy_threshold=1, healthy_threshold=2,
+                     queue_timeout_seconds=2.5)
+    backend = r.app.state.table.get("m").backends[0]
+    assert until(lambda: backend.health == "unhealthy")
+    body = orjson.dumps({"model": "m", "prompt": "x"})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, r.url + "/v1/completions", body)
+        assert until(lambda: len(busy.bodies) == 1)
+        queued = pool.submit(post, r.url + "/v1/completions", body)
+        time.sleep(0.2)
+        sick.health_status = 200
+        start = time.monotonic()
+        assert queued.result()[0] == 200 and len(sick.bodies) == 1
+        assert time.monotonic() - start < 1.5
+        assert first.result()[0] == 200
+
+
+def test_queued_requests_get_503_at_once_when_no_replica_is_left(stack: Stack) -> None:
+    e = stack.engine(interval=4.0)
+    r = stack.router([instance("m", e.port, max_concurrency=1)], health_check_interval_seconds=0.05,
+                     unhealthy_threshold=1, queue_timeout_seconds=3)
+    body = orjson.dumps({"model": "m", "prompt": "x"})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, r.url + "/v1/completions", body)
+        assert until(lambda: len(e.bodies) == 1)
+        queued = pool.submit(post, r.url + "/v1/completions", body)
+        time.sleep(0.2)
+        e.health_status = 500
+        start = time.monotonic()
+        status, headers, data = queued.result()
+        # As a new request would: 503 with Retry-After, not 429 after the queue timeout.
+        assert_error(status, data, 503, "No healthy engine")
+        assert int(headers["retry-after"]) >= 1 and time.monotonic() - start < 1.0
+        assert first.result()[0] == 200  # the request already on the engine is not cut short
+    assert len(e.bodies) == 1
