@@ -642,7 +642,9 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
                 p.error(f"{where}.engine_args", f"{inst.host}:{inst.port} is already used by instance {other!r}; give each instance its own --port")
                 break
         binds[(host, inst.port, wild, inst.launch)] = inst.name
-        if cfg.router.enable_router and inst.port == cfg.router.port and host in ("127.0.0.1", connect_host(cfg.router.host)):
+        if cfg.router.enable_router and inst.port == cfg.router.port and (
+                host in ("127.0.0.1", connect_host(cfg.router.host))
+                or (inst.launch and (wild or cfg.router.host in WILDCARD_HOSTS))):
             p.error(f"{where}.engine_args", f"--port {inst.port} is the router's port (router.router_port); pick another")
         for n in (inst.model, *inst.aliases):
             owner = route_owner.setdefault(n, inst.model)

@@ -177,6 +177,13 @@ def test_wildcard_bind_does_not_clash_with_an_external_engine_in_either_order() 
 
 def test_engine_on_the_router_port() -> None:
     one_problem(cfg_text("{model: m, engine: vllm, engine_args: ['--port=8080']}"), "instances[0].engine_args", "router's port")
+    # a wildcard bind of either takes the port on every address of this machine
+    on_lan = "{model: m, engine: vllm, engine_args: ['--host 10.0.0.5 --port=8080']}"
+    one_problem(cfg_text(on_lan, top="router: {router_host: 0.0.0.0, api_keys: [k]}"), "instances[0].engine_args", "router's port")
+    one_problem(cfg_text("{model: m, engine: vllm, engine_args: ['--host 0.0.0.0 --port=8080']}", top="router: {router_host: 10.0.0.5, api_keys: [k]}"),
+                "instances[0].engine_args", "router's port")
+    external = "{model: m, engine: vllm, launch: false, engine_args: ['--host 10.0.0.5 --port=8080']}"
+    assert parse_config(cfg_text(external, top="router: {router_host: 0.0.0.0, api_keys: [k]}")).instances[0].port == 8080
 
 
 def test_missing_venv_is_an_error_and_only_a_warning_under_sim(tmp_path: Path) -> None:
