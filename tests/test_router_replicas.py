@@ -9,7 +9,7 @@ import openai
 import orjson
 
 from helpers import free_port
-from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from router_support import Engine, Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
 from test_router_proxy import assert_error, client, post
 
 
@@ -120,6 +120,16 @@ def test_queued_request_takes_a_replica_back_from_ejection(stack: Stack) -> None
     assert [b.outstanding for b in r.app.state.table.get("m").backends] == [0, 0]
 
 
+def hold_one_queue_one(pool: concurrent.futures.Executor, url: str, engine: Engine,
+                       body: bytes) -> tuple[concurrent.futures.Future, concurrent.futures.Future]:
+    """Send a request that `engine` holds, then one that must wait in the router's queue."""
+    first = pool.submit(post, url + "/v1/completions", body)
+    assert until(lambda: len(engine.bodies) == 1)
+    queued = pool.submit(post, url + "/v1/completions", body)
+    time.sleep(0.2)
+    return first, queued
+
+
 def test_queued_request_takes_a_replica_that_turned_healthy(stack: Stack) -> None:
     busy, sick = stack.engine(interval=4.0), stack.engine(health=500)
     r = stack.router([instance("m", sick.port, name="sick", max_concurrency=1),
@@ -130,10 +140,7 @@ def test_queued_request_takes_a_replica_that_turned_healthy(stack: Stack) -> Non
     assert until(lambda: backend.health == "unhealthy")
     body = orjson.dumps({"model": "m", "prompt": "x"})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(post, r.url + "/v1/completions", body)
-        assert until(lambda: len(busy.bodies) == 1)
-        queued = pool.submit(post, r.url + "/v1/completions", body)
-        time.sleep(0.2)
+        first, queued = hold_one_queue_one(pool, r.url, busy, body)
         sick.health_status = 200
         start = time.monotonic()
         assert queued.result()[0] == 200 and len(sick.bodies) == 1
@@ -147,10 +154,7 @@ def test_queued_requests_get_503_at_once_when_no_replica_is_left(stack: Stack) -
                      unhealthy_threshold=1, queue_timeout_seconds=3)
     body = orjson.dumps({"model": "m", "prompt": "x"})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(post, r.url + "/v1/completions", body)
-        assert until(lambda: len(e.bodies) == 1)
-        queued = pool.submit(post, r.url + "/v1/completions", body)
-        time.sleep(0.2)
+        first, queued = hold_one_queue_one(pool, r.url, e, body)
         e.health_status = 500
         start = time.monotonic()
         status, headers, data = queued.result()
