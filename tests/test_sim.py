@@ -528,10 +528,17 @@ def test_options_take_engine_flags_and_ignore_the_rest() -> None:
     assert o.max_concurrency == 0
 
 
+@pytest.mark.parametrize("text, length", [("512", 512), ("32k", 32000), ("25.6k", 25600), ("32K", 32768),
+                                          ("1m", 1000000), ("auto", 4096), ("-1", 4096)])
+def test_max_model_len_is_read_as_vllm_reads_it(text: str, length: int) -> None:
+    assert parse_options(["--engine", "vllm", "--model", "m", "--max-model-len", text]).max_model_len == length
+
+
 def test_bad_cli_values_exit_2_with_a_message() -> None:
     for args, words in ((["--engine", "tgi", "--model", "m"], "--engine"),
                         (["--engine", "vllm", "--model", "m", "--fail-rate", "2"], "--fail-rate"),
-                        (["--engine", "vllm"], "--model")):
+                        (["--engine", "vllm"], "--model"),
+                        (["--engine", "vllm", "--model", "m", "--max-model-len", "1.5K"], "--max-model-len")):
         r = subprocess.run([PY, "-m", "router.sim", *args], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
 

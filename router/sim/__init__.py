@@ -12,7 +12,8 @@ Run ``python -m router.sim --engine vllm|sglang --model NAME --port P [knobs]
 
 Engine flags understood (both ``--f v`` and ``--f=v``): ``--host``, ``--port``,
 ``--model``/``--model-path``, ``--served-model-name`` (vLLM: one or more names;
-SGLang: one), ``--max-model-len``/``--context-length`` (default 4096),
+SGLang: one), ``--max-model-len``/``--context-length`` (default 4096; vLLM's
+``32k``, ``32K`` and ``auto`` forms too),
 ``--max-num-seqs``/``--max-running-requests`` (used as --max-concurrency when
 that is not given), ``--api-key`` (then requests need ``Authorization: Bearer
 KEY``, answered 401 ``{"error":"Unauthorized"}`` otherwise: on vLLM's /v1

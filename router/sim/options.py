@@ -8,11 +8,14 @@ spellings and ignores every other engine flag instead of failing on it.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 ENGINE_NAMES = ("vllm", "sglang")
 DEFAULT_PORTS = {"vllm": 8000, "sglang": 30000}
+#: The context length when none is given (or vLLM's ``auto``: the model's own, which we do not have).
+DEFAULT_MAX_MODEL_LEN = 4096
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class SimOptions:
     port: int = 0
     #: Names the engine answers to; empty means just `model`.
     served_model_names: tuple[str, ...] = ()
-    max_model_len: int = 4096
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
     #: Requests running at once; 0 = unlimited. Beyond it requests wait.
     max_concurrency: int = 0
     startup_s: float = 0.0
@@ -50,6 +53,20 @@ class SimOptions:
         return self.names[0]
 
 
+def model_len(text: str) -> int:
+    """A context length as vLLM 0.32 reads ``--max-model-len``, so a real config runs under
+    ``--sim``: ``4096``, ``32k`` (x1000), ``32K`` (x1024, whole numbers only), ``auto`` or ``-1``."""
+    value = text.strip()
+    if value == "-1" or value.lower() == "auto":
+        return DEFAULT_MAX_MODEL_LEN
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt])", value, re.IGNORECASE)
+    if m is None:
+        return int(value)
+    number, suffix = m.groups()
+    power = "kmgt".index(suffix.lower()) + 1
+    return int(float(number) * 1000 ** power) if suffix.islower() else int(number) * 1024 ** power
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors without a traceback and exits 2."""
 
@@ -67,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--served-model-name", dest="served", nargs="+", default=None)
     p.add_argument("--api-key", dest="api_key", default="")
-    p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=4096)
+    p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=model_len,
+                   default=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="batch", type=int, default=0,
                    help="the engine's batch size; used as --max-concurrency when that is not given")
     g = p.add_argument_group("simulation knobs")
