@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 from aiohttp import web
 
-from helpers import PY, Proc, free_port, start_sim, wait_http
+from helpers import PY, Proc, distinct_ports, free_port, start_sim, wait_http
 from router.bench import main, targets
 from router.config import load_config
 
@@ -31,8 +31,8 @@ ALPHA, BETA, GAMMA = "org/alpha", "beta", "gamma"
 
 class Stack:
     def __init__(self, tmp: Path):
-        self.ports = {"alpha": free_port(), "alpha2": free_port(), "beta": free_port(), "gamma": free_port()}
-        self.router_port = free_port()
+        self.router_port, *engine_ports = distinct_ports(5)
+        self.ports = dict(zip(("alpha", "alpha2", "beta", "gamma"), engine_ports))
         self.config = tmp / "bench.yaml"
         p = self.ports
         # gamma's streams stall after 2 chunks; the router gives up on them after 1 s. The router
