@@ -14,6 +14,7 @@ the ``path`` converter takes the rest of it.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Optional
 
 import orjson
@@ -85,9 +86,12 @@ class Admin:
         return model
 
     def _last_activity(self, model: Any, total: int) -> Optional[float]:
-        """Unix time the last request ended; None before the first one."""
+        """Unix time of the model's last activity: now while a request runs (as its
+        idle time is 0), else when the last request ended; None before the first."""
         lc: Lifecycle = model.lifecycle
-        if total == 0 and lc.in_flight == 0:
+        if lc.in_flight:
+            return _seconds(time.time())
+        if total == 0:
             return None
         return _seconds(lc.last_end + self.state.traffic.wall_offset)
 

@@ -284,6 +284,26 @@ def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
     assert st.call("GET", "/sleep/status")[1]["models"][MODEL]["sleep_retry_in_seconds"] is None
 
 
+def test_last_activity_is_now_while_a_request_runs(stack):
+    """Idle time 0 and a last activity long ago would contradict each other."""
+    st = stack(ControlEngine(gen_delay=1.0))
+
+    async def go() -> tuple[float, dict[str, Any]]:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        await st._call("POST", f"{st.router.url}/v1/completions", body)  # ends 0.5s before the next starts
+        await asyncio.sleep(0.5)
+        sent = time.time()
+        req = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
+        while "generate" not in st.engine.log[1:]:
+            await asyncio.sleep(0.01)
+        _, stats, _ = await st._call("GET", f"{st.router.url}/traffic/stats/{ENC}")
+        await req
+        return sent, stats["model_stats"]
+    sent, stats = st.loop.run(go())
+    assert stats["in_flight_requests"] == 1 and stats["idle_time_seconds"] == 0
+    assert stats["last_activity_time"] >= sent
+
+
 def test_replicas_sleep_and_wake_together(stack):
     st = stack(sim(), sim())
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
