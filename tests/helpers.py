@@ -112,10 +112,10 @@ class Proc:
 
 
 def start_sim(engine: str, model: str, port: int, *args: str, log: Optional[str] = None) -> Proc:
-    """The simulated engine as its own process, waited on until healthy."""
-    proc = Proc([PY, "-m", "router.sim", "--engine", engine, "--model", model,
+    """The simulated engine as its own process. Not waited on: callers start several
+    and then wait for each one's /health, so the engines start up side by side."""
+    return Proc([PY, "-m", "router.sim", "--engine", engine, "--model", model,
                  "--host", "127.0.0.1", "--port", str(port), *args], log=log)
-    return proc
 
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
