@@ -441,7 +441,7 @@ print(json.dumps(got))
 """
 
 
-def test_rendered_files_logs_and_socket_keep_other_users_out(procs: list[Proc]) -> None:
+def test_rendered_files_logs_and_socket_keep_other_users_out() -> None:
     """A real supervisord run: every file it and the renderer made is the owner's only."""
     tmp = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
     tmp.chmod(0o755)  # only the output folder's own modes may keep others out
