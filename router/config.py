@@ -94,7 +94,7 @@ class Instance:
     @property
     def auth_headers(self) -> dict[str, str]:
         """What the router sends to reach an engine started with its own API key."""
-        key = last_flag_value(self.engine_args, self.spec.api_key_flag)
+        key = self.spec.api_key(self.engine_args, dict(self.env))
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property

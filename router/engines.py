@@ -48,6 +48,8 @@ class EngineSpec:
     sleep_level_param: Optional[str] = None
     #: The flag giving the bearer key the engine's own OpenAI server requires (both use --api-key).
     api_key_flag: str = "--api-key"
+    #: The environment variable the engine takes its key from when the flag is not given.
+    api_key_env: Optional[str] = None
 
     def launch_argv(self, python: str, model: str, args: Sequence[str]) -> list[str]:
         return [python, "-m", self.module, self.model_flag, model, *args]
@@ -58,6 +60,13 @@ class EngineSpec:
         missing = [f"{k}={v}" for k, v in self.sleep_needs_env.items() if env.get(k) != v]
         missing += [f"{flag} ({note})" if note else flag for flag, note in self.sleep_needs_args.items() if flag not in args]
         return missing
+
+    def api_key(self, args: Sequence[str], env: Mapping[str, str]) -> Optional[str]:
+        """The key the engine requires, from its flag or else its environment variable."""
+        key = last_flag_value(args, self.api_key_flag)
+        if not key and self.api_key_env:
+            key = env.get(self.api_key_env)
+        return key or None
 
     def redacted(self, args: Sequence[str]) -> tuple[str, ...]:
         """`args` with every value of `api_key_flag` masked, for repr: the words after the
@@ -100,6 +109,7 @@ ENGINES: Mapping[str, EngineSpec] = {
         # CPU builds refuse --enable-sleep-mode yet serve the sleep API in dev mode.
         sleep_needs_args={"--enable-sleep-mode": "GPU builds only; CPU builds refuse it and need just VLLM_SERVER_DEV_MODE=1"},
         sleep_level_param="level",
+        api_key_env="VLLM_API_KEY",  # vLLM 0.32: --api-key wins over it
     ),
     "sglang": EngineSpec(
         name="sglang",

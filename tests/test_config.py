@@ -303,3 +303,16 @@ def test_repr_hides_engine_keys_and_secret_env_but_keeps_the_rest() -> None:
         assert "('HF_TOKEN', '***'), ('VLLM_USE_V1', '1')" in text and "model='m'" in text
     (a,) = cfg.instances  # only the repr is masked: the engine still gets its key
     assert a.engine_args[2] == "sk-one" and a.auth_headers == {"Authorization": "Bearer sk-two"}
+
+
+def test_the_router_sends_an_engines_key_given_by_flag_or_by_its_env_var() -> None:
+    def headers(inst: str) -> dict[str, str]:
+        return parse_config(cfg_text(inst)).instances[0].auth_headers
+    assert headers("{model: m, engine: vllm, engine_args: ['--port=9001'], engine_env: ['VLLM_API_KEY=k-env']}") == \
+        {"Authorization": "Bearer k-env"}
+    # vLLM: the flag wins over the env var
+    assert headers("{model: m, engine: vllm, engine_args: ['--port=9001 --api-key k-flag'], engine_env: ['VLLM_API_KEY=k-env']}") == \
+        {"Authorization": "Bearer k-flag"}
+    # SGLang reads no such variable
+    assert headers("{model: m, engine: sglang, engine_args: ['--port=9001'], engine_env: ['VLLM_API_KEY=k-env']}") == {}
+    assert headers(VLLM) == {}

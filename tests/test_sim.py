@@ -534,6 +534,13 @@ def test_max_model_len_is_read_as_vllm_reads_it(text: str, length: int) -> None:
     assert parse_options(["--engine", "vllm", "--model", "m", "--max-model-len", text]).max_model_len == length
 
 
+def test_vllm_takes_its_key_from_vllm_api_key_when_no_flag_gives_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "k-env")
+    assert parse_options(["--engine", "vllm", "--model", "m"]).api_key == "k-env"
+    assert parse_options(["--engine", "vllm", "--model", "m", "--api-key", "k-flag"]).api_key == "k-flag"
+    assert parse_options(["--engine", "sglang", "--model", "m"]).api_key == ""
+
+
 def test_bad_cli_values_exit_2_with_a_message() -> None:
     for args, words in ((["--engine", "tgi", "--model", "m"], "--engine"),
                         (["--engine", "vllm", "--model", "m", "--fail-rate", "2"], "--fail-rate"),

@@ -15,7 +15,7 @@ Engine flags understood (both ``--f v`` and ``--f=v``): ``--host``, ``--port``,
 SGLang: one), ``--max-model-len``/``--context-length`` (default 4096; vLLM's
 ``32k``, ``32K`` and ``auto`` forms too),
 ``--max-num-seqs``/``--max-running-requests`` (used as --max-concurrency when
-that is not given), ``--api-key`` (then requests need ``Authorization: Bearer
+that is not given), ``--api-key`` (vLLM: else ``$VLLM_API_KEY``; then requests need ``Authorization: Bearer
 KEY``, answered 401 ``{"error":"Unauthorized"}`` otherwise: on vLLM's /v1
 routes, on every SGLang route but /health and /metrics). Every other flag is logged once and ignored.
 

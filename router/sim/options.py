@@ -8,6 +8,7 @@ spellings and ignores every other engine flag instead of failing on it.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -38,7 +39,7 @@ class SimOptions:
     stall_after: int = 0
     hang: bool = False
     seed: int = 0
-    #: The engine's own --api-key: requests it guards need ``Authorization: Bearer <key>``.
+    #: The engine's own --api-key (vLLM: else $VLLM_API_KEY): requests it guards need ``Authorization: Bearer <key>``.
     api_key: str = ""
     #: Engine flags given but not understood (logged once, otherwise ignored).
     ignored_args: tuple[str, ...] = field(default=(), compare=False)
@@ -125,12 +126,13 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         problems.append("SGLang's --served-model-name takes one name")
     if problems:
         p.error("; ".join(problems))
+    api_key = ns.api_key or (os.environ.get("VLLM_API_KEY", "") if engine == "vllm" else "")
     return SimOptions(
         engine=engine, model=ns.model, host=ns.host,
         port=DEFAULT_PORTS[engine] if ns.port is None else ns.port,
         served_model_names=tuple(ns.served or ()), max_model_len=ns.max_model_len,
         max_concurrency=ns.batch if ns.max_concurrency is None else ns.max_concurrency,
         startup_s=ns.startup_s, ttft_ms=ns.ttft_ms, itl_ms=ns.itl_ms, fail_rate=ns.fail_rate,
-        die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed, api_key=ns.api_key,
+        die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed, api_key=api_key,
         ignored_args=tuple(unknown),
     )
