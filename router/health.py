@@ -81,7 +81,7 @@ async def model_report(session: aiohttp.ClientSession, model: Model, settings: R
     """Probe a model's backends now and describe them, for /health/{model} and /health/all."""
     if not is_awake(model):
         state = model.lifecycle.state
-        return {"model": model.name, "status": "sleeping" if state == "sleeping" else state,
+        return {"model": model.name, "status": state,
                 "endpoints": [_endpoint(b, state) for b in model.backends], "sleep": model.lifecycle.status()}
     results = await asyncio.gather(*(probe_and_record(session, model, b, settings) for b in model.backends))
     endpoints = [_endpoint(b, "healthy" if ok else "unhealthy", detail) for b, (ok, detail) in zip(model.backends, results)]
