@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .proxy import Proxy, Receive, Scope, Send, send_error
 from .traffic import Traffic
 
-PROXY_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+PROXY_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 
 
 class RouterState:
@@ -59,12 +59,12 @@ def new_session() -> aiohttp.ClientSession:
 
 
 class RouterApp:
-    """The ASGI entry: a dict lookup sends proxy paths to the hot path, the rest to Starlette."""
+    """The ASGI entry: a set lookup sends proxy paths to the hot path, the rest to Starlette."""
 
     def __init__(self, state: RouterState, proxy: Proxy, web: Starlette):
         self.state = state
         self.web = web
-        self._proxy = {p: proxy for p in PROXY_PATHS}
+        self.proxy = proxy
         self._guard = Guard(state.config.router)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,10 +72,9 @@ class RouterApp:
             denied = self._guard.check(scope)
             if denied is not None:
                 return await send_error(send, denied.status, denied.message, headers=denied.headers)
-            handler = self._proxy.get(scope["path"])
-            if handler is not None:
+            if scope["path"] in PROXY_PATHS:
                 if scope["method"] == "POST":
-                    return await handler(scope, receive, send)
+                    return await self.proxy(scope, receive, send)
                 return await send_error(send, 405, f"Method {scope['method']} is not allowed on {scope['path']}; use POST.",
                                         headers=[(b"allow", b"POST")])
         await self.web(scope, receive, send)
