@@ -341,6 +341,16 @@ def test_manual_sleep_and_wake_endpoints(stack):
     assert f'router_model_wakes_total{{model="{MODEL}"}} 1.0' in metrics
 
 
+def test_the_idle_loop_never_wakes_a_manually_slept_model(stack):
+    st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.1, "check_interval_seconds": 0.05})
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+    time.sleep(0.5)  # ten checks, each asking the engine /is_sleeping
+    status = st.call("GET", "/sleep/status")[1]["models"][MODEL]
+    assert status["state"] == "sleeping" and status["manual"] is True
+    assert st.engine.asleep and st.engine.counters.wake_calls == 0 and st.engine.counters.sleep_calls == 1
+    assert st.completions(1)[0][0] == 200 and st.engine.counters.wake_calls == 1  # a request does wake it
+
+
 def test_sleep_opt_out_is_refused(stack):
     st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0}, sleep=False)
     status, body, _ = st.call("POST", f"/action/sleep/{ENC}")
