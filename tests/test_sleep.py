@@ -20,7 +20,8 @@ import yaml
 from aiohttp import web
 
 from helpers import free_port
-from router.config import load_config
+from router.config import SleepSettings, load_config
+from router.lifecycle import Lifecycle
 from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, until
 
@@ -282,6 +283,18 @@ def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
     st.engine.sleep_status = 200  # a manual sleep ignores the back-off, and its success ends it
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
     assert st.call("GET", "/sleep/status")[1]["models"][MODEL]["sleep_retry_in_seconds"] is None
+
+
+def test_sleep_back_off_doubles_up_to_an_hour_on_a_fake_clock():
+    now = [1000.0]
+    lc = Lifecycle(MODEL, clock=lambda: now[0])
+    lc.settings = SleepSettings(check_interval_seconds=60)
+    assert [lc._sleep_failed() for _ in range(7)] == [120, 240, 480, 960, 1920, 3600, 3600]
+    assert lc.sleep_retry_at == 4600 and lc.sleep_failures_in_row == 7
+    lc.settings = SleepSettings(check_interval_seconds=7200)  # never more often than the interval
+    assert lc._sleep_failed() == 7200
+    lc.sleep_failures_in_row = 5000  # months of failures: no overflow
+    assert lc._sleep_failed() == 7200
 
 
 def test_last_activity_is_now_while_a_request_runs(stack):
