@@ -30,8 +30,8 @@ DROP_REQUEST_HEADERS = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te",
     b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
 })
-#: Engine response headers relayed to the client besides content-type.
-RELAY_RESPONSE_HEADERS = frozenset({b"content-encoding", b"x-request-id"})
+#: Engine response headers relayed to the client, streamed or not (the router sets length and framing).
+RELAY_RESPONSE_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id"})
 AUTHORIZATION = frozenset({b"authorization"})
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -90,6 +90,10 @@ def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[by
             parts += (k, b": ", v, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def relayed_headers(resp: Response) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in resp.headers if k in RELAY_RESPONSE_HEADERS]
 
 
 def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
@@ -285,12 +289,9 @@ class Proxy:
             data = await resp.read()
         except UpstreamError as e:
             raise self.upstream_failure(model, e) from None
-        headers = [(b"content-length", str(len(data)).encode())]
-        for k, v in resp.headers:
-            if k == b"content-type" or k in RELAY_RESPONSE_HEADERS:
-                headers.append((k, v))
         ex.status = resp.status
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": [(b"content-length", str(len(data)).encode()), *relayed_headers(resp)]})
         ex.ttfb = time.perf_counter() - start
         await send({"type": "http.response.body", "body": data})
         ex.nbytes = len(data)
@@ -299,7 +300,7 @@ class Proxy:
         resp.stream(self.idle_timeout)
         ex.status = resp.status
         await send({"type": "http.response.start", "status": resp.status,
-                    "headers": [(b"content-type", resp.header(b"content-type") or b""), *STREAM_HEADERS]})
+                    "headers": [*relayed_headers(resp), *STREAM_HEADERS]})
         nbytes = 0
         try:
             chunk = await resp.next_chunk()

@@ -80,6 +80,7 @@ class Engine:
 
     async def start(self) -> "Engine":
         app = web.Application()
+        app.on_response_prepare.append(self.tag_response)
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/v1/chat/completions", self.generate)
@@ -93,6 +94,10 @@ class Engine:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+    async def tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer names its request, as vLLM's --enable-request-id-headers does."""
+        response.headers["X-Request-Id"] = f"req-{len(self.bodies)}"
 
     async def health(self, request: web.Request) -> web.Response:
         self.health_probes += 1

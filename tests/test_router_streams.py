@@ -9,6 +9,7 @@ import time
 import openai
 
 from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from test_router_proxy import client
 
 
 def sse_events(url: str, body: dict, timeout: float = 10.0) -> tuple[int, dict[str, str], list[tuple[float, str]]]:
@@ -42,6 +43,16 @@ def test_stream_is_incremental_and_carries_no_buffer_headers(stack: Stack) -> No
     # Each chunk reaches the client within a short time of being produced.
     for produced, (arrived, _) in zip(e.chunk_times, events):
         assert arrived - produced < 0.15
+
+
+def test_engine_request_id_is_relayed_on_streams_and_whole_answers(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)])
+    status, headers, events = sse_events(r.url, {"model": "m", "prompt": "x", "stream": True})
+    assert status == 200 and events[-1][1] == "[DONE]"
+    assert headers["x-request-id"] == "req-1"
+    whole = client(r.url).completions.with_raw_response.create(model="m", prompt="x")
+    assert whole.headers["x-request-id"] == "req-2"
 
 
 def test_client_disconnect_cancels_upstream(stack: Stack) -> None:
