@@ -335,7 +335,7 @@ class Lifecycle:
                 pause = self._sleep_failed()
                 await self._roll_back([i for i in targets if i.name not in errors])
                 self.state = SLEEPING if any(self.asleep.values()) else AWAKE
-                return self._failed("sleep", errors, f"; the idle loop tries again in {pause:.3g}s at the earliest")
+                return self._failed("sleep", errors, f"; the idle loop tries again in {pause:g}s at the earliest")
             self.sleep_failures_in_row = 0
             self.sleep_retry_at = None
             self.state = SLEEPING
