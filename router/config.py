@@ -101,11 +101,6 @@ class Instance:
     def python(self) -> str:
         return f"{self.venv_path}/bin/python" if self.venv_path else "python"
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Every model name a request may use to reach this instance."""
-        return tuple(dict.fromkeys((self.model, *self.aliases, *self.served_names)))
-
 
 @dataclass(frozen=True)
 class RouterSettings:

@@ -1,9 +1,11 @@
 """The one table of per-engine knowledge.
 
 Everything the rest of the project needs to know about an inference engine
-(how to launch it, where its health and sleep endpoints are, which flags carry
-its port, served names and GPU memory share) lives in one `EngineSpec` entry,
-so supporting a new engine is one entry here and nothing elsewhere.
+(how to launch it, where its health and sleep endpoints are, what its sleep
+API needs, which flags carry its GPU memory share and its own API key) lives
+in one `EngineSpec` entry, so supporting a new engine is one entry here (and
+its spellings in ENGINE_ALIASES) and nothing elsewhere. The flags both engines
+share (``--host``, ``--port``, ``--served-model-name``) are read by config.py.
 """
 from __future__ import annotations
 
@@ -32,8 +34,6 @@ class EngineSpec:
     #: The flag giving this engine's share of GPU memory, and its default.
     gpu_fraction_flag: str
     gpu_fraction_default: Optional[float]
-    #: The flag for the engine's maximum context length.
-    max_len_flag: str
     health_path: str
     sleep_call: Call
     wake_call: Call
@@ -98,7 +98,6 @@ ENGINES: Mapping[str, EngineSpec] = {
         model_flag="--model",
         gpu_fraction_flag="--gpu-memory-utilization",
         gpu_fraction_default=0.9,
-        max_len_flag="--max-model-len",
         health_path="/health",
         # mode=wait: recent vLLM finishes running requests instead of aborting
         # them (its default); older vLLM ignores the parameter. See lifecycle.py.
@@ -117,7 +116,6 @@ ENGINES: Mapping[str, EngineSpec] = {
         model_flag="--model-path",
         gpu_fraction_flag="--mem-fraction-static",
         gpu_fraction_default=None,  # SGLang sizes it from the GPU itself
-        max_len_flag="--context-length",
         health_path="/health",
         sleep_call=Call("POST", "/release_memory_occupation", json={}),
         wake_call=Call("POST", "/resume_memory_occupation", json={}),
@@ -130,7 +128,7 @@ ENGINES: Mapping[str, EngineSpec] = {
 #: Spellings users write for an engine, mapped to its ENGINES key.
 ENGINE_ALIASES: Mapping[str, str] = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang"}
 
-#: ``python -m`` module of the project's simulated engine (router/sim.py).
+#: ``python -m`` module of the project's simulated engine (router/sim/).
 SIM_MODULE = "router.sim"
 
 
