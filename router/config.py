@@ -643,8 +643,9 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
             p.error(f"{where}.engine_args", f"--port {inst.port} is the router's port (router.router_port); pick another")
         for n in (inst.model, *inst.aliases):
             owner = route_owner.setdefault(n, inst.model)
-            if owner != inst.model:
-                p.error(f"{where}.aliases", f"model name {n!r} would route to both {owner!r} and {inst.model!r}; rename the alias")
+            if owner != inst.model:  # the alias is this instance's, or the earlier one's when n is this model
+                key = "model" if n == inst.model else "aliases"
+                p.error(f"{where}.{key}", f"model name {n!r} would route to both {owner!r} and {inst.model!r}; rename the alias")
     routes = cfg.routes
     for i, inst in enumerate(cfg.instances):
         where = f"instances[{i}]"

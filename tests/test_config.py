@@ -271,6 +271,10 @@ def test_alias_naming_another_model_is_an_error() -> None:
     a = "{model: a, engine: vllm, engine_args: ['--port=9001']}"
     b = "{model: b, engine: vllm, engine_args: ['--port=9002'], aliases: [a]}"
     one_problem(cfg_text(a, b), "instances[1].aliases", "model name 'a' would route to both 'a' and 'b'")
+    # the earlier instance's alias naming this model: the problem is named at this model, not at its (absent) aliases
+    a = "{model: a, engine: vllm, engine_args: ['--port=9001'], aliases: [b]}"
+    b = "{model: b, engine: vllm, engine_args: ['--port=9002']}"
+    one_problem(cfg_text(a, b), "instances[1].model", "model name 'b' would route to both 'a' and 'b'")
 
 
 def test_auto_sleep_warns_about_what_each_engines_sleep_api_needs() -> None:
