@@ -267,10 +267,12 @@ def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
     """An engine without its sleep API: the idle loop retries after 2, 4, 8... check intervals, not every one."""
     st = stack(ControlEngine(sleep_status=404), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0,
                                                           "check_interval_seconds": 0.05})
-    assert until(lambda: st.engine.count("sleep") >= 1, 5)
+    def failures() -> int:  # the router's count: it has seen the engine's answer
+        return st.call("GET", "/sleep/status")[1]["models"][MODEL]["sleep_failures"]
+    assert until(lambda: failures() >= 1, 5)
     t0 = time.monotonic()
     codes = []
-    while st.engine.count("sleep") < 4 and time.monotonic() - t0 < 10:
+    while failures() < 4 and time.monotonic() - t0 < 10:
         codes.append(st.completions(1)[0][0])
         time.sleep(0.02)
     # Without back-off 3 more tries take 3 checks (0.15s); with it 0.1 + 0.2 + 0.4s, then a pause of 0.8s.
