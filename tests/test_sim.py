@@ -22,6 +22,7 @@ import pytest
 
 from helpers import PY, Proc, free_port, refused, wait_http
 from router.sim import SimEngine, SimOptions, parse_options
+from router.sim import http as sim_http
 from router.sim import textgen
 
 pytestmark = pytest.mark.anyio
@@ -478,6 +479,19 @@ async def test_keep_alive_pipelining_and_chunked_framing(make_sim) -> None:
     writer.write(b"BOGUS\r\n\r\n")
     assert (await reader.read()).startswith(b"HTTP/1.1 400")
     writer.close()
+
+
+async def test_a_body_over_the_limit_gets_one_413_and_never_reaches_the_engine(make_sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sim_http, "MAX_BODY", 10)
+    sim = await make_sim()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sim.engine.port)
+    body = orjson.dumps({"prompt": "a long enough prompt", "max_tokens": 2})
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1") == 1
+    await asyncio.sleep(0.1)
+    assert sim.engine.counters.requests == 0  # the truncated body was not handled as a request
 
 
 # ------------------------------------------------------------------ faults

@@ -176,6 +176,8 @@ class Connection(asyncio.Protocol):
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        if self.closing:  # refused (413) earlier in this read: the rest is dropped
+            return
         self._size += len(body)
         if self._size > MAX_BODY:
             self._fail(413, b"request body too large")
@@ -183,7 +185,7 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.lost:
+        if self.closing:  # a refused request never reaches the handler
             return
         req = Request(self.parser.get_method().decode("latin-1"), self._url, self._headers,
                       b"".join(self._body), self.parser.should_keep_alive())
@@ -192,6 +194,11 @@ class Connection(asyncio.Protocol):
             self._next()
 
     # -- internals
+    @property
+    def closing(self) -> bool:
+        """Gone, or closed by us: nothing more is read or answered."""
+        return self.lost or (self.transport is not None and self.transport.is_closing())
+
     def lost_future(self) -> "asyncio.Future[None]":
         if self._lost_future is None:
             self._lost_future = asyncio.get_running_loop().create_future()
