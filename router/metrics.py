@@ -77,9 +77,9 @@ class StateCollector(Collector):
                                       labels=["model"])
         now = time.monotonic()
         for model in self.table:
-            in_flight.add_metric([model.name], model.lifecycle.in_flight)
-            sleeping.add_metric([model.name], 1.0 if model.lifecycle.state == SLEEPING else 0.0)
             lc = model.lifecycle
+            in_flight.add_metric([model.name], lc.in_flight)
+            sleeping.add_metric([model.name], 1.0 if lc.state == SLEEPING else 0.0)
             sleeps.add_metric([model.name], lc.sleep_count)
             wakes.add_metric([model.name], lc.wake_count)
             wake_failures.add_metric([model.name], lc.wake_failures)
