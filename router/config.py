@@ -463,10 +463,15 @@ def _str_list(v: Any, where: str, p: _Problems) -> list[str]:
         return []
     if isinstance(v, str):
         return [v]
-    if isinstance(v, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
+    if isinstance(v, list) and all(_is_word(x) for x in v):
         return [str(x) for x in v]
     p.error(where, "must be a list of strings")
     return []
+
+
+def _is_word(x: Any) -> bool:
+    """A list item taken as text: a string, or a number YAML read from unquoted digits."""
+    return isinstance(x, (str, int, float)) and not isinstance(x, bool)
 
 
 def _env_list(v: Any, where: str, p: _Problems) -> list[tuple[str, str]]:
@@ -542,10 +547,12 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
         ok = False
 
     args_raw = raw.get("engine_args", [])
+    if isinstance(args_raw, str):
+        args_raw = [args_raw]
     args: list[str] = []
-    if isinstance(args_raw, (str, list)) and (isinstance(args_raw, str) or all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in args_raw)):
+    if isinstance(args_raw, list) and all(_is_word(a) for a in args_raw):
         try:
-            args = split_args(args_raw if isinstance(args_raw, str) else [str(a) for a in args_raw])
+            args = split_args([str(a) for a in args_raw])
         except ValueError as e:
             p.error(f"{where}.engine_args", f"cannot split into arguments ({e}); check the quotes")
             ok = False
