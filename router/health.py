@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any, Optional
 
@@ -17,6 +18,8 @@ import aiohttp
 from .backends import Backend, Model, ModelTable
 from .config import RouterSettings
 from .lifecycle import AWAKE
+
+log = logging.getLogger("router.health")
 
 
 def is_awake(model: Model) -> bool:
@@ -67,7 +70,11 @@ class HealthChecker:
 
     async def _run(self, session: aiohttp.ClientSession) -> None:
         while True:
-            await self.check_all(session)
+            try:
+                await self.check_all(session)
+            except Exception:
+                # One bad round must not end health checking for the router's lifetime.
+                log.exception("health check round failed")
             await asyncio.sleep(self.settings.health_check_interval_seconds)
 
     async def check_all(self, session: aiohttp.ClientSession) -> None:

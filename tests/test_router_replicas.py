@@ -4,9 +4,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import time
+from typing import Any
 
 import openai
 import orjson
+import pytest
 
 from helpers import free_port
 from router_support import Engine, Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
@@ -163,3 +165,21 @@ def test_queued_requests_get_503_at_once_when_no_replica_is_left(stack: Stack) -
         assert int(headers["retry-after"]) >= 1 and time.monotonic() - start < 1.0
         assert first.result()[0] == 200  # the request already on the engine is not cut short
     assert len(e.bodies) == 1
+
+
+def test_health_checks_go_on_after_an_unexpected_probe_error(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.health
+    real_probe = router.health.probe
+    calls = []
+
+    async def probe_failing_once(*args: Any) -> tuple[bool, str]:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("unexpected")
+        return await real_probe(*args)
+
+    monkeypatch.setattr(router.health, "probe", probe_failing_once)
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)], health_check_interval_seconds=0.05)
+    backend = r.app.state.table.get("m").backends[0]
+    assert until(lambda: backend.health == "healthy")  # the checker did not die with the first round
