@@ -36,6 +36,7 @@ REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"
 try:
     import openai
     import psutil
+    from helpers import distinct_ports
     from supervised import Supervised, alive as _alive
 except ImportError as e:  # the test extra is not installed
     if REQUIRED:
@@ -62,13 +63,6 @@ def _not_prepared() -> Optional[str]:
     if not (MODEL / "config.json").is_file():
         return f"{MODEL}/config.json is missing"
     return None
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[Optional[int], bytes]:
@@ -109,10 +103,7 @@ class Stack(Supervised):
 
     def __init__(self, root: Path):
         self.root = root
-        self.engine_port = _free_port()
-        self.router_port = _free_port()
-        while self.router_port == self.engine_port:
-            self.router_port = _free_port()
+        self.engine_port, self.router_port = distinct_ports(2)
         self.router = f"http://127.0.0.1:{self.router_port}"
         self.engine = f"http://127.0.0.1:{self.engine_port}"
         # vLLM starts and stops slowly, more so on a busy 2-core machine.
