@@ -137,7 +137,6 @@ class SleepSettings:
     #: Least time a model stays awake after a wake before the idle loop may
     #: put it to sleep again (the kvcached key, used against thrashing).
     min_sleep_duration: float = 80.0
-    sleep_level: int = 1
     wake_timeout_seconds: float = 120.0
     #: Longest wait for in-flight requests to finish before a manual sleep
     #: gives up (the idle loop only sleeps models with none in flight).
@@ -239,7 +238,6 @@ SLEEP_KEYS = {
     "check_interval_seconds": ("check_interval_seconds", "posfloat"),
     "wakeup_on_request": ("wakeup_on_request", "bool"),
     "min_sleep_duration": ("min_sleep_duration", "nonnegfloat"),
-    "sleep_level": ("sleep_level", "level"),
     "wake_timeout_seconds": ("wake_timeout_seconds", "posfloat"),
     "drain_timeout_seconds": ("drain_timeout_seconds", "posfloat"),
 }
@@ -402,9 +400,9 @@ def _value(v: Any, where: str, kind: str, p: _Problems, base: Path) -> Any:
 
 def _number(v: Any, where: str, kind: str, p: _Problems) -> Any:
     is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind in ("posint", "port", "level"):
+    if kind in ("posint", "port"):
         ok = isinstance(v, int) and not isinstance(v, bool)
-        lo, hi = {"posint": (1, 2**31), "port": (1, 65535), "level": (1, 2)}[kind]
+        lo, hi = {"posint": (1, 2**31), "port": (1, 65535)}[kind]
         if ok and lo <= v <= hi:
             return v
         p.error(where, f"must be a whole number from {lo} to {hi}, not {v!r}")

@@ -44,8 +44,6 @@ class EngineSpec:
     sleep_needs_env: Mapping[str, str]
     sleep_needs_args: Mapping[str, str]
 
-    #: Query parameter of `sleep_call` carrying the sleep level, if the engine has levels.
-    sleep_level_param: Optional[str] = None
     #: The flag giving the bearer key the engine's own OpenAI server requires (both use --api-key).
     api_key_flag: str = "--api-key"
     #: The environment variable the engine takes its key from when the flag is not given.
@@ -83,12 +81,6 @@ class EngineSpec:
             out.append(arg)
         return tuple(out)
 
-    def sleep_call_at(self, level: int) -> Call:
-        """The sleep call for `level` (engines without levels ignore it)."""
-        if self.sleep_level_param is None:
-            return self.sleep_call
-        params = {**self.sleep_call.params, self.sleep_level_param: str(level)}
-        return Call(self.sleep_call.method, self.sleep_call.path, params, self.sleep_call.json)
 
 
 ENGINES: Mapping[str, EngineSpec] = {
@@ -99,6 +91,8 @@ ENGINES: Mapping[str, EngineSpec] = {
         gpu_fraction_flag="--gpu-memory-utilization",
         gpu_fraction_default=0.9,
         health_path="/health",
+        # level=1 offloads the weights to CPU RAM and /wake_up restores them; level 2
+        # discards them and would need a weight reload the router does not do.
         # mode=wait: recent vLLM finishes running requests instead of aborting
         # them (its default); older vLLM ignores the parameter. See lifecycle.py.
         sleep_call=Call("POST", "/sleep", {"level": "1", "mode": "wait"}),
@@ -107,7 +101,6 @@ ENGINES: Mapping[str, EngineSpec] = {
         sleep_needs_env={"VLLM_SERVER_DEV_MODE": "1"},
         # CPU builds refuse --enable-sleep-mode yet serve the sleep API in dev mode.
         sleep_needs_args={"--enable-sleep-mode": "GPU builds only; CPU builds refuse it and need just VLLM_SERVER_DEV_MODE=1"},
-        sleep_level_param="level",
         api_key_env="VLLM_API_KEY",  # vLLM 0.32: --api-key wins over it
     ),
     "sglang": EngineSpec(

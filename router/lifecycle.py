@@ -330,7 +330,7 @@ class Lifecycle:
                                           f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not put to sleep", 409)
             self.state = FALLING_ASLEEP
             targets = [i for i in self.replicas if not self.asleep[i.name]]
-            errors = await self._call_all(targets, lambda i: i.spec.sleep_call_at(self.settings.sleep_level))
+            errors = await self._call_all(targets, lambda i: i.spec.sleep_call)
             if errors:
                 pause = self._sleep_failed()
                 await self._roll_back([i for i in targets if i.name not in errors])
