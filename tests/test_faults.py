@@ -338,6 +338,7 @@ def test_slow_reader_gets_backpressure_not_buffering(fs: FaultStack) -> None:
     base_rss = router.memory_info().rss
     generated = "vllm:generation_tokens_total"
     before = metric_value(fs.metrics(fs.engine_url("fast")), generated)
+    timeouts = metric_value(fs.metrics(), "router_upstream_errors_total", model="org/fast", kind="timeout")
     body = ('{"model":"org/fast","prompt":"slow reader","max_tokens":%d,"stream":true}' % tokens).encode()
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -369,6 +370,8 @@ def test_slow_reader_gets_backpressure_not_buffering(fs: FaultStack) -> None:
         # The rest waits on the engine's side of the upstream connection: the router
         # stops reading it (its receive queue stays full) instead of buffering.
         assert len(backpressure) == 4, backpressure
+        # Waiting on the client is not engine silence: no idle timeout ended the stream.
+        assert metric_value(fs.metrics(), "router_upstream_errors_total", model="org/fast", kind="timeout") == timeouts
         assert peak - base_rss < 10 * 2**20, f"router RSS grew {(peak - base_rss) / 2**20:.1f} MB"
     finally:
         client.close()
