@@ -146,6 +146,18 @@ def test_v1_needs_one_of_the_keys(secured: Secured) -> None:
         assert call(r.port, "GET", path)[0] == 200, path
 
 
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(secured: Secured) -> None:
+    """The 401 comes at once although the announced body never arrives: it was not waited for."""
+    r = secured.router(api_keys=CLIENT_KEYS)
+    started = time.monotonic()
+    head, body = raw(r.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000\r\n\r\n" + BODY[:10])
+    assert head.startswith(b"HTTP/1.1 401 "), head
+    assert time.monotonic() - started < 3  # raw() would wait 5 s for an answer held back for the body
+    assert json.loads(body)["error"]["type"] == "authentication_error"
+    assert secured.engine.counters.requests == 0
+
+
 def test_client_key_is_not_forwarded_to_the_engine(stack: Stack) -> None:
     e = stack.engine()
     keyed = stack.router([instance("m", e.port)], api_keys=CLIENT_KEYS)
