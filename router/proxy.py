@@ -92,8 +92,12 @@ def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[by
     return b"".join(parts)
 
 
-def relayed_headers(resp: Response) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in resp.headers if k in RELAY_RESPONSE_HEADERS]
+def relay_headers(resp: Response, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` with the engine's headers that reach the client appended."""
+    for k, v in resp.headers:
+        if k in RELAY_RESPONSE_HEADERS:
+            headers.append((k, v))
+    return headers
 
 
 def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
@@ -291,7 +295,7 @@ class Proxy:
             raise self.upstream_failure(model, e) from None
         ex.status = resp.status
         await send({"type": "http.response.start", "status": resp.status,
-                    "headers": [(b"content-length", str(len(data)).encode()), *relayed_headers(resp)]})
+                    "headers": relay_headers(resp, [(b"content-length", str(len(data)).encode())])})
         ex.ttfb = time.perf_counter() - start
         await send({"type": "http.response.body", "body": data})
         ex.nbytes = len(data)
@@ -300,7 +304,7 @@ class Proxy:
         resp.stream(self.idle_timeout)
         ex.status = resp.status
         await send({"type": "http.response.start", "status": resp.status,
-                    "headers": [*relayed_headers(resp), *STREAM_HEADERS]})
+                    "headers": relay_headers(resp, [*STREAM_HEADERS])})
         nbytes = 0
         try:
             chunk = await resp.next_chunk()
