@@ -158,3 +158,25 @@ def test_engines_with_their_own_api_key(stack: Stack, sims) -> None:
         ok = urllib.request.urlopen(urllib.request.Request(f"{r.url}/action/{action}/s", method="POST"), timeout=10)
         assert ok.status == 200
     assert sim_metric(sport, "sim_sleep_calls_total") == 1 and sim_metric(sport, "sim_wake_calls_total") == 1
+
+
+def test_idle_client_connection_outlives_common_client_pools(tmp_path: Path, sims, procs: list[Proc]) -> None:
+    """A pooled client connection left idle longer than uvicorn's default keep-alive (5 s) still
+    serves the next request: the router keeps idle connections longer than clients pool them,
+    so it never closes one under a request being sent."""
+    port = sims("vllm", "m")
+    cfg = write_config(tmp_path, [instance("m", port)])
+    rport = yaml.safe_load(cfg.read_text())["router"]["router_port"]
+    procs.append(Proc([PY, "-m", "router.serve", "--config", str(cfg)], log=str(tmp_path / "router.log")))
+    wait_http(f"http://127.0.0.1:{rport}/health", timeout=20)
+    conn = http.client.HTTPConnection("127.0.0.1", rport, timeout=10)
+    body = json.dumps({"model": "m", "prompt": "x", "max_tokens": 2})
+    for _ in range(2):
+        conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("connection") != "close"
+        resp.read()
+        sock = conn.sock
+        time.sleep(6.5)
+        assert conn.sock is sock  # the same connection is reused, not silently reopened
+    conn.close()
