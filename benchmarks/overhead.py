@@ -214,14 +214,17 @@ async def sides(session: aiohttp.ClientSession, st: Stack, model: str, work: Wor
 
 
 async def paired(session: aiohttp.ClientSession, st: Stack, model: str, work: Workload) -> Sides:
-    """Router and direct loads at the same time, so both meet the same machine; for one request
-    or stream at a time, where the figures are wall-clock differences and drift would swamp them."""
-    router, engine, client = cpu_seconds(st.router_pid), cpu_seconds(st.sim_pids[model]), time.process_time()
-    via_router, via_direct = await asyncio.gather(phase(session, st.target(model, "router"), work),
-                                                  phase(session, st.target(model, "direct"), work))
-    cpu = {"router": cpu_seconds(st.router_pid) - router, "engine": cpu_seconds(st.sim_pids[model]) - engine,
-           "client": time.process_time() - client}
-    return Sides({"router": via_router, "direct": via_direct}, cpu, ("router", "direct"), rss_mb(st.router_pid))
+    """Router, bare pass-through and direct loads at the same time, so all meet the same machine;
+    for one request or stream at a time, where the figures are wall-clock differences and drift
+    would swamp them. The pass-through's added time tells how much of the router's is the stack's
+    (two more process wake-ups per exchange) rather than the router's own work."""
+    order = ("router", "baseline", "direct")
+    before = {via: cpu_seconds(st.pid(via)) for via in order if via != "direct"}
+    engine, client = cpu_seconds(st.sim_pids[model]), time.process_time()
+    recs = await asyncio.gather(*(phase(session, st.target(model, via), work) for via in order))
+    cpu = {via: cpu_seconds(st.pid(via)) - t for via, t in before.items()}
+    cpu.update(engine=cpu_seconds(st.sim_pids[model]) - engine, client=time.process_time() - client)
+    return Sides(dict(zip(order, recs)), cpu, order, rss_mb(st.router_pid))
 
 
 async def idle_streams(session: aiohttp.ClientSession, st: Stack, n: int) -> dict:
@@ -311,10 +314,15 @@ def cpu_rows(r: Report, key: str, label: str, us: dict[str, float], unit: str,
 
 
 def added(r: Report, key: str, label: str, s: Sides, attr: str, limit: Optional[float]) -> None:
+    what = "TTFT" if attr == "ttft" else "latency"
     for q in ("p50", "p99"):
         value = _ms(s.recs["router"], attr, q) - _ms(s.recs["direct"], attr, q)
-        r.add(f"{key}_added_{attr}_{q}", f"{label}: added {'TTFT' if attr == 'ttft' else 'latency'} {q}", value, "ms",
+        r.add(f"{key}_added_{attr}_{q}", f"{label}: added {what} {q}", value, "ms",
               ("<", limit) if limit is not None and q == "p50" else None)
+    if "baseline" in s.recs:
+        value = _ms(s.recs["baseline"], attr, "p50") - _ms(s.recs["direct"], attr, "p50")
+        r.add(f"{key}_baseline_added_{attr}_p50", f"{label}: added {what} p50, bare pass-through (yardstick)",
+              value, "ms")
 
 
 def request_rows(r: Report, conc: int, s: Sides) -> None:
