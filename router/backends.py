@@ -37,7 +37,7 @@ class Backend:
     """One engine instance, with the router's view of its load and health."""
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
-                 "health", "ok_streak", "fail_streak", "ejected_until", "eject_timer", "last_probe", "pool", "authority",
+                 "health", "ok_streak", "fail_streak", "ejected_until", "eject_timer", "pool", "authority",
                  "auth_line")
 
     def __init__(self, instance: Instance):
@@ -56,8 +56,6 @@ class Backend:
         self.ejected_until = 0.0
         #: Armed while ejected, to hand the replica to queued requests when the ejection ends.
         self.eject_timer: Optional[asyncio.TimerHandle] = None
-        #: (monotonic time, ok, detail) of the last probe, for the health endpoints.
-        self.last_probe: Optional[tuple[float, bool, str]] = None
         #: Keep-alive connections of the hot path; `authority` is the Host header value.
         self.pool = Pool(connect_host(instance.host), instance.port)
         self.authority = self.url.split("//", 1)[1].encode()
@@ -67,7 +65,7 @@ class Backend:
     def routable(self, now: float) -> bool:
         return self.health != UNHEALTHY and now >= self.ejected_until
 
-    def record_probe(self, now: float, ok: bool, detail: str, settings: RouterSettings) -> None:
+    def record_probe(self, ok: bool, settings: RouterSettings) -> None:
         """Apply one probe result: unhealthy after N failures in a row, healthy after M successes.
 
         A never-probed backend turns healthy on its first success: it was
@@ -75,7 +73,6 @@ class Backend:
         caller hands a replica that turned routable to queued requests
         (`Model.dispatch`).
         """
-        self.last_probe = (now, ok, detail)
         if ok:
             self.fail_streak = 0
             self.ok_streak += 1

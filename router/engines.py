@@ -82,7 +82,6 @@ class EngineSpec:
         return tuple(out)
 
 
-
 ENGINES: Mapping[str, EngineSpec] = {
     "vllm": EngineSpec(
         name="vllm",

@@ -45,7 +45,7 @@ async def probe_and_record(session: aiohttp.ClientSession, model: Model, backend
     """Probe one replica now and record the result; a replica that turned
     routable goes at once to requests queued for a slot (`Model.dispatch`)."""
     ok, detail = await probe(session, backend, settings.health_check_timeout_seconds)
-    backend.record_probe(time.monotonic(), ok, detail, settings)
+    backend.record_probe(ok, settings)
     model.dispatch()
     return ok, detail
 
