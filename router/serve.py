@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import uvicorn
 
-from .app import create_app
-from .config import ConfigError, load_config
+from router.server.app import create_app
+from router.config import ConfigError, load_config
 
 #: Listen backlog: thousands of clients may connect at once.
 BACKLOG = 8192

@@ -20,7 +20,7 @@ import uvloop
 from aiohttp import web
 
 from helpers import free_port
-from router.app import RouterApp, create_app
+from router.server.app import RouterApp, create_app
 from router.config import Config, load_config
 
 T = TypeVar("T")

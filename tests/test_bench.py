@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from helpers import PY, Proc, distinct_ports, free_port, start_sim, wait_http
-from router.bench import main, targets
+from router.bench.cli import main, targets
 from router.config import load_config
 
 pytestmark = pytest.mark.timeout(90)

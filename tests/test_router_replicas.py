@@ -168,8 +168,8 @@ def test_queued_requests_get_503_at_once_when_no_replica_is_left(stack: Stack) -
 
 
 def test_health_checks_go_on_after_an_unexpected_probe_error(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    import router.health
-    real_probe = router.health.probe
+    import router.server.health
+    real_probe = router.server.health.probe
     calls = []
 
     async def probe_failing_once(*args: Any) -> tuple[bool, str]:
@@ -178,7 +178,7 @@ def test_health_checks_go_on_after_an_unexpected_probe_error(stack: Stack, monke
             raise RuntimeError("unexpected")
         return await real_probe(*args)
 
-    monkeypatch.setattr(router.health, "probe", probe_failing_once)
+    monkeypatch.setattr(router.server.health, "probe", probe_failing_once)
     e = stack.engine()
     r = stack.router([instance("m", e.port)], health_check_interval_seconds=0.05)
     backend = r.app.state.table.get("m").backends[0]

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from helpers import free_port
 from router.config import SleepSettings, load_config
-from router.lifecycle import Lifecycle
+from router.server.lifecycle import Lifecycle
 from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, until
 

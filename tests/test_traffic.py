@@ -14,7 +14,7 @@ import yaml
 from helpers import free_port
 from router.config import load_config
 from router.sim import SimEngine, SimOptions
-from router.traffic import MAX_WINDOW_SECONDS, SAMPLE_SIZE, Traffic, percentile
+from router.observe.traffic import MAX_WINDOW_SECONDS, SAMPLE_SIZE, Traffic, percentile
 from router_support import LoopThread, RouterServer
 
 

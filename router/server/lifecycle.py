@@ -74,11 +74,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import aiohttp
 
-from .config import SleepSettings
+from router.config import SleepSettings
 
 if TYPE_CHECKING:
-    from .config import Instance
-    from .engines import Call
+    from router.config import Instance
+    from router.engines import Call
 
 log = logging.getLogger("router.lifecycle")
 

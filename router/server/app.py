@@ -18,18 +18,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from . import __version__
-from .accesslog import AccessLog
-from .admin import admin_routes
-from .auth import Guard
-from .backends import ModelTable
-from .config import Config
-from .errors import error_response
-from .health import HealthChecker, model_report
-from .lifecycle import SleepManager
-from .metrics import Metrics
-from .proxy import Proxy, Receive, Scope, Send, send_error
-from .traffic import Traffic
+from router import __version__
+from router.observe.accesslog import AccessLog
+from router.server.admin import admin_routes
+from router.server.auth import Guard
+from router.server.replicas import ModelTable
+from router.config import Config
+from router.server.errors import error_response
+from router.server.health import HealthChecker, model_report
+from router.server.lifecycle import SleepManager
+from router.observe.metrics import Metrics
+from router.server.proxy import Proxy, Receive, Scope, Send, send_error
+from router.observe.traffic import Traffic
 
 PROXY_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import aiohttp
 
-from .backends import Backend, Model, ModelTable
-from .config import RouterSettings
-from .lifecycle import AWAKE
+from router.server.replicas import Backend, Model, ModelTable
+from router.config import RouterSettings
+from router.server.lifecycle import AWAKE
 
 log = logging.getLogger("router.health")
 

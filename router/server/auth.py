@@ -19,7 +19,7 @@ from __future__ import annotations
 import hmac
 from typing import Any, MutableMapping, NamedTuple, Optional
 
-from .config import RouterSettings, loopback_ip
+from router.config import RouterSettings, loopback_ip
 
 Scope = MutableMapping[str, Any]
 

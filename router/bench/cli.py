@@ -16,9 +16,9 @@ from typing import Callable, Mapping, Optional, Sequence, TextIO
 
 import uvloop
 
-from .benchreport import compare, comparison_table, results_table, summarize, write_json
-from .config import Config, ConfigError, connect_host, load_config
-from .loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
+from router.bench.report import compare, comparison_table, results_table, summarize, write_json
+from router.config import Config, ConfigError, connect_host, load_config
+from router.bench.loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
 
 
 def _positive(kind: type) -> Callable[[str], float]:
@@ -234,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     if args.tmux:
-        from .benchtmux import launch
+        from router.bench.tmux import launch
         return launch(args, cfg, models, p)
     try:
         doc = uvloop.run(bench(args, cfg, models))
@@ -247,6 +247,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kinds = [k for k in ("router", "direct") if k in doc]
     return 0 if all(doc[k][m]["ok"] for k in kinds for m in doc[k]) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

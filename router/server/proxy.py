@@ -14,11 +14,11 @@ from typing import Any, Awaitable, Callable, MutableMapping, Optional
 
 import orjson
 
-from .backends import Backend, Model, NoBackend, Overloaded
-from .config import RouterSettings
-from .errors import error_body
-from .lifecycle import ModelUnavailable
-from .upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
+from router.server.replicas import Backend, Model, NoBackend, Overloaded
+from router.config import RouterSettings
+from router.server.errors import error_body
+from router.server.lifecycle import ModelUnavailable
+from router.server.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -13,9 +13,9 @@ import time
 from collections import deque
 from typing import Any, Iterator, Optional
 
-from .config import Config, Instance, RouterSettings, connect_host
-from .lifecycle import Lifecycle
-from .upstream import Pool
+from router.config import Config, Instance, RouterSettings, connect_host
+from router.server.lifecycle import Lifecycle
+from router.server.upstream import Pool
 
 #: Health states of a backend; "unknown" (never probed) is routable.
 UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from .engines import ENGINE_ALIASES, ENGINES, EngineSpec, flag_values, last_flag_value, split_args
+from router.engines import ENGINE_ALIASES, ENGINES, EngineSpec, flag_values, last_flag_value, split_args
 
 #: Instance names that would collide with programs, tmux sessions or log files we render.
 RESERVED_NAMES = frozenset({"router", "frontend", "logs", "supervisord"})

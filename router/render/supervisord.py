@@ -33,8 +33,8 @@ from typing import Mapping, Optional, Sequence
 
 import jinja2
 
-from .config import Config, ConfigError, Instance, load_config, summary_table
-from .engines import sim_argv
+from router.config import Config, ConfigError, Instance, load_config, summary_table
+from router.engines import sim_argv
 
 #: supervisord program and tmux session names that are not engines.
 ROUTER_PROGRAM = "router"
@@ -104,11 +104,11 @@ def ini_value(value: str) -> str:
 
 def templates_dir() -> Path:
     """Templates ship as ``router/templates`` when installed; a checkout has them at top level."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates", here.parent / "templates"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "templates", package.parent / "templates"):
         if (candidate / "supervisord.conf.j2").is_file():
             return candidate
-    raise RenderError(f"templates not found beside {here}; reinstall the package")
+    raise RenderError(f"templates not found beside {package}; reinstall the package")
 
 
 def _environment() -> jinja2.Environment:
@@ -287,6 +287,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(next_steps(cfg, out))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

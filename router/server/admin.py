@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .errors import error_response
-from .lifecycle import SLEEPING, Lifecycle
-from .traffic import MAX_WINDOW_SECONDS
+from router.server.errors import error_response
+from router.server.lifecycle import SLEEPING, Lifecycle
+from router.observe.traffic import MAX_WINDOW_SECONDS
 
 
 class UnknownModel(Exception):

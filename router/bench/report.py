@@ -9,7 +9,7 @@ import json
 import os
 from typing import Mapping, Optional, Sequence
 
-from .loadgen import Recorder
+from router.bench.loadgen import Recorder
 
 QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .benchreport import results_table, write_json
-from .config import Config
+from router.bench.report import results_table, write_json
+from router.config import Config
 
 #: Options that only the launching process uses; every other option is passed on.
 #: (--json: the launcher writes every client's figures to it, under "sessions".)

@@ -1,0 +1,1 @@
+"""``python -m router.bench``: load every configured model through the router (or directly)."""

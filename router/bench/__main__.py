@@ -1,0 +1,5 @@
+import sys
+
+from router.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""What the router reports about itself: metrics, traffic windows, the access log."""

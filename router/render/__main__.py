@@ -1,0 +1,5 @@
+import sys
+
+from router.render.supervisord import main
+
+sys.exit(main())
