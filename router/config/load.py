@@ -39,11 +39,17 @@ def one_line(text: str) -> str:
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; `problems` lists every reason, one line each."""
+    """The configuration cannot be used; `problems` lists every reason, one line each.
 
-    def __init__(self, path: str, problems: list[str]):
+    `warnings` holds the warnings found before the failure, each naming the
+    file like `Config.warnings`, so a caller can show them beside the errors:
+    a did-you-mean on a misspelt key often explains the error it caused.
+    """
+
+    def __init__(self, path: str, problems: list[str], warnings: tuple[str, ...] = ()):
         self.path = path
         self.problems = [one_line(p) for p in problems]
+        self.warnings = tuple(warnings)
         super().__init__("\n".join(one_line(f"{path}: {p}") for p in problems))
 
 
@@ -151,6 +157,8 @@ class Config:
     sleep: SleepSettings = SleepSettings()
     kvcached_env: tuple[tuple[str, str], ...] = ()
     launch_delay_seconds: float = 0.0
+    #: Start of every tmux session name the renderer makes (`<prefix><name>`).
+    tmux_session_prefix: str = "kvcached-"
     warnings: tuple[str, ...] = ()
 
     @property
@@ -206,7 +214,9 @@ def env_value(value: Any) -> str:
 # --------------------------------------------------------------------------
 # Loading
 
-TOP_KEYS = ("kvcached", "router", "sleep_manager", "launch_delay_seconds", "instances")
+TOP_KEYS = ("kvcached", "router", "sleep_manager", "launch_delay_seconds", "tmux_session_prefix", "instances")
+#: tmux session name prefixes: tmux itself turns '.' into '_' in session names.
+TMUX_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,40}")
 INSTANCE_KEYS = (
     "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
     "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
@@ -256,6 +266,13 @@ class _Problems:
 
     def warn(self, where: str, msg: str) -> None:
         self.warnings.append(f"{where}: {msg}" if where else msg)
+
+    def warning_lines(self, path: str) -> tuple[str, ...]:
+        return tuple(one_line(f"{path}: {w}") for w in self.warnings)
+
+    def fail(self, path: str) -> ConfigError:
+        """The error to raise for what was collected, warnings included."""
+        return ConfigError(path, self.errors, self.warning_lines(path))
 
     def unknown_keys(self, where: str, keys: Any, known: tuple[str, ...] | Mapping[str, Any]) -> None:
         for key in keys:
@@ -323,9 +340,10 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     router = _settings(raw.get("router"), "router", ROUTER_KEYS, RouterSettings, p, base)
     sleep = _settings(raw.get("sleep_manager"), "sleep_manager", SLEEP_KEYS, SleepSettings, p, base)
     delay = _number(raw.get("launch_delay_seconds", 0), "launch_delay_seconds", "nonnegfloat", p)
+    prefix = _session_prefix(raw.get("tmux_session_prefix", Config.tmux_session_prefix), p)
     instances = _instances(raw.get("instances"), kv_env, base, sim, p)
     if p.errors:
-        raise ConfigError(path, p.errors)
+        raise p.fail(path)
     cfg = Config(
         path=path if path.startswith("<") else str(Path(path).resolve()),
         instances=tuple(instances),
@@ -333,11 +351,19 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
         sleep=sleep,
         kvcached_env=tuple(kv_env),
         launch_delay_seconds=delay if delay is not None else 0.0,
+        tmux_session_prefix=prefix,
     )
     _cross_checks(cfg, p)
     if p.errors:
-        raise ConfigError(path, p.errors)
-    return replace(cfg, warnings=tuple(one_line(f"{path}: {w}") for w in p.warnings))
+        raise p.fail(path)
+    return replace(cfg, warnings=p.warning_lines(path))
+
+
+def _session_prefix(v: Any, p: _Problems) -> str:
+    if isinstance(v, str) and TMUX_PREFIX.fullmatch(v):
+        return v
+    p.error("tmux_session_prefix", f"{v!r} is not a usable tmux session prefix: use 1 to 40 letters, digits, '-', '_' or '.' (e.g. 'kvcached-')")
+    return Config.tmux_session_prefix
 
 
 def _kvcached_block(block: Any, p: _Problems) -> list[tuple[str, str]]:
