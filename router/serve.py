@@ -44,6 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--config", required=True, help="the YAML file listing the engine instances")
     ap.add_argument("--host", help="address to bind (default: router.router_host, else 127.0.0.1)")
     ap.add_argument("--port", type=int, help="port to bind (default: router.router_port, else 8080)")
+    ap.add_argument("--supervisor-socket", help="supervisord's unix socket: the router then follows every engine's "
+                    "process state (render passes it; without it, e.g. in tmux mode, process states are absent)")
     args = ap.parse_args(argv)
     try:
         # The router never launches engines, so launch-only checks (a missing
@@ -60,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_nofile_limit()
     server = uvicorn.Server(uvicorn.Config(
-        create_app(config), host=args.host or settings.host, port=args.port or settings.port,
+        create_app(config, args.supervisor_socket), host=args.host or settings.host, port=args.port or settings.port,
         # proxy_headers off: the router never uses the client address, so skip that middleware.
         loop="uvloop", http="httptools", lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds, log_level=settings.log_level,

@@ -33,7 +33,7 @@ def test_failover_when_a_replica_refuses_connections(stack: Stack) -> None:
     for _ in range(4):
         assert c.completions.create(model="m", prompt="x").choices[0].text == "hello world"
     assert len(live.bodies) == 4
-    dead = r.app.state.table.get("m").backends[0]
+    dead = r.app.state.table.get("m").replicas[0]
     assert dead.ejected_until > time.monotonic() + 20  # ejected after its first refusal
     metrics = r.app.state.metrics.render().decode()
     assert 'router_upstream_errors_total{kind="connect",model="m"} 1.0' in metrics
@@ -52,7 +52,7 @@ def test_unhealthy_backends_get_503_at_once_and_recover(stack: Stack) -> None:
     e = stack.engine(health=500)
     r = stack.router([instance("m", e.port)], health_check_interval_seconds=0.05, unhealthy_threshold=2,
                      healthy_threshold=3)
-    backend = r.app.state.table.get("m").backends[0]
+    backend = r.app.state.table.get("m").replicas[0]
     assert until(lambda: backend.health == "unhealthy")
     assert e.health_probes >= 2
     start = time.monotonic()
@@ -80,7 +80,7 @@ def test_max_concurrency_queue_then_429(stack: Stack) -> None:
         assert_error(status, data, 429, "concurrency limit")
         assert headers["retry-after"] == "1"
         assert first.result()[0] == 200 and queued.result()[0] == 200
-    assert r.app.state.table.get("m").backends[0].outstanding == 0
+    assert r.app.state.table.get("m").replicas[0].outstanding == 0
 
 
 def test_queue_timeout_is_429(stack: Stack) -> None:
@@ -119,7 +119,7 @@ def test_queued_request_takes_a_replica_back_from_ejection(stack: Stack) -> None
         assert status == 200 and len(back.bodies) == 1
         assert time.monotonic() - start < 2.0
         assert first.result()[0] == 200
-    assert [b.outstanding for b in r.app.state.table.get("m").backends] == [0, 0]
+    assert [b.outstanding for b in r.app.state.table.get("m").replicas] == [0, 0]
 
 
 def hold_one_queue_one(pool: concurrent.futures.Executor, url: str, engine: Engine,
@@ -138,7 +138,7 @@ def test_queued_request_takes_a_replica_that_turned_healthy(stack: Stack) -> Non
                       instance("m", busy.port, name="busy", max_concurrency=1)],
                      health_check_interval_seconds=0.05, unhealthy_threshold=1, healthy_threshold=2,
                      queue_timeout_seconds=2.5)
-    backend = r.app.state.table.get("m").backends[0]
+    backend = r.app.state.table.get("m").replicas[0]
     assert until(lambda: backend.health == "unhealthy")
     body = orjson.dumps({"model": "m", "prompt": "x"})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -168,8 +168,8 @@ def test_queued_requests_get_503_at_once_when_no_replica_is_left(stack: Stack) -
 
 
 def test_health_checks_go_on_after_an_unexpected_probe_error(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    import router.server.health
-    real_probe = router.server.health.probe
+    from router.server.control import EngineControl
+    real_probe = EngineControl.probe
     calls = []
 
     async def probe_failing_once(*args: Any) -> tuple[bool, str]:
@@ -178,8 +178,8 @@ def test_health_checks_go_on_after_an_unexpected_probe_error(stack: Stack, monke
             raise RuntimeError("unexpected")
         return await real_probe(*args)
 
-    monkeypatch.setattr(router.server.health, "probe", probe_failing_once)
+    monkeypatch.setattr(EngineControl, "probe", probe_failing_once)
     e = stack.engine()
     r = stack.router([instance("m", e.port)], health_check_interval_seconds=0.05)
-    backend = r.app.state.table.get("m").backends[0]
+    backend = r.app.state.table.get("m").replicas[0]
     assert until(lambda: backend.health == "healthy")  # the checker did not die with the first round

@@ -69,7 +69,7 @@ def test_client_disconnect_cancels_upstream(stack: Stack) -> None:
     assert until(lambda: e.disconnects == 1, timeout=2.0)
     assert len(e.chunk_times) < 30
     model = r.app.state.table.get("m")
-    assert until(lambda: model.lifecycle.in_flight == 0 and model.backends[0].outstanding == 0)
+    assert until(lambda: model.lifecycle.in_flight == 0 and model.replicas[0].outstanding == 0)
     assert r.app.state.traffic is not None
 
 
@@ -80,7 +80,7 @@ def test_client_disconnect_while_waiting_for_first_byte(stack: Stack) -> None:
     with socket.create_connection(("127.0.0.1", r.port)) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         assert until(lambda: len(e.bodies) == 1)
-    backend = r.app.state.table.get("m").backends[0]
+    backend = r.app.state.table.get("m").replicas[0]
     assert until(lambda: backend.outstanding == 0, timeout=2.0)
 
 
@@ -112,7 +112,7 @@ def test_stalled_stream_hits_idle_timeout(stack: Stack) -> None:
     err = json.loads(events[-1][1])["error"]
     assert err["code"] == 504 and "0.5s" in err["message"]
     model = r.app.state.table.get("m")
-    assert until(lambda: model.backends[0].outstanding == 0 and model.lifecycle.in_flight == 0)
+    assert until(lambda: model.replicas[0].outstanding == 0 and model.lifecycle.in_flight == 0)
 
 
 def test_non_stream_timeout_is_504(stack: Stack) -> None:

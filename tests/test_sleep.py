@@ -21,6 +21,7 @@ from aiohttp import web
 
 from helpers import free_port
 from router.config import SleepSettings, load_config
+from router.server.control import EngineControl
 from router.server.lifecycle import Lifecycle
 from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, until
@@ -289,8 +290,7 @@ def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
 
 def test_sleep_back_off_doubles_up_to_an_hour_on_a_fake_clock():
     now = [1000.0]
-    lc = Lifecycle(MODEL, clock=lambda: now[0])
-    lc.settings = SleepSettings(check_interval_seconds=60)
+    lc = Lifecycle(MODEL, lambda: (), SleepSettings(check_interval_seconds=60), EngineControl(), clock=lambda: now[0])
     assert [lc._sleep_failed() for _ in range(7)] == [120, 240, 480, 960, 1920, 3600, 3600]
     assert lc.sleep_retry_at == 4600 and lc.sleep_failures_in_row == 7
     lc.settings = SleepSettings(check_interval_seconds=7200)  # never more often than the interval

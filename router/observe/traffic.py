@@ -119,6 +119,11 @@ class Traffic:
         #: Offset turning the traffic clock into Unix time, for reports.
         self.wall_offset = time.time() - clock()
 
+    def follow(self, models: Iterable[str]) -> None:
+        """Track exactly `models` after a reload: new ones start empty, removed ones are forgotten,
+        the others keep their history."""
+        self._models = {m: self._models.get(m) or ModelTraffic() for m in models}
+
     def __contains__(self, model: str) -> bool:
         return model in self._models
 

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Awaitable, Callable, Optional
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from router.server.errors import error_response
-from router.server.lifecycle import SLEEPING, Lifecycle
+from router.config import ConfigError
 from router.observe.traffic import MAX_WINDOW_SECONDS
+from router.server.errors import error_response
+from router.server.lifecycle import SLEEPING, Lifecycle, Outcome
+from router.server.models import Model
+from router.server.report import lifecycle_status
+from router.server.state import RouterState
 
 
 class UnknownModel(Exception):
@@ -38,7 +42,7 @@ class BadQuery(Exception):
         self.message = message
 
 
-def _json(data: Any) -> Response:
+def _json(data: object) -> Response:
     return Response(orjson.dumps(data), media_type="application/json")
 
 
@@ -63,7 +67,7 @@ def _window(request: Request) -> float:
     return _query_number(request, "window", 60.0, 0.0, MAX_WINDOW_SECONDS, strict_min=True)
 
 
-def _threshold(request: Request, state: Any) -> float:
+def _threshold(request: Request, state: RouterState) -> float:
     return _query_number(request, "threshold", state.config.sleep.idle_threshold_seconds, 0.0)
 
 
@@ -75,17 +79,17 @@ def _seconds(value: float) -> float:
 class Admin:
     """The handlers, bound to one router's state (no globals, so many routers fit in one process)."""
 
-    def __init__(self, state: Any):
+    def __init__(self, state: RouterState):
         self.state = state
 
-    def _model(self, request: Request) -> Any:
+    def _model(self, request: Request) -> Model:
         name = request.path_params["model"]
         model = self.state.table.get(name)
         if model is None:
             raise UnknownModel(name)
         return model
 
-    def _last_activity(self, model: Any, total: int) -> Optional[float]:
+    def _last_activity(self, model: Model, total: int) -> Optional[float]:
         """Unix time of the model's last activity: now while a request runs (as its
         idle time is 0), else when the last request ended; None before the first."""
         lc: Lifecycle = model.lifecycle
@@ -95,7 +99,7 @@ class Admin:
             return None
         return _seconds(lc.last_end + self.state.traffic.wall_offset)
 
-    def model_stats(self, model: Any, window: float) -> dict:
+    def model_stats(self, model: Model, window: float) -> dict:
         lc: Lifecycle = model.lifecycle
         stats = self.state.traffic.summary(model.name, window)
         idle = lc.idle_seconds()
@@ -119,7 +123,7 @@ class Admin:
         window = _window(request)
         return _json({"model_stats": self.model_stats(self._model(request), window), "window_seconds": window})
 
-    def _split_by_idleness(self, threshold: float) -> tuple[list[Any], list[Any]]:
+    def _split_by_idleness(self, threshold: float) -> tuple[list[Model], list[Model]]:
         idle, active = [], []
         for m in self.state.table:
             lc: Lifecycle = m.lifecycle
@@ -167,12 +171,12 @@ class Admin:
 
     async def sleep_status(self, request: Request) -> Response:
         models = list(self.state.table)
-        candidates = self.state.sleep_manager.candidates()
+        candidates = self.state.idle.candidates()
         return _json({
             "sleeping_models": [m.name for m in models if m.lifecycle.state == SLEEPING],
-            "sleep_candidates": [lc.model for lc in candidates],
+            "sleep_candidates": [m.name for m in candidates],
             **self._settings(),
-            "models": {m.name: m.lifecycle.status() for m in models},
+            "models": {m.name: lifecycle_status(m.lifecycle) for m in models},
         })
 
     async def sleep_candidates(self, request: Request) -> Response:
@@ -180,7 +184,7 @@ class Admin:
         names = []
         for m in self.state.table:
             lc: Lifecycle = m.lifecycle
-            blocker = lc.auto_sleep_blocker()
+            blocker = self.state.idle.blocker(m)
             if blocker is None:
                 names.append(m.name)
             details[m.name] = {"can_sleep": blocker is None, "reason": blocker,
@@ -189,7 +193,7 @@ class Admin:
 
     async def action_sleep(self, request: Request) -> Response:
         model = self._model(request)
-        outcome = await model.lifecycle.sleep(manual=True)
+        outcome = await model.lifecycle.sleep()
         return self._outcome(model, outcome)
 
     async def action_wakeup(self, request: Request) -> Response:
@@ -197,14 +201,26 @@ class Admin:
         outcome = await model.lifecycle.wake()
         return self._outcome(model, outcome)
 
-    def _outcome(self, model: Any, outcome: Any) -> Response:
+    async def action_reload(self, request: Request) -> Response:
+        """Re-read the YAML: 200 with what changed, or 400 naming file and field (nothing changed)."""
+        try:
+            change = await self.state.reload()
+        except ConfigError as e:
+            problems = "; ".join(f"{e.path}: {p}" for p in e.problems)
+            return error_response(400, f"reload refused, nothing changed: {problems}")
+        return _json(change.report())
+
+    def _outcome(self, model: Model, outcome: Outcome) -> Response:
         if not outcome.ok:
             return error_response(outcome.status, outcome.message, param="model")
         return _json({"model_name": model.name, "success": True, "message": outcome.message,
                       "state": model.lifecycle.state})
 
 
-def _guard(handler: Any) -> Any:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guard(handler: Handler) -> Handler:
     """Turn bad input into 400/404 OpenAI errors instead of a 500."""
     async def endpoint(request: Request) -> Response:
         try:
@@ -217,7 +233,7 @@ def _guard(handler: Any) -> Any:
     return endpoint
 
 
-def admin_routes(state: Any) -> list[BaseRoute]:
+def admin_routes(state: RouterState) -> list[BaseRoute]:
     a = Admin(state)
     table = [
         ("/traffic/stats", a.traffic_stats, "GET"),
@@ -228,5 +244,6 @@ def admin_routes(state: Any) -> list[BaseRoute]:
         ("/sleep/candidates", a.sleep_candidates, "GET"),
         ("/action/sleep/{model:path}", a.action_sleep, "POST"),
         ("/action/wakeup/{model:path}", a.action_wakeup, "POST"),
+        ("/action/reload", a.action_reload, "POST"),
     ]
     return [Route(path, _guard(fn), methods=[method]) for path, fn, method in table]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
-import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,89 +19,73 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from router import __version__
-from router.observe.accesslog import AccessLog
-from router.server.admin import admin_routes
-from router.server.auth import Guard
-from router.server.replicas import ModelTable
 from router.config import Config
+from router.server.admin import admin_routes
 from router.server.errors import error_response
-from router.server.health import HealthChecker, model_report
-from router.server.lifecycle import SleepManager
-from router.observe.metrics import Metrics
-from router.server.proxy import Proxy, Receive, Scope, Send, send_error
-from router.observe.traffic import Traffic
+from router.server.proxy import Receive, Scope, Send, send_error
+from router.server.report import model_report
+from router.server.state import RouterState
 
 PROXY_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
-
-
-class RouterState:
-    """Everything one router app owns; handed to routes, admin routes and the sleep manager."""
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.table = ModelTable(config)
-        self.traffic = Traffic([m.name for m in self.table])
-        self.metrics = Metrics(self.table)
-        self.health = HealthChecker(self.table, config.router)
-        self.sleep_manager = SleepManager(self)
-        self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
-        #: The aiohttp session for health probes, sleep/wake and admin calls (the proxy
-        #: uses each backend's own pool); exists between lifespan start and end.
-        self.session: Optional[aiohttp.ClientSession] = None
-        self.started_at = time.time()
-        self.started_monotonic = time.monotonic()
-
-
-def new_session() -> aiohttp.ClientSession:
-    """Pooled keep-alive connections with no cap; bodies relayed as the engine encoded them."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
 
 class RouterApp:
     """The ASGI entry: a set lookup sends proxy paths to the hot path, the rest to Starlette."""
 
-    def __init__(self, state: RouterState, proxy: Proxy, web: Starlette):
+    def __init__(self, state: RouterState, web: Starlette):
         self.state = state
         self.web = web
-        self.proxy = proxy
-        self._guard = Guard(state.config.router)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            denied = self._guard.check(scope)
+            state = self.state
+            denied = state.guard.check(scope)
             if denied is not None:
                 return await send_error(send, denied.status, denied.message, headers=denied.headers)
             if scope["path"] in PROXY_PATHS:
                 if scope["method"] == "POST":
-                    return await self.proxy(scope, receive, send)
+                    return await state.proxy(scope, receive, send)
                 return await send_error(send, 405, f"Method {scope['method']} is not allowed on {scope['path']}; use POST.",
                                         headers=[(b"allow", b"POST")])
         await self.web(scope, receive, send)
 
 
-def create_app(config: Config) -> RouterApp:
-    state = RouterState(config)
+def create_app(config: Config, supervisor_socket: Optional[str] = None) -> RouterApp:
+    """The router for `config`; with `supervisor_socket`, it follows supervisord's process states."""
+    state = RouterState(config, supervisor_socket)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state.session = new_session()
-        state.health.start(state.session)
-        await state.sleep_manager.start()
+        loop = asyncio.get_running_loop()
+        state.control.open()
+        if state.processes is not None:
+            await state.processes.poll()  # know which engines run before the first probe
+            state.processes.start()
+        state.health.start()
+        await state.idle.start()
+        hup = False
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # only the main thread may
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(state.reload_logged()))
+            hup = True
         try:
             yield
         finally:
-            await state.sleep_manager.stop()
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await state.idle.stop()
+            await asyncio.gather(*(m.lifecycle.close() for m in state.table))
             await state.health.stop()
-            await state.session.close()
-            for backend in state.table.backends():
-                backend.pool.close()
+            if state.processes is not None:
+                await state.processes.stop()
+            await state.control.close()
+            for replica in state.table.replicas():
+                replica.pool.close()
             if state.access_log is not None:
                 state.access_log.flush()
 
     web = Starlette(routes=routes(state) + admin_routes(state), lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
-    return RouterApp(state, Proxy(state), web)
+    return RouterApp(state, web)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -118,38 +102,39 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def routes(state: RouterState) -> list[BaseRoute]:
     """The router's own endpoints (everything but the proxy and admin routes)."""
-    table = state.table
-    config = state.config
 
     async def list_models(request: Request) -> Response:
         created = int(state.started_at)
+        table = state.table
         data = []
         for name in table.names:
             model = table.get(name)
             assert model is not None
             data.append({"id": name, "object": "model", "created": created,
-                         "owned_by": model.backends[0].instance.engine, "root": model.name})
+                         "owned_by": model.replicas[0].instance.engine, "root": model.name})
         return JSONResponse({"object": "list", "data": data})
 
     async def kvcached_models(request: Request) -> Response:
-        return JSONResponse({"models": {m.name: {"endpoint": m.backends[0].url,
-                                                 "endpoints": [b.url for b in m.backends]} for m in table}})
+        return JSONResponse({"models": {m.name: {"endpoint": m.replicas[0].url,
+                                                 "endpoints": [r.url for r in m.replicas]} for m in state.table}})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "healthy"})
 
     async def health_all(request: Request) -> Response:
-        reports = await asyncio.gather(*(model_report(state.session, m, config.router) for m in table))
+        settings = state.config.router
+        reports = await asyncio.gather(*(model_report(state.control, m, settings) for m in state.table))
         ok = all(r["status"] in ("healthy", "sleeping") for r in reports)
         return JSONResponse({"status": "healthy" if ok else "degraded", "models": {r["model"]: r for r in reports}})
 
     async def health_model(request: Request) -> Response:
         name = request.path_params["model"]
+        table = state.table
         model = table.get(name)
         if model is None:
             return error_response(404, f"The model '{name}' does not exist. Known models: {', '.join(table.names)}.",
                                   param="model")
-        report = await model_report(state.session, model, config.router)
+        report = await model_report(state.control, model, state.config.router)
         return JSONResponse(report, status_code=503 if report["status"] == "unhealthy" else 200)
 
     async def server_info(request: Request) -> Response:
@@ -169,9 +154,10 @@ def routes(state: RouterState) -> list[BaseRoute]:
     ]
 
 
-def server_information(state: RouterState) -> dict[str, Any]:
+def server_information(state: RouterState) -> dict[str, object]:
     """What /get_server_info reports: never a secret, only whether one is set."""
     config = state.config
+    table = state.table
     settings = {k: v for k, v in config.router.__dict__.items() if k not in ("api_keys", "admin_api_key")}
     settings["api_keys_configured"] = len(config.router.api_keys)
     settings["admin_api_key_configured"] = config.router.admin_api_key is not None
@@ -183,10 +169,10 @@ def server_information(state: RouterState) -> dict[str, Any]:
         "router": settings,
         "sleep_manager": dict(config.sleep.__dict__),
         "models": {m.name: {
-            "aliases": [n for n in state.table.names if state.table.get(n) is m and n != m.name],
+            "aliases": table.aliases(m),
             "state": m.lifecycle.state,
-            "endpoints": [{"instance": b.name, "endpoint": b.url, "engine": b.instance.engine,
-                           "served_names": list(b.instance.served_names), "health": b.health,
-                           "outstanding": b.outstanding} for b in m.backends],
-        } for m in state.table},
+            "endpoints": [{"instance": r.name, "endpoint": r.url, "engine": r.instance.engine,
+                           "served_names": list(r.instance.served_names), "health": r.health,
+                           "outstanding": r.outstanding} for r in m.replicas],
+        } for m in table},
     }

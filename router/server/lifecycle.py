@@ -1,6 +1,6 @@
 """One owner per model for its life: admission, sleep and wake.
 
-The proxy calls ``await lifecycle.admit()`` before picking a backend and
+The proxy calls ``await lifecycle.admit()`` before picking a replica and
 ``lifecycle.release()`` when the request (or stream) has ended. While the
 model is awake `admit` is a state check and a counter increment, with no
 await, so the hot path pays nothing for sleep support.
@@ -13,7 +13,7 @@ and a client that disconnects cannot abandon a half-done transition:
 - sleep: state ``draining`` (new requests are held, not refused) until no
   request is in flight, then ``falling_asleep`` while every replica's sleep
   call runs, then ``sleeping``. A failed call rolls the slept replicas back,
-  and the idle loop backs off before its next try (`Lifecycle._sleep_failed`).
+  and the idle loop backs off before its next try (router/server/idle.py).
 - wake: requests arriving at a sleeping model share ONE wake task (one wake
   call per replica however many requests arrive); they are admitted when it
   succeeds, and get `ModelUnavailable` (503 + Retry-After) when it fails or
@@ -70,15 +70,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
-
-import aiohttp
+from typing import Callable, Optional, Sequence
 
 from router.config import SleepSettings
-
-if TYPE_CHECKING:
-    from router.config import Instance
-    from router.engines import Call
+from router.engines import Call
+from router.server.control import EngineCallError, EngineControl
+from router.server.replica import Replica
 
 log = logging.getLogger("router.lifecycle")
 
@@ -90,8 +87,6 @@ WAKING = "waking"
 
 #: Seconds a client is told to wait after a failed wake (Retry-After).
 RETRY_AFTER_SECONDS = 5
-#: Time limit of one ``/is_sleeping`` question.
-ASK_TIMEOUT_SECONDS = 2.0
 #: Longest pause of the idle loop's sleep attempts after failures in a row
 #: (longer only if ``check_interval_seconds`` itself is).
 MAX_SLEEP_BACKOFF_SECONDS = 3600.0
@@ -106,10 +101,6 @@ class ModelUnavailable(Exception):
         self.retry_after = retry_after
 
 
-class EngineCallError(Exception):
-    """An engine control call failed; the message says which and why."""
-
-
 @dataclass(frozen=True)
 class Outcome:
     """Result of a sleep or wake, with the HTTP status the admin API answers."""
@@ -119,47 +110,25 @@ class Outcome:
     status: int = 200
 
 
-async def engine_call(session: aiohttp.ClientSession, inst: "Instance", call: "Call", timeout: float) -> None:
-    """Run one control call on `inst`; raise EngineCallError unless it answers 2xx."""
-    url = inst.url + call.path
-    try:
-        async with session.request(call.method, url, params=dict(call.params), json=call.json,
-                                   headers=inst.auth_headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            body = await r.read()
-            if r.status >= 300:
-                text = body[:300].decode("utf-8", "replace")
-                raise EngineCallError(f"{inst.name}: {call.method} {call.path} answered {r.status}: {text}")
-    except asyncio.TimeoutError:
-        raise EngineCallError(f"{inst.name}: {call.method} {call.path} got no answer within {timeout:g}s") from None
-    except aiohttp.ClientError as e:
-        raise EngineCallError(f"{inst.name}: {call.method} {call.path} failed: {e}") from None
-
-
-async def ask_is_sleeping(session: aiohttp.ClientSession, inst: "Instance", path: str) -> Optional[bool]:
-    """The engine's own answer, or None when it cannot tell (down, no dev mode)."""
-    try:
-        async with session.get(inst.url + path, headers=inst.auth_headers,
-                               timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT_SECONDS)) as r:
-            if r.status != 200:
-                return None
-            data: Any = await r.json(content_type=None)
-    except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
-        return None
-    value = data.get("is_sleeping") if isinstance(data, dict) else None
-    return value if isinstance(value, bool) else None
+#: Why an automatic sleep may not happen now (None: it may); re-asked under the model's lock.
+SleepCheck = Callable[[], Optional[str]]
 
 
 class Lifecycle:
     """Sleep state and admission of one model (all its replicas).
 
-    Built by the model table with just the model name; the sleep manager then
-    `bind`s it to the upstream session, the replicas and the settings. An
-    unbound lifecycle admits everything and cannot sleep.
+    `members` gives the model's replicas as they are at each transition (a
+    reload may change them); each replica keeps its own `asleep` flag, and
+    this object the model-wide state and history.
     """
 
-    def __init__(self, model: str, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, model: str, members: Callable[[], tuple[Replica, ...]], settings: SleepSettings,
+                 control: EngineControl, clock: Callable[[], float] = time.monotonic):
         self.model = model
+        self.members = members
+        self.settings = settings
         self.state = AWAKE
+        #: Requests admitted and not finished (including those queued for a replica slot).
         self.in_flight = 0
         #: Requests held while the model drains, sleeps or wakes.
         self.waiting = 0
@@ -181,22 +150,12 @@ class Lifecycle:
         self.last_wake_seconds: Optional[float] = None
         self.wake_seconds_total = 0.0
         self.last_error: Optional[str] = None
-        self.settings = SleepSettings()
-        self.replicas: tuple["Instance", ...] = ()
-        #: Replica name -> believed asleep.
-        self.asleep: dict[str, bool] = {}
-        self._clock = clock
-        self._session: Optional[aiohttp.ClientSession] = None
+        self._control = control
+        self.clock = clock
         self._lock = asyncio.Lock()
         self._drained = asyncio.Event()
-        self._sleep_task: Optional[asyncio.Task] = None
-        self._wake_task: Optional[asyncio.Task] = None
-
-    def bind(self, session: aiohttp.ClientSession, replicas: Sequence["Instance"], settings: SleepSettings) -> None:
-        self._session = session
-        self.replicas = tuple(replicas)
-        self.settings = settings
-        self.asleep = {i.name: self.asleep.get(i.name, False) for i in self.replicas}
+        self._sleep_task: Optional[asyncio.Task[Outcome]] = None
+        self._wake_task: Optional[asyncio.Task[Outcome]] = None
 
     # ------------------------------------------------------------------ hot path
 
@@ -209,7 +168,7 @@ class Lifecycle:
 
     def release(self) -> None:
         self.in_flight -= 1
-        self.last_end = self._clock()
+        self.last_end = self.clock()
         if self.in_flight == 0 and self.state == DRAINING:
             self._drained.set()
 
@@ -218,7 +177,7 @@ class Lifecycle:
         try:
             while self.state != AWAKE:
                 if not self.settings.wakeup_on_request and self.state != WAKING:
-                    if self.state == SLEEPING:
+                    if self.state == SLEEPING or self._sleep_task is None:
                         raise ModelUnavailable(
                             f"model {self.model!r} is asleep and wakeup_on_request is off; wake it with "
                             f"POST /action/wakeup/{self.model}", RETRY_AFTER_SECONDS)
@@ -235,66 +194,36 @@ class Lifecycle:
 
     @property
     def sleepable(self) -> bool:
-        return bool(self.replicas) and all(i.sleep for i in self.replicas)
+        replicas = self.members()
+        return bool(replicas) and all(r.instance.sleep for r in replicas)
+
+    def opt_out_reason(self) -> str:
+        replicas = self.members()
+        if not replicas:
+            return "no replica to sleep"
+        names = ", ".join(r.name for r in replicas if not r.instance.sleep)
+        return f"instance {names} has 'sleep: false', which keeps the model awake"
 
     def idle_seconds(self, now: Optional[float] = None) -> float:
         """Time since the model was last used: the end of its last request or its last wake."""
         if self.in_flight:
             return 0.0
-        now = self._clock() if now is None else now
+        now = self.clock() if now is None else now
         return now - max(self.last_end, self.last_wake_at or self.last_end)
 
-    def auto_sleep_blocker(self, now: Optional[float] = None) -> Optional[str]:
-        """Why the idle loop may not sleep this model now, or None if it may."""
-        now = self._clock() if now is None else now
-        s = self.settings
-        if self._session is None:
-            return "the sleep manager is not running"
-        if not s.auto_sleep_enabled:
-            return "auto sleep is disabled (sleep_manager.auto_sleep_enabled)"
-        if not self.sleepable:
-            return self._opt_out_reason()
-        if self.state != AWAKE:
-            return f"model is {self.state}"
-        if self.in_flight or self.waiting:
-            return f"{self.in_flight} requests in flight, {self.waiting} waiting"
-        idle = self.idle_seconds(now)
-        if idle < s.idle_threshold_seconds:
-            return f"idle {idle:.1f}s of the {s.idle_threshold_seconds:g}s threshold"
-        if self.last_wake_at is not None and now - self.last_wake_at < s.min_sleep_duration:
-            return f"woke {now - self.last_wake_at:.1f}s ago; min_sleep_duration is {s.min_sleep_duration:g}s"
-        if self.sleep_retry_at is not None and now < self.sleep_retry_at:
-            return (f"the last {self.sleep_failures_in_row} sleeps failed (see last_error); next try in "
-                    f"{self.sleep_retry_at - now:.1f}s")
-        return None
+    @property
+    def busy(self) -> bool:
+        """A transition is under way (its lock is held)."""
+        return self._lock.locked()
 
-    def _sleep_failed(self) -> float:
-        """Back off: an engine that cannot sleep (no sleep API, no memory to
-        offload to) would otherwise be asked, and its refusal logged, at every
-        check. The idle loop waits check_interval x 2, x 4, x 8... (at most an
-        hour) after each failure in a row; requests and manual sleeps never wait.
-        Returns the pause in seconds."""
-        self.sleep_failures += 1
-        self.sleep_failures_in_row += 1
-        interval = self.settings.check_interval_seconds
-        pause = min(max(MAX_SLEEP_BACKOFF_SECONDS, interval), interval * 2.0 ** min(self.sleep_failures_in_row, 32))
-        self.sleep_retry_at = self._clock() + pause
-        return pause
-
-    def _opt_out_reason(self) -> str:
-        if not self.replicas:
-            return "no replica to sleep"
-        names = ", ".join(i.name for i in self.replicas if not i.sleep)
-        return f"instance {names} has 'sleep: false', which keeps the model awake"
-
-    async def sleep(self, manual: bool = True) -> Outcome:
+    async def sleep(self, check: Optional[SleepCheck] = None) -> Outcome:
         """Put every replica to sleep (drained first).
 
-        `manual` is an operator's request; otherwise it is the idle loop's,
-        and the auto-sleep rules are re-checked under the lock.
+        Without `check` it is an operator's request; with it, the idle loop's,
+        and `check` is asked again under the lock before anything is done.
         """
         if self._sleep_task is None or self._sleep_task.done():
-            self._sleep_task = asyncio.ensure_future(self._do_sleep(manual))
+            self._sleep_task = asyncio.ensure_future(self._do_sleep(check))
         return await asyncio.shield(self._sleep_task)
 
     async def wake(self) -> Outcome:
@@ -306,19 +235,20 @@ class Lifecycle:
             self._wake_task = asyncio.ensure_future(self._do_wake())
         return self._wake_task
 
-    async def _do_sleep(self, manual: bool) -> Outcome:
+    async def _do_sleep(self, check: Optional[SleepCheck]) -> Outcome:
+        manual = check is None
         async with self._lock:
-            if not manual:
-                blocker = self.auto_sleep_blocker()
+            if check is not None:
+                blocker = check()
                 if blocker:
                     return Outcome(False, f"not put to sleep: {blocker}", 409)
-            if self._session is None:
+            if not self._control.is_open:
                 return Outcome(False, "the sleep manager is not running", 503)
             if self.state == SLEEPING:
                 self.manual = self.manual or manual
                 return Outcome(True, f"model {self.model!r} is already asleep")
             if not self.sleepable:
-                return Outcome(False, f"model {self.model!r} is not put to sleep: {self._opt_out_reason()}", 409)
+                return Outcome(False, f"model {self.model!r} is not put to sleep: {self.opt_out_reason()}", 409)
             self.state = DRAINING
             if self.in_flight:
                 self._drained.clear()
@@ -329,26 +259,26 @@ class Lifecycle:
                     return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
                                           f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not put to sleep", 409)
             self.state = FALLING_ASLEEP
-            targets = [i for i in self.replicas if not self.asleep[i.name]]
-            errors = await self._call_all(targets, lambda i: i.spec.sleep_call)
+            targets = [r for r in self.members() if not r.asleep]
+            errors = await self._call_all(targets, lambda r: r.instance.spec.sleep_call, asleep_after=True)
             if errors:
                 pause = self._sleep_failed()
-                await self._roll_back([i for i in targets if i.name not in errors])
-                self.state = SLEEPING if any(self.asleep.values()) else AWAKE
+                await self._roll_back([r for r in targets if r.name not in errors])
+                self.state = SLEEPING if any(r.asleep for r in self.members()) else AWAKE
                 return self._failed("sleep", errors, f"; the idle loop tries again in {pause:g}s at the earliest")
             self.sleep_failures_in_row = 0
             self.sleep_retry_at = None
             self.state = SLEEPING
             self.manual = manual
-            self.slept_at = self._clock()
+            self.slept_at = self.clock()
             self.sleep_count += 1
             log.info("model %s is asleep (%s)", self.model, "manual" if manual else "idle")
             return Outcome(True, f"model {self.model!r} is asleep")
 
-    async def _roll_back(self, slept: Sequence["Instance"]) -> None:
+    async def _roll_back(self, slept: Sequence[Replica]) -> None:
         """Wake the replicas a failed sleep did put to sleep, so none is left behind."""
         if slept:
-            errors = await self._call_all(slept, lambda i: i.spec.wake_call, asleep_after=False)
+            errors = await self._call_all(slept, lambda r: r.instance.spec.wake_call, asleep_after=False)
             if errors:
                 log.warning("model %s: rolling back a failed sleep failed too: %s", self.model, "; ".join(errors.values()))
 
@@ -356,17 +286,17 @@ class Lifecycle:
         async with self._lock:
             if self.state == AWAKE:
                 return Outcome(True, f"model {self.model!r} is already awake")
-            if self._session is None:
+            if not self._control.is_open:
                 return Outcome(False, "the sleep manager is not running", 503)
             self.state = WAKING
-            started = self._clock()
-            targets = [i for i in self.replicas if self.asleep[i.name]]
-            errors = await self._call_all(targets, lambda i: i.spec.wake_call, asleep_after=False)
+            started = self.clock()
+            targets = [r for r in self.members() if r.asleep]
+            errors = await self._call_all(targets, lambda r: r.instance.spec.wake_call, asleep_after=False)
             if errors:
                 self.state = SLEEPING
                 self.wake_failures += 1
                 return self._failed("wake", errors)
-            now = self._clock()
+            now = self.clock()
             self.state = AWAKE
             self.manual = False
             self.last_wake_at = now
@@ -376,27 +306,38 @@ class Lifecycle:
             log.info("model %s is awake after %.3fs", self.model, now - started)
             return Outcome(True, f"model {self.model!r} is awake after {now - started:.3f}s")
 
-    async def _call_all(self, targets: Sequence["Instance"], call_of: Callable[["Instance"], "Call"],
-                        asleep_after: bool = True) -> dict[str, str]:
+    async def _call_all(self, targets: Sequence[Replica], call_of: Callable[[Replica], Call],
+                        asleep_after: bool) -> dict[str, str]:
         """Run one call per replica at once, within ``wake_timeout_seconds``.
 
         Replicas whose call succeeded are marked `asleep_after`; the errors of
         the others are returned by replica name.
         """
-        assert self._session is not None
         timeout = self.settings.wake_timeout_seconds
-        session = self._session
-        results = await asyncio.gather(*(engine_call(session, i, call_of(i), timeout) for i in targets),
+        results = await asyncio.gather(*(self._control.call(r, call_of(r), timeout) for r in targets),
                                        return_exceptions=True)
         errors: dict[str, str] = {}
-        for inst, res in zip(targets, results):
+        for replica, res in zip(targets, results):
             if res is None:
-                self.asleep[inst.name] = asleep_after
+                replica.asleep = asleep_after
             elif isinstance(res, EngineCallError):
-                errors[inst.name] = str(res)
+                errors[replica.name] = str(res)
             elif isinstance(res, BaseException):
-                errors[inst.name] = f"{inst.name}: {type(res).__name__}: {res}"
+                errors[replica.name] = f"{replica.name}: {type(res).__name__}: {res}"
         return errors
+
+    def _sleep_failed(self) -> float:
+        """Back off: an engine that cannot sleep (no sleep API, no memory to
+        offload to) would otherwise be asked, and its refusal logged, at every
+        check. The idle loop waits check_interval x 2, x 4, x 8... (at most an
+        hour) after each failure in a row; requests and manual sleeps never wait.
+        Returns the pause in seconds."""
+        self.sleep_failures += 1
+        self.sleep_failures_in_row += 1
+        interval = self.settings.check_interval_seconds
+        pause = min(max(MAX_SLEEP_BACKOFF_SECONDS, interval), interval * 2.0 ** min(self.sleep_failures_in_row, 32))
+        self.sleep_retry_at = self.clock() + pause
+        return pause
 
     def _failed(self, what: str, errors: dict[str, str], then: str = "") -> Outcome:
         self.last_error = "; ".join(errors.values())
@@ -405,34 +346,34 @@ class Lifecycle:
 
     async def reconcile(self) -> None:
         """Align the state with what the engines say (where they can say)."""
-        if self._session is None or self._lock.locked():
+        if not self._control.is_open or self._lock.locked():
             return  # a transition is under way; it knows the state
-        askable = [i for i in self.replicas if i.spec.is_sleeping_path]
+        askable = [r for r in self.members() if r.instance.spec.is_sleeping_path and r.running]
         if not askable:
             return
         async with self._lock:
             if self.state not in (AWAKE, SLEEPING):
                 return
-            session = self._session
-            answers = await asyncio.gather(*(ask_is_sleeping(session, i, i.spec.is_sleeping_path or "") for i in askable))
-            for inst, answer in zip(askable, answers):
+            answers = await asyncio.gather(*(self._control.is_sleeping(r, r.instance.spec.is_sleeping_path or "")
+                                             for r in askable))
+            for replica, answer in zip(askable, answers):
                 if answer is not None:
-                    self.asleep[inst.name] = answer
-            now_asleep = any(self.asleep.values())
+                    replica.asleep = answer
+            now_asleep = any(r.asleep for r in self.members())
             if now_asleep and self.state == AWAKE:
                 log.warning("model %s: engine reports it is asleep; routing will wake it", self.model)
                 self.state = SLEEPING
                 self.manual = False
-                self.slept_at = self._clock()
+                self.slept_at = self.clock()
                 if self.in_flight and self.settings.wakeup_on_request:
                     self._start_wake()  # requests already sent are held by the engine: wake it for them
             elif not now_asleep and self.state == SLEEPING:
                 log.warning("model %s: engine reports it is awake (woken or restarted outside the router)", self.model)
                 self.state = AWAKE
-                self.last_wake_at = self._clock()
+                self.last_wake_at = self.clock()
 
     async def close(self) -> None:
-        """Cancel transitions still running (router shutdown)."""
+        """Cancel transitions still running (router shutdown, or the model removed by a reload)."""
         for task in (self._sleep_task, self._wake_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -440,85 +381,3 @@ class Lifecycle:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-
-    # ------------------------------------------------------------------ reports
-
-    def status(self, now: Optional[float] = None) -> dict:
-        """Everything /sleep/status, /health/all and /metrics show about this model."""
-        now = self._clock() if now is None else now
-        return {
-            "state": self.state,
-            "sleeping": self.state != AWAKE,
-            "manual": self.manual,
-            "sleepable": self.sleepable,
-            "in_flight": self.in_flight,
-            "waiting": self.waiting,
-            "idle_seconds": self.idle_seconds(now),
-            "asleep_seconds": now - self.slept_at if self.state == SLEEPING and self.slept_at is not None else None,
-            "sleep_count": self.sleep_count,
-            "wake_count": self.wake_count,
-            "sleep_failures": self.sleep_failures,
-            "sleep_retry_in_seconds": max(0.0, self.sleep_retry_at - now) if self.sleep_retry_at is not None else None,
-            "wake_failures": self.wake_failures,
-            "last_wake_seconds": self.last_wake_seconds,
-            "wake_seconds_total": self.wake_seconds_total,
-            "last_error": self.last_error,
-            "replicas": {name: ("asleep" if a else "awake") for name, a in self.asleep.items()},
-        }
-
-
-class SleepManager:
-    """The idle loop: every ``check_interval_seconds``, reconcile each model
-    with its engines, then put to sleep the models the rules allow.
-
-    The app's lifespan calls `start()` after the upstream session exists (it
-    binds every model's lifecycle and reconciles once before the first
-    request) and `stop()` before the session closes.
-    """
-
-    def __init__(self, state: Any):
-        self.state = state
-        self._task: Optional[asyncio.Task] = None
-
-    @property
-    def settings(self) -> SleepSettings:
-        return self.state.config.sleep
-
-    def lifecycles(self) -> list[Lifecycle]:
-        return [m.lifecycle for m in self.state.table]
-
-    async def start(self) -> None:
-        for model in self.state.table:
-            model.lifecycle.bind(self.state.session, [b.instance for b in model.backends], self.settings)
-        await self.reconcile()
-        self._task = asyncio.create_task(self._loop(), name="sleep-manager")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        await asyncio.gather(*(lc.close() for lc in self.lifecycles()))
-
-    async def reconcile(self) -> None:
-        await asyncio.gather(*(lc.reconcile() for lc in self.lifecycles()))
-
-    def candidates(self) -> list[Lifecycle]:
-        """Models the idle loop would put to sleep now."""
-        return [lc for lc in self.lifecycles() if lc.auto_sleep_blocker() is None]
-
-    async def check(self) -> list[Outcome]:
-        """One round of the idle loop; each sleep re-checks its rules under the model's lock."""
-        await self.reconcile()
-        return list(await asyncio.gather(*(lc.sleep(manual=False) for lc in self.candidates())))
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.check_interval_seconds)
-            try:
-                await self.check()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("sleep manager check failed")

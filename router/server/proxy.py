@@ -14,10 +14,13 @@ from typing import Any, Awaitable, Callable, MutableMapping, Optional
 
 import orjson
 
-from router.server.replicas import Backend, Model, NoBackend, Overloaded
 from router.config import RouterSettings
+from router.observe.accesslog import AccessLog
+from router.observe.traffic import Traffic
 from router.server.errors import error_body
 from router.server.lifecycle import ModelUnavailable
+from router.server.models import Model, ModelTable, NoReplica, Overloaded
+from router.server.replica import Replica
 from router.server.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
 
 Scope = MutableMapping[str, Any]
@@ -123,26 +126,28 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
 class Exchange:
     """What one proxied request did, for metrics, traffic and the access log."""
 
-    __slots__ = ("status", "nbytes", "ttfb", "backend")
+    __slots__ = ("status", "nbytes", "ttfb", "replica")
 
     def __init__(self) -> None:
         self.status = 0
         self.nbytes = 0
         self.ttfb: Optional[float] = None
-        self.backend: Optional[Backend] = None
+        self.replica: Optional[Replica] = None
 
 
 class Proxy:
-    """ASGI handler for POST /v1/completions, /v1/chat/completions, /v1/embeddings."""
+    """ASGI handler for POST /v1/completions, /v1/chat/completions, /v1/embeddings.
 
-    def __init__(self, state: Any):
-        settings: RouterSettings = state.config.router
-        self.table = state.table
-        self.traffic = state.traffic
+    Built for one table and one set of settings; a reload builds a new one.
+    """
+
+    def __init__(self, table: ModelTable, settings: RouterSettings, traffic: Traffic, access_log: Optional[AccessLog]):
+        self.table = table
+        self.traffic = traffic
         self.max_bytes = settings.max_request_bytes
         self.queue_timeout = settings.queue_timeout_seconds
         self.eject_seconds = settings.eject_seconds
-        self.access_log = state.access_log
+        self.access_log = access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.drop_headers = DROP_REQUEST_HEADERS | (AUTHORIZATION if settings.api_keys else frozenset())
         self.connect_timeout = settings.connect_timeout_seconds
@@ -239,37 +244,36 @@ class Proxy:
 
     async def forward(self, scope: Scope, send: Send, model: Model, name: str, payload: dict[str, Any],
                       body: bytes, stream: bool, start: float, ex: Exchange) -> None:
-        tried: tuple[Backend, ...] = ()
+        tried: tuple[Replica, ...] = ()
         # A stream waits at most one idle period for its first byte; an answer, the request timeout.
         timeout = self.idle_timeout if stream else self.request_timeout
         while True:
             try:
-                backend = await model.acquire(time.monotonic(), tried, self.queue_timeout)
-            except NoBackend as e:
+                replica = await model.acquire(time.monotonic(), tried, self.queue_timeout)
+            except NoReplica as e:
                 if tried:
                     raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
-                                      f"(tried {', '.join(b.url for b in tried)}).") from None
-                raise Reject(503, f"No healthy engine of model '{model.name}' is available; retry later.",
-                             headers=retry_after(e.retry_after)) from None
+                                      f"(tried {', '.join(r.url for r in tried)}).") from None
+                raise Reject(503, e.message, headers=retry_after(e.retry_after)) from None
             except Overloaded:
                 raise Reject(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
                                   "retry later.", headers=retry_after(1)) from None
-            ex.backend = backend
-            data = body if name in backend.served else orjson.dumps({**payload, "model": backend.served_name})
-            head = request_head(scope, backend.authority, len(data), self.drop_headers, backend.auth_line)
+            ex.replica = replica
+            data = body if name in replica.served else orjson.dumps({**payload, "model": replica.served_name})
+            head = request_head(scope, replica.authority, len(data), self.drop_headers, replica.auth_line)
             try:
-                resp = await backend.pool.request(head, data, self.connect_timeout, timeout)
+                resp = await replica.pool.request(head, data, self.connect_timeout, timeout)
             except ConnectFailed:
-                model.eject(backend, time.monotonic(), self.eject_seconds)
-                model.release(backend)
+                model.eject(replica, time.monotonic(), self.eject_seconds)
+                model.release(replica)
                 model.metrics.upstream_error("connect")
-                tried += (backend,)
+                tried += (replica,)
                 continue
             except UpstreamError as e:
-                model.release(backend)
+                model.release(replica)
                 raise self.upstream_failure(model, e) from None
             except BaseException:
-                model.release(backend)
+                model.release(replica)
                 raise
             try:
                 if stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
@@ -278,7 +282,7 @@ class Proxy:
                     await self.relay_body(send, resp, start, ex, model)
             finally:
                 resp.close()
-                model.release(backend)
+                model.release(replica)
             return
 
     def upstream_failure(self, model: Model, e: UpstreamError) -> Reject:
@@ -327,7 +331,7 @@ class Proxy:
         model.metrics.observe(ex.status, total, ex.ttfb)
         self.traffic.record(model.name, ex.status, total, ex.ttfb, stream)
         if self.access_log is not None:
-            b = ex.backend
+            r = ex.replica
             ttfb = f"{ex.ttfb * 1000:.1f}ms" if ex.ttfb is not None else "-"
-            self.access_log.write(f"{model.name} {'stream' if stream else 'single'} -> {b.name if b else '-'} "
+            self.access_log.write(f"{model.name} {'stream' if stream else 'single'} -> {r.name if r else '-'} "
                                   f"{ex.status} {ex.nbytes}B ttfb={ttfb} total={total * 1000:.1f}ms")

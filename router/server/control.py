@@ -1,0 +1,97 @@
+"""The router's calls to engines outside the hot path: control calls, sleep questions, health probes.
+
+One aiohttp session, opened in the app's lifespan (it needs the running
+loop) and closed at its end, serves all of them; the hot path uses each
+replica's own pool instead. Every call goes to the replica's address with
+the engine's own key, and every failure comes back as a message that names
+the instance and what happened, never as an exception the caller must know.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import aiohttp
+
+from router.engines import Call
+from router.server.replica import Replica
+
+#: Time limit of one ``/is_sleeping`` question.
+ASK_TIMEOUT_SECONDS = 2.0
+
+
+class EngineCallError(Exception):
+    """An engine control call failed; the message says which and why."""
+
+
+def new_session() -> aiohttp.ClientSession:
+    """Pooled keep-alive connections with no cap; bodies relayed as the engine encoded them."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+
+class EngineControl:
+    """Control calls to engines, over one session that exists between `open` and `close`."""
+
+    def __init__(self) -> None:
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("engine control is not open (the app's lifespan has not started)")
+        return self._session
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None
+
+    def open(self) -> None:
+        self._session = new_session()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def call(self, replica: Replica, call: Call, timeout: float) -> None:
+        """Run one control call; raise EngineCallError unless the engine answers 2xx."""
+        inst = replica.instance
+        try:
+            async with self.session.request(call.method, replica.url + call.path, params=dict(call.params),
+                                            json=call.json, headers=inst.auth_headers,
+                                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.read()
+                if r.status >= 300:
+                    text = body[:300].decode("utf-8", "replace")
+                    raise EngineCallError(f"{inst.name}: {call.method} {call.path} answered {r.status}: {text}")
+        except asyncio.TimeoutError:
+            raise EngineCallError(f"{inst.name}: {call.method} {call.path} got no answer within {timeout:g}s") from None
+        except aiohttp.ClientError as e:
+            raise EngineCallError(f"{inst.name}: {call.method} {call.path} failed: {e}") from None
+
+    async def is_sleeping(self, replica: Replica, path: str) -> Optional[bool]:
+        """The engine's own answer, or None when it cannot tell (down, no dev mode)."""
+        try:
+            async with self.session.get(replica.url + path, headers=replica.instance.auth_headers,
+                                        timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT_SECONDS)) as r:
+                if r.status != 200:
+                    return None
+                data: object = await r.json(content_type=None)
+        except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
+            return None
+        value = data.get("is_sleeping") if isinstance(data, dict) else None
+        return value if isinstance(value, bool) else None
+
+    async def probe(self, replica: Replica, timeout: float) -> tuple[bool, str]:
+        """One GET of the replica's health path: (ok, what happened)."""
+        url = replica.url + replica.instance.spec.health_path
+        try:
+            async with self.session.get(url, headers=replica.instance.auth_headers,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                await resp.read()
+                return resp.status == 200, f"HTTP {resp.status}"
+        except asyncio.TimeoutError:
+            return False, f"no answer within {timeout:g}s"
+        except aiohttp.ClientError as e:
+            return False, f"{type(e).__name__}: {e}"

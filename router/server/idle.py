@@ -1,0 +1,99 @@
+"""The idle policy: which models may be put to sleep now, and the loop that does it.
+
+Every ``check_interval_seconds`` the loop reconciles each model with its
+engines, then asks each model's lifecycle to sleep the ones the rules allow.
+The rules are asked again by the lifecycle under the model's lock
+(`Lifecycle.sleep(check=...)`), so a request that arrived in between wins.
+The loop reads the live table at each round, so a reload's models are
+covered from the next round on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Optional
+
+from router.config import SleepSettings
+from router.server.lifecycle import AWAKE, Lifecycle, Outcome
+from router.server.models import Model, ModelTable
+
+log = logging.getLogger("router.idle")
+
+
+def sleep_blocker(lc: Lifecycle, running: bool, now: Optional[float] = None) -> Optional[str]:
+    """Why the idle loop may not sleep this model now, or None if it may.
+
+    `running`: whether the idle loop runs at all (the app's lifespan started it).
+    """
+    now = lc.clock() if now is None else now
+    s: SleepSettings = lc.settings
+    if not running:
+        return "the sleep manager is not running"
+    if not s.auto_sleep_enabled:
+        return "auto sleep is disabled (sleep_manager.auto_sleep_enabled)"
+    if not lc.sleepable:
+        return lc.opt_out_reason()
+    if lc.state != AWAKE:
+        return f"model is {lc.state}"
+    if lc.in_flight or lc.waiting:
+        return f"{lc.in_flight} requests in flight, {lc.waiting} waiting"
+    idle = lc.idle_seconds(now)
+    if idle < s.idle_threshold_seconds:
+        return f"idle {idle:.1f}s of the {s.idle_threshold_seconds:g}s threshold"
+    if lc.last_wake_at is not None and now - lc.last_wake_at < s.min_sleep_duration:
+        return f"woke {now - lc.last_wake_at:.1f}s ago; min_sleep_duration is {s.min_sleep_duration:g}s"
+    if lc.sleep_retry_at is not None and now < lc.sleep_retry_at:
+        return (f"the last {lc.sleep_failures_in_row} sleeps failed (see last_error); next try in "
+                f"{lc.sleep_retry_at - now:.1f}s")
+    return None
+
+
+class IdleSleeper:
+    """The idle loop over the live table (`table()` is read at every round)."""
+
+    def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings]):
+        self._table = table
+        self._settings = settings
+        self._task: Optional[asyncio.Task[None]] = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def blocker(self, model: Model) -> Optional[str]:
+        return sleep_blocker(model.lifecycle, self.running)
+
+    def candidates(self) -> list[Model]:
+        """Models the idle loop would put to sleep now."""
+        return [m for m in self._table() if self.blocker(m) is None]
+
+    async def start(self) -> None:
+        """Reconcile once before the first request, then run the loop."""
+        await self.reconcile()
+        self._task = asyncio.create_task(self._loop(), name="idle-sleeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def reconcile(self) -> None:
+        await asyncio.gather(*(m.lifecycle.reconcile() for m in self._table()))
+
+    async def check(self) -> list[Outcome]:
+        """One round of the idle loop; each sleep re-checks its rules under the model's lock."""
+        await self.reconcile()
+        return list(await asyncio.gather(*(m.lifecycle.sleep(check=lambda m=m: self.blocker(m))
+                                           for m in self.candidates())))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings().check_interval_seconds)
+            try:
+                await self.check()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("idle sleep check failed")

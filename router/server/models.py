@@ -1,0 +1,243 @@
+"""Models over replicas, and the live table of every name a request may use.
+
+A `Model` groups its replicas, its wait queue for `max_concurrency` slots and
+its lifecycle (the one owner of sleep and wake). The `ModelTable` is an
+immutable snapshot: a reload builds a new one that reuses the `Model` and
+`Replica` objects whose configuration did not change, so their state (health,
+sleep, in-flight counts, pools) carries over, and requests already in flight
+hold the objects they started with and finish undisturbed.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Callable, Iterator, Optional
+
+from router.config import Config, Instance, SleepSettings
+from router.observe.metrics import ModelMetrics
+from router.server.control import EngineControl
+from router.server.lifecycle import Lifecycle
+from router.server.replica import UNHEALTHY, Replica
+
+
+class NoReplica(Exception):
+    """No replica of the model can be routed to now (answer 503); `message` says why."""
+
+    def __init__(self, retry_after: int, message: str):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.message = message
+
+
+class Overloaded(Exception):
+    """Every replica is at max_concurrency and the wait queue is full or timed out (429)."""
+
+
+class Model:
+    """A model's replicas, its wait queue, its lifecycle and the least-outstanding pick."""
+
+    __slots__ = ("name", "replicas", "lifecycle", "metrics", "_waiters", "_retry_after")
+
+    def __init__(self, name: str, replicas: tuple[Replica, ...], settings: SleepSettings, control: EngineControl,
+                 metrics: ModelMetrics, retry_after: int):
+        self.name = name
+        self.replicas = replicas
+        self.lifecycle = Lifecycle(name, self.members, settings, control)
+        self.metrics = metrics
+        self._waiters: deque[asyncio.Future[Replica]] = deque()
+        self._retry_after = retry_after
+
+    def members(self) -> tuple[Replica, ...]:
+        """The replicas the model has now (read by its lifecycle at each transition)."""
+        return self.replicas
+
+    def reconfigure(self, replicas: tuple[Replica, ...], settings: SleepSettings, retry_after: int) -> None:
+        """Take a reload's replicas and settings; queued requests may find a slot on the new ones."""
+        self.replicas = replicas
+        self.lifecycle.settings = settings
+        self._retry_after = retry_after
+        if self._waiters:
+            self.dispatch()
+
+    def pick(self, now: float, exclude: tuple[Replica, ...] = ()) -> Replica:
+        """Take a slot on the least-loaded routable replica without waiting.
+
+        Raises NoReplica when none is routable, Overloaded when all are full.
+        """
+        best = None
+        full = False
+        for r in self.replicas:
+            if r in exclude or not r.routable(now):
+                continue
+            if r.limit is not None and r.outstanding >= r.limit:
+                full = True
+                continue
+            if best is None or r.outstanding < best.outstanding:
+                best = r
+        if best is not None:
+            best.outstanding += 1
+            return best
+        if full:
+            raise Overloaded()
+        raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+
+    async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Replica:
+        """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full.
+
+        A waiter is handed a slot by `dispatch`: when a request ends, when an
+        ejection ends, or after a health probe. It fails with NoReplica if no
+        replica is routable any more, and with Overloaded after `queue_timeout`.
+        """
+        try:
+            return self.pick(now, exclude)
+        except Overloaded:
+            cap = sum(r.max_queue for r in self.replicas if r not in exclude and r.routable(now))
+            if len(self._waiters) >= cap:
+                raise
+        fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, queue_timeout)
+        except BaseException as e:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result())  # handed a slot just as the wait ended: give it back
+            else:
+                fut.cancel()
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            if isinstance(e, asyncio.TimeoutError):
+                raise Overloaded() from None
+            raise
+
+    def release(self, replica: Replica) -> None:
+        """Free a slot; queued requests, if any, take it over."""
+        replica.outstanding -= 1
+        if replica.retired and replica.outstanding == 0:
+            replica.pool.close()
+        if self._waiters:
+            self.dispatch()
+
+    def eject(self, replica: Replica, now: float, seconds: float) -> None:
+        """Skip `replica` for `seconds`; then queued requests may take it again."""
+        replica.eject(now, seconds, self.dispatch)
+
+    def dispatch(self) -> None:
+        """Hand free slots of routable replicas to queued requests, first come first served.
+
+        When no replica is routable at all, the queued requests fail with
+        NoReplica at once (503), as new ones do, rather than waiting out
+        their queue timeout.
+        """
+        waiters = self._waiters
+        now = time.monotonic()
+        while waiters:
+            fut = waiters[0]
+            if fut.done():
+                waiters.popleft()
+                continue
+            try:
+                replica = self.pick(now)
+            except Overloaded:
+                return
+            except NoReplica as e:
+                waiters.popleft()
+                fut.set_exception(NoReplica(e.retry_after, e.message))
+                continue
+            waiters.popleft()
+            fut.set_result(replica)
+
+    def unavailable_reason(self) -> str:
+        """The 503 message: each replica that cannot serve, and why (its process state and log when known)."""
+        down = [r for r in self.replicas if not r.running]
+        if down and len(down) == len(self.replicas):
+            return (f"No engine of model '{self.name}' is running: "
+                    f"{'; '.join(r.down_reason() for r in down)}.")
+        return f"No healthy engine of model '{self.name}' is available; retry later."
+
+    def _wait_hint(self, now: float) -> int:
+        """Seconds until a replica may be routable again, for Retry-After."""
+        ejected = [r.ejected_until - now for r in self.replicas if r.health != UNHEALTHY and r.ejected_until > now]
+        return max(1, math.ceil(min(ejected))) if ejected else self._retry_after
+
+
+def retry_hint(config: Config) -> int:
+    """Retry-After for a model with no routable replica: the next health probe may bring one back."""
+    return max(1, math.ceil(config.router.health_check_interval_seconds))
+
+
+class ModelTable:
+    """Every routable name -> its Model: one immutable snapshot of the configuration."""
+
+    def __init__(self, models: dict[str, Model], routes: dict[str, str]):
+        self._models = models
+        self._routes: dict[str, Model] = {n: models[m] for n, m in routes.items()}
+
+    @classmethod
+    def build(cls, config: Config, control: EngineControl, metrics: Callable[[str], ModelMetrics],
+              previous: Optional[ModelTable] = None) -> ModelTable:
+        """The table for `config`, reusing `previous`'s models and unchanged replicas.
+
+        A replica is reused when its instance is exactly as before; a changed
+        one is replaced by a fresh replica (the old one finishes its requests).
+        """
+        old_models = previous._models if previous is not None else {}
+        old_replicas = {r.name: r for m in old_models.values() for r in m.replicas}
+        retry = retry_hint(config)
+        models: dict[str, Model] = {}
+        for name, instances in config.models.items():
+            replicas = tuple(_reuse(old_replicas.get(i.name), i) for i in instances)
+            model = old_models.get(name)
+            if model is None:
+                model = Model(name, replicas, config.sleep, control, metrics(name), retry)
+            else:
+                model.reconfigure(replicas, config.sleep, retry)
+            models[name] = model
+        kept = {r for m in models.values() for r in m.replicas}
+        for replica in old_replicas.values():
+            if replica not in kept:
+                replica.retire()
+        return cls(models, config.routes)
+
+    def get(self, name: str) -> Optional[Model]:
+        """The model a request names (model, alias or served name), or None."""
+        return self._routes.get(name)
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    @property
+    def names(self) -> list[str]:
+        """Every routable name, in config order."""
+        return list(self._routes)
+
+    def aliases(self, model: Model) -> list[str]:
+        """The names other than its own that lead to `model`."""
+        return [n for n, m in self._routes.items() if m is model and n != model.name]
+
+    def replicas(self) -> Iterator[Replica]:
+        for m in self._models.values():
+            yield from m.replicas
+
+    def replica(self, name: str) -> Optional[Replica]:
+        """The replica of the instance called `name` (supervisord's program name)."""
+        return next((r for r in self.replicas() if r.name == name), None)
+
+
+def _reuse(replica: Optional[Replica], instance: Instance) -> Replica:
+    """The replica for `instance`: the old one when only its aliases changed (they are the table's
+    business, not the replica's), else a fresh one."""
+    if replica is not None and not replica.retired and replace(replica.instance, aliases=()) == replace(instance, aliases=()):
+        replica.instance = instance
+        return replica
+    fresh = Replica(instance)
+    if replica is not None:
+        fresh.process = replica.process  # the same supervisord program: its process state carries over
+    return fresh

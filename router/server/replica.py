@@ -1,0 +1,136 @@
+"""One engine instance and everything the router knows and intends about it.
+
+A `Replica` is the one owner of a replica's state: its process (from
+supervisord), its health with the probe thresholds, whether it sleeps,
+its ejection after a failed connect, its in-flight requests and slots, and
+its keep-alive connection pool. Other parts read it and ask it to change
+(`record_probe`, `set_process`, `eject`...); none keeps a copy.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Optional
+
+from router.config import Instance, RouterSettings, connect_host
+from router.server.processes import ProcessState
+from router.server.upstream import Pool
+
+#: Health states of a replica; "unknown" (never probed) is routable.
+UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
+
+
+class Replica:
+    """One engine instance, with the router's view of its process, health, sleep and load."""
+
+    __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
+                 "health", "ok_streak", "fail_streak", "ejected_until", "eject_timer", "pool", "authority",
+                 "auth_line", "asleep", "process", "retired")
+
+    def __init__(self, instance: Instance):
+        self.instance = instance
+        self.name = instance.name
+        self.url = instance.url
+        self.served = frozenset(instance.served_names)
+        #: The name written into a request whose model the engine does not serve.
+        self.served_name = instance.served_names[0] if instance.served_names else instance.model
+        self.outstanding = 0
+        self.limit = instance.max_concurrency
+        self.max_queue = instance.max_queue if instance.max_concurrency else 0
+        self.health = UNKNOWN
+        self.ok_streak = 0
+        self.fail_streak = 0
+        self.ejected_until = 0.0
+        #: Armed while ejected, to hand the replica to queued requests when the ejection ends.
+        self.eject_timer: Optional[asyncio.TimerHandle] = None
+        #: Keep-alive connections of the hot path; `authority` is the Host header value.
+        self.pool = Pool(connect_host(instance.host), instance.port)
+        self.authority = self.url.split("//", 1)[1].encode()
+        #: The engine's own key (its --api-key), sent in place of the client's authorization.
+        self.auth_line = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in instance.auth_headers.items())
+        #: Whether the engine's sleep call has put it to sleep (moved only by the model's lifecycle).
+        self.asleep = False
+        #: supervisord's view of the engine process; None where no supervisord runs it.
+        self.process: Optional[ProcessState] = None
+        #: Removed from the table by a reload: serves what it has in flight, takes nothing new.
+        self.retired = False
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine process is up, as far as anyone can tell (unknown counts as up)."""
+        return self.process is None or self.process.running
+
+    def routable(self, now: float) -> bool:
+        return (self.health != UNHEALTHY and now >= self.ejected_until and not self.retired
+                and (self.process is None or self.process.running))
+
+    def record_probe(self, ok: bool, settings: RouterSettings) -> None:
+        """Apply one probe result: unhealthy after N failures in a row, healthy after M successes.
+
+        A never-probed replica turns healthy on its first success: it was
+        routable already, so there is nothing to be cautious about. The
+        caller hands a replica that turned routable to queued requests
+        (`Model.dispatch`).
+        """
+        if ok:
+            self.fail_streak = 0
+            self.ok_streak += 1
+            if self.health == UNKNOWN or (self.health == UNHEALTHY and self.ok_streak >= settings.healthy_threshold):
+                self.health = HEALTHY
+                self.ejected_until = 0.0
+        else:
+            self.ok_streak = 0
+            self.fail_streak += 1
+            if self.fail_streak >= settings.unhealthy_threshold:
+                self.health = UNHEALTHY
+
+    def set_process(self, process: Optional[ProcessState]) -> bool:
+        """Take supervisord's latest word on the process; True when it changed whether the engine runs.
+
+        A process that stopped running leaves nothing to probe, so its health
+        starts over (unknown) and the probes decide again once it is back.
+        """
+        was = self.running
+        self.process = process
+        if not self.running:
+            self.health = UNKNOWN
+            self.ok_streak = self.fail_streak = 0
+        return was != self.running
+
+    def eject(self, now: float, seconds: float, on_over: Callable[[], None]) -> None:
+        """Skip this replica for `seconds`; then `on_over` hands it to queued requests again."""
+        self.ejected_until = now + seconds
+        if self.eject_timer is None:
+            self.eject_timer = asyncio.get_running_loop().call_later(seconds, self._ejection_over, on_over)
+
+    def _ejection_over(self, on_over: Callable[[], None]) -> None:
+        # The loop's clock may run a little behind time.monotonic(), and the
+        # ejection may have been extended: wait for what is left of it.
+        left = self.ejected_until - time.monotonic()
+        if left > 0:
+            self.eject_timer = asyncio.get_running_loop().call_later(left, self._ejection_over, on_over)
+            return
+        self.eject_timer = None
+        on_over()
+
+    def retire(self) -> None:
+        """Taken out of the table: finish what is in flight, then let go of the connections."""
+        self.retired = True
+        if self.eject_timer is not None:
+            self.eject_timer.cancel()
+            self.eject_timer = None
+        if self.outstanding == 0:
+            self.pool.close()
+
+    def down_reason(self) -> str:
+        """Why this replica takes no requests, for a 503 naming it."""
+        if self.process is not None and not self.process.running:
+            p = self.process
+            detail = f" ({p.description})" if p.description else ""
+            log = f"; log: {p.logfile}" if p.logfile else ""
+            return f"instance {self.name} is {p.state}{detail}{log}"
+        if self.health == UNHEALTHY:
+            return f"instance {self.name} fails its health checks"
+        if self.ejected_until > time.monotonic():
+            return f"instance {self.name} refused connections and is skipped for a while"
+        return f"instance {self.name} is busy"

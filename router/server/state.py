@@ -1,0 +1,104 @@
+"""One router's state: the config, the live table and everything that serves or watches it.
+
+`RouterState` is made once per app (no module-level state, so a process can
+run many routers). It owns the reload: a new config is diffed against the
+running one and applied at once, by swapping the table, the proxy and the
+guard whole; the background tasks read them afresh at every round.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+from router.config import Config, ConfigError, load_config
+from router.config.diff import ConfigChange, diff
+from router.observe.accesslog import AccessLog
+from router.observe.metrics import Metrics
+from router.observe.traffic import Traffic
+from router.server.auth import Guard
+from router.server.control import EngineControl
+from router.server.health import HealthChecker
+from router.server.idle import IdleSleeper
+from router.server.models import ModelTable
+from router.server.processes import ProcessState, ProcessWatcher
+from router.server.proxy import Proxy
+from router.server.report import StateCollector
+
+log = logging.getLogger("router.state")
+
+
+class RouterState:
+    """Everything one router app owns. `table`, `proxy` and `guard` are replaced whole by a reload;
+    the background tasks read them afresh each round."""
+
+    def __init__(self, config: Config, supervisor_socket: Optional[str] = None):
+        self.config = config
+        self.control = EngineControl()
+        self.metrics = Metrics(StateCollector(lambda: self.table))
+        self.table = ModelTable.build(config, self.control, self.metrics.for_model)
+        self.traffic = Traffic([m.name for m in self.table])
+        self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
+        self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep)
+        self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
+        self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log)
+        self.guard = Guard(config.router)
+        #: supervisord's view of every engine process, where the stack runs under supervisord.
+        self.processes = ProcessWatcher(supervisor_socket, self.on_process) if supervisor_socket else None
+        self.started_at = time.time()
+        self.started_monotonic = time.monotonic()
+        self._reloading: Optional[asyncio.Lock] = None
+
+    def on_process(self, process: ProcessState) -> None:
+        """supervisord says a program changed: its replica takes the news, and queued requests
+        fail at once (503 naming it) if no replica of the model can serve any more."""
+        for model in self.table:
+            for replica in model.replicas:
+                if replica.name == process.name:
+                    if replica.set_process(process):
+                        log.info("instance %s: process %s", replica.name, process.state)
+                    model.dispatch()
+
+    async def reload(self) -> ConfigChange:
+        """Re-read the YAML and apply it at once; ConfigError (nothing changed) when it does not load.
+
+        New requests see the new table as soon as it is swapped in; requests
+        in flight keep the models and replicas they hold, so they finish
+        undisturbed. Reloads run one at a time.
+        """
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:
+            new = load_config(self.config.path, sim=True)
+            change = diff(self.config, new)
+            old_table = self.table
+            table = ModelTable.build(new, self.control, self.metrics.for_model, previous=old_table)
+            if self.processes is not None:
+                states = self.processes.states()
+                for replica in table.replicas():
+                    if replica.process is None and replica.name in states:
+                        replica.set_process(states[replica.name])
+            if new.router.access_log != self.config.router.access_log:
+                self.access_log = AccessLog() if new.router.access_log else None
+            self.traffic.follow(m.name for m in table)
+            self.config = new
+            self.table = table
+            self.proxy = Proxy(table, new.router, self.traffic, self.access_log)
+            self.guard = Guard(new.router)
+            for name in change.models_removed:
+                self.metrics.drop(name)
+            removed = [m for m in old_table if table.get(m.name) is not m]
+            await asyncio.gather(*(m.lifecycle.close() for m in removed))
+            for warning in new.warnings:
+                log.warning("%s", warning)
+            log.info("reloaded %s: %s", new.path, change.report())
+            return change
+
+    async def reload_logged(self) -> None:
+        """A reload from SIGHUP: the outcome goes to the log, naming file and field on failure."""
+        try:
+            await self.reload()
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused, nothing changed: %s: %s", e.path, problem)
