@@ -98,7 +98,9 @@ def test_supervisord_reads_back_programs_as_meant(short_tmp: str) -> None:
         assert p.stdout_logfile == str(out / "logs" / f"{name}.log")
         assert p.stdout_logfile_backups > 0 and p.stdout_logfile_maxbytes > 0
     router = progs["router"]
-    assert shlex.split(router.command) == [sys.executable, "-m", "router.serve", "--config", str(cfg_path)]
+    assert shlex.split(router.command) == [sys.executable, "-m", "router.serve", "--config", str(cfg_path),
+                                           "--supervisor-socket", str(out / "supervisor.sock")]
+    assert {p.directory for p in progs.values()} == {str(out)}  # programs run in the output folder
     assert router.stopwaitsecs >= load_config(cfg_path).router.shutdown_grace_seconds + 5
     assert router.environment == {"PYTHONUNBUFFERED": "1"}
 
@@ -111,7 +113,7 @@ def test_values_reaching_supervisord_conf_come_back_literally(short_tmp: str) ->
     out = Path(short_tmp) / "out dir;#x"
     rendered(cfg_path, out, sim=True)
     progs = supervisor_programs(out / "supervisord.conf")
-    assert shlex.split(progs["router"].command)[-1] == str(cfg_path)
+    assert shlex.split(progs["router"].command)[4:] == [str(cfg_path), "--supervisor-socket", str(out / "supervisor.sock")]
     assert shlex.split(progs["m"].command) == [str(out / "engines" / "m.sh")]
 
 

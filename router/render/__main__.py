@@ -1,5 +1,5 @@
 import sys
 
-from router.render.supervisord import main
+from router.render.cli import main
 
 sys.exit(main())

@@ -1,0 +1,123 @@
+"""``python -m router.render``: one YAML -> supervisord config, launch scripts, tmux scripts;
+with ``--apply``, also brought to the running stack.
+
+Exit status: 0 done, 1 a runtime failure (the output folder cannot be
+written, no supervisord runs for ``--apply``, a step was refused), 2 a bad
+config or output folder (then nothing was written).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from router.config import Config, ConfigError, load_config, summary_table
+from router.render.apply import ApplyError, apply, make_plan, router_step, running_programs, supervisor
+from router.render.files import Files, RenderError, render_files, session_names
+from router.render.sessions import check_sessions
+from router.render.tree import read_tree, write_tree
+
+
+def report(warnings: Sequence[str], errors: Sequence[str] = ()) -> None:
+    """Every problem at once on stderr, warnings first: a did-you-mean often explains an error."""
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+
+
+def file_changes(old: Mapping[str, str], new: Files) -> str:
+    """One line saying which rendered files a new rendering adds, changes and removes."""
+    parts = [(what, names) for what, names in (
+        ("added", sorted(set(new) - set(old))),
+        ("changed", sorted(r for r in new if r in old and old[r] != new[r][0])),
+        ("removed", sorted(set(old) - set(new))),
+    ) if names]
+    return "Files: " + ("; ".join(f"{what} {', '.join(names)}" for what, names in parts) if parts else "unchanged")
+
+
+def next_steps(cfg: Config, out: Path) -> str:
+    """What to run after rendering, printed for the user."""
+    conf = shlex.quote(str(out / "supervisord.conf"))
+    lines = [
+        f"Rendered {len(cfg.launched)} engine(s){' and the router' if cfg.router.enable_router else ''} into {out}",
+        "",
+        "Start everything under supervisord:",
+        f"  supervisord -c {conf}",
+        f"  supervisorctl -c {conf} status",
+        "Watch a live log:",
+        *(f"  tmux attach -t {n}" for n in session_names(cfg)),
+        "Without supervisord (tmux only):",
+        f"  {shlex.quote(str(out / 'tmux-launch.sh'))}        # then: list | kill",
+        "After editing the YAML, apply it to the running stack:",
+        f"  python -m router.render --config {shlex.quote(cfg.path)} --out {shlex.quote(str(out))} --apply [--dry-run]",
+    ]
+    return "\n".join(lines)
+
+
+def apply_to_stack(cfg: Config, out: Path, old: Mapping[str, str], new: Files, dry_run: bool) -> int:
+    """Plan against the running supervisord and, unless `dry_run`, carry the plan out."""
+    try:
+        proxy = supervisor(out)
+        plan = make_plan(out, old, new, running_programs(proxy))
+        if dry_run:
+            print("Plan (dry run: nothing is written, started or stopped):", *plan.lines(), sep="\n")
+            restarted = {*plan.start, *plan.restart}
+        else:
+            print("Plan:", *plan.lines(), "Applying:", sep="\n")
+            restarted = apply(proxy, plan, print)
+    except ApplyError as e:
+        report([], [str(e)])
+        return 1
+    ok, message = router_step(cfg, restarted, dry_run)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m router.render", description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--config", default="example-config.yaml", help="the YAML file (default: example-config.yaml)")
+    ap.add_argument("--out", default="supervisor", help="output folder (default: supervisor)")
+    ap.add_argument("--sim", action="store_true", help="run the simulated engine in place of every engine (no GPU needed)")
+    ap.add_argument("--check", action="store_true", help="validate and print the instances; write nothing")
+    ap.add_argument("--apply", action="store_true",
+                    help="then apply the new files to the running supervisord (<out>/supervisor.sock) and reload the router")
+    ap.add_argument("--dry-run", action="store_true", help="with --apply: print the plan; write and change nothing")
+    args = ap.parse_args(argv)
+    if args.dry_run and not args.apply:
+        ap.error("--dry-run goes with --apply (python -m router.render --apply --dry-run)")
+    try:
+        cfg = load_config(args.config, sim=args.sim)
+    except ConfigError as e:
+        report(e.warnings, [f"{e.path}: {p}" for p in e.problems])
+        print("Nothing was written.", file=sys.stderr)
+        return 2
+    report(cfg.warnings)
+    if args.check:
+        print(summary_table(cfg))
+        return 0
+    out = Path(os.path.abspath(args.out))
+    try:
+        files = render_files(cfg, out, sim=args.sim)
+        report(check_sessions(cfg, out))
+    except RenderError as e:
+        report([], str(e).splitlines())
+        print("Nothing was written.", file=sys.stderr)
+        return 2
+    old = read_tree(out)
+    if args.dry_run:
+        print(file_changes(old, files).replace("Files:", "Files that would change:", 1))
+        return apply_to_stack(cfg, out, old, files, dry_run=True)
+    try:
+        write_tree(out, files)
+    except OSError as e:
+        print(f"error: cannot write {out}: {e}\nThe previous output is unchanged.", file=sys.stderr)
+        return 1
+    if not args.apply:
+        print(next_steps(cfg, out))
+        return 0
+    print(file_changes(old, files))
+    return apply_to_stack(cfg, out, old, files, dry_run=False)
