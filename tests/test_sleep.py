@@ -21,6 +21,7 @@ from aiohttp import web
 
 from helpers import free_port
 from router.config import SleepSettings, load_config
+from router.observe.events import Events
 from router.server.control import EngineControl
 from router.server.lifecycle import Lifecycle
 from router.sim import SimEngine, SimOptions
@@ -290,7 +291,7 @@ def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
 
 def test_sleep_back_off_doubles_up_to_an_hour_on_a_fake_clock():
     now = [1000.0]
-    lc = Lifecycle(MODEL, lambda: (), SleepSettings(check_interval_seconds=60), EngineControl(), clock=lambda: now[0])
+    lc = Lifecycle(MODEL, lambda: (), SleepSettings(check_interval_seconds=60), EngineControl(), Events(), clock=lambda: now[0])
     assert [lc._sleep_failed() for _ in range(7)] == [120, 240, 480, 960, 1920, 3600, 3600]
     assert lc.sleep_retry_at == 4600 and lc.sleep_failures_in_row == 7
     lc.settings = SleepSettings(check_interval_seconds=7200)  # never more often than the interval
@@ -473,3 +474,31 @@ def test_engine_found_asleep_under_a_request_is_woken_for_it(stack):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
     status, _, _ = st.loop.run(st._call("POST", f"{st.router.url}/v1/completions", body), timeout=10)
     assert status == 200 and st.engine.count("wake") == 1 and not st.engine.asleep
+
+
+def test_events_stream_the_sleep_and_the_wake_in_order(stack):
+    st = stack(sim())
+
+    async def follow(n: int) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        async with aiohttp.ClientSession() as s:
+            async with s.get(st.router.url + "/events") as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        got.append(orjson.loads(line[6:]))
+                        if len(got) == n:
+                            return got
+        return got
+
+    async def go() -> list[dict[str, Any]]:
+        watcher = asyncio.ensure_future(follow(6))
+        await asyncio.sleep(0.2)  # subscribed before the changes
+        assert (await st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))[0] == 200
+        assert (await st._call("POST", f"{st.router.url}/action/wakeup/{ENC}"))[0] == 200
+        return await asyncio.wait_for(watcher, 10)
+    events = st.loop.run(go())
+    model_events = [(e["kind"], e["state"], e["model"]) for e in events if e["kind"] == "model"]
+    assert model_events == [("model", s, MODEL) for s in ("draining", "falling_asleep", "sleeping", "waking", "awake")]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and all(e["time"] > 0 for e in events)

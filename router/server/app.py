@@ -15,7 +15,7 @@ from typing import AsyncIterator, Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from router import __version__
@@ -25,6 +25,9 @@ from router.server.errors import error_response
 from router.server.proxy import Receive, Scope, Send, send_error
 from router.server.report import model_report
 from router.server.state import RouterState
+
+#: Longest silence on GET /events before a keep-alive comment line.
+EVENTS_HEARTBEAT_SECONDS = 15.0
 
 PROXY_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 
@@ -143,6 +146,22 @@ def routes(state: RouterState) -> list[BaseRoute]:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def events(request: Request) -> Response:
+        """Server-sent events: the recent history, then every state change as it happens."""
+        async def lines() -> AsyncIterator[bytes]:
+            sub = state.events.subscribe()  # before the history is read, so nothing falls between
+            try:
+                for event in state.events.recent():
+                    yield b"data: " + event.json() + b"\n\n"
+                while True:
+                    event = await sub.next(EVENTS_HEARTBEAT_SECONDS)
+                    # A comment line on silence keeps proxies from closing an idle stream.
+                    yield b": keep-alive\n\n" if event is None else b"data: " + event.json() + b"\n\n"
+            finally:
+                sub.close()
+        return StreamingResponse(lines(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
     return [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/models", kvcached_models, methods=["GET"]),
@@ -151,6 +170,7 @@ def routes(state: RouterState) -> list[BaseRoute]:
         Route("/health/{model:path}", health_model, methods=["GET"]),
         Route("/get_server_info", server_info, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/events", events, methods=["GET"]),
     ]
 
 

@@ -74,6 +74,7 @@ from typing import Callable, Optional, Sequence
 
 from router.config import SleepSettings
 from router.engines import Call
+from router.observe.events import Events
 from router.server.control import EngineCallError, EngineControl
 from router.server.replica import Replica
 
@@ -123,7 +124,7 @@ class Lifecycle:
     """
 
     def __init__(self, model: str, members: Callable[[], tuple[Replica, ...]], settings: SleepSettings,
-                 control: EngineControl, clock: Callable[[], float] = time.monotonic):
+                 control: EngineControl, events: Events, clock: Callable[[], float] = time.monotonic):
         self.model = model
         self.members = members
         self.settings = settings
@@ -151,6 +152,7 @@ class Lifecycle:
         self.wake_seconds_total = 0.0
         self.last_error: Optional[str] = None
         self._control = control
+        self._events = events
         self.clock = clock
         self._lock = asyncio.Lock()
         self._drained = asyncio.Event()
@@ -249,26 +251,26 @@ class Lifecycle:
                 return Outcome(True, f"model {self.model!r} is already asleep")
             if not self.sleepable:
                 return Outcome(False, f"model {self.model!r} is not put to sleep: {self.opt_out_reason()}", 409)
-            self.state = DRAINING
+            self._enter(DRAINING)
             if self.in_flight:
                 self._drained.clear()
                 try:
                     await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_seconds)
                 except asyncio.TimeoutError:
-                    self.state = AWAKE
+                    self._enter(AWAKE)
                     return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
                                           f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not put to sleep", 409)
-            self.state = FALLING_ASLEEP
+            self._enter(FALLING_ASLEEP)
             targets = [r for r in self.members() if not r.asleep]
             errors = await self._call_all(targets, lambda r: r.instance.spec.sleep_call, asleep_after=True)
             if errors:
                 pause = self._sleep_failed()
                 await self._roll_back([r for r in targets if r.name not in errors])
-                self.state = SLEEPING if any(r.asleep for r in self.members()) else AWAKE
+                self._enter(SLEEPING if any(r.asleep for r in self.members()) else AWAKE)
                 return self._failed("sleep", errors, f"; the idle loop tries again in {pause:g}s at the earliest")
             self.sleep_failures_in_row = 0
             self.sleep_retry_at = None
-            self.state = SLEEPING
+            self._enter(SLEEPING)
             self.manual = manual
             self.slept_at = self.clock()
             self.sleep_count += 1
@@ -288,16 +290,16 @@ class Lifecycle:
                 return Outcome(True, f"model {self.model!r} is already awake")
             if not self._control.is_open:
                 return Outcome(False, "the sleep manager is not running", 503)
-            self.state = WAKING
+            self._enter(WAKING)
             started = self.clock()
             targets = [r for r in self.members() if r.asleep]
             errors = await self._call_all(targets, lambda r: r.instance.spec.wake_call, asleep_after=False)
             if errors:
-                self.state = SLEEPING
+                self._enter(SLEEPING)
                 self.wake_failures += 1
                 return self._failed("wake", errors)
             now = self.clock()
-            self.state = AWAKE
+            self._enter(AWAKE)
             self.manual = False
             self.last_wake_at = now
             self.last_wake_seconds = now - started
@@ -326,6 +328,12 @@ class Lifecycle:
                 errors[replica.name] = f"{replica.name}: {type(res).__name__}: {res}"
         return errors
 
+    def _enter(self, state: str) -> None:
+        """Move to `state` and tell the followers."""
+        if state != self.state:
+            self.state = state
+            self._events.publish("model", state, self.model)
+
     def _sleep_failed(self) -> float:
         """Back off: an engine that cannot sleep (no sleep API, no memory to
         offload to) would otherwise be asked, and its refusal logged, at every
@@ -341,6 +349,7 @@ class Lifecycle:
 
     def _failed(self, what: str, errors: dict[str, str], then: str = "") -> Outcome:
         self.last_error = "; ".join(errors.values())
+        self._events.publish("model", f"{what}_failed", self.model, error=self.last_error)
         log.warning("model %s: %s failed: %s%s", self.model, what, self.last_error, then)
         return Outcome(False, f"could not {what} model {self.model!r}: {self.last_error}", 502)
 
@@ -362,14 +371,14 @@ class Lifecycle:
             now_asleep = any(r.asleep for r in self.members())
             if now_asleep and self.state == AWAKE:
                 log.warning("model %s: engine reports it is asleep; routing will wake it", self.model)
-                self.state = SLEEPING
+                self._enter(SLEEPING)
                 self.manual = False
                 self.slept_at = self.clock()
                 if self.in_flight and self.settings.wakeup_on_request:
                     self._start_wake()  # requests already sent are held by the engine: wake it for them
             elif not now_asleep and self.state == SLEEPING:
                 log.warning("model %s: engine reports it is awake (woken or restarted outside the router)", self.model)
-                self.state = AWAKE
+                self._enter(AWAKE)
                 self.last_wake_at = self.clock()
 
     async def close(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
 from router.config import Config, Instance, SleepSettings
+from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
 from router.server.control import EngineControl
 from router.server.lifecycle import Lifecycle
@@ -42,10 +43,10 @@ class Model:
     __slots__ = ("name", "replicas", "lifecycle", "metrics", "_waiters", "_retry_after")
 
     def __init__(self, name: str, replicas: tuple[Replica, ...], settings: SleepSettings, control: EngineControl,
-                 metrics: ModelMetrics, retry_after: int):
+                 events: Events, metrics: ModelMetrics, retry_after: int):
         self.name = name
         self.replicas = replicas
-        self.lifecycle = Lifecycle(name, self.members, settings, control)
+        self.lifecycle = Lifecycle(name, self.members, settings, control, events)
         self.metrics = metrics
         self._waiters: deque[asyncio.Future[Replica]] = deque()
         self._retry_after = retry_after
@@ -178,7 +179,7 @@ class ModelTable:
         self._routes: dict[str, Model] = {n: models[m] for n, m in routes.items()}
 
     @classmethod
-    def build(cls, config: Config, control: EngineControl, metrics: Callable[[str], ModelMetrics],
+    def build(cls, config: Config, control: EngineControl, events: Events, metrics: Callable[[str], ModelMetrics],
               previous: Optional[ModelTable] = None) -> ModelTable:
         """The table for `config`, reusing `previous`'s models and unchanged replicas.
 
@@ -190,10 +191,10 @@ class ModelTable:
         retry = retry_hint(config)
         models: dict[str, Model] = {}
         for name, instances in config.models.items():
-            replicas = tuple(_reuse(old_replicas.get(i.name), i) for i in instances)
+            replicas = tuple(_reuse(old_replicas.get(i.name), i, events) for i in instances)
             model = old_models.get(name)
             if model is None:
-                model = Model(name, replicas, config.sleep, control, metrics(name), retry)
+                model = Model(name, replicas, config.sleep, control, events, metrics(name), retry)
             else:
                 model.reconfigure(replicas, config.sleep, retry)
             models[name] = model
@@ -231,13 +232,13 @@ class ModelTable:
         return next((r for r in self.replicas() if r.name == name), None)
 
 
-def _reuse(replica: Optional[Replica], instance: Instance) -> Replica:
+def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:
     """The replica for `instance`: the old one when only its aliases changed (they are the table's
     business, not the replica's), else a fresh one."""
     if replica is not None and not replica.retired and replace(replica.instance, aliases=()) == replace(instance, aliases=()):
         replica.instance = instance
         return replica
-    fresh = Replica(instance)
+    fresh = Replica(instance, events)
     if replica is not None:
         fresh.process = replica.process  # the same supervisord program: its process state carries over
     return fresh

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Optional
 
 from router.config import Instance, RouterSettings, connect_host
+from router.observe.events import Events
 from router.server.processes import ProcessState
 from router.server.upstream import Pool
 
@@ -25,10 +26,11 @@ class Replica:
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
                  "health", "ok_streak", "fail_streak", "ejected_until", "eject_timer", "pool", "authority",
-                 "auth_line", "asleep", "process", "retired")
+                 "auth_line", "asleep", "process", "retired", "events")
 
-    def __init__(self, instance: Instance):
+    def __init__(self, instance: Instance, events: Events):
         self.instance = instance
+        self.events = events
         self.name = instance.name
         self.url = instance.url
         self.served = frozenset(instance.served_names)
@@ -76,13 +78,18 @@ class Replica:
             self.fail_streak = 0
             self.ok_streak += 1
             if self.health == UNKNOWN or (self.health == UNHEALTHY and self.ok_streak >= settings.healthy_threshold):
-                self.health = HEALTHY
+                self._set_health(HEALTHY)
                 self.ejected_until = 0.0
         else:
             self.ok_streak = 0
             self.fail_streak += 1
             if self.fail_streak >= settings.unhealthy_threshold:
-                self.health = UNHEALTHY
+                self._set_health(UNHEALTHY)
+
+    def _set_health(self, health: str) -> None:
+        if health != self.health:
+            self.health = health
+            self.events.publish("health", health, self.instance.model, self.name)
 
     def set_process(self, process: Optional[ProcessState]) -> bool:
         """Take supervisord's latest word on the process; True when it changed whether the engine runs.
@@ -92,8 +99,11 @@ class Replica:
         """
         was = self.running
         self.process = process
+        if process is not None:
+            self.events.publish("process", process.state, self.instance.model, self.name, pid=process.pid,
+                                description=process.description)
         if not self.running:
-            self.health = UNKNOWN
+            self._set_health(UNKNOWN)
             self.ok_streak = self.fail_streak = 0
         return was != self.running
 

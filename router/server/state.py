@@ -15,6 +15,7 @@ from typing import Optional
 from router.config import Config, ConfigError, load_config
 from router.config.diff import ConfigChange, diff
 from router.observe.accesslog import AccessLog
+from router.observe.events import Events
 from router.observe.metrics import Metrics
 from router.observe.traffic import Traffic
 from router.server.auth import Guard
@@ -36,8 +37,10 @@ class RouterState:
     def __init__(self, config: Config, supervisor_socket: Optional[str] = None):
         self.config = config
         self.control = EngineControl()
+        #: Every owner's state changes, for whoever follows them (GET /events).
+        self.events = Events()
         self.metrics = Metrics(StateCollector(lambda: self.table))
-        self.table = ModelTable.build(config, self.control, self.metrics.for_model)
+        self.table = ModelTable.build(config, self.control, self.events, self.metrics.for_model)
         self.traffic = Traffic([m.name for m in self.table])
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
         self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep)
@@ -73,7 +76,7 @@ class RouterState:
             new = load_config(self.config.path, sim=True)
             change = diff(self.config, new)
             old_table = self.table
-            table = ModelTable.build(new, self.control, self.metrics.for_model, previous=old_table)
+            table = ModelTable.build(new, self.control, self.events, self.metrics.for_model, previous=old_table)
             if self.processes is not None:
                 states = self.processes.states()
                 for replica in table.replicas():
@@ -92,7 +95,9 @@ class RouterState:
             await asyncio.gather(*(m.lifecycle.close() for m in removed))
             for warning in new.warnings:
                 log.warning("%s", warning)
-            log.info("reloaded %s: %s", new.path, change.report())
+            report = change.report()
+            self.events.publish("reload", "applied", changes=report)
+            log.info("reloaded %s: %s", new.path, report)
             return change
 
     async def reload_logged(self) -> None:
@@ -100,5 +105,6 @@ class RouterState:
         try:
             await self.reload()
         except ConfigError as e:
+            self.events.publish("reload", "refused", problems=[f"{e.path}: {p}" for p in e.problems])
             for problem in e.problems:
                 log.error("reload refused, nothing changed: %s: %s", e.path, problem)
