@@ -1,7 +1,8 @@
 """A real supervisord running a rendered output folder, owned by one test.
 
-It runs in the foreground (``-n``) in its own process group, with a private
-tmux server (``TMUX_TMPDIR``) so the rendered ``kvcached-*`` sessions never
+It runs in the foreground (``-n``) in its own process group, or, with
+``start(daemon_from=folder)``, daemonized from that folder with a relative
+``-c`` as the README's Quick start does; either way with a private tmux server (``TMUX_TMPDIR``) so the rendered ``kvcached-*`` sessions never
 meet another suite's or the user's. `close` always leaves nothing behind:
 ``supervisorctl shutdown``, then SIGKILL to every process it was seen to own.
 With ``watch`` set, a background thread also records that tree every ``watch``
@@ -62,12 +63,20 @@ class Supervised:
         self._watch_stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
 
-    def start(self) -> None:
-        log = open(self.out / "supervisord.stdout", "wb")
-        self.proc = subprocess.Popen([PY, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self._root = psutil.Process(self.proc.pid)
+    def start(self, daemon_from: Optional[Path] = None) -> None:
+        if daemon_from is None:
+            log = open(self.out / "supervisord.stdout", "wb")
+            self.proc = subprocess.Popen([PY, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+            self._root = psutil.Process(self.proc.pid)
+        else:
+            pidfile = self.out / "supervisord.pid"
+            pidfile.unlink(missing_ok=True)
+            subprocess.run([PY, "-m", "supervisor.supervisord", "-c", os.path.relpath(self.conf, daemon_from)],
+                           cwd=daemon_from, env=self.env, check=True, capture_output=True, timeout=30)
+            pid = wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, f"supervisord to write {pidfile}")
+            self._root = psutil.Process(int(pid))
         if self._watch:
             self._watcher = threading.Thread(target=self._watch_tree, daemon=True)
             self._watcher.start()
@@ -90,9 +99,15 @@ class Supervised:
     def pid(self, program: str) -> int:
         return int(self.ctl("pid", program).stdout.strip())
 
+    def running(self) -> bool:
+        """Whether supervisord (foreground or daemonized) is still up."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self._root is not None and alive(self._root)
+
     def wait_running(self, programs: list[str], timeout: float = 30) -> None:
         def all_running() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, f"supervisord exited: {self.log('supervisord')}"
+            assert self.running(), f"supervisord exited: {self.log('supervisord')}"
             states = self.status()
             bad = {p: s for p, s in states.items() if s in ("FATAL", "BACKOFF", "EXITED")}
             assert not bad, f"{bad}\n" + "\n".join(self.log(p) for p in bad)
@@ -127,22 +142,27 @@ class Supervised:
 
     def shutdown(self, timeout: Optional[float] = None) -> float:
         """`supervisorctl shutdown` and wait until supervisord has exited; the seconds that took."""
-        assert self.proc is not None
+        assert self._root is not None
         timeout = timeout or self.shutdown_timeout
         self.snapshot()
         t0 = time.monotonic()
         self.ctl("shutdown", timeout=timeout)
-        self.proc.wait(timeout)
+        if self.proc is not None:
+            self.proc.wait(timeout)
+        else:
+            wait_for(lambda: not alive(self._root), timeout, "the daemonized supervisord to exit")
         return time.monotonic() - t0
 
     def close(self) -> None:
         """Whatever state the test left: stop supervisord, then kill anything it owned."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running():
             try:
                 self.shutdown()
             except (subprocess.TimeoutExpired, AssertionError, OSError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                assert self._root is not None
+                os.killpg(self._root.pid, signal.SIGKILL)  # its own group: -n runs in a new session, a daemon calls setsid
+                if self.proc is not None:
+                    self.proc.wait(10)
         self._watch_stop.set()
         if self._watcher is not None:
             self._watcher.join(5)
@@ -154,3 +174,11 @@ class Supervised:
                 pass
         psutil.wait_procs(leftovers, timeout=10)
         self.tmux("kill-server")
+
+
+def render_cli(config: Path, out: Path | str, *flags: str, cwd: Optional[Path] = None,
+               env: Optional[dict] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m router.render --config config --out out *flags`` as a user runs it, from `cwd`
+    (a relative `out` is relative to it) and with `env` (e.g. a stack's private TMUX_TMPDIR)."""
+    return subprocess.run([PY, "-m", "router.render", "--config", str(config), "--out", str(out), *flags],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
