@@ -1,0 +1,115 @@
+"""The router sees supervisord: a supervised --sim stack whose engine cannot start.
+
+One engine's port is taken by another process before supervisord starts, so
+it exits at once, retries, and goes FATAL. The router must show that within
+2 s in /health/all, answer requests for the model with a 503 naming the
+instance, its process state and its log file, and stop probing it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from helpers import distinct_ports, render
+from supervised import Supervised, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def get_json(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def stack_with_a_taken_port() -> Iterator[tuple[Supervised, str, socket.socket]]:
+    tmp = Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp"))
+    router_port, good, taken = distinct_ports(3)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", taken))
+    squatter.listen()
+    doc = {"router": {"router_port": router_port, "health_check_interval_seconds": 0.3},
+           "instances": [
+               {"name": "good", "model": "m/good", "engine": "vllm", "engine_args": [f"--port={good}"]},
+               {"name": "broken", "model": "m/broken", "engine": "vllm", "engine_args": [f"--port={taken}"]},
+           ]}
+    stack = Supervised(render(tmp, doc, "--sim"), tmp / "tmux")
+    try:
+        stack.start()
+        yield stack, f"http://127.0.0.1:{router_port}", squatter
+    finally:
+        stack.close()
+        squatter.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_up(stack: Supervised) -> None:
+    """The good engine and the router RUNNING (the broken one is not: Supervised.wait_running would fail)."""
+    wait_for(lambda: all(stack.status().get(p) == "RUNNING" for p in ("good", "router")), 30, "good and router RUNNING")
+
+
+def process_block(url: str, model: str) -> dict[str, Any]:
+    _, health = get_json(f"{url}/health/all")
+    return health["models"][model]["endpoints"][0].get("process") or {}
+
+
+def test_a_fatal_engine_shows_in_health_and_its_503_names_it(stack_with_a_taken_port) -> None:
+    stack, url, _ = stack_with_a_taken_port
+    wait_up(stack)
+    wait_for(lambda: get_json(f"{url}/health")[0] == 200, 30, "the router")
+    good = process_block(url, "m/good")
+    assert good["state"] == "RUNNING" and good["pid"] == stack.pid("good") and good["log"].endswith("good.log")
+    # supervisord retries the broken engine, then gives up: FATAL.
+    fatal_at = wait_for(lambda: stack.status().get("broken") == "FATAL" and time.monotonic(), 60,
+                        "supervisord to mark 'broken' FATAL", interval=0.05)
+    wait_for(lambda: process_block(url, "m/broken").get("state") == "FATAL", 5, "the router to see FATAL")
+    assert time.monotonic() - float(fatal_at) < 2.0
+    block = process_block(url, "m/broken")
+    assert block["pid"] is None and block["description"] and block["log"].endswith("broken.log")
+    _, health = get_json(f"{url}/health/all")
+    broken = health["models"]["m/broken"]
+    assert broken["status"] == "unhealthy" and broken["endpoints"][0]["status"] == "down"
+    status, err = post_json(f"{url}/v1/completions", {"model": "m/broken", "prompt": "x", "max_tokens": 2})
+    message = err["error"]["message"]
+    assert status == 503 and "instance broken is FATAL" in message and "broken.log" in message
+    assert post_json(f"{url}/v1/completions", {"model": "m/good", "prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_a_stopped_engine_is_not_probed_and_comes_back_when_started(stack_with_a_taken_port) -> None:
+    stack, url, squatter = stack_with_a_taken_port
+    wait_up(stack)
+    wait_for(lambda: process_block(url, "m/good").get("state") == "RUNNING", 30, "the router to see 'good' run")
+    stack.ctl("stop", "good")
+    wait_for(lambda: process_block(url, "m/good").get("state") == "STOPPED", 3, "the router to see STOPPED")
+    status, err = post_json(f"{url}/v1/completions", {"model": "m/good", "prompt": "x"})
+    assert status == 503 and "instance good is STOPPED" in err["error"]["message"]
+    stack.ctl("start", "good")
+    wait_for(lambda: post_json(f"{url}/v1/completions", {"model": "m/good", "prompt": "x", "max_tokens": 2})[0] == 200,
+             10, "'good' to serve again")
+    squatter.close()  # the broken engine's port is free now: a manual start brings it up
+    stack.ctl("start", "broken")
+    wait_for(lambda: post_json(f"{url}/v1/completions", {"model": "m/broken", "prompt": "x", "max_tokens": 2})[0] == 200,
+             30, "'broken' to serve after its port was freed")
