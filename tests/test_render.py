@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,54 @@ def test_cli_config_error_exits_2_and_writes_nothing(short_tmp: str) -> None:
     assert done.returncode == 2
     assert f"{cfg_path}: instances[0].engine: unknown engine 'tgi'" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--check"], ["--out", "out"]])
+def test_cli_prints_every_warning_and_error_at_once(short_tmp: str, flags: list[str]) -> None:
+    """The did-you-mean on a misspelt key is shown with the error it caused."""
+    tmp = Path(short_tmp)
+    cfg_path = write_config(tmp, {"instances": [{"model": "m", "engine": "vllm", "enigne_args": ["--port=9001"]}]})
+    done = cli("--config", str(cfg_path), *flags, cwd=tmp)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"warning: {cfg_path}: instances[0].enigne_args: unknown key, ignored; did you mean 'engine_args'?",
+        f"error: {cfg_path}: instances[0].engine_args: no '--port' given; the router needs it to reach the engine (add e.g. '--port=8001')",
+        "Nothing was written.",
+    ]
+    assert sorted(p.name for p in tmp.iterdir()) == ["config.yaml"]
+
+
+def test_tmux_session_prefix_names_every_session(short_tmp: str) -> None:
+    """tmux turns '.' into '_' in session names, so the rendered names are what tmux shows."""
+    tmp = Path(short_tmp)
+    cfg_path = write_config(tmp, {"tmux_session_prefix": "gpu.0-", "instances": [
+        {"name": "here", "model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}]})
+    done = cli("--config", str(cfg_path), "--out", "out", "--sim", cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    assert "  tmux attach -t gpu_0-here\n" in done.stdout and "  tmux attach -t gpu_0-frontend\n" in done.stdout
+    for script in ("tmux-launch.sh", "tmux-logs.sh"):
+        text = (tmp / "out" / script).read_text()
+        assert "SESSIONS=( gpu_0-here gpu_0-frontend )" in text.splitlines()
+        assert f"STACK={tmp / 'out'}" in text.splitlines()
+    bad = write_config(tmp, {"tmux_session_prefix": "a b", "instances": [{"model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}]})
+    refused = cli("--config", str(bad), "--check", cwd=tmp)
+    assert refused.returncode == 2 and f"error: {bad}: tmux_session_prefix: 'a b' is not a usable tmux session prefix" in refused.stderr
+
+
+def test_launch_delay_outside_supervisord_is_waited_every_time(short_tmp: str) -> None:
+    """tmux-launch.sh mode has no restarts: every start is a first start."""
+    tmp = Path(short_tmp)
+    echo_venv(tmp)
+    cfg_path = write_config(tmp, {"launch_delay_seconds": 0.5, "instances": [
+        {"name": f"e{i}", "model": "m", "engine": "vllm", "using_venv": True, "venv_path": "venv", "engine_args": [f"--port={9001 + i}"]}
+        for i in range(2)]})
+    rendered(cfg_path, tmp / "out")
+    for _ in range(2):
+        t0 = time.monotonic()
+        run_script(tmp / "out" / "engines" / "e1.sh")
+        assert time.monotonic() - t0 >= 0.5
+    assert not (tmp / "out" / "run" / "e1.launched").exists()
+    assert (tmp / "out" / "run" / "e1.script").read_text() == (tmp / "out" / "engines" / "e1.sh").read_text()
 
 
 def test_cli_check_prints_the_table_and_warnings_and_writes_nothing(short_tmp: str) -> None:

@@ -3,11 +3,13 @@ router alive, tmux shows their logs, and nothing outlives a shutdown."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +17,7 @@ import psutil
 import pytest
 
 from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_http  # noqa: F401  (fixture)
-from supervised import Supervised, alive, wait_for
+from supervised import Supervised, alive, render_cli, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,5 +167,104 @@ def test_tmux_launch_script_starts_lists_and_kills_exactly_its_sessions(short_tm
         assert stack.tmux("list-sessions", "-F", "#{session_name}").stdout.split() == ["kvcached-a-decoy"]
         wait_for(lambda: not any(alive(p) for p in engines), 10, "the engines in the killed sessions to exit")
         assert subprocess.run([launch, "bogus"], env=stack.env, capture_output=True, timeout=30).returncode == 2
+
+        # A session of one of our names that this stack did not make is neither adopted nor killed.
+        stack.tmux("new-session", "-d", "-s", "kvcached-b", "sleep 60")
+        clash = subprocess.run([launch], env=stack.env, capture_output=True, text=True, timeout=30)
+        assert clash.returncode == 1
+        assert "kvcached-b: a session of this name belongs to another stack (none recorded); not started" in clash.stderr
+        assert subprocess.run([launch, "list"], env=stack.env, capture_output=True, text=True, timeout=30).stdout.split() == ["kvcached-a", "kvcached-frontend"]
+        subprocess.run([launch, "kill"], env=stack.env, capture_output=True, timeout=30)
+        assert sorted(stack.tmux("list-sessions", "-F", "#{session_name}").stdout.split()) == ["kvcached-a-decoy", "kvcached-b"]
     finally:
         stack.close()
+
+
+# A stand-in engine that notes each start, then crashes a second later.
+CRASHING_ENGINE = """#!/usr/bin/env bash
+date +%s.%N >> "$VIRTUAL_ENV/starts"
+sleep 1
+exit 1
+"""
+
+
+def test_launch_delay_is_waited_once_not_on_restarts_after_a_crash(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    venvs = []
+    for name, body in (("idle", "#!/usr/bin/env bash\nexec sleep 1000\n"), ("crash", CRASHING_ENGINE)):
+        (tmp / name / "bin").mkdir(parents=True)
+        (tmp / name / "bin" / "python").write_text(body)
+        (tmp / name / "bin" / "python").chmod(0o700)
+        venvs.append(str(tmp / name))
+    delay = 4
+    out = render(tmp, {"router": {"enable_router": False}, "launch_delay_seconds": delay, "instances": [
+        {"name": f"e{i}", "model": "m", "engine": "vllm", "using_venv": True, "venv_path": venv, "engine_args": [f"--port={9100 + i}"]}
+        for i, venv in enumerate(venvs)
+    ]})
+    stack = Supervised(out, tmp / "tmux")
+    starts = tmp / "crash" / "starts"
+    try:
+        t0 = time.time()
+        stack.start()
+        wait_for(lambda: starts.exists() and len(starts.read_text().split()) >= 3, 40, "engine e1 to be started three times")
+        first, second, third = (float(t) for t in starts.read_text().split()[:3])
+        assert first - t0 >= delay  # its first start waits its turn
+        # restarts follow the crash (1 s) and supervisord's back-off (1 s, then 2 s), without the delay
+        assert second - first < 1 + 1 + 1.5 and third - second < 1 + 2 + 1.5, (first - t0, second - first, third - second)
+    finally:
+        stack.close()
+
+
+def prefixed_sim_config(prefix: str, ports: list[int]) -> dict:
+    return {**sim_config(*ports), "tmux_session_prefix": prefix}
+
+
+def sessions(stack: Supervised) -> dict[str, str]:
+    """Every session on the stack's tmux server -> the stack folder it is tagged with."""
+    listed = stack.tmux("list-sessions", "-F", "#{session_name}\t#{@kvrouter_stack}").stdout
+    return dict(line.split("\t") for line in listed.splitlines())
+
+
+def test_two_stacks_share_a_tmux_server_and_never_touch_each_others_sessions(short_tmp: str) -> None:
+    tmp = Path(short_tmp)
+    ports = distinct_ports(6)
+    stacks: list[Supervised] = []
+    try:
+        for i, prefix in enumerate(("one-", "two.")):
+            (tmp / prefix).mkdir()
+            cfg = tmp / prefix / "config.yaml"
+            cfg.write_text(json.dumps(prefixed_sim_config(prefix, ports[3 * i:3 * i + 3])))
+            stack = Supervised(tmp / prefix / "out", tmp / "tmux")  # one tmux server for both
+            done = render_cli(cfg, stack.out, "--sim", env=stack.env)
+            assert done.returncode == 0, done.stderr
+            stacks.append(stack)
+        one, two = stacks
+        # the user's own session with one of stack two's names: stack two must leave it alone
+        two.tmux("new-session", "-d", "-s", "two_b", "sleep 600")
+        for stack in stacks:
+            stack.start()
+        for stack in stacks:
+            stack.wait_running(["a", "b", "router", "logs"])
+        mine = {f"{p}{n}": str(s.out) for p, s in (("one-", one), ("two_", two)) for n in ("a", "b", "frontend")}
+        expected = {**mine, "two_b": ""}
+        wait_for(lambda: sessions(one) == expected, 15, f"sessions {expected} (now {sessions(one)})")
+        assert "tmux session two_b belongs to another stack (none recorded); left alone" in two.log("logs")
+
+        # a third stack using stack one's names is refused before anything is written
+        (tmp / "three").mkdir()
+        cfg = tmp / "three" / "config.yaml"
+        cfg.write_text(json.dumps(prefixed_sim_config("one-", distinct_ports(3))))
+        clash = render_cli(cfg, tmp / "three" / "out", "--sim", env=one.env)
+        assert clash.returncode == 2, clash.stderr
+        assert f"error: tmux session 'one-a' belongs to the stack in {one.out}; set a different top-level 'tmux_session_prefix' in {cfg}" in clash.stderr
+        assert "Nothing was written." in clash.stderr and not (tmp / "three" / "out").exists()
+
+        # stopping stack one closes its sessions only
+        one.shutdown()
+        rest = {k: v for k, v in expected.items() if not k.startswith("one-")}
+        wait_for(lambda: sessions(two) == rest, 15, f"only {sorted(rest)} left (now {sessions(two)})")
+        two.tmux("kill-session", "-t", "=two_b")  # now the name is free: stack two's logs program takes it
+        wait_for(lambda: sessions(two).get("two_b") == str(two.out), 15, "stack two to open its own two_b session")
+    finally:
+        for stack in stacks:
+            stack.close()
