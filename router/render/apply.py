@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from router.config import Config, connect_host
-from router.render.files import ROUTER_PROGRAM, RUN_DIR, Files
+from router.render.files import ROUTER_PROGRAM, Files, started_copy
 from router.supervisord import SOCKET_NAME, connect
 
 #: States in which a program is not running and was left so on purpose.
@@ -54,10 +54,13 @@ class Plan:
         return [f"  {what + ':':9}{', '.join(names) if names else '-'}" for what, names in rows]
 
 
-def programs(conf: str) -> dict[str, dict[str, str]]:
-    """supervisord.conf text -> program name -> its settings, as written."""
+def programs(conf: str, source: str) -> dict[str, dict[str, str]]:
+    """supervisord.conf text (from `source`) -> program name -> its settings, as written."""
     parser = configparser.RawConfigParser(interpolation=None, strict=False)
-    parser.read_string(conf)
+    try:
+        parser.read_string(conf, source)
+    except configparser.Error as e:
+        raise ApplyError(f"cannot read {source}: {' '.join(str(e).split())}; render without --apply, then run supervisorctl update") from None
     return {s.split(":", 1)[1]: dict(parser.items(s)) for s in parser.sections() if s.startswith("program:")}
 
 
@@ -73,15 +76,15 @@ def started_script(out: Path, name: str, old: Mapping[str, str], rel: str) -> Op
     """The script program `name` was last started from: its own copy in run/, else
     the previous rendering's file (a stack started before scripts kept copies)."""
     try:
-        return (out / RUN_DIR / f"{name}.script").read_text(encoding="utf-8", errors="replace")
+        return started_copy(out, name).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return old.get(rel)
 
 
 def make_plan(out: Path, old: Mapping[str, str], new: Files, running: Mapping[str, str]) -> Plan:
     """The plan for `running` (name -> supervisord state) going from the `old` files to `new`."""
-    before = programs(old.get("supervisord.conf", ""))
-    after = programs(new["supervisord.conf"][0])
+    before = programs(old.get("supervisord.conf", ""), str(out / "supervisord.conf"))
+    after = programs(new["supervisord.conf"][0], "the new supervisord.conf")
     plan = Plan(stop=sorted(set(running) - set(after)))
     for name, settings in after.items():
         rel = script_of(settings, out)

@@ -111,6 +111,12 @@ def session_names(cfg: Config) -> list[str]:
     return names
 
 
+def started_copy(out: Path, program: str) -> Path:
+    """Where a script-run program's script copies itself when it starts: what runs now,
+    which ``render --apply`` compares with a new rendering."""
+    return out / RUN_DIR / f"{program}.script"
+
+
 def shell_join(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -151,10 +157,11 @@ def _environment() -> jinja2.Environment:
 
 
 def engine_argv(inst: Instance, sim: bool, python: str) -> tuple[str, ...]:
-    """The engine command; under `sim` the simulated engine on the same host:port."""
+    """The engine command (an `engine: openai` instance's own command as given); under
+    `sim` the simulated engine on the same host:port."""
     if sim:
-        return tuple(sim_argv(python, inst.engine, inst.model, inst.engine_args, inst.sim_args))
-    return tuple(inst.spec.launch_argv(inst.python, inst.model, inst.engine_args))
+        return tuple(sim_argv(python, inst))
+    return tuple(inst.spec.launch_argv(inst))
 
 
 def router_argv(cfg: Config, python: str, socket: Path) -> tuple[str, ...]:
@@ -193,6 +200,8 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
             sim=sim,
             script=str(script),
             run=str(run),
+            copy=str(started_copy(out, inst.name)),
+            marker=str(run / f"{inst.name}.launched"),
             pidfile=str(out / "supervisord.pid"),
         ), SCRIPT_MODE)
         log = str(logs / f"{inst.name}.log")
@@ -212,7 +221,9 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
         programs.append(Program(LOGS_PROGRAM, (str(logs_script),), str(logs / f"{LOGS_PROGRAM}.log"), STARTSECS, 10))
     stack = {"sessions": sessions, "stack": str(out), "stack_option": STACK_OPTION}
     files["tmux-launch.sh"] = (env.get_template("tmux-launch.sh.j2").render(**stack), SCRIPT_MODE)
-    files["tmux-logs.sh"] = (env.get_template("tmux-logs.sh.j2").render(**stack), SCRIPT_MODE)
+    files["tmux-logs.sh"] = (env.get_template("tmux-logs.sh.j2").render(
+        **stack, script=str(logs_script), run=str(run), copy=str(started_copy(out, LOGS_PROGRAM)),
+    ), SCRIPT_MODE)
     files["supervisord.conf"] = (env.get_template("supervisord.conf.j2").render(
         out=str(out), socket=str(socket), logs=str(logs), programs=programs,
     ), FILE_MODE)
