@@ -67,6 +67,9 @@ class Instance:
     venv_path: Optional[str]
     host: str
     port: int
+    #: GET path of the engine's health check: the engine's own, or the instance's
+    #: ``health_path`` where the engine allows one (read this, not ``spec.health_path``).
+    health_path: str
     aliases: tuple[str, ...] = ()
     #: Names the engine itself answers to (``--served-model-name``, else model).
     served_names: tuple[str, ...] = ()
@@ -75,6 +78,9 @@ class Instance:
     max_concurrency: Optional[int] = None
     max_queue: int = 0
     sim_args: tuple[str, ...] = ()
+    #: The program of an engine started by its own ``command`` (whose other words are
+    #: `engine_args`); None for engines launched from a Python module.
+    program: Optional[str] = None
 
     @property
     def spec(self) -> EngineSpec:
@@ -217,9 +223,12 @@ def env_value(value: Any) -> str:
 TOP_KEYS = ("kvcached", "router", "sleep_manager", "launch_delay_seconds", "tmux_session_prefix", "instances")
 #: tmux session name prefixes: tmux itself turns '.' into '_' in session names.
 TMUX_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,40}")
+#: Instance keys of engines started by their own `command` only (EngineSpec.launcher is None).
+COMMAND_KEYS = ("command", "host", "port", "health_path")
 INSTANCE_KEYS = (
     "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
     "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
+    *COMMAND_KEYS,
 )
 ROUTER_KEYS = {
     # YAML key: (RouterSettings field, kind)
@@ -570,34 +579,25 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
         p.error(f"{where}.name", f"{name!r} is reserved for the router's own programs; pick another name")
         ok = False
 
-    args_raw = raw.get("engine_args", [])
-    if isinstance(args_raw, str):
-        args_raw = [args_raw]
+    # An unknown engine's arguments are still checked, as those of an engine launched the
+    # same way (by `command` or from its module), so every problem shows at once.
+    spec = ENGINES[engine] if engine is not None else next(
+        (s for s in ENGINES.values() if (s.launcher is None) == ("command" in raw)), None)
     args: list[str] = []
-    if isinstance(args_raw, list) and all(_is_word(a) for a in args_raw):
-        try:
-            args = split_args([str(a) for a in args_raw])
-        except ValueError as e:
-            p.error(f"{where}.engine_args", f"cannot split into arguments ({e}); check the quotes")
+    program: Optional[str] = None
+    address: Optional[tuple[str, int]] = None
+    health_path = ""
+    if spec is not None:
+        ok = _keys_fit_engine(raw, spec, where, p) and ok
+        words = _words(raw.get(spec.args_key, []), f"{where}.{spec.args_key}", p)
+        if words is None:
             ok = False
-        if any("\0" in a for a in args):
-            p.error(f"{where}.engine_args", "must not contain a NUL character")
-            ok = False
-    else:
-        p.error(f"{where}.engine_args", "must be a list of strings (each may hold several words) or one string")
-        ok = False
-
-    host = last_flag_value(args, "--host") or "127.0.0.1"
-    port_text = last_flag_value(args, "--port")
-    port = None
-    if port_text is None:
-        p.error(f"{where}.engine_args", "no '--port' given; the router needs it to reach the engine (add e.g. '--port=8001')")
-        ok = False
-    elif not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        p.error(f"{where}.engine_args", f"--port {port_text!r} is not a port number (1-65535)")
-        ok = False
-    else:
-        port = int(port_text)
+        elif spec.launcher is not None:
+            args = words
+        elif words:
+            program, *args = words
+        address = _address(raw, args, spec, where, p)
+        health_path = _health_path(raw, spec, where, p) or spec.health_path
 
     env = list(kv_env) + _env_list(raw.get("kvcached_env"), f"{where}.kvcached_env", p) + _env_list(raw.get("engine_env"), f"{where}.engine_env", p)
     aliases = _str_list(raw.get("aliases"), f"{where}.aliases", p)
@@ -612,6 +612,11 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
 
     flags = {key: _value(raw.get(key, key != "using_venv"), f"{where}.{key}", "bool", p, base) is True
              for key in ("launch", "sleep", "using_venv")}
+    if spec is not None and spec.launcher is None and program is None and flags["launch"]:
+        p.error(f"{where}.command", f"missing: engine '{spec.name}' is started by its own command; give the program "
+                                    "and its arguments (e.g. command: 'llama-server -m model.gguf --port 8001'), "
+                                    "or set 'launch: false' for one started elsewhere")
+        ok = False
 
     venv_path = None
     venv_raw = raw.get("venv_path")
@@ -637,15 +642,99 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
         p.error(f"{where}.max_queue", f"must be a whole number >= 0, not {max_queue!r}")
         max_queue = 0
 
-    if not ok:
+    if not ok or engine is None or spec is None or address is None:
         return None
-    served = tuple(flag_values(args, "--served-model-name")) or (model,)
+    host, port = address
+    served = tuple(flag_values(args, spec.served_name_flag) if spec.served_name_flag else ()) or (model,)
     return Instance(
         name=name, model=model, engine=engine, engine_args=tuple(args), env=tuple(env),
-        venv_path=venv_path, host=host, port=port, aliases=tuple(aliases), served_names=served,
-        launch=flags["launch"], sleep=flags["sleep"], max_concurrency=max_conc, max_queue=max_queue,
-        sim_args=tuple(sim_args),
+        venv_path=venv_path, host=host, port=port, health_path=health_path, aliases=tuple(aliases),
+        served_names=served, launch=flags["launch"], sleep=flags["sleep"], max_concurrency=max_conc,
+        max_queue=max_queue, sim_args=tuple(sim_args), program=program,
     )
+
+
+def _keys_fit_engine(raw: dict, spec: EngineSpec, where: str, p: _Problems) -> bool:
+    """Whether `raw` has only keys for `spec`'s way of launching: `engine_args` for an
+    engine we launch from its Python module, `command` and its keys for one that is not."""
+    if spec.launcher is None:
+        if "engine_args" in raw:
+            p.error(f"{where}.engine_args", f"engine '{spec.name}' is started by its own command and takes no "
+                                            "engine_args; put the program and all its arguments in 'command' "
+                                            "(e.g. command: 'llama-server -m model.gguf --port 8001')")
+            return False
+        return True
+    command_engines = ", ".join(s.name for s in ENGINES.values() if s.launcher is None)
+    wrong = [key for key in COMMAND_KEYS if key in raw]
+    for key in wrong:
+        p.error(f"{where}.{key}", f"only for engines started by their own 'command' (engine: {command_engines}); "
+                                  f"{spec.name} is given its address as '{spec.host_flag}'/'{spec.port_flag}' in "
+                                  f"engine_args and answers health checks at {spec.health_path}; remove '{key}'")
+    return not wrong
+
+
+def _words(value: Any, where: str, p: _Problems) -> Optional[list[str]]:
+    """A list of strings (each may hold several shell words) or one string -> the words; None if unusable."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(_is_word(a) for a in items):
+        p.error(where, "must be a list of strings (each may hold several words) or one string")
+        return None
+    try:
+        words = split_args([str(a) for a in items])
+    except ValueError as e:
+        p.error(where, f"cannot split into arguments ({e}); check the quotes")
+        return None
+    if any("\0" in a for a in words):
+        p.error(where, "must not contain a NUL character")
+        return None
+    return words
+
+
+def _address(raw: dict, args: list[str], spec: EngineSpec, where: str, p: _Problems) -> Optional[tuple[str, int]]:
+    """Where the router reaches the engine: the host and port flags of its arguments, or for
+    an engine started by its own command the `host:`/`port:` keys; the host defaults to 127.0.0.1."""
+    at = f"{where}.{spec.args_key}"
+    host = last_flag_value(args, spec.host_flag)
+    port_text = last_flag_value(args, spec.port_flag)
+    port = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            p.error(at, f"{spec.port_flag} {port_text!r} is not a port number (1-65535)")
+            return None
+        port = int(port_text)
+    if spec.launcher is None:
+        given = {key: raw[key] for key in ("host", "port") if key in raw}
+        if "host" in given and not (isinstance(given["host"], str) and given["host"].strip() == given["host"] != ""):
+            p.error(f"{where}.host", f"{given['host']!r} is not a host name or address (e.g. 127.0.0.1)")
+            return None
+        if "port" in given and not (type(given["port"]) is int and 1 <= given["port"] <= 65535):
+            p.error(f"{where}.port", f"{given['port']!r} is not a port number (1-65535)")
+            return None
+        for key, flag, from_args in (("host", spec.host_flag, host), ("port", spec.port_flag, port)):
+            if key in given and from_args is not None and given[key] != from_args:
+                p.error(f"{where}.{key}", f"{given[key]!r} but the command says {flag} {from_args}; give one of them")
+                return None
+        host = given.get("host", host)
+        port = given.get("port", port)
+        if port is None:
+            p.error(f"{where}.port", f"no port: the router needs it to reach the engine; add '{spec.port_flag} 8001' "
+                                     "to the command or a 'port: 8001' key")
+            return None
+    elif port is None:
+        p.error(at, f"no '{spec.port_flag}' given; the router needs it to reach the engine (add e.g. '{spec.port_flag}=8001')")
+        return None
+    return host or "127.0.0.1", port
+
+
+def _health_path(raw: dict, spec: EngineSpec, where: str, p: _Problems) -> Optional[str]:
+    """The instance's own `health_path` (engines started by their own command only), if valid."""
+    value = raw.get("health_path")
+    if value is None or spec.launcher is not None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"/[!-~]*", value):
+        p.error(f"{where}.health_path", f"{value!r} is not a URL path: start it with '/' and use no spaces (e.g. /health)")
+        return None
+    return value
 
 
 def _cross_checks(cfg: Config, p: _Problems) -> None:
@@ -665,13 +754,15 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
             # A wildcard bind takes the port on every local address, but only
             # clashes with another engine on this machine, i.e. one launched here.
             if port == inst.port and (h == host or (inst.launch and other_launch and (wild or other_wild))):
-                p.error(f"{where}.engine_args", f"{inst.host}:{inst.port} is already used by instance {other!r}; give each instance its own --port")
+                field, flag = _port_source(inst)
+                p.error(f"{where}.{field}", f"{inst.host}:{inst.port} is already used by instance {other!r}; give each instance its own {flag}")
                 break
         binds[(host, inst.port, wild, inst.launch)] = inst.name
         if cfg.router.enable_router and inst.port == cfg.router.port and (
                 host in ("127.0.0.1", connect_host(cfg.router.host))
                 or (inst.launch and (wild or cfg.router.host in WILDCARD_HOSTS))):
-            p.error(f"{where}.engine_args", f"--port {inst.port} is the router's port (router.router_port); pick another")
+            field, flag = _port_source(inst)
+            p.error(f"{where}.{field}", f"{flag} {inst.port} is the router's port (router.router_port); pick another")
         for n in (inst.model, *inst.aliases):
             owner = route_owner.setdefault(n, inst.model)
             if owner != inst.model:  # the alias is this instance's, or the earlier one's when n is this model
@@ -684,7 +775,10 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
             if routes[n] != inst.model:
                 p.warn(f"{where}.engine_args", f"--served-model-name {n!r} is also a name of model {routes[n]!r}, "
                        f"so requests for {n!r} go there; reach this instance as {inst.model!r}")
-        if cfg.sleep.auto_sleep_enabled and inst.sleep:
+        if cfg.sleep.auto_sleep_enabled and inst.sleep and not inst.spec.has_sleep_api:
+            p.warn(where, f"auto sleep is on but engine '{inst.engine}' has no sleep API, so model {inst.model!r} "
+                          "is never put to sleep; set 'sleep: false' to say so")
+        elif cfg.sleep.auto_sleep_enabled and inst.sleep:
             missing = inst.spec.sleep_api_missing(inst.engine_args, dict(inst.env))
             if missing:
                 p.warn(where, f"auto sleep is on but this {inst.engine} engine lacks what its sleep API needs: "
@@ -696,16 +790,28 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
     _gpu_checks(cfg, p)
 
 
+def _port_source(inst: Instance) -> tuple[str, str]:
+    """The field that gave `inst` its port and how it is spelt there, for messages."""
+    spec = inst.spec
+    if spec.launcher is None and last_flag_value(inst.engine_args, spec.port_flag) is None:
+        return "port", "port:"
+    return spec.args_key, spec.port_flag
+
+
 def _gpu_checks(cfg: Config, p: _Problems) -> None:
     groups: dict[str, list[tuple[int, Instance, float]]] = {}
     forms: dict[str, list[int]] = {}
-    for i, inst in enumerate(cfg.launched):
+    for i, inst in enumerate(cfg.instances):
+        if not inst.launch:
+            continue  # on another machine, or sharing GPUs we do not see
         env = dict(inst.env)
         devices = env.get("CUDA_VISIBLE_DEVICES", "")
         if devices:
             form = "uuid" if "GPU-" in devices or "MIG-" in devices else "index"
             forms.setdefault(form, []).append(i)
         spec = inst.spec
+        if spec.gpu_fraction_flag is None:
+            continue  # the engine's memory use is its own business
         text = last_flag_value(inst.engine_args, spec.gpu_fraction_flag)
         try:
             frac = float(text) if text is not None else spec.gpu_fraction_default

@@ -1,17 +1,18 @@
-"""The one table of per-engine knowledge.
+"""What every engine module describes, and the flag helpers that read engine arguments.
 
-Everything the rest of the project needs to know about an inference engine
-(how to launch it, where its health and sleep endpoints are, what its sleep
-API needs, which flags carry its GPU memory share and its own API key) lives
-in one `EngineSpec` entry, so supporting a new engine is one entry here (and
-its spellings in ENGINE_ALIASES) and nothing elsewhere. The flags both engines
-share (``--host``, ``--port``, ``--served-model-name``) are read by config.py.
+An `EngineSpec` holds everything the rest of the project needs to know about
+one kind of inference engine: how to launch it, which of its flags carry the
+address, served names, GPU memory share and API key the router relies on,
+where its health and sleep endpoints are, what its sleep API needs and which
+client paths it serves. Each engine module (vllm.py, sglang.py, openai.py)
+defines one as ``SPEC``; the package ``__init__`` collects them, so a new
+engine is one new module.
 """
 from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -25,32 +26,100 @@ class Call:
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    name: str
-    #: ``python -m <module>`` launches the engine's OpenAI server.
+class PythonModule:
+    """An engine started as ``python -m <module> <model_flag> MODEL <engine_args>``."""
+
     module: str
     #: The flag that names the model to load.
     model_flag: str
-    #: The flag giving this engine's share of GPU memory, and its default.
-    gpu_fraction_flag: str
-    gpu_fraction_default: Optional[float]
+
+
+class EngineInstance(Protocol):
+    """What launching one engine needs of its instance; `router.config.Instance` has it.
+
+    A protocol rather than the config's class, so the engine modules do not
+    depend on the config loader that depends on them.
+    """
+
+    @property
+    def engine(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def engine_args(self) -> tuple[str, ...]: ...
+    @property
+    def program(self) -> Optional[str]: ...
+    @property
+    def python(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def health_path(self) -> str: ...
+    @property
+    def sim_args(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine kind. Optional parts are None where the engine lacks them."""
+
+    name: str
+    #: Where the engine comes in lists shown to users (error messages, --help): common engines first.
+    rank: int
+    #: Other spellings users may write in `engine:` (any case), e.g. ``sgl``.
+    spellings: tuple[str, ...]
+    #: How it is launched; None: by the instance's own `command` (program first), run as given.
+    launcher: Optional[PythonModule]
+    #: Client paths the engine's OpenAI server answers, one per path.
+    client_paths: tuple[str, ...]
+    #: GET path answering 200 while the engine can serve (an instance may override it where allowed).
     health_path: str
-    sleep_call: Call
-    wake_call: Call
+    #: The simulator dialect (router/sim/dialects.py) that imitates this engine under ``--sim``.
+    sim_dialect: str
+    #: The port the engine listens on when no port flag is given (None: it has none).
+    default_port: Optional[int] = None
+    #: The flags giving the address the engine binds to; the router dials the same.
+    host_flag: str = "--host"
+    port_flag: str = "--port"
+    #: The flag naming what the engine answers to besides the model (None: the model is its only name).
+    served_name_flag: Optional[str] = None
+    #: Whether `served_name_flag` takes just one name (SGLang) rather than several (vLLM).
+    one_served_name: bool = False
+    #: The flag giving the engine's share of GPU memory, and its default.
+    gpu_fraction_flag: Optional[str] = None
+    gpu_fraction_default: Optional[float] = None
+    #: The sleep API: None where the engine has none (its models are then never put to sleep).
+    sleep_call: Optional[Call] = None
+    wake_call: Optional[Call] = None
     #: GET path answering ``{"is_sleeping": bool}``, where the engine has one.
-    is_sleeping_path: Optional[str]
+    is_sleeping_path: Optional[str] = None
     #: What the engine needs for its sleep API: env vars, and launch flags each
     #: with a note on when it applies (empty when always).
-    sleep_needs_env: Mapping[str, str]
-    sleep_needs_args: Mapping[str, str]
-
-    #: The flag giving the bearer key the engine's own OpenAI server requires (both use --api-key).
+    sleep_needs_env: Mapping[str, str] = field(default_factory=dict)
+    sleep_needs_args: Mapping[str, str] = field(default_factory=dict)
+    #: The flag giving the bearer key the engine's own OpenAI server requires.
     api_key_flag: str = "--api-key"
     #: The environment variable the engine takes its key from when the flag is not given.
     api_key_env: Optional[str] = None
 
-    def launch_argv(self, python: str, model: str, args: Sequence[str]) -> list[str]:
-        return [python, "-m", self.module, self.model_flag, model, *args]
+    @property
+    def has_sleep_api(self) -> bool:
+        return self.sleep_call is not None and self.wake_call is not None
+
+    @property
+    def args_key(self) -> str:
+        """The instance key holding this engine's arguments, for messages naming the field."""
+        return "engine_args" if self.launcher is not None else "command"
+
+    def launch_argv(self, inst: EngineInstance) -> list[str]:
+        """The command that starts `inst`: its python running our module, or its own command."""
+        if self.launcher is not None:
+            return [inst.python, "-m", self.launcher.module, self.launcher.model_flag, inst.model, *inst.engine_args]
+        if inst.program is None:
+            raise ValueError(f"{self.name} engine for {inst.model!r} has no command to launch it; give 'command'")
+        return [inst.program, *inst.engine_args]
 
     def sleep_api_missing(self, args: Sequence[str], env: Mapping[str, str]) -> list[str]:
         """What `args` and `env` lack for the sleep API, for a warning: a flag only some
@@ -80,58 +149,6 @@ class EngineSpec:
                 masking = arg == self.api_key_flag
             out.append(arg)
         return tuple(out)
-
-
-ENGINES: Mapping[str, EngineSpec] = {
-    "vllm": EngineSpec(
-        name="vllm",
-        module="vllm.entrypoints.openai.api_server",
-        model_flag="--model",
-        gpu_fraction_flag="--gpu-memory-utilization",
-        gpu_fraction_default=0.9,
-        health_path="/health",
-        # level=1 offloads the weights to CPU RAM and /wake_up restores them; level 2
-        # discards them and would need a weight reload the router does not do.
-        # mode=wait: recent vLLM finishes running requests instead of aborting
-        # them (its default); older vLLM ignores the parameter. See lifecycle.py.
-        sleep_call=Call("POST", "/sleep", {"level": "1", "mode": "wait"}),
-        wake_call=Call("POST", "/wake_up"),
-        is_sleeping_path="/is_sleeping",
-        sleep_needs_env={"VLLM_SERVER_DEV_MODE": "1"},
-        # CPU builds refuse --enable-sleep-mode yet serve the sleep API in dev mode.
-        sleep_needs_args={"--enable-sleep-mode": "GPU builds only; CPU builds refuse it and need just VLLM_SERVER_DEV_MODE=1"},
-        api_key_env="VLLM_API_KEY",  # vLLM 0.32: --api-key wins over it
-    ),
-    "sglang": EngineSpec(
-        name="sglang",
-        module="sglang.launch_server",
-        model_flag="--model-path",
-        gpu_fraction_flag="--mem-fraction-static",
-        gpu_fraction_default=None,  # SGLang sizes it from the GPU itself
-        health_path="/health",
-        sleep_call=Call("POST", "/release_memory_occupation", json={}),
-        wake_call=Call("POST", "/resume_memory_occupation", json={}),
-        is_sleeping_path=None,
-        sleep_needs_env={},
-        sleep_needs_args={"--enable-memory-saver": ""},
-    ),
-}
-
-#: Spellings users write for an engine, mapped to its ENGINES key.
-ENGINE_ALIASES: Mapping[str, str] = {"vllm": "vllm", "sglang": "sglang", "sgl": "sglang"}
-
-#: ``python -m`` module of the project's simulated engine (router/sim/).
-SIM_MODULE = "router.sim"
-
-
-def sim_argv(python: str, engine: str, model: str, args: Sequence[str], sim_args: Sequence[str]) -> list[str]:
-    """The simulated engine stands in for `engine`, taking the same arguments.
-
-    The simulator parses the engine's own flags it understands (host, port,
-    served names, max length) and ignores the rest, so the instance's
-    engine_args pass through unchanged.
-    """
-    return [python, "-m", SIM_MODULE, "--engine", engine, "--model", model, *args, *sim_args]
 
 
 def split_args(args: Sequence[str] | str) -> list[str]:

@@ -1,7 +1,8 @@
-"""Simulated vLLM / SGLang engine: the OpenAI HTTP API with no GPU and no model.
+"""Simulated engine (vLLM, SGLang or any OpenAI server): the OpenAI HTTP API with no GPU and no model.
 
-Run ``python -m router.sim --engine vllm|sglang --model NAME --port P [knobs]
-[any other engine args]``, or in-process::
+Run ``python -m router.sim --engine vllm|sglang|openai --model NAME --port P [knobs]
+[any other engine args]`` (any engine of router.engines: it speaks the dialect
+its EngineSpec names), or in-process::
 
     engine = SimEngine(SimOptions(engine="vllm", model="m", port=0, itl_ms=5))
     await engine.start()          # engine.url, engine.port
@@ -18,6 +19,8 @@ SGLang: one), ``--max-model-len``/``--context-length`` (default 4096; vLLM's
 that is not given), ``--api-key`` (vLLM: else ``$VLLM_API_KEY``; then requests need ``Authorization: Bearer
 KEY``, answered 401 ``{"error":"Unauthorized"}`` otherwise: on vLLM's /v1
 routes, on every SGLang route but /health and /metrics). Every other flag is logged once and ignored.
+``--health-path P`` moves the health check (default: the engine's own, /health); ``--port`` has no
+default for an engine without one (openai).
 
 Knobs: ``--startup-s`` (the port opens only after it, as vLLM listens only once
 loaded: connections are refused meanwhile), ``--ttft-ms``, ``--itl-ms`` (per
@@ -39,7 +42,10 @@ it, ``"stop"``, ``stop_reason`` = the string). ``n`` choices, ``echo``
 chunk with ``choices: []`` and ``usage``) work as in vLLM.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /health`` (200, empty body), ``GET /metrics``.
+``GET /v1/models``, ``GET /health`` (200, empty body; or ``--health-path``), ``GET /metrics``.
+openai only: ``POST /v1/embeddings`` (``input`` a string, strings or token ids; ``dimensions``;
+vectors from `router.sim.textgen`); no sleep API; vLLM's answer shapes with the plain OpenAI
+model list and metric names ``sim:...``.
 vLLM only: ``GET /version``, ``POST /sleep?level=1|2&mode=abort|wait|keep``
 (abort, the default, ends running requests with finish_reason "abort"; wait
 lets them finish first; keep pauses them until wake), ``POST /wake_up``

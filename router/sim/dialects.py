@@ -1,10 +1,13 @@
-"""How vLLM and SGLang word their answers: bodies, ids, errors, stream chunks, metric names.
+"""How engines word their answers: bodies, ids, errors, stream chunks, metric names.
 
-Only the shapes live here, field by field and in the engines' key order; the
-behaviour common to both engines lives in engine.py. The vLLM shapes are what
-real vLLM 0.32.0 sent (tests/real_vllm/captured/, summarised in
+Only the shapes live here, field by field and in the engines' key order, with
+the few behaviours that differ by engine as class flags; the behaviour common
+to all lives in engine.py. Each engine module names its dialect
+(`EngineSpec.sim_dialect`), a key of DIALECTS. The vLLM shapes are what real
+vLLM 0.32.0 sent (tests/real_vllm/captured/, summarised in
 tests/real_vllm/FINDINGS.md); the SGLang ones follow SGLang's protocol.py and
-serving code (current main).
+serving code (current main); the plain OpenAI one is vLLM's without vLLM's
+extras in the model list, standing for any OpenAI-compatible server.
 """
 from __future__ import annotations
 
@@ -57,8 +60,18 @@ class Stream:
 
 
 class Dialect:
-    """What both engines share; subclasses fill in their own fields."""
+    """What every engine shares; subclasses fill in their own fields."""
 
+    #: The key of this dialect in DIALECTS.
+    name = ""
+    #: A request for a model the engine does not serve gets 404 (vLLM) rather than an answer.
+    checks_model = False
+    #: A generation arriving asleep waits for the wake (vLLM) rather than failing (SGLang).
+    holds_while_asleep = True
+    #: /metrics reports vLLM's engine_sleep_state gauge.
+    sleep_state_metric = False
+    #: POST /v1/embeddings is served.
+    serves_embeddings = False
     owned_by = ""
     metric_running = ""
     metric_waiting = ""
@@ -99,6 +112,13 @@ class Dialect:
     def models(self, created: int) -> bytes:
         return orjson.dumps({"object": "list", "data": [self.model_card(n, created) for n in self.options.names]})
 
+    def embeddings(self, model: str, vectors: Sequence[Sequence[float]], prompt_tokens: int) -> bytes:
+        """The OpenAI embeddings answer, one vector per input in order."""
+        return orjson.dumps({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": list(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+
     # -- whole responses
     def response(self, chat: bool, rid: str, created: int, model: str, choices: Sequence[Choice],
                  prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -127,6 +147,9 @@ class Dialect:
 
 
 class VllmDialect(Dialect):
+    name = "vllm"
+    checks_model = True
+    sleep_state_metric = True
     owned_by = "vllm"
     metric_running = "vllm:num_requests_running"
     metric_waiting = "vllm:num_requests_waiting"
@@ -135,10 +158,11 @@ class VllmDialect(Dialect):
     # FastAPI request-validation errors carry the HTTP phrase as their type.
     validation_type = "Bad Request"
     role_tail = b',"prompt_token_ids":null,"prompt_text":null'
+    fingerprint_prefix = "vllm-0.32.0"
 
     def __init__(self, options: SimOptions):
         super().__init__(options)
-        self.fingerprint = f"vllm-0.32.0-{zlib.crc32(options.model.encode()):08x}"
+        self.fingerprint = f"{self.fingerprint_prefix}-{zlib.crc32(options.model.encode()):08x}"
         self._fingerprint_tail = b',"system_fingerprint":' + orjson.dumps(self.fingerprint)
         self.usage_extras = {"system_fingerprint": self.fingerprint}
 
@@ -198,6 +222,8 @@ class VllmDialect(Dialect):
 
 
 class SglangDialect(Dialect):
+    name = "sglang"
+    holds_while_asleep = False
     owned_by = "sglang"
     metric_running = "sglang:num_running_reqs"
     metric_waiting = "sglang:num_queue_reqs"
@@ -242,4 +268,24 @@ class SglangDialect(Dialect):
         return {**super().stream_usage(prompt_tokens, completion_tokens), "prompt_tokens_details": None}
 
 
-DIALECTS: dict[str, type[Dialect]] = {"vllm": VllmDialect, "sglang": SglangDialect}
+class OpenaiDialect(VllmDialect):
+    """Any OpenAI-compatible server: vLLM's answers (the fullest OpenAI shapes), the plain
+    OpenAI model list, embeddings, no sleep API and metric names of the simulator's own."""
+
+    name = "openai"
+    sleep_state_metric = False
+    serves_embeddings = True
+    owned_by = "system"
+    metric_running = "sim:num_requests_running"
+    metric_waiting = "sim:num_requests_waiting"
+    metric_prompt_tokens = "sim:prompt_tokens_total"
+    metric_generation_tokens = "sim:generation_tokens_total"
+    fingerprint_prefix = "fp"
+
+    def model_card(self, name: str, created: int) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": self.owned_by}
+
+    metric_labels = Dialect.metric_labels  # no engine label: that one is vLLM's
+
+
+DIALECTS: dict[str, type[Dialect]] = {d.name: d for d in (VllmDialect, SglangDialect, OpenaiDialect)}

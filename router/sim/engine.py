@@ -1,4 +1,4 @@
-"""SimEngine: one simulated vLLM or SGLang server, runnable many times in one loop.
+"""SimEngine: one simulated engine (vLLM, SGLang, any OpenAI server), runnable many times in one loop.
 
 Everything a request goes through lives here: validation (the engine's own
 errors), the fault knobs, the sleep gate, the concurrency queue, and token
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import orjson
+
+from router.engines import ENGINES
 
 from . import textgen
 from .dialects import DIALECTS, Choice, Dialect
@@ -84,7 +86,7 @@ class SimEngine:
 
     def __init__(self, options: SimOptions):
         self.options = options
-        self.dialect: Dialect = DIALECTS[options.engine](options)
+        self.dialect: Dialect = DIALECTS[ENGINES[options.engine].sim_dialect](options)
         self.counters = Counters()
         self.port = options.port
         self.created = int(time.time())
@@ -108,28 +110,35 @@ class SimEngine:
         self._abort_epoch = 0
         self._control = asyncio.Lock()
         self._routes: dict[tuple[str, str], Route] = {
-            ("GET", "/health"): self._health,
             ("GET", "/v1/models"): self._models,
             ("GET", "/metrics"): self._metrics,
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/chat/completions"): self._chat,
+            **self._dialect_routes(),
         }
-        if options.engine == "vllm":
-            self._routes.update({
+        if self.dialect.serves_embeddings:
+            self._routes[("POST", "/v1/embeddings")] = self._embeddings
+        # A health path naming another route (an openai instance's /v1/models) leaves that route be.
+        self._routes.setdefault(("GET", options.health_path), self._health)
+
+    def _dialect_routes(self) -> dict[tuple[str, str], Route]:
+        """The engine's own routes beyond the OpenAI API: vLLM's and SGLang's sleep APIs and info."""
+        if self.dialect.name == "vllm":
+            return {
                 ("GET", "/version"): self._version,
                 ("POST", "/sleep"): self._vllm_sleep,
                 ("POST", "/wake_up"): self._vllm_wake,
                 ("GET", "/is_sleeping"): self._vllm_is_sleeping,
-            })
-        else:
-            for method in ("GET", "POST"):
-                self._routes[(method, "/release_memory_occupation")] = self._sglang_release
-                self._routes[(method, "/resume_memory_occupation")] = self._sglang_resume
-            self._routes.update({
+            }
+        if self.dialect.name == "sglang":
+            return {
+                **{(method, "/release_memory_occupation"): self._sglang_release for method in ("GET", "POST")},
+                **{(method, "/resume_memory_occupation"): self._sglang_resume for method in ("GET", "POST")},
                 ("GET", "/get_server_info"): self._sglang_server_info,
                 ("GET", "/get_model_info"): self._sglang_model_info,
                 ("GET", "/health_generate"): self._sglang_health_generate,
-            })
+            }
+        return {}
 
     # ------------------------------------------------------------------ life
     async def start(self) -> None:
@@ -208,7 +217,7 @@ class SimEngine:
         lines = []
         for name, kind, help_text, value in rows:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {float(value)}"]
-        if self.options.engine == "vllm":
+        if self.dialect.sleep_state_metric:
             name = "vllm:engine_sleep_state"
             lines += [f"# HELP {name} Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means "
                       "engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
@@ -339,7 +348,7 @@ class SimEngine:
         self.counters.requests += 1
         gen = self._validate(self._json_body(req), chat)
         o = self.options
-        if o.engine == "sglang" and self.asleep:
+        if self.asleep and not self.dialect.holds_while_asleep:
             raise ApiError(500, "memory is released (release_memory_occupation); call "
                                 "/resume_memory_occupation first. Real SGLang has no gate here and "
                                 "would run on released GPU memory.", "InternalServerError")
@@ -366,16 +375,22 @@ class SimEngine:
             if not self.counters.running:
                 self._idle.set()
 
-    def _validate(self, body: dict[str, Any], chat: bool) -> Generation:
+    def _model(self, body: dict[str, Any]) -> str:
+        """The request's model: the engine's when absent; 404 where the dialect checks it."""
         o = self.options
         model = body.get("model")
         if model is None:
-            model = o.public_name
-        elif not isinstance(model, str):
+            return o.public_name
+        if not isinstance(model, str):
             raise self._invalid("body.model", "string_type", "Input should be a valid string", model)
-        elif o.engine == "vllm" and model not in o.names:
+        if self.dialect.checks_model and model not in o.names:
             raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(o.names)}.",
                            "NotFoundError", "model")
+        return model
+
+    def _validate(self, body: dict[str, Any], chat: bool) -> Generation:
+        o = self.options
+        model = self._model(body)
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -385,7 +400,7 @@ class SimEngine:
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages") from None
         else:
-            prompts = self._prompts(body.get("prompt"))
+            prompts = self._prompts(body.get("prompt"), "prompt")
         n = self._int(body, "n", 1, 1)
         echo = bool(body.get("echo")) and not chat
         stream = body.get("stream") is True
@@ -431,7 +446,7 @@ class SimEngine:
         return value
 
     @staticmethod
-    def _prompts(prompt: Any) -> list[str]:
+    def _prompts(prompt: Any, key: str) -> list[str]:
         if isinstance(prompt, str):
             return [prompt]
         if isinstance(prompt, list) and prompt:
@@ -441,7 +456,20 @@ class SimEngine:
                 return [" ".join(map(str, prompt))]
             if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
                 return [" ".join(map(str, p)) for p in prompt]
-        raise ApiError(400, "prompt must be a string, a list of strings, or a list of token ids", param="prompt")
+        raise ApiError(400, f"{key} must be a string, a list of strings, or a list of token ids", param=key)
+
+    async def _embeddings(self, req: Request, resp: Responder) -> None:
+        """One vector per input (textgen.embedding), answered at once: no generation, no queue."""
+        body = self._json_body(req)
+        model = self._model(body)
+        inputs = self._prompts(body.get("input"), "input")
+        dims = self._int(body, "dimensions", textgen.EMBEDDING_DIMS, 1) or textgen.EMBEDDING_DIMS
+        counts = [textgen.count_tokens(text) for text in inputs]
+        if max(counts) > self.options.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {self.options.max_model_len} tokens. "
+                                f"However, you requested {max(counts)} tokens in the input.", param="input")
+        self.counters.prompt_tokens += sum(counts)
+        resp.send(200, self.dialect.embeddings(model, [textgen.embedding(t, dims) for t in inputs], sum(counts)))
 
     def _plan(self, gen: Generation) -> None:
         """Decide every choice's tokens up front: the rule of textgen, cut at the first stop string."""

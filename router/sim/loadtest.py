@@ -25,6 +25,8 @@ import aiohttp
 import orjson
 import psutil
 
+from router.engines import ENGINES
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -125,7 +127,7 @@ async def _measure(args: argparse.Namespace, extra: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m router.sim.loadtest", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", default="vllm", choices=("vllm", "sglang"))
+    p.add_argument("--engine", default=next(iter(ENGINES)), choices=tuple(ENGINES))
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--streams", type=int, default=1000)

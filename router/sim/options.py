@@ -1,9 +1,10 @@
 """What a simulated engine is told: the engine's own flags it honours, plus knobs.
 
-The renderer's ``--sim`` mode passes an instance's real engine_args through
-unchanged, so the parser takes the flags that change what a client sees
-(host, port, served names, context length, batch size) in both engines'
-spellings and ignores every other engine flag instead of failing on it.
+The renderer's ``--sim`` mode passes a vLLM or SGLang instance's real
+engine_args through unchanged, so the parser takes the flags that change what
+a client sees (host, port, served names, context length, batch size) in both
+engines' spellings and ignores every other engine flag instead of failing on
+it. Engine names, default ports and key variables come from router.engines.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-ENGINE_NAMES = ("vllm", "sglang")
-DEFAULT_PORTS = {"vllm": 8000, "sglang": 30000}
+from router.engines import ENGINE_ALIASES, ENGINES
 #: The context length when none is given (or vLLM's ``auto``: the model's own, which we do not have).
 DEFAULT_MAX_MODEL_LEN = 4096
 
@@ -41,6 +41,8 @@ class SimOptions:
     seed: int = 0
     #: The engine's own --api-key (vLLM: else $VLLM_API_KEY): requests it guards need ``Authorization: Bearer <key>``.
     api_key: str = ""
+    #: Where GET answers 200 while the engine is up (the engine's own, or an openai instance's health_path).
+    health_path: str = "/health"
     #: Engine flags given but not understood (logged once, otherwise ignored).
     ignored_args: tuple[str, ...] = field(default=(), compare=False)
 
@@ -73,18 +75,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"python -m router.sim: error: {message}\n"
-                     "usage: python -m router.sim --engine vllm|sglang --model NAME --port P [options]\n")
+                     f"usage: python -m router.sim --engine {'|'.join(ENGINES)} --model NAME --port P [options]\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m router.sim", allow_abbrev=False,
-                description="Simulated vLLM/SGLang OpenAI server (no GPU). Unknown engine flags are ignored.")
-    p.add_argument("--engine", required=True, type=str.lower, choices=ENGINE_NAMES + ("sgl",))
+                description="Simulated OpenAI server of any engine (no GPU). Unknown engine flags are ignored.")
+    p.add_argument("--engine", required=True, type=str.lower, choices=tuple(ENGINE_ALIASES))
     p.add_argument("--model", "--model-path", dest="model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--served-model-name", dest="served", nargs="+", default=None)
     p.add_argument("--api-key", dest="api_key", default="")
+    p.add_argument("--health-path", default=None, help="the health check's path (default: the engine's own)")
     p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=model_len,
                    default=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="batch", type=int, default=0,
@@ -106,10 +109,14 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
     """argv -> SimOptions; exits 2 with a clear message on a bad value."""
     p = _parser()
     ns, unknown = p.parse_known_args(list(argv))
-    engine = "sglang" if ns.engine == "sgl" else ns.engine
+    spec = ENGINES[ENGINE_ALIASES[ns.engine]]
     problems = []
     if ns.port is not None and not 0 <= ns.port <= 65535:
         problems.append(f"--port {ns.port} is not a port number (0-65535)")
+    if ns.port is None and spec.default_port is None:
+        problems.append(f"--port is required: a {spec.name} engine has no default port")
+    if ns.health_path is not None and not ns.health_path.startswith("/"):
+        problems.append(f"--health-path {ns.health_path!r} must start with '/'")
     if ns.max_model_len < 1:
         problems.append("--max-model-len must be at least 1")
     if not 0.0 <= ns.fail_rate <= 1.0:
@@ -122,14 +129,15 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
             problems.append(f"--{flag.replace('_', '-')} must not be negative")
     if ns.max_concurrency is not None and ns.max_concurrency < 0:
         problems.append("--max-concurrency must not be negative")
-    if engine == "sglang" and ns.served and len(ns.served) > 1:
-        problems.append("SGLang's --served-model-name takes one name")
+    if spec.one_served_name and ns.served and len(ns.served) > 1:
+        problems.append(f"{spec.name}'s --served-model-name takes one name")
     if problems:
         p.error("; ".join(problems))
-    api_key = ns.api_key or (os.environ.get("VLLM_API_KEY", "") if engine == "vllm" else "")
+    api_key = ns.api_key or (os.environ.get(spec.api_key_env, "") if spec.api_key_env else "")
     return SimOptions(
-        engine=engine, model=ns.model, host=ns.host,
-        port=DEFAULT_PORTS[engine] if ns.port is None else ns.port,
+        engine=spec.name, model=ns.model, host=ns.host,
+        port=(spec.default_port or 0) if ns.port is None else ns.port,
+        health_path=ns.health_path or spec.health_path,
         served_model_names=tuple(ns.served or ()), max_model_len=ns.max_model_len,
         max_concurrency=ns.batch if ns.max_concurrency is None else ns.max_concurrency,
         startup_s=ns.startup_s, ttft_ms=ns.ttft_ms, itl_ms=ns.itl_ms, fail_rate=ns.fail_rate,

@@ -11,9 +11,13 @@ Rules (stable; tests and benchmarks rely on them):
 - Output token i (0-based) of choice j is ``" " + WORDS[(h + 7*j + i) % 64]``
   where ``h = zlib.crc32(prompt.encode("utf-8"))``. So the text depends only on
   the prompt, choices of one request differ, and every token is one word.
+- The embedding of a text is `dims` (default 16) numbers drawn by
+  ``random.Random(h).uniform(-1, 1)`` (h as above), scaled to length 1.
 """
 from __future__ import annotations
 
+import math
+import random
 import zlib
 from typing import Any
 
@@ -43,6 +47,17 @@ def generate(prompt: str, n_tokens: int, choice: int = 0) -> str:
     """The full text the simulator produces for `prompt` (without stop strings)."""
     seed = prompt_seed(prompt)
     return "".join(token(seed, choice, i) for i in range(n_tokens))
+
+
+#: Length of an embedding when the request asks none.
+EMBEDDING_DIMS = 16
+
+
+def embedding(text: str, dims: int = EMBEDDING_DIMS) -> list[float]:
+    draw = random.Random(prompt_seed(text))
+    vector = [draw.uniform(-1.0, 1.0) for _ in range(dims)]
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 def count_tokens(text: str) -> int:

@@ -1,0 +1,33 @@
+"""SGLang's server (``sglang.launch_server``); paths from its http_server.py (current main)."""
+from router.engines.spec import Call, EngineSpec, PythonModule
+
+SPEC = EngineSpec(
+    name="sglang",
+    rank=1,
+    spellings=("sgl",),
+    launcher=PythonModule("sglang.launch_server", model_flag="--model-path"),
+    client_paths=(
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/classify",
+        "/v1/tokenize",
+        "/tokenize",
+        "/v1/detokenize",
+        "/detokenize",
+        "/v1/score",
+        "/v1/rerank",
+        "/invocations",
+    ),
+    health_path="/health",
+    sim_dialect="sglang",
+    default_port=30000,
+    served_name_flag="--served-model-name",
+    one_served_name=True,
+    gpu_fraction_flag="--mem-fraction-static",
+    gpu_fraction_default=None,  # SGLang sizes it from the GPU itself
+    sleep_call=Call("POST", "/release_memory_occupation", json={}),
+    wake_call=Call("POST", "/resume_memory_occupation", json={}),
+    sleep_needs_args={"--enable-memory-saver": ""},
+)
