@@ -17,7 +17,9 @@ import pytest
 
 from helpers import distinct_ports, short_tmp, wait_http  # noqa: F401  (fixture)
 from router.config import parse_config
-from router.render.apply import reload_router, router_step
+from router.render import render_files
+from router.render.apply import SCRIPT_CHANGED, make_plan, reload_router, router_step
+from router.render.files import started_copy
 from supervised import PY, Supervised, render_cli
 
 pytestmark = pytest.mark.timeout(180)
@@ -108,6 +110,23 @@ def test_apply_without_a_running_supervisord_renders_then_exits_1(tmp: Path) -> 
 def test_dry_run_goes_with_apply(tmp: Path) -> None:
     done = render_cli(tmp / "none.yaml", tmp / "out", "--dry-run", cwd=tmp)
     assert done.returncode == 2 and "--dry-run goes with --apply" in done.stderr
+
+
+def test_plan_compares_with_what_each_program_started_from(tmp: Path) -> None:
+    """Files rendered earlier without --apply already equal the new ones; the programs
+    still run their old scripts, and those are what count. One stopped on purpose stays so."""
+    out = tmp / "out"
+    doc = {"router": {"enable_router": False}, "instances": [engine("a", 9001), engine("b", 9002)]}
+    old = render_files(parse_config(json.dumps(doc)), out, sim=True)
+    doc["instances"] = [engine("a", 9001, "--ttft-ms", "5"), engine("b", 9002, "--ttft-ms", "5")]
+    new = render_files(parse_config(json.dumps(doc)), out, sim=True)
+    (out / "run").mkdir(parents=True)
+    for name in ("a", "b"):
+        started_copy(out, name).write_text(old[f"engines/{name}.sh"][0])
+    on_disk = {rel: text for rel, (text, _) in new.items()}
+    plan = make_plan(out, on_disk, new, {"a": "RUNNING", "b": "STOPPED", "logs": "RUNNING", "gone": "FATAL"})
+    assert plan.restart == {"a": SCRIPT_CHANGED}
+    assert (plan.start, plan.stop, plan.keep) == ([], ["gone"], ["b", "logs"])
 
 
 # -- the router's reload, against a stand-in router ---------------------------
