@@ -320,3 +320,82 @@ def test_the_router_sends_an_engines_key_given_by_flag_or_by_its_env_var() -> No
     # SGLang reads no such variable
     assert headers("{model: m, engine: sglang, engine_args: ['--port=9001'], engine_env: ['VLLM_API_KEY=k-env']}") == {}
     assert headers(VLLM) == {}
+
+
+# -- engine: openai (any OpenAI-compatible server, started by its own command) ----
+
+def test_openai_command_as_one_string_or_a_list_with_the_port_from_its_flag() -> None:
+    string = "{model: m, engine: openai, command: \"llama-server -m 'my model.gguf' --port 9001\"}"
+    listed = "{model: m, engine: OpenAI, command: [llama-server, \"-m 'my model.gguf'\", '--port=9001']}"
+    for inst in (string, listed):
+        (a,) = parse_config(cfg_text(inst)).instances
+        assert (a.engine, a.program, a.host, a.port, a.health_path) == ("openai", "llama-server", "127.0.0.1", 9001, "/health")
+        assert a.engine_args[:2] == ("-m", "my model.gguf")
+        assert a.served_names == ("m",) and a.url == "http://127.0.0.1:9001"
+
+
+def test_openai_address_and_health_path_from_keys() -> None:
+    inst = "{model: m, engine: openai, command: my-server, host: 0.0.0.0, port: 9001, health_path: /v1/models}"
+    (a,) = parse_config(cfg_text(inst)).instances
+    assert (a.program, a.engine_args, a.host, a.port, a.health_path) == ("my-server", (), "0.0.0.0", 9001, "/v1/models")
+    # the flags and the keys may both say it, if they agree
+    (a,) = parse_config(cfg_text("{model: m, engine: openai, command: 'srv --host ::1 --port 9001', host: '::1', port: 9001}")).instances
+    assert (a.host, a.port) == ("::1", 9001)
+
+
+def test_openai_started_elsewhere_needs_no_command() -> None:
+    (a,) = parse_config(cfg_text("{model: m, engine: openai, launch: false, port: 9001}")).instances
+    assert (a.program, a.port, a.launch) == (None, 9001, False)
+
+
+def test_openai_engine_key_from_its_command() -> None:
+    (a,) = parse_config(cfg_text("{model: m, engine: openai, command: 'srv --port 9001 --api-key sk-1'}")).instances
+    assert a.auth_headers == {"Authorization": "Bearer sk-1"} and "sk-1" not in repr(a)
+
+
+@pytest.mark.parametrize("instance, field, fragment", [
+    ("{model: m, engine: openai, command: srv}", "instances[0].port", "no port: the router needs it"),
+    ("{model: m, engine: openai, command: 'srv --port 0'}", "instances[0].command", "not a port number"),
+    ("{model: m, engine: openai, command: srv, port: 70000}", "instances[0].port", "not a port number"),
+    ("{model: m, engine: openai, command: srv, port: '9001'}", "instances[0].port", "not a port number"),
+    ("{model: m, engine: openai, command: 'srv --port 9001', port: 9002}", "instances[0].port", "the command says --port 9001"),
+    ("{model: m, engine: openai, command: 'srv --host a', host: b, port: 1}", "instances[0].host", "the command says --host a"),
+    ("{model: m, engine: openai, command: srv, host: '', port: 1}", "instances[0].host", "not a host name"),
+    ("{model: m, engine: openai, port: 9001}", "instances[0].command", "give the program and its arguments"),
+    ("{model: m, engine: openai, command: [], port: 9001}", "instances[0].command", "give the program and its arguments"),
+    ("{model: m, engine: openai, command: \"srv 'x\", port: 9001}", "instances[0].command", "check the quotes"),
+    ("{model: m, engine: openai, command: {a: 1}, port: 9001}", "instances[0].command", "must be a list of strings"),
+    ("{model: m, engine: openai, engine_args: ['--port 9001']}", "instances[0].engine_args", "put the program and all its arguments in 'command'"),
+    ("{model: m, engine: openai, command: srv, port: 9001, health_path: health}", "instances[0].health_path", "start it with '/'"),
+    ("{model: m, engine: openai, command: srv, port: 9001, health_path: '/a b'}", "instances[0].health_path", "not a URL path"),
+    ("{model: m, engine: vllm, engine_args: ['--port=9001'], command: srv}", "instances[0].command", "only for engines started by their own 'command'"),
+    ("{model: m, engine: vllm, engine_args: ['--port=9001'], port: 9001}", "instances[0].port", "vllm is given its address as '--host'/'--port' in engine_args"),
+    ("{model: m, engine: sglang, engine_args: ['--port=9001'], host: x}", "instances[0].host", "remove 'host'"),
+    ("{model: m, engine: sglang, engine_args: ['--port=9001'], health_path: /x}", "instances[0].health_path", "answers health checks at /health"),
+])
+def test_openai_errors_name_the_field(instance: str, field: str, fragment: str) -> None:
+    one_problem(cfg_text(instance), field, fragment)
+
+
+def test_port_clashes_name_where_the_port_came_from() -> None:
+    by_key = "{model: a, engine: openai, command: srv, port: 9001}"
+    by_flag = "{model: b, engine: openai, command: 'srv --port 9001'}"
+    one_problem(cfg_text(VLLM, by_key), "instances[1].port", "already used by instance 'm1'; give each instance its own port:")
+    one_problem(cfg_text(by_key, by_flag), "instances[1].command", "give each instance its own --port")
+    one_problem(cfg_text("{model: a, engine: openai, command: srv, port: 8080}"), "instances[0].port", "port: 8080 is the router's port")
+
+
+def test_auto_sleep_warns_that_an_engine_without_a_sleep_api_never_sleeps() -> None:
+    auto = "sleep_manager: {auto_sleep_enabled: true}"
+    inst = "{model: m, engine: openai, command: 'srv --port 9001'}"
+    (w,) = warnings_of(cfg_text(inst, top=auto))
+    assert w == ("conf.yaml: instances[0]: auto sleep is on but engine 'openai' has no sleep API, so model 'm' "
+                 "is never put to sleep; set 'sleep: false' to say so")
+    assert warnings_of(cfg_text(inst)) == []
+    assert warnings_of(cfg_text("{model: m, engine: openai, command: 'srv --port 9001', sleep: false}", top=auto)) == []
+
+
+def test_openai_engines_take_no_part_in_the_gpu_fraction_check() -> None:
+    vllm = "{model: a, engine: vllm, engine_args: ['--port=9001 --gpu-memory-utilization 0.6']}"
+    other = "{model: b, engine: openai, command: 'srv --port 9002 --gpu-memory-utilization 0.6'}"
+    assert warnings_of(cfg_text(vllm, other)) == []
