@@ -597,3 +597,60 @@ def test_process_startup_delay_unknown_args_and_die_after(procs: list[Proc], tmp
     second, _ = stream()
     assert second.count(b"data: {") == 1 and b"[DONE]" not in second  # request 2: cut after one token
     assert proc.p.wait(5) == 1
+
+
+# ------------------------------------------------- any OpenAI server (openai)
+async def test_openai_dialect_serves_the_plain_openai_api(make_sim) -> None:
+    sim = await make_sim(engine="openai")
+    status, _, body = await sim.get("/v1/models")
+    assert status == 200
+    assert orjson.loads(body)["data"] == [{"id": "tiny", "object": "model", "created": sim.engine.created, "owned_by": "system"}]
+    status, _, body = await sim.post("/v1/chat/completions", CHAT)
+    chat = orjson.loads(body)
+    assert status == 200 and chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"]["content"] == textgen.generate(textgen.chat_prompt(CHAT["messages"]), 4)
+    status, _, body = await sim.post("/v1/completions", {**COMPLETION, "stream": True})
+    events = sse_events(body)
+    assert status == 200 and events[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in events[:-1]) == \
+        textgen.generate("Hello", 4)
+    status, _, _ = await sim.post("/v1/completions", {**COMPLETION, "model": "other"})
+    assert status == 404
+    for path in ("/sleep", "/wake_up", "/release_memory_occupation"):
+        assert (await sim.post(path, {}))[0] == 404  # no sleep API
+    _, _, metrics = await sim.get("/metrics")
+    assert b"sim:num_requests_running" in metrics and b"vllm:" not in metrics
+
+
+async def test_openai_embeddings_are_unit_vectors_of_the_input(make_sim) -> None:
+    sim = await make_sim(engine="openai")
+    status, _, body = await sim.post("/v1/embeddings", {"model": "tiny", "input": ["a b", "c"]})
+    answer = orjson.loads(body)
+    assert status == 200 and list(answer) == ["object", "model", "data", "usage"]
+    assert [d["index"] for d in answer["data"]] == [0, 1] and answer["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    first = answer["data"][0]["embedding"]
+    assert first == pytest.approx(textgen.embedding("a b")) and len(first) == textgen.EMBEDDING_DIMS
+    assert sum(x * x for x in first) == pytest.approx(1.0)
+    _, _, body = await sim.post("/v1/embeddings", {"input": "a", "dimensions": 4})
+    assert len(orjson.loads(body)["data"][0]["embedding"]) == 4
+    status, _, body = await sim.post("/v1/embeddings", {"input": {"no": "text"}})
+    assert status == 400 and orjson.loads(body)["error"]["param"] == "input"
+    vllm = await make_sim(engine="vllm")
+    assert (await vllm.post("/v1/embeddings", {"input": "a"}))[0] == 404  # served by the openai dialect only
+
+
+async def test_health_path_moves_the_health_check_but_never_hides_a_route(make_sim) -> None:
+    sim = await make_sim(engine="openai", health_path="/ready")
+    assert (await sim.get("/ready"))[0] == 200 and (await sim.get("/health"))[0] == 404
+    sim = await make_sim(engine="openai", health_path="/v1/models")
+    status, _, body = await sim.get("/v1/models")
+    assert status == 200 and orjson.loads(body)["data"][0]["id"] == "tiny"
+
+
+def test_openai_options_need_a_port_and_take_a_health_path() -> None:
+    o = parse_options(["--engine", "openai", "--model", "m", "--port", "5", "--health-path", "/ready"])
+    assert (o.engine, o.port, o.health_path) == ("openai", 5, "/ready")
+    assert parse_options(["--engine", "vllm", "--model", "m"]).health_path == "/health"
+    for args, words in ((["--engine", "openai", "--model", "m"], "--port is required"),
+                        (["--engine", "openai", "--model", "m", "--port", "5", "--health-path", "ready"], "--health-path")):
+        r = subprocess.run([PY, "-m", "router.sim", *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
