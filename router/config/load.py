@@ -223,13 +223,14 @@ def env_value(value: Any) -> str:
 TOP_KEYS = ("kvcached", "router", "sleep_manager", "launch_delay_seconds", "tmux_session_prefix", "instances")
 #: tmux session name prefixes: tmux itself turns '.' into '_' in session names.
 TMUX_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,40}")
-#: Instance keys of engines started by their own `command` only (EngineSpec.launcher is None).
-COMMAND_KEYS = ("command", "host", "port", "health_path")
+#: Instance keys of engines we launch from their Python module (vLLM, SGLang); the others
+#: take COMMAND_KEYS instead of engine_args.
 INSTANCE_KEYS = (
     "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
     "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
-    *COMMAND_KEYS,
 )
+#: Instance keys of engines started by their own `command` only (EngineSpec.launcher is None).
+COMMAND_KEYS = ("command", "host", "port", "health_path")
 ROUTER_KEYS = {
     # YAML key: (RouterSettings field, kind)
     "enable_router": ("enable_router", "bool"),
@@ -554,7 +555,7 @@ def _instances(block: Any, kv_env: list[tuple[str, str]], base: Path, sim: bool,
 
 
 def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, sim: bool, p: _Problems) -> Optional[Instance]:
-    p.unknown_keys(where, raw.keys(), INSTANCE_KEYS)
+    p.unknown_keys(where, raw.keys(), INSTANCE_KEYS + COMMAND_KEYS)
     ok = True
     model = raw.get("model")
     if not isinstance(model, str) or not model.strip() or model != model.strip():

@@ -50,7 +50,7 @@ def sim_argv(python: str, inst: EngineInstance) -> list[str]:
     head = [python, "-m", SIM_MODULE, "--engine", spec.name, "--model", inst.model]
     if spec.launcher is not None:
         return [*head, *inst.engine_args, *inst.sim_args]
-    key = spec.api_key(inst.engine_args, {})
+    key = spec.api_key(inst.engine_args, dict(inst.env))
     where = ["--host", inst.host, "--port", str(inst.port), "--health-path", inst.health_path]
     return [*head, *where, *(["--api-key", key] if key else []), *inst.sim_args]
 

@@ -12,7 +12,7 @@ import argparse
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 from router.engines import ENGINE_ALIASES, ENGINES
 #: The context length when none is given (or vLLM's ``auto``: the model's own, which we do not have).
