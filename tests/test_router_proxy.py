@@ -84,7 +84,6 @@ def test_engine_error_is_relayed_as_is(stack: Stack) -> None:
 @pytest.mark.parametrize("body, words", [
     (b"{not json", ["not valid JSON"]),
     (b"[1, 2]", ["JSON object"]),
-    (b'{"prompt": "x"}', ["'model' is missing"]),
     (b'{"model": 3}', ["'model' is a int"]),
     (b'{"model": "m", "stream": "yes"}', ["'stream'"]),
     (b"[" * 100000 + b"]" * 100000, ["not valid JSON"]),
@@ -95,6 +94,20 @@ def test_bad_bodies_get_400(stack: Stack, body: bytes, words: list[str]) -> None
     status, _, data = post(r.url + "/v1/chat/completions", body)
     assert_error(status, data, 400, *words)
     assert e.bodies == []
+
+
+def test_a_body_without_model_goes_to_the_default_model(stack: Stack) -> None:
+    """One model: it is the default. Several: router.default_model, else 400."""
+    e1, e2 = stack.engine(), stack.engine()
+    one = stack.router([instance("m", e1.port)])
+    status, _, _ = post(one.url + "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}]}')
+    assert status == 200 and json.loads(e1.bodies[-1])["model"] == "m"  # the engine is told which model
+    two = stack.router([instance("m", e1.port), instance("n", e2.port)])
+    status, _, data = post(two.url + "/v1/chat/completions", b'{"prompt": "x"}')
+    assert_error(status, data, 400, "'model' is missing", "router.default_model")
+    chosen = stack.router([instance("m", e1.port), instance("n", e2.port)], default_model="n")
+    status, _, _ = post(chosen.url + "/v1/completions", b'{"prompt": "x"}')
+    assert status == 200 and json.loads(e2.bodies[-1])["model"] == "n"
 
 
 def test_unknown_model_404_lists_known(stack: Stack) -> None:

@@ -137,6 +137,8 @@ class RouterSettings:
     #: Secrets: kept out of repr() (and so out of logged configs and tracebacks).
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     admin_api_key: Optional[str] = field(default=None, repr=False)
+    #: Where a request without `model` goes when more than one model is served.
+    default_model: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ ROUTER_KEYS = {
     "log_level": ("log_level", "loglevel"),
     "api_keys": ("api_keys", "keys"),
     "admin_api_key": ("admin_api_key", "key"),
+    "default_model": ("default_model", "name"),
 }
 SLEEP_KEYS = {
     "auto_sleep_enabled": ("auto_sleep_enabled", "bool"),
@@ -425,6 +428,11 @@ def _value(v: Any, where: str, kind: str, p: _Problems, base: Path) -> Any:
         if isinstance(v, str) and v.lower() in LOG_LEVELS:
             return v.lower()
         p.error(where, f"must be one of {', '.join(LOG_LEVELS)}")
+        return None
+    if kind == "name":
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+        p.error(where, f"must be a model name, not {v!r}")
         return None
     if kind == "keys":
         return _secrets(v, where, p, base, many=True)
@@ -785,6 +793,9 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
                 p.warn(where, f"auto sleep is on but this {inst.engine} engine lacks what its sleep API needs: "
                               f"{', '.join(missing)}; add them or set 'sleep: false'")
     router = cfg.router
+    if router.default_model is not None and router.default_model not in routes:
+        p.error("router.default_model", f"{router.default_model!r} is not a model, alias or served name of any "
+                                        f"instance; use one of: {', '.join(routes)}")
     if router.enable_router and not router.api_keys and not (router.host == "localhost" or loopback_ip(router.host)):
         p.warn("router.router_host", f"{router.host} lets other machines reach the router and router.api_keys is not "
                                      "set, so anyone who can connect may use every model; set api_keys")

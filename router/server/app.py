@@ -22,14 +22,18 @@ from router import __version__
 from router.config import Config
 from router.server.admin import admin_routes
 from router.server.errors import error_response
-from router.server.proxy import Receive, Scope, Send, send_error
+from router.engines import ENGINES
+from router.server.affinity import RESPONSES_PATH
+from router.server.proxy import UPSTREAM_PREFIX, Receive, Scope, Send, send_error
 from router.server.report import model_report
 from router.server.state import RouterState
 
 #: Longest silence on GET /events before a keep-alive comment line.
 EVENTS_HEARTBEAT_SECONDS = 15.0
 
-PROXY_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
+#: Every client path some engine kind serves: one no configured engine serves is a 404 that says so.
+ENGINE_PATHS = frozenset(p for spec in ENGINES.values() for p in spec.client_paths)
+STORED_RESPONSES = RESPONSES_PATH + "/"
 
 
 class RouterApp:
@@ -42,14 +46,23 @@ class RouterApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             state = self.state
+            path = scope["path"]
             denied = state.guard.check(scope)
             if denied is not None:
-                return await send_error(send, denied.status, denied.message, headers=denied.headers)
-            if scope["path"] in PROXY_PATHS:
+                return await send_error(send, denied.status, denied.message, headers=denied.headers, path=path)
+            if path in state.table.client_paths:
                 if scope["method"] == "POST":
                     return await state.proxy(scope, receive, send)
-                return await send_error(send, 405, f"Method {scope['method']} is not allowed on {scope['path']}; use POST.",
-                                        headers=[(b"allow", b"POST")])
+                return await send_error(send, 405, f"Method {scope['method']} is not allowed on {path}; use POST.",
+                                        headers=[(b"allow", b"POST")], path=path)
+            if path in ENGINE_PATHS:
+                return await send_error(send, 404, f"No configured engine serves {path}; the engine kinds that do "
+                                        f"are {', '.join(n for n, s in ENGINES.items() if path in s.client_paths)}.",
+                                        path=path)
+            if path.startswith(STORED_RESPONSES):
+                return await state.proxy.stored_response(scope, receive, send)
+            if path.startswith(UPSTREAM_PREFIX):
+                return await state.proxy.upstream(scope, receive, send)
         await self.web(scope, receive, send)
 
 

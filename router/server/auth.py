@@ -1,4 +1,4 @@
-"""Who may call what: client API keys on ``/v1/*``, the admin key (or loopback) on admin endpoints.
+"""Who may call what: client API keys on the client paths, the admin key (or loopback) on admin endpoints.
 
 The check runs on every request before any route, so it is built once from
 the settings: keys are encoded up front and a request with no key configured
@@ -7,9 +7,12 @@ every configured key (no early exit), so the time taken says nothing about
 how much of a guess was right or which key it was close to. No key ever
 appears in an answer or a log line: messages name the setting, never the value.
 
-Admin endpoints are ``/action/*`` and every request outside ``/v1/`` that
-may change state (any method but GET, HEAD and OPTIONS), so a state-changing
-endpoint added later is guarded without being listed here. With no
+Client paths are ``/v1/*`` and every other path a configured engine serves
+to clients (``/tokenize``, ``/rerank``...). The Anthropic SDK sends its key
+as ``x-api-key``; that header counts as a client key on the Messages paths.
+Admin endpoints are ``/action/*``, ``/upstream/*`` and every other request
+that may change state (any method but GET, HEAD and OPTIONS), so a
+state-changing endpoint added later is guarded without being listed here. With no
 ``router.admin_api_key`` they are served only to loopback clients, judged by
 the peer address of the connection (the ASGI scope's ``client``), never by a
 header a client could forge.
@@ -24,7 +27,9 @@ from router.config import RouterSettings, loopback_ip
 Scope = MutableMapping[str, Any]
 
 CLIENT_PREFIX = "/v1/"
-ADMIN_PREFIX = "/action/"
+ADMIN_PREFIXES = ("/action/", "/upstream/")
+#: Paths whose clients (the Anthropic SDK) send their key as ``x-api-key``.
+X_API_KEY_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CHALLENGE = [(b"www-authenticate", b"Bearer")]
 
@@ -37,8 +42,8 @@ class Denied(NamedTuple):
     headers: list[tuple[bytes, bytes]]
 
 
-MISSING_KEY = Denied(401, "Missing or invalid API key: send 'Authorization: Bearer <key>' with one of the keys "
-                          "in router.api_keys.", CHALLENGE)
+MISSING_KEY = Denied(401, "Missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>' "
+                          "on the Anthropic Messages paths) with one of the keys in router.api_keys.", CHALLENGE)
 MISSING_ADMIN_KEY = Denied(401, "This admin endpoint needs the admin key: send 'Authorization: Bearer <key>' with "
                                 "router.admin_api_key.", CHALLENGE)
 NOT_LOOPBACK = Denied(403, "Admin endpoints are served only to clients on this machine (loopback) while "
@@ -71,25 +76,37 @@ def is_loopback(client: Optional[tuple[str, int]]) -> bool:
     return bool(client) and loopback_ip(client[0])
 
 
-def is_admin(scope: Scope) -> bool:
-    path: str = scope["path"]
-    return path.startswith(ADMIN_PREFIX) or (scope["method"] not in SAFE_METHODS and not path.startswith(CLIENT_PREFIX))
+def x_api_key(scope: Scope) -> Optional[bytes]:
+    for k, v in scope["headers"]:
+        if k == b"x-api-key":
+            return v.strip()
+    return None
 
 
 class Guard:
     """The access rules of one router, from its settings."""
 
-    def __init__(self, settings: RouterSettings):
+    def __init__(self, settings: RouterSettings, client_paths: frozenset[str]):
         self.keys = tuple(k.encode() for k in settings.api_keys)
         self.admin_key = (settings.admin_api_key.encode(),) if settings.admin_api_key else ()
+        self.client_paths = client_paths
+
+    def is_client(self, path: str) -> bool:
+        return path.startswith(CLIENT_PREFIX) or path in self.client_paths
+
+    def is_admin(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        return path.startswith(ADMIN_PREFIXES) or (scope["method"] not in SAFE_METHODS and not self.is_client(path))
 
     def check(self, scope: Scope) -> Optional[Denied]:
         """None when the request may proceed, else the error to answer with."""
-        if scope["path"].startswith(CLIENT_PREFIX):
-            if self.keys and not matches(bearer_token(scope), self.keys):
+        path: str = scope["path"]
+        if self.is_client(path):
+            if self.keys and not (matches(bearer_token(scope), self.keys)
+                                  or (path in X_API_KEY_PATHS and matches(x_api_key(scope), self.keys))):
                 return MISSING_KEY
             return None
-        if not is_admin(scope):
+        if not self.is_admin(scope):
             return None
         if self.admin_key:
             return None if matches(bearer_token(scope), self.admin_key) else MISSING_ADMIN_KEY

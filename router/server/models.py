@@ -40,12 +40,14 @@ class Overloaded(Exception):
 class Model:
     """A model's replicas, its wait queue, its lifecycle and the least-outstanding pick."""
 
-    __slots__ = ("name", "replicas", "lifecycle", "metrics", "_waiters", "_retry_after")
+    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "_waiters", "_retry_after")
 
     def __init__(self, name: str, replicas: tuple[Replica, ...], settings: SleepSettings, control: EngineControl,
                  events: Events, metrics: ModelMetrics, retry_after: int):
         self.name = name
         self.replicas = replicas
+        #: The client paths every replica's engine serves (so any replica can take any of them).
+        self.paths = served_paths(replicas)
         self.lifecycle = Lifecycle(name, self.members, settings, control, events)
         self.metrics = metrics
         self._waiters: deque[asyncio.Future[Replica]] = deque()
@@ -58,6 +60,7 @@ class Model:
     def reconfigure(self, replicas: tuple[Replica, ...], settings: SleepSettings, retry_after: int) -> None:
         """Take a reload's replicas and settings; queued requests may find a slot on the new ones."""
         self.replicas = replicas
+        self.paths = served_paths(replicas)
         self.lifecycle.settings = settings
         self._retry_after = retry_after
         if self._waiters:
@@ -84,6 +87,16 @@ class Model:
         if full:
             raise Overloaded()
         raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+
+    def take(self, replica: Replica) -> Replica:
+        """A slot on this very replica (it holds what the request refers to), without waiting."""
+        if not replica.routable(time.monotonic()):
+            raise NoReplica(self._retry_after, f"Instance {replica.name}, which holds what this request refers to, "
+                                               f"cannot take requests now: {replica.down_reason()}.")
+        if replica.limit is not None and replica.outstanding >= replica.limit:
+            raise Overloaded()
+        replica.outstanding += 1
+        return replica
 
     async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Replica:
         """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full.
@@ -166,6 +179,10 @@ class Model:
         return max(1, math.ceil(min(ejected))) if ejected else self._retry_after
 
 
+def served_paths(replicas: tuple[Replica, ...]) -> frozenset[str]:
+    return frozenset.intersection(*(frozenset(r.instance.spec.client_paths) for r in replicas)) if replicas else frozenset()
+
+
 def retry_hint(config: Config) -> int:
     """Retry-After for a model with no routable replica: the next health probe may bring one back."""
     return max(1, math.ceil(config.router.health_check_interval_seconds))
@@ -177,6 +194,8 @@ class ModelTable:
     def __init__(self, models: dict[str, Model], routes: dict[str, str]):
         self._models = models
         self._routes: dict[str, Model] = {n: models[m] for n, m in routes.items()}
+        #: Every client path some model serves: what the app sends to the proxy.
+        self.client_paths = frozenset().union(*(m.paths for m in models.values()))
 
     @classmethod
     def build(cls, config: Config, control: EngineControl, events: Events, metrics: Callable[[str], ModelMetrics],

@@ -1,10 +1,11 @@
-"""The hot path: a raw ASGI handler for the OpenAI generation routes.
+"""The hot path: a raw ASGI handler for every client path the engines serve.
 
 No framework objects on this path: the body is read from ASGI messages,
-parsed once with orjson to find `model` and `stream`, and forwarded as the
-original bytes unless the model name must be rewritten. Engine answers are
-relayed as bytes: non-streaming bodies whole, streams chunk by chunk as they
-arrive, with ASGI `send` backpressure reaching the engine connection.
+parsed once with orjson (or, for a multipart audio upload, walked once for
+its text fields) to find `model` and `stream`, and forwarded as the original
+bytes unless the model name must be rewritten. Engine answers are relayed as
+bytes: non-streaming bodies whole, streams chunk by chunk as they arrive,
+with ASGI `send` backpressure reaching the engine connection.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import orjson
 from router.config import RouterSettings
 from router.observe.accesslog import AccessLog
 from router.observe.traffic import Traffic
-from router.server.errors import error_body
+from router.server.affinity import RESPONSES_PATH, ResponseOwners
+from router.server.errors import ANTHROPIC_PATHS, error_body_for
+from router.server.forms import Field, FormError, boundary_of, read_fields, replace_field
 from router.server.lifecycle import ModelUnavailable
 from router.server.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.replica import Replica
@@ -36,6 +39,11 @@ DROP_REQUEST_HEADERS = frozenset({
 #: Engine response headers relayed to the client, streamed or not (the router sets length and framing).
 RELAY_RESPONSE_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id"})
 AUTHORIZATION = frozenset({b"authorization"})
+#: The Anthropic SDK's key header: a router key, not forwarded when the router checks keys.
+API_KEY = frozenset({b"x-api-key"})
+RESPONSES_PATH_BYTES = RESPONSES_PATH.encode()
+#: ``/upstream/{model}/{path}``: raw pass-through to one replica (admin only).
+UPSTREAM_PREFIX = "/upstream/"
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -56,8 +64,9 @@ class Reject(Exception):
 
 
 async def send_error(send: Send, status: int, message: str, param: Optional[str] = None,
-                     headers: Optional[list[tuple[bytes, bytes]]] = None) -> None:
-    body = error_body(status, message, param)
+                     headers: Optional[list[tuple[bytes, bytes]]] = None, path: str = "") -> None:
+    """The router's own error answer, in the shape the client of `path` parses."""
+    body = error_body_for(path, status, message, param)
     await send({"type": "http.response.start", "status": status,
                 "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
@@ -67,7 +76,8 @@ def retry_after(seconds: int) -> list[tuple[bytes, bytes]]:
     return [(b"retry-after", str(seconds).encode())]
 
 
-def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[bytes], auth_line: bytes = b"") -> bytes:
+def request_head(scope: Scope, target: bytes, authority: bytes, length: int, drop: frozenset[bytes],
+                 auth_line: bytes = b"") -> bytes:
     """Request line and headers for the engine (the one place deciding which headers are forwarded).
 
     End-to-end headers pass as the client sent them; hop-by-hop ones (and
@@ -83,11 +93,11 @@ def request_head(scope: Scope, authority: bytes, length: int, drop: frozenset[by
             drop = drop | {t.strip().lower().encode() for t in v.decode("latin-1").split(",")}
         elif k == b"content-type":
             typed = True
-    target = scope.get("raw_path") or scope["path"].encode("latin-1")
     if scope["query_string"]:
         target += b"?" + scope["query_string"]
-    parts = [b"POST ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\ncontent-length: ", str(length).encode(),
-             b"\r\n" if typed else b"\r\ncontent-type: application/json\r\n", auth_line]
+    parts = [scope["method"].encode(), b" ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\ncontent-length: ",
+             str(length).encode(), b"\r\n" if typed or not length else b"\r\ncontent-type: application/json\r\n",
+             auth_line]
     for k, v in headers:
         if k not in drop:
             parts += (k, b": ", v, b"\r\n")
@@ -103,8 +113,46 @@ def relay_headers(resp: Response, headers: list[tuple[bytes, bytes]]) -> list[tu
     return headers
 
 
-def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
-    """(payload, model name, stream) from a request body, or Reject(400)."""
+def header(scope: Scope, name: bytes) -> Optional[bytes]:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v
+    return None
+
+
+class Outgoing:
+    """What one client request asks for, and the body each replica gets.
+
+    `name` is the model name the client gave (None: the default model);
+    the body is forwarded as the client sent it unless the replica serves
+    the model under another name, when the model field is rewritten (JSON
+    re-encoded once, or the one form field replaced).
+    """
+
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin")
+
+    def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
+                 form_model: Optional[Field] = None, pin: Optional[Replica] = None):
+        self.name = name
+        self.payload = payload
+        self.body = body
+        self.stream = stream
+        self.form_model = form_model
+        #: The one replica this request must go to (it holds the response the request names).
+        self.pin = pin
+
+    def data_for(self, replica: Replica) -> bytes:
+        if self.name in replica.served:
+            return self.body
+        if self.payload is not None:
+            return orjson.dumps({**self.payload, "model": replica.served_name})
+        if self.form_model is not None:
+            return replace_field(self.body, self.form_model, replica.served_name)
+        return self.body
+
+
+def parse_json(body: bytes) -> tuple[dict[str, Any], Optional[str], bool]:
+    """(payload, model name or None, stream) from a JSON request body, or Reject(400)."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -112,9 +160,9 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
     if type(payload) is not dict:
         raise Reject(400, "The request body must be a JSON object.")
     model = payload.get("model")
-    if type(model) is not str or not model:
-        what = "missing" if model is None else f"a {type(model).__name__}, not a non-empty string"
-        raise Reject(400, f"'model' is {what}; give the name of the model to use.", "model")
+    if (model is not None or "model" in payload) and (type(model) is not str or not model):
+        raise Reject(400, f"'model' is a {type(model).__name__}, not a non-empty string; give the name of the "
+                          "model to use (or leave it out for the default model).", "model")
     stream = payload.get("stream", False)
     if stream is None:
         stream = False
@@ -123,12 +171,24 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
     return payload, model, stream
 
 
+def parse_form(body: bytes, boundary: bytes) -> tuple[Optional[str], bool, Optional[Field]]:
+    """(model name or None, stream, the model field) from a multipart form body, or Reject(400)."""
+    try:
+        fields = read_fields(body, boundary)
+    except FormError as e:
+        raise Reject(400, f"{e}.") from None
+    model = fields.get("model")
+    stream = fields.get("stream")
+    return (model.value or None) if model else None, bool(stream and stream.value.lower() == "true"), model
+
+
 class Exchange:
     """What one proxied request did, for metrics, traffic and the access log."""
 
-    __slots__ = ("status", "nbytes", "ttfb", "replica")
+    __slots__ = ("path", "status", "nbytes", "ttfb", "replica")
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.status = 0
         self.nbytes = 0
         self.ttfb: Optional[float] = None
@@ -136,38 +196,135 @@ class Exchange:
 
 
 class Proxy:
-    """ASGI handler for POST /v1/completions, /v1/chat/completions, /v1/embeddings.
+    """ASGI handler for every client path the configured engines serve (POST, routed by the body's
+    `model`), the stored responses (``/v1/responses/{id}``), and ``/upstream/{model}/{path}``.
 
     Built for one table and one set of settings; a reload builds a new one.
     """
 
-    def __init__(self, table: ModelTable, settings: RouterSettings, traffic: Traffic, access_log: Optional[AccessLog]):
+    def __init__(self, table: ModelTable, settings: RouterSettings, traffic: Traffic, access_log: Optional[AccessLog],
+                 owners: ResponseOwners):
         self.table = table
         self.traffic = traffic
+        self.owners = owners
         self.max_bytes = settings.max_request_bytes
         self.queue_timeout = settings.queue_timeout_seconds
         self.eject_seconds = settings.eject_seconds
         self.access_log = access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
-        self.drop_headers = DROP_REQUEST_HEADERS | (AUTHORIZATION if settings.api_keys else frozenset())
+        self.drop_headers = DROP_REQUEST_HEADERS | (AUTHORIZATION | API_KEY if settings.api_keys else frozenset())
         self.connect_timeout = settings.connect_timeout_seconds
         self.request_timeout = settings.request_timeout_seconds
-        self.known = ", ".join(self.table.names)
+        self.known = ", ".join(table.names)
+        #: The model a request without `model` goes to: router.default_model, else the only one.
+        self.default_model = settings.default_model or (next(iter(table)).name if len(table) == 1 else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A POST to a client path: routed by the model its body names."""
         start = time.perf_counter()
+        path = scope["path"]
         try:
             body = await self.read_body(scope, receive)
             if body is None:
                 return  # the client left before sending its request
-            payload, name, stream = parse_request(body)
-            model = self.table.get(name)
-            if model is None:
-                raise Reject(404, f"The model '{name}' does not exist. Known models: {self.known}.", "model",)
+            out = self.outgoing(scope, body)
+            model = self.model_for(out.name, path)
+            if path == RESPONSES_PATH and out.payload is not None:
+                out.pin = self.previous_response_owner(out.payload, model)
+        except Reject as r:
+            await send_error(send, r.status, r.message, r.param, r.headers, path)
+            return
+        await self.handle(scope, receive, send, model, out, start, path.encode())
+
+    def outgoing(self, scope: Scope, body: bytes) -> Outgoing:
+        content_type = header(scope, b"content-type") or b""
+        try:
+            boundary = boundary_of(content_type) if content_type.startswith(b"multipart/") else None
+        except FormError as e:
+            raise Reject(400, f"{e}.") from None
+        if boundary is not None:
+            name, stream, field = parse_form(body, boundary)
+            return Outgoing(name, None, body, stream, form_model=field)
+        payload, name, stream = parse_json(body)
+        return Outgoing(name, payload, body, stream)
+
+    def model_for(self, name: Optional[str], path: str) -> Model:
+        """The model a request names (or the default), if it serves `path`; else Reject(400/404)."""
+        if name is None:
+            if self.default_model is None:
+                raise Reject(400, "'model' is missing; give the name of the model to use (more than one model is "
+                                  "served and router.default_model is not set).", "model")
+            name = self.default_model
+        model = self.table.get(name)
+        if model is None:
+            raise Reject(404, f"The model '{name}' does not exist. Known models: {self.known}.", "model")
+        if path not in model.paths:
+            serving = [m.name for m in self.table if path in m.paths]
+            raise Reject(404, f"Model '{model.name}' does not serve {path}; models that do: {', '.join(serving)}.",
+                         "model")
+        return model
+
+    def previous_response_owner(self, payload: dict[str, Any], model: Model) -> Optional[Replica]:
+        """The replica a follow-up (`previous_response_id`) must go to: the one holding that response."""
+        previous = payload.get("previous_response_id")
+        if previous is None:
+            return None
+        owner = self.owners.owner(previous) if isinstance(previous, str) else None
+        if owner is None:
+            raise Reject(404, f"Response '{previous}' is not known to this router (unknown, or forgotten after "
+                              "the router restarted or its last responses were evicted).", "previous_response_id")
+        if owner.model is not model:
+            raise Reject(400, f"Response '{previous}' was made by model '{owner.model.name}', not "
+                              f"'{model.name}'.", "previous_response_id")
+        return owner.replica
+
+    async def stored_response(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel: to the replica that made it."""
+        start = time.perf_counter()
+        path = scope["path"]
+        response_id = path[len(RESPONSES_PATH) + 1:].split("/", 1)[0]
+        owner = self.owners.owner(response_id)
+        try:
+            if owner is None:
+                raise Reject(404, f"Response '{response_id}' is not known to this router (unknown, or forgotten "
+                                  "after the router restarted or its last responses were evicted).")
+            body = await self.read_body(scope, receive)
+            if body is None:
+                return
         except Reject as r:
             await send_error(send, r.status, r.message, r.param, r.headers)
             return
-        await self.handle(scope, receive, send, model, name, payload, body, stream, start)
+        out = Outgoing(None, None, body, False, pin=owner.replica)
+        await self.handle(scope, receive, send, owner.model, out, start, path.encode(), admit=False)
+
+    async def upstream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/upstream/{model}/{path}``: any method, passed through raw to one replica of the model.
+
+        An operator's door to engine-specific APIs: no model rewrite, no wake
+        (a sleeping engine is reached as it is), the replica picked as usual.
+        """
+        start = time.perf_counter()
+        rest = scope["path"][len(UPSTREAM_PREFIX):]
+        try:
+            model, target = self.upstream_target(rest)
+            body = await self.read_body(scope, receive)
+            if body is None:
+                return
+        except Reject as r:
+            await send_error(send, r.status, r.message, r.param, r.headers)
+            return
+        stream = (header(scope, b"accept") or b"").startswith(b"text/event-stream")
+        await self.handle(scope, receive, send, model, Outgoing(None, None, body, stream), start, target, admit=False)
+
+    def upstream_target(self, rest: str) -> tuple[Model, bytes]:
+        """The model and engine path of ``{model}/{path}``; model names may hold slashes, so the
+        longest configured name that prefixes `rest` wins."""
+        for name in sorted(self.table.names, key=len, reverse=True):
+            if rest.startswith(name + "/") or rest == name:
+                model = self.table.get(name)
+                assert model is not None
+                return model, ("/" + rest[len(name) + 1:]).encode()
+        raise Reject(404, f"No model is named at the start of '/upstream/{rest}'. Known models: {self.known}.")
 
     async def read_body(self, scope: Scope, receive: Receive) -> Optional[bytes]:
         """The request body, refusing (413) as soon as it is known to exceed the limit."""
@@ -201,10 +358,11 @@ class Proxy:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, model: Model, name: str,
-                     payload: dict[str, Any], body: bytes, stream: bool, start: float) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, model: Model, out: Outgoing, start: float,
+                     target: bytes, admit: bool = True) -> None:
         """Admit, forward, relay and account one request, cancelling it if the client leaves."""
-        ex = Exchange()
+        path = scope["path"]
+        ex = Exchange(path)
         task = asyncio.current_task()
         gone = False
 
@@ -220,9 +378,10 @@ class Proxy:
         lifecycle = model.lifecycle
         admitted = False
         try:
-            await lifecycle.admit()
-            admitted = True
-            await self.forward(scope, send, model, name, payload, body, stream, start, ex)
+            if admit:
+                await lifecycle.admit()
+                admitted = True
+            await self.forward(scope, send, model, out, start, ex, target)
         except asyncio.CancelledError:
             if not gone:
                 raise
@@ -231,42 +390,52 @@ class Proxy:
             ex.status = CLIENT_GONE
         except ModelUnavailable as e:
             ex.status = 503
-            await send_error(send, 503, e.message, headers=retry_after(e.retry_after))
+            await send_error(send, 503, e.message, headers=retry_after(e.retry_after), path=path)
         except Reject as r:
             ex.status = r.status
-            await send_error(send, r.status, r.message, r.param, r.headers)
+            await send_error(send, r.status, r.message, r.param, r.headers, path)
         finally:
             watcher.remove_done_callback(on_disconnect)
             watcher.cancel()
             if admitted:
                 lifecycle.release()
-        self.account(model, ex, stream, start)
+        self.account(model, ex, out.stream, start)
 
-    async def forward(self, scope: Scope, send: Send, model: Model, name: str, payload: dict[str, Any],
-                      body: bytes, stream: bool, start: float, ex: Exchange) -> None:
+    async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...]) -> Replica:
+        """A slot on a replica: the pinned one, or the model's pick (waiting in its queue if full)."""
+        try:
+            if out.pin is not None:
+                return model.take(out.pin)
+            return await model.acquire(time.monotonic(), tried, self.queue_timeout)
+        except NoReplica as e:
+            if tried:
+                raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
+                                  f"(tried {', '.join(r.url for r in tried)}).") from None
+            raise Reject(503, e.message, headers=retry_after(e.retry_after)) from None
+        except Overloaded:
+            raise Reject(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
+                              "retry later.", headers=retry_after(1)) from None
+
+    async def forward(self, scope: Scope, send: Send, model: Model, out: Outgoing, start: float, ex: Exchange,
+                      target: bytes) -> None:
         tried: tuple[Replica, ...] = ()
         # A stream waits at most one idle period for its first byte; an answer, the request timeout.
-        timeout = self.idle_timeout if stream else self.request_timeout
+        timeout = self.idle_timeout if out.stream else self.request_timeout
+        learn = target == RESPONSES_PATH_BYTES
         while True:
-            try:
-                replica = await model.acquire(time.monotonic(), tried, self.queue_timeout)
-            except NoReplica as e:
-                if tried:
-                    raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
-                                      f"(tried {', '.join(r.url for r in tried)}).") from None
-                raise Reject(503, e.message, headers=retry_after(e.retry_after)) from None
-            except Overloaded:
-                raise Reject(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
-                                  "retry later.", headers=retry_after(1)) from None
+            replica = await self.acquire(model, out, tried)
             ex.replica = replica
-            data = body if name in replica.served else orjson.dumps({**payload, "model": replica.served_name})
-            head = request_head(scope, replica.authority, len(data), self.drop_headers, replica.auth_line)
+            data = out.data_for(replica)
+            head = request_head(scope, target, replica.authority, len(data), self.drop_headers, replica.auth_line)
             try:
                 resp = await replica.pool.request(head, data, self.connect_timeout, timeout)
             except ConnectFailed:
                 model.eject(replica, time.monotonic(), self.eject_seconds)
                 model.release(replica)
                 model.metrics.upstream_error("connect")
+                if out.pin is not None:
+                    raise Reject(502, f"Could not connect to instance {replica.name}, which holds the response "
+                                      "this request names.") from None
                 tried += (replica,)
                 continue
             except UpstreamError as e:
@@ -276,10 +445,10 @@ class Proxy:
                 model.release(replica)
                 raise
             try:
-                if stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                    await self.relay_stream(send, resp, start, ex, model)
+                if out.stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
+                    await self.relay_stream(send, resp, start, ex, model, learn)
                 else:
-                    await self.relay_body(send, resp, start, ex, model)
+                    await self.relay_body(send, resp, start, ex, model, learn)
             finally:
                 resp.close()
                 model.release(replica)
@@ -292,19 +461,23 @@ class Proxy:
             return Reject(504, f"The engine of model '{model.name}' timed out: {e}.")
         return Reject(502, f"The engine of model '{model.name}' failed: {e}.")
 
-    async def relay_body(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model) -> None:
+    async def relay_body(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model,
+                         learn: bool) -> None:
         try:
             data = await resp.read()
         except UpstreamError as e:
             raise self.upstream_failure(model, e) from None
         ex.status = resp.status
+        if learn and resp.status == 200 and ex.replica is not None:
+            self.owners.learn_from_body(data, model, ex.replica)
         await send({"type": "http.response.start", "status": resp.status,
                     "headers": relay_headers(resp, [(b"content-length", str(len(data)).encode())])})
         ex.ttfb = time.perf_counter() - start
         await send({"type": "http.response.body", "body": data})
         ex.nbytes = len(data)
 
-    async def relay_stream(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model) -> None:
+    async def relay_stream(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model,
+                           learn: bool) -> None:
         resp.stream(self.idle_timeout)
         ex.status = resp.status
         await send({"type": "http.response.start", "status": resp.status,
@@ -314,6 +487,8 @@ class Proxy:
             chunk = await resp.next_chunk()
             ex.ttfb = time.perf_counter() - start
             while chunk:
+                if learn and ex.replica is not None:
+                    learn = not self.owners.learn_from_stream(chunk, model, ex.replica)
                 nbytes += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 chunk = await resp.next_chunk()
@@ -321,8 +496,9 @@ class Proxy:
             model.metrics.upstream_error(e.kind)
             ex.status = 504 if isinstance(e, UpstreamTimeout) else 502
             message = f"The engine of model '{model.name}' stopped the stream: {e}."
-            await send({"type": "http.response.body", "body": b"data: " + error_body(ex.status, message) + b"\n\n",
-                        "more_body": True})
+            event = b"event: error\n" if ex.path in ANTHROPIC_PATHS else b""
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": event + b"data: " + error_body_for(ex.path, ex.status, message) + b"\n\n"})
         ex.nbytes = nbytes
         await send({"type": "http.response.body", "body": b""})
 

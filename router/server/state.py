@@ -18,6 +18,7 @@ from router.observe.accesslog import AccessLog
 from router.observe.events import Events
 from router.observe.metrics import Metrics
 from router.observe.traffic import Traffic
+from router.server.affinity import ResponseOwners
 from router.server.auth import Guard
 from router.server.control import EngineControl
 from router.server.health import HealthChecker
@@ -45,8 +46,10 @@ class RouterState:
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
         self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
-        self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log)
-        self.guard = Guard(config.router)
+        #: Which replica made each stored response; outlives reloads, as the replicas do.
+        self.owners = ResponseOwners()
+        self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
+        self.guard = Guard(config.router, self.table.client_paths)
         #: supervisord's view of every engine process, where the stack runs under supervisord.
         self.processes = ProcessWatcher(supervisor_socket, self.on_process) if supervisor_socket else None
         self.started_at = time.time()
@@ -87,8 +90,8 @@ class RouterState:
             self.traffic.follow(m.name for m in table)
             self.config = new
             self.table = table
-            self.proxy = Proxy(table, new.router, self.traffic, self.access_log)
-            self.guard = Guard(new.router)
+            self.proxy = Proxy(table, new.router, self.traffic, self.access_log, self.owners)
+            self.guard = Guard(new.router, table.client_paths)
             for name in change.models_removed:
                 self.metrics.drop(name)
             removed = [m for m in old_table if table.get(m.name) is not m]

@@ -1,0 +1,78 @@
+"""Which replica made each stored response (the Responses API's ids).
+
+vLLM keeps a stored response in the memory of the replica that made it, so
+``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel`` and a
+request with ``previous_response_id`` must go to that replica. The router
+learns each id from the engine's answer (the JSON body's ``id``, or the
+stream's ``response.created`` event) and keeps the most recently used
+`MAX_RESPONSES` of them; the least recently used id is forgotten first, and
+a request naming a forgotten or unknown id gets 404.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple, Optional
+
+import orjson
+
+from router.server.models import Model
+from router.server.replica import Replica
+
+#: Ids remembered at most (about 200 bytes each).
+MAX_RESPONSES = 100_000
+RESPONSES_PATH = "/v1/responses"
+#: The stream event that carries a new response's id.
+CREATED = b'"response.created"'
+
+
+class Owner(NamedTuple):
+    model: Model
+    replica: Replica
+
+
+class ResponseOwners:
+    """Response id -> the model and replica that made it; bounded, least recently used evicted first."""
+
+    def __init__(self, limit: int = MAX_RESPONSES):
+        self._owners: OrderedDict[str, Owner] = OrderedDict()
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def remember(self, response_id: str, model: Model, replica: Replica) -> None:
+        self._owners[response_id] = Owner(model, replica)
+        self._owners.move_to_end(response_id)
+        while len(self._owners) > self._limit:
+            self._owners.popitem(last=False)
+
+    def owner(self, response_id: str) -> Optional[Owner]:
+        found = self._owners.get(response_id)
+        if found is not None:
+            self._owners.move_to_end(response_id)
+        return found
+
+    def learn_from_body(self, body: bytes, model: Model, replica: Replica) -> None:
+        """A whole answer of POST /v1/responses: its ``id``."""
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(data, dict) and isinstance(data.get("id"), str):
+            self.remember(data["id"], model, replica)
+
+    def learn_from_stream(self, chunk: bytes, model: Model, replica: Replica) -> bool:
+        """One chunk of a streamed answer; True once the ``response.created`` event gave the id."""
+        if CREATED not in chunk:
+            return False
+        for line in chunk.split(b"\n"):
+            if line.startswith(b"data:") and CREATED in line:
+                try:
+                    event = orjson.loads(line[5:])
+                except orjson.JSONDecodeError:
+                    return False
+                response = event.get("response") if isinstance(event, dict) else None
+                if isinstance(response, dict) and isinstance(response.get("id"), str):
+                    self.remember(response["id"], model, replica)
+                    return True
+        return False
