@@ -292,6 +292,7 @@ KIND_VALUES = {
     "loglevel": st.sampled_from(["info", "DEBUG", "trace"]),
     "keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2) | KEY_SOURCES,
     "key": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
+    "name": st.sampled_from(["m", "org/model", "alias", "no-such-model"]),
 }
 
 
@@ -470,7 +471,8 @@ def check_rendered(bench: Bench, out: Path, cfg_path: Path, doc: dict, sim: bool
     programs = {p.name: p for g in options.process_group_configs for p in g.process_configs}
     instances = doc["instances"]
     assert set(programs) == {i["name"] for i in instances} | {"router", "logs"}
-    router_argv = [bench.python, "-m", "router.serve", "--config", str(cfg_path)]
+    router_argv = [bench.python, "-m", "router.serve", "--config", str(cfg_path),
+                   "--supervisor-socket", str(out / "supervisor.sock")]
     assert shlex.split(programs["router"].command) == router_argv
     assert programs["router"].environment == {"PYTHONUNBUFFERED": "1"}
     for inst in instances:

@@ -22,6 +22,7 @@ from router import __version__
 from router.config import Config
 from router.server.admin import admin_routes
 from router.server.errors import error_response
+from router.server.models import Model
 from router.engines import ENGINES
 from router.server.affinity import RESPONSES_PATH
 from router.server.proxy import UPSTREAM_PREFIX, Receive, Scope, Send, send_error
@@ -119,16 +120,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def routes(state: RouterState) -> list[BaseRoute]:
     """The router's own endpoints (everything but the proxy and admin routes)."""
 
+    def model_entry(name: str, model: Model) -> dict[str, object]:
+        """One name's /v1/models entry: what its engine says of itself, under the name the client uses."""
+        card = next((r.card for r in model.replicas if r.card is not None), None) or {}
+        return {**card, "id": name, "object": "model", "created": card.get("created", int(state.started_at)),
+                "owned_by": card.get("owned_by", model.replicas[0].instance.engine),
+                "root": card.get("root", model.name)}
+
     async def list_models(request: Request) -> Response:
-        created = int(state.started_at)
         table = state.table
         data = []
         for name in table.names:
             model = table.get(name)
             assert model is not None
-            data.append({"id": name, "object": "model", "created": created,
-                         "owned_by": model.replicas[0].instance.engine, "root": model.name})
+            data.append(model_entry(name, model))
         return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        model = state.table.get(name)
+        if model is None:
+            return error_response(404, f"The model '{name}' does not exist. Known models: "
+                                       f"{', '.join(state.table.names)}.", param="model")
+        return JSONResponse(model_entry(name, model))
 
     async def kvcached_models(request: Request) -> Response:
         return JSONResponse({"models": {m.name: {"endpoint": m.replicas[0].url,
@@ -177,6 +191,7 @@ def routes(state: RouterState) -> list[BaseRoute]:
 
     return [
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/models", kvcached_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/health/all", health_all, methods=["GET"]),

@@ -16,6 +16,7 @@ import aiohttp
 from router.engines import Call
 from router.server.replica import Replica
 
+MODELS_PATH = "/v1/models"
 #: Time limit of one ``/is_sleeping`` question.
 ASK_TIMEOUT_SECONDS = 2.0
 
@@ -83,9 +84,26 @@ class EngineControl:
         value = data.get("is_sleeping") if isinstance(data, dict) else None
         return value if isinstance(value, bool) else None
 
+    async def model_card(self, replica: Replica, timeout: float) -> Optional[dict[str, object]]:
+        """The engine's own entry for the name the replica serves in its ``GET /v1/models``
+        (``max_model_len``, ``owned_by``, ``root``...), or None when it gives none."""
+        try:
+            async with self.session.get(replica.url + MODELS_PATH, headers=replica.instance.auth_headers,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status != 200:
+                    return None
+                data: object = await r.json(content_type=None)
+        except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
+            return None
+        entries = data.get("data") if isinstance(data, dict) else None
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, dict) and entry.get("id") in replica.served:
+                return entry
+        return None
+
     async def probe(self, replica: Replica, timeout: float) -> tuple[bool, str]:
         """One GET of the replica's health path: (ok, what happened)."""
-        url = replica.url + replica.instance.spec.health_path
+        url = replica.url + replica.instance.health_path
         try:
             async with self.session.get(url, headers=replica.instance.auth_headers,
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:

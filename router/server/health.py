@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Callable, Optional
 
 from router.config import RouterSettings
@@ -21,6 +22,9 @@ from router.server.models import Model, ModelTable
 from router.server.replica import Replica
 
 log = logging.getLogger("router.health")
+
+#: How long an engine's /v1/models entry is trusted before the probes read it again.
+CARD_SECONDS = 60.0
 
 
 def probed(model: Model) -> list[Replica]:
@@ -33,10 +37,17 @@ def probed(model: Model) -> list[Replica]:
 async def probe_and_record(control: EngineControl, model: Model, replica: Replica,
                            settings: RouterSettings) -> tuple[bool, str]:
     """Probe one replica now and record the result; a replica that turned
-    routable goes at once to requests queued for a slot (`Model.dispatch`)."""
+    routable goes at once to requests queued for a slot (`Model.dispatch`).
+    A healthy replica's model card is read again when it is missing or
+    older than `CARD_SECONDS` (a restarted engine may report new limits)."""
     ok, detail = await control.probe(replica, settings.health_check_timeout_seconds)
     replica.record_probe(ok, settings)
     model.dispatch()
+    now = time.monotonic()
+    if ok and (replica.card is None or now - replica.card_at > CARD_SECONDS):
+        card = await control.model_card(replica, settings.health_check_timeout_seconds)
+        if card is not None:
+            replica.card, replica.card_at = card, now
     return ok, detail
 
 

@@ -197,12 +197,16 @@ class Lifecycle:
     @property
     def sleepable(self) -> bool:
         replicas = self.members()
-        return bool(replicas) and all(r.instance.sleep for r in replicas)
+        return bool(replicas) and all(r.instance.sleep and r.instance.spec.has_sleep_api for r in replicas)
 
     def opt_out_reason(self) -> str:
         replicas = self.members()
         if not replicas:
             return "no replica to sleep"
+        no_api = [r for r in replicas if not r.instance.spec.has_sleep_api]
+        if no_api:
+            return (f"instance {', '.join(r.name for r in no_api)}: engine '{no_api[0].instance.engine}' has no "
+                    "sleep API, which keeps the model awake")
         names = ", ".join(r.name for r in replicas if not r.instance.sleep)
         return f"instance {names} has 'sleep: false', which keeps the model awake"
 
@@ -308,7 +312,7 @@ class Lifecycle:
             log.info("model %s is awake after %.3fs", self.model, now - started)
             return Outcome(True, f"model {self.model!r} is awake after {now - started:.3f}s")
 
-    async def _call_all(self, targets: Sequence[Replica], call_of: Callable[[Replica], Call],
+    async def _call_all(self, targets: Sequence[Replica], call_of: Callable[[Replica], Optional[Call]],
                         asleep_after: bool) -> dict[str, str]:
         """Run one call per replica at once, within ``wake_timeout_seconds``.
 
@@ -316,7 +320,7 @@ class Lifecycle:
         the others are returned by replica name.
         """
         timeout = self.settings.wake_timeout_seconds
-        results = await asyncio.gather(*(self._control.call(r, call_of(r), timeout) for r in targets),
+        results = await asyncio.gather(*(self._call(r, call_of(r), timeout) for r in targets),
                                        return_exceptions=True)
         errors: dict[str, str] = {}
         for replica, res in zip(targets, results):
@@ -346,6 +350,11 @@ class Lifecycle:
         pause = min(max(MAX_SLEEP_BACKOFF_SECONDS, interval), interval * 2.0 ** min(self.sleep_failures_in_row, 32))
         self.sleep_retry_at = self.clock() + pause
         return pause
+
+    async def _call(self, replica: Replica, call: Optional[Call], timeout: float) -> None:
+        if call is None:  # sleepable() keeps such a model awake; a replica added by a reload may still meet it
+            raise EngineCallError(f"{replica.name}: engine '{replica.instance.engine}' has no sleep API")
+        await self._control.call(replica, call, timeout)
 
     def _failed(self, what: str, errors: dict[str, str], then: str = "") -> Outcome:
         self.last_error = "; ".join(errors.values())

@@ -26,7 +26,7 @@ class Replica:
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
                  "health", "ok_streak", "fail_streak", "ejected_until", "eject_timer", "pool", "authority",
-                 "auth_line", "asleep", "process", "retired", "events")
+                 "auth_line", "asleep", "process", "retired", "events", "card", "card_at")
 
     def __init__(self, instance: Instance, events: Events):
         self.instance = instance
@@ -56,6 +56,9 @@ class Replica:
         self.process: Optional[ProcessState] = None
         #: Removed from the table by a reload: serves what it has in flight, takes nothing new.
         self.retired = False
+        #: The engine's own /v1/models entry for this model (max_model_len...), and when it was read.
+        self.card: Optional[dict[str, object]] = None
+        self.card_at = 0.0
 
     @property
     def running(self) -> bool:
