@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import orjson
 
@@ -32,8 +33,24 @@ class Choice:
     stop_reason: Optional[str] = None
 
 
+class EventStream(Protocol):
+    """The SSE events of one streamed answer, whatever its API: what opens it, one
+    event per token of choice `index`, and what closes it."""
+
+    def opening(self, choices: int) -> list[bytes]: ...
+    def token(self, index: int, text: str, finish: Optional[str] = None, stop: Optional[str] = None) -> bytes: ...
+    def closing(self, prompt_tokens: int, completion_tokens: int) -> list[bytes]: ...
+
+
+class Shape(Protocol):
+    """How one API words a generation's answer: whole, or as an EventStream."""
+
+    def whole(self, choices: Sequence[Choice], prompt_tokens: int, completion_tokens: int) -> bytes: ...
+    def stream(self) -> EventStream: ...
+
+
 class Stream:
-    """The SSE chunks of one streamed response; each chunk is head + choice + tail."""
+    """The SSE chunks of one streamed completion or chat; each chunk is head + choice + tail."""
 
     __slots__ = ("_d", "chat", "include_usage", "_head", "_id_fields")
 
@@ -44,6 +61,14 @@ class Stream:
         self._id_fields = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                            "created": created, "model": model}
         self._head = b"data: " + orjson.dumps(self._id_fields)[:-1] + b',"choices":['
+
+    def opening(self, choices: int) -> list[bytes]:
+        """Chat opens with a role chunk per choice; completions with nothing."""
+        return [self.role(k) for k in range(choices)] if self.chat else []
+
+    def closing(self, prompt_tokens: int, completion_tokens: int) -> list[bytes]:
+        usage = [self.usage(prompt_tokens, completion_tokens)] if self.include_usage else []
+        return usage + [b"data: [DONE]\n\n"]
 
     def role(self, index: int) -> bytes:
         return self._head + orjson.dumps(self._d.role_choice(index)) + b"]" + self._d.role_tail + b"}\n\n"
@@ -57,6 +82,21 @@ class Stream:
         body = {**self._id_fields, "choices": [], "usage": self._d.stream_usage(prompt_tokens, completion_tokens),
                 **self._d.usage_extras}
         return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+class CompletionShape:
+    """/v1/completions and /v1/chat/completions answers, in the dialect's words."""
+
+    def __init__(self, dialect: "Dialect", chat: bool, include_usage: bool, model: str):
+        self._d, self._chat, self._include_usage, self._model = dialect, chat, include_usage, model
+
+    def whole(self, choices: Sequence[Choice], prompt_tokens: int, completion_tokens: int) -> bytes:
+        return self._d.response(self._chat, self._d.new_id(self._chat), int(time.time()), self._model, choices,
+                                prompt_tokens, completion_tokens)
+
+    def stream(self) -> Stream:
+        return self._d.stream(self._chat, self._include_usage, self._d.new_id(self._chat), int(time.time()),
+                              self._model)
 
 
 class Dialect:

@@ -19,7 +19,7 @@ import orjson
 from router.engines import ENGINES
 
 from . import textgen
-from .dialects import DIALECTS, Choice, Dialect
+from .dialects import DIALECTS, Choice, CompletionShape, Dialect, Shape
 from .http import HttpServer, Request, Responder
 from .options import SimOptions
 
@@ -72,6 +72,8 @@ class Generation:
     stream: bool
     include_usage: bool
     echo: bool
+    #: How the answer is worded (None: the dialect's completion or chat answer).
+    shape: Optional[Shape] = None
     choices: list[list[str]] = field(default_factory=list)
     finish: list[str] = field(default_factory=list)
     stop_reason: list[Optional[str]] = field(default_factory=list)
@@ -346,7 +348,10 @@ class SimEngine:
 
     async def _generate(self, req: Request, resp: Responder, chat: bool) -> None:
         self.counters.requests += 1
-        gen = self._validate(self._json_body(req), chat)
+        await self.run(self._validate(self._json_body(req), chat), resp)
+
+    async def run(self, gen: Generation, resp: Responder) -> None:
+        """Generate `gen` and answer it on `resp`, through the fault knobs, sleep gate and queue."""
         o = self.options
         if self.asleep and not self.dialect.holds_while_asleep:
             raise ApiError(500, "memory is released (release_memory_occupation); call "
@@ -598,20 +603,20 @@ class SimEngine:
                                   gen.stop_reason[k] if done else None))
         total = sum(produced)
         self.counters.generation_tokens += total
-        rid = self.dialect.new_id(gen.chat)
-        resp.send(200, self.dialect.response(gen.chat, rid, int(time.time()), gen.model, choices,
-                                             gen.prompt_tokens, total))
+        resp.send(200, self._shape(gen).whole(choices, gen.prompt_tokens, total))
+
+    def _shape(self, gen: Generation) -> Shape:
+        return gen.shape or CompletionShape(self.dialect, gen.chat, gen.include_usage, gen.model)
 
     async def _stream(self, gen: Generation, resp: Responder, fatal: bool) -> None:
         o, epoch = self.options, self._abort_epoch
-        sse = self.dialect.stream(gen.chat, gen.include_usage, self.dialect.new_id(gen.chat), int(time.time()), gen.model)
+        sse = self._shape(gen).stream()
         budget = o.stall_after or -1  # chunks left before a stall; -1: no limit
         resp.start_stream()
-        if gen.chat:
-            out = [sse.role(k) for k in range(len(gen.choices))]
-            if not await self._send(resp, out, budget):
-                return
-            budget -= len(out)
+        out = sse.opening(len(gen.choices))
+        if not await self._send(resp, out, budget):
+            return
+        budget -= len(out)
         steps = max(len(p) for p in gen.choices)
         total = 0
         ended = ""
@@ -638,9 +643,7 @@ class SimEngine:
         out = []
         if ended == "abort":
             out = [sse.token(k, "", "abort") for k, pieces in enumerate(gen.choices) if len(pieces) > i]
-        if gen.include_usage:
-            out.append(sse.usage(gen.prompt_tokens, total))
-        out.append(b"data: [DONE]\n\n")
+        out += sse.closing(gen.prompt_tokens, total)
         if await self._send(resp, out, budget):
             resp.end()
 

@@ -11,6 +11,12 @@ Rules (stable; tests and benchmarks rely on them):
 - Output token i (0-based) of choice j is ``" " + WORDS[(h + 7*j + i) % 64]``
   where ``h = zlib.crc32(prompt.encode("utf-8"))``. So the text depends only on
   the prompt, choices of one request differ, and every token is one word.
+- Token ids (/tokenize): a word of WORDS is its index there; any other word is
+  ``64 + crc32(word) % (VOCAB_SIZE - 64)``. Detokenizing reads id i < 64 as
+  ``" " + WORDS[i]`` (so generated text round-trips) and any other id as ``" <i>"``.
+- The transcript of an audio file (/v1/audio/...) is ``generate(hex of crc32(bytes),
+  n)``: n = one word per AUDIO_BYTES_PER_WORD bytes (1 to 64), one second of audio per
+  AUDIO_BYTES_PER_SECOND bytes (at least 1).
 - The embedding of a text is `dims` (default 16) numbers drawn by
   ``random.Random(h).uniform(-1, 1)`` (h as above), scaled to length 1.
 """
@@ -58,6 +64,31 @@ def embedding(text: str, dims: int = EMBEDDING_DIMS) -> list[float]:
     vector = [draw.uniform(-1.0, 1.0) for _ in range(dims)]
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
     return [x / norm for x in vector]
+
+
+#: Token ids are below this.
+VOCAB_SIZE = 32000
+_WORD_IDS = {w: i for i, w in enumerate(WORDS)}
+#: 16 kHz 16-bit mono.
+AUDIO_BYTES_PER_SECOND = 32000
+AUDIO_BYTES_PER_WORD = 1000
+
+
+def token_ids(text: str) -> list[int]:
+    """The ids of the words of `text` (see the module rules)."""
+    return [_WORD_IDS.get(w, len(WORDS) + zlib.crc32(w.encode("utf-8", "surrogatepass")) % (VOCAB_SIZE - len(WORDS)))
+            for w in text.split()]
+
+
+def detokenize(ids: list[int]) -> str:
+    return "".join(TOKENS[i] if 0 <= i < len(TOKENS) else f" <{i}>" for i in ids)
+
+
+def transcript(audio: bytes) -> tuple[str, int]:
+    """(text, seconds) for an audio file's bytes."""
+    words = min(64, max(1, len(audio) // AUDIO_BYTES_PER_WORD))
+    seconds = max(1, -(-len(audio) // AUDIO_BYTES_PER_SECOND))
+    return generate(f"{zlib.crc32(audio):08x}", words).lstrip(), seconds
 
 
 def count_tokens(text: str) -> int:
