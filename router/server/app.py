@@ -28,6 +28,7 @@ from router.server.affinity import RESPONSES_PATH
 from router.server.proxy import UPSTREAM_PREFIX, Receive, Scope, Send, send_error
 from router.server.report import model_report
 from router.server.state import RouterState
+from router.server.ui import ui_routes
 
 #: Longest silence on GET /events before a keep-alive comment line.
 EVENTS_HEARTBEAT_SECONDS = 15.0
@@ -100,7 +101,7 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
             if state.access_log is not None:
                 state.access_log.flush()
 
-    web = Starlette(routes=routes(state) + admin_routes(state), lifespan=lifespan,
+    web = Starlette(routes=routes(state) + admin_routes(state) + ui_routes(state), lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     return RouterApp(state, web)
 
