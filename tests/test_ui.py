@@ -299,6 +299,15 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     assert until(lambda: card_state(browser, OTHER) == "sleeping", 2)
     assert browser.execute_script("return sessionStorage.getItem('kvrouter.adminKey')") == ADMIN_KEY
 
+    # No /residency on this router: no memory panel, and no start/stop buttons until the routes exist.
+    assert not browser.find_element(By.ID, "residency").is_displayed()
+    assert buttons(browser, SLEEPY) == ["sleep"]
+    # The bars the panel will draw, read from any object with a "used" and a "budget" number.
+    bars = browser.execute_script(
+        "return budgetBars(arguments[0], '').map((b) => [b.className, b.textContent]);",
+        {"gpus": {"0": {"used_bytes": 3 * 2**30, "budget_bytes": 4 * 2**30}}, "host": {"used": 9e9, "budget": 8e9}})
+    assert bars == [["bar", "gpus / 03.0 GiB / 4.0 GiB"], ["bar over", "host8.4 GiB / 7.5 GiB"]]
+
     browser.find_element(By.ID, "key-forget").click()
     assert until(lambda: browser.find_element(By.ID, "role").text == "viewer", 5)
     assert until(lambda: buttons(browser, OTHER) == [], 5)

@@ -322,7 +322,7 @@ function makeCard(name) {
     inflight: field("in flight", "in-flight"), waiting: field("waiting", "waiting"),
     rate: field("req/s (60 s)", "rate"), total: field("requests", "total"),
   };
-  const canvas = el("canvas", { class: "chart", height: "48", "aria-label": `request rate of ${name}` });
+  const canvas = el("canvas", { class: "chart", height: "56", "aria-label": `request rate of ${name}` });
   const card = {
     name,
     state: el("span", { class: "badge" }),
@@ -339,7 +339,7 @@ function makeCard(name) {
     canvas,
     card.residency,
     el("table", { class: "replicas" },
-      el("thead", {}, el("tr", {}, ["replica", "health", "process", "busy", ""].map((h) => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, ["replica", "health", "process", "in flight", ""].map((h) => el("th", {}, h)))),
       card.replicas),
     card.actions);
   return card;
@@ -374,7 +374,7 @@ function renderReplicas(card, endpoints) {
     const following = ui.log && ui.log.name === ep.instance;
     return el("tr", { dataset: { instance: ep.instance } },
       el("td", { title: ep.endpoint }, ep.instance),
-      el("td", {}, el("span", { class: `dot health-${ep.routing_state}` }), ep.status),
+      el("td", {}, el("span", { class: `dot health-${ep.status} state-${ep.status}` }), ep.status),
       el("td", { title: p ? p.description || "" : "not supervised", class: p && !LIVE_STATES.has(p.state) ? "bad" : "" }, procText),
       el("td", {}, ep.outstanding),
       el("td", {}, el("button", {
@@ -423,11 +423,18 @@ function drawChart(canvas, points) {
   const step = w / (HISTORY - 1);
   const x0 = w - (points.length - 1) * step;
   const y = (v) => h - 2 - (v / max) * (h - 14);
+  // The baseline spans the whole width, so a page opened a moment ago does not draw a sliver.
+  ctx.beginPath();
+  ctx.moveTo(0, y(0));
+  ctx.lineTo(w, y(0));
+  ctx.strokeStyle = css.getPropertyValue("--line");
+  ctx.lineWidth = 1;
+  ctx.stroke();
   if (points.length > 1) {
     ctx.beginPath();
-    ctx.moveTo(x0, h);
+    ctx.moveTo(x0, y(0));
     points.forEach((v, i) => ctx.lineTo(x0 + i * step, y(v)));
-    ctx.lineTo(w, h);
+    ctx.lineTo(w, y(0));
     ctx.closePath();
     ctx.fillStyle = css.getPropertyValue("--chart-fill");
     ctx.fill();
@@ -440,7 +447,7 @@ function drawChart(canvas, points) {
   ctx.fillStyle = css.getPropertyValue("--muted");
   ctx.font = "11px system-ui, sans-serif";
   ctx.textBaseline = "top";
-  ctx.fillText(`${fmtRate(points.length ? points[points.length - 1] : 0)} req/s now · max ${fmtRate(max / 1.15)}`, 4, 2);
+  ctx.fillText(`${fmtRate(points.length ? points[points.length - 1] : 0)} req/s now · peak ${fmtRate(Math.max(0, ...points))}`, 4, 2);
 }
 
 // ------------------------------------------------------- memory and budgets
