@@ -139,6 +139,7 @@ def browser() -> Iterator[Any]:
     options.binary_location = CHROMIUM
     for arg in CHROME_ARGS:
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(20)
     yield driver
@@ -160,6 +161,13 @@ def screenshot(driver: Any, out: Path, name: str) -> Path:
     return path
 
 
+def page_errors(driver: Any) -> list[str]:
+    """Script errors and CSP refusals in the console since the last call; the 404s of probes
+    (/residency, /action/start/..., /logs/...) are answers the page expects, not errors."""
+    return [e["message"] for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+
+
 def card(driver: Any, model: str) -> Any:
     from selenium.webdriver.common.by import By
     return driver.find_element(By.CSS_SELECTOR, f'article.card[data-model="{model}"]')
@@ -177,9 +185,11 @@ def card_total(driver: Any, model: str) -> int:
 
 
 def buttons(driver: Any, model: str) -> list[str]:
-    from selenium.webdriver.common.by import By
-    return [b.get_attribute("data-action") for b in card(driver, model).find_elements(By.CSS_SELECTOR, "button[data-action]")
-            if b.is_displayed()]
+    """The actions of the card's visible buttons, read in one script (buttons are replaced as states change)."""
+    return driver.execute_script(
+        "const c = document.querySelector(`article.card[data-model=\"${arguments[0]}\"]`);"
+        "return c ? [...c.querySelectorAll('button[data-action]')].filter((b) => b.offsetParent !== null)"
+        "  .map((b) => b.dataset.action) : [];", model)
 
 
 # ------------------------------------------------------------------ plain HTTP
@@ -266,6 +276,7 @@ def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path
     width = browser.execute_script("return document.documentElement.scrollWidth")
     assert width <= PHONE[0], f"the page is {width}px wide on a {PHONE[0]}px phone"
     screenshot(browser, tmp_path, "phone-390x844.png")
+    assert page_errors(browser) == []
     print(f"sleep shown {shown_after:.2f}s after the engine slept; screenshots in {tmp_path} and {SHOTS}")
 
 
@@ -304,10 +315,12 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     assert buttons(browser, SLEEPY) == ["sleep"]
     # The bars the panel will draw, read from any object with a "used" and a "budget" number.
     bars = browser.execute_script(
-        "return budgetBars(arguments[0], '').map((b) => [b.className, b.textContent]);",
+        "return budgetBars(arguments[0], '').map((b) => [b.className, b.textContent,"
+        "  b.querySelector('.bar-fill').style.width]);",
         {"gpus": {"0": {"used_bytes": 3 * 2**30, "budget_bytes": 4 * 2**30}}, "host": {"used": 9e9, "budget": 8e9}})
-    assert bars == [["bar", "gpus / 03.0 GiB / 4.0 GiB"], ["bar over", "host8.4 GiB / 7.5 GiB"]]
+    assert bars == [["bar", "gpus / 03.0 GiB / 4.0 GiB", "75%"], ["bar over", "host8.4 GiB / 7.5 GiB", "100%"]]
 
     browser.find_element(By.ID, "key-forget").click()
     assert until(lambda: browser.find_element(By.ID, "role").text == "viewer", 5)
     assert until(lambda: buttons(browser, OTHER) == [], 5)
+    assert page_errors(browser) == []

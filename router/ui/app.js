@@ -477,9 +477,11 @@ function bar(label, [usedKey, used], [budgetKey, budget]) {
     /mib|mb/.test(k) ? `${v} MiB` : String(v);
   const pct = budget > 0 ? Math.min(100, (100 * used) / budget) : 0;
   const over = budget > 0 && used > budget;
+  const fill = el("span", { class: "bar-fill" });
+  fill.style.width = `${pct.toFixed(1)}%`;  // through the CSSOM: the page's CSP refuses style attributes
   return el("div", { class: "bar" + (over ? " over" : "") },
     el("span", { class: "bar-label" }, label),
-    el("span", { class: "bar-track" }, el("span", { class: "bar-fill", style: `width:${pct.toFixed(1)}%` })),
+    el("span", { class: "bar-track" }, fill),
     el("span", { class: "bar-value" }, `${asBytes(usedKey, used)} / ${asBytes(budgetKey, budget)}`));
 }
 
