@@ -19,7 +19,9 @@ import orjson
 from router.engines import ENGINES
 
 from . import textgen
+from .apis import PathApis
 from .dialects import DIALECTS, Choice, CompletionShape, Dialect, Shape
+from .errors import ApiError
 from .http import HttpServer, Request, Responder
 from .options import SimOptions
 
@@ -30,17 +32,6 @@ ANSWER_SLICE_S = 0.05
 #: What vLLM's /wake_up must restore before the engine runs again.
 VLLM_WAKE_TAGS = frozenset({"weights", "kv_cache"})
 Route = Callable[[Request, Responder], Awaitable[None]]
-
-
-class ApiError(Exception):
-    """A request the engine refuses, answered in its error shape."""
-
-    def __init__(self, status: int, message: str, err_type: str = "BadRequestError", param: Optional[str] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.err_type = err_type
-        self.param = param
 
 
 @dataclass
@@ -111,12 +102,14 @@ class SimEngine:
         #: Bumped by sleep mode=abort: generations started before it finish with "abort".
         self._abort_epoch = 0
         self._control = asyncio.Lock()
+        self.apis = PathApis(self)
         self._routes: dict[tuple[str, str], Route] = {
             ("GET", "/v1/models"): self._models,
             ("GET", "/metrics"): self._metrics,
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/chat/completions"): self._chat,
             **self._dialect_routes(),
+            **self.apis.routes(),
         }
         if self.dialect.serves_embeddings:
             self._routes[("POST", "/v1/embeddings")] = self._embeddings
@@ -161,7 +154,7 @@ class SimEngine:
         if self._bearer and self.dialect.key_guards(req.path) and req.headers.get("authorization") != self._bearer:
             resp.send(401, b'{"error":"Unauthorized"}')
             return
-        route = self._routes.get((req.method, req.path))
+        route = self._routes.get((req.method, req.path)) or self.apis.prefixed(req.method, req.path)
         if route is None:
             allowed = [m for m, path in self._routes if path == req.path]
             if allowed:
@@ -393,7 +386,9 @@ class SimEngine:
                            "NotFoundError", "model")
         return model
 
-    def _validate(self, body: dict[str, Any], chat: bool) -> Generation:
+    def _validate(self, body: dict[str, Any], chat: bool, max_key: Optional[str] = None) -> Generation:
+        """A generation from a completions/chat body; `max_key` names its output-token limit where
+        another API (Responses: max_output_tokens) spells it otherwise."""
         o = self.options
         model = self._model(body)
         if chat:
@@ -404,6 +399,9 @@ class SimEngine:
                 prompts = [textgen.chat_prompt(messages)]
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages") from None
+        elif not body.get("prompt"):
+            raise ApiError(400, "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)",
+                           param="prompt")
         else:
             prompts = self._prompts(body.get("prompt"), "prompt")
         n = self._int(body, "n", 1, 1)
@@ -424,7 +422,7 @@ class SimEngine:
             raise ApiError(400, "stop must be a string or a list of strings", param="stop")
         counts = [textgen.count_tokens(p) for p in prompts]
         longest = max(counts)
-        key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+        key = max_key or ("max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens")
         max_tokens = self._int(body, key, None, 1)
         if max_tokens is not None and max_tokens > o.max_model_len:
             raise ApiError(400, f"{key}={max_tokens} cannot be greater than max_model_len={o.max_model_len}. "
