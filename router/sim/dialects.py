@@ -264,6 +264,8 @@ class VllmDialect(Dialect):
 class SglangDialect(Dialect):
     name = "sglang"
     holds_while_asleep = False
+    # SGLang mounts /v1/embeddings whatever the model; the OpenAI shape is an approximation of its answer.
+    serves_embeddings = True
     owned_by = "sglang"
     metric_running = "sglang:num_running_reqs"
     metric_waiting = "sglang:num_queue_reqs"
