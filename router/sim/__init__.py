@@ -41,11 +41,11 @@ it, ``"stop"``, ``stop_reason`` = the string). ``n`` choices, ``echo``
 (completions), a list of prompts, and ``stream_options.include_usage`` (a last
 chunk with ``choices: []`` and ``usage``) work as in vLLM.
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``,
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (and those below),
 ``GET /v1/models``, ``GET /health`` (200, empty body; or ``--health-path``), ``GET /metrics``.
-openai only: ``POST /v1/embeddings`` (``input`` a string, strings or token ids; ``dimensions``;
-vectors from `router.sim.textgen`); no sleep API; vLLM's answer shapes with the plain OpenAI
-model list and metric names ``sim:...``.
+openai (and SGLang): ``POST /v1/embeddings`` (``input`` a string, strings or token ids;
+``dimensions``; vectors from `router.sim.textgen`). openai only: no sleep API; vLLM's answer
+shapes with the plain OpenAI model list and metric names ``sim:...``.
 vLLM only: ``GET /version``, ``POST /sleep?level=1|2&mode=abort|wait|keep``
 (abort, the default, ends running requests with finish_reason "abort"; wait
 lets them finish first; keep pauses them until wake), ``POST /wake_up``
@@ -61,6 +61,19 @@ sent while released (they would run on released GPU memory), so the simulator
 answers them 500 to make such routing visible, and /health_generate 503.
 SGLang does not check the request's ``model``; vLLM answers an unknown one 404
 ``NotFoundError``.
+
+Other client paths (router/sim/apis.py; every path of router.engines' ``client_paths``):
+vLLM ``POST /v1/responses`` (plain, streamed as Responses events, ``background``; stored
+unless ``store`` is false, so ``GET /v1/responses/{id}`` retrieves, ``POST
+/v1/responses/{id}/cancel`` cancels a running background one and answers a finished one
+400, and ``previous_response_id`` continues a stored conversation; real vLLM 0.32 stores
+only with VLLM_ENABLE_RESPONSES_API_STORE=1), ``/v1/messages`` (Anthropic, whole and
+streamed; Anthropic-shaped engine errors), ``/v1/messages/count_tokens``, ``/tokenize``,
+``/detokenize``, ``/v1/chat/completions/batch``, ``/invocations``, and multipart
+``/v1/audio/transcriptions|translations`` (``{"text"}`` from the file bytes); its pooling
+paths answer 404 as a generative vLLM does. SGLang: ``/v1/responses``, ``[/v1]/tokenize``,
+``[/v1]/detokenize``, ``/v1/score``, ``/v1/rerank``, ``/v1/classify``, ``/invocations``,
+``/v1/embeddings`` (shapes approximated from SGLang's serving code).
 
 Errors: ``{"error": {"message", "type", "param", "code"}}`` with type
 ``BadRequestError`` (400: bad JSON, bad field, ``max_tokens`` beyond the
