@@ -59,6 +59,8 @@ class PathApis:
         self.engine = engine
         self.store = ResponseStore()
         self._background: dict[str, Detached] = {}
+        #: Whether this dialect serves the Responses API (and so its {id} paths).
+        self._responses = self.engine.dialect.name in ("vllm", "sglang")
 
     def routes(self) -> dict[tuple[str, str], Route]:
         name = self.engine.dialect.name
@@ -88,7 +90,7 @@ class PathApis:
 
     def prefixed(self, method: str, path: str) -> Optional[Callable[[Request, Responder], Awaitable[None]]]:
         """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel, where /v1/responses is served."""
-        if ("POST", "/v1/responses") not in self.engine._routes or not path.startswith(RESPONSES_PREFIX):
+        if not self._responses or not path.startswith(RESPONSES_PREFIX):
             return None
         rest = path[len(RESPONSES_PREFIX):]
         if method == "GET" and rest and "/" not in rest:

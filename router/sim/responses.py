@@ -53,14 +53,14 @@ class ResponsesShape:
     def __init__(self, request: ResponseRequest, msg_id: str, store: "ResponseStore"):
         self.request = request
         self.msg_id = msg_id
-        self._store = store
+        self.store = store
         self.body = self._response("queued" if request.background else "in_progress", None, None)
 
     # -- the response object
     def _response(self, status: str, text: Optional[str], usage: Optional[tuple[int, int]],
                   incomplete: bool = False) -> dict[str, Any]:
         r = self.request
-        output = [] if text is None else [self._message(text, "completed")]
+        output = [] if text is None else [self.message(text, "completed")]
         return {
             "id": r.rid, "created_at": r.created_at,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
@@ -73,7 +73,7 @@ class ResponsesShape:
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "kv_transfer_params": None,
             "ec_transfer_params": None, "input_messages": None, "output_messages": None}
 
-    def _message(self, text: str, status: str) -> dict[str, Any]:
+    def message(self, text: str, status: str) -> dict[str, Any]:
         content = [] if status == "in_progress" else [_text_part(text, None)]
         return {"id": self.msg_id, "content": content, "role": "assistant", "status": status, "type": "message",
                 "phase": None}
@@ -83,7 +83,7 @@ class ResponsesShape:
         status = _STATUS.get(choice.finish_reason or "stop", "completed")
         self.body = self._response(status, choice.text, (prompt_tokens, completion_tokens),
                                    incomplete=status == "incomplete")
-        self._store.put(self)
+        self.store.put(self)
         return self.body
 
     # -- Shape
@@ -114,11 +114,11 @@ class ResponsesStream:
 
     def opening(self, choices: int) -> list[bytes]:
         s = self._shape
-        s._store.put(s)  # retrievable (in progress) while it streams, as in vLLM
+        s.store.put(s)  # retrievable (in progress) while it streams, as in vLLM
         return [self._event("response.created", {"response": s.body}),
                 self._event("response.in_progress", {"response": s.body}),
                 self._event("response.output_item.added",
-                            {"item": s._message("", "in_progress"), "output_index": 0}),
+                            {"item": s.message("", "in_progress"), "output_index": 0}),
                 self._event("response.content_part.added",
                             {**self._at(), "output_index": 0, "part": _text_part("", [])})]
 
@@ -135,7 +135,7 @@ class ResponsesStream:
                             {**self._at(), "logprobs": [], "output_index": 0, "text": text}),
                 self._event("response.content_part.done",
                             {**self._at(), "output_index": 0, "part": _text_part(text, None)}),
-                self._event("response.output_item.done", {"item": s._message(text, "completed"), "output_index": 0}),
+                self._event("response.output_item.done", {"item": s.message(text, "completed"), "output_index": 0}),
                 self._event("response.completed", {"response": body})]
 
 
