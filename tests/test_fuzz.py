@@ -293,6 +293,7 @@ KIND_VALUES = {
     "keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2) | KEY_SOURCES,
     "key": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
     "name": st.sampled_from(["m", "org/model", "alias", "no-such-model"]),
+    "sleepmode": st.sampled_from(["wait", "abort", "ABORT", "keep"]),
 }
 
 

@@ -208,6 +208,13 @@ def stack(loop, tmp_path):
         st.close()
 
 
+def test_vllm_sleep_mode_and_timeout_come_from_sleep_manager(stack):
+    st = stack(ControlEngine(sleep_delay=0.5), settings={"vllm_sleep_mode": "abort", "vllm_sleep_timeout_seconds": 0.2})
+    status, body, _ = st.call("POST", f"/action/sleep/{ENC}")
+    assert status == 502 and "no answer within 0.2s" in body["error"]["message"]  # the sleep call's own limit
+    assert st.engine.sleep_params == [{"level": "1", "mode": "abort"}]
+
+
 def test_auto_sleep_after_idle_threshold(stack):
     st = stack(ControlEngine(), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.4})
     t0 = time.monotonic()

@@ -155,6 +155,11 @@ class SleepSettings:
     #: Longest wait for in-flight requests to finish before a manual sleep
     #: gives up (the idle loop only sleeps models with none in flight).
     drain_timeout_seconds: float = 60.0
+    #: vLLM's sleep ``mode``: ``wait`` lets running requests finish, ``abort`` ends them.
+    vllm_sleep_mode: str = "wait"
+    #: How long vLLM's sleep call may take (with ``wait``, as long as its requests);
+    #: None: ``wake_timeout_seconds``.
+    vllm_sleep_timeout_seconds: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +268,11 @@ SLEEP_KEYS = {
     "min_sleep_duration": ("min_sleep_duration", "nonnegfloat"),
     "wake_timeout_seconds": ("wake_timeout_seconds", "posfloat"),
     "drain_timeout_seconds": ("drain_timeout_seconds", "posfloat"),
+    "vllm_sleep_mode": ("vllm_sleep_mode", "sleepmode"),
+    "vllm_sleep_timeout_seconds": ("vllm_sleep_timeout_seconds", "posfloat"),
 }
+#: What vLLM's sleep call does with running requests (kvcached's sleep_manager.vllm_sleep_mode).
+VLLM_SLEEP_MODES = ("abort", "wait")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -428,6 +437,11 @@ def _value(v: Any, where: str, kind: str, p: _Problems, base: Path) -> Any:
         if isinstance(v, str) and v.lower() in LOG_LEVELS:
             return v.lower()
         p.error(where, f"must be one of {', '.join(LOG_LEVELS)}")
+        return None
+    if kind == "sleepmode":
+        if isinstance(v, str) and v.lower() in VLLM_SLEEP_MODES:
+            return v.lower()
+        p.error(where, f"must be one of {', '.join(VLLM_SLEEP_MODES)}, not {v!r}")
         return None
     if kind == "name":
         if isinstance(v, str) and v.strip():

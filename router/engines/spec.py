@@ -95,6 +95,10 @@ class EngineSpec:
     #: The sleep API: None where the engine has none (its models are then never put to sleep).
     sleep_call: Optional[Call] = None
     wake_call: Optional[Call] = None
+    #: The sleep call's query parameter that says what happens to running requests
+    #: (vLLM's ``mode``: ``abort`` or ``wait``), set from ``sleep_manager.vllm_sleep_mode``;
+    #: such a call may last as long as the requests, so it gets ``vllm_sleep_timeout_seconds``.
+    sleep_mode_param: Optional[str] = None
     #: GET path answering ``{"is_sleeping": bool}``, where the engine has one.
     is_sleeping_path: Optional[str] = None
     #: What the engine needs for its sleep API: env vars, and launch flags each
@@ -109,6 +113,14 @@ class EngineSpec:
     @property
     def has_sleep_api(self) -> bool:
         return self.sleep_call is not None and self.wake_call is not None
+
+    def sleep_request(self, mode: str, mode_timeout: float, timeout: float) -> tuple[Optional[Call], float]:
+        """The sleep call to send and how long to wait for it: with the engine's mode parameter set
+        to `mode` (and `mode_timeout`) where it has one, else as declared (and `timeout`)."""
+        if self.sleep_call is None or self.sleep_mode_param is None:
+            return self.sleep_call, timeout
+        params = {**self.sleep_call.params, self.sleep_mode_param: mode}
+        return Call(self.sleep_call.method, self.sleep_call.path, params, self.sleep_call.json), mode_timeout
 
     @property
     def args_key(self) -> str:

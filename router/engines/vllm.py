@@ -35,9 +35,11 @@ SPEC = EngineSpec(
     gpu_fraction_default=0.9,
     # level=1 offloads the weights to CPU RAM and /wake_up restores them; level 2
     # discards them and would need a weight reload the router does not do.
-    # mode=wait: recent vLLM finishes running requests instead of aborting
-    # them (its default); older vLLM ignores the parameter. See lifecycle.py.
-    sleep_call=Call("POST", "/sleep", {"level": "1", "mode": "wait"}),
+    # mode (sleep_manager.vllm_sleep_mode, default wait): recent vLLM finishes
+    # running requests instead of aborting them (its own default is abort);
+    # older vLLM ignores the parameter. See lifecycle.py.
+    sleep_call=Call("POST", "/sleep", {"level": "1"}),
+    sleep_mode_param="mode",
     wake_call=Call("POST", "/wake_up"),
     is_sleeping_path="/is_sleeping",
     sleep_needs_env={"VLLM_SERVER_DEV_MODE": "1"},

@@ -33,8 +33,9 @@ scheduler's ``release_memory_occupation``; vLLM docs ``features/sleep_mode``):
   (0.32 included), ``mode``: ``abort`` (the default) ends running requests
   at once, ``wait`` answers only once they have finished, ``keep`` freezes
   them until the wake. Older versions read only ``level`` and ignore
-  ``mode``, so we always send ``mode=wait`` (after draining, as a second
-  guard). 0.32 answers 200 ``{"status":"sleeping","level":N}`` and 400 for an
+  ``mode``. We send ``sleep_manager.vllm_sleep_mode`` (kvcached's key;
+  default ``wait``, after draining, as a second guard) and wait
+  ``vllm_sleep_timeout_seconds`` for the answer. 0.32 answers 200 ``{"status":"sleeping","level":N}`` and 400 for an
   unknown level or mode (tests/real_vllm/FINDINGS.md); we only look at the
   status code.
 - vLLM ``POST /wake_up``: optional repeated query parameter ``tags``
@@ -266,7 +267,7 @@ class Lifecycle:
                                           f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not put to sleep", 409)
             self._enter(FALLING_ASLEEP)
             targets = [r for r in self.members() if not r.asleep]
-            errors = await self._call_all(targets, lambda r: r.instance.spec.sleep_call, asleep_after=True)
+            errors = await self._call_all(targets, self._sleep_request, asleep_after=True)
             if errors:
                 pause = self._sleep_failed()
                 await self._roll_back([r for r in targets if r.name not in errors])
@@ -284,7 +285,7 @@ class Lifecycle:
     async def _roll_back(self, slept: Sequence[Replica]) -> None:
         """Wake the replicas a failed sleep did put to sleep, so none is left behind."""
         if slept:
-            errors = await self._call_all(slept, lambda r: r.instance.spec.wake_call, asleep_after=False)
+            errors = await self._call_all(slept, self._wake_request, asleep_after=False)
             if errors:
                 log.warning("model %s: rolling back a failed sleep failed too: %s", self.model, "; ".join(errors.values()))
 
@@ -297,7 +298,7 @@ class Lifecycle:
             self._enter(WAKING)
             started = self.clock()
             targets = [r for r in self.members() if r.asleep]
-            errors = await self._call_all(targets, lambda r: r.instance.spec.wake_call, asleep_after=False)
+            errors = await self._call_all(targets, self._wake_request, asleep_after=False)
             if errors:
                 self._enter(SLEEPING)
                 self.wake_failures += 1
@@ -312,16 +313,22 @@ class Lifecycle:
             log.info("model %s is awake after %.3fs", self.model, now - started)
             return Outcome(True, f"model {self.model!r} is awake after {now - started:.3f}s")
 
-    async def _call_all(self, targets: Sequence[Replica], call_of: Callable[[Replica], Optional[Call]],
+    def _sleep_request(self, replica: Replica) -> tuple[Optional[Call], float]:
+        s = self.settings
+        return replica.instance.spec.sleep_request(s.vllm_sleep_mode, s.vllm_sleep_timeout_seconds or s.wake_timeout_seconds,
+                                                   s.wake_timeout_seconds)
+
+    def _wake_request(self, replica: Replica) -> tuple[Optional[Call], float]:
+        return replica.instance.spec.wake_call, self.settings.wake_timeout_seconds
+
+    async def _call_all(self, targets: Sequence[Replica], request: Callable[[Replica], tuple[Optional[Call], float]],
                         asleep_after: bool) -> dict[str, str]:
-        """Run one call per replica at once, within ``wake_timeout_seconds``.
+        """Run one call per replica at once, each within its time limit.
 
         Replicas whose call succeeded are marked `asleep_after`; the errors of
         the others are returned by replica name.
         """
-        timeout = self.settings.wake_timeout_seconds
-        results = await asyncio.gather(*(self._call(r, call_of(r), timeout) for r in targets),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._call(r, *request(r)) for r in targets), return_exceptions=True)
         errors: dict[str, str] = {}
         for replica, res in zip(targets, results):
             if res is None:
