@@ -260,3 +260,28 @@ def test_upstream_reaches_one_replica_raw_and_is_admin_only(loop: LoopThread, tm
                           headers={"Authorization": "Bearer admin"})[0] == 200
     finally:
         keyed.close()
+
+
+def test_an_openai_engine_is_health_checked_on_its_own_health_path(loop: LoopThread, tmp_path: Path) -> None:
+    oa = SimEngine(SimOptions(engine="openai", model="m", port=free_port(), health_path="/ready"))
+    on = SimEngine(SimOptions(engine="openai", model="n", port=free_port(), health_path="/ready"))
+    loop.run(oa.start())
+    loop.run(on.start())
+    doc = {"router": {"router_port": free_port(), "access_log": False},
+           "instances": [{"name": "good", "model": "m", "engine": "openai", "launch": False, "port": oa.port,
+                          "health_path": "/ready"},
+                         {"name": "wrong", "model": "n", "engine": "openai", "launch": False, "port": on.port,
+                          "health_path": "/health"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    r = RouterServer(loop, load_config(tmp_path / "c.yaml", sim=True)).start()
+    try:
+        s = Surface.__new__(Surface)
+        s.loop = loop
+        _, _, health = s.call(r.url, "/health/all", method="GET")
+        assert health["models"]["m"]["status"] == "healthy"
+        assert health["models"]["n"]["status"] == "unhealthy"  # the sim answers its health on /ready only
+        assert s.call(r.url, "/v1/chat/completions", body_for("/v1/chat/completions", "m"))[0] == 200
+    finally:
+        r.stop()
+        loop.run(oa.stop())
+        loop.run(on.stop())
