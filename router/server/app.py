@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 from router import __version__
 from router.config import Config
 from router.server.admin import admin_routes
+from router.server.logs import log_routes
 from router.server.errors import error_response
 from router.server.models import Model
 from router.engines import ENGINES
@@ -101,7 +102,7 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
             if state.access_log is not None:
                 state.access_log.flush()
 
-    web = Starlette(routes=routes(state) + admin_routes(state) + ui_routes(state), lifespan=lifespan,
+    web = Starlette(routes=routes(state) + admin_routes(state) + log_routes(state) + ui_routes(state), lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     return RouterApp(state, web)
 

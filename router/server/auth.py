@@ -27,7 +27,7 @@ from router.config import RouterSettings, loopback_ip
 Scope = MutableMapping[str, Any]
 
 CLIENT_PREFIX = "/v1/"
-ADMIN_PREFIXES = ("/action/", "/upstream/")
+ADMIN_PREFIXES = ("/action/", "/upstream/", "/logs/")
 #: Paths whose clients (the Anthropic SDK) send their key as ``x-api-key``.
 X_API_KEY_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
