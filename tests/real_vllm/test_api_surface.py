@@ -228,14 +228,41 @@ def test_responses_cancel_of_a_finished_response_is_the_engines_answer(stack: St
     assert via_router == http_post(stack.engine + path), via_router
 
 
-def test_responses_unknown_id(stack: Stack):
-    with pytest.raises(openai.NotFoundError) as router_err:
-        stack.client(api_key=CLIENT_KEY).responses.retrieve("resp_0000000000000000")
-    assert set(router_err.value.body) >= {"message", "type", "code"}, router_err.value.body
-    with pytest.raises(openai.NotFoundError) as router_err:
-        stack.client(api_key=CLIENT_KEY).responses.create(
-            model=SERVED, input="x", max_output_tokens=1, previous_response_id="resp_0000000000000000")
-    assert router_err.value.body["param"] == "previous_response_id"
+def test_responses_background_run_is_cancelled(stack: Stack):
+    """A background response still generating (450 tokens, ~1.5 s) is cancelled through the router
+    as it is directly, and then reads back as cancelled."""
+    def start_and_cancel(client: "openai.OpenAI") -> tuple[Any, Any, Any]:
+        made = client.responses.create(model=SERVED, input="Hello router", max_output_tokens=450, background=True,
+                                       store=True, extra_body={"ignore_eos": True})
+        cancelled = client.responses.with_raw_response.cancel(made.id)
+        return made, cancelled, client.responses.retrieve(made.id)
+
+    (r_made, r_cancel, r_after), (d_made, d_cancel, d_after) = on_both(stack, start_and_cancel)
+    assert r_made.status == d_made.status and r_made.status in ("queued", "in_progress"), r_made.status
+    assert r_cancel.status_code == d_cancel.status_code == 200
+    assert_same_shape(r_cancel.http_response.json(), d_cancel.http_response.json())
+    assert r_cancel.parse().status == d_cancel.parse().status == "cancelled"
+    assert r_after.status == d_after.status == "cancelled"
+
+
+UNKNOWN_RESPONSE = "resp_0000000000000000"
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.responses.retrieve(UNKNOWN_RESPONSE),
+    lambda c: c.responses.create(model=SERVED, input="x", max_output_tokens=1, previous_response_id=UNKNOWN_RESPONSE),
+], ids=["retrieve", "previous_response_id"])
+def test_responses_unknown_id_is_a_404_like_the_engines(stack: Stack, call: Callable[["openai.OpenAI"], Any]):
+    """The router answers an id it never saw itself (no replica to pin): with the engine's status and the
+    OpenAI error shape."""
+    def error_of(client: "openai.OpenAI") -> "openai.APIStatusError":
+        with pytest.raises(openai.APIStatusError) as exc:
+            call(client)
+        return exc.value
+
+    via_router, direct = on_both(stack, error_of)
+    assert via_router.status_code == direct.status_code == 404, (via_router.body, direct.body)
+    assert set(via_router.body) == set(direct.body), (via_router.body, direct.body)
 
 
 # --------------------------------------------------------------------------- Anthropic Messages API
