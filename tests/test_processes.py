@@ -171,7 +171,7 @@ def test_no_supervisord_is_not_an_error(caplog: pytest.LogCaptureFixture) -> Non
         watcher = ProcessWatcher(f"{tmp}/supervisor.sock", seen, interval=0.1)
         watcher.start()
         await asyncio.sleep(0.8)
-        assert watcher._task is not None and not watcher._task.done()
+        assert watcher.running
         assert not watcher.reachable and watcher.states() == {}
         await watcher.stop()
 
@@ -196,7 +196,7 @@ def test_supervisord_going_away_and_coming_back(supervisord: Supervised, caplog:
             await asyncio.to_thread(supervisord.shutdown)
             await until(lambda: not watcher.reachable, 3, "the watcher to notice supervisord is gone")
             await asyncio.sleep(0.6)
-            assert watcher._task is not None and not watcher._task.done()
+            assert watcher.running
             assert watcher.states()["good"].name == "good"  # the last known states stay
 
             before = len(seen.calls)

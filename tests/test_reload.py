@@ -5,7 +5,6 @@ In-process router and test engines here; the supervised --sim stack under
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -16,23 +15,15 @@ from typing import Any
 
 import yaml
 
-from helpers import PY, Proc, distinct_ports, wait_http
+from helpers import PY, Proc, distinct_ports, post_json, wait_http
 from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
 from test_router_streams import sse_events
 
 
-def post(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body or {}).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def complete(url: str, model: str) -> int:
-    return post(f"{url}/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2})[0]
+    return post_json(f"{url}/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2})[0]
 
 
 def rewrite(path: Path, instances: list[dict[str, Any]], **router: Any) -> None:
@@ -56,7 +47,7 @@ def test_reload_adds_removes_and_realiases_while_streams_finish(stack: Stack) ->
     t.start()
     assert until(lambda: len(b.chunk_times) >= 1)
     rewrite(cfg, [instance("a", a.port, max_concurrency=8, aliases=["a2"]), instance("c", c.port)])
-    status, change = post(f"{r.url}/action/reload")
+    status, change = post_json(f"{r.url}/action/reload", {})
     assert status == 200, change
     assert change["changed"] is True
     assert change["models"] == {"added": ["c"], "removed": ["b"], "changed": ["a"]}
@@ -64,7 +55,7 @@ def test_reload_adds_removes_and_realiases_while_streams_finish(stack: Stack) ->
     assert change["needs_restart"] == []
     # New requests see the new table at once.
     assert complete(r.url, "c") == 200 and complete(r.url, "a2") == 200
-    status, err = post(f"{r.url}/v1/completions", {"model": "b", "prompt": "x"})
+    status, err = post_json(f"{r.url}/v1/completions", {"model": "b", "prompt": "x"})
     assert status == 404 and "'b' does not exist" in err["error"]["message"]
     # The stream on the removed model was not disturbed.
     t.join(10)
@@ -84,7 +75,7 @@ def test_reload_of_an_unchanged_file_changes_nothing_and_keeps_replica_state(sta
     r = stack.router([instance("a", a.port)], health_check_interval_seconds=0.05)
     replica = r.app.state.table.get("a").replicas[0]
     assert until(lambda: replica.health == "healthy")
-    status, change = post(f"{r.url}/action/reload")
+    status, change = post_json(f"{r.url}/action/reload", {})
     assert status == 200 and change["changed"] is False
     assert r.app.state.table.get("a").replicas[0] is replica and replica.health == "healthy"
 
@@ -96,7 +87,7 @@ def test_a_bad_file_changes_nothing_and_the_answer_names_file_and_field(stack: S
     table = r.app.state.table
     good = cfg.read_text()
     cfg.write_text(good.replace("--port", "--prot"))
-    status, err = post(f"{r.url}/action/reload")
+    status, err = post_json(f"{r.url}/action/reload", {})
     assert status == 400
     message = err["error"]["message"]
     assert "nothing changed" in message and str(cfg.resolve()) in message
@@ -112,7 +103,7 @@ def test_router_settings_that_need_a_restart_are_reported(stack: Stack) -> None:
     doc = yaml.safe_load(cfg.read_text())
     doc["router"].update(router_port=port, queue_timeout_seconds=3)
     cfg.write_text(yaml.safe_dump(doc))
-    status, change = post(f"{r.url}/action/reload")
+    status, change = post_json(f"{r.url}/action/reload", {})
     assert status == 200
     assert change["needs_restart"] == ["port"]
     assert sorted(change["router_settings"]) == ["port", "queue_timeout_seconds"]
@@ -123,7 +114,7 @@ def test_router_settings_that_need_a_restart_are_reported(stack: Stack) -> None:
 def test_reload_is_admin_only_from_other_hosts_with_an_admin_key(stack: Stack) -> None:
     a = stack.engine()
     r = stack.router([instance("a", a.port)], admin_api_key="secret-admin")
-    status, err = post(f"{r.url}/action/reload")
+    status, err = post_json(f"{r.url}/action/reload", {})
     assert status == 401 and "admin" in err["error"]["message"]
     req = urllib.request.Request(f"{r.url}/action/reload", data=b"{}", method="POST",
                                  headers={"Authorization": "Bearer secret-admin"})

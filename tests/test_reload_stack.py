@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
-from helpers import PY, Proc, Streamed, distinct_ports, render, stream_request, wait_http
+from helpers import PY, Proc, Streamed, distinct_ports, post_json, render, stream_request, wait_http
 from router.sim import textgen
 from supervised import Supervised
 
@@ -33,14 +33,6 @@ TOKENS = 20
 SIM = "--ttft-ms 3000 --itl-ms 100"  # each stream lasts about 5 s, all open at once before the first token
 
 
-def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def config(router_port: int, a: int, b: int, c: int, reloaded: bool) -> dict[str, Any]:
@@ -94,7 +86,7 @@ def test_reload_under_two_hundred_streams_loses_nothing(stack) -> None:
     sup.wait_running(["a", "b", "logs", "router"])
     for port in (a, b, c, router_port):
         wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
-    assert post(f"{url}/v1/completions", {"model": "m/c", "prompt": "x", "max_tokens": 2})[0] == 404
+    assert post_json(f"{url}/v1/completions", {"model": "m/c", "prompt": "x", "max_tokens": 2})[0] == 404
 
     results: list[Streamed] = []
 
@@ -117,16 +109,16 @@ def test_reload_under_two_hundred_streams_loses_nothing(stack) -> None:
     assert in_flight() == STREAMS
 
     (tmp / "config.yaml").write_text(json.dumps(config(router_port, a, b, c, reloaded=True)))
-    status, change = post(f"{url}/action/reload", {})
+    status, change = post_json(f"{url}/action/reload", {})
     reloaded_at = time.monotonic()
     assert status == 200, change
     assert change["models"] == {"added": ["m/c"], "removed": ["m/b"], "changed": ["m/a"]}
     assert change["aliases"]["added"] == ["a-alias"]
-    assert post(f"{url}/v1/completions", {"model": "m/c", "prompt": "x", "max_tokens": 2})[0] == 200
+    assert post_json(f"{url}/v1/completions", {"model": "m/c", "prompt": "x", "max_tokens": 2})[0] == 200
     assert time.monotonic() - reloaded_at < 1.0
     # The new alias leads to the kept model (whose simulated engine takes 3 s to its first token).
-    assert post(f"{url}/v1/completions", {"model": "a-alias", "prompt": "x", "max_tokens": 2})[0] == 200
-    status, err = post(f"{url}/v1/chat/completions", {"model": "m/b", "messages": [{"role": "user", "content": "x"}]})
+    assert post_json(f"{url}/v1/completions", {"model": "a-alias", "prompt": "x", "max_tokens": 2})[0] == 200
+    status, err = post_json(f"{url}/v1/chat/completions", {"model": "m/b", "messages": [{"role": "user", "content": "x"}]})
     assert status == 404 and "'m/b' does not exist" in err["error"]["message"]
     assert in_flight() > 0, "the streams ended before the reload: the test proves nothing"
 

@@ -9,7 +9,6 @@ model field of a multipart audio upload rewritten to the served name, the
 """
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,7 +23,7 @@ from helpers import free_port
 from router.config import load_config
 from router.engines import ENGINES
 from router.sim import SimEngine, SimOptions
-from router_support import LoopThread, RouterServer
+from router_support import LoopThread, RouterServer, loop  # noqa: F401  (fixture)
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
@@ -103,13 +102,6 @@ class Surface:
                         return r.status, kind, json.loads(raw)
                     return r.status, kind, raw.decode()
         return self.loop.run(go())
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.close()
 
 
 @pytest.fixture

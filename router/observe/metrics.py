@@ -50,14 +50,14 @@ class Metrics:
 
     def __init__(self, state: Collector):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = requests = Counter("router_requests", "Proxied requests by model and final status "
+        self._requests = Counter("router_requests", "Proxied requests by model and final status "
                            "(499: client went away; a stream that failed midway counts as 502/504)",
                            ["model", "status"], registry=self.registry)
-        self._errors = errors = Counter("router_upstream_errors", "Failures talking to engines, by kind "
+        self._errors = Counter("router_upstream_errors", "Failures talking to engines, by kind "
                          "(connect, timeout, disconnect)", ["model", "kind"], registry=self.registry)
-        self._latency = latency = Histogram("router_request_duration_seconds", "Time from request to the end of the response",
+        self._latency = Histogram("router_request_duration_seconds", "Time from request to the end of the response",
                             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._ttfb = ttfb = Histogram("router_time_to_first_byte_seconds", "Time from request to the first response body byte",
+        self._ttfb = Histogram("router_time_to_first_byte_seconds", "Time from request to the first response body byte",
                          ["model"], buckets=TTFB_BUCKETS, registry=self.registry)
         #: Gauges of the current state, read from their owners at scrape time.
         self.registry.register(state)

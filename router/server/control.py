@@ -71,30 +71,25 @@ class EngineControl:
         except aiohttp.ClientError as e:
             raise EngineCallError(f"{inst.name}: {call.method} {call.path} failed: {e}") from None
 
-    async def is_sleeping(self, replica: Replica, path: str) -> Optional[bool]:
-        """The engine's own answer, or None when it cannot tell (down, no dev mode)."""
+    async def get_json(self, replica: Replica, path: str, timeout: float) -> object:
+        """The engine's JSON answer to a GET, or None when it gives none (down, an error, not JSON)."""
         try:
             async with self.session.get(replica.url + path, headers=replica.instance.auth_headers,
-                                        timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT_SECONDS)) as r:
-                if r.status != 200:
-                    return None
-                data: object = await r.json(content_type=None)
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return await r.json(content_type=None) if r.status == 200 else None
         except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
             return None
+
+    async def is_sleeping(self, replica: Replica, path: str) -> Optional[bool]:
+        """The engine's own answer, or None when it cannot tell (down, no dev mode)."""
+        data = await self.get_json(replica, path, ASK_TIMEOUT_SECONDS)
         value = data.get("is_sleeping") if isinstance(data, dict) else None
         return value if isinstance(value, bool) else None
 
     async def model_card(self, replica: Replica, timeout: float) -> Optional[dict[str, object]]:
         """The engine's own entry for the name the replica serves in its ``GET /v1/models``
         (``max_model_len``, ``owned_by``, ``root``...), or None when it gives none."""
-        try:
-            async with self.session.get(replica.url + MODELS_PATH, headers=replica.instance.auth_headers,
-                                        timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                if r.status != 200:
-                    return None
-                data: object = await r.json(content_type=None)
-        except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
-            return None
+        data = await self.get_json(replica, MODELS_PATH, timeout)
         entries = data.get("data") if isinstance(data, dict) else None
         for entry in entries if isinstance(entries, list) else ():
             if isinstance(entry, dict) and entry.get("id") in replica.served:

@@ -10,15 +10,15 @@ probed from the next round on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 from router.config import RouterSettings
 from router.server.control import EngineControl
 from router.server.lifecycle import AWAKE
 from router.server.models import Model, ModelTable
+from router.server.periodic import Periodic
 from router.server.replica import Replica
 
 log = logging.getLogger("router.health")
@@ -59,26 +59,13 @@ class HealthChecker:
         self._control = control
         self._table = table
         self._settings = settings
-        self._task: Optional[asyncio.Task[None]] = None
+        self._loop = Periodic("router-health", self.check_all, lambda: settings().health_check_interval_seconds, log)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="router-health")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:
-                # One bad round must not end health checking for the router's lifetime.
-                log.exception("health check round failed")
-            await asyncio.sleep(self._settings().health_check_interval_seconds)
+        await self._loop.stop()
 
     async def check_all(self) -> None:
         settings = self._settings()

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from router.config import SleepSettings
 from router.server.lifecycle import AWAKE, Lifecycle, Outcome
 from router.server.models import Model, ModelTable
+from router.server.periodic import Periodic
 
 log = logging.getLogger("router.idle")
 
@@ -53,12 +54,12 @@ class IdleSleeper:
 
     def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings]):
         self._table = table
-        self._settings = settings
-        self._task: Optional[asyncio.Task[None]] = None
+        self._loop = Periodic("idle-sleeper", self.check, lambda: settings().check_interval_seconds, log,
+                              first_at_once=False)
 
     @property
     def running(self) -> bool:
-        return self._task is not None
+        return self._loop.running
 
     def blocker(self, model: Model) -> Optional[str]:
         return sleep_blocker(model.lifecycle, self.running)
@@ -70,16 +71,10 @@ class IdleSleeper:
     async def start(self) -> None:
         """Reconcile once before the first request, then run the loop."""
         await self.reconcile()
-        self._task = asyncio.create_task(self._loop(), name="idle-sleeper")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._loop.stop()
 
     async def reconcile(self) -> None:
         await asyncio.gather(*(m.lifecycle.reconcile() for m in self._table()))
@@ -89,11 +84,3 @@ class IdleSleeper:
         await self.reconcile()
         return list(await asyncio.gather(*(m.lifecycle.sleep(check=lambda m=m: self.blocker(m))
                                            for m in self.candidates())))
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings().check_interval_seconds)
-            try:
-                await self.check()
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("idle sleep check failed")

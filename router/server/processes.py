@@ -13,7 +13,6 @@ library, so any part of the router can own a watcher.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Callable, Optional, TypedDict, Union
 
 from supervisor.xmlrpc import Faults
 
+from router.server.periodic import Periodic
 from router.supervisord import connect
 
 log = logging.getLogger("router.processes")
@@ -170,12 +170,15 @@ class ProcessWatcher:
     def __init__(self, socket_path: str | Path, on_change: Callable[[ProcessState], None], interval: float = 0.5):
         self._socket_path = socket_path
         self._on_change = on_change
-        self._interval = interval
         self._states: dict[str, ProcessState] = {}
         self._reachable = False
         #: Whether supervisord was ever reached or found missing: the first miss is logged too.
         self._polled = False
-        self._task: Optional[asyncio.Task[None]] = None
+        self._loop = Periodic("router-processes", self.poll, lambda: interval, log)
+
+    @property
+    def running(self) -> bool:
+        return self._loop.running
 
     @property
     def reachable(self) -> bool:
@@ -187,24 +190,11 @@ class ProcessWatcher:
         return dict(self._states)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="router-processes")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Ends polling; a getAllProcessInfo still blocked in its thread is left to finish there."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.poll()
-            except Exception:
-                # One bad poll must not end process watching for the router's lifetime.
-                log.exception("polling supervisord at %s failed", self._socket_path)
-            await asyncio.sleep(self._interval)
+        await self._loop.stop()
 
     async def poll(self) -> None:
         """One poll: fetch every program's state and report what changed."""
