@@ -1,0 +1,194 @@
+"""``python -m router.status`` against real supervised --sim stacks, run as a user runs it (piped).
+
+`--wait` exits 0 once every engine is healthy and 1 within 3 s of an engine
+failing (its port held by a test socket, so it exits at once: BACKOFF, then
+FATAL), naming it with the end of its log; piped output is plain lines;
+`--json` has a stable shape, also when nothing is running.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from rich.console import Console
+
+from helpers import distinct_ports, render
+from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
+from router.status.view import status_table
+from supervised import Supervised, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+PY = sys.executable
+
+
+class Stack:
+    """A rendered --sim stack under a real supervisord, and its config for the status tool."""
+
+    def __init__(self, engines: dict[str, int], extra: dict[str, object] | None = None):
+        self.tmp = Path(tempfile.mkdtemp(prefix="kvs", dir="/tmp"))
+        (self.router_port,) = distinct_ports(1)
+        doc = {"router": {"router_port": self.router_port, "health_check_interval_seconds": 0.3},
+               # Its own tmux session names: render refuses names another stack on this machine uses.
+               "tmux_session_prefix": f"kvs{self.router_port}-",
+               "instances": [{"name": n, "model": f"m/{n}", "engine": "vllm", "engine_args": [f"--port={p}"]}
+                             for n, p in engines.items()], **(extra or {})}
+        self.out = render(self.tmp, doc, "--sim")
+        self.config = self.tmp / "config.yaml"
+        self.supervised = Supervised(self.out, self.tmp / "tmux")
+
+    def status(self, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "router.status", "--config", str(self.config), "--out", str(self.out), *flags],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start_status(self, *flags: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([PY, "-m", "router.status", "--config", str(self.config), "--out", str(self.out),
+                                 *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def close(self) -> None:
+        self.supervised.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def healthy() -> Iterator[Stack]:
+    """Two engines that come up; `--wait` is started before supervisord, as a deploy script would."""
+    stack = Stack(dict(zip(("alpha", "beta"), distinct_ports(2))))
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def failing() -> Iterator[tuple[Stack, socket.socket]]:
+    good, taken = distinct_ports(2)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", taken))
+    squatter.listen()
+    stack = Stack({"good": good, "broken": taken})
+    try:
+        yield stack, squatter
+    finally:
+        stack.close()
+        squatter.close()
+
+
+def test_wait_exits_0_once_all_are_healthy_with_plain_lines(healthy: Stack) -> None:
+    waiting = healthy.start_status("--wait", "--timeout", "60")
+    time.sleep(0.5)  # the tool sees nothing running first: it must wait, not fail
+    healthy.supervised.start()
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, out + err
+    lines = out.splitlines()
+    # A pipe gets plain lines: no escape codes, no table, one line per change.
+    assert "\x1b" not in out and "┃" not in out
+    assert any("supervisord not reachable" in ln or "router not reachable" in ln for ln in lines), out
+    for name in ("alpha", "beta"):
+        mine = [ln.split("] ", 1)[1].split(" | ")[0] for ln in lines if f"] {name}:" in ln]
+        assert mine[-1] == f"{name}: process RUNNING, health healthy", out
+        assert all(a != b for a, b in zip(mine, mine[1:])), f"a line repeated without a change:\n{out}"
+    assert lines[-1].startswith("all 2 launched instances are healthy after"), out
+    # Once up, a plain status agrees (exit 0), and a second wait returns at once.
+    assert healthy.status("--wait").returncode == 0
+
+
+def test_json_shape(healthy: Stack) -> None:
+    healthy.supervised.start() if not healthy.supervised.running() else None
+    assert healthy.status("--wait", "--timeout", "60").returncode == 0
+    done = healthy.status("--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert set(doc) == {"ready", "taken_at", "supervisord", "router", "instances"} and doc["ready"] is True
+    assert doc["supervisord"] == {"socket": str(healthy.out / "supervisor.sock"), "reachable": True, "error": None}
+    assert doc["router"]["reachable"] and doc["router"]["url"] == f"http://127.0.0.1:{healthy.router_port}"
+    assert doc["router"]["process"]["state"] == "RUNNING"
+    assert [i["name"] for i in doc["instances"]] == ["alpha", "beta"]
+    for inst in doc["instances"]:
+        assert set(inst) == {"name", "model", "launched", "ready", "process", "health", "health_detail", "sleep",
+                             "residency", "in_flight", "requests_per_second", "last_activity", "uptime_seconds"}
+        assert inst["process"]["state"] == "RUNNING" and inst["process"]["log"].endswith(f"{inst['name']}.log")
+        assert inst["health"] == "healthy" and inst["sleep"] == "awake" and inst["in_flight"] == 0
+        assert inst["requests_per_second"] == 0 and inst["uptime_seconds"] >= 0
+    # The table, piped: plain text naming every instance and state.
+    table = healthy.status()
+    assert table.returncode == 0 and "\x1b" not in table.stdout
+    assert all(w in table.stdout for w in ("alpha", "beta", "RUNNING", "healthy", "awake"))
+
+
+def test_json_when_nothing_runs(tmp_path: Path) -> None:
+    (port,) = distinct_ports(1)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"router": {"router_port": port}, "instances": [
+        {"name": "solo", "model": "m/solo", "engine": "vllm", "engine_args": ["--port=1"]}]}))
+    done = subprocess.run([PY, "-m", "router.status", "--config", str(config), "--out", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["ready"] is False and not doc["supervisord"]["reachable"] and not doc["router"]["reachable"]
+    assert "supervisord is not running" in doc["supervisord"]["error"] and doc["router"]["error"]
+    assert doc["instances"][0]["process"] is None and doc["instances"][0]["health"] is None
+    table = subprocess.run([PY, "-m", "router.status", "--config", str(config), "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=30)
+    assert table.returncode == 1 and "router not reachable at" in table.stdout and "solo" in table.stdout
+    bad = subprocess.run([PY, "-m", "router.status", "--config", str(tmp_path / "none.yaml")],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "none.yaml" in bad.stderr
+
+
+def test_wait_exits_1_within_3s_of_an_engine_failing(failing: tuple[Stack, socket.socket]) -> None:
+    stack, _ = failing
+    stack.supervised.start()
+    waiting = stack.start_status("--wait", "--timeout", "60")
+    failed_at = float(wait_for(lambda: stack.supervised.status().get("broken") in ("BACKOFF", "FATAL")
+                               and time.monotonic(), 60, "supervisord to give up on 'broken'", interval=0.05))
+    out, err = waiting.communicate(timeout=30)
+    assert time.monotonic() - failed_at < 3.0
+    assert waiting.returncode == 1, out + err
+    assert err.startswith("error: instance broken is ") and ("FATAL" in err or "BACKOFF" in err), err
+    # The end of its log: the simulated engine says why it could not start.
+    assert "broken.log" in err and "cannot listen on 127.0.0.1" in err, err
+
+
+def test_wait_exits_1_on_an_engine_already_fatal(failing: tuple[Stack, socket.socket]) -> None:
+    stack, _ = failing
+    stack.supervised.start()
+    wait_for(lambda: stack.supervised.status().get("broken") == "FATAL", 60, "'broken' FATAL", interval=0.1)
+    t0 = time.monotonic()
+    done = stack.status("--wait", "--json", timeout=30)
+    assert done.returncode == 1 and time.monotonic() - t0 < 3.0
+    assert "error: instance broken is FATAL: Exited too quickly" in done.stderr, done.stderr
+    broken = next(i for i in json.loads(done.stdout)["instances"] if i["name"] == "broken")
+    assert broken["process"]["state"] == "FATAL" and broken["ready"] is False
+
+
+def test_router_views_read_what_is_there_and_show_residency() -> None:
+    health = {"models": {
+        "m/a": {"status": "healthy", "sleep": {"state": "awake"}, "residency": {"state": "resident", "bytes": 1},
+                "endpoints": [{"instance": "a", "status": "healthy", "outstanding": 2}]},
+        "m/b": {"status": "sleeping", "sleep": {"state": "sleeping"},
+                "endpoints": [{"instance": "b", "status": "sleeping", "residency": "evicted"}, {"status": "x"}]},
+        "m/c": "not an object"}}
+    traffic = {"traffic_stats": {"m/a": {"request_rate": 1.5, "last_activity_time": 100.0}}}
+    views = router_views(health, traffic)
+    assert views == {"a": RouterView("healthy", None, "awake", "resident", 2, 1.5, 100.0),
+                     "b": RouterView("sleeping", None, "sleeping", "evicted")}
+    assert router_views(["garbage"], None) == {}
+    snapshot = Snapshot(taken_at=160.0, supervisord=Source("s", "down"), router=Source("r"),
+                        rows=(Row("a", "m/a", True, None, views["a"]), Row("b", "m/b", True, None, views["b"])))
+    assert snapshot.ready and snapshot.has_residency
+    console = Console(width=200, force_terminal=False)
+    with console.capture() as captured:
+        console.print(status_table(snapshot))
+    text = captured.get()
+    assert "residency" in text and "resident" in text and "evicted" in text and "1m00s ago" in text
+    assert "supervisord not reachable at s: down" in text
