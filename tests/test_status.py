@@ -21,6 +21,7 @@ import pytest
 from rich.console import Console
 
 from helpers import distinct_ports, render
+from router.server.processes import ProcessState
 from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
 from router.status.view import status_table
 from supervised import Supervised, wait_for
@@ -68,8 +69,10 @@ def healthy() -> Iterator[Stack]:
         stack.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def failing() -> Iterator[tuple[Stack, socket.socket]]:
+    """An engine whose port a test socket holds: it exits at once, BACKOFF, then FATAL. Started here,
+    so the first test's --wait starts while supervisord is still trying it."""
     good, taken = distinct_ports(2)
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -77,6 +80,7 @@ def failing() -> Iterator[tuple[Stack, socket.socket]]:
     squatter.listen()
     stack = Stack({"good": good, "broken": taken})
     try:
+        stack.supervised.start()
         yield stack, squatter
     finally:
         stack.close()
@@ -147,7 +151,6 @@ def test_json_when_nothing_runs(tmp_path: Path) -> None:
 
 def test_wait_exits_1_within_3s_of_an_engine_failing(failing: tuple[Stack, socket.socket]) -> None:
     stack, _ = failing
-    stack.supervised.start()
     waiting = stack.start_status("--wait", "--timeout", "60")
     failed_at = float(wait_for(lambda: stack.supervised.status().get("broken") in ("BACKOFF", "FATAL")
                                and time.monotonic(), 60, "supervisord to give up on 'broken'", interval=0.05))
@@ -161,7 +164,6 @@ def test_wait_exits_1_within_3s_of_an_engine_failing(failing: tuple[Stack, socke
 
 def test_wait_exits_1_on_an_engine_already_fatal(failing: tuple[Stack, socket.socket]) -> None:
     stack, _ = failing
-    stack.supervised.start()
     wait_for(lambda: stack.supervised.status().get("broken") == "FATAL", 60, "'broken' FATAL", interval=0.1)
     t0 = time.monotonic()
     done = stack.status("--wait", "--json", timeout=30)
@@ -192,3 +194,11 @@ def test_router_views_read_what_is_there_and_show_residency() -> None:
     text = captured.get()
     assert "residency" in text and "resident" in text and "evicted" in text and "1m00s ago" in text
     assert "supervisord not reachable at s: down" in text
+
+
+def test_progress_shows_a_log_line_as_a_terminal_would(tmp_path: Path) -> None:
+    log = tmp_path / "e.log"
+    log.write_text("loading\n\x1b[32mINFO\x1b[0m weights 10%\r weights\t90%\r\n")
+    process = ProcessState("e", "STARTING", 7, "", None, str(log))
+    assert Row("e", "m/e", True, process, RouterView()).last_log_line() == " weights 90%"
+    assert Row("e", "m/e", True, None, RouterView()).last_log_line() == ""

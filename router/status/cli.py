@@ -108,7 +108,7 @@ def wait(reader: Reader, timeout: float, as_json: bool) -> int:
             polled = time.monotonic()
             snapshot = reader.read()
             now = time.monotonic()
-            last_lines = {r.name: (r.last_log_lines(1) or [""])[0] for r in snapshot.launched}
+            last_lines = {r.name: r.last_log_line() for r in snapshot.launched}
             verdict = waiter.judge(snapshot, now)
             if live is not None:
                 live.update(progress_table(snapshot, waiter.elapsed(snapshot, now), last_lines))

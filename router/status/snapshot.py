@@ -9,6 +9,7 @@ the rows): a router of another version that lacks a field shows ``-`` there.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -78,6 +79,20 @@ class Row:
     def last_log_lines(self, n: int) -> list[str]:
         """The end of its supervisord log, [] when there is none to read."""
         return tail_lines(self.process.logfile, n) if self.process and self.process.logfile else []
+
+    def last_log_line(self) -> str:
+        """Its log's last line as a progress display can show it: what a progress bar drew last
+        (after its last carriage return), without colour codes or other control characters."""
+        lines = self.last_log_lines(1)
+        return printable(lines[0].rstrip("\r").rsplit("\r", 1)[-1]) if lines else ""
+
+
+#: Terminal escape sequences (colours, cursor moves) and other control characters in a log line.
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(line: str) -> str:
+    return _CONTROL.sub("", line).replace("\t", " ")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from router.status.snapshot import Row, Snapshot
-from router.status.view import duration, health_text, process_text, source_lines
+from router.status.view import health_text, process_text, source_lines
 
 #: Lines of a failed engine's log shown with the verdict.
 LOG_LINES = 20
@@ -81,7 +81,7 @@ class Waiter:
 
     def changes(self, snapshot: Snapshot, now: float, last_lines: dict[str, str]) -> list[str]:
         """Plain progress lines for what changed since the last call (for a pipe: no redraws)."""
-        stamp = f"[{duration(now - self.started):>6}]"
+        stamp = f"[{now - self.started:6.1f}s]"
         current = {f"source:{line.split(' ')[0]}": line for line in source_lines(snapshot)}
         for name in ("supervisord", "router"):
             current.setdefault(f"source:{name}", f"{name} answering")
