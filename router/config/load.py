@@ -81,10 +81,26 @@ class Instance:
     #: The program of an engine started by its own ``command`` (whose other words are
     #: `engine_args`); None for engines launched from a Python module.
     program: Optional[str] = None
+    #: Residency: started by the first request (supervisord autostart off), stopped after
+    #: `idle_stop_seconds` idle, never slept or stopped by a policy when pinned.
+    on_demand: bool = False
+    idle_stop_seconds: Optional[float] = None
+    pin: bool = False
+    #: What the engine holds on each of its GPUs while awake, and in host RAM while asleep.
+    gpu_memory_gb: Optional[float] = None
+    host_memory_gb: Optional[float] = None
+    #: Longest wait for a start to pass its health check (None: residency.start_timeout_seconds).
+    start_timeout_seconds: Optional[float] = None
 
     @property
     def spec(self) -> EngineSpec:
         return ENGINES[self.engine]
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """The GPUs the engine uses, from its CUDA_VISIBLE_DEVICES (GPU 0 when none is given)."""
+        devices = dict(self.env).get("CUDA_VISIBLE_DEVICES", "")
+        return tuple(d.strip() for d in devices.split(",") if d.strip()) or ("0",)
 
     def __repr__(self) -> str:
         """The dataclass repr with the engine's own key and secret-looking env values
@@ -163,6 +179,34 @@ class SleepSettings:
 
 
 @dataclass(frozen=True)
+class Group:
+    """Instances that share a GPU in turns: with `exclusive`, at most one member is awake."""
+
+    name: str
+    members: tuple[str, ...]
+    exclusive: bool = True
+
+
+@dataclass(frozen=True)
+class ResidencySettings:
+    """Memory budgets that decide which models are awake, asleep or stopped (top-level ``residency``)."""
+
+    #: GPU memory per GPU (by CUDA device index/UUID, "*" for every GPU not named); None: no GPU budget.
+    gpu_memory_gb: Optional[tuple[tuple[str, float], ...]] = None
+    #: Host RAM for the weights of sleeping engines; None: no host budget.
+    host_memory_gb: Optional[float] = None
+    #: Longest wait for a started engine to pass its health check.
+    start_timeout_seconds: float = 900.0
+    groups: tuple[Group, ...] = ()
+
+    def gpu_budget(self, gpu: str) -> Optional[float]:
+        if self.gpu_memory_gb is None:
+            return None
+        budgets = dict(self.gpu_memory_gb)
+        return budgets.get(gpu, budgets.get("*"))
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     instances: tuple[Instance, ...]
@@ -172,6 +216,7 @@ class Config:
     launch_delay_seconds: float = 0.0
     #: Start of every tmux session name the renderer makes (`<prefix><name>`).
     tmux_session_prefix: str = "kvcached-"
+    residency: ResidencySettings = ResidencySettings()
     warnings: tuple[str, ...] = ()
 
     @property
@@ -227,7 +272,10 @@ def env_value(value: Any) -> str:
 # --------------------------------------------------------------------------
 # Loading
 
-TOP_KEYS = ("kvcached", "router", "sleep_manager", "launch_delay_seconds", "tmux_session_prefix", "instances")
+TOP_KEYS = ("kvcached", "router", "sleep_manager", "residency", "launch_delay_seconds", "tmux_session_prefix",
+            "instances")
+RESIDENCY_KEYS = ("gpu_memory_gb", "host_memory_gb", "start_timeout_seconds", "groups")
+GROUP_KEYS = ("name", "members", "exclusive")
 #: tmux session name prefixes: tmux itself turns '.' into '_' in session names.
 TMUX_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,40}")
 #: Instance keys of engines we launch from their Python module (vLLM, SGLang); the others
@@ -235,6 +283,7 @@ TMUX_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,40}")
 INSTANCE_KEYS = (
     "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
     "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
+    "on_demand", "idle_stop_seconds", "pin", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds",
 )
 #: Instance keys of engines started by their own `command` only (EngineSpec.launcher is None).
 COMMAND_KEYS = ("command", "host", "port", "health_path")
@@ -363,6 +412,7 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     sleep = _settings(raw.get("sleep_manager"), "sleep_manager", SLEEP_KEYS, SleepSettings, p, base)
     delay = _number(raw.get("launch_delay_seconds", 0), "launch_delay_seconds", "nonnegfloat", p)
     prefix = _session_prefix(raw.get("tmux_session_prefix", Config.tmux_session_prefix), p)
+    residency = _residency(raw.get("residency"), p)
     instances = _instances(raw.get("instances"), kv_env, base, sim, p)
     if p.errors:
         raise p.fail(path)
@@ -374,11 +424,57 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
         kvcached_env=tuple(kv_env),
         launch_delay_seconds=delay if delay is not None else 0.0,
         tmux_session_prefix=prefix,
+        residency=residency,
     )
     _cross_checks(cfg, p)
     if p.errors:
         raise p.fail(path)
     return replace(cfg, warnings=p.warning_lines(path))
+
+
+def _residency(block: Any, p: _Problems) -> ResidencySettings:
+    if block is None:
+        return ResidencySettings()
+    if not isinstance(block, dict):
+        p.error("residency", "must be a mapping (gpu_memory_gb, host_memory_gb, start_timeout_seconds, groups)")
+        return ResidencySettings()
+    p.unknown_keys("residency", block.keys(), RESIDENCY_KEYS)
+    gpu: Optional[tuple[tuple[str, float], ...]] = None
+    raw_gpu = block.get("gpu_memory_gb")
+    if isinstance(raw_gpu, dict):
+        items = []
+        for k, v in raw_gpu.items():
+            n = _number(v, f"residency.gpu_memory_gb.{k}", "posfloat", p)
+            if n is not None:
+                items.append((str(k), n))
+        gpu = tuple(items)
+    elif raw_gpu is not None:
+        n = _number(raw_gpu, "residency.gpu_memory_gb", "posfloat", p)
+        gpu = (("*", n),) if n is not None else None
+    host = _number(block["host_memory_gb"], "residency.host_memory_gb", "posfloat", p) if "host_memory_gb" in block else None
+    start = _number(block.get("start_timeout_seconds", 900.0), "residency.start_timeout_seconds", "posfloat", p)
+    groups = []
+    raw_groups = block.get("groups", [])
+    if not isinstance(raw_groups, list):
+        p.error("residency.groups", "must be a list of {name, members: [instance names], exclusive: true}")
+        raw_groups = []
+    for i, g in enumerate(raw_groups):
+        where = f"residency.groups[{i}]"
+        if not isinstance(g, dict):
+            p.error(where, "must be a mapping {name, members, exclusive}")
+            continue
+        p.unknown_keys(where, g.keys(), GROUP_KEYS)
+        name, members = g.get("name"), g.get("members")
+        if not isinstance(name, str) or not name.strip():
+            p.error(f"{where}.name", "must be a name for the group")
+            continue
+        if not (isinstance(members, list) and len(members) >= 2 and all(isinstance(m, str) for m in members)):
+            p.error(f"{where}.members", "must list at least two instance names")
+            continue
+        exclusive = _value(g.get("exclusive", True), f"{where}.exclusive", "bool", p, Path.cwd())
+        groups.append(Group(name, tuple(members), exclusive is not False))
+    return ResidencySettings(gpu_memory_gb=gpu, host_memory_gb=host,
+                             start_timeout_seconds=start if start is not None else 900.0, groups=tuple(groups))
 
 
 def _session_prefix(v: Any, p: _Problems) -> str:
@@ -633,8 +729,13 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
     except ValueError as e:
         p.error(f"{where}.sim_args", f"cannot split into arguments ({e}); check the quotes")
 
-    flags = {key: _value(raw.get(key, key != "using_venv"), f"{where}.{key}", "bool", p, base) is True
-             for key in ("launch", "sleep", "using_venv")}
+    flags = {key: _value(raw.get(key, key in ("launch", "sleep")), f"{where}.{key}", "bool", p, base) is True
+             for key in ("launch", "sleep", "using_venv", "on_demand", "pin")}
+    sizes = {key: _number(raw[key], f"{where}.{key}", "posfloat", p) if raw.get(key) is not None else None
+             for key in ("idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds")}
+    if flags["on_demand"] and not flags["launch"]:
+        p.error(f"{where}.on_demand", "an engine started elsewhere (launch: false) cannot be started on demand; "
+                                      "remove one of the two")
     if spec is not None and spec.launcher is None and program is None and flags["launch"]:
         p.error(f"{where}.command", f"missing: engine '{spec.name}' is started by its own command; give the program "
                                     "and its arguments (e.g. command: 'llama-server -m model.gguf --port 8001'), "
@@ -673,7 +774,8 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
         name=name, model=model, engine=engine, engine_args=tuple(args), env=tuple(env),
         venv_path=venv_path, host=host, port=port, health_path=health_path, aliases=tuple(aliases),
         served_names=served, launch=flags["launch"], sleep=flags["sleep"], max_concurrency=max_conc,
-        max_queue=max_queue, sim_args=tuple(sim_args), program=program,
+        max_queue=max_queue, sim_args=tuple(sim_args), program=program, on_demand=flags["on_demand"],
+        pin=flags["pin"], **sizes,
     )
 
 
@@ -806,6 +908,7 @@ def _cross_checks(cfg: Config, p: _Problems) -> None:
             if missing:
                 p.warn(where, f"auto sleep is on but this {inst.engine} engine lacks what its sleep API needs: "
                               f"{', '.join(missing)}; add them or set 'sleep: false'")
+    _residency_checks(cfg, p)
     router = cfg.router
     if router.default_model is not None and router.default_model not in routes:
         p.error("router.default_model", f"{router.default_model!r} is not a model, alias or served name of any "
@@ -822,6 +925,36 @@ def _port_source(inst: Instance) -> tuple[str, str]:
     if spec.launcher is None and last_flag_value(inst.engine_args, spec.port_flag) is None:
         return "port", "port:"
     return spec.args_key, spec.port_flag
+
+
+def _residency_checks(cfg: Config, p: _Problems) -> None:
+    """Groups name real instances once; budgets need every budgeted engine's size."""
+    names = {i.name for i in cfg.instances}
+    grouped: dict[str, str] = {}
+    for gi, group in enumerate(cfg.residency.groups):
+        for member in group.members:
+            if member not in names:
+                p.error(f"residency.groups[{gi}].members", f"{member!r} is not an instance name; use one of: "
+                                                          f"{', '.join(sorted(names))}")
+            elif member in grouped:
+                p.error(f"residency.groups[{gi}].members", f"instance {member!r} is already in group "
+                                                          f"{grouped[member]!r}; an instance may be in one group")
+            grouped.setdefault(member, group.name)
+    r = cfg.residency
+    for i, inst in enumerate(cfg.instances):
+        where = f"instances[{i}]"
+        if r.gpu_memory_gb is not None and inst.gpu_memory_gb is None and inst.launch:
+            p.error(f"{where}.gpu_memory_gb", "missing: residency.gpu_memory_gb sets a GPU budget, so every launched "
+                                              "instance must say what it holds while awake (e.g. gpu_memory_gb: 20)")
+        if r.host_memory_gb is not None and inst.host_memory_gb is None and inst.launch and inst.sleep \
+                and inst.spec.has_sleep_api:
+            p.error(f"{where}.host_memory_gb", "missing: residency.host_memory_gb sets a host budget, so every "
+                                               "sleepable instance must say what its weights hold while asleep")
+        for gpu in inst.gpus:
+            budget = r.gpu_budget(gpu)
+            if budget is not None and inst.gpu_memory_gb is not None and inst.gpu_memory_gb > budget:
+                p.error(f"{where}.gpu_memory_gb", f"{inst.gpu_memory_gb:g} GB is more than GPU {gpu}'s whole "
+                                                  f"budget of {budget:g} GB (residency.gpu_memory_gb)")
 
 
 def _gpu_checks(cfg: Config, p: _Problems) -> None:

@@ -82,6 +82,8 @@ class Program:
     startsecs: int
     stopwaitsecs: int
     environment: tuple[tuple[str, str], ...] = ()
+    #: False for an engine started on demand: the router starts it on its first request.
+    autostart: bool = True
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,11 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
     files: dict[str, tuple[str, int]] = {}
     programs: list[Program] = []
     sessions: list[Session] = []
-    for index, inst in enumerate(cfg.launched):
+    at_start = [i.name for i in cfg.launched if not i.on_demand]
+    for inst in cfg.launched:
         script = out / "engines" / f"{inst.name}.sh"
-        delay = index * cfg.launch_delay_seconds
+        # Engines started with supervisord wait their turn; one started on demand starts at once.
+        delay = 0.0 if inst.on_demand else at_start.index(inst.name) * cfg.launch_delay_seconds
         files[f"engines/{inst.name}.sh"] = (env.get_template("engine.sh.j2").render(
             inst=inst,
             argv=engine_argv(inst, sim, python),
@@ -208,7 +212,8 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
         # The launch delay does not count as having started: an engine that
         # dies right after it is still a failed start (retried, then FATAL).
         startsecs = STARTSECS + math.ceil(delay)
-        programs.append(Program(inst.name, (str(script),), log, startsecs, ENGINE_STOPWAITSECS))
+        programs.append(Program(inst.name, (str(script),), log, startsecs, ENGINE_STOPWAITSECS,
+                                autostart=not inst.on_demand))
         sessions.append(Session(session_name(cfg, inst.name), (str(script),), log))
     if cfg.router.enable_router:
         log = str(logs / f"{ROUTER_PROGRAM}.log")
