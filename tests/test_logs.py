@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import pytest
 
@@ -33,7 +33,6 @@ from router.server.logs import MAX_TAIL_BYTES, tail_of
 from router.server.processes import ProcessState, ProcessWatcher
 from router_support import LoopThread, RouterServer, config_from, instance, loop  # noqa: F401 (fixture)
 from supervised import Supervised, wait_for
-from test_fuzz import asgi_get
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -221,27 +220,37 @@ def test_stream_waits_for_a_log_that_does_not_exist_yet(logged: LoggedRouter) ->
         stream.close()
 
 
-def remote_get(config: Config, path: str, client: tuple[str, int], headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
-    """One GET through the whole app as ASGI (test_fuzz's driver), from the peer address `client`."""
+def guarded(config: Config, path: str, client: tuple[str, int], headers: list[tuple[bytes, bytes]]
+            ) -> tuple[Optional[int], Optional[dict]]:
+    """One GET through the app as ASGI from the peer address `client`: the guard's (status, error),
+    or (None, None) when it lets the request through to the route."""
     app = create_app(config)
     app.state.processes = FixedPrograms({"router": program("router", None)})
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": headers, "client": client}
+    if app.state.guard.check(scope) is None:
+        return None, None
+    messages: list[dict] = []
 
-    async def from_peer(scope: dict, receive: Callable, send: Callable) -> None:
-        await app({**scope, "client": client}, receive, send)
-    return asyncio.run(asgi_get(from_peer, path, headers))
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    async def receive() -> dict:
+        raise AssertionError("a refused request's body is never read")
+    asyncio.run(app(scope, receive, send))
+    return messages[0]["status"], json.loads(messages[1]["body"])["error"]
 
 
 @pytest.mark.parametrize("path", ["/logs/router", "/logs/router/stream", "/logs/nope"])
 def test_logs_are_admin_only(tmp_path: Path, path: str) -> None:
+    remote, local = ("203.0.113.9", 40000), ("127.0.0.1", 40000)
     plain = config_from(tmp_path, [instance("m/one", 1, name="engine")])
-    status, body = remote_get(plain, path, ("203.0.113.9", 40000), [])
-    assert status == 403 and "router.admin_api_key" in json.loads(body)["error"]["message"]
-    # The same request from this machine passes the guard (the route then answers: 404, no log file...).
-    assert remote_get(plain, "/logs/nope", ("127.0.0.1", 40000), [])[0] == 404
+    status, err = guarded(plain, path, remote, [])
+    assert status == 403 and err is not None and "router.admin_api_key" in err["message"]
+    assert guarded(plain, path, local, []) == (None, None)
     keyed = config_from(tmp_path, [instance("m/one", 1, name="engine")], {"admin_api_key": "adm-key-1"})
-    assert remote_get(keyed, path, ("127.0.0.1", 40000), [])[0] == 401
-    assert remote_get(keyed, path, ("203.0.113.9", 40000), [(b"authorization", b"Bearer wrong")])[0] == 401
-    assert remote_get(keyed, "/logs/nope", ("203.0.113.9", 40000), [(b"authorization", b"Bearer adm-key-1")])[0] == 404
+    assert guarded(keyed, path, local, [])[0] == 401
+    assert guarded(keyed, path, remote, [(b"authorization", b"Bearer wrong")])[0] == 401
+    assert guarded(keyed, path, remote, [(b"authorization", b"Bearer adm-key-1")]) == (None, None)
 
 
 # -- a real supervisord rotating the router's log ------------------------------------------------

@@ -129,6 +129,16 @@ def tail_of(f: BinaryIO, lines: int, whole_lines_only: bool = False) -> Tail:
     return Tail(chunk.split(b"\n"), resume)
 
 
+def tail_text(path: str, lines: int) -> str:
+    """The last `lines` lines of the file at `path` as text; empty while supervisord has not created it."""
+    try:
+        with open(path, "rb") as f:
+            found = tail_of(f, lines).lines
+    except FileNotFoundError:
+        return ""
+    return b"".join(line + b"\n" for line in found).decode("utf-8", errors="replace")
+
+
 def events_of(line: bytes) -> list[bytes]:
     """One log line as SSE events: a progress bar's carriage returns split it, since SSE treats
     ``\\r`` as a line end and would otherwise cut the event short."""
@@ -234,12 +244,8 @@ class LogRoutes:
             path, lines = self._target(request, DEFAULT_LINES)
         except LogUnavailable as e:
             return self._error(e)
-        try:
-            with open(path, "rb") as f:
-                found = tail_of(f, lines).lines
-        except FileNotFoundError:
-            found = []  # supervisord has not written to it yet
-        text = b"".join(line + b"\n" for line in found).decode("utf-8", errors="replace")
+        # Up to MAX_TAIL_BYTES read and decoded: in a thread, off the event loop that serves the requests.
+        text = await asyncio.to_thread(tail_text, path, lines)
         return PlainTextResponse(text)
 
     async def stream(self, request: Request) -> Response:
