@@ -8,6 +8,8 @@ FATAL), naming it with the end of its log; piped output is plain lines;
 from __future__ import annotations
 
 import json
+import os
+import pty
 import shutil
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from helpers import distinct_ports, render
 from router.server.processes import ProcessState
 from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
 from router.status.view import status_table
+from router.status.wait import Waiter
 from supervised import Supervised, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -202,3 +205,70 @@ def test_progress_shows_a_log_line_as_a_terminal_would(tmp_path: Path) -> None:
     process = ProcessState("e", "STARTING", 7, "", None, str(log))
     assert Row("e", "m/e", True, process, RouterView()).last_log_line() == " weights 90%"
     assert Row("e", "m/e", True, None, RouterView()).last_log_line() == ""
+
+
+def snapshot_of(*rows: Row, router_process: ProcessState | None = None, router_up: bool = True) -> Snapshot:
+    return Snapshot(taken_at=time.time(), supervisord=Source("sock"), router=Source("url", None if router_up else "refused"),
+                    rows=rows, router_process=router_process)
+
+
+def test_waiter_verdicts(tmp_path: Path) -> None:
+    log = tmp_path / "r.log"
+    log.write_text("Traceback\nImportError: no module named x\n")
+    starting = ProcessState("e", "STARTING", 7, "", None, None)
+    up = Row("e", "m/e", True, ProcessState("e", "RUNNING", 7, "", time.time(), None), RouterView(health="healthy"))
+    coming = Row("e", "m/e", True, starting, RouterView(health="down", detail="process STARTING"))
+    remote = Row("r", "m/r", False, None, RouterView(health="unhealthy"))  # launch: false: not waited for
+    waiter = Waiter(timeout=10, started=100.0)
+    assert waiter.judge(snapshot_of(coming, remote), 101.0) is None
+    assert waiter.judge(snapshot_of(coming, remote, router_up=False), 101.0) is None
+    done = waiter.judge(snapshot_of(up, remote), 102.5)
+    assert done is not None and done.ok and done.message == "all 1 launched instances are healthy after 2.5s"
+    assert waiter.elapsed(snapshot_of(up), 200.0) == {"e": 2.5}  # the time it took, kept once it is up
+    late = Waiter(timeout=10, started=100.0).judge(snapshot_of(coming), 110.0)
+    assert late is not None and not late.ok
+    assert late.message == "not healthy after 10s: e: process STARTING, health down (process STARTING)"
+    dead_router = ProcessState("router", "FATAL", None, "Exited too quickly", None, str(log))
+    failed = Waiter(timeout=10, started=100.0).judge(snapshot_of(up, router_process=dead_router, router_up=False), 101.0)
+    assert failed is not None and not failed.ok and failed.message.startswith("the router is FATAL")
+    assert failed.culprits[0].log == ("Traceback", "ImportError: no module named x")
+
+
+def test_plain_progress_prints_only_changes() -> None:
+    waiter = Waiter(timeout=10, started=100.0)
+    coming = Row("e", "m/e", True, ProcessState("e", "STARTING", 7, "", None, None), RouterView())
+    first = waiter.changes(snapshot_of(coming, router_up=False), 100.5, {"e": "loading"})
+    assert first == ["[   0.5s] router not reachable at url: refused", "[   0.5s] e: process STARTING, health ? | loading"]
+    assert waiter.changes(snapshot_of(coming, router_up=False), 101.0, {"e": "still loading"}) == []
+    assert waiter.changes(snapshot_of(coming), 101.5, {"e": "x"}) == ["[   1.5s] router answering",
+                                                                     "[   1.5s] e: process STARTING, health - | x"]
+
+
+def test_a_terminal_gets_the_live_table(healthy: Stack) -> None:
+    if not healthy.supervised.running():
+        healthy.supervised.start()
+    primary, secondary = pty.openpty()
+    try:
+        done = subprocess.run([PY, "-m", "router.status", "--config", str(healthy.config), "--out", str(healthy.out),
+                               "--wait", "--timeout", "60"], stdout=secondary, stderr=secondary, timeout=60,
+                              env={**os.environ, "COLUMNS": "150", "TERM": "xterm"})
+        os.close(secondary)
+        secondary = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    text = out.decode(errors="replace")
+    assert done.returncode == 0, text
+    # rich.live draws (and hides the cursor while it does), then the verdict.
+    assert "\x1b[?25l" in text and "waiting for the engines" in text and "┃" in text and "alpha" in text
+    assert "all 2 launched instances are healthy" in text
