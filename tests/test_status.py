@@ -121,7 +121,7 @@ def test_json_shape(healthy: Stack) -> None:
     assert doc["router"]["process"]["state"] == "RUNNING"
     assert [i["name"] for i in doc["instances"]] == ["alpha", "beta"]
     for inst in doc["instances"]:
-        assert set(inst) == {"name", "model", "launched", "ready", "process", "health", "health_detail", "sleep",
+        assert set(inst) == {"name", "model", "launched", "on_demand", "ready", "process", "health", "health_detail", "sleep",
                              "residency", "in_flight", "requests_per_second", "last_activity", "uptime_seconds"}
         assert inst["process"]["state"] == "RUNNING" and inst["process"]["log"].endswith(f"{inst['name']}.log")
         assert inst["health"] == "healthy" and inst["sleep"] == "awake" and inst["in_flight"] == 0
@@ -219,10 +219,12 @@ def test_waiter_verdicts(tmp_path: Path) -> None:
     up = Row("e", "m/e", True, ProcessState("e", "RUNNING", 7, "", time.time(), None), RouterView(health="healthy"))
     coming = Row("e", "m/e", True, starting, RouterView(health="down", detail="process STARTING"))
     remote = Row("r", "m/r", False, None, RouterView(health="unhealthy"))  # launch: false: not waited for
+    # on_demand: stopped until a request needs it, so not waited for either.
+    idle = Row("o", "m/o", True, ProcessState("o", "STOPPED", None, "Not started", None, None), RouterView(), True)
     waiter = Waiter(timeout=10, started=100.0)
     assert waiter.judge(snapshot_of(coming, remote), 101.0) is None
     assert waiter.judge(snapshot_of(coming, remote, router_up=False), 101.0) is None
-    done = waiter.judge(snapshot_of(up, remote), 102.5)
+    done = waiter.judge(snapshot_of(up, remote, idle), 102.5)
     assert done is not None and done.ok and done.message == "all 1 launched instances are healthy after 2.5s"
     assert waiter.elapsed(snapshot_of(up), 200.0) == {"e": 2.5}  # the time it took, kept once it is up
     late = Waiter(timeout=10, started=100.0).judge(snapshot_of(coming), 110.0)

@@ -30,8 +30,9 @@ the router over HTTP at router_host:router_port (with the admin key, if the
 config sets one); a source that does not answer is named, not fatal."""
 
 EPILOG = """\
-exit status: 0 every launched instance is healthy (or asleep), 1 not (with
---wait: one went FATAL or BACKOFF, or time ran out), 2 the config is wrong.
+exit status: 0 every launched instance is healthy (or asleep; on-demand engines
+need not run), 1 not (with --wait: one went FATAL or BACKOFF, or time ran out),
+2 the config is wrong.
 
 examples:
   python -m router.status --config example-config.yaml
@@ -108,7 +109,7 @@ def wait(reader: Reader, timeout: float, as_json: bool) -> int:
             polled = time.monotonic()
             snapshot = reader.read()
             now = time.monotonic()
-            last_lines = {r.name: r.last_log_line() for r in snapshot.launched}
+            last_lines = {r.name: r.last_log_line() for r in snapshot.required}
             verdict = waiter.judge(snapshot, now)
             if live is not None:
                 live.update(progress_table(snapshot, waiter.elapsed(snapshot, now), last_lines))

@@ -67,6 +67,13 @@ class Row:
     launched: bool
     process: Optional[ProcessState]
     view: RouterView
+    #: Started by the router when a request needs it (``on_demand: true``): stopped until then, and fine so.
+    on_demand: bool = False
+
+    @property
+    def required(self) -> bool:
+        """Whether the stack is up only once this one is: launched at start by supervisord."""
+        return self.launched and not self.on_demand
 
     @property
     def ready(self) -> bool:
@@ -110,13 +117,14 @@ class Snapshot:
         return any(r.view.residency for r in self.rows)
 
     @property
-    def launched(self) -> tuple[Row, ...]:
-        return tuple(r for r in self.rows if r.launched)
+    def required(self) -> tuple[Row, ...]:
+        """The instances supervisord starts with the stack (not on-demand, not started elsewhere)."""
+        return tuple(r for r in self.rows if r.required)
 
     @property
     def ready(self) -> bool:
-        """Every launched instance is up in the router's eyes."""
-        return self.router.up and all(r.ready for r in self.launched)
+        """Every required instance is up in the router's eyes."""
+        return self.router.up and all(r.ready for r in self.required)
 
 
 def router_url(config: Config) -> str:
@@ -196,7 +204,7 @@ class Reader:
         router_future = self._pool.submit(self._router)
         programs, supervisord = programs_future.result()
         views, router = router_future.result()
-        rows = tuple(Row(name=i.name, model=i.model, launched=i.launch,
+        rows = tuple(Row(name=i.name, model=i.model, launched=i.launch, on_demand=i.on_demand,
                          process=programs.get(i.name) if i.launch else None, view=views.get(i.name, RouterView()))
                      for i in self.config.instances)
         return Snapshot(taken_at=time.time(), supervisord=supervisord, router=router, rows=rows,

@@ -40,7 +40,7 @@ def process_text(row: Row, snapshot: Snapshot) -> str:
         return "not supervised"
     if row.process is None:
         return "?" if not snapshot.supervisord.up else "not in supervisord"
-    return row.process.state
+    return f"{row.process.state} (on demand)" if row.on_demand and not row.process.running else row.process.state
 
 
 def health_text(row: Row, snapshot: Snapshot) -> str:
@@ -102,7 +102,7 @@ def progress_table(snapshot: Snapshot, elapsed: dict[str, float], last_lines: di
     for header in ("instance", "process", "health", "elapsed", "last log line"):
         table.add_column(header, justify="right" if header == "elapsed" else "left",
                          overflow="ellipsis", no_wrap=header == "last log line")
-    for row in snapshot.launched:
+    for row in snapshot.required:
         table.add_row(row.name, styled(process_text(row, snapshot)), styled(health_text(row, snapshot)),
                       duration(elapsed.get(row.name)), Text(last_lines.get(row.name, "")))
     return table
@@ -123,7 +123,7 @@ def to_json(snapshot: Snapshot) -> dict[str, object]:
         "router": {"url": snapshot.router.where, "reachable": snapshot.router.up, "error": snapshot.router.error,
                    "process": process_json(snapshot.router_process, now)},
         "instances": [{
-            "name": r.name, "model": r.model, "launched": r.launched, "ready": r.ready,
+            "name": r.name, "model": r.model, "launched": r.launched, "on_demand": r.on_demand, "ready": r.ready,
             "process": process_json(r.process, now),
             "health": r.view.health, "health_detail": r.view.detail, "sleep": r.view.sleep,
             "residency": r.view.residency, "in_flight": r.view.in_flight, "requests_per_second": r.view.rate,

@@ -50,14 +50,14 @@ class Waiter:
 
     def elapsed(self, snapshot: Snapshot, now: float) -> dict[str, float]:
         """Per launched engine: seconds waited until it became ready, or until now."""
-        return {r.name: self.ready_at.get(r.name, now) - self.started for r in snapshot.launched}
+        return {r.name: self.ready_at.get(r.name, now) - self.started for r in snapshot.required}
 
     def judge(self, snapshot: Snapshot, now: float) -> Optional[Verdict]:
         """The verdict once there is one; None while engines are still coming up."""
-        for row in snapshot.launched:
+        for row in snapshot.required:
             if row.ready:
                 self.ready_at.setdefault(row.name, now)
-        failed = [r for r in snapshot.launched if r.failed]
+        failed = [r for r in snapshot.required if r.failed]
         router = snapshot.router_process
         if router is not None and router.state in ("FATAL", "BACKOFF"):
             log = tuple(router.log_tail(LOG_LINES))
@@ -69,10 +69,10 @@ class Waiter:
             names = ", ".join(f"{c.name} is {c.reason}" for c in culprits)
             return Verdict(False, f"instance {names}", culprits)
         if snapshot.ready:
-            return Verdict(True, f"all {len(snapshot.launched)} launched instances are healthy "
+            return Verdict(True, f"all {len(snapshot.required)} launched instances are healthy "
                                  f"after {now - self.started:.1f}s")
         if now - self.started >= self.timeout:
-            late = [r for r in snapshot.launched if not r.ready]
+            late = [r for r in snapshot.required if not r.ready]
             culprits = tuple(Culprit.of(r, f"process {process_text(r, snapshot)}, health {health_text(r, snapshot)}"
                                         + (f" ({r.view.detail})" if r.view.detail else ""), 10) for r in late)
             why = "; ".join(f"{c.name}: {c.reason}" for c in culprits) or "; ".join(source_lines(snapshot))
@@ -85,7 +85,7 @@ class Waiter:
         current = {f"source:{line.split(' ')[0]}": line for line in source_lines(snapshot)}
         for name in ("supervisord", "router"):
             current.setdefault(f"source:{name}", f"{name} answering")
-        for row in snapshot.launched:
+        for row in snapshot.required:
             current[row.name] = f"{row.name}: process {process_text(row, snapshot)}, health {health_text(row, snapshot)}"
         out = []
         for key, text in current.items():
