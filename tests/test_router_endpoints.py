@@ -23,7 +23,7 @@ def test_model_listings(stack: Stack) -> None:
     status, _, data = get(r.url + "/models")
     assert status == 200
     models = json.loads(data)["models"]
-    assert models["org/m1"] == {"endpoint": a.url, "endpoints": [a.url, b.url]}
+    assert models["org/m1"] == {"endpoint": a.url, "endpoints": [a.url, b.url], "state": "awake"}
     assert set(models) == {"org/m1", "other"}
 
 

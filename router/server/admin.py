@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 from router.config import ConfigError
 from router.observe.traffic import MAX_WINDOW_SECONDS
 from router.server.errors import error_response
-from router.server.lifecycle import SLEEPING, Lifecycle, Outcome
+from router.server.lifecycle import SLEEPING, Lifecycle, ModelUnavailable, Outcome
 from router.server.models import Model
 from router.server.report import lifecycle_status
 from router.server.state import RouterState
@@ -193,8 +193,23 @@ class Admin:
 
     async def action_sleep(self, request: Request) -> Response:
         model = self._model(request)
+        try:
+            await self.state.residency.make_host_room(model)
+        except ModelUnavailable as e:
+            return error_response(503, e.message, param="model", headers={"Retry-After": str(e.retry_after)})
         outcome = await model.lifecycle.sleep()
         return self._outcome(model, outcome)
+
+    async def action_start(self, request: Request) -> Response:
+        model = self._model(request)
+        return self._outcome(model, await model.lifecycle.start())
+
+    async def action_stop(self, request: Request) -> Response:
+        model = self._model(request)
+        return self._outcome(model, await model.lifecycle.stop())
+
+    async def residency(self, request: Request) -> Response:
+        return _json(self.state.residency.report())
 
     async def action_wakeup(self, request: Request) -> Response:
         model = self._model(request)
@@ -244,6 +259,9 @@ def admin_routes(state: RouterState) -> list[BaseRoute]:
         ("/sleep/candidates", a.sleep_candidates, "GET"),
         ("/action/sleep/{model:path}", a.action_sleep, "POST"),
         ("/action/wakeup/{model:path}", a.action_wakeup, "POST"),
+        ("/action/start/{model:path}", a.action_start, "POST"),
+        ("/action/stop/{model:path}", a.action_stop, "POST"),
+        ("/residency", a.residency, "GET"),
         ("/action/reload", a.action_reload, "POST"),
     ]
     return [Route(path, _guard(fn), methods=[method]) for path, fn, method in table]

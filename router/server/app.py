@@ -127,7 +127,7 @@ def routes(state: RouterState) -> list[BaseRoute]:
         card = next((r.card for r in model.replicas if r.card is not None), None) or {}
         return {**card, "id": name, "object": "model", "created": card.get("created", int(state.started_at)),
                 "owned_by": card.get("owned_by", model.replicas[0].instance.engine),
-                "root": card.get("root", model.name)}
+                "root": card.get("root", model.name), "residency": model.lifecycle.state}
 
     async def list_models(request: Request) -> Response:
         table = state.table
@@ -147,7 +147,7 @@ def routes(state: RouterState) -> list[BaseRoute]:
         return JSONResponse(model_entry(name, model))
 
     async def kvcached_models(request: Request) -> Response:
-        return JSONResponse({"models": {m.name: {"endpoint": m.replicas[0].url,
+        return JSONResponse({"models": {m.name: {"endpoint": m.replicas[0].url, "state": m.lifecycle.state,
                                                  "endpoints": [r.url for r in m.replicas]} for m in state.table}})
 
     async def health(request: Request) -> Response:

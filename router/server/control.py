@@ -1,19 +1,23 @@
-"""The router's calls to engines outside the hot path: control calls, sleep questions, health probes.
+"""The router's calls to engines outside the hot path: control calls, sleep questions, health probes,
+and supervisord's starts and stops of engine processes.
 
 One aiohttp session, opened in the app's lifespan (it needs the running
-loop) and closed at its end, serves all of them; the hot path uses each
-replica's own pool instead. Every call goes to the replica's address with
+loop) and closed at its end, serves the HTTP calls; the hot path uses each
+replica's own pool instead. supervisord is asked over its socket in a
+worker thread (its XML-RPC client blocks). Every call goes to the replica's address with
 the engine's own key, and every failure comes back as a message that names
 the instance and what happened, never as an exception the caller must know.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+import xmlrpc.client
+from typing import Callable, Optional
 
 import aiohttp
 
 from router.engines import Call
+from router.server.processes import ProcessState, start_program, stop_program
 from router.server.replica import Replica
 
 MODELS_PATH = "/v1/models"
@@ -32,10 +36,34 @@ def new_session() -> aiohttp.ClientSession:
 
 
 class EngineControl:
-    """Control calls to engines, over one session that exists between `open` and `close`."""
+    """Control calls to engines, over one session that exists between `open` and `close`;
+    with a supervisord socket, the starts and stops of their processes too."""
 
-    def __init__(self) -> None:
+    def __init__(self, supervisor_socket: Optional[str] = None) -> None:
         self._session: Optional[aiohttp.ClientSession] = None
+        self._socket = supervisor_socket
+
+    @property
+    def can_start(self) -> bool:
+        """Whether engine processes can be started and stopped (a supervisord runs them)."""
+        return self._socket is not None
+
+    async def start_program(self, replica: Replica) -> None:
+        """Start the replica's supervisord program; its fresh process state is recorded at once."""
+        replica.set_process(await self._supervise(start_program, replica))
+
+    async def stop_program(self, replica: Replica) -> None:
+        """Stop the replica's supervisord program and wait until it is down."""
+        replica.set_process(await self._supervise(stop_program, replica))
+
+    async def _supervise(self, action: Callable[[str, str], ProcessState], replica: Replica) -> ProcessState:
+        if self._socket is None:
+            raise EngineCallError(f"{replica.name}: no supervisord runs this router's engines")
+        try:
+            return await asyncio.to_thread(action, self._socket, replica.name)
+        except (OSError, xmlrpc.client.Error) as e:
+            raise EngineCallError(f"{replica.name}: supervisord could not {action.__name__.split('_')[0]} "
+                                  f"it: {e}") from None
 
     @property
     def session(self) -> aiohttp.ClientSession:

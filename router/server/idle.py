@@ -1,4 +1,4 @@
-"""The idle policy: which models may be put to sleep now, and the loop that does it.
+"""The idle policy: which models may be put to sleep (or stopped) now, and the loop that does it.
 
 Every ``check_interval_seconds`` the loop reconciles each model with its
 engines, then asks each model's lifecycle to sleep the ones the rules allow.
@@ -14,9 +14,10 @@ import logging
 from typing import Callable, Optional
 
 from router.config import SleepSettings
-from router.server.lifecycle import AWAKE, Lifecycle, Outcome
+from router.server.lifecycle import AWAKE, SLEEPING, Lifecycle, ModelUnavailable, Outcome
 from router.server.models import Model, ModelTable
 from router.server.periodic import Periodic
+from router.server.residency import Residency
 
 log = logging.getLogger("router.idle")
 
@@ -32,6 +33,8 @@ def sleep_blocker(lc: Lifecycle, running: bool, now: Optional[float] = None) -> 
         return "the sleep manager is not running"
     if not s.auto_sleep_enabled:
         return "auto sleep is disabled (sleep_manager.auto_sleep_enabled)"
+    if lc.pinned:
+        return "pinned (pin: true): never slept or stopped by a policy"
     if not lc.sleepable:
         return lc.opt_out_reason()
     if lc.state != AWAKE:
@@ -49,11 +52,22 @@ def sleep_blocker(lc: Lifecycle, running: bool, now: Optional[float] = None) -> 
     return None
 
 
+def stop_due(model: Model, now: Optional[float] = None) -> bool:
+    """Whether the model has been idle past its replicas' ``idle_stop_seconds`` (awake or asleep;
+    never with a request in flight or waiting, never pinned)."""
+    lc = model.lifecycle
+    limits = [r.instance.idle_stop_seconds for r in model.replicas if r.instance.idle_stop_seconds is not None]
+    if not limits or lc.pinned or not lc.stoppable or lc.state not in (AWAKE, SLEEPING) or lc.waiting:
+        return False
+    return lc.idle_seconds(now) >= min(limits)
+
+
 class IdleSleeper:
     """The idle loop over the live table (`table()` is read at every round)."""
 
-    def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings]):
+    def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings], residency: Residency):
         self._table = table
+        self._residency = residency
         self._loop = Periodic("idle-sleeper", self.check, lambda: settings().check_interval_seconds, log,
                               first_at_once=False)
 
@@ -80,7 +94,16 @@ class IdleSleeper:
         await asyncio.gather(*(m.lifecycle.reconcile() for m in self._table()))
 
     async def check(self) -> list[Outcome]:
-        """One round of the idle loop; each sleep re-checks its rules under the model's lock."""
+        """One round of the idle loop: stop the models idle past idle_stop_seconds, sleep the ones the
+        rules allow (each re-checks its rules under the model's lock, after room was made in host memory)."""
         await self.reconcile()
-        return list(await asyncio.gather(*(m.lifecycle.sleep(check=lambda m=m: self.blocker(m))
-                                           for m in self.candidates())))
+        stops = [m for m in self._table() if stop_due(m)]
+        outcomes = list(await asyncio.gather(*(m.lifecycle.evict(stop=True, reason="idle_stop") for m in stops)))
+        return outcomes + list(await asyncio.gather(*(self.sleep(m) for m in self.candidates() if m not in stops)))
+
+    async def sleep(self, model: Model) -> Outcome:
+        try:
+            await self._residency.make_host_room(model)
+        except ModelUnavailable as e:
+            return Outcome(False, e.message, 503)
+        return await model.lifecycle.sleep(check=lambda: self.blocker(model))

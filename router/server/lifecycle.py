@@ -71,9 +71,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
-from router.config import SleepSettings
+from router.config import RouterSettings, SleepSettings
 from router.engines import Call
 from router.observe.events import Events
 from router.server.control import EngineCallError, EngineControl
@@ -81,11 +81,30 @@ from router.server.replica import Replica
 
 log = logging.getLogger("router.lifecycle")
 
+#: A replica that passed its health check during a start is healthy at once.
+_HEALTHY_AT_ONCE = RouterSettings(healthy_threshold=1)
+
 AWAKE = "awake"
 DRAINING = "draining"
 FALLING_ASLEEP = "falling_asleep"
 SLEEPING = "sleeping"
 WAKING = "waking"
+#: Residency: an on-demand model's engines are stopped until a request starts them.
+STOPPED = "stopped"
+STARTING = "starting"
+STOPPING = "stopping"
+#: The last start failed; the next request tries again.
+FAILED = "failed"
+#: States in which the model's engines hold (or are about to hold) their GPU memory.
+HOLDING_GPU = frozenset({AWAKE, DRAINING, FALLING_ASLEEP, WAKING, STARTING, STOPPING})
+#: supervisord states of a process that went down while it was being started.
+START_FAILED = frozenset({"FATAL", "BACKOFF", "EXITED"})
+#: Down, and not on its way up: the engines of a stopped model.
+PROCESS_DOWN = frozenset({"STOPPED", "EXITED", "FATAL", "REMOVED"})
+#: How often a start looks at the engines' health and process states.
+START_POLL_SECONDS = 0.25
+#: Lines of an engine's log quoted in the 503 of a failed start.
+LOG_LINES = 5
 
 #: Seconds a client is told to wait after a failed wake (Retry-After).
 RETRY_AFTER_SECONDS = 5
@@ -116,6 +135,21 @@ class Outcome:
 SleepCheck = Callable[[], Optional[str]]
 
 
+class Placement(Protocol):
+    """Who decides where memory goes (router/server/residency.py): asked before a start or a
+    wake, while the model still counts as holding nothing. Raises ModelUnavailable when no
+    room can be made."""
+
+    async def make_room(self, lc: "Lifecycle") -> None: ...
+
+
+class NoPlacement:
+    """No residency block: every start and wake fits."""
+
+    async def make_room(self, lc: "Lifecycle") -> None:
+        return None
+
+
 class Lifecycle:
     """Sleep state and admission of one model (all its replicas).
 
@@ -125,10 +159,13 @@ class Lifecycle:
     """
 
     def __init__(self, model: str, members: Callable[[], tuple[Replica, ...]], settings: SleepSettings,
-                 control: EngineControl, events: Events, clock: Callable[[], float] = time.monotonic):
+                 control: EngineControl, events: Events, placement: Placement = NoPlacement(),
+                 start_timeout: float = 900.0, clock: Callable[[], float] = time.monotonic):
         self.model = model
         self.members = members
         self.settings = settings
+        self.placement = placement
+        self.start_timeout = start_timeout
         self.state = AWAKE
         #: Requests admitted and not finished (including those queued for a replica slot).
         self.in_flight = 0
@@ -152,6 +189,10 @@ class Lifecycle:
         self.last_wake_seconds: Optional[float] = None
         self.wake_seconds_total = 0.0
         self.last_error: Optional[str] = None
+        self.start_count = 0
+        self.stop_count = 0
+        self.start_failures = 0
+        self.last_start_seconds: Optional[float] = None
         self._control = control
         self._events = events
         self.clock = clock
@@ -159,6 +200,8 @@ class Lifecycle:
         self._drained = asyncio.Event()
         self._sleep_task: Optional[asyncio.Task[Outcome]] = None
         self._wake_task: Optional[asyncio.Task[Outcome]] = None
+        self._start_task: Optional[asyncio.Task[Outcome]] = None
+        self._stop_task: Optional[asyncio.Task[Outcome]] = None
 
     # ------------------------------------------------------------------ hot path
 
@@ -179,6 +222,17 @@ class Lifecycle:
         self.waiting += 1
         try:
             while self.state != AWAKE:
+                if self.state in (STOPPED, FAILED, STARTING, STOPPING) and self.startable:
+                    if self.state == STOPPING and self._stop_task is not None:
+                        await asyncio.shield(self._stop_task)
+                        continue
+                    outcome = await asyncio.shield(self._begin_start())
+                    if not outcome.ok:
+                        raise ModelUnavailable(outcome.message, RETRY_AFTER_SECONDS)
+                    continue
+                if self.state in (STOPPED, FAILED):
+                    raise ModelUnavailable(f"model {self.model!r} is stopped; start it with "
+                                           f"POST /action/start/{self.model}", RETRY_AFTER_SECONDS)
                 if not self.settings.wakeup_on_request and self.state != WAKING:
                     if self.state == SLEEPING or self._sleep_task is None:
                         raise ModelUnavailable(
@@ -194,6 +248,27 @@ class Lifecycle:
         self.in_flight += 1
 
     # --------------------------------------------------------------- transitions
+
+    @property
+    def startable(self) -> bool:
+        """Whether a request may start the model: every replica is on demand under this router's supervisord."""
+        replicas = self.members()
+        return self._control.can_start and bool(replicas) and all(r.instance.on_demand for r in replicas)
+
+    @property
+    def stoppable(self) -> bool:
+        """Whether the model's engines can be stopped and started again by the router."""
+        replicas = self.members()
+        return self._control.can_start and bool(replicas) and all(r.instance.launch for r in replicas)
+
+    @property
+    def pinned(self) -> bool:
+        return any(r.instance.pin for r in self.members())
+
+    @property
+    def last_used(self) -> float:
+        """When the model was last used (a request's end, a wake or a start), for least-recently-used order."""
+        return self.clock() if self.in_flight else max(self.last_end, self.last_wake_at or self.last_end)
 
     @property
     def sleepable(self) -> bool:
@@ -242,45 +317,193 @@ class Lifecycle:
             self._wake_task = asyncio.ensure_future(self._do_wake())
         return self._wake_task
 
+    # ------------------------------------------------------------------ residency
+
+    async def start(self) -> Outcome:
+        """Start the model's stopped engines (one start however many ask) and wait until they are healthy."""
+        return await asyncio.shield(self._begin_start())
+
+    def _begin_start(self) -> "asyncio.Task[Outcome]":
+        if self._start_task is None or self._start_task.done():
+            self._start_task = asyncio.ensure_future(self._do_start())
+        return self._start_task
+
+    async def stop(self, reason: str = "manual") -> Outcome:
+        """Stop the model's engines (drained first); a request then starts them again if on demand."""
+        if self._stop_task is None or self._stop_task.done():
+            self._stop_task = asyncio.ensure_future(self._do_stop(reason))
+        return await asyncio.shield(self._stop_task)
+
+    async def _do_start(self) -> Outcome:
+        async with self._lock:
+            if self.state in HOLDING_GPU or self.state == SLEEPING:
+                return Outcome(True, f"model {self.model!r} is {self.state}, not stopped")
+            if not self.stoppable:
+                return Outcome(False, f"model {self.model!r} cannot be started by the router: its engines are "
+                                      "not run by this router's supervisord", 409)
+            began = self.clock()
+            try:
+                await self.placement.make_room(self)
+            except ModelUnavailable as e:
+                return Outcome(False, e.message, 503)
+            self._enter(STARTING)
+            failure = await self._bring_up(began)
+            if failure is not None:
+                self.start_failures += 1
+                self.last_error = failure
+                self._enter(FAILED)
+                self._events.publish("model", "start_failed", self.model, error=failure)
+                log.warning("model %s: start failed: %s", self.model, failure)
+                return Outcome(False, failure, 503)
+            now = self.clock()
+            self.last_wake_at = now
+            self.last_start_seconds = now - began
+            self.start_count += 1
+            self._enter(AWAKE)
+            log.info("model %s is up after %.3fs", self.model, now - began)
+            return Outcome(True, f"model {self.model!r} is up after {now - began:.3f}s")
+
+    async def _bring_up(self, began: float) -> Optional[str]:
+        """Start every replica's program and wait for each to pass its health check; None when all did,
+        else why not (naming the instance, its process state and the last lines of its log)."""
+        pending = list(self.members())
+        try:
+            for replica in pending:
+                replica.asleep = False
+                await self._control.start_program(replica)
+        except EngineCallError as e:
+            return str(e)
+        timeout = max((r.instance.start_timeout_seconds or self.start_timeout) for r in pending)
+        while pending:
+            for replica in list(pending):
+                process = replica.process
+                if process is not None and process.state in START_FAILED:
+                    await self._control.stop_program(replica)  # no more retries by supervisord
+                    lines = "\n".join(process.log_tail(LOG_LINES))
+                    return (f"instance {replica.name} went {process.state} while starting ({process.description}); "
+                            f"log {process.logfile}:\n{lines}")
+                ok, _ = await self._control.probe(replica, START_POLL_SECONDS * 4)
+                if ok:
+                    replica.record_probe(True, _HEALTHY_AT_ONCE)
+                    pending.remove(replica)
+            if pending and self.clock() - began > timeout:
+                for replica in pending:
+                    await self._control.stop_program(replica)
+                return (f"instance {', '.join(r.name for r in pending)} did not pass its health check within "
+                        f"{timeout:g}s of its start (start_timeout_seconds)")
+            if pending:
+                await asyncio.sleep(START_POLL_SECONDS)
+        return None
+
+    async def _do_stop(self, reason: str) -> Outcome:
+        async with self._lock:
+            return await self._stop_locked(reason)
+
+    async def _stop_locked(self, reason: str) -> Outcome:
+        if self.state in (STOPPED, FAILED):
+            return Outcome(True, f"model {self.model!r} is already stopped")
+        if not self.stoppable:
+            return Outcome(False, f"model {self.model!r} cannot be stopped by the router: its engines are not run "
+                                  "by this router's supervisord", 409)
+        was = self.state
+        self._enter(STOPPING)
+        if self.in_flight:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_seconds)
+            except asyncio.TimeoutError:
+                self._enter(was)
+                return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
+                                      f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not stopped", 409)
+        errors: dict[str, str] = {}
+        for replica in self.members():
+            try:
+                await self._control.stop_program(replica)
+                replica.asleep = False
+            except EngineCallError as e:
+                errors[replica.name] = str(e)
+        if errors:
+            self._enter(was)
+            return self._failed("stop", errors)
+        self.stop_count += 1
+        self._enter(STOPPED)
+        log.info("model %s is stopped (%s)", self.model, reason)
+        return Outcome(True, f"model {self.model!r} is stopped")
+
+    async def evict(self, stop: bool, reason: str, drain: bool = False) -> Outcome:
+        """Put a model to sleep (or stop it) to make room for another, in the caller's task.
+
+        The lock is taken at once or not at all (a model in a transition is busy,
+        not a candidate), so the caller, who holds the placement lock, never waits
+        on a model that may be waiting for that same lock. Without `drain` only
+        an idle model is taken; with it (a group swap) running requests finish first.
+        """
+        if self._lock.locked() or (not drain and (self.in_flight or self.waiting)):
+            return Outcome(False, f"model {self.model!r} is busy", 409)
+        async with self._lock:
+            outcome = await (self._stop_locked(reason) if stop else self._sleep_locked(manual=False))
+        if outcome.ok:
+            self._events.publish("model", "evicted", self.model, action="stop" if stop else "sleep", reason=reason)
+        return outcome
+
+    def process_changed(self) -> None:
+        """supervisord's view moved: a model whose engines all went down is stopped; one whose
+        engines all came up outside the router (supervisorctl start, --apply) is awake."""
+        if self._lock.locked() or not self.startable:
+            return
+        replicas = self.members()
+        down = all(r.process is not None and r.process.state in PROCESS_DOWN for r in replicas)
+        up = all(r.process is not None and r.process.running for r in replicas)
+        if down and self.state in (AWAKE, SLEEPING):
+            for replica in replicas:
+                replica.asleep = False
+            self._enter(STOPPED)
+        elif up and self.state in (STOPPED, FAILED):
+            self.last_wake_at = self.clock()
+            self._enter(AWAKE)
+
     async def _do_sleep(self, check: Optional[SleepCheck]) -> Outcome:
-        manual = check is None
         async with self._lock:
             if check is not None:
                 blocker = check()
                 if blocker:
                     return Outcome(False, f"not put to sleep: {blocker}", 409)
-            if not self._control.is_open:
-                return Outcome(False, "the sleep manager is not running", 503)
-            if self.state == SLEEPING:
-                self.manual = self.manual or manual
-                return Outcome(True, f"model {self.model!r} is already asleep")
-            if not self.sleepable:
-                return Outcome(False, f"model {self.model!r} is not put to sleep: {self.opt_out_reason()}", 409)
-            self._enter(DRAINING)
-            if self.in_flight:
-                self._drained.clear()
-                try:
-                    await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_seconds)
-                except asyncio.TimeoutError:
-                    self._enter(AWAKE)
-                    return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
-                                          f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not put to sleep", 409)
-            self._enter(FALLING_ASLEEP)
-            targets = [r for r in self.members() if not r.asleep]
-            errors = await self._call_all(targets, self._sleep_request, asleep_after=True)
-            if errors:
-                pause = self._sleep_failed()
-                await self._roll_back([r for r in targets if r.name not in errors])
-                self._enter(SLEEPING if any(r.asleep for r in self.members()) else AWAKE)
-                return self._failed("sleep", errors, f"; the idle loop tries again in {pause:g}s at the earliest")
-            self.sleep_failures_in_row = 0
-            self.sleep_retry_at = None
-            self._enter(SLEEPING)
-            self.manual = manual
-            self.slept_at = self.clock()
-            self.sleep_count += 1
-            log.info("model %s is asleep (%s)", self.model, "manual" if manual else "idle")
-            return Outcome(True, f"model {self.model!r} is asleep")
+            return await self._sleep_locked(manual=check is None)
+
+    async def _sleep_locked(self, manual: bool) -> Outcome:
+        """The sleep itself, under the lock the caller holds."""
+        if not self._control.is_open:
+            return Outcome(False, "the sleep manager is not running", 503)
+        if self.state == SLEEPING:
+            self.manual = self.manual or manual
+            return Outcome(True, f"model {self.model!r} is already asleep")
+        if not self.sleepable:
+            return Outcome(False, f"model {self.model!r} is not put to sleep: {self.opt_out_reason()}", 409)
+        self._enter(DRAINING)
+        if self.in_flight:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_seconds)
+            except asyncio.TimeoutError:
+                self._enter(AWAKE)
+                return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
+                                      f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not put to sleep", 409)
+        self._enter(FALLING_ASLEEP)
+        targets = [r for r in self.members() if not r.asleep]
+        errors = await self._call_all(targets, self._sleep_request, asleep_after=True)
+        if errors:
+            pause = self._sleep_failed()
+            await self._roll_back([r for r in targets if r.name not in errors])
+            self._enter(SLEEPING if any(r.asleep for r in self.members()) else AWAKE)
+            return self._failed("sleep", errors, f"; the idle loop tries again in {pause:g}s at the earliest")
+        self.sleep_failures_in_row = 0
+        self.sleep_retry_at = None
+        self._enter(SLEEPING)
+        self.manual = manual
+        self.slept_at = self.clock()
+        self.sleep_count += 1
+        log.info("model %s is asleep (%s)", self.model, "manual" if manual else "idle")
+        return Outcome(True, f"model {self.model!r} is asleep")
 
     async def _roll_back(self, slept: Sequence[Replica]) -> None:
         """Wake the replicas a failed sleep did put to sleep, so none is left behind."""
@@ -295,8 +518,12 @@ class Lifecycle:
                 return Outcome(True, f"model {self.model!r} is already awake")
             if not self._control.is_open:
                 return Outcome(False, "the sleep manager is not running", 503)
-            self._enter(WAKING)
             started = self.clock()
+            try:
+                await self.placement.make_room(self)
+            except ModelUnavailable as e:
+                return Outcome(False, e.message, 503)
+            self._enter(WAKING)
             targets = [r for r in self.members() if r.asleep]
             errors = await self._call_all(targets, self._wake_request, asleep_after=False)
             if errors:
@@ -399,7 +626,7 @@ class Lifecycle:
 
     async def close(self) -> None:
         """Cancel transitions still running (router shutdown, or the model removed by a reload)."""
-        for task in (self._sleep_task, self._wake_task):
+        for task in (self._sleep_task, self._wake_task, self._start_task, self._stop_task):
             if task is not None and not task.done():
                 task.cancel()
                 try:

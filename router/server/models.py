@@ -20,7 +20,7 @@ from router.config import Config, Instance, SleepSettings
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
 from router.server.control import EngineControl
-from router.server.lifecycle import Lifecycle
+from router.server.lifecycle import Lifecycle, Placement
 from router.server.replica import UNHEALTHY, Replica
 
 
@@ -43,12 +43,13 @@ class Model:
     __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "_waiters", "_retry_after")
 
     def __init__(self, name: str, replicas: tuple[Replica, ...], settings: SleepSettings, control: EngineControl,
-                 events: Events, metrics: ModelMetrics, retry_after: int):
+                 events: Events, metrics: ModelMetrics, retry_after: int, placement: Placement,
+                 start_timeout: float):
         self.name = name
         self.replicas = replicas
         #: The client paths every replica's engine serves (so any replica can take any of them).
         self.paths = served_paths(replicas)
-        self.lifecycle = Lifecycle(name, self.members, settings, control, events)
+        self.lifecycle = Lifecycle(name, self.members, settings, control, events, placement, start_timeout)
         self.metrics = metrics
         self._waiters: deque[asyncio.Future[Replica]] = deque()
         self._retry_after = retry_after
@@ -57,11 +58,13 @@ class Model:
         """The replicas the model has now (read by its lifecycle at each transition)."""
         return self.replicas
 
-    def reconfigure(self, replicas: tuple[Replica, ...], settings: SleepSettings, retry_after: int) -> None:
+    def reconfigure(self, replicas: tuple[Replica, ...], settings: SleepSettings, retry_after: int,
+                    start_timeout: float) -> None:
         """Take a reload's replicas and settings; queued requests may find a slot on the new ones."""
         self.replicas = replicas
         self.paths = served_paths(replicas)
         self.lifecycle.settings = settings
+        self.lifecycle.start_timeout = start_timeout
         self._retry_after = retry_after
         if self._waiters:
             self.dispatch()
@@ -199,7 +202,7 @@ class ModelTable:
 
     @classmethod
     def build(cls, config: Config, control: EngineControl, events: Events, metrics: Callable[[str], ModelMetrics],
-              previous: Optional[ModelTable] = None) -> ModelTable:
+              placement: Placement, previous: Optional[ModelTable] = None) -> ModelTable:
         """The table for `config`, reusing `previous`'s models and unchanged replicas.
 
         A replica is reused when its instance is exactly as before; a changed
@@ -212,10 +215,12 @@ class ModelTable:
         for name, instances in config.models.items():
             replicas = tuple(_reuse(old_replicas.get(i.name), i, events) for i in instances)
             model = old_models.get(name)
+            start_timeout = config.residency.start_timeout_seconds
             if model is None:
-                model = Model(name, replicas, config.sleep, control, events, metrics(name), retry)
+                model = Model(name, replicas, config.sleep, control, events, metrics(name), retry, placement,
+                              start_timeout)
             else:
-                model.reconfigure(replicas, config.sleep, retry)
+                model.reconfigure(replicas, config.sleep, retry, start_timeout)
             models[name] = model
         kept = {r for m in models.values() for r in m.replicas}
         for replica in old_replicas.values():

@@ -144,6 +144,34 @@ def fetch_all(socket_path: str | Path) -> list[ProcessState]:
         return [ProcessState.from_info(info) for info in proxy.supervisor.getAllProcessInfo()]
 
 
+def start_program(socket_path: str | Path, name: str) -> ProcessState:
+    """Ask supervisord to start `name` (not waiting for it to count as started); its state right after.
+
+    Already running is no error: the caller wanted it up and it is.
+    """
+    with connect(socket_path) as proxy:
+        try:
+            proxy.supervisor.startProcess(name, False)
+        except xmlrpc.client.Fault as e:
+            if e.faultCode != Faults.ALREADY_STARTED:
+                raise
+        return ProcessState.from_info(proxy.supervisor.getProcessInfo(name))
+
+
+def stop_program(socket_path: str | Path, name: str) -> ProcessState:
+    """Ask supervisord to stop `name` and wait until it has (its whole process group); its state then.
+
+    Not running is no error: the caller wanted it down and it is.
+    """
+    with connect(socket_path) as proxy:
+        try:
+            proxy.supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault as e:
+            if e.faultCode != Faults.NOT_RUNNING:
+                raise
+        return ProcessState.from_info(proxy.supervisor.getProcessInfo(name))
+
+
 def _unreachable(error: Exception) -> bool:
     """Whether `error` only means no supervisord answers now: none listens, it is
     going away mid-answer, or it is shutting down and refuses calls."""

@@ -18,6 +18,7 @@ from router.server.health import probe_and_record, probed
 from router.server.lifecycle import AWAKE, SLEEPING, Lifecycle
 from router.server.models import Model, ModelTable
 from router.server.replica import HEALTHY, UNHEALTHY, Replica
+from router.server.residency import Residency
 
 JSON = dict[str, object]
 
@@ -42,13 +43,21 @@ def lifecycle_status(lc: Lifecycle, now: Optional[float] = None) -> JSON:
         "last_wake_seconds": lc.last_wake_seconds,
         "wake_seconds_total": lc.wake_seconds_total,
         "last_error": lc.last_error,
+        "pinned": lc.pinned,
+        "on_demand": lc.startable,
+        "stoppable": lc.stoppable,
+        "start_count": lc.start_count,
+        "stop_count": lc.stop_count,
+        "start_failures": lc.start_failures,
+        "last_start_seconds": lc.last_start_seconds,
         "replicas": {r.name: ("asleep" if r.asleep else "awake") for r in lc.members()},
     }
 
 
-def replica_report(r: Replica, status: str, detail: Optional[str] = None) -> JSON:
-    """One replica in /health: its probe outcome, routing state, load, and supervisord's process block."""
-    out: JSON = {"instance": r.name, "endpoint": r.url, "status": status, "routing_state": r.health,
+def replica_report(r: Replica, status: str, residency: str, detail: Optional[str] = None) -> JSON:
+    """One replica in /health: its probe outcome, residency, routing state, load, and supervisord's process block."""
+    out: JSON = {"instance": r.name, "endpoint": r.url, "status": status, "residency": residency,
+                 "routing_state": r.health,
                  "outstanding": r.outstanding, "ejected": r.ejected_until > time.monotonic()}
     if detail is not None:
         out["detail"] = detail
@@ -63,16 +72,16 @@ async def model_report(control: EngineControl, model: Model, settings: RouterSet
     if model.lifecycle.state != AWAKE:
         state = model.lifecycle.state
         return {"model": model.name, "status": state,
-                "endpoints": [replica_report(r, state) for r in model.replicas], "sleep": sleep}
+                "endpoints": [replica_report(r, state, state) for r in model.replicas], "sleep": sleep}
     asked = probed(model)
     results = dict(zip(asked, await asyncio.gather(*(probe_and_record(control, model, r, settings) for r in asked))))
     endpoints = []
     for r in model.replicas:
         if r in results:
             ok, detail = results[r]
-            endpoints.append(replica_report(r, "healthy" if ok else "unhealthy", detail))
+            endpoints.append(replica_report(r, "healthy" if ok else "unhealthy", model.lifecycle.state, detail))
         else:
-            endpoints.append(replica_report(r, "down", r.down_reason()))
+            endpoints.append(replica_report(r, "down", model.lifecycle.state, r.down_reason()))
     n_ok = sum(ok for ok, _ in results.values())
     status = "healthy" if n_ok == len(model.replicas) else "degraded" if n_ok else "unhealthy"
     return {"model": model.name, "status": status, "endpoints": endpoints, "sleep": sleep}
@@ -81,8 +90,9 @@ async def model_report(control: EngineControl, model: Model, settings: RouterSet
 class StateCollector(Collector):
     """In-flight requests, backend health and sleep state, read at scrape time."""
 
-    def __init__(self, table: Callable[[], ModelTable]):
+    def __init__(self, table: Callable[[], ModelTable], residency: Residency):
         self.table = table
+        self.residency = residency
 
     def describe(self) -> list[Metric]:
         """Nothing up front: the registry must not read a table that is still being built."""
@@ -105,9 +115,27 @@ class StateCollector(Collector):
                                            "(divide by router_model_wakes_total for the mean)", labels=["model"])
         last_wake = GaugeMetricFamily("router_model_last_wake_seconds", "Duration of the last successful wake",
                                       labels=["model"])
+        state = GaugeMetricFamily("router_model_state", "1 for the model's current lifecycle state "
+                                  "(stopped, starting, awake, draining, sleeping, waking, stopping, failed)",
+                                  labels=["model", "state"])
+        starts = CounterMetricFamily("router_model_starts", "Times the router started the model's engines",
+                                     labels=["model"])
+        stops = CounterMetricFamily("router_model_stops", "Times the router stopped the model's engines",
+                                    labels=["model"])
+        start_seconds = GaugeMetricFamily("router_model_start_seconds", "How long the last start took, from the "
+                                          "start call to a passed health check", labels=["model"])
+        evictions = CounterMetricFamily("router_model_evictions", "Models slept or stopped to make room, by reason "
+                                        "(gpu_budget, host_budget, group_swap, idle_stop)", labels=["reason"])
+        for reason, count in self.residency.eviction_counts.items():
+            evictions.add_metric([reason], count)
         now = time.monotonic()
         for model in self.table():
             lc = model.lifecycle
+            state.add_metric([model.name, lc.state], 1.0)
+            starts.add_metric([model.name], lc.start_count)
+            stops.add_metric([model.name], lc.stop_count)
+            if lc.last_start_seconds is not None:
+                start_seconds.add_metric([model.name], lc.last_start_seconds)
             in_flight.add_metric([model.name], lc.in_flight)
             sleeping.add_metric([model.name], 1.0 if lc.state == SLEEPING else 0.0)
             sleeps.add_metric([model.name], lc.sleep_count)
@@ -121,4 +149,5 @@ class StateCollector(Collector):
                 outstanding.add_metric(labels, r.outstanding)
                 healthy.add_metric(labels, 1.0 if r.health == HEALTHY else 0.0 if r.health == UNHEALTHY else -1.0)
                 ejected.add_metric(labels, 1.0 if r.ejected_until > now else 0.0)
-        yield from (in_flight, outstanding, healthy, ejected, sleeping, sleeps, wakes, wake_failures, wake_seconds, last_wake)
+        yield from (in_flight, outstanding, healthy, ejected, sleeping, sleeps, wakes, wake_failures, wake_seconds,
+                    last_wake, state, starts, stops, start_seconds, evictions)

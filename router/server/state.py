@@ -25,6 +25,7 @@ from router.server.health import HealthChecker
 from router.server.idle import IdleSleeper
 from router.server.models import ModelTable
 from router.server.processes import ProcessState, ProcessWatcher
+from router.server.residency import Residency
 from router.server.proxy import Proxy
 from router.server.report import StateCollector
 
@@ -37,14 +38,17 @@ class RouterState:
 
     def __init__(self, config: Config, supervisor_socket: Optional[str] = None):
         self.config = config
-        self.control = EngineControl()
+        self.control = EngineControl(supervisor_socket)
         #: Every owner's state changes, for whoever follows them (GET /events).
         self.events = Events()
-        self.metrics = Metrics(StateCollector(lambda: self.table))
-        self.table = ModelTable.build(config, self.control, self.events, self.metrics.for_model)
+        #: Which models may be awake, asleep or stopped, from the memory budgets.
+        self.residency = Residency(lambda: self.table, lambda: self.config.residency,
+                                   lambda: self.config.sleep.min_sleep_duration)
+        self.metrics = Metrics(StateCollector(lambda: self.table, self.residency))
+        self.table = ModelTable.build(config, self.control, self.events, self.metrics.for_model, self.residency)
         self.traffic = Traffic([m.name for m in self.table])
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
-        self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep)
+        self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         #: Which replica made each stored response; outlives reloads, as the replicas do.
         self.owners = ResponseOwners()
@@ -64,6 +68,7 @@ class RouterState:
                 if replica.name == process.name:
                     if replica.set_process(process):
                         log.info("instance %s: process %s", replica.name, process.state)
+                    model.lifecycle.process_changed()
                     model.dispatch()
 
     async def reload(self) -> ConfigChange:
@@ -79,12 +84,15 @@ class RouterState:
             new = load_config(self.config.path, sim=True)
             change = diff(self.config, new)
             old_table = self.table
-            table = ModelTable.build(new, self.control, self.events, self.metrics.for_model, previous=old_table)
+            table = ModelTable.build(new, self.control, self.events, self.metrics.for_model, self.residency,
+                                     previous=old_table)
             if self.processes is not None:
                 states = self.processes.states()
-                for replica in table.replicas():
-                    if replica.process is None and replica.name in states:
-                        replica.set_process(states[replica.name])
+                for model in table:
+                    for replica in model.replicas:
+                        if replica.process is None and replica.name in states:
+                            replica.set_process(states[replica.name])
+                    model.lifecycle.process_changed()
             if new.router.access_log != self.config.router.access_log:
                 self.access_log = AccessLog() if new.router.access_log else None
             self.traffic.follow(m.name for m in table)

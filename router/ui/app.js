@@ -23,7 +23,7 @@ const ui = {
   cards: new Map(),            // model -> card view
   admin: false,
   keyConfigured: false,
-  caps: { residency: false, startStop: false },
+  caps: { residency: false },
   residency: null,
   busy: new Set(),             // models with an action in flight
   log: null,                   // {name, controller}
@@ -129,20 +129,7 @@ async function whoami() {
   } catch (e) {
     ui.admin = false;
   }
-  if (ui.admin) await probeStartStop();
   renderAll();
-}
-
-/** Start/stop exist once the router has the routes: a GET on a POST-only route is a 405, a missing one a 404. */
-async function probeStartStop() {
-  const models = ui.health ? Object.keys(ui.health.models) : [];
-  if (!models.length) return;
-  try {
-    const r = await fetch(modelPath("/action/start/", models[0]), { headers: authHeaders(), cache: "no-store" });
-    ui.caps.startStop = r.status === 405 || r.ok;
-  } catch (_) {
-    ui.caps.startStop = false;
-  }
 }
 
 function setupAdminForm() {
@@ -230,8 +217,10 @@ function sample(now) {
 async function probeResidency() {
   try {
     const r = await fetch("/residency", { cache: "no-store" });
-    ui.caps.residency = r.ok;
-    if (r.ok) ui.residency = await r.json();
+    ui.residency = r.ok ? await r.json() : null;
+    // The memory panel is for budgets: a router without a residency block reports none.
+    const budgets = ui.residency ? [ui.residency.host, ...Object.values(ui.residency.gpus || {})] : [];
+    ui.caps.residency = budgets.some((b) => b && b.budget_gb != null);
   } catch (_) {
     ui.caps.residency = false;
   }
@@ -398,12 +387,12 @@ function renderActions(card, report, state) {
     if (state === "sleeping") buttons.push(button("wakeup", "Wake", true, "wake every replica"));
     else buttons.push(button("sleep", "Sleep", state === "awake" && sleep.sleepable !== false,
       sleep.sleepable === false ? "a replica is sleep: false or has no sleep API" : "drain, then sleep every replica"));
-    if (ui.caps.startStop) {
+    if (sleep.stoppable) {  // the router runs this model's engines under supervisord: it can start and stop them
       if (running !== true) buttons.push(button("start", "Start", true, "start the engines"));
       if (running !== false) buttons.push(button("stop", "Stop", true, "stop the engines"));
     }
   }
-  renderInto(card.actions, JSON.stringify([ui.admin, ui.caps.startStop, state, busy, running, sleep.sleepable]),
+  renderInto(card.actions, JSON.stringify([ui.admin, sleep.stoppable, state, busy, running, sleep.sleepable]),
     () => buttons);
   card.actions.hidden = !buttons.length;
 }

@@ -1,0 +1,208 @@
+"""Which models are awake, asleep or stopped, decided by memory budgets.
+
+Before a start or a wake, the model's lifecycle asks `Residency.make_room`:
+on each GPU the model uses, what the models holding it (awake, starting,
+waking, draining) hold plus what this one needs must fit the GPU's budget,
+and at most one member of an exclusive group may be awake. Room is made by
+evicting the least recently used models that are idle and not pinned: put
+to sleep (a slept vLLM wakes in seconds) when the host budget can take its
+weights, else stopped (a stopped engine loads for minutes). Before a sleep,
+`make_host_room` stops the least recently used sleeping models until the
+weights fit in host memory (the idle loop and a manual sleep ask first).
+One lock orders all placement decisions, and each is computed from the
+owners' state at that moment, never from a copy. A model waiting for room
+still counts as holding nothing (it is asleep or stopped until it gets it),
+so no decision ever waits on a model that waits for the lock.
+
+An exclusive group swaps fairly: while the awake member has requests in
+flight, a member that wants to wake waits, but not longer than
+``min_sleep_duration`` after the awake one woke; then the awake one is
+drained and put to sleep (its new requests wait and, in turn, swap back no
+sooner than ``min_sleep_duration`` later). Two busy members therefore swap
+at most once per ``min_sleep_duration``.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from typing import Callable, Optional
+
+from router.config import ResidencySettings
+from router.server.lifecycle import (AWAKE, HOLDING_GPU, SLEEPING, Lifecycle, ModelUnavailable, RETRY_AFTER_SECONDS)
+from router.server.models import Model, ModelTable
+
+#: Evictions remembered for GET /residency.
+RECENT_EVICTIONS = 50
+#: How often a member of an exclusive group looks again whether it may swap in.
+SWAP_POLL_SECONDS = 0.1
+
+
+def gpu_need(model: Model) -> dict[str, float]:
+    """GPU -> the GB the model's replicas hold there while awake."""
+    need: dict[str, float] = {}
+    for r in model.replicas:
+        for gpu in r.instance.gpus:
+            need[gpu] = need.get(gpu, 0.0) + (r.instance.gpu_memory_gb or 0.0)
+    return need
+
+
+def host_need(model: Model) -> float:
+    return sum(r.instance.host_memory_gb or 0.0 for r in model.replicas)
+
+
+class Residency:
+    """The one owner of placement decisions over the live table."""
+
+    def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], ResidencySettings],
+                 min_awake: Callable[[], float]):
+        self._table = table
+        self._settings = settings
+        self._min_awake = min_awake
+        self._lock: Optional[asyncio.Lock] = None
+        self.evictions: deque[dict[str, object]] = deque(maxlen=RECENT_EVICTIONS)
+        self.eviction_counts: Counter[str] = Counter()
+
+    def _placement_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def _model_of(self, lc: Lifecycle) -> Model:
+        model = next((m for m in self._table() if m.lifecycle is lc), None)
+        if model is None:
+            raise ModelUnavailable(f"model {lc.model!r} was removed by a reload")
+        return model
+
+    # ------------------------------------------------------------------ decisions
+
+    async def make_room(self, lc: Lifecycle) -> None:
+        async with self._placement_lock():
+            model = self._model_of(lc)
+            await self._swap_out_group(model)
+            for gpu in gpu_need(model):
+                await self._fit_gpu(model, gpu)
+
+    async def make_host_room(self, model: Model) -> None:
+        """Before `model` sleeps: stop the least recently used sleeping models until its weights fit."""
+        async with self._placement_lock():
+            await self._fit_host(model)
+
+    async def _fit_host(self, model: Model) -> None:
+        budget = self._settings().host_memory_gb
+        if budget is None:
+            return
+        need = host_need(model)
+        while self.host_used(exclude=model) + need > budget:
+            victims = [m for m in self._table() if m is not model and m.lifecycle.state == SLEEPING
+                       and not m.lifecycle.pinned and m.lifecycle.stoppable and not m.lifecycle.busy]
+            if not victims:
+                raise ModelUnavailable(
+                    f"no host memory for the weights of model {model.name!r} ({need:g} GB; "
+                    f"{self.host_used(exclude=model):g} of {budget:g} GB held by sleeping models that are "
+                    "pinned or cannot be stopped)", RETRY_AFTER_SECONDS)
+            await self._evict(min(victims, key=lambda m: m.lifecycle.last_used), stop=True, reason="host_budget")
+
+    async def _fit_gpu(self, model: Model, gpu: str) -> None:
+        budget = self._settings().gpu_budget(gpu)
+        if budget is None:
+            return
+        need = gpu_need(model)[gpu]
+        while self.gpu_used(gpu, exclude=model) + need > budget:
+            holders = [m for m in self._table() if m is not model and m.lifecycle.state in HOLDING_GPU
+                       and gpu in gpu_need(m)]
+            victims = [m for m in holders if m.lifecycle.state == AWAKE and not m.lifecycle.pinned
+                       and not m.lifecycle.busy and not m.lifecycle.in_flight and not m.lifecycle.waiting
+                       and (m.lifecycle.sleepable or m.lifecycle.stoppable)]
+            if not victims:
+                held = ", ".join(f"{m.name} ({gpu_need(m)[gpu]:g} GB, {self._why_kept(m)})" for m in holders)
+                raise ModelUnavailable(
+                    f"no room on GPU {gpu} for model {model.name!r} ({need:g} GB of a {budget:g} GB budget); "
+                    f"held by: {held}", RETRY_AFTER_SECONDS)
+            victim = min(victims, key=lambda m: m.lifecycle.last_used)
+            await self._evict(victim, stop=not await self._may_sleep(victim), reason="gpu_budget")
+
+    async def _may_sleep(self, victim: Model) -> bool:
+        """Whether to put `victim` to sleep rather than stop it: it can sleep, and its weights fit in host
+        memory (stopping older sleepers if need be); a model that can do neither is stopped."""
+        if not victim.lifecycle.sleepable:
+            return False
+        try:
+            await self._fit_host(victim)
+        except ModelUnavailable:
+            if victim.lifecycle.stoppable:
+                return False
+            raise
+        return True
+
+    async def _swap_out_group(self, model: Model) -> None:
+        """Sleep (or stop) the awake members of the model's exclusive groups, fairly (see the module doc)."""
+        names = {r.name for r in model.replicas}
+        for group in self._settings().groups:
+            if not group.exclusive or not names & set(group.members):
+                continue
+            for other in self._group_members(group.members, model):
+                while other.lifecycle.state in HOLDING_GPU:
+                    lc = other.lifecycle
+                    if lc.state == AWAKE and not lc.busy and (not (lc.in_flight or lc.waiting) or self._swap_due(lc)):
+                        await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap",
+                                          drain=True)
+                    else:
+                        await asyncio.sleep(SWAP_POLL_SECONDS)
+
+    def _swap_due(self, lc: Lifecycle) -> bool:
+        """A busy awake member has had its turn once it was awake ``min_sleep_duration``."""
+        return lc.last_wake_at is None or lc.clock() - lc.last_wake_at >= self._min_awake()
+
+    def _group_members(self, members: tuple[str, ...], model: Model) -> list[Model]:
+        wanted = set(members)
+        return [m for m in self._table() if m is not model and any(r.name in wanted for r in m.replicas)]
+
+    async def _evict(self, victim: Model, stop: bool, reason: str, drain: bool = False) -> None:
+        outcome = await victim.lifecycle.evict(stop=stop, reason=reason, drain=drain)
+        if not outcome.ok:
+            raise ModelUnavailable(f"could not make room: {outcome.message}", RETRY_AFTER_SECONDS)
+        self.eviction_counts[reason] += 1
+        self.evictions.append({"time": time.time(), "model": victim.name, "action": "stop" if stop else "sleep",
+                               "reason": reason})
+
+    @staticmethod
+    def _why_kept(model: Model) -> str:
+        lc = model.lifecycle
+        if lc.pinned:
+            return "pinned"
+        if lc.state != AWAKE:
+            return lc.state
+        if lc.in_flight or lc.waiting or lc.busy:
+            return f"busy: {lc.in_flight} in flight, {lc.waiting} waiting"
+        return "cannot sleep or stop"
+
+    # ------------------------------------------------------------------ accounting
+
+    def gpu_used(self, gpu: str, exclude: Optional[Model] = None) -> float:
+        return sum(gpu_need(m).get(gpu, 0.0) for m in self._table()
+                   if m is not exclude and m.lifecycle.state in HOLDING_GPU)
+
+    def host_used(self, exclude: Optional[Model] = None) -> float:
+        return sum(host_need(m) for m in self._table() if m is not exclude and m.lifecycle.state == SLEEPING)
+
+    def report(self) -> dict[str, object]:
+        """GET /residency: budgets, what each GPU and host RAM holds, the queue, the last evictions."""
+        settings = self._settings()
+        table = list(self._table())
+        gpus = sorted({g for m in table for g in gpu_need(m)})
+        return {
+            "gpus": {gpu: {"budget_gb": settings.gpu_budget(gpu), "used_gb": self.gpu_used(gpu),
+                           "models": [m.name for m in table if m.lifecycle.state in HOLDING_GPU and gpu in gpu_need(m)]}
+                     for gpu in gpus},
+            "host": {"budget_gb": settings.host_memory_gb, "used_gb": self.host_used(),
+                     "models": [m.name for m in table if m.lifecycle.state == SLEEPING]},
+            "models": {m.name: {"state": m.lifecycle.state, "pinned": m.lifecycle.pinned,
+                                "on_demand": m.lifecycle.startable, "gpu_gb": gpu_need(m), "host_gb": host_need(m),
+                                "waiting": m.lifecycle.waiting, "in_flight": m.lifecycle.in_flight,
+                                "idle_seconds": m.lifecycle.idle_seconds()} for m in table},
+            "queue": {m.name: m.lifecycle.waiting for m in table if m.lifecycle.waiting},
+            "groups": [{"name": g.name, "members": list(g.members), "exclusive": g.exclusive} for g in settings.groups],
+            "evictions": list(self.evictions),
+            "eviction_counts": dict(self.eviction_counts),
+        }
