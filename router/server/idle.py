@@ -97,6 +97,10 @@ class IdleSleeper:
         """One round of the idle loop: stop the models idle past idle_stop_seconds, sleep the ones the
         rules allow (each re-checks its rules under the model's lock, after room was made in host memory)."""
         await self.reconcile()
+        try:
+            await self._residency.enforce_groups()
+        except ModelUnavailable as e:
+            log.warning("exclusive group: %s", e.message)
         stops = [m for m in self._table() if stop_due(m)]
         outcomes = list(await asyncio.gather(*(m.lifecycle.evict(stop=True, reason="idle_stop") for m in stops)))
         return outcomes + list(await asyncio.gather(*(self.sleep(m) for m in self.candidates() if m not in stops)))

@@ -19,6 +19,9 @@ from router.server.upstream import Pool
 
 #: Health states of a replica; "unknown" (never probed) is routable.
 UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
+#: supervisord states of a process that is up: STARTING lasts its first seconds (startsecs),
+#: while an engine may already serve; the health probes tell whether it does.
+UP = frozenset({"RUNNING", "STARTING"})
 
 
 class Replica:
@@ -63,11 +66,10 @@ class Replica:
     @property
     def running(self) -> bool:
         """Whether the engine process is up, as far as anyone can tell (unknown counts as up)."""
-        return self.process is None or self.process.running
+        return self.process is None or self.process.state in UP
 
     def routable(self, now: float) -> bool:
-        return (self.health != UNHEALTHY and now >= self.ejected_until and not self.retired
-                and (self.process is None or self.process.running))
+        return self.health != UNHEALTHY and now >= self.ejected_until and not self.retired and self.running
 
     def record_probe(self, ok: bool, settings: RouterSettings) -> None:
         """Apply one probe result: unhealthy after N failures in a row, healthy after M successes.

@@ -14,12 +14,12 @@ owners' state at that moment, never from a copy. A model waiting for room
 still counts as holding nothing (it is asleep or stopped until it gets it),
 so no decision ever waits on a model that waits for the lock.
 
-An exclusive group swaps fairly: while the awake member has requests in
-flight, a member that wants to wake waits, but not longer than
-``min_sleep_duration`` after the awake one woke; then the awake one is
-drained and put to sleep (its new requests wait and, in turn, swap back no
-sooner than ``min_sleep_duration`` later). Two busy members therefore swap
-at most once per ``min_sleep_duration``.
+An exclusive group swaps fairly: a member that wants to wake waits until the
+awake one has been awake ``min_sleep_duration``, so the awake one serves
+what it has first; then the awake one is drained and put to sleep (its new
+requests wait and, in turn, swap back no sooner than ``min_sleep_duration``
+later). Two busy members therefore swap at most once per
+``min_sleep_duration``.
 """
 from __future__ import annotations
 
@@ -144,17 +144,33 @@ class Residency:
             for other in self._group_members(group.members, model):
                 while other.lifecycle.state in HOLDING_GPU:
                     lc = other.lifecycle
-                    if lc.state == AWAKE and not lc.busy and (not (lc.in_flight or lc.waiting) or self._swap_due(lc)):
+                    if lc.state == AWAKE and not lc.busy and self._swap_due(lc):
                         await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap",
                                           drain=True)
                     else:
                         await asyncio.sleep(SWAP_POLL_SECONDS)
 
+    async def enforce_groups(self) -> None:
+        """Members of an exclusive group that came up together (started with supervisord, or by hand):
+        the idle ones beyond the most recently used are put to sleep (or stopped). Run by the idle loop."""
+        for group in self._settings().groups:
+            if not group.exclusive:
+                continue
+            members = [m for m in self._group_members(group.members, None) if m.lifecycle.state in HOLDING_GPU]
+            if len(members) < 2:
+                continue
+            keep = max(members, key=lambda m: m.lifecycle.last_used)
+            async with self._placement_lock():
+                for other in members:
+                    lc = other.lifecycle
+                    if other is not keep and lc.state == AWAKE and not (lc.busy or lc.in_flight or lc.waiting):
+                        await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap")
+
     def _swap_due(self, lc: Lifecycle) -> bool:
         """A busy awake member has had its turn once it was awake ``min_sleep_duration``."""
         return lc.last_wake_at is None or lc.clock() - lc.last_wake_at >= self._min_awake()
 
-    def _group_members(self, members: tuple[str, ...], model: Model) -> list[Model]:
+    def _group_members(self, members: tuple[str, ...], model: Optional[Model]) -> list[Model]:
         wanted = set(members)
         return [m for m in self._table() if m is not model and any(r.name in wanted for r in m.replicas)]
 
