@@ -86,6 +86,9 @@ class Instance:
     on_demand: bool = False
     idle_stop_seconds: Optional[float] = None
     pin: bool = False
+    #: The machine that runs this engine: `render --node` renders the engines of one node, and in
+    #: Kubernetes it is the pod's node (kubernetes.io/hostname); None: no particular node.
+    node: Optional[str] = None
     #: What the engine holds on each of its GPUs while awake, and in host RAM while asleep.
     gpu_memory_gb: Optional[float] = None
     host_memory_gb: Optional[float] = None
@@ -150,6 +153,10 @@ class RouterSettings:
     shutdown_grace_seconds: float = 30.0
     access_log: bool = True
     log_level: str = "info"
+    #: Router pods in Kubernetes (each keeps its own state; see README "More than one node").
+    replicas: int = 1
+    #: The node whose `render --node` renders the router; None: every node's.
+    node: Optional[str] = None
     #: Secrets: kept out of repr() (and so out of logged configs and tracebacks).
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     admin_api_key: Optional[str] = field(default=None, repr=False)
@@ -207,6 +214,17 @@ class ResidencySettings:
 
 
 @dataclass(frozen=True)
+class KubernetesSettings:
+    """Where `render --target kubernetes` puts the stack and which images run it (top-level ``kubernetes``);
+    the renderer has defaults for every image not named here."""
+
+    namespace: str = "kvrouter"
+    #: Engine kind -> container image, for the kinds the YAML names.
+    images: tuple[tuple[str, str], ...] = ()
+    router_image: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     instances: tuple[Instance, ...]
@@ -217,6 +235,7 @@ class Config:
     #: Start of every tmux session name the renderer makes (`<prefix><name>`).
     tmux_session_prefix: str = "kvcached-"
     residency: ResidencySettings = ResidencySettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
     warnings: tuple[str, ...] = ()
 
     @property
@@ -273,7 +292,10 @@ def env_value(value: Any) -> str:
 # Loading
 
 TOP_KEYS = ("kvcached", "router", "sleep_manager", "residency", "launch_delay_seconds", "tmux_session_prefix",
-            "instances")
+            "instances", "kubernetes")
+KUBERNETES_KEYS = ("namespace", "images", "router_image")
+#: A Kubernetes namespace name (an RFC 1123 label).
+K8S_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 RESIDENCY_KEYS = ("gpu_memory_gb", "host_memory_gb", "start_timeout_seconds", "groups")
 GROUP_KEYS = ("name", "members", "exclusive")
 #: tmux session name prefixes: tmux itself turns '.' into '_' in session names.
@@ -283,7 +305,7 @@ TMUX_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,40}")
 INSTANCE_KEYS = (
     "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
     "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
-    "on_demand", "idle_stop_seconds", "pin", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds",
+    "on_demand", "idle_stop_seconds", "pin", "node", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds",
 )
 #: Instance keys of engines started by their own `command` only (EngineSpec.launcher is None).
 COMMAND_KEYS = ("command", "host", "port", "health_path")
@@ -305,6 +327,8 @@ ROUTER_KEYS = {
     "shutdown_grace_seconds": ("shutdown_grace_seconds", "nonnegfloat"),
     "access_log": ("access_log", "bool"),
     "log_level": ("log_level", "loglevel"),
+    "replicas": ("replicas", "posint"),
+    "node": ("node", "host"),
     "api_keys": ("api_keys", "keys"),
     "admin_api_key": ("admin_api_key", "key"),
     "default_model": ("default_model", "name"),
@@ -413,6 +437,7 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     delay = _number(raw.get("launch_delay_seconds", 0), "launch_delay_seconds", "nonnegfloat", p)
     prefix = _session_prefix(raw.get("tmux_session_prefix", Config.tmux_session_prefix), p)
     residency = _residency(raw.get("residency"), p)
+    kubernetes = _kubernetes(raw.get("kubernetes"), p)
     instances = _instances(raw.get("instances"), kv_env, base, sim, p)
     if p.errors:
         raise p.fail(path)
@@ -425,6 +450,7 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
         launch_delay_seconds=delay if delay is not None else 0.0,
         tmux_session_prefix=prefix,
         residency=residency,
+        kubernetes=kubernetes,
     )
     _cross_checks(cfg, p)
     if p.errors:
@@ -475,6 +501,37 @@ def _residency(block: Any, p: _Problems) -> ResidencySettings:
         groups.append(Group(name, tuple(members), exclusive is not False))
     return ResidencySettings(gpu_memory_gb=gpu, host_memory_gb=host,
                              start_timeout_seconds=start if start is not None else 900.0, groups=tuple(groups))
+
+
+def _kubernetes(block: Any, p: _Problems) -> KubernetesSettings:
+    """The top-level ``kubernetes`` block, read by `render --target kubernetes` only."""
+    if block is None:
+        return KubernetesSettings()
+    if not isinstance(block, dict):
+        p.error("kubernetes", "must be a mapping (namespace, images: {vllm: IMAGE, ...}, router_image)")
+        return KubernetesSettings()
+    p.unknown_keys("kubernetes", block.keys(), KUBERNETES_KEYS)
+    namespace = block.get("namespace", KubernetesSettings.namespace)
+    if not (isinstance(namespace, str) and K8S_NAMESPACE.fullmatch(namespace)):
+        p.error("kubernetes.namespace", f"{namespace!r} is not a Kubernetes namespace name: use lower-case letters, "
+                                        "digits and '-' (at most 63, e.g. kvrouter)")
+        namespace = KubernetesSettings.namespace
+    images = block.get("images") or {}
+    if not isinstance(images, dict):
+        p.error("kubernetes.images", "must map engine kinds to images, e.g. {vllm: vllm/vllm-openai:v0.11.0}")
+        images = {}
+    for kind in images:
+        if kind not in ENGINES:
+            p.error(f"kubernetes.images.{kind}", f"not an engine kind; use one of: {', '.join(ENGINES)}")
+    named = {"router_image": block.get("router_image"), **{f"images.{k}": v for k, v in images.items()}}
+    for key, image in named.items():
+        if image is not None and not (isinstance(image, str) and image and not any(c.isspace() for c in image)):
+            p.error(f"kubernetes.{key}", f"{image!r} is not a container image reference (e.g. registry/name:tag)")
+    return KubernetesSettings(
+        namespace=namespace,
+        images=tuple((str(k), str(v)) for k, v in images.items() if k in ENGINES and isinstance(v, str)),
+        router_image=named["router_image"] if isinstance(named["router_image"], str) else None,
+    )
 
 
 def _session_prefix(v: Any, p: _Problems) -> str:
@@ -775,7 +832,7 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
         venv_path=venv_path, host=host, port=port, health_path=health_path, aliases=tuple(aliases),
         served_names=served, launch=flags["launch"], sleep=flags["sleep"], max_concurrency=max_conc,
         max_queue=max_queue, sim_args=tuple(sim_args), program=program, on_demand=flags["on_demand"],
-        pin=flags["pin"], **sizes,
+        pin=flags["pin"], node=_value(raw["node"], f"{where}.node", "host", p, base) if "node" in raw else None, **sizes,
     )
 
 
