@@ -16,7 +16,8 @@ from typing import Callable, Mapping, Optional, Sequence, TextIO
 
 import uvloop
 
-from router.bench.report import compare, comparison_table, results_table, summarize, write_json
+from router.bench import swap
+from router.bench.report import compare, comparison_table, results_table, summarize, workload_line, write_json
 from router.config import Config, ConfigError, connect_host, load_config
 from router.bench.loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
 
@@ -44,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="example-config.yaml", help="the stack's YAML (models, router address)")
+    p.add_argument("--pattern", choices=("steady", "swap"), default="steady",
+                   help="steady: every model loaded at once; swap: bursts to one model at a time, to measure cold "
+                        "starts, wakes and evictions (see --burst)")
     p.add_argument("--url", help="router base URL, overriding router_host/router_port from the config")
     p.add_argument("--models", help="comma-separated models (or aliases) to load; default: every configured model")
     where = p.add_mutually_exclusive_group()
@@ -68,7 +72,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tmux", action="store_true",
                    help="one client per model in its own detached tmux session benchmark-<name>")
     p.add_argument("--results-dir", default="bench-results", help="with --tmux: where each model's JSON is written")
+    swap.add_options(p, _positive(int))
     return p
+
+
+#: Options that belong to the steady pattern only; --pattern swap refuses them rather than ignore them.
+_STEADY_ONLY = ("direct", "compare_direct", "tmux", "concurrency", "rate", "requests")
 
 
 def workload(args: argparse.Namespace) -> Workload:
@@ -181,7 +190,7 @@ async def bench(args: argparse.Namespace, cfg: Config, models: list[str]) -> dic
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     try:
-        return await _phases(args, cfg, models, stop)
+        return await (_swap if args.pattern == "swap" else _phases)(args, cfg, models, stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -191,7 +200,7 @@ async def _phases(args: argparse.Namespace, cfg: Config, models: list[str], stop
     """Run the router and/or direct phases, then summarise each model."""
     work = workload(args)
     url = router_url(cfg, args.url)
-    key = args.api_key or (cfg.router.api_keys[0] if cfg.router.api_keys else None)
+    key = _api_key(args, cfg)
     progress = Progress(sys.stderr, args.progress_interval)
     kinds = ["router", "direct"] if args.compare_direct else ["direct" if args.direct else "router"]
     totals: dict[str, dict[str, Recorder]] = {k: {m: Recorder() for m in models} for k in kinds}
@@ -212,10 +221,25 @@ async def _phases(args: argparse.Namespace, cfg: Config, models: list[str], stop
     return doc
 
 
+async def _swap(args: argparse.Namespace, cfg: Config, models: list[str], stop: asyncio.Event) -> dict:
+    """The swap pattern (router/bench/swap.py), through the router only."""
+    work = workload(args)
+    url = router_url(cfg, args.url)
+    doc = await swap.run(args, work, url, _auth(_api_key(args, cfg)), models, stop)
+    plan = doc.pop("plan")
+    common = {k: getattr(work, k) for k in ("endpoint", "stream", "seed", "timeout")}
+    return {"config": cfg.path, "url": url, "workload": {**common, **asdict(plan), "input_len": str(work.input_len),
+            "output_len": str(work.output_len), "mode": plan.describe()}, "interrupted": stop.is_set(), **doc}
+
+
+def _api_key(args: argparse.Namespace, cfg: Config) -> Optional[str]:
+    return args.api_key or (cfg.router.api_keys[0] if cfg.router.api_keys else None)
+
+
 def report(doc: dict, out: TextIO) -> None:
-    w = doc["workload"]
-    out.write(f"\n{w['mode']}, {'stream' if w['stream'] else 'no stream'}, /{w['endpoint']}, "
-              f"input {w['input_len']}, output {w['output_len']}\n")
+    if doc.get("pattern") == "swap":
+        return swap.report(doc, out)
+    out.write(workload_line(doc["workload"]))
     for kind in ("router", "direct"):
         if kind in doc:
             out.write(f"\n{kind} ({doc['url'] if kind == 'router' else 'engines from the config'}):\n")
@@ -233,6 +257,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         models = pick_models(cfg, args.models)
     except (ConfigError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
+    if args.pattern == "swap":
+        given = [f"--{o.replace('_', '-')}" for o in _STEADY_ONLY if getattr(args, o) not in (None, False)]
+        if given:
+            p.error(f"--pattern swap sends its own bursts through the router; drop {', '.join(given)}")
     if args.tmux:
         from router.bench.tmux import launch
         return launch(args, cfg, models, p)
@@ -244,6 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report(doc, sys.stdout)
     if args.json:
         write_json(args.json, doc)
+    if "swap" in doc:  # a failed start or wake is what this pattern is for: any failure fails the run
+        return 0 if not any(s["failed"] for s in doc["swap"].values()) else 1
     kinds = [k for k in ("router", "direct") if k in doc]
     return 0 if all(doc[k][m]["ok"] for k in kinds for m in doc[k]) else 1
 

@@ -276,6 +276,15 @@ def new_session(timeout: float) -> aiohttp.ClientSession:
                                  skip_auto_headers=("User-Agent",))
 
 
+async def send_burst(session: aiohttp.ClientSession, target: Target, work: Workload, rng: random.Random, n: int,
+                     first: Recorder, rest: Recorder) -> None:
+    """`n` requests at once (the swap pattern's burst); the first one sent goes to `first`, on its own,
+    because it is the one whose wait the model's state (stopped, asleep, awake) decided."""
+    lead = _Requester(session, target, work, rng, first)
+    others = _Requester(session, target, work, rng, rest)
+    await asyncio.gather(lead.send(), *(others.send() for _ in range(n - 1)))
+
+
 async def run_model(session: aiohttp.ClientSession, target: Target, work: Workload, stop: asyncio.Event,
                     rec: Recorder) -> None:
     """Drive one model until the budget ends; figures go to `rec` live, so progress can read them."""

@@ -102,6 +102,24 @@ def comparison_table(comparisons: Mapping[str, dict]) -> str:
     return _table(rows)
 
 
+def workload_line(w: Mapping[str, object]) -> str:
+    """The run's header: what was sent, above every table."""
+    return (f"\n{w['mode']}, {'stream' if w['stream'] else 'no stream'}, /{w['endpoint']}, "
+            f"input {w['input_len']}, output {w['output_len']}\n")
+
+
+def swap_table(summaries: Mapping[str, dict]) -> str:
+    """The swap pattern: first-request TTFT by the state a burst found its model in, and the swaps it caused."""
+    rows = [("MODEL", "BURSTS cold/wake/warm", "OK", "FAILED", "COLD TTFT ms p50/p90/p99", "WAKE TTFT ms p50/p90/p99",
+             "WARM TTFT ms p50/p90/p99", "STARTS", "WAKES", "EVICTED sleep/stop")]
+    for model, s in summaries.items():
+        b, ev = s["bursts"], s["evicted"]
+        rows.append((model, f"{b['cold']}/{b['wake']}/{b['warm']}", str(s["ok"]), _failed(s), _dist(s["cold_ttft_ms"]),
+                     _dist(s["wake_ttft_ms"]), _dist(s["warm_ttft_ms"]), _num(s["starts"], "{:g}"),
+                     _num(s["wakes"], "{:g}"), f"{ev['sleep']}/{ev['stop']}"))
+    return _table(rows)
+
+
 def write_json(path: str, doc: dict) -> None:
     """Written whole then renamed, so a reader never sees half a file."""
     tmp = f"{path}.tmp"
