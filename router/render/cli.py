@@ -17,6 +17,8 @@ from typing import Mapping, Optional, Sequence
 from router.config import Config, ConfigError, load_config, summary_table
 from router.render.apply import ApplyError, apply, make_plan, router_step, running_programs, supervisor
 from router.render.files import Files, RenderError, render_files, session_names
+from router.render.kube_cli import render_to_kubernetes
+from router.render.nodes import for_node
 from router.render.sessions import check_sessions
 from router.render.tree import read_tree, write_tree
 
@@ -80,7 +82,11 @@ def apply_to_stack(cfg: Config, out: Path, old: Mapping[str, str], new: Files, d
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m router.render", description=__doc__.split("\n", 1)[0])
     ap.add_argument("--config", default="example-config.yaml", help="the YAML file (default: example-config.yaml)")
-    ap.add_argument("--out", default="supervisor", help="output folder (default: supervisor)")
+    ap.add_argument("--out", help="output folder (default: supervisor, or kubernetes for --target kubernetes)")
+    ap.add_argument("--target", choices=("supervisord", "kubernetes"), default="supervisord",
+                    help="what to render: a node's supervisord folder (default), or Kubernetes manifests (kubectl apply -k OUT)")
+    ap.add_argument("--node", metavar="NAME",
+                    help="render only the engines whose 'node:' is NAME, and the router unless router.node names another node")
     ap.add_argument("--sim", action="store_true", help="run the simulated engine in place of every engine (no GPU needed)")
     ap.add_argument("--check", action="store_true", help="validate and print the instances; write nothing")
     ap.add_argument("--apply", action="store_true",
@@ -89,8 +95,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.dry_run and not args.apply:
         ap.error("--dry-run goes with --apply (python -m router.render --apply --dry-run)")
+    if args.target == "kubernetes" and (args.apply or args.node):
+        ap.error("--target kubernetes takes neither --apply (use: kubectl apply -k OUT) nor --node "
+                 "(instances' 'node:' pins their pods there)")
     try:
-        cfg = load_config(args.config, sim=args.sim)
+        # A virtualenv of this machine means nothing to a pod: kubernetes renders like --sim checks.
+        cfg = load_config(args.config, sim=args.sim or args.target == "kubernetes")
     except ConfigError as e:
         report(e.warnings, [f"{e.path}: {p}" for p in e.problems])
         print("Nothing was written.", file=sys.stderr)
@@ -99,7 +109,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check:
         print(summary_table(cfg))
         return 0
-    out = Path(os.path.abspath(args.out))
+    if args.target == "kubernetes":
+        return render_to_kubernetes(cfg, Path(os.path.abspath(args.out or "kubernetes")), args.sim)
+    if args.node:
+        cfg, warnings = for_node(cfg, args.node)
+        report(warnings)
+    out = Path(os.path.abspath(args.out or "supervisor"))
     try:
         files = render_files(cfg, out, sim=args.sim)
         report(check_sessions(cfg, out))

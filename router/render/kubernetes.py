@@ -1,0 +1,252 @@
+"""``render --target kubernetes``: one YAML -> Kubernetes manifests (nothing is written here).
+
+The output folder holds, for ``kubectl apply -k DIR``:
+
+- ``namespace.yaml``: the namespace (``kubernetes.namespace``, default ``kvrouter``);
+- ``engine-<name>.yaml`` per launched instance: a Deployment (one pod, the
+  engine's launch command, its environment, ``nvidia.com/gpu`` for each GPU
+  of its ``CUDA_VISIBLE_DEVICES``, probes on its health path) and a headless
+  Service ``<name>`` on the engine's port;
+- ``router.yaml``: the router's ConfigMap (the YAML with each launched
+  instance at its Service, ``launch: false``), Deployment
+  (``router.replicas``) and Service;
+- ``kustomization.yaml`` listing them.
+
+Engine Services are headless and publish pods that are not ready: the router
+judges engine health itself, as on one node, and a sleeping or starting
+engine must stay reachable by name for the router to wake it or wait for it.
+``on_demand`` instances run from the start (one replica): starting an engine
+on demand is supervisord's job, and the router has no rights to scale
+Deployments. ``launch: false`` instances stay where the YAML says. Rendering
+is a pure function of the config: the same YAML gives the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from router.config import Config, Instance
+from router.config.load import connect_host, loopback_ip
+from router.engines import sim_argv
+from router.render.files import ENGINE_STOPWAITSECS, FILE_MODE, ROUTER_STOP_MARGIN_SECONDS, Files, RenderError
+from router.render.kube_names import SECRET_NAME, k8s_name, rebind
+from router.render.kube_router_config import cluster_config_yaml
+from router.render.kube_write import KUSTOMIZATION
+from router.render.kube_yaml import dump
+
+#: Images of the engine kinds the YAML's ``kubernetes.images`` does not name; `openai`
+#: engines run some other program, whose image only the user knows.
+DEFAULT_IMAGES = {"vllm": "vllm/vllm-openai:latest", "sglang": "lmsysorg/sglang:latest"}
+#: An image with this package installed (``pip install kvrouter``); also the simulated engines' under --sim.
+DEFAULT_ROUTER_IMAGE = "kvrouter:latest"
+#: The engine images' Python (vLLM's image runs `vllm serve` by default; we give the module as on one node).
+CONTAINER_PYTHON = "python3"
+ROUTER_NAME = "router"
+CONFIG_MOUNT = "/etc/kvrouter"
+CONFIG_KEY = "config.yaml"
+PART_OF = "kvrouter"
+MANAGED_BY = "kvrouter-render"
+GPU_RESOURCE = "nvidia.com/gpu"
+#: Startup probes poll this often; their failure threshold covers the instance's start timeout.
+STARTUP_PERIOD_SECONDS = 10
+PROBE_TIMEOUT_SECONDS = 5
+HEADER = "# Rendered by `python -m router.render --target kubernetes` from {config}: edit the YAML and render again.\n"
+
+
+@dataclass(frozen=True)
+class Rendering:
+    files: Files
+    warnings: tuple[str, ...]
+
+
+def render_kubernetes(cfg: Config, text: Optional[str] = None, sim: bool = False) -> Rendering:
+    """Every manifest's text for `cfg`; `text` is the YAML it was loaded from (default: read `cfg.path`).
+
+    Under `sim` every engine is the simulated one, run from the router's
+    image without GPUs: the whole stack on any cluster (kind, minikube).
+    """
+    settings = cfg.kubernetes
+    names = _names(cfg)
+    source = Path(cfg.path).name
+    docs: dict[str, list[dict[str, Any]]] = {"namespace.yaml": [_namespace(settings.namespace)]}
+    for inst in cfg.launched:
+        docs[f"engine-{names[inst.name]}.yaml"] = [_engine_deployment(cfg, inst, sim), _engine_service(cfg, inst)]
+    if cfg.router.enable_router:
+        if text is None:
+            text = Path(cfg.path).read_text(encoding="utf-8")
+        config = cluster_config_yaml(cfg, text, settings.namespace)
+        docs["router.yaml"] = [_router_configmap(cfg, config), _router_deployment(cfg, config), _router_service(cfg)]
+    docs[KUSTOMIZATION] = [{"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                            "resources": list(docs)}]
+    files = {name: (HEADER.format(config=source) + dump(d), FILE_MODE) for name, d in docs.items()}
+    return Rendering(files, tuple(_warnings(cfg)))
+
+
+def _names(cfg: Config) -> dict[str, str]:
+    """Instance name -> Kubernetes name, or RenderError when two would meet."""
+    taken = {ROUTER_NAME: "the router"} if cfg.router.enable_router else {}
+    out = {}
+    for inst in cfg.launched:
+        name = k8s_name(inst)
+        if name in taken:
+            raise RenderError(f"{cfg.path}: instances: {inst.name!r} and {taken[name]!r} both become the Kubernetes "
+                              f"name {name!r} (lower case, '-' for '_'); rename one of them")
+        taken[name], out[inst.name] = f"instance {inst.name!r}", name
+    return out
+
+
+def _warnings(cfg: Config) -> list[str]:
+    """Instances started elsewhere that a router pod cannot reach where the YAML says."""
+    local = [i.name for i in cfg.instances if not i.launch and loopback_ip(connect_host(i.host))]
+    if local and cfg.router.enable_router:
+        return [f"{cfg.path}: instances {', '.join(local)} have launch: false at a loopback address, which in the "
+                "router's pod is the pod itself; give them an address the cluster can reach"]
+    return []
+
+
+def labels(name: str, instance: str, component: str) -> dict[str, str]:
+    """Kubernetes' recommended labels (app.kubernetes.io/*)."""
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/instance": instance,
+            "app.kubernetes.io/component": component, "app.kubernetes.io/part-of": PART_OF,
+            "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def _selector(instance: str) -> dict[str, str]:
+    return {"app.kubernetes.io/instance": instance, "app.kubernetes.io/part-of": PART_OF}
+
+
+def _metadata(cfg: Config, name: str, lab: dict[str, str], **annotations: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": cfg.kubernetes.namespace, "labels": lab}
+    if annotations:
+        meta["annotations"] = {f"kvrouter/{k.replace('_', '-')}": v for k, v in annotations.items()}
+    return meta
+
+
+def _namespace(namespace: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {
+        "app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/managed-by": MANAGED_BY}}}
+
+
+def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
+            "timeoutSeconds": PROBE_TIMEOUT_SECONDS, "failureThreshold": failures}
+
+
+def _env(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """One entry per name, the last value winning as in the launch script's exports."""
+    return [{"name": k, "value": v} for k, v in dict(pairs).items()]
+
+
+def _deployment(meta: dict[str, Any], replicas: int, pod: dict[str, Any], recreate: bool,
+                pod_annotations: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    template: dict[str, Any] = {"metadata": {"labels": meta["labels"]}, "spec": pod}
+    if pod_annotations:
+        template["metadata"]["annotations"] = pod_annotations
+    spec: dict[str, Any] = {"replicas": replicas,
+                            "selector": {"matchLabels": _selector(meta["labels"]["app.kubernetes.io/instance"])}}
+    if recreate:
+        spec["strategy"] = {"type": "Recreate"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {**spec, "template": template}}
+
+
+def _pod(container: dict[str, Any], grace: int, node: Optional[str], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    container = {**container, "envFrom": [{"secretRef": {"name": SECRET_NAME, "optional": True}}]}
+    pod: dict[str, Any] = {"terminationGracePeriodSeconds": grace, "containers": [container], "volumes": volumes}
+    if node is not None:
+        pod["nodeSelector"] = {"kubernetes.io/hostname": node}
+    return pod
+
+
+def engine_command(inst: Instance, sim: bool) -> list[str]:
+    """The launch script's command, bound to every address of the pod so its Service reaches it."""
+    spec = inst.spec
+    args, _ = rebind(inst.engine_args, spec.host_flag, "0.0.0.0", add=spec.launcher is not None)
+    bound = replace(inst, engine_args=tuple(args), host="0.0.0.0", venv_path=None)
+    if sim:
+        return sim_argv("python", bound)
+    argv = spec.launch_argv(bound)
+    return [CONTAINER_PYTHON, *argv[1:]] if spec.launcher is not None else argv
+
+
+def engine_image(cfg: Config, inst: Instance, sim: bool) -> str:
+    if sim:
+        return cfg.kubernetes.router_image or DEFAULT_ROUTER_IMAGE
+    image = dict(cfg.kubernetes.images).get(inst.engine) or DEFAULT_IMAGES.get(inst.engine)
+    if image is None:
+        raise RenderError(f"{cfg.path}: instance {inst.name!r}: engine '{inst.engine}' runs its own command, so its "
+                          f"image is yours to name: set kubernetes.images.{inst.engine} (e.g. an image with that program)")
+    return image
+
+
+def _engine_deployment(cfg: Config, inst: Instance, sim: bool) -> dict[str, Any]:
+    name = k8s_name(inst)
+    meta = _metadata(cfg, name, labels(inst.engine, name, "engine"), instance=inst.name, model=inst.model)
+    timeout = inst.start_timeout_seconds or cfg.residency.start_timeout_seconds
+    # The device plugin hands the pod its GPUs as devices 0..n-1; the node's numbering means nothing there.
+    env = [("PYTHONUNBUFFERED", "1"), *((k, v) for k, v in inst.env if k != "CUDA_VISIBLE_DEVICES")]
+    container: dict[str, Any] = {
+        "name": "engine",
+        "image": engine_image(cfg, inst, sim),
+        "command": engine_command(inst, sim),
+        "env": _env(env),
+        "ports": [{"name": "http", "containerPort": inst.port}],
+        # Loading weights takes minutes: the other probes wait until this one passes.
+        "startupProbe": _http_probe(inst.health_path, STARTUP_PERIOD_SECONDS,
+                                    max(1, math.ceil(timeout / STARTUP_PERIOD_SECONDS))),
+        "readinessProbe": _http_probe(inst.health_path, 5, 3),
+        "livenessProbe": _http_probe(inst.health_path, 10, 6),
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if not sim:
+        gpus = str(len(inst.gpus))
+        container["resources"] = {"requests": {GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}}
+    # Engines share tensors between their processes through /dev/shm, which is 64 MB in a pod by default.
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    # Recreate: a second pod of one engine would wait for the GPU the first still holds.
+    return _deployment(meta, 1, _pod(container, ENGINE_STOPWAITSECS, inst.node, volumes), recreate=True)
+
+
+def _engine_service(cfg: Config, inst: Instance) -> dict[str, Any]:
+    name = k8s_name(inst)
+    meta = _metadata(cfg, name, labels(inst.engine, name, "engine"), instance=inst.name, model=inst.model)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
+        "clusterIP": "None", "publishNotReadyAddresses": True, "selector": _selector(name),
+        "ports": [{"name": "http", "port": inst.port, "targetPort": "http"}]}}
+
+
+def _router_meta(cfg: Config, name: str = ROUTER_NAME) -> dict[str, Any]:
+    return _metadata(cfg, name, labels(PART_OF, ROUTER_NAME, "router"))
+
+
+def _router_configmap(cfg: Config, config: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _router_meta(cfg, f"{ROUTER_NAME}-config"),
+            "data": {CONFIG_KEY: config}}
+
+
+def _router_deployment(cfg: Config, config: str) -> dict[str, Any]:
+    router = cfg.router
+    container = {
+        "name": ROUTER_NAME,
+        "image": cfg.kubernetes.router_image or DEFAULT_ROUTER_IMAGE,
+        "command": ["python", "-m", "router.serve", "--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}", "--host", "0.0.0.0"],
+        "env": _env([("PYTHONUNBUFFERED", "1")]),
+        "ports": [{"name": "http", "containerPort": router.port}],
+        "readinessProbe": _http_probe("/health", 5, 3),
+        "livenessProbe": _http_probe("/health", 10, 6),
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
+    }
+    volumes = [{"name": "config", "configMap": {"name": f"{ROUTER_NAME}-config"}}]
+    grace = math.ceil(router.shutdown_grace_seconds) + ROUTER_STOP_MARGIN_SECONDS
+    # A changed config changes the pod template, so `kubectl apply` rolls the router pods.
+    digest = {"kvrouter/config-sha256": hashlib.sha256(config.encode()).hexdigest()}
+    return _deployment(_router_meta(cfg), router.replicas, _pod(container, grace, router.node, volumes),
+                       recreate=False, pod_annotations=digest)
+
+
+def _router_service(cfg: Config) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _router_meta(cfg), "spec": {
+        "selector": _selector(ROUTER_NAME),
+        "ports": [{"name": "http", "port": cfg.router.port, "targetPort": "http"}]}}

@@ -1,0 +1,217 @@
+"""``render --target kubernetes`` and ``render --node``.
+
+The manifests are checked offline against the schemas of a current
+Kubernetes release (kubernetes-validate, strict: an unknown field fails), the
+router's ConfigMap by the project's own config parser, and a node's
+supervisord.conf by supervisord's own parser (test_render.supervisor_programs).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from helpers import short_tmp  # noqa: F401  (fixture)
+from router.config import parse_config
+from router.render.cli import main
+from test_render import supervisor_programs, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+#: A current Kubernetes release whose schemas the package ships.
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def vllm(name: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "model": "meta-llama/Llama-3.2-1B", "engine": "vllm",
+            "engine_env": ["VLLM_SERVER_DEV_MODE=1"],
+            "engine_args": ["--host 10.0.0.5", f"--port={port}", "--enable-sleep-mode"], **extra}
+
+
+#: Replicas of one model (one on two GPUs), sleep on, an on-demand SGLang, an `openai`
+#: command engine, and an engine started elsewhere.
+FLEET = {
+    "kubernetes": {"namespace": "llm", "images": {"openai": "ghcr.io/ggml-org/llama.cpp:server"},
+                   "router_image": "registry.example/kvrouter:1.0"},
+    "router": {"router_port": 8080, "replicas": 3, "api_keys": ["k1"]},
+    "sleep_manager": {"auto_sleep_enabled": True, "idle_threshold_seconds": 60},
+    "residency": {"start_timeout_seconds": 1200},
+    "instances": [
+        vllm("Llama_A", 8001, engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=0"]),
+        vllm("llama-b", 8002, engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=1,2"], node="gpu-2"),
+        {"name": "qwen", "model": "Qwen/Qwen3-0.6B", "engine": "sglang", "on_demand": True, "idle_stop_seconds": 600,
+         "start_timeout_seconds": 95, "engine_args": "--port 30000 --enable-memory-saver"},
+        {"name": "gguf", "model": "tiny", "engine": "openai", "health_path": "/v1/models",
+         "command": "llama-server -m /models/tiny.gguf --port 8090 --api-key sk-x"},
+        {"name": "remote", "model": "big", "engine": "vllm", "launch": False,
+         "engine_args": ["--host", "big.example.net", "--port", "9000"]},
+    ],
+}
+
+
+def render_k8s(tmp: Path, config: dict[str, Any] | Path, *flags: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = config if isinstance(config, Path) else write_config(tmp, config)
+    out = tmp / "k8s"
+    assert main(["--config", str(path), "--target", "kubernetes", "--out", str(out), *flags]) == 0
+    return out
+
+
+def documents(out: Path) -> list[dict[str, Any]]:
+    """Every object of the folder, in the order kustomization.yaml lists the files."""
+    files = yaml.safe_load((out / "kustomization.yaml").read_text())["resources"]
+    return [d for f in files for d in yaml.safe_load_all((out / f).read_text())]
+
+
+def objects(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in documents(out)}
+
+
+def assert_valid(out: Path) -> None:
+    docs = documents(out)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_example_config_validates(tmp_path: Path) -> None:
+    out = render_k8s(tmp_path, ROOT / "example-config.yaml")
+    assert_valid(out)
+    objs = objects(out)
+    assert {k for k, _ in objs} == {"Namespace", "Deployment", "Service", "ConfigMap"}
+    assert container(objs["Deployment", "llama"])["image"] == "vllm/vllm-openai:latest"
+    assert container(objs["Deployment", "qwen"])["image"] == "lmsysorg/sglang:latest"
+    assert container(objs["Deployment", "llama"])["command"][:4] == [
+        "python3", "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def test_fleet_validates_and_fits_the_config(tmp_path: Path) -> None:
+    out = render_k8s(tmp_path, FLEET)
+    assert_valid(out)
+    objs = objects(out)
+    names = {name for kind, name in objs if kind == "Deployment"}
+    assert names == {"llama-a", "llama-b", "qwen", "gguf", "router"}  # no Deployment for `remote`
+    for d in documents(out):
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "llm"
+            assert {"name", "instance", "component", "part-of", "managed-by"} <= {
+                k.split("/")[1] for k in d["metadata"]["labels"]}
+
+    a, b = container(objs["Deployment", "llama-a"]), container(objs["Deployment", "llama-b"])
+    assert a["resources"]["limits"] == {"nvidia.com/gpu": "1"} and b["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert "CUDA_VISIBLE_DEVICES" not in {e["name"] for e in b["env"]}
+    assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in a["env"]
+    assert a["command"][-4:] == ["--host", "0.0.0.0", "--port=8001", "--enable-sleep-mode"]
+    assert objs["Deployment", "llama-b"]["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "gpu-2"}
+    for name, timeout in (("llama-a", 1200), ("qwen", 95)):
+        c = container(objs["Deployment", name])
+        probe = c["startupProbe"]
+        assert probe["failureThreshold"] * probe["periodSeconds"] >= timeout
+        assert c["livenessProbe"]["httpGet"]["path"] == c["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert objs["Deployment", name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+    assert objs["Deployment", "qwen"]["spec"]["replicas"] == 1  # on-demand runs from the start here
+    gguf = container(objs["Deployment", "gguf"])
+    assert gguf["image"] == "ghcr.io/ggml-org/llama.cpp:server"
+    assert gguf["command"] == ["llama-server", "-m", "/models/tiny.gguf", "--port", "8090", "--api-key", "sk-x"]
+    assert gguf["startupProbe"]["httpGet"]["path"] == "/v1/models"
+
+    router = objs["Deployment", "router"]
+    assert router["spec"]["replicas"] == 3
+    assert container(router)["image"] == "registry.example/kvrouter:1.0"
+    assert objs["Service", "router"]["spec"]["ports"][0]["port"] == 8080
+
+
+def test_configmap_config_points_at_the_services(tmp_path: Path) -> None:
+    out = render_k8s(tmp_path, FLEET)
+    objs = objects(out)
+    cfg = parse_config(objs["ConfigMap", "router-config"]["data"]["config.yaml"], "/etc/kvrouter/config.yaml")
+    by_name = {i.name: i for i in cfg.instances}
+    for inst_name, svc in (("Llama_A", "llama-a"), ("llama-b", "llama-b"), ("qwen", "qwen"), ("gguf", "gguf")):
+        inst = by_name[inst_name]
+        port = objs["Service", svc]["spec"]["ports"][0]["port"]
+        assert inst.url == f"http://{svc}.llm.svc.cluster.local:{port}"
+        assert not inst.launch and not inst.on_demand
+        assert container(objs["Deployment", svc])["ports"][0]["containerPort"] == port
+    assert by_name["remote"].url == "http://big.example.net:9000"
+    assert by_name["gguf"].auth_headers == {"Authorization": "Bearer sk-x"}
+    assert cfg.sleep.auto_sleep_enabled and cfg.router.api_keys == ("k1",)
+    assert [m for m in cfg.models] == ["meta-llama/Llama-3.2-1B", "Qwen/Qwen3-0.6B", "tiny", "big"]
+
+
+def test_same_yaml_same_bytes_and_stale_manifests_go(tmp_path: Path) -> None:
+    first = render_k8s(tmp_path / "one", FLEET)
+    second = render_k8s(tmp_path / "two", FLEET)
+    read = lambda out: {p.name: p.read_bytes() for p in sorted(out.iterdir())}  # noqa: E731
+    assert read(first) == read(second)
+    (first / "mine.yaml").write_text("kept: true\n")
+    smaller = {**FLEET, "instances": FLEET["instances"][1:]}
+    render_k8s(tmp_path / "one", smaller)
+    assert not (first / "engine-llama-a.yaml").exists() and (first / "mine.yaml").exists()
+    assert not [p for p in first.iterdir() if p.name.startswith(".render-")]
+
+
+def test_sim_needs_no_gpu(tmp_path: Path) -> None:
+    out = render_k8s(tmp_path, FLEET, "--sim")
+    assert_valid(out)
+    c = container(objects(out)["Deployment", "llama-a"])
+    assert "resources" not in c and c["image"] == "registry.example/kvrouter:1.0"
+    assert c["command"][:3] == ["python", "-m", "router.sim"]
+
+
+@pytest.mark.parametrize("change, fix", [
+    ({"kubernetes": {"namespace": "Not_OK"}}, "kubernetes.namespace"),
+    ({"kubernetes": {}}, "kubernetes.images.openai"),
+    ({"router": {"api_keys": {"file": "keys.txt"}}}, "{env: VAR}"),
+])
+def test_unrenderable_configs_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             change: dict[str, Any], fix: str) -> None:
+    (tmp_path / "keys.txt").write_text("k1\n")
+    (tmp_path / "keys.txt").chmod(0o600)
+    path = write_config(tmp_path, {**FLEET, **change})
+    assert main(["--config", str(path), "--target", "kubernetes", "--out", str(tmp_path / "k8s")]) == 2
+    err = capsys.readouterr().err
+    assert fix in err and str(path) in err and "Nothing was written." in err
+    assert not (tmp_path / "k8s").exists()
+
+
+def test_names_that_meet_in_kubernetes_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, {"instances": [vllm("Llama_A", 8001), vllm("llama-a", 8002)]})
+    assert main(["--config", str(path), "--target", "kubernetes", "--out", str(tmp_path / "k8s")]) == 2
+    err = capsys.readouterr().err
+    assert "'llama-a' and \"instance 'Llama_A'\" both become the Kubernetes name 'llama-a'" in err
+
+
+# -- render --node -------------------------------------------------------------
+
+NODES = {
+    "router": {"node": "head"},
+    "instances": [vllm("a1", 8001, node="head"), vllm("b1", 8002, node="worker"), vllm("b2", 8003, node="worker")],
+}
+
+
+@pytest.mark.parametrize("node, programs", [
+    ("head", {"a1", "router", "logs"}),
+    ("worker", {"b1", "b2", "logs"}),
+])
+def test_node_renders_its_own_engines(short_tmp: str, node: str, programs: set[str]) -> None:
+    tmp = Path(short_tmp)
+    path = write_config(tmp, NODES)
+    assert main(["--config", str(path), "--out", str(tmp / node), "--node", node, "--sim"]) == 0
+    assert set(supervisor_programs(tmp / node / "supervisord.conf")) == programs
+    assert sorted(p.name for p in (tmp / node / "engines").iterdir()) == sorted(f"{p}.sh" for p in programs
+                                                                               if p not in ("router", "logs"))
+
+
+def test_every_node_renders_the_router_unless_one_is_named(short_tmp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp = Path(short_tmp)
+    path = write_config(tmp, {**NODES, "router": {}, "instances": [*NODES["instances"], vllm("c", 8004)]})
+    assert main(["--config", str(path), "--out", str(tmp / "w"), "--node", "worker", "--sim"]) == 0
+    assert set(supervisor_programs(tmp / "w" / "supervisord.conf")) == {"b1", "b2", "router", "logs"}
+    assert "instances c have no 'node:'" in capsys.readouterr().err
