@@ -112,6 +112,13 @@ class Engine:
         if self.behaviour == "error400":
             return web.json_response({"error": {"message": "max_tokens is too large", "type": "BadRequestError",
                                                  "param": "max_tokens", "code": 400}}, status=400)
+        if self.behaviour == "error503":
+            return web.json_response({"error": {"message": "engine overloaded", "type": "ServiceUnavailable",
+                                                 "param": None, "code": 503}}, status=503)
+        if self.behaviour == "reset":  # the connection dies before any status line
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
         if self.behaviour == "hang":
             await asyncio.sleep(3600)
         if payload.get("stream"):

@@ -94,6 +94,9 @@ class Instance:
     host_memory_gb: Optional[float] = None
     #: Longest wait for a start to pass its health check (None: residency.start_timeout_seconds).
     start_timeout_seconds: Optional[float] = None
+    #: This engine's own limits, where they differ from the router's (a 70B model's first token).
+    request_timeout_seconds: Optional[float] = None
+    stream_idle_timeout_seconds: Optional[float] = None
 
     @property
     def spec(self) -> EngineSpec:
@@ -162,6 +165,10 @@ class RouterSettings:
     admin_api_key: Optional[str] = field(default=None, repr=False)
     #: Where a request without `model` goes when more than one model is served.
     default_model: Optional[str] = None
+    #: Tries on other replicas for a request whose engine failed before any byte reached the client.
+    retries: int = 2
+    #: The longest a replica's circuit breaker stays open (eject_seconds doubles on each reopening).
+    breaker_max_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -306,6 +313,7 @@ INSTANCE_KEYS = (
     "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
     "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
     "on_demand", "idle_stop_seconds", "pin", "node", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds",
+    "request_timeout_seconds", "stream_idle_timeout_seconds",
 )
 #: Instance keys of engines started by their own `command` only (EngineSpec.launcher is None).
 COMMAND_KEYS = ("command", "host", "port", "health_path")
@@ -332,6 +340,8 @@ ROUTER_KEYS = {
     "api_keys": ("api_keys", "keys"),
     "admin_api_key": ("admin_api_key", "key"),
     "default_model": ("default_model", "name"),
+    "retries": ("retries", "nonnegint"),
+    "breaker_max_seconds": ("breaker_max_seconds", "posfloat"),
 }
 SLEEP_KEYS = {
     "auto_sleep_enabled": ("auto_sleep_enabled", "bool"),
@@ -611,9 +621,9 @@ def _value(v: Any, where: str, kind: str, p: _Problems, base: Path) -> Any:
 
 def _number(v: Any, where: str, kind: str, p: _Problems) -> Any:
     is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind in ("posint", "port"):
+    if kind in ("posint", "nonnegint", "port"):
         ok = isinstance(v, int) and not isinstance(v, bool)
-        lo, hi = {"posint": (1, 2**31), "port": (1, 65535)}[kind]
+        lo, hi = {"posint": (1, 2**31), "nonnegint": (0, 100), "port": (1, 65535)}[kind]
         if ok and lo <= v <= hi:
             return v
         p.error(where, f"must be a whole number from {lo} to {hi}, not {v!r}")
@@ -789,7 +799,8 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
     flags = {key: _value(raw.get(key, key in ("launch", "sleep")), f"{where}.{key}", "bool", p, base) is True
              for key in ("launch", "sleep", "using_venv", "on_demand", "pin")}
     sizes = {key: _number(raw[key], f"{where}.{key}", "posfloat", p) if raw.get(key) is not None else None
-             for key in ("idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds")}
+             for key in ("idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds",
+                         "request_timeout_seconds", "stream_idle_timeout_seconds")}
     if flags["on_demand"] and not flags["launch"]:
         p.error(f"{where}.on_demand", "an engine started elsewhere (launch: false) cannot be started on demand; "
                                       "remove one of the two")

@@ -18,10 +18,13 @@ TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class ModelMetrics:
     """One model's metric children, bound once."""
 
-    __slots__ = ("model", "latency", "ttfb", "_requests", "_errors", "_requests_family", "_errors_family")
+    __slots__ = ("model", "latency", "ttfb", "_requests", "_errors", "_requests_family", "_errors_family",
+                 "_retries_family")
 
-    def __init__(self, model: str, requests: Counter, errors: Counter, latency: Histogram, ttfb: Histogram):
+    def __init__(self, model: str, requests: Counter, errors: Counter, latency: Histogram, ttfb: Histogram,
+                 retries: Counter):
         self.model = model
+        self._retries_family = retries
         self.latency = latency.labels(model)
         self.ttfb = ttfb.labels(model)
         self._requests_family = requests
@@ -37,6 +40,9 @@ class ModelMetrics:
         self.latency.observe(latency_s)
         if ttfb_s is not None:
             self.ttfb.observe(ttfb_s)
+
+    def retry(self, reason: str) -> None:
+        self._retries_family.labels(self.model, reason).inc()
 
     def upstream_error(self, kind: str) -> None:
         child = self._errors.get(kind)
@@ -59,16 +65,19 @@ class Metrics:
                             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self._ttfb = Histogram("router_time_to_first_byte_seconds", "Time from request to the first response body byte",
                          ["model"], buckets=TTFB_BUCKETS, registry=self.registry)
+        self._retries = Counter("router_retries", "Requests sent again to another replica before any byte reached "
+                                "the client, by what the first engine did (502, 503, 504, timeout, disconnect)",
+                                ["model", "reason"], registry=self.registry)
         #: Gauges of the current state, read from their owners at scrape time.
         self.registry.register(state)
 
     def for_model(self, model: str) -> ModelMetrics:
         """The children a new model's requests update (the table makes one per model it adds)."""
-        return ModelMetrics(model, self._requests, self._errors, self._latency, self._ttfb)
+        return ModelMetrics(model, self._requests, self._errors, self._latency, self._ttfb, self._retries)
 
     def drop(self, model: str) -> None:
         """Forget a model a reload removed: its series leave /metrics."""
-        for family in (self._requests, self._errors, self._latency, self._ttfb):
+        for family in (self._requests, self._errors, self._latency, self._ttfb, self._retries):
             for labels in list(family._metrics):  # prometheus_client keeps children by label tuple
                 if labels[0] == model:
                     family.remove(*labels)

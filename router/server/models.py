@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
-from router.config import Config, Instance, SleepSettings
+from router.config import Config, Instance, RouterSettings, SleepSettings
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
 from router.server.control import EngineControl
@@ -86,6 +86,7 @@ class Model:
                 best = r
         if best is not None:
             best.outstanding += 1
+            best.breaker.taken(now)
             return best
         if full:
             raise Overloaded()
@@ -99,6 +100,7 @@ class Model:
         if replica.limit is not None and replica.outstanding >= replica.limit:
             raise Overloaded()
         replica.outstanding += 1
+        replica.breaker.taken(time.monotonic())
         return replica
 
     async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Replica:
@@ -139,9 +141,9 @@ class Model:
         if self._waiters:
             self.dispatch()
 
-    def eject(self, replica: Replica, now: float, seconds: float) -> None:
-        """Skip `replica` for `seconds`; then queued requests may take it again."""
-        replica.eject(now, seconds, self.dispatch)
+    def failed(self, replica: Replica, now: float, settings: RouterSettings) -> None:
+        """`replica` failed a request: its breaker opens; when it may take one again, queued requests may."""
+        replica.failed(now, settings, self.dispatch)
 
     def dispatch(self) -> None:
         """Hand free slots of routable replicas to queued requests, first come first served.

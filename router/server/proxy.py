@@ -47,6 +47,10 @@ UPSTREAM_PREFIX = "/upstream/"
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
+#: Engine answers that mean "this engine cannot serve now": another replica may.
+RETRY_STATUSES = frozenset({502, 503, 504})
+RETRY_BACKOFF_SECONDS = 0.05
+
 #: Outcome codes recorded for requests that did not end with the engine's status.
 CLIENT_GONE = 499
 
@@ -185,10 +189,11 @@ def parse_form(body: bytes, boundary: bytes) -> tuple[Optional[str], bool, Optio
 class Exchange:
     """What one proxied request did, for metrics, traffic and the access log."""
 
-    __slots__ = ("path", "status", "nbytes", "ttfb", "replica")
+    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries")
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.retries = 0
         self.status = 0
         self.nbytes = 0
         self.ttfb: Optional[float] = None
@@ -209,7 +214,8 @@ class Proxy:
         self.owners = owners
         self.max_bytes = settings.max_request_bytes
         self.queue_timeout = settings.queue_timeout_seconds
-        self.eject_seconds = settings.eject_seconds
+        self.settings = settings
+        self.retries = settings.retries
         self.access_log = access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.drop_headers = DROP_REQUEST_HEADERS | (AUTHORIZATION | API_KEY if settings.api_keys else frozenset())
@@ -418,19 +424,26 @@ class Proxy:
 
     async def forward(self, scope: Scope, send: Send, model: Model, out: Outgoing, start: float, ex: Exchange,
                       target: bytes) -> None:
+        """Send to a replica and relay its answer; before any byte reached the client, a failed engine
+        (connect refused or reset, no status in time, 502/503/504) is left for another replica: connect
+        failures on every usable one, the others up to `router.retries` times, with a short back-off.
+        A request pinned to one replica, or to a model with one replica, is never retried elsewhere."""
         tried: tuple[Replica, ...] = ()
-        # A stream waits at most one idle period for its first byte; an answer, the request timeout.
-        timeout = self.idle_timeout if out.stream else self.request_timeout
+        retries = self.retries if out.pin is None else 0
         learn = target == RESPONSES_PATH_BYTES
         while True:
             replica = await self.acquire(model, out, tried)
             ex.replica = replica
+            inst = replica.instance
+            # A stream waits at most one idle period for its first byte; an answer, the request timeout.
+            idle = inst.stream_idle_timeout_seconds or self.idle_timeout
+            timeout = idle if out.stream else inst.request_timeout_seconds or self.request_timeout
             data = out.data_for(replica)
             head = request_head(scope, target, replica.authority, len(data), self.drop_headers, replica.auth_line)
             try:
                 resp = await replica.pool.request(head, data, self.connect_timeout, timeout)
             except ConnectFailed:
-                model.eject(replica, time.monotonic(), self.eject_seconds)
+                model.failed(replica, time.monotonic(), self.settings)
                 model.release(replica)
                 model.metrics.upstream_error("connect")
                 if out.pin is not None:
@@ -439,20 +452,48 @@ class Proxy:
                 tried += (replica,)
                 continue
             except UpstreamError as e:
+                model.failed(replica, time.monotonic(), self.settings)
                 model.release(replica)
+                if retries and self.another(model, tried + (replica,)):
+                    retries = await self.retry(model, ex, e.kind, retries)
+                    tried += (replica,)
+                    continue
                 raise self.upstream_failure(model, e) from None
             except BaseException:
                 model.release(replica)
                 raise
+            if resp.status in RETRY_STATUSES:
+                model.failed(replica, time.monotonic(), self.settings)
+                if retries and self.another(model, tried + (replica,)):
+                    resp.close()
+                    model.release(replica)
+                    retries = await self.retry(model, ex, str(resp.status), retries)
+                    tried += (replica,)
+                    continue
+            elif resp.status < 500:
+                replica.succeeded()
             try:
                 if out.stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                    await self.relay_stream(send, resp, start, ex, model, learn)
+                    await self.relay_stream(send, resp, start, ex, model, learn, idle)
                 else:
                     await self.relay_body(send, resp, start, ex, model, learn)
             finally:
                 resp.close()
                 model.release(replica)
             return
+
+    @staticmethod
+    def another(model: Model, tried: tuple[Replica, ...]) -> bool:
+        """Whether a replica other than those tried could take the request now."""
+        now = time.monotonic()
+        return any(r not in tried and r.routable(now) for r in model.replicas)
+
+    async def retry(self, model: Model, ex: Exchange, reason: str, retries: int) -> int:
+        """Count one retry and wait its back-off (50 ms, doubling); the retries left."""
+        ex.retries += 1
+        model.metrics.retry(reason)
+        await asyncio.sleep(RETRY_BACKOFF_SECONDS * 2 ** (ex.retries - 1))
+        return retries - 1
 
     def upstream_failure(self, model: Model, e: UpstreamError) -> Reject:
         """A failure before anything reached the client, as the error to answer."""
@@ -477,8 +518,8 @@ class Proxy:
         ex.nbytes = len(data)
 
     async def relay_stream(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model,
-                           learn: bool) -> None:
-        resp.stream(self.idle_timeout)
+                           learn: bool, idle_timeout: float) -> None:
+        resp.stream(idle_timeout)
         ex.status = resp.status
         await send({"type": "http.response.start", "status": resp.status,
                     "headers": relay_headers(resp, [*STREAM_HEADERS])})
@@ -494,6 +535,8 @@ class Proxy:
                 chunk = await resp.next_chunk()
         except UpstreamError as e:
             model.metrics.upstream_error(e.kind)
+            if ex.replica is not None:  # a stream the engine broke counts against its breaker
+                model.failed(ex.replica, time.monotonic(), self.settings)
             ex.status = 504 if isinstance(e, UpstreamTimeout) else 502
             message = f"The engine of model '{model.name}' stopped the stream: {e}."
             event = b"event: error\n" if ex.path in ANTHROPIC_PATHS else b""
@@ -509,5 +552,6 @@ class Proxy:
         if self.access_log is not None:
             r = ex.replica
             ttfb = f"{ex.ttfb * 1000:.1f}ms" if ex.ttfb is not None else "-"
+            retried = f" retries={ex.retries}" if ex.retries else ""
             self.access_log.write(f"{model.name} {'stream' if stream else 'single'} -> {r.name if r else '-'} "
-                                  f"{ex.status} {ex.nbytes}B ttfb={ttfb} total={total * 1000:.1f}ms")
+                                  f"{ex.status} {ex.nbytes}B ttfb={ttfb} total={total * 1000:.1f}ms{retried}")

@@ -24,12 +24,63 @@ UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
 UP = frozenset({"RUNNING", "STARTING"})
 
 
+class Breaker:
+    """A replica's circuit breaker: closed, open for a while after a failure, then half-open.
+
+    A failure (connect refused or reset, no status line in time, a 502/503/504,
+    a stream the engine broke) opens it for `base` seconds; when that time is
+    over one trial request may go (half-open): its success closes the breaker,
+    its failure opens it again for twice as long, up to `cap`. 4xx answers and
+    clients that leave are not the engine's failures and never count. Times
+    are passed in, so the rules are tested on a fake clock.
+    """
+
+    __slots__ = ("open_until", "opened_for", "trial")
+
+    def __init__(self) -> None:
+        #: While now < open_until the replica takes no request.
+        self.open_until = 0.0
+        #: How long the breaker was last opened for (0: closed and not failing).
+        self.opened_for = 0.0
+        #: A half-open trial request is on its way.
+        self.trial = False
+
+    @property
+    def state(self) -> str:
+        return "closed" if not self.opened_for else "half_open" if self.trial else "open"
+
+    def admits(self, now: float) -> bool:
+        """Whether a request may go: closed, or half-open with no trial under way."""
+        return not self.opened_for or (now >= self.open_until and not self.trial)
+
+    def taken(self, now: float) -> None:
+        """A request was sent: past the open time it is the half-open trial."""
+        if self.opened_for and now >= self.open_until:
+            self.trial = True
+
+    def failure(self, now: float, base: float, cap: float) -> float:
+        """Open (again, for twice as long after a failed trial); the seconds it stays open.
+
+        Failures of requests sent before it opened (streams an engine's death cut
+        all at once) find it open and change nothing: only a reopening doubles."""
+        if self.opened_for and now < self.open_until and not self.trial:
+            return self.open_until - now
+        self.opened_for = min(cap, self.opened_for * 2) if self.opened_for else base
+        self.open_until = now + self.opened_for
+        self.trial = False
+        return self.opened_for
+
+    def success(self) -> None:
+        self.open_until = self.opened_for = 0.0
+        self.trial = False
+
+
 class Replica:
     """One engine instance, with the router's view of its process, health, sleep and load."""
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
-                 "health", "ok_streak", "fail_streak", "ejected_until", "eject_timer", "pool", "authority",
-                 "auth_line", "asleep", "process", "retired", "events", "card", "card_at")
+                 "health", "ok_streak", "fail_streak", "eject_timer", "pool", "authority",
+                 "auth_line", "asleep", "process", "retired", "events", "card", "card_at", "breaker")
 
     def __init__(self, instance: Instance, events: Events):
         self.instance = instance
@@ -45,8 +96,8 @@ class Replica:
         self.health = UNKNOWN
         self.ok_streak = 0
         self.fail_streak = 0
-        self.ejected_until = 0.0
-        #: Armed while ejected, to hand the replica to queued requests when the ejection ends.
+        self.breaker = Breaker()
+        #: Armed while the breaker is open, to hand the replica to queued requests when it may take one again.
         self.eject_timer: Optional[asyncio.TimerHandle] = None
         #: Keep-alive connections of the hot path; `authority` is the Host header value.
         self.pool = Pool(connect_host(instance.host), instance.port)
@@ -68,8 +119,12 @@ class Replica:
         """Whether the engine process is up, as far as anyone can tell (unknown counts as up)."""
         return self.process is None or self.process.state in UP
 
+    @property
+    def ejected_until(self) -> float:
+        return self.breaker.open_until
+
     def routable(self, now: float) -> bool:
-        return self.health != UNHEALTHY and now >= self.ejected_until and not self.retired and self.running
+        return self.health != UNHEALTHY and self.breaker.admits(now) and not self.retired and self.running
 
     def record_probe(self, ok: bool, settings: RouterSettings) -> None:
         """Apply one probe result: unhealthy after N failures in a row, healthy after M successes.
@@ -84,7 +139,7 @@ class Replica:
             self.ok_streak += 1
             if self.health == UNKNOWN or (self.health == UNHEALTHY and self.ok_streak >= settings.healthy_threshold):
                 self._set_health(HEALTHY)
-                self.ejected_until = 0.0
+                self.breaker.success()
         else:
             self.ok_streak = 0
             self.fail_streak += 1
@@ -112,11 +167,19 @@ class Replica:
             self.ok_streak = self.fail_streak = 0
         return was != self.running
 
-    def eject(self, now: float, seconds: float, on_over: Callable[[], None]) -> None:
-        """Skip this replica for `seconds`; then `on_over` hands it to queued requests again."""
-        self.ejected_until = now + seconds
+    def failed(self, now: float, settings: RouterSettings, on_over: Callable[[], None]) -> None:
+        """The engine failed a request: open the breaker; when it may take one again, `on_over`
+        hands it to queued requests."""
+        seconds = self.breaker.failure(now, settings.eject_seconds, settings.breaker_max_seconds)
+        self.events.publish("breaker", "open", self.instance.model, self.name, seconds=seconds)
         if self.eject_timer is None:
             self.eject_timer = asyncio.get_running_loop().call_later(seconds, self._ejection_over, on_over)
+
+    def succeeded(self) -> None:
+        """The engine answered: a half-open breaker closes."""
+        if self.breaker.opened_for:
+            self.breaker.success()
+            self.events.publish("breaker", "closed", self.instance.model, self.name)
 
     def _ejection_over(self, on_over: Callable[[], None]) -> None:
         # The loop's clock may run a little behind time.monotonic(), and the
