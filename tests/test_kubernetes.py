@@ -204,7 +204,10 @@ def test_node_renders_its_own_engines(short_tmp: str, node: str, programs: set[s
     tmp = Path(short_tmp)
     path = write_config(tmp, NODES)
     assert main(["--config", str(path), "--out", str(tmp / node), "--node", node, "--sim"]) == 0
-    assert set(supervisor_programs(tmp / node / "supervisord.conf")) == programs
+    rendered = supervisor_programs(tmp / node / "supervisord.conf")
+    assert set(rendered) == programs
+    if "router" in rendered:  # it reads the whole YAML, so it routes to every node's engines
+        assert str(path.resolve()) in rendered["router"].command
     assert sorted(p.name for p in (tmp / node / "engines").iterdir()) == sorted(f"{p}.sh" for p in programs
                                                                                if p not in ("router", "logs"))
 
@@ -215,3 +218,10 @@ def test_every_node_renders_the_router_unless_one_is_named(short_tmp: str, capsy
     assert main(["--config", str(path), "--out", str(tmp / "w"), "--node", "worker", "--sim"]) == 0
     assert set(supervisor_programs(tmp / "w" / "supervisord.conf")) == {"b1", "b2", "router", "logs"}
     assert "instances c have no 'node:'" in capsys.readouterr().err
+
+
+def test_node_is_for_supervisord_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, NODES)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path), "--target", "kubernetes", "--node", "head"])
+    assert exit_.value.code == 2 and "'node:' pins their pods there" in capsys.readouterr().err
