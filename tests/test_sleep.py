@@ -8,6 +8,7 @@ that fails or hangs. Both are real HTTP servers on loopback.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.parse
 from pathlib import Path
@@ -108,7 +109,8 @@ def sim(engine: str = "vllm") -> SimEngine:
     return SimEngine(SimOptions(engine=engine, model=MODEL, port=0))
 
 
-def write_config(tmp: Path, engines: list[Any], settings: dict[str, Any], **inst: Any) -> Path:
+def write_config(tmp: Path, engines: list[Any], settings: dict[str, Any], router: Optional[dict[str, Any]] = None,
+                 **inst: Any) -> Path:
     """One model served by `engines` (replicas r0, r1, ...); `inst` adds keys to r0."""
     instances = []
     for i, e in enumerate(engines):
@@ -116,7 +118,8 @@ def write_config(tmp: Path, engines: list[Any], settings: dict[str, Any], **inst
         instances.append({"name": f"r{i}", "model": MODEL, "engine": kind, "launch": False,
                           "engine_args": ["--host", "127.0.0.1", "--port", str(e.port)], **(inst if i == 0 else {})})
     doc = {
-        "router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30},
+        "router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30,
+                   **(router or {})},
         "sleep_manager": {"auto_sleep_enabled": False, "check_interval_seconds": 0.05, "idle_threshold_seconds": 300,
                           "min_sleep_duration": 0, "wake_timeout_seconds": 5, **settings},
         "instances": instances,
@@ -136,13 +139,14 @@ def loop():
 class Stack:
     """Engines (replicas of MODEL) and a router on the loop thread; HTTP helpers run on that loop too."""
 
-    def __init__(self, loop: LoopThread, tmp: Path, engines: list[Any], settings: dict[str, Any], **inst: Any):
+    def __init__(self, loop: LoopThread, tmp: Path, engines: list[Any], settings: dict[str, Any],
+                 router: Optional[dict[str, Any]] = None, **inst: Any):
         self.loop = loop
         self.engines = engines
         self.engine = engines[0]
         for e in engines:
             loop.run(e.start())
-        self.config_path = write_config(tmp, engines, settings, **inst)
+        self.config_path = write_config(tmp, engines, settings, router, **inst)
         self.router = RouterServer(loop, load_config(self.config_path, sim=True)).start()
 
     def restart_router(self) -> None:
@@ -199,8 +203,9 @@ class Stack:
 def stack(loop, tmp_path):
     made: list[Stack] = []
 
-    def make(*engines: Any, settings: Optional[dict[str, Any]] = None, **inst: Any) -> Stack:
-        st = Stack(loop, tmp_path, list(engines) or [sim()], settings or {}, **inst)
+    def make(*engines: Any, settings: Optional[dict[str, Any]] = None, router: Optional[dict[str, Any]] = None,
+             **inst: Any) -> Stack:
+        st = Stack(loop, tmp_path, list(engines) or [sim()], settings or {}, router, **inst)
         made.append(st)
         return st
     yield make
@@ -509,3 +514,25 @@ def test_events_stream_the_sleep_and_the_wake_in_order(stack):
     assert model_events == [("model", s, MODEL) for s in ("draining", "falling_asleep", "sleeping", "waking", "awake")]
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(seqs) and all(e["time"] > 0 for e in events)
+
+
+@pytest.mark.parametrize("wake_status", [200, 500])
+def test_loading_progress_comments_while_a_stream_waits_for_a_wake(stack, wake_status):
+    st = stack(ControlEngine(wake_delay=4.5, wake_status=wake_status), router={"loading_progress": True})
+    assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
+
+    async def go() -> tuple[int, list[str]]:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True}
+            async with s.post(st.router.url + "/v1/completions", json=body) as r:
+                lines = [line.decode().rstrip("\n") async for line in r.content if line.strip()]
+                return r.status, lines
+    status, lines = st.loop.run(go())
+    assert status == 200
+    comments = [line for line in lines if line.startswith(":")]
+    assert comments[:2] == [f": waiting for {MODEL}: waking, 2 s", f": waiting for {MODEL}: waking, 4 s"], lines
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    if wake_status == 200:
+        assert data and data[0]["choices"][0]["text"] == "ok"  # the engine's answer follows the comments
+    else:
+        assert data[-1]["error"]["code"] == 503 and "could not wake" in data[-1]["error"]["message"]

@@ -169,6 +169,8 @@ class RouterSettings:
     retries: int = 2
     #: The longest a replica's circuit breaker stays open (eject_seconds doubles on each reopening).
     breaker_max_seconds: float = 300.0
+    #: A streamed request waiting for a start or wake gets SSE comment lines every few seconds.
+    loading_progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ ROUTER_KEYS = {
     "default_model": ("default_model", "name"),
     "retries": ("retries", "nonnegint"),
     "breaker_max_seconds": ("breaker_max_seconds", "posfloat"),
+    "loading_progress": ("loading_progress", "bool"),
 }
 SLEEP_KEYS = {
     "auto_sleep_enabled": ("auto_sleep_enabled", "bool"),

@@ -21,7 +21,7 @@ from router.observe.traffic import Traffic
 from router.server.affinity import RESPONSES_PATH, ResponseOwners
 from router.server.errors import ANTHROPIC_PATHS, error_body_for
 from router.server.forms import Field, FormError, boundary_of, read_fields, replace_field
-from router.server.lifecycle import ModelUnavailable
+from router.server.lifecycle import AWAKE, Lifecycle, ModelUnavailable
 from router.server.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.replica import Replica
 from router.server.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
@@ -50,6 +50,8 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 #: Engine answers that mean "this engine cannot serve now": another replica may.
 RETRY_STATUSES = frozenset({502, 503, 504})
 RETRY_BACKOFF_SECONDS = 0.05
+#: How often a waiting stream is told the wait goes on (router.loading_progress).
+PROGRESS_SECONDS = 2.0
 
 #: Outcome codes recorded for requests that did not end with the engine's status.
 CLIENT_GONE = 499
@@ -186,6 +188,54 @@ def parse_form(body: bytes, boundary: bytes) -> tuple[Optional[str], bool, Optio
     return (model.value or None) if model else None, bool(stream and stream.value.lower() == "true"), model
 
 
+class EarlyStream:
+    """The client's stream, opened before its model is ready, so the wait can be shown as it goes.
+
+    SSE comment lines (``: waiting for M: starting, 12 s``) are ignored by SSE
+    clients. Once open, the engine's own stream continues it; any other answer
+    that follows (an error) is sent as one SSE data event, since the status
+    line has gone.
+    """
+
+    def __init__(self, send: Send):
+        self._send = send
+        self._opened = False
+        self._wrap = False
+
+    async def open(self) -> None:
+        await self._send({"type": "http.response.start", "status": 200,
+                          "headers": [(b"content-type", b"text/event-stream"), *STREAM_HEADERS]})
+        self._opened = True
+
+    async def comment(self, text: str) -> None:
+        await self._send({"type": "http.response.body", "body": f": {text}\n\n".encode(), "more_body": True})
+
+    async def __call__(self, message: Message) -> None:
+        if not self._opened:
+            return await self._send(message)
+        if message["type"] == "http.response.start":
+            kind = dict(message["headers"]).get(b"content-type", b"")
+            self._wrap = message["status"] != 200 or not kind.startswith(b"text/event-stream")
+            return
+        if self._wrap and message.get("body"):
+            message = {**message, "body": b"data: " + message["body"] + b"\n\n"}
+        await self._send(message)
+
+
+async def admit_showing_progress(lifecycle: Lifecycle, name: str, stream: EarlyStream) -> None:
+    """Wait for the model's start or wake like `admit`, with a comment line every `PROGRESS_SECONDS`."""
+    admission = asyncio.ensure_future(lifecycle.admit())
+    waited = 0.0
+    try:
+        while not (await asyncio.wait({admission}, timeout=PROGRESS_SECONDS))[0]:
+            waited += PROGRESS_SECONDS
+            await stream.comment(f"waiting for {name}: {lifecycle.state}, {waited:g} s")
+        admission.result()
+    finally:
+        if not admission.done():
+            admission.cancel()
+
+
 class Exchange:
     """What one proxied request did, for metrics, traffic and the access log."""
 
@@ -216,6 +266,7 @@ class Proxy:
         self.queue_timeout = settings.queue_timeout_seconds
         self.settings = settings
         self.retries = settings.retries
+        self.loading_progress = settings.loading_progress
         self.access_log = access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.drop_headers = DROP_REQUEST_HEADERS | (AUTHORIZATION | API_KEY if settings.api_keys else frozenset())
@@ -384,7 +435,12 @@ class Proxy:
         lifecycle = model.lifecycle
         admitted = False
         try:
-            if admit:
+            if admit and out.stream and self.loading_progress and lifecycle.state != AWAKE:
+                send = EarlyStream(send)
+                await send.open()
+                await admit_showing_progress(lifecycle, model.name, send)
+                admitted = True
+            elif admit:
                 await lifecycle.admit()
                 admitted = True
             await self.forward(scope, send, model, out, start, ex, target)

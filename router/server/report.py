@@ -57,7 +57,7 @@ def lifecycle_status(lc: Lifecycle, now: Optional[float] = None) -> JSON:
 def replica_report(r: Replica, status: str, residency: str, detail: Optional[str] = None) -> JSON:
     """One replica in /health: its probe outcome, residency, routing state, load, and supervisord's process block."""
     out: JSON = {"instance": r.name, "endpoint": r.url, "status": status, "residency": residency,
-                 "routing_state": r.health,
+                 "routing_state": r.health, "breaker": r.breaker.state,
                  "outstanding": r.outstanding, "ejected": r.ejected_until > time.monotonic()}
     if detail is not None:
         out["detail"] = detail
