@@ -44,7 +44,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Optional
+from typing import Any, Awaitable, Iterator, Optional
 
 import aiohttp
 import psutil
@@ -52,7 +52,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from helpers import Streamed, distinct_ports, get_json, metric_value, post_json, render, stream_request  # noqa: E402
+from helpers import Streamed, distinct_ports, metric_value, post_json, render, stream_request  # noqa: E402
 from router.sim import textgen  # noqa: E402
 from router.supervisord import connect  # noqa: E402
 from supervised import Supervised, render_cli, wait_for  # noqa: E402
@@ -199,6 +199,7 @@ class Request:
     got_status: bool  # an HTTP status arrived (so the router was up and answering)
     detail: str = ""
     klass: str = ""
+    faults: str = ""  # for a failure no kill explains: the faults whose windows it overlaps
 
 
 @dataclass
@@ -209,6 +210,7 @@ class Fault:
     recovered: Optional[float] = None
     outcome: str = ""
     problem: str = ""  # the fault itself went wrong (not recovered, an internal error)
+    failures: int = 0  # the failed requests it explains
 
     def window_end(self, margin: float, run_end: float) -> float:
         return (self.recovered if self.recovered is not None else run_end) + margin
@@ -372,7 +374,8 @@ class Injector:
 
     async def _admin(self, fault: Fault, path: str) -> list[str]:
         status, answer = await asyncio.to_thread(post_json, self.stack.url + path, {})
-        fault.outcome = f"{status} {answer.get('message') or answer.get('error', {}).get('message') or ''}"[:200]
+        said = answer.get("message") or answer.get("error", {}).get("message") or json.dumps(answer.get("models"))
+        fault.outcome = f"{status} {said}"[:200]
         if status >= 500 and status != 502:  # 502 is an engine's refusal, which a kill may cause
             fault.problem = f"POST {path}: {fault.outcome}"
         return engines_of(fault.target)
@@ -464,25 +467,29 @@ class RouterWatch:
 # Verdict
 
 
-def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> str:
-    """Which failure class `r` is in; CLASS_OTHER when no kill window explains it."""
+def overlaps(r: Request, f: Fault, margin: float, run_end: float) -> bool:
+    return r.end >= f.injected and r.start <= f.window_end(margin, run_end)
+
+
+def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> tuple[str, Optional[Fault]]:
+    """Which failure class `r` is in, and the kill that explains it (None for CLASS_OTHER and CLASS_CORRUPT)."""
     if r.what == "corrupt":
-        return CLASS_CORRUPT
+        return CLASS_CORRUPT, None
     for f in faults:
-        if f.kind not in KILLS or r.end < f.injected or r.start > f.window_end(margin, run_end):
+        if f.kind not in KILLS or not overlaps(r, f, margin, run_end):
             continue
         if f.kind == "engine_kill":
             if ENGINES[f.target][0] == r.model and r.got_status:
-                return CLASS_KILL  # the router answered: the engine it was sent to died under it
+                return CLASS_KILL, f  # the router answered: the engine it was sent to died under it
             continue
         if r.got_status and r.what.isdigit():
             continue  # a router that answers with an HTTP error is no gap of the router's
         if f.kind == "router_kill" and r.start <= f.injected:
-            return CLASS_KILL
+            return CLASS_KILL, f
         if r.start > f.injected or (not r.got_status and r.end - f.injected < 1.0):
             # Sent while it was down, or (SIGTERM) a request racing the close of an idle keep-alive connection.
-            return CLASS_DOWN
-    return CLASS_OTHER
+            return CLASS_DOWN, f
+    return CLASS_OTHER, None
 
 
 @dataclass
@@ -511,7 +518,12 @@ def verdict(log: list[Request], faults: list[Fault], watch: RouterWatch, margin:
     for r in log:
         if r.ok:
             continue
-        r.klass = classify(r, faults, margin, run_end)
+        r.klass, cause = classify(r, faults, margin, run_end)
+        if cause is not None:
+            cause.failures += 1
+        else:  # what was going on, for whoever reads the report
+            r.faults = ", ".join(f"{f.kind} {f.target} +{f.injected - started:.1f}s" for f in faults
+                                 if overlaps(r, f, margin, run_end))
         by_class[r.klass] += 1
         by_what.setdefault(r.klass, Counter())[r.what] += 1
     bad = [r for r in log if r.klass in (CLASS_OTHER, CLASS_CORRUPT)]
@@ -560,9 +572,13 @@ def table(rep: Report) -> str:
              ("verdict", "PASS" if not rep.problems else "FAIL")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"fault +{f['injected']}s {f['kind']} {f['target']} ({f['outcome']}): "
+              + (f"healthy {f['recovered'] - f['injected']:.1f}s later" if f["recovered"] is not None else "not healthy")
+              + f", {f['failures']} failures explained" for f in rep.fault_list]
     lines += [f"problem: {p}" for p in rep.problems]
     lines += [f"unexplained: +{r['start']}s..{r['end']}s client {r['client']} {r['model']} "
-              f"{'stream' if r['stream'] else 'plain'} {r['what']} {r['detail'][:160]}" for r in rep.unexplained[:15]]
+              f"{'stream' if r['stream'] else 'plain'} {r['what']} {r['detail'][:160]}"
+              f" (during: {r['faults'] or 'no fault'})" for r in rep.unexplained[:15]]
     return "\n".join(lines)
 
 
