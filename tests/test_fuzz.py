@@ -294,6 +294,7 @@ KIND_VALUES = {
     "key": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
     "name": st.sampled_from(["m", "org/model", "alias", "no-such-model"]),
     "sleepmode": st.sampled_from(["wait", "abort", "ABORT", "keep"]),
+    "nonnegint": st.integers(0, 5),
 }
 
 
@@ -326,6 +327,12 @@ INSTANCE_VALUES = {
     "using_venv": mostly(st.booleans(), YAML_VALUES),
     "venv_path": mostly(st.sampled_from(["venv", "/nonexistent/venv"]), YAML_VALUES),
     "sim_args": mostly(st.lists(st.sampled_from(["--itl-ms 5", "--startup-s=1", "'bad"]), max_size=2), YAML_VALUES),
+    "on_demand": mostly(st.booleans(), YAML_VALUES),
+    "pin": mostly(st.booleans(), YAML_VALUES),
+    **{k: mostly(st.floats(0.1, 100), YAML_VALUES) for k in (
+        "idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds", "request_timeout_seconds",
+        "stream_idle_timeout_seconds")},
+    "node": mostly(st.sampled_from(["gpu-1", "gpu-2"]), YAML_VALUES),
 }
 INSTANCES = st.lists(st.fixed_dictionaries(
     {k: INSTANCE_VALUES[k] for k in ("model", "engine", "engine_args")},

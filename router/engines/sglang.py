@@ -21,6 +21,7 @@ SPEC = EngineSpec(
         "/invocations",
     ),
     health_path="/health",
+    image="lmsysorg/sglang:latest",
     sim_dialect="sglang",
     default_port=30000,
     served_name_flag="--served-model-name",

@@ -105,6 +105,8 @@ class EngineSpec:
     #: with a note on when it applies (empty when always).
     sleep_needs_env: Mapping[str, str] = field(default_factory=dict)
     sleep_needs_args: Mapping[str, str] = field(default_factory=dict)
+    #: The container image that runs this engine under Kubernetes, where there is a standard one.
+    image: Optional[str] = None
     #: The flag giving the bearer key the engine's own OpenAI server requires.
     api_key_flag: str = "--api-key"
     #: The environment variable the engine takes its key from when the flag is not given.

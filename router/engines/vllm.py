@@ -28,6 +28,7 @@ SPEC = EngineSpec(
         "/v1/audio/translations",
     ),
     health_path="/health",
+    image="vllm/vllm-openai:latest",
     sim_dialect="vllm",
     default_port=8000,
     served_name_flag="--served-model-name",

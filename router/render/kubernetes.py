@@ -37,9 +37,6 @@ from router.render.kube_router_config import cluster_config_yaml
 from router.render.kube_write import KUSTOMIZATION
 from router.render.kube_yaml import dump
 
-#: Images of the engine kinds the YAML's ``kubernetes.images`` does not name; `openai`
-#: engines run some other program, whose image only the user knows.
-DEFAULT_IMAGES = {"vllm": "vllm/vllm-openai:latest", "sglang": "lmsysorg/sglang:latest"}
 #: An image with this package installed (``pip install kvrouter``); also the simulated engines' under --sim.
 DEFAULT_ROUTER_IMAGE = "kvrouter:latest"
 #: The engine images' Python (vLLM's image runs `vllm serve` by default; we give the module as on one node).
@@ -174,7 +171,8 @@ def engine_command(inst: Instance, sim: bool) -> list[str]:
 def engine_image(cfg: Config, inst: Instance, sim: bool) -> str:
     if sim:
         return cfg.kubernetes.router_image or DEFAULT_ROUTER_IMAGE
-    image = dict(cfg.kubernetes.images).get(inst.engine) or DEFAULT_IMAGES.get(inst.engine)
+    # The YAML's kubernetes.images, else the engine's standard image (an `openai` engine has none).
+    image = dict(cfg.kubernetes.images).get(inst.engine) or inst.spec.image
     if image is None:
         raise RenderError(f"{cfg.path}: instance {inst.name!r}: engine '{inst.engine}' runs its own command, so its "
                           f"image is yours to name: set kubernetes.images.{inst.engine} (e.g. an image with that program)")

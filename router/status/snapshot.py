@@ -77,7 +77,9 @@ class Row:
 
     @property
     def ready(self) -> bool:
-        return self.view.health in READY
+        """The router finds it healthy (or asleep) and supervisord counts its start as done (RUNNING,
+        past startsecs): an engine may answer its health check within its first seconds, STARTING."""
+        return self.view.health in READY and (self.process is None or self.process.running)
 
     @property
     def failed(self) -> bool:
