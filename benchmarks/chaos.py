@@ -48,11 +48,12 @@ from typing import Any, Awaitable, Iterator, Optional
 
 import aiohttp
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from helpers import Streamed, distinct_ports, metric_value, post_json, render, stream_request  # noqa: E402
+from helpers import Streamed, distinct_ports, post_json, render, stream_request  # noqa: E402
 from router.sim import textgen  # noqa: E402
 from router.supervisord import connect  # noqa: E402
 from supervised import Supervised, render_cli, wait_for  # noqa: E402
@@ -148,31 +149,39 @@ class Stack:
             return self.process(program)["statename"] == "RUNNING"
         return False
 
-    def metrics(self) -> Optional[str]:
+    def gauges(self) -> Optional[dict[tuple[str, str], float]]:
+        """The router's model-state and backend gauges from one parse of /metrics: (sample, key) -> value,
+        the key being `model:state` or the instance name; None when the router does not answer."""
         try:
             with urllib.request.urlopen(f"{self.url}/metrics", timeout=3) as r:
-                return r.read().decode()
+                text = r.read().decode()
         except OSError:
             return None
+        out: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "router_model_state":
+                    out[(sample.name, f"{sample.labels['model']}:{sample.labels['state']}")] = sample.value
+                elif sample.name in ("router_backend_healthy", "router_backend_ejected"):
+                    out[(sample.name, sample.labels["instance"])] = sample.value
+        return out
 
     def healthy(self, engines: Optional[list[str]] = None) -> bool:
         """The router answers and reports every running engine (of `engines`) healthy or its model not awake.
 
         Read from /metrics, which changes nothing (GET /health/{model} would probe and so speed recovery up)."""
-        text = self.metrics()
-        if text is None:
+        gauges = self.gauges()
+        if gauges is None:
             return False
         for name in engines or list(ENGINES):
-            model = ENGINES[name][0]
             try:
                 info = self.process(name)
             except OSError:
                 return False
-            if info["statename"] == "STOPPED" or not metric_value(text, "router_model_state", model=model,
-                                                                   state="awake"):
+            if info["statename"] == "STOPPED" or not gauges.get(("router_model_state", f"{ENGINES[name][0]}:awake")):
                 continue  # asleep, stopped or between states: nothing to serve from, nothing to be healthy
-            if info["statename"] != "RUNNING" or metric_value(text, "router_backend_healthy", instance=name) != 1 \
-                    or metric_value(text, "router_backend_ejected", instance=name):
+            if info["statename"] != "RUNNING" or gauges.get(("router_backend_healthy", name)) != 1 \
+                    or gauges.get(("router_backend_ejected", name)):
                 return False
         return True
 
@@ -334,7 +343,7 @@ class Injector:
             engines = None
         try:
             await asyncio.to_thread(wait_for, lambda: self.stack.healthy(engines), RECOVERY_TIMEOUT,
-                                    f"the stack healthy after {kind} {fault.target}", 0.1)
+                                    f"the stack healthy after {kind} {fault.target}", 0.2)
             fault.recovered = time.monotonic()
         except AssertionError as e:
             fault.problem = fault.problem or str(e)
