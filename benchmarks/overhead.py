@@ -14,6 +14,14 @@ the same run: one request or stream at a time side by side with direct,
 heavier loads in alternating phases, since wall-clock alone is too noisy on a
 shared 2-core machine. Each figure is printed next to its target from issue 4
 with PASS or MISS.
+
+``--rust-router`` adds the Rust `vllm-router` (``pip install vllm-router``;
+benchmarks/rust_router.py) routing to the same engines by model, measured in the
+same alternating phases as the router at 64 requests and 500 streams, and prints
+our figures as ratios against it (CPU per request and per chunk ours/Rust, req/s
+ours/Rust) with their targets. ``--old-router COMMIT`` does the same for the
+router of an earlier commit (its ``router/`` from ``git archive``), to tell what
+the commits since cost per request. Neither changes anything without the flag.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -42,6 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 from router.bench.report import distribution_ms  # noqa: E402
 from router.bench.loadgen import Recorder, Span, Target, Workload, new_session, run_model  # noqa: E402
+
+import rust_router  # noqa: E402  (benchmarks/rust_router.py, next to this file)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 API_KEY = "overhead-bench-key"
@@ -86,19 +96,23 @@ class Stack:
     urls: dict[str, str]
     sim_pids: dict[str, int]
     sim_urls: dict[str, str]
+    #: yardsticks beyond the bare pass-through, by name ("rust": the Rust vllm-router, "old": the
+    #: router of an earlier commit), each measured like the router in the alternating phases
+    extra_pids: dict[str, int] = field(default_factory=dict)
 
     def target(self, model: str, via: str) -> Target:
-        """`via` is "router", "baseline" (the bare pass-through) or "direct" (the engine itself)."""
-        headers = {"Authorization": f"Bearer {API_KEY}"} if via == "router" else {}
+        """`via` is "router", "baseline" (the bare pass-through), "direct" (the engine itself) or an extra."""
+        headers = {"Authorization": f"Bearer {API_KEY}"} if via in ("router", "old") else {}
         return Target(model, ((self.sim_urls[model] if via == "direct" else self.urls[via], model),), headers)
 
     def pid(self, via: str) -> int:
-        return self.router_pid if via == "router" else self.baseline_pid
+        return self.router_pid if via == "router" else self.baseline_pid if via == "baseline" else self.extra_pids[via]
 
 
 @contextlib.contextmanager
-def stack(tmp: Path) -> Iterator[Stack]:
-    """Simulated engines, the router and the bare pass-through, each in its own process group."""
+def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None) -> Iterator[Stack]:
+    """Simulated engines, the router and the bare pass-through, each in its own process group;
+    with `rust` also the Rust vllm-router, with `old` also the router found in that directory."""
     ports = {name: free_port() for name in SIMS}
     router_port, baseline_port = free_port(), free_port()
     instances = "\n".join(f"  - {{name: {n}, model: {n}, engine: vllm, launch: false, engine_env: ['VLLM_SERVER_DEV_MODE=1'], "
@@ -110,11 +124,15 @@ def stack(tmp: Path) -> Iterator[Stack]:
                       f"  health_check_interval_seconds: 5\n"
                       f"sleep_manager:\n  auto_sleep_enabled: true\n  idle_threshold_seconds: 3600\n"
                       f"  check_interval_seconds: 5\ninstances:\n{instances}\n")
+    if old is not None:
+        old_port = free_port()
+        (tmp / "overhead-old.yaml").write_text(config.read_text().replace(f"router_port: {router_port}\n",
+                                                                           f"router_port: {old_port}\n"))
     procs: list[subprocess.Popen] = []
 
-    def start(argv: list[str], log: str) -> subprocess.Popen:
+    def start(argv: list[str], log: str, cwd: Path = ROOT) -> subprocess.Popen:
         with open(tmp / log, "wb") as out:
-            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         procs.append(p)
         return p
 
@@ -124,9 +142,18 @@ def stack(tmp: Path) -> Iterator[Stack]:
         router = start([sys.executable, "-m", "router.serve", "--config", str(config)], "router.log")
         baseline = start([sys.executable, str(ROOT / "benchmarks" / "passthrough.py"), "--port", str(baseline_port),
                           *(f"--upstream={n}=http://127.0.0.1:{p}" for n, p in ports.items())], "passthrough.log")
-        yield Stack(router.pid, baseline.pid,
-                    {"router": f"http://127.0.0.1:{router_port}", "baseline": f"http://127.0.0.1:{baseline_port}"},
-                    {n: s.pid for n, s in sims.items()}, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
+        urls = {"router": f"http://127.0.0.1:{router_port}", "baseline": f"http://127.0.0.1:{baseline_port}"}
+        extra: dict[str, int] = {}
+        if rust:
+            rust_port = free_port()
+            extra["rust"] = start(rust_router.argv(rust_port, free_port()), "rust-router.log").pid
+            urls["rust"] = f"http://127.0.0.1:{rust_port}"
+        if old is not None:
+            extra["old"] = start([sys.executable, "-m", "router.serve", "--config", str(tmp / "overhead-old.yaml")],
+                                 "old-router.log", cwd=old).pid
+            urls["old"] = f"http://127.0.0.1:{old_port}"
+        yield Stack(router.pid, baseline.pid, urls,
+                    {n: s.pid for n, s in sims.items()}, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}, extra)
     finally:
         for p in reversed(procs):
             with contextlib.suppress(ProcessLookupError):
@@ -140,12 +167,14 @@ def stack(tmp: Path) -> Iterator[Stack]:
 
 
 @contextlib.contextmanager
-def profiled(pid: int, out: Optional[Path]) -> Iterator[None]:
-    """py-spy flame graph of `pid` while the block runs (nothing when `out` is None)."""
+def profiled(pid: int, fmt: str, out: Optional[Path]) -> Iterator[None]:
+    """py-spy profile of `pid` while the block runs, in py-spy's format `fmt` (flamegraph: an SVG; raw:
+    collapsed stacks, which benchmarks/profile_summary.py sums up); nothing when `out` is None."""
     if out is None:
         yield
         return
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--output", str(out)],
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", fmt,
+                            "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         yield
@@ -158,7 +187,8 @@ def profiled(pid: int, out: Optional[Path]) -> Iterator[None]:
             spy.wait()
 
 
-async def wait_ready(session: aiohttp.ClientSession, urls: list[str], timeout: float = 60.0) -> None:
+async def wait_ready(session: aiohttp.ClientSession, urls: list[str], timeout: float = 60.0,
+                     raise_as: type[BaseException] = SystemExit) -> None:
     deadline = time.monotonic() + timeout
     for url in urls:
         while True:
@@ -167,7 +197,7 @@ async def wait_ready(session: aiohttp.ClientSession, urls: list[str], timeout: f
                     if r.status == 200:
                         break
             if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not come up within {timeout:g}s; see the logs in the temp dir")
+                raise raise_as(f"{url} did not come up within {timeout:g}s; see the logs in the temp dir")
             await asyncio.sleep(0.1)
 
 
@@ -194,14 +224,15 @@ async def phase(session: aiohttp.ClientSession, target: Target, work: Workload) 
 
 async def sides(session: aiohttp.ClientSession, st: Stack, model: str, work: Workload, rounds: int,
                 baseline: bool, warmup: Optional[Workload] = None) -> Sides:
-    order = ("router", "baseline", "direct") if baseline else ("router", "direct")
+    order = ("router", "baseline", *st.extra_pids, "direct") if baseline else ("router", "direct")
     if warmup:
         for via in order:
             await phase(session, st.target(model, via), warmup)
-    out = Sides({via: Recorder() for via in order}, {"router": 0.0, "baseline": 0.0, "engine": 0.0, "client": 0.0})
+    out = Sides({via: Recorder() for via in order},
+                {"router": 0.0, "baseline": 0.0, **{x: 0.0 for x in st.extra_pids}, "engine": 0.0, "client": 0.0})
     for _ in range(rounds):
         for via in order:
-            proxy = cpu_seconds(st.pid(via))
+            proxy = cpu_seconds(st.pid(via)) if via != "direct" else 0.0
             engine, client = cpu_seconds(st.sim_pids[model]), time.process_time()
             out.recs[via].merge(await phase(session, st.target(model, via), work))
             if via != "direct":
@@ -273,7 +304,7 @@ class Report:
         verdict = ""
         if target:
             op, limit = target
-            ok = value == value and (value < limit if op == "<" else value <= limit)
+            ok = value == value and {"<": value < limit, "<=": value <= limit, ">=": value >= limit}[op]
             verdict = f"{op} {limit:g} {unit}  {'PASS' if ok else 'MISS'}"
             self.misses += not ok
         text = f"{value:,.0f}" if value == int(value) and not unit else f"{value:,.3f}" if abs(value) < 100 else f"{value:,.1f}"
@@ -298,9 +329,14 @@ def per_unit(s: Sides, unit: Callable[[Recorder], int]) -> dict[str, float]:
     """CPU microseconds per unit of work: each proxy over its own phases, engine and client over the router's."""
     shared = sum(unit(s.recs[via]) for via in s.shared)
     n = {"router": unit(s.recs["router"]), "engine": shared, "client": shared}
-    if "baseline" in s.recs:
-        n["baseline"] = unit(s.recs["baseline"])
+    for via in s.recs:
+        if via not in ("router", "direct"):
+            n[via] = unit(s.recs[via])
     return {k: s.cpu[k] / max(v, 1) * 1e6 for k, v in n.items()}
+
+
+#: how the extra yardsticks are named in the rows
+EXTRAS = {"rust": "Rust vllm-router", "old": "router at the --old-router commit"}
 
 
 def cpu_rows(r: Report, key: str, label: str, us: dict[str, float], unit: str,
@@ -309,6 +345,10 @@ def cpu_rows(r: Report, key: str, label: str, us: dict[str, float], unit: str,
     if "baseline" in us:
         r.add(f"{key}_baseline_cpu_us", f"{label}: bare pass-through CPU per {unit} (yardstick)", us["baseline"], "us")
         r.add(f"{key}_router_vs_baseline", f"{label}: router CPU / bare pass-through CPU", us["router"] / us["baseline"], "x")
+    for via, name in EXTRAS.items():
+        if via in us:
+            r.add(f"{key}_{via}_cpu_us", f"{label}: {name} CPU per {unit}", us[via], "us")
+            r.add(f"{key}_router_vs_{via}", f"{label}: router CPU / {name} CPU", us["router"] / us[via], "x")
     r.add(f"{key}_engine_cpu_us", f"{label}: simulated engine CPU per {unit} (reference)", us["engine"], "us")
     r.add(f"{key}_client_cpu_us", f"{label}: load generator CPU per {unit} (reference)", us["client"], "us")
 
@@ -331,6 +371,10 @@ def request_rows(r: Report, conc: int, s: Sides) -> None:
         rec = s.recs[via]
         r.add(f"ns_c{conc}_{via}_rps", f"{label}: req/s {'through the router' if via == 'router' else via}",
               rec.ok / rec.elapsed, "req/s")
+    for via, name in EXTRAS.items():
+        if via in s.recs:
+            r.add(f"ns_c{conc}_{via}_rps", f"{label}: req/s through the {name}", s.recs[via].ok / s.recs[via].elapsed,
+                  "req/s")
     added(r, f"ns_c{conc}", label, s, "latency", 0.3 if conc == 1 else None)
     cpu_rows(r, f"ns_c{conc}", label, per_unit(s, lambda rec: rec.ok), "request", ("<=", 150) if conc > 1 else None)
     r.add(f"ns_c{conc}_errors", f"{label}: failed requests", failures(s), "")
@@ -351,17 +395,25 @@ def stream_rows(r: Report, conc: int, s: Sides) -> None:
     r.add(f"s_c{conc}_errors", f"{label}: failed streams", failures(s), "")
 
 
-async def measure(st: Stack, quick: bool, profile: Optional[Path]) -> Report:
+async def measure(st: Stack, quick: bool, profile: Optional[Path], profile_format: str = "flamegraph") -> Report:
     """One at a time: router and direct side by side. Many at once: alternating phases, twice."""
     r = Report()
     scale = 0.5 if quick else 1.0
+    ext = "svg" if profile_format == "flamegraph" else "txt"
     async with new_session(120.0) as session:
-        await wait_ready(session, [u + "/health" for u in [*st.sim_urls.values(), *st.urls.values()]])
+        await wait_ready(session, [u + "/health" for via, u in st.urls.items() if via != "rust"] +
+                         [u + "/health" for u in st.sim_urls.values()])
+        if "rust" in st.urls:
+            try:
+                await wait_ready(session, [st.urls["rust"] + "/health"], raise_as=rust_router.Unavailable)
+                await rust_router.register(session, st.urls["rust"], st.sim_urls)
+            except rust_router.Unavailable as e:
+                raise rust_router.Unavailable(f"{e} (its log: rust-router.log)") from None
 
         r.section("non-streaming, 16 output tokens, engine answers at once")
         fast = dict(stream=False, input_len=Span(32, 32), output_len=Span(16, 16))
         request_rows(r, 1, await paired(session, st, "fast", Workload(concurrency=1, duration=6.0 * scale, **fast)))
-        with profiled(st.router_pid, profile / "router-nonstream-c64.svg" if profile else None):
+        with profiled(st.router_pid, profile_format, profile / f"router-nonstream-c64.{ext}" if profile else None):
             s = await sides(session, st, "fast", Workload(concurrency=64, duration=4.0 * scale, **fast), rounds=2,
                             baseline=True, warmup=Workload(concurrency=64, duration=0.5, **fast))
         request_rows(r, 64, s)
@@ -369,10 +421,20 @@ async def measure(st: Stack, quick: bool, profile: Optional[Path]) -> Report:
         r.section("streaming, 50 tokens at 20 ms each")
         stream = dict(stream=True, input_len=Span(32, 32), output_len=Span(50, 50))
         stream_rows(r, 1, await paired(session, st, "stream", Workload(concurrency=1, duration=30.0 * scale, **stream)))
-        with profiled(st.router_pid, profile / "router-stream-c500.svg" if profile else None):
+        with profiled(st.router_pid, profile_format, profile / f"router-stream-c500.{ext}" if profile else None):
             s = await sides(session, st, "stream", Workload(concurrency=500, duration=4.0 * scale, **stream),
                             rounds=2, baseline=True)
         stream_rows(r, 500, s)
+
+        if "rust" in st.urls:
+            f = r.figures
+            r.section(f"ours against the Rust vllm-router {rust_router.version()} (same engines, same phases)")
+            r.add("rust_ratio_cpu_per_request", "CPU per request at c=64, ours / Rust",
+                  f["ns_c64_router_vs_rust"], "x", ("<=", 0.9))
+            r.add("rust_ratio_cpu_per_chunk", "CPU per chunk at 500 streams, ours / Rust",
+                  f["s_c500_router_vs_rust"], "x", ("<=", 0.9))
+            r.add("rust_ratio_rps_c64", "req/s at c=64, ours / Rust",
+                  f["ns_c64_router_rps"] / f["ns_c64_rust_rps"], "x", (">=", 1.1))
 
         r.section("1,000 simultaneous idle streams through the router")
         idle = await idle_streams(session, st, 1000)
@@ -392,17 +454,45 @@ def main() -> int:
     p.add_argument("--profile", metavar="DIR", type=Path,
                    help="write py-spy flame graphs of the router at 64 requests and 500 streams to DIR "
                         "(pip install py-spy)")
+    p.add_argument("--profile-format", choices=("flamegraph", "raw"), default="flamegraph",
+                   help="with --profile: flamegraph (SVG) or raw (collapsed stacks, .txt: "
+                        "python benchmarks/profile_summary.py FILE sums them up by function and module)")
+    p.add_argument("--rust-router", action="store_true",
+                   help="also measure the Rust vllm-router (pip install vllm-router) on the same engines and "
+                        "print our figures as ratios against it, with targets")
+    p.add_argument("--old-router", metavar="COMMIT",
+                   help="also measure the router of COMMIT (its router/ from git archive) in the same phases")
     args = p.parse_args()
+    if args.rust_router and rust_router.version() is None:
+        print("--rust-router: the Rust vllm-router is not installed (pip install vllm-router); nothing measured",
+              file=sys.stderr)
+        return 3
     if args.profile:
         if shutil.which("py-spy") is None:
             p.error("--profile needs py-spy on PATH: pip install py-spy")
         args.profile.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="router-overhead-"))
+    old = None
+    if args.old_router:
+        old = tmp / "old"
+        old.mkdir()
+        try:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_router, "router"],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        except subprocess.CalledProcessError as e:
+            p.error(f"--old-router {args.old_router}: {(e.stderr or b'').decode(errors='replace').strip()}")
     print(f"machine: {machine()}", flush=True)
+    if args.rust_router:
+        print(f"yardstick: Rust vllm-router {rust_router.version()} ({' '.join(rust_router.argv(0, 0)[1:])})",
+              flush=True)
     t0, load0 = time.monotonic(), os.getloadavg()[0]
     try:
-        with stack(tmp) as st:
-            report = uvloop.run(measure(st, args.quick, args.profile))
+        with stack(tmp, args.rust_router, old) as st:
+            report = uvloop.run(measure(st, args.quick, args.profile, args.profile_format))
+    except rust_router.Unavailable as e:
+        print(f"--rust-router: the Rust vllm-router could not be started: {e}; logs kept in {tmp}", file=sys.stderr)
+        return 3
     except BaseException:
         print(f"the benchmark stopped; the processes' logs are in {tmp}", file=sys.stderr)
         raise
