@@ -215,7 +215,7 @@ class Lifecycle:
     def release(self) -> None:
         self.in_flight -= 1
         self.last_end = self.clock()
-        if self.in_flight == 0 and self.state == DRAINING:
+        if self.in_flight == 0 and self.state in (DRAINING, STOPPING):
             self._drained.set()
 
     async def _admit_slow(self) -> None:
@@ -406,15 +406,9 @@ class Lifecycle:
             return Outcome(False, f"model {self.model!r} cannot be stopped by the router: its engines are not run "
                                   "by this router's supervisord", 409)
         was = self.state
-        self._enter(STOPPING)
-        if self.in_flight:
-            self._drained.clear()
-            try:
-                await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_seconds)
-            except asyncio.TimeoutError:
-                self._enter(was)
-                return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
-                                      f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not stopped", 409)
+        refused = await self._drain(STOPPING, was, "stopped")
+        if refused is not None:
+            return refused
         errors: dict[str, str] = {}
         for replica in self.members():
             try:
@@ -479,15 +473,9 @@ class Lifecycle:
             return Outcome(True, f"model {self.model!r} is already asleep")
         if not self.sleepable:
             return Outcome(False, f"model {self.model!r} is not put to sleep: {self.opt_out_reason()}", 409)
-        self._enter(DRAINING)
-        if self.in_flight:
-            self._drained.clear()
-            try:
-                await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_seconds)
-            except asyncio.TimeoutError:
-                self._enter(AWAKE)
-                return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
-                                      f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not put to sleep", 409)
+        refused = await self._drain(DRAINING, AWAKE, "put to sleep")
+        if refused is not None:
+            return refused
         self._enter(FALLING_ASLEEP)
         targets = [r for r in self.members() if not r.asleep]
         errors = await self._call_all(targets, self._sleep_request, asleep_after=True)
@@ -571,6 +559,20 @@ class Lifecycle:
         if state != self.state:
             self.state = state
             self._events.publish("model", state, self.model)
+
+    async def _drain(self, state: str, back_to: str, what: str) -> Optional[Outcome]:
+        """Enter `state` (new requests wait) until the requests in flight end; if they do not within
+        ``drain_timeout_seconds``, go back to `back_to` and return the refusal."""
+        self._enter(state)
+        if self.in_flight:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_seconds)
+            except asyncio.TimeoutError:
+                self._enter(back_to)
+                return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
+                                      f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not {what}", 409)
+        return None
 
     def _sleep_failed(self) -> float:
         """Back off: an engine that cannot sleep (no sleep API, no memory to

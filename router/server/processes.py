@@ -144,32 +144,26 @@ def fetch_all(socket_path: str | Path) -> list[ProcessState]:
         return [ProcessState.from_info(info) for info in proxy.supervisor.getAllProcessInfo()]
 
 
-def start_program(socket_path: str | Path, name: str) -> ProcessState:
-    """Ask supervisord to start `name` (not waiting for it to count as started); its state right after.
-
-    Already running is no error: the caller wanted it up and it is.
-    """
+def _program_call(socket_path: str | Path, name: str, call: str, wait: bool, already: int) -> ProcessState:
+    """Ask supervisord to start or stop `name`; its state after. Fault `already` (it is already
+    where the caller wants it) is no error."""
     with connect(socket_path) as proxy:
         try:
-            proxy.supervisor.startProcess(name, False)
+            getattr(proxy.supervisor, call)(name, wait)
         except xmlrpc.client.Fault as e:
-            if e.faultCode != Faults.ALREADY_STARTED:
+            if e.faultCode != already:
                 raise
         return ProcessState.from_info(proxy.supervisor.getProcessInfo(name))
+
+
+def start_program(socket_path: str | Path, name: str) -> ProcessState:
+    """Start `name`, not waiting for it to count as started (the caller waits for its health check)."""
+    return _program_call(socket_path, name, "startProcess", False, Faults.ALREADY_STARTED)
 
 
 def stop_program(socket_path: str | Path, name: str) -> ProcessState:
-    """Ask supervisord to stop `name` and wait until it has (its whole process group); its state then.
-
-    Not running is no error: the caller wanted it down and it is.
-    """
-    with connect(socket_path) as proxy:
-        try:
-            proxy.supervisor.stopProcess(name, True)
-        except xmlrpc.client.Fault as e:
-            if e.faultCode != Faults.NOT_RUNNING:
-                raise
-        return ProcessState.from_info(proxy.supervisor.getProcessInfo(name))
+    """Stop `name` and wait until it (its whole process group) is down."""
+    return _program_call(socket_path, name, "stopProcess", True, Faults.NOT_RUNNING)
 
 
 def _unreachable(error: Exception) -> bool:
