@@ -346,7 +346,22 @@ class Injector:
                                     f"the stack healthy after {kind} {fault.target}", 0.2)
             fault.recovered = time.monotonic()
         except AssertionError as e:
-            fault.problem = fault.problem or str(e)
+            fault.problem = f"{fault.problem or e}; {await asyncio.to_thread(self.router_condition)}"
+
+    def router_condition(self) -> str:
+        """What the router is doing when the stack does not recover: a router busy at full CPU that answers
+        nothing is stuck in a loop that never yields, an idle one is waiting on something."""
+        try:
+            proc = psutil.Process(self.stack.process("router")["pid"])
+            cpu = proc.cpu_percent(1.0)
+        except (OSError, psutil.Error) as e:
+            return f"router process unknown ({e})"
+        try:
+            urllib.request.urlopen(f"{self.stack.url}/health", timeout=3).close()
+            answers = "answers GET /health"
+        except OSError as e:
+            answers = f"GET /health fails ({e})"
+        return f"router pid {proc.pid} at {cpu:.0f}% CPU, {answers}"
 
     async def _program_pid(self, program: str) -> int:
         return (await asyncio.to_thread(self.stack.process, program))["pid"]
@@ -581,9 +596,10 @@ def table(rep: Report) -> str:
              ("verdict", "PASS" if not rep.problems else "FAIL")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines += [f"fault +{f['injected']}s {f['kind']} {f['target']} ({f['outcome']}): "
-              + (f"healthy {f['recovered'] - f['injected']:.1f}s later" if f["recovered"] is not None else "not healthy")
-              + f", {f['failures']} failures explained" for f in rep.fault_list]
+    for f in rep.fault_list:
+        back = "not healthy" if f["recovered"] is None else f"healthy {f['recovered'] - f['injected']:.1f}s later"
+        lines.append(f"fault +{f['injected']}s {f['kind']} {f['target']} ({f['outcome']}): {back}, "
+                     f"{f['failures']} failures explained")
     lines += [f"problem: {p}" for p in rep.problems]
     lines += [f"unexplained: +{r['start']}s..{r['end']}s client {r['client']} {r['model']} "
               f"{'stream' if r['stream'] else 'plain'} {r['what']} {r['detail'][:160]}"
