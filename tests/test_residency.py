@@ -252,3 +252,21 @@ def test_two_busy_models_in_an_exclusive_group_share_it(make_stack) -> None:
     assert len(swaps) <= elapsed / 2 + 1, (len(swaps), elapsed)
     gaps = [b["time"] - a["time"] for a, b in zip(swaps, swaps[1:])]
     assert all(g >= 1.9 for g in gaps), gaps
+
+
+def test_a_manual_stop_drains_first_and_a_request_then_starts_the_engine_again(make_stack) -> None:
+    stack = make_stack(lambda ports: [engine("a", ports["a"], on_demand=True, sim="--startup-s 0.5 --itl-ms 100")],
+                       ["a"])
+    assert stack.ask("a")[0] == 200
+    done: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: done.update(r=stack.ask("a", tokens=15)))  # about 1.5 s
+    t.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    status, answer = post_json(f"{stack.url}/action/stop/m/a", {})
+    took = time.monotonic() - began
+    t.join()
+    assert done["r"][0] == 200  # the request in flight finished first
+    assert status == 200 and answer["state"] == "stopped" and 0.8 < took < 10, (status, answer, took)
+    assert stack.sup.status()["a"] == "STOPPED"
+    assert stack.ask("a")[0] == 200 and stack.spawns("a") == 2
