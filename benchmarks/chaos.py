@@ -445,6 +445,8 @@ class RouterWatch:
     def __init__(self, stack: Stack):
         self.stack = stack
         self.lives: dict[tuple[int, float], RouterLife] = {}
+        #: When the load stopped: descriptors are compared under load only (the quiet end has fewer sockets).
+        self.load_end = float("inf")
 
     def sample(self) -> None:
         try:
@@ -475,7 +477,7 @@ class RouterWatch:
             if not life.samples:
                 continue
             first = life.samples[0].t
-            settled = [s for s in life.samples if s.t >= first + FD_WARMUP]
+            settled = [s for s in life.samples if first + FD_WARMUP <= s.t <= self.load_end]
             if not settled or settled[-1].t - settled[0].t < FD_MIN_LIFE:
                 continue
             early = [s.fds for s in settled if s.t <= settled[0].t + FD_SPAN]
@@ -642,7 +644,7 @@ async def soak(stack: Stack, seconds: float, seed: int, clients: int, interval: 
     await faulting  # the last fault recovered, so the clients end on a healthy stack
     stop_load.set()
     await asyncio.gather(*tasks)
-    run_end = time.monotonic()
+    run_end = watch.load_end = time.monotonic()
     await asyncio.sleep(2.0)  # quiet: the final descriptor sample sees no request in flight
     watch.sample()
     stop_watch.set()
