@@ -53,9 +53,6 @@ def test_one_minute_of_chaos_costs_only_what_the_kills_reach(tmp_path: Path) -> 
     assert rep["router_processes"] >= 3  # the two router kills really restarted it
 
 
-@pytest.mark.xfail(strict=True, reason="router bug found by the soak: Lifecycle._admit_slow awaits the finished "
-                                       "task of an earlier manual stop in a loop that never yields while an idle "
-                                       "stop holds the model STOPPING; the router spins and answers nothing")
 def test_a_request_during_an_idle_stop_after_a_manual_stop_is_served(tmp_path: Path) -> None:
     """What the soak met, made deterministic: start, manual stop, start again, then a request sent while
     idle_stop_seconds is stopping the model must wait for the stop and start it again (as it does when no

@@ -222,23 +222,23 @@ class Lifecycle:
         self.waiting += 1
         try:
             while self.state != AWAKE:
-                if self.state in (STOPPED, FAILED, STARTING, STOPPING) and self.startable:
-                    if self.state == STOPPING and self._stop_task is not None:
-                        await asyncio.shield(self._stop_task)
-                        continue
+                state = self.state
+                if state in (STOPPED, FAILED, STARTING, STOPPING) and self.startable:
+                    # One start for all; made after a stop under way ends (it waits for the lock).
                     outcome = await asyncio.shield(self._begin_start())
                     if not outcome.ok:
                         raise ModelUnavailable(outcome.message, RETRY_AFTER_SECONDS)
                     continue
-                if self.state in (STOPPED, FAILED):
+                if state in (STOPPED, FAILED, STOPPING):
                     raise ModelUnavailable(f"model {self.model!r} is stopped; start it with "
                                            f"POST /action/start/{self.model}", RETRY_AFTER_SECONDS)
-                if not self.settings.wakeup_on_request and self.state != WAKING:
-                    if self.state == SLEEPING or self._sleep_task is None:
+                if not self.settings.wakeup_on_request and state != WAKING:
+                    if state == SLEEPING:
                         raise ModelUnavailable(
                             f"model {self.model!r} is asleep and wakeup_on_request is off; wake it with "
                             f"POST /action/wakeup/{self.model}", RETRY_AFTER_SECONDS)
-                    await asyncio.shield(self._sleep_task)  # draining or falling asleep
+                    async with self._lock:  # draining or falling asleep: let the transition finish
+                        pass
                     continue
                 outcome = await asyncio.shield(self._start_wake())
                 if not outcome.ok:
@@ -504,6 +504,9 @@ class Lifecycle:
         async with self._lock:
             if self.state == AWAKE:
                 return Outcome(True, f"model {self.model!r} is already awake")
+            if self.state in (STOPPED, FAILED):
+                return Outcome(False, f"model {self.model!r} is stopped, not asleep; start it with "
+                                      f"POST /action/start/{self.model}", 409)
             if not self._control.is_open:
                 return Outcome(False, "the sleep manager is not running", 503)
             started = self.clock()
