@@ -78,6 +78,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def kernel_seconds(pid: int) -> float:
+    """System (kernel) CPU time of `pid` (field 15 of /proc/<pid>/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12]) / CLK_TCK
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -214,6 +219,8 @@ class Sides:
     cpu: dict[str, float]
     shared: tuple[str, ...] = ("router",)
     router_rss_mb: float = 0.0
+    #: of `cpu`, the kernel's part, per proxy (filled in the alternating phases)
+    kernel: dict[str, float] = field(default_factory=dict)
 
 
 async def phase(session: aiohttp.ClientSession, target: Target, work: Workload) -> Recorder:
@@ -233,10 +240,12 @@ async def sides(session: aiohttp.ClientSession, st: Stack, model: str, work: Wor
     for _ in range(rounds):
         for via in order:
             proxy = cpu_seconds(st.pid(via)) if via != "direct" else 0.0
+            kernel = kernel_seconds(st.pid(via)) if via != "direct" else 0.0
             engine, client = cpu_seconds(st.sim_pids[model]), time.process_time()
             out.recs[via].merge(await phase(session, st.target(model, via), work))
             if via != "direct":
                 out.cpu[via] += cpu_seconds(st.pid(via)) - proxy
+                out.kernel[via] = out.kernel.get(via, 0.0) + kernel_seconds(st.pid(via)) - kernel
             if via == "router":
                 out.cpu["engine"] += cpu_seconds(st.sim_pids[model]) - engine
                 out.cpu["client"] += time.process_time() - client
@@ -340,7 +349,7 @@ EXTRAS = {"rust": "Rust vllm-router", "old": "router at the --old-router commit"
 
 
 def cpu_rows(r: Report, key: str, label: str, us: dict[str, float], unit: str,
-             target: Optional[tuple[str, float]]) -> None:
+             target: Optional[tuple[str, float]], s: Optional[Sides] = None) -> None:
     r.add(f"{key}_router_cpu_us", f"{label}: router CPU per {unit}", us["router"], "us", target)
     if "baseline" in us:
         r.add(f"{key}_baseline_cpu_us", f"{label}: bare pass-through CPU per {unit} (yardstick)", us["baseline"], "us")
@@ -349,6 +358,12 @@ def cpu_rows(r: Report, key: str, label: str, us: dict[str, float], unit: str,
         if via in us:
             r.add(f"{key}_{via}_cpu_us", f"{label}: {name} CPU per {unit}", us[via], "us")
             r.add(f"{key}_router_vs_{via}", f"{label}: router CPU / {name} CPU", us["router"] / us[via], "x")
+    extras = [via for via in EXTRAS if via in us]
+    if s is not None and extras:  # only with --rust-router / --old-router
+        for via in ("router", *extras):
+            share = s.kernel.get(via, 0.0) / s.cpu[via] * 100 if s.cpu[via] else float("nan")
+            r.add(f"{key}_{via}_kernel_pct", f"{label}: {EXTRAS.get(via, 'router')} CPU in the kernel (system time)",
+                  share, "%")
     r.add(f"{key}_engine_cpu_us", f"{label}: simulated engine CPU per {unit} (reference)", us["engine"], "us")
     r.add(f"{key}_client_cpu_us", f"{label}: load generator CPU per {unit} (reference)", us["client"], "us")
 
@@ -376,7 +391,8 @@ def request_rows(r: Report, conc: int, s: Sides) -> None:
             r.add(f"ns_c{conc}_{via}_rps", f"{label}: req/s through the {name}", s.recs[via].ok / s.recs[via].elapsed,
                   "req/s")
     added(r, f"ns_c{conc}", label, s, "latency", 0.3 if conc == 1 else None)
-    cpu_rows(r, f"ns_c{conc}", label, per_unit(s, lambda rec: rec.ok), "request", ("<=", 150) if conc > 1 else None)
+    cpu_rows(r, f"ns_c{conc}", label, per_unit(s, lambda rec: rec.ok), "request", ("<=", 150) if conc > 1 else None,
+             s)
     r.add(f"ns_c{conc}_errors", f"{label}: failed requests", failures(s), "")
 
 
@@ -390,7 +406,7 @@ def stream_rows(r: Report, conc: int, s: Sides) -> None:
     r.add(f"s_c{conc}_gap_direct_ms", f"{label}: mean inter-chunk gap, direct", gap_d, "ms")
     r.add(f"s_c{conc}_gap_excess_pct", f"{label}: router gap vs direct, |difference|",
           abs(gap_r / gap_d - 1) * 100, "%", ("<=", 2) if conc == 1 else None)
-    cpu_rows(r, f"s_c{conc}", label, per_unit(s, relayed_chunks), "chunk", ("<=", 50) if conc > 1 else None)
+    cpu_rows(r, f"s_c{conc}", label, per_unit(s, relayed_chunks), "chunk", ("<=", 50) if conc > 1 else None, s)
     r.add(f"s_c{conc}_router_rss_mb", f"{label}: router RSS", s.router_rss_mb, "MB")
     r.add(f"s_c{conc}_errors", f"{label}: failed streams", failures(s), "")
 
