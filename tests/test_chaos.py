@@ -6,12 +6,13 @@ sequence is fixed), so one short run meets every fault at least once. The
 soak's own verdict is the test: any failure outside the window of a kill that
 explains it, any corrupted answer, a fault the stack did not recover from, or
 a router process whose descriptors grew fails it; the assertions below only
-say which of those it was. Nothing is tolerated for a known router bug: a
-request that arrives while the on-demand model is being stopped by
-idle_stop_seconds, after any earlier POST /action/stop of it, makes the
-router spin at full CPU and answer nothing (Lifecycle._admit_slow awaits the
-old, finished stop task in a loop that never yields); a run that meets it
-fails with "not healthy" faults and timed-out requests.
+say which of those it was. Nothing is tolerated for a router bug.
+
+The soak found one: a request that arrived while the on-demand model was
+being stopped by idle_stop_seconds, after an earlier POST /action/stop of it,
+made the router spin at full CPU and answer nothing (Lifecycle._admit_slow
+awaited the old, finished stop task in a loop that never yielded; fixed in
+46fe09c). The second test is its deterministic reproduction.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_one_minute_of_chaos_costs_only_what_the_kills_reach(tmp_path: Path) -> 
     assert rep["router_processes"] >= 3  # the two router kills really restarted it
 
 
-def test_a_request_during_an_idle_stop_after_a_manual_stop_is_served(tmp_path: Path) -> None:
+def test_a_request_during_an_idle_stop_after_a_manual_stop_is_served() -> None:
     """What the soak met, made deterministic: start, manual stop, start again, then a request sent while
     idle_stop_seconds is stopping the model must wait for the stop and start it again (as it does when no
     manual stop came first), and the router must keep answering meanwhile."""
