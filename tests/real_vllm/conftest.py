@@ -202,9 +202,8 @@ class Stack(Supervised):
                              timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The module's own stack, its router configured with the module's ``ROUTER_SETTINGS``."""
+def require_prepared() -> None:
+    """Skip, or with REAL_VLLM_REQUIRED=1 fail, when the real engine's venv and model are not there."""
     if MISSING_EXTRA:
         pytest.skip(MISSING_EXTRA)
     missing = not_prepared()
@@ -214,6 +213,12 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         if REQUIRED:
             pytest.fail(msg + " REAL_VLLM_REQUIRED=1, so this is a failure.", pytrace=False)
         pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The module's own stack, its router configured with the module's ``ROUTER_SETTINGS``."""
+    require_prepared()
     s = Stack(tmp_path_factory.mktemp("realvllm"), getattr(request.module, "ROUTER_SETTINGS", None))
     try:
         s.render(s.write_config())

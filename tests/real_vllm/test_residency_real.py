@@ -31,8 +31,8 @@ pytestmark = pytest.mark.real_engine
 REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"
 try:
     import psutil
-    from conftest import (ENGINE_START_TIMEOUT, LOG_TAIL, MISSING_EXTRA, MODEL, SERVED, Stack, http_get, http_post,
-                          not_prepared)
+    from conftest import (ENGINE_START_TIMEOUT, LOG_TAIL, MODEL, SERVED, Stack, http_get, http_post,
+                          require_prepared)
     from supervised import alive as _alive
     from supervised import wait_for
 except ImportError as e:  # the test extra is not installed
@@ -100,15 +100,7 @@ class OnDemandStack(Stack):
 
 @pytest.fixture(scope="module")
 def od(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnDemandStack]:
-    if MISSING_EXTRA:
-        pytest.skip(MISSING_EXTRA)
-    missing = not_prepared()
-    if missing:
-        msg = (f"REAL vLLM ENGINE NOT PREPARED: {missing}. Run tests/real_vllm/prepare.sh "
-               f"(cache: REAL_VLLM_CACHE, default ~/.cache/router-real-vllm).")
-        if REQUIRED:
-            pytest.fail(msg + " REAL_VLLM_REQUIRED=1, so this is a failure.", pytrace=False)
-        pytest.skip(msg)
+    require_prepared()
     s = OnDemandStack(tmp_path_factory.mktemp("residency"))
     try:
         s.render(s.write_config())
