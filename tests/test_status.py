@@ -250,27 +250,29 @@ def test_a_terminal_gets_the_live_table(healthy: Stack) -> None:
     if not healthy.supervised.running():
         healthy.supervised.start()
     primary, secondary = pty.openpty()
+    # The terminal is read while the command runs: a live table redraws often, and a pty's buffer
+    # that nobody drains would block the command's writes until it timed out.
+    proc = subprocess.Popen([PY, "-m", "router.status", "--config", str(healthy.config), "--out", str(healthy.out),
+                             "--wait", "--timeout", "60"], stdout=secondary, stderr=secondary,
+                            env={**os.environ, "COLUMNS": "150", "TERM": "xterm"})
+    os.close(secondary)
+    out = b""
     try:
-        done = subprocess.run([PY, "-m", "router.status", "--config", str(healthy.config), "--out", str(healthy.out),
-                               "--wait", "--timeout", "60"], stdout=secondary, stderr=secondary, timeout=60,
-                              env={**os.environ, "COLUMNS": "150", "TERM": "xterm"})
-        os.close(secondary)
-        secondary = -1
-        out = b""
         while True:
             try:
                 chunk = os.read(primary, 65536)
-            except OSError:
+            except OSError:  # EIO: the command exited and closed its end
                 break
             if not chunk:
                 break
             out += chunk
+        returncode = proc.wait(timeout=60)
     finally:
         os.close(primary)
-        if secondary >= 0:
-            os.close(secondary)
+        if proc.poll() is None:
+            proc.kill()
     text = out.decode(errors="replace")
-    assert done.returncode == 0, text
+    assert returncode == 0, text
     # rich.live draws (and hides the cursor while it does), then the verdict.
     assert "\x1b[?25l" in text and "waiting for the engines" in text and "┃" in text and "alpha" in text
     assert "all 2 launched instances are healthy" in text
