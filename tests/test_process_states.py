@@ -8,7 +8,9 @@ instance, its process state and its log file, and stop probing it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -118,3 +120,24 @@ def test_a_stopped_engine_is_not_probed_and_comes_back_when_started(stack_with_a
     stack.ctl("start", "broken")
     wait_for(lambda: post_json(f"{url}/v1/completions", {"model": "m/broken", "prompt": "x", "max_tokens": 2})[0] == 200,
              30, "'broken' to serve after its port was freed")
+
+
+def test_events_follow_a_sleep_a_wake_and_an_engine_kill_in_order(stack_with_a_taken_port) -> None:
+    stack, url, _ = stack_with_a_taken_port
+    wait_up(stack)
+    wait_for(lambda: process_block(url, "m/good").get("state") == "RUNNING", 5, "the router to see 'good' run")
+    assert post_json(f"{url}/action/sleep/m/good", {})[0] == 200
+    assert post_json(f"{url}/action/wakeup/m/good", {})[0] == 200
+    old = stack.pid("good")
+    os.kill(old, signal.SIGKILL)  # supervisord restarts it
+    wait_for(lambda: process_block(url, "m/good").get("pid") not in (None, old)
+             and process_block(url, "m/good").get("state") == "RUNNING", 15, "the restarted engine")
+    good = [e for e in events(url) if e["model"] == "m/good"]
+    assert [e["seq"] for e in good] == sorted(e["seq"] for e in good)
+    story = [(e["kind"], e["state"]) for e in good]
+    sleep_at = story.index(("model", "sleeping"))
+    awake_at = story.index(("model", "awake"), sleep_at)
+    # After the wake: the kill (the process left RUNNING), then supervisord's restart, RUNNING again.
+    after = story[awake_at + 1:]
+    down = next(i for i, (kind, state) in enumerate(after) if kind == "process" and state != "RUNNING")
+    assert ("process", "RUNNING") in after[down:], story
