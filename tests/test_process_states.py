@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import time
 import urllib.request
 from datetime import datetime
 from pathlib import Path
