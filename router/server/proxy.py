@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, MutableMapping, Optional
+from typing import Any, Awaitable, Callable, MutableMapping, Optional, TypeVar
 
 import orjson
 
 from router.config import RouterSettings
 from router.observe.accesslog import AccessLog
 from router.observe.traffic import Traffic
-from router.server.affinity import RESPONSES_PATH, ResponseOwners
+from router.server.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.errors import ANTHROPIC_PATHS, error_body_for
 from router.server.forms import Field, FormError, boundary_of, read_fields, replace_field
 from router.server.lifecycle import AWAKE, Lifecycle, ModelUnavailable
@@ -26,6 +26,7 @@ from router.server.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.replica import Replica
 from router.server.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
 
+T = TypeVar("T")
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -340,19 +341,18 @@ class Proxy:
         start = time.perf_counter()
         path = scope["path"]
         response_id = path[len(RESPONSES_PATH) + 1:].split("/", 1)[0]
-        owner = self.owners.owner(response_id)
-        try:
-            if owner is None:
+
+        def owner() -> Owner:
+            found = self.owners.owner(response_id)
+            if found is None:
                 raise Reject(404, f"Response '{response_id}' is not known to this router (unknown, or forgotten "
                                   "after the router restarted or its last responses were evicted).")
-            body = await self.read_body(scope, receive)
-            if body is None:
-                return
-        except Reject as r:
-            await send_error(send, r.status, r.message, r.param, r.headers)
-            return
-        out = Outgoing(None, None, body, False, pin=owner.replica)
-        await self.handle(scope, receive, send, owner.model, out, start, path.encode(), admit=False)
+            return found
+        got = await self.resolve_then_read(scope, receive, send, owner)
+        if got is not None:
+            (model, replica), body = got
+            out = Outgoing(None, None, body, False, pin=replica)
+            await self.handle(scope, receive, send, model, out, start, path.encode(), admit=False)
 
     async def upstream(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``/upstream/{model}/{path}``: any method, passed through raw to one replica of the model.
@@ -362,16 +362,24 @@ class Proxy:
         """
         start = time.perf_counter()
         rest = scope["path"][len(UPSTREAM_PREFIX):]
+        got = await self.resolve_then_read(scope, receive, send, lambda: self.upstream_target(rest))
+        if got is not None:
+            (model, target), body = got
+            stream = (header(scope, b"accept") or b"").startswith(b"text/event-stream")
+            await self.handle(scope, receive, send, model, Outgoing(None, None, body, stream), start, target,
+                              admit=False)
+
+    async def resolve_then_read(self, scope: Scope, receive: Receive, send: Send,
+                                resolve: Callable[[], T]) -> Optional[tuple[T, bytes]]:
+        """What `resolve` finds for the request, and its body; None when the router has answered
+        (`resolve` or the body refused: the error is sent) or the client left before its body came."""
         try:
-            model, target = self.upstream_target(rest)
+            found = resolve()
             body = await self.read_body(scope, receive)
-            if body is None:
-                return
         except Reject as r:
             await send_error(send, r.status, r.message, r.param, r.headers)
-            return
-        stream = (header(scope, b"accept") or b"").startswith(b"text/event-stream")
-        await self.handle(scope, receive, send, model, Outgoing(None, None, body, stream), start, target, admit=False)
+            return None
+        return None if body is None else (found, body)
 
     def upstream_target(self, rest: str) -> tuple[Model, bytes]:
         """The model and engine path of ``{model}/{path}``; model names may hold slashes, so the
