@@ -1,0 +1,285 @@
+"""Leader election by a Lease (router.cluster.lease) against a fake Lease store (tests/fake_kube.py).
+
+The official `kubernetes` client talks HTTP to the fake API server, so the
+requests, resourceVersions and 409s are the real client's. Durations are
+sub-second; the assertions are about order (which write came first, whether
+two leaderships overlap) on one monotonic clock, with the durations as the
+bounds, not about how fast a 2-core machine under load happens to be.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytest
+from kubernetes import client
+
+from fake_kube import FakeKube
+from router.cluster.lease import LeaseElector, split_holder
+
+LEASE, RENEW, RETRY = 0.8, 0.5, 0.1
+
+
+@dataclass
+class Candidate:
+    elector: LeaseElector
+    #: (monotonic time, state, detail) of every on_change call.
+    changes: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    task: Optional[asyncio.Task[None]] = None
+
+    def leaderships(self) -> list[tuple[float, float]]:
+        """[(led_since, led_until)] of every leadership that ended."""
+        return [(d["led_since"], d["led_until"]) for _, s, d in self.changes if s == "stopped"]
+
+    def started(self) -> list[float]:
+        return [t for t, s, _ in self.changes if s == "started"]
+
+
+def candidate(kube: FakeKube, name: str, **kw: Any) -> Candidate:
+    config = client.Configuration(host=kube.url)
+    api = client.ApiClient(config, header_name="X-Client", header_value=name)
+    c = Candidate(None)  # type: ignore[arg-type]
+    c.elector = LeaseElector(api, name, f"10.0.0.{len(name)}:8080", "kvrouter-leader", "llm",
+                             lease_seconds=kw.pop("lease", LEASE), renew_deadline_seconds=kw.pop("renew", RENEW),
+                             retry_period_seconds=kw.pop("retry", RETRY),
+                             on_change=lambda state, **d: c.changes.append((time.monotonic(), state, d)), **kw)
+    return c
+
+
+def start(*cands: Candidate) -> None:
+    for c in cands:
+        c.task = asyncio.get_running_loop().create_task(c.elector.run())
+
+
+async def crash(c: Candidate) -> None:
+    """The process dies: no step-down call, no release."""
+    assert c.task is not None
+    c.task.cancel()
+    await asyncio.gather(c.task, return_exceptions=True)
+
+
+async def stop_all(*cands: Candidate) -> None:
+    for c in cands:
+        if c.task is not None and not c.task.done():
+            await c.elector.stop()
+    await asyncio.gather(*(c.task for c in cands if c.task is not None), return_exceptions=True)
+
+
+async def until(cond: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def watch_leaders(cands: list[Candidate], seconds: float, seen: list[int]) -> None:
+    """Sample how many candidates say they lead, every few milliseconds."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        seen.append(sum(c.elector.is_leader for c in cands))
+        await asyncio.sleep(0.005)
+
+
+def assert_no_overlap(cands: list[Candidate]) -> None:
+    spans = sorted(span for c in cands for span in c.leaderships())
+    for (_, end), (begin, _) in zip(spans, spans[1:]):
+        assert begin >= end, f"two leaders at once: one led until {end}, the next from {begin}"
+
+
+def leader_of(cands: list[Candidate]) -> Candidate:
+    (leader,) = [c for c in cands if c.elector.is_leader]
+    return leader
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_three_candidates_one_leader_the_others_know_its_address() -> None:
+    async def main() -> None:
+        kube = await FakeKube().start()
+        cands = [candidate(kube, n) for n in ("a", "bb", "ccc")]
+        try:
+            start(*cands)
+            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+            seen: list[int] = []
+            await watch_leaders(cands, 4 * LEASE, seen)
+            leader = leader_of(cands)
+            assert set(seen) == {1}  # never none, never two, for five lease durations
+            assert len(leader.started()) == 1
+            for c in cands:
+                assert c.elector.leader_address() == leader.elector.address
+                assert c.elector.leader() == f"{leader.elector.identity}@{leader.elector.address}"
+                if c is not leader:
+                    assert not c.started() and c.elector.stopped_leading.is_set()
+                    assert [d for _, s, d in c.changes if s == "leader"][-1] == {
+                        "leader": leader.elector.identity, "address": leader.elector.address}
+            assert leader.elector.started_leading.is_set() and not leader.elector.stopped_leading.is_set()
+            holders = {h for h in kube.holders()}
+            assert holders == {leader.elector.holder}  # the followers never wrote
+            lease = kube.leases["llm", "kvrouter-leader"]
+            assert lease["spec"]["leaseDurationSeconds"] == 1 and lease["spec"]["leaseTransitions"] == 0
+        finally:
+            await stop_all(*cands)
+            await kube.stop()
+    run(main())
+
+
+def test_a_dead_leader_is_replaced_after_the_lease_expires_never_before() -> None:
+    async def main() -> None:
+        kube = await FakeKube().start()
+        cands = [candidate(kube, n) for n in ("a", "bb", "ccc")]
+        try:
+            start(*cands)
+            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+            await asyncio.sleep(2 * LEASE)  # a few renewals
+            old = leader_of(cands)
+            await crash(old)
+            rest = [c for c in cands if c is not old]
+            await until(lambda: any(c.elector.is_leader for c in rest), 10 * LEASE)
+            new = leader_of(rest)
+            last_renewal = max(w.at for w in kube.writes if w.holder == old.elector.holder)
+            taken = min(w.at for w in kube.writes if w.holder == new.elector.holder)
+            # The followers saw the last renewal after it was written and waited a full lease from then.
+            assert taken - last_renewal >= LEASE
+            assert taken - last_renewal < LEASE + 2.0  # and they did take over
+            assert new.started()[0] >= taken
+            assert kube.leases["llm", "kvrouter-leader"]["spec"]["leaseTransitions"] == 1
+            await asyncio.sleep(2 * LEASE)
+            assert leader_of(rest) is new  # the third did not take it as well
+            assert [c.elector.leader_address() for c in rest] == [new.elector.address] * 2
+        finally:
+            await stop_all(*cands)
+            await kube.stop()
+    run(main())
+
+
+def test_a_leader_cut_off_from_the_api_server_steps_down_by_its_renew_deadline() -> None:
+    async def main() -> None:
+        kube = await FakeKube().start()
+        cands = [candidate(kube, n) for n in ("a", "bb")]
+        try:
+            start(*cands)
+            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+            await asyncio.sleep(LEASE)
+            old = leader_of(cands)
+            other = next(c for c in cands if c is not old)
+            kube.blocked.add(old.elector.identity)
+            cut = time.monotonic()
+            # Its last renewal began before the cut, so it leads no longer than RENEW after it...
+            await asyncio.sleep(RENEW + 0.001)
+            assert not old.elector.is_leader
+            await until(lambda: old.elector.stopped_leading.is_set(), 2)
+            (span,) = old.leaderships()
+            assert span[1] <= cut + RENEW
+            stopped = next(d for _, s, d in old.changes if s == "stopped")
+            assert "renew deadline" in stopped["reason"]
+            # ...and the other takes over only once the lease expired, never while the old one led.
+            await until(lambda: other.elector.is_leader, 10 * LEASE)
+            assert other.started()[0] >= span[1] + (LEASE - RENEW)
+            assert_no_overlap(cands)
+            # Back on the network, the old leader finds the new holder and follows.
+            kube.blocked.clear()
+            await until(lambda: old.elector.leader_address() == other.elector.address, 5)
+            await asyncio.sleep(2 * LEASE)
+            assert other.elector.is_leader and not old.elector.is_leader
+            assert_no_overlap(cands)
+        finally:
+            kube.blocked.clear()
+            await stop_all(*cands)
+            await kube.stop()
+    run(main())
+
+
+def test_racing_candidates_conflict_and_exactly_one_wins() -> None:
+    async def main() -> None:
+        kube = await FakeKube().start()
+        cands = [candidate(kube, n) for n in ("a", "bb")]
+        try:
+            # Both read "no Lease" together, both create it: the API server takes one and 409s the other.
+            kube.hold_reads(2)
+            start(*cands)
+            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+            assert [(verb, code) for _, verb, code in kube.refusals] == [("create", 409)]
+            first = leader_of(cands)
+            await stop_all(first)  # steps down and frees the Lease
+            other = next(c for c in cands if c is not first)
+            await until(lambda: other.elector.is_leader, 3)
+            assert kube.holders()[-2:] == [None, other.elector.holder]
+            await stop_all(other)
+            assert kube.holders()[-1] is None
+            # Two candidates read the freed Lease at one version and both replace it: one gets 409.
+            second_race = candidate(kube, "ddd")
+            kube.hold_reads(2)
+            start(second_race, first)
+            await until(lambda: any(c.elector.is_leader for c in (second_race, first)), 3)
+            assert ("replace", 409) in [(verb, code) for _, verb, code in kube.refusals[1:]]
+            assert sum(c.elector.is_leader for c in (second_race, first)) == 1
+            assert_no_overlap([first, other, second_race])
+            await stop_all(second_race, first)
+        finally:
+            await stop_all(*cands)
+            await kube.stop()
+    run(main())
+
+
+def test_stop_releases_the_lease_so_a_follower_takes_over_at_once() -> None:
+    async def main() -> None:
+        # A long lease: a takeover within it can only come from the release.
+        kube = await FakeKube().start()
+        cands = [candidate(kube, n, lease=30.0, renew=20.0, retry=0.1) for n in ("a", "bb")]
+        try:
+            start(*cands)
+            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+            old = leader_of(cands)
+            other = next(c for c in cands if c is not old)
+            await until(lambda: other.elector.leader_address() == old.elector.address, 3)
+            await stop_all(old)
+            assert not old.elector.is_leader and old.task is not None and old.task.done()
+            await until(lambda: other.elector.is_leader, 3)
+            assert_no_overlap(cands)
+        finally:
+            await stop_all(*cands)
+            await kube.stop()
+    run(main())
+
+
+def test_a_follower_without_the_api_server_forgets_the_leader_after_the_lease() -> None:
+    async def main() -> None:
+        kube = await FakeKube().start()
+        cands = [candidate(kube, n) for n in ("a", "bb")]
+        try:
+            start(*cands)
+            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+            leader = leader_of(cands)
+            follower = next(c for c in cands if c is not leader)
+            await until(lambda: follower.elector.leader_address() == leader.elector.address, 3)
+            kube.blocked.add(follower.elector.identity)
+            await asyncio.sleep(LEASE + 0.3)
+            # It cannot know the leader still renews: it names none rather than a stale one.
+            assert follower.elector.leader_address() is None
+            assert not follower.elector.is_leader
+        finally:
+            kube.blocked.clear()
+            await stop_all(*cands)
+            await kube.stop()
+    run(main())
+
+
+def test_settings_that_would_allow_two_leaders_are_refused() -> None:
+    api = client.ApiClient(client.Configuration(host="http://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="renew_deadline_seconds"):
+        LeaseElector(api, "a", "10.0.0.1:8080", "l", "ns", lease_seconds=5, renew_deadline_seconds=5)
+    with pytest.raises(ValueError, match="retry_period_seconds"):
+        LeaseElector(api, "a", "10.0.0.1:8080", "l", "ns", lease_seconds=5, renew_deadline_seconds=3,
+                     retry_period_seconds=3)
+    with pytest.raises(ValueError, match="'@'"):
+        LeaseElector(api, "a@b", "10.0.0.1:8080", "l", "ns")
+
+
+def test_holder_text_splits_at_the_last_at() -> None:
+    assert split_holder("router-0@[fd00::5]:8080") == ("router-0", "[fd00::5]:8080")
+    assert split_holder("kube-controller") == ("kube-controller", None)
+    assert split_holder(None) == (None, None)
