@@ -115,7 +115,7 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None) -> Iterator[Stack]:
+def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str = "fast") -> Iterator[Stack]:
     """Simulated engines, the router and the bare pass-through, each in its own process group;
     with `rust` also the Rust vllm-router, with `old` also the router found in that directory."""
     ports = {name: free_port() for name in SIMS}
@@ -144,7 +144,10 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None) -> Iterator
     try:
         sims = {n: start([sys.executable, "-m", "router.sim", "--engine", "vllm", "--model", n, "--host", "127.0.0.1",
                           "--port", str(p), *SIMS[n]], f"sim-{n}.log") for n, p in ports.items()}
-        router = start([sys.executable, "-m", "router.serve", "--config", str(config)], "router.log")
+        # "fast": router/server/fastserver.py's protocol in uvicorn's place (`python -m router.serve` once it
+        # passes that protocol itself); "uvicorn": uvicorn's own httptools protocol, as router.serve runs today.
+        entry = "router.server.fastserver" if server == "fast" else "router.serve"
+        router = start([sys.executable, "-m", entry, "--config", str(config)], "router.log")
         baseline = start([sys.executable, str(ROOT / "benchmarks" / "passthrough.py"), "--port", str(baseline_port),
                           *(f"--upstream={n}=http://127.0.0.1:{p}" for n, p in ports.items())], "passthrough.log")
         urls = {"router": f"http://127.0.0.1:{router_port}", "baseline": f"http://127.0.0.1:{baseline_port}"}
@@ -478,6 +481,9 @@ def main() -> int:
                         "print our figures as ratios against it, with targets")
     p.add_argument("--old-router", metavar="COMMIT",
                    help="also measure the router of COMMIT (its router/ from git archive) in the same phases")
+    p.add_argument("--server", choices=("fast", "uvicorn"), default="fast",
+                   help="our router's HTTP server: fast (router/server/fastserver.py's protocol, the default) or "
+                        "uvicorn (uvicorn's own httptools protocol); --old-router always runs `python -m router.serve`")
     args = p.parse_args()
     if args.rust_router and rust_router.version() is None:
         print("--rust-router: the Rust vllm-router is not installed (pip install vllm-router); nothing measured",
@@ -504,7 +510,7 @@ def main() -> int:
               flush=True)
     t0, load0 = time.monotonic(), os.getloadavg()[0]
     try:
-        with stack(tmp, args.rust_router, old) as st:
+        with stack(tmp, args.rust_router, old, args.server) as st:
             report = uvloop.run(measure(st, args.quick, args.profile, args.profile_format))
     except rust_router.Unavailable as e:
         print(f"--rust-router: the Rust vllm-router could not be started: {e}; logs kept in {tmp}", file=sys.stderr)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from helpers import free_port
 from router.server.app import RouterApp, create_app
+from router.server.fastserver import FastHttpProtocol
 from router.config import Config, load_config
 
 T = TypeVar("T")
@@ -203,7 +204,7 @@ class RouterServer:
         self.port = config.router.port
         self.app: RouterApp = create_app(config)
         self.server = uvicorn.Server(uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, http="httptools", lifespan="on",
+            self.app, host="127.0.0.1", port=self.port, http=FastHttpProtocol, lifespan="on",
             access_log=False, log_level="warning", timeout_graceful_shutdown=2))
         self.task: Optional[asyncio.Task[None]] = None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, MutableMapping, Optional, TypeVar
+from typing import Any, Awaitable, Callable, MutableMapping, Optional, Protocol, TypeVar
 
 import orjson
 
@@ -73,10 +73,56 @@ class Reject(Exception):
 async def send_error(send: Send, status: int, message: str, param: Optional[str] = None,
                      headers: Optional[list[tuple[bytes, bytes]]] = None, path: str = "") -> None:
     """The router's own error answer, in the shape the client of `path` parses."""
-    body = error_body_for(path, status, message, param)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
+    await answer_error(AsgiReply(send), status, message, param, headers, path)
+
+
+async def answer_error(reply: "Reply", status: int, message: str, param: Optional[str] = None,
+                       headers: Optional[list[tuple[bytes, bytes]]] = None, path: str = "") -> None:
+    await reply.whole(status, [*JSON_HEADERS, *headers] if headers else JSON_HEADERS,
+                      error_body_for(path, status, message, param))
+
+
+class Reply(Protocol):
+    """Where the proxy writes one answer: ASGI messages (`AsgiReply`) or straight to a client
+    connection (router/server/fastserver.py). `gone` turns true once the client has left."""
+
+    gone: bool
+
+    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A complete answer; the content-length is added here."""
+
+    async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The status and headers of a streamed answer (chunked)."""
+
+    async def chunk(self, data: bytes) -> None:
+        """More of a streamed answer (waits while the client's buffer is full)."""
+
+    async def end(self, data: bytes = b"") -> None:
+        """The last piece of a streamed answer (may be empty), and its end."""
+
+
+class AsgiReply:
+    """A `Reply` as ASGI messages."""
+
+    __slots__ = ("send", "gone")
+
+    def __init__(self, send: Send):
+        self.send = send
+        self.gone = False
+
+    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [(b"content-length", b"%d" % len(body)), *headers]})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def chunk(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes = b"") -> None:
+        await self.send({"type": "http.response.body", "body": data})
 
 
 def retry_after(seconds: int) -> list[tuple[bytes, bytes]]:
@@ -198,29 +244,50 @@ class EarlyStream:
     line has gone.
     """
 
-    def __init__(self, send: Send):
-        self._send = send
+    __slots__ = ("_reply", "_opened", "_wrap")
+
+    def __init__(self, reply: Reply):
+        self._reply = reply
         self._opened = False
         self._wrap = False
 
+    @property
+    def gone(self) -> bool:
+        return self._reply.gone
+
     async def open(self) -> None:
-        await self._send({"type": "http.response.start", "status": 200,
-                          "headers": [(b"content-type", b"text/event-stream"), *STREAM_HEADERS]})
+        await self._reply.head(200, [(b"content-type", b"text/event-stream"), *STREAM_HEADERS])
         self._opened = True
 
     async def comment(self, text: str) -> None:
-        await self._send({"type": "http.response.body", "body": f": {text}\n\n".encode(), "more_body": True})
+        await self._reply.chunk(f": {text}\n\n".encode())
 
-    async def __call__(self, message: Message) -> None:
+    @staticmethod
+    def _wraps(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        kind = next((v for k, v in headers if k == b"content-type"), b"")
+        return status != 200 or not kind.startswith(b"text/event-stream")
+
+    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         if not self._opened:
-            return await self._send(message)
-        if message["type"] == "http.response.start":
-            kind = dict(message["headers"]).get(b"content-type", b"")
-            self._wrap = message["status"] != 200 or not kind.startswith(b"text/event-stream")
-            return
-        if self._wrap and message.get("body"):
-            message = {**message, "body": b"data: " + message["body"] + b"\n\n"}
-        await self._send(message)
+            return await self._reply.whole(status, headers, body)
+        if body and self._wraps(status, headers):
+            body = b"data: " + body + b"\n\n"
+        await self._reply.end(body)
+
+    async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if not self._opened:
+            return await self._reply.head(status, headers)
+        self._wrap = self._wraps(status, headers)
+
+    async def chunk(self, data: bytes) -> None:
+        if self._wrap and data:
+            data = b"data: " + data + b"\n\n"
+        await self._reply.chunk(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        if self._wrap and data:
+            data = b"data: " + data + b"\n\n"
+        await self._reply.end(data)
 
 
 async def admit_showing_progress(lifecycle: Lifecycle, name: str, stream: EarlyStream) -> None:
@@ -285,14 +352,33 @@ class Proxy:
             body = await self.read_body(scope, receive)
             if body is None:
                 return  # the client left before sending its request
-            out = self.outgoing(scope, body)
-            model = self.model_for(out.name, path)
-            if path == RESPONSES_PATH and out.payload is not None:
-                out.pin = self.previous_response_owner(out.payload, model)
+            model, out = self.route(scope, body, path)
         except Reject as r:
             await send_error(send, r.status, r.message, r.param, r.headers, path)
             return
         await self.handle(scope, receive, send, model, out, start, path.encode())
+
+    async def serve(self, scope: Scope, body: bytes, reply: Reply, start: float) -> None:
+        """`__call__` for a server that has read the whole body and cancels this task when the
+        client leaves, setting `reply.gone` first (router/server/fastserver.py)."""
+        path = scope["path"]
+        try:
+            model, out = self.route(scope, body, path)
+        except Reject as r:
+            await answer_error(reply, r.status, r.message, r.param, r.headers, path)
+            return
+        await self.run(scope, reply, model, out, start, path.encode(), True)
+
+    def route(self, scope: Scope, body: bytes, path: str) -> tuple[Model, Outgoing]:
+        """The model a client request goes to and what it sends, or Reject."""
+        if len(body) > self.max_bytes:
+            raise Reject(413, f"The request body ({len(body)} bytes) exceeds the limit of {self.max_bytes} bytes "
+                              "(router.max_request_bytes).")
+        out = self.outgoing(scope, body)
+        model = self.model_for(out.name, path)
+        if path == RESPONSES_PATH and out.payload is not None:
+            out.pin = self.previous_response_owner(out.payload, model)
+        return model, out
 
     def outgoing(self, scope: Scope, body: bytes) -> Outgoing:
         content_type = header(scope, b"content-type") or b""
@@ -426,47 +512,55 @@ class Proxy:
     async def handle(self, scope: Scope, receive: Receive, send: Send, model: Model, out: Outgoing, start: float,
                      target: bytes, admit: bool = True) -> None:
         """Admit, forward, relay and account one request, cancelling it if the client leaves."""
-        path = scope["path"]
-        ex = Exchange(path)
+        reply = AsgiReply(send)
         task = asyncio.current_task()
-        gone = False
 
         def on_disconnect(w: asyncio.Task[Message]) -> None:
-            nonlocal gone
             if (not w.cancelled() and w.exception() is None and w.result()["type"] == "http.disconnect"
                     and task is not None and not task.done()):
-                gone = True
+                reply.gone = True
                 task.cancel()
 
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(on_disconnect)
+        try:
+            await self.run(scope, reply, model, out, start, target, admit)
+        finally:
+            watcher.remove_done_callback(on_disconnect)
+            watcher.cancel()
+
+    async def run(self, scope: Scope, reply: Reply, model: Model, out: Outgoing, start: float, target: bytes,
+                  admit: bool) -> None:
+        """Admit, forward, relay and account one request; a cancel once `reply.gone` is the client leaving."""
+        path = scope["path"]
+        ex = Exchange(path)
         lifecycle = model.lifecycle
         admitted = False
+        answer: Reply = reply
         try:
             if admit and out.stream and self.loading_progress and lifecycle.state != AWAKE:
-                send = EarlyStream(send)
-                await send.open()
-                await admit_showing_progress(lifecycle, model.name, send)
+                answer = early = EarlyStream(reply)
+                await early.open()
+                await admit_showing_progress(lifecycle, model.name, early)
                 admitted = True
             elif admit:
                 await lifecycle.admit()
                 admitted = True
-            await self.forward(scope, send, model, out, start, ex, target)
+            await self.forward(scope, answer, model, out, start, ex, target)
         except asyncio.CancelledError:
-            if not gone:
+            if not reply.gone:
                 raise
+            task = asyncio.current_task()
             if hasattr(task, "uncancel"):  # Python >= 3.11 counts cancels; this one was ours
                 task.uncancel()
             ex.status = CLIENT_GONE
         except ModelUnavailable as e:
             ex.status = 503
-            await send_error(send, 503, e.message, headers=retry_after(e.retry_after), path=path)
+            await answer_error(answer, 503, e.message, headers=retry_after(e.retry_after), path=path)
         except Reject as r:
             ex.status = r.status
-            await send_error(send, r.status, r.message, r.param, r.headers, path)
+            await answer_error(answer, r.status, r.message, r.param, r.headers, path)
         finally:
-            watcher.remove_done_callback(on_disconnect)
-            watcher.cancel()
             if admitted:
                 lifecycle.release()
         self.account(model, ex, out.stream, start)
@@ -486,7 +580,7 @@ class Proxy:
             raise Reject(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
                               "retry later.", headers=retry_after(1)) from None
 
-    async def forward(self, scope: Scope, send: Send, model: Model, out: Outgoing, start: float, ex: Exchange,
+    async def forward(self, scope: Scope, reply: Reply, model: Model, out: Outgoing, start: float, ex: Exchange,
                       target: bytes) -> None:
         """Send to a replica and relay its answer; before any byte reached the client, a failed engine
         (connect refused or reset, no status in time, 502/503/504) is left for another replica: connect
@@ -538,9 +632,9 @@ class Proxy:
                 replica.succeeded()
             try:
                 if out.stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                    await self.relay_stream(send, resp, start, ex, model, learn, idle)
+                    await self.relay_stream(reply, resp, start, ex, model, learn, idle)
                 else:
-                    await self.relay_body(send, resp, start, ex, model, learn)
+                    await self.relay_body(reply, resp, start, ex, model, learn)
             finally:
                 resp.close()
                 model.release(replica)
@@ -566,7 +660,7 @@ class Proxy:
             return Reject(504, f"The engine of model '{model.name}' timed out: {e}.")
         return Reject(502, f"The engine of model '{model.name}' failed: {e}.")
 
-    async def relay_body(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model,
+    async def relay_body(self, reply: Reply, resp: Response, start: float, ex: Exchange, model: Model,
                          learn: bool) -> None:
         try:
             data = await resp.read()
@@ -575,19 +669,17 @@ class Proxy:
         ex.status = resp.status
         if learn and resp.status == 200 and ex.replica is not None:
             self.owners.learn_from_body(data, model, ex.replica)
-        await send({"type": "http.response.start", "status": resp.status,
-                    "headers": relay_headers(resp, [(b"content-length", str(len(data)).encode())])})
+        await reply.whole(resp.status, relay_headers(resp, []), data)
         ex.ttfb = time.perf_counter() - start
-        await send({"type": "http.response.body", "body": data})
         ex.nbytes = len(data)
 
-    async def relay_stream(self, send: Send, resp: Response, start: float, ex: Exchange, model: Model,
+    async def relay_stream(self, reply: Reply, resp: Response, start: float, ex: Exchange, model: Model,
                            learn: bool, idle_timeout: float) -> None:
         resp.stream(idle_timeout)
         ex.status = resp.status
-        await send({"type": "http.response.start", "status": resp.status,
-                    "headers": relay_headers(resp, [*STREAM_HEADERS])})
+        await reply.head(resp.status, relay_headers(resp, [*STREAM_HEADERS]))
         nbytes = 0
+        tail = b""
         try:
             chunk = await resp.next_chunk()
             ex.ttfb = time.perf_counter() - start
@@ -595,7 +687,7 @@ class Proxy:
                 if learn and ex.replica is not None:
                     learn = not self.owners.learn_from_stream(chunk, model, ex.replica)
                 nbytes += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await reply.chunk(chunk)
                 chunk = await resp.next_chunk()
         except UpstreamError as e:
             model.metrics.upstream_error(e.kind)
@@ -604,10 +696,9 @@ class Proxy:
             ex.status = 504 if isinstance(e, UpstreamTimeout) else 502
             message = f"The engine of model '{model.name}' stopped the stream: {e}."
             event = b"event: error\n" if ex.path in ANTHROPIC_PATHS else b""
-            await send({"type": "http.response.body", "more_body": True,
-                        "body": event + b"data: " + error_body_for(ex.path, ex.status, message) + b"\n\n"})
+            tail = event + b"data: " + error_body_for(ex.path, ex.status, message) + b"\n\n"
         ex.nbytes = nbytes
-        await send({"type": "http.response.body", "body": b""})
+        await reply.end(tail)
 
     def account(self, model: Model, ex: Exchange, stream: bool, start: float) -> None:
         total = time.perf_counter() - start

@@ -1,0 +1,256 @@
+"""uvicorn's httptools protocol, with the proxy's client requests served without ASGI.
+
+Profiles against the Rust vllm-router (benchmarks/PERF.md) put about a third of
+the router's CPU per request in uvicorn's ASGI cycle: a scope and message
+dicts per request, a task running the app, `receive` with an `asyncio.Event`
+per wait, a task per request watching for the client leaving, and the answer
+leaving in two writes (head, then body). `FastHttpProtocol` keeps uvicorn for
+the connection (accept, keep-alive timer, pipelining, graceful shutdown,
+limits, every other route and method) and takes over one kind of request in
+`on_headers_complete`: a POST to a client path of the router's table, with a
+content-length within `router.max_request_bytes`, that the app's guard lets
+through. Its body is gathered as it comes, then one task runs
+`Proxy.serve(scope, body, reply)`, whose `FastReply` writes straight to the
+transport: a whole answer in one write, a stream's chunks framed and written
+as they come (waiting while the client's buffer is full). A client that
+leaves is seen in `connection_lost`, which cancels that task (the engine
+request with it); no watcher task is needed.
+
+Anything else (chunked uploads, ``Expect: 100-continue``, upgrades, pipelined
+requests, a refused key, other paths) goes through uvicorn's ASGI cycle
+unchanged, to the same app.
+
+Use: ``uvicorn.Config(app, http=FastHttpProtocol, ...)``, or the import
+string ``http="router.server.fastserver:FastHttpProtocol"``. The app must be
+the router's `RouterApp` (anything with ``.state.guard``, ``.state.table`` and
+``.state.proxy``); for any other app the protocol is uvicorn's.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+#: Framing of a streamed answer's end.
+LAST_CHUNK = b"0\r\n\r\n"
+
+logger = logging.getLogger("uvicorn.error")
+
+
+class _NoEvent:
+    """What uvicorn's `connection_lost` sets on a cycle: nothing waits on ours."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+NO_EVENT = _NoEvent()
+
+
+class FastReply:
+    """One proxied request on a `FastHttpProtocol` connection: its body as it arrives, then its answer.
+
+    Stands in for uvicorn's `RequestResponseCycle` (the protocol reads
+    `response_complete`, `disconnected`, `keep_alive` and `message_event`),
+    and is the `Reply` (router/server/proxy.py) the proxy answers through.
+    """
+
+    __slots__ = ("protocol", "transport", "scope", "proxy", "keep_alive", "parts", "started", "response_started",
+                 "response_complete", "disconnected", "gone", "task", "message_event")
+
+    def __init__(self, protocol: "FastHttpProtocol", scope: dict[str, Any], proxy: Any, keep_alive: bool):
+        self.protocol = protocol
+        self.transport = protocol.transport
+        self.scope = scope
+        self.proxy = proxy
+        self.keep_alive = keep_alive
+        self.parts: list[bytes] = []
+        self.started = time.perf_counter()
+        self.response_started = False
+        self.response_complete = False
+        #: The connection is gone: nothing more is written.
+        self.disconnected = False
+        #: The client left before its answer was complete (what the proxy reads).
+        self.gone = False
+        self.task: Optional[asyncio.Task[None]] = None
+        self.message_event = NO_EVENT
+
+    # ---------------------------------------------------------------- the request
+
+    async def run(self) -> None:
+        parts = self.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.parts = []
+        try:
+            await self.proxy.serve(self.scope, body, self, self.started)
+        except asyncio.CancelledError:
+            if not self.response_complete:
+                self.transport.close()
+            raise
+        except BaseException as exc:
+            logger.error("Exception in the router's proxy", exc_info=exc)
+            if not self.response_started and not self.disconnected:
+                await self.whole(500, [(b"content-type", b"text/plain; charset=utf-8")], b"Internal Server Error")
+            else:
+                self.transport.close()
+        else:
+            if not self.response_complete and not self.disconnected:
+                logger.error("The router's proxy returned without completing its answer.")
+                self.transport.close()
+
+    # ---------------------------------------------------------------- Reply
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
+        parts = [STATUS_LINE[status], self.protocol.default_head()]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(framing)
+        return b"".join(parts)
+
+    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if self.disconnected or self.response_started:
+            return
+        self.response_started = True
+        self.transport.write(self._head(status, headers, b"content-length: %d\r\n\r\n" % len(body)) + body)
+        self._complete()
+
+    async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.disconnected or self.response_started:
+            return
+        self.response_started = True
+        self.transport.write(self._head(status, headers, b"transfer-encoding: chunked\r\n\r\n"))
+
+    async def chunk(self, data: bytes) -> None:
+        protocol = self.protocol
+        if protocol.flow.write_paused and not self.disconnected:
+            await protocol.flow.drain()
+        if self.disconnected or not data:
+            return
+        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    async def end(self, data: bytes = b"") -> None:
+        if self.disconnected or self.response_complete:
+            return
+        self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else LAST_CHUNK)
+        self._complete()
+
+    def _complete(self) -> None:
+        self.response_complete = True
+        if not self.keep_alive:
+            self.transport.close()
+        self.protocol.on_response_complete()
+
+
+class FastHttpProtocol(HttpToolsProtocol):
+    """uvicorn's `HttpToolsProtocol`, serving the router's proxied POSTs without ASGI (see the module)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        state = getattr(self.app, "state", None)
+        plain = (self.root_path or self.limit_concurrency is not None
+                 or not all(hasattr(state, a) for a in ("guard", "table", "proxy")))
+        self.router_state = None if plain else state
+        #: The last proxied request on this connection (a pipelined request may follow it as `cycle`).
+        self.fast: Optional[FastReply] = None
+
+    def default_head(self) -> bytes:
+        """uvicorn's default headers (server, date) as header lines, built once per change of the date."""
+        headers = self.server_state.default_headers
+        cached = _DEFAULT_HEAD
+        if cached[0] is not headers:
+            cached[1] = b"".join(b"%b: %b\r\n" % pair for pair in headers)
+            cached[0] = headers
+        return cached[1]
+
+    def on_headers_complete(self) -> None:
+        state = self.router_state
+        parser = self.parser
+        if (state is None or parser.get_method() != b"POST" or self.expect_100_continue
+                or (self.cycle is not None and not self.cycle.response_complete) or parser.should_upgrade()):
+            return super().on_headers_complete()
+        parsed = httptools.parse_url(self.url)
+        raw_path = parsed.path
+        try:
+            path = raw_path.decode("ascii")
+        except UnicodeDecodeError:
+            return super().on_headers_complete()
+        if "%" in path or path not in state.table.client_paths:
+            return super().on_headers_complete()
+        proxy = state.proxy
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                return super().on_headers_complete()
+        if length is None or not length.isdigit() or int(length) > proxy.max_bytes:
+            return super().on_headers_complete()
+        scope = self.scope
+        http_version = parser.get_http_version()
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        scope["method"] = "POST"
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+        scope["query_string"] = parsed.query or b""
+        if state.guard.check(scope) is not None:
+            return super().on_headers_complete()  # the app answers the refusal
+        self.cycle = self.fast = FastReply(self, scope, proxy,  # type: ignore[assignment]
+                                           http_version != "1.0" and parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is FastReply:
+            cycle.parts.append(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is not FastReply:
+            return super().on_message_complete()
+        if cycle.task is not None:
+            return
+        task = cycle.task = self.loop.create_task(cycle.run())
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        super().connection_lost(exc)
+        cycle = self.fast
+        if cycle is not None:
+            cycle.disconnected = True
+            if not cycle.response_complete:
+                cycle.gone = True
+                task = cycle.task
+                if task is not None and not task.done():
+                    task.cancel()
+
+
+#: [the default_headers list the bytes were built from, the bytes]
+_DEFAULT_HEAD: list[Any] = [None, b""]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m router.server.fastserver --config FILE``: `python -m router.serve` with this protocol in
+    uvicorn's place (for benchmarks/overhead.py until router/serve.py passes it itself)."""
+    import uvicorn.config
+
+    uvicorn.config.HTTP_PROTOCOLS["httptools"] = f"{__name__}:FastHttpProtocol"
+    from router.serve import main as serve
+
+    return serve(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
