@@ -1,86 +1,131 @@
 """Prometheus metrics of one router app, in its own registry.
 
-Counters and histograms the hot path updates are bound to each model once at
-start-up (`ModelMetrics`), so a request pays no label lookup. Gauges that are
-just the current state (in-flight, replica health, sleep state) are read from
-the live table at scrape time by a collector the server hands in
-(router/server/report.py), so the hot path pays nothing for them.
+The hot path counts into plain ints and lists per model (`ModelMetrics`:
+no prometheus_client object, lock or label lookup per request; one event
+loop thread updates them), and a collector turns them into metric families
+when /metrics is scraped. Gauges that are just the current state (in-flight,
+replica health, sleep state) are read from the live table at scrape time by
+a collector the server hands in (router/server/report.py), so the hot path
+pays nothing for them either.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from bisect import bisect_left
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
+REQUESTS = ("router_requests", "Proxied requests by model and final status (499: client went away; a stream that "
+            "failed midway counts as 502/504)")
+ERRORS = ("router_upstream_errors", "Failures talking to engines, by kind (connect, timeout, disconnect)")
+LATENCY = ("router_request_duration_seconds", "Time from request to the end of the response")
+TTFB = ("router_time_to_first_byte_seconds", "Time from request to the first response body byte")
+RETRIES = ("router_retries", "Requests sent again to another replica before any byte reached the client, by what "
+           "the first engine did (502, 503, 504, timeout, disconnect)")
+
+
+class Histogram:
+    """Counts per bucket (not cumulative; the last is +Inf), their sum and count."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # A bucket's bound is inclusive (le): the first bound >= value.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts):
+            total += n
+            out.append((floatToGoString(bound), float(total)))
+        return out
+
 
 class ModelMetrics:
-    """One model's metric children, bound once."""
+    """One model's counters, updated by the hot path."""
 
-    __slots__ = ("model", "latency", "ttfb", "_requests", "_errors", "_requests_family", "_errors_family",
-                 "_retries_family")
+    __slots__ = ("model", "requests", "errors", "retries", "latency", "ttfb")
 
-    def __init__(self, model: str, requests: Counter, errors: Counter, latency: Histogram, ttfb: Histogram,
-                 retries: Counter):
+    def __init__(self, model: str):
         self.model = model
-        self._retries_family = retries
-        self.latency = latency.labels(model)
-        self.ttfb = ttfb.labels(model)
-        self._requests_family = requests
-        self._errors_family = errors
-        self._requests: dict[int, object] = {}
-        self._errors: dict[str, object] = {}
+        self.requests: dict[int, int] = {}
+        self.errors: dict[str, int] = {}
+        self.retries: dict[str, int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.ttfb = Histogram(TTFB_BUCKETS)
 
     def observe(self, status: int, latency_s: float, ttfb_s: float | None) -> None:
-        child = self._requests.get(status)
-        if child is None:
-            child = self._requests[status] = self._requests_family.labels(self.model, str(status))
-        child.inc()
+        requests = self.requests
+        requests[status] = requests.get(status, 0) + 1
         self.latency.observe(latency_s)
         if ttfb_s is not None:
             self.ttfb.observe(ttfb_s)
 
     def retry(self, reason: str) -> None:
-        self._retries_family.labels(self.model, reason).inc()
+        self.retries[reason] = self.retries.get(reason, 0) + 1
 
     def upstream_error(self, kind: str) -> None:
-        child = self._errors.get(kind)
-        if child is None:
-            child = self._errors[kind] = self._errors_family.labels(self.model, kind)
-        child.inc()
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 class Metrics:
-    """The app's registry and metric families; `render()` is the /metrics body."""
+    """The app's registry; `render()` is the /metrics body."""
 
     def __init__(self, state: Collector):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter("router_requests", "Proxied requests by model and final status "
-                           "(499: client went away; a stream that failed midway counts as 502/504)",
-                           ["model", "status"], registry=self.registry)
-        self._errors = Counter("router_upstream_errors", "Failures talking to engines, by kind "
-                         "(connect, timeout, disconnect)", ["model", "kind"], registry=self.registry)
-        self._latency = Histogram("router_request_duration_seconds", "Time from request to the end of the response",
-                            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._ttfb = Histogram("router_time_to_first_byte_seconds", "Time from request to the first response body byte",
-                         ["model"], buckets=TTFB_BUCKETS, registry=self.registry)
-        self._retries = Counter("router_retries", "Requests sent again to another replica before any byte reached "
-                                "the client, by what the first engine did (502, 503, 504, timeout, disconnect)",
-                                ["model", "reason"], registry=self.registry)
+        self._models: dict[str, ModelMetrics] = {}
+        self.registry.register(_Counts(self._models))
         #: Gauges of the current state, read from their owners at scrape time.
         self.registry.register(state)
 
     def for_model(self, model: str) -> ModelMetrics:
-        """The children a new model's requests update (the table makes one per model it adds)."""
-        return ModelMetrics(model, self._requests, self._errors, self._latency, self._ttfb, self._retries)
+        """The counters a model's requests update (the table asks once per model it adds; a model
+        kept across a reload keeps its counts)."""
+        found = self._models.get(model)
+        if found is None:
+            found = self._models[model] = ModelMetrics(model)
+        return found
 
     def drop(self, model: str) -> None:
         """Forget a model a reload removed: its series leave /metrics."""
-        for family in (self._requests, self._errors, self._latency, self._ttfb, self._retries):
-            for labels in list(family._metrics):  # prometheus_client keeps children by label tuple
-                if labels[0] == model:
-                    family.remove(*labels)
+        self._models.pop(model, None)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Counts(Collector):
+    """The models' counters as metric families, built at scrape time."""
+
+    def __init__(self, models: dict[str, ModelMetrics]):
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(*REQUESTS, labels=["model", "status"])
+        errors = CounterMetricFamily(*ERRORS, labels=["model", "kind"])
+        latency = HistogramMetricFamily(*LATENCY, labels=["model"])
+        ttfb = HistogramMetricFamily(*TTFB, labels=["model"])
+        retries = CounterMetricFamily(*RETRIES, labels=["model", "reason"])
+        for name, m in list(self._models.items()):
+            for status, n in sorted(m.requests.items()):
+                requests.add_metric([name, str(status)], n)
+            for kind, n in sorted(m.errors.items()):
+                errors.add_metric([name, kind], n)
+            for reason, n in sorted(m.retries.items()):
+                retries.add_metric([name, reason], n)
+            for family, histogram in ((latency, m.latency), (ttfb, m.ttfb)):
+                family.add_metric([name], histogram.buckets(), histogram.sum)
+        yield from (requests, errors, latency, ttfb, retries)
