@@ -165,6 +165,50 @@ def test_sim_needs_no_gpu(tmp_path: Path) -> None:
     assert c["command"][:3] == ["python", "-m", "router.sim"]
 
 
+def test_router_replicas_get_a_role_for_leases_and_their_pod_identity(tmp_path: Path) -> None:
+    out = render_k8s(tmp_path, FLEET)  # router.replicas: 3 turns leader election on
+    assert_valid(out)
+    objs = objects(out)
+    role = objs["Role", "router-leader-election"]
+    assert role["metadata"]["namespace"] == "llm"
+    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                              "verbs": ["get", "create", "update"]}]
+    binding = objs["RoleBinding", "router-leader-election"]
+    assert binding["roleRef"]["name"] == "router-leader-election"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "router", "namespace": "llm"}]
+    assert objs["ServiceAccount", "router"]["metadata"]["namespace"] == "llm"
+    pod = objs["Deployment", "router"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "router"
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container(objs["Deployment", "router"])["env"]}
+    assert env["POD_NAME"] == "metadata.name" and env["POD_IP"] == "status.podIP"
+    # The router in the cluster reads the same election settings.
+    cfg = parse_config(objs["ConfigMap", "router-config"]["data"]["config.yaml"], "/etc/kvrouter/config.yaml")
+    assert cfg.kubernetes.leader_election and cfg.kubernetes.lease_ns == "llm"
+
+    # One replica: no election, no rights beyond the default; another Lease namespace gets the Role.
+    one = objects(render_k8s(tmp_path / "one", {**FLEET, "router": {**FLEET["router"], "replicas": 1}}))
+    assert not {k for k in one if k[0] in ("Role", "RoleBinding", "ServiceAccount")}
+    assert "serviceAccountName" not in one["Deployment", "router"]["spec"]["template"]["spec"]
+    elsewhere = render_k8s(tmp_path / "ns", {**FLEET, "kubernetes": {
+        **FLEET["kubernetes"], "lease_namespace": "locks", "lease_name": "llm-router", "lease_seconds": 6}})
+    assert_valid(elsewhere)
+    objs = objects(elsewhere)
+    assert objs["Role", "router-leader-election"]["metadata"]["namespace"] == "locks"
+    assert objs["RoleBinding", "router-leader-election"]["subjects"][0]["namespace"] == "llm"
+
+
+def test_a_dns_named_instance_is_external(tmp_path: Path) -> None:
+    fleet = {**FLEET, "instances": [*FLEET["instances"], {
+        "name": "pool", "model": "pooled", "engine": "vllm", "dns_name": "pool.llm.svc.cluster.local", "port": 8000}]}
+    out = render_k8s(tmp_path, fleet)
+    assert_valid(out)
+    objs = objects(out)
+    assert ("Deployment", "pool") not in objs and ("Service", "pool") not in objs
+    cfg = parse_config(objs["ConfigMap", "router-config"]["data"]["config.yaml"], "/etc/kvrouter/config.yaml")
+    pool = next(i for i in cfg.instances if i.name == "pool")
+    assert (pool.dns_name, pool.port, pool.launch) == ("pool.llm.svc.cluster.local", 8000, False)
+
+
 @pytest.mark.parametrize("change, fix", [
     ({"kubernetes": {"namespace": "Not_OK"}}, "kubernetes.namespace"),
     ({"kubernetes": {}}, "kubernetes.images.openai"),

@@ -97,6 +97,9 @@ class Instance:
     #: This engine's own limits, where they differ from the router's (a 70B model's first token).
     request_timeout_seconds: Optional[float] = None
     stream_idle_timeout_seconds: Optional[float] = None
+    #: A DNS name (a headless Service) whose every address is a replica of `model` on `port`; the
+    #: router resolves it every `router.dns_refresh_seconds` (`host` is then the name itself).
+    dns_name: Optional[str] = None
 
     @property
     def spec(self) -> EngineSpec:
@@ -171,6 +174,10 @@ class RouterSettings:
     breaker_max_seconds: float = 300.0
     #: A streamed request waiting for a start or wake gets SSE comment lines every few seconds.
     loading_progress: bool = False
+    #: Nameservers ((address, port)) that resolve instances' `dns_name`; none: the system's (/etc/resolv.conf).
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    #: How often each `dns_name` is resolved again.
+    dns_refresh_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -231,6 +238,21 @@ class KubernetesSettings:
     #: Engine kind -> container image, for the kinds the YAML names.
     images: tuple[tuple[str, str], ...] = ()
     router_image: Optional[str] = None
+    #: One router replica leads (idle sleep, residency), chosen by the Lease `lease_name` in
+    #: `lease_namespace` (None: `namespace`); on by default when router.replicas > 1.
+    leader_election: bool = False
+    lease_name: str = "kvrouter-leader"
+    lease_namespace: Optional[str] = None
+    #: A leader that has not renewed for this long is replaced...
+    lease_seconds: float = 15.0
+    #: ...it stops leading this long after its last successful renewal (< lease_seconds)...
+    renew_deadline_seconds: float = 10.0
+    #: ...and renews (a follower retries) this often (< renew_deadline_seconds).
+    retry_period_seconds: float = 2.0
+
+    @property
+    def lease_ns(self) -> str:
+        return self.lease_namespace or self.namespace
 
 
 @dataclass(frozen=True)
@@ -246,14 +268,29 @@ class Config:
     residency: ResidencySettings = ResidencySettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     warnings: tuple[str, ...] = ()
+    #: What each instance's `dns_name` resolved to last (name -> addresses), set by the router at run
+    #: time (`with_addresses`); not from the YAML.
+    resolved: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def models(self) -> dict[str, tuple[Instance, ...]]:
-        """Model -> its replicas, in config order."""
+        """Model -> its replicas, in config order. An instance with a `dns_name` is one replica per
+        address the name resolved to (named ``<instance>@<address>``), or, until it resolves to
+        any, the name itself."""
+        addresses = dict(self.resolved)
         out: dict[str, list[Instance]] = {}
         for inst in self.instances:
-            out.setdefault(inst.model, []).append(inst)
+            found = addresses.get(inst.dns_name) if inst.dns_name else None
+            if found:
+                out.setdefault(inst.model, []).extend(replace(inst, name=f"{inst.name}@{a}", host=a) for a in found)
+            else:
+                out.setdefault(inst.model, []).append(inst)
         return {m: tuple(v) for m, v in out.items()}
+
+    def with_addresses(self, addresses: Mapping[str, tuple[str, ...]]) -> "Config":
+        """This config with `dns_name` -> addresses as resolved (each address list sorted, so the
+        same answer in another order is the same config)."""
+        return replace(self, resolved=tuple(sorted((n, tuple(sorted(set(a)))) for n, a in addresses.items())))
 
     @property
     def routes(self) -> dict[str, str]:
@@ -302,7 +339,12 @@ def env_value(value: Any) -> str:
 
 TOP_KEYS = ("kvcached", "router", "sleep_manager", "residency", "launch_delay_seconds", "tmux_session_prefix",
             "instances", "kubernetes")
-KUBERNETES_KEYS = ("namespace", "images", "router_image")
+KUBERNETES_KEYS = ("namespace", "images", "router_image", "leader_election", "lease_name", "lease_namespace",
+                   "lease_seconds", "renew_deadline_seconds", "retry_period_seconds")
+#: A Lease name (an RFC 1123 subdomain).
+K8S_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+#: A DNS name to resolve: labels of letters, digits and '-', dot-separated, an optional final dot.
+DNS_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?)*\.?")
 #: A Kubernetes namespace name (an RFC 1123 label).
 K8S_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 RESIDENCY_KEYS = ("gpu_memory_gb", "host_memory_gb", "start_timeout_seconds", "groups")
@@ -315,7 +357,7 @@ INSTANCE_KEYS = (
     "name", "model", "engine", "engine_args", "engine_env", "kvcached_env", "using_venv",
     "venv_path", "aliases", "launch", "sleep", "max_concurrency", "max_queue", "sim_args",
     "on_demand", "idle_stop_seconds", "pin", "node", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds",
-    "request_timeout_seconds", "stream_idle_timeout_seconds",
+    "request_timeout_seconds", "stream_idle_timeout_seconds", "dns_name",
 )
 #: Instance keys of engines started by their own `command` only (EngineSpec.launcher is None).
 COMMAND_KEYS = ("command", "host", "port", "health_path")
@@ -345,6 +387,8 @@ ROUTER_KEYS = {
     "retries": ("retries", "nonnegint"),
     "breaker_max_seconds": ("breaker_max_seconds", "posfloat"),
     "loading_progress": ("loading_progress", "bool"),
+    "dns_servers": ("dns_servers", "nameservers"),
+    "dns_refresh_seconds": ("dns_refresh_seconds", "posfloat"),
 }
 SLEEP_KEYS = {
     "auto_sleep_enabled": ("auto_sleep_enabled", "bool"),
@@ -450,7 +494,7 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     delay = _number(raw.get("launch_delay_seconds", 0), "launch_delay_seconds", "nonnegfloat", p)
     prefix = _session_prefix(raw.get("tmux_session_prefix", Config.tmux_session_prefix), p)
     residency = _residency(raw.get("residency"), p)
-    kubernetes = _kubernetes(raw.get("kubernetes"), p)
+    kubernetes = _kubernetes(raw.get("kubernetes"), p, router.replicas)
     instances = _instances(raw.get("instances"), kv_env, base, sim, p)
     if p.errors:
         raise p.fail(path)
@@ -516,13 +560,15 @@ def _residency(block: Any, p: _Problems) -> ResidencySettings:
                              start_timeout_seconds=start if start is not None else 900.0, groups=tuple(groups))
 
 
-def _kubernetes(block: Any, p: _Problems) -> KubernetesSettings:
-    """The top-level ``kubernetes`` block, read by `render --target kubernetes` only."""
+def _kubernetes(block: Any, p: _Problems, replicas: int = 1) -> KubernetesSettings:
+    """The top-level ``kubernetes`` block: read by `render --target kubernetes`, and by the router
+    for its leader election."""
     if block is None:
-        return KubernetesSettings()
+        return KubernetesSettings(leader_election=replicas > 1)
     if not isinstance(block, dict):
-        p.error("kubernetes", "must be a mapping (namespace, images: {vllm: IMAGE, ...}, router_image)")
-        return KubernetesSettings()
+        p.error("kubernetes", "must be a mapping (namespace, images: {vllm: IMAGE, ...}, router_image, "
+                              "leader_election, lease_name, ...)")
+        return KubernetesSettings(leader_election=replicas > 1)
     p.unknown_keys("kubernetes", block.keys(), KUBERNETES_KEYS)
     namespace = block.get("namespace", KubernetesSettings.namespace)
     if not (isinstance(namespace, str) and K8S_NAMESPACE.fullmatch(namespace)):
@@ -544,7 +590,43 @@ def _kubernetes(block: Any, p: _Problems) -> KubernetesSettings:
         namespace=namespace,
         images=tuple((str(k), str(v)) for k, v in images.items() if k in ENGINES and isinstance(v, str)),
         router_image=named["router_image"] if isinstance(named["router_image"], str) else None,
+        **_lease(block, p, replicas),
     )
+
+
+def _lease(block: dict, p: _Problems, replicas: int) -> dict[str, Any]:
+    """The leader election keys of the ``kubernetes`` block, as KubernetesSettings fields."""
+    out: dict[str, Any] = {"leader_election": replicas > 1}
+    if "leader_election" in block:
+        on = _value(block["leader_election"], "kubernetes.leader_election", "bool", p, Path.cwd())
+        if on is not None:
+            out["leader_election"] = on
+    for key, default in (("lease_name", KubernetesSettings.lease_name), ("lease_namespace", None)):
+        value = block.get(key, default)
+        pattern = K8S_OBJECT_NAME if key == "lease_name" else K8S_NAMESPACE
+        if value is not None and not (isinstance(value, str) and len(value) <= 253 and pattern.fullmatch(value)):
+            p.error(f"kubernetes.{key}", f"{value!r} is not a Kubernetes {'object' if key == 'lease_name' else 'namespace'} "
+                                         "name: use lower-case letters, digits and '-' (e.g. kvrouter-leader)")
+        else:
+            out[key] = value
+    lease = _number(block.get("lease_seconds", KubernetesSettings.lease_seconds), "kubernetes.lease_seconds",
+                    "posfloat", p) or KubernetesSettings.lease_seconds
+    # Unset, the other two keep client-go's proportions to the lease (15 s: 10 s and 2 s).
+    renew = _number(block.get("renew_deadline_seconds", lease * 2 / 3), "kubernetes.renew_deadline_seconds",
+                    "posfloat", p)
+    retry = _number(block.get("retry_period_seconds", lease * 2 / 15), "kubernetes.retry_period_seconds",
+                    "posfloat", p)
+    if renew is not None and renew >= lease:
+        p.error("kubernetes.renew_deadline_seconds", f"{renew:g} must be less than lease_seconds ({lease:g}): a "
+                                                     "leader must stop leading before another may take the Lease; "
+                                                     f"lower it (e.g. {lease * 2 / 3:.3g}) or raise lease_seconds")
+    elif renew is not None and retry is not None and retry >= renew:
+        p.error("kubernetes.retry_period_seconds", f"{retry:g} must be less than renew_deadline_seconds ({renew:g}), "
+                                                   "or the leader could not renew in time; lower it "
+                                                   f"(e.g. {renew / 5:.3g})")
+    out.update(lease_seconds=lease, renew_deadline_seconds=renew or lease * 2 / 3,
+               retry_period_seconds=retry or lease * 2 / 15)
+    return out
 
 
 def _session_prefix(v: Any, p: _Problems) -> str:
@@ -614,12 +696,39 @@ def _value(v: Any, where: str, kind: str, p: _Problems, base: Path) -> Any:
             return v.strip()
         p.error(where, f"must be a model name, not {v!r}")
         return None
+    if kind == "nameservers":
+        return _nameservers(v, where, p)
     if kind == "keys":
         return _secrets(v, where, p, base, many=True)
     if kind == "key":
         keys = _secrets(v, where, p, base, many=False)
         return keys[0] if keys else None
     return _number(v, where, kind, p)
+
+
+def _nameservers(v: Any, where: str, p: _Problems) -> Optional[tuple[tuple[str, int], ...]]:
+    """``["10.96.0.10", "127.0.0.1:5353", "[fd00::a]:53"]`` -> ((address, port), ...), port 53 by default."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items:
+        p.error(where, f"must be a list of nameserver addresses, each an IP with an optional port "
+                       f"(e.g. [\"10.96.0.10\", \"127.0.0.1:5353\"]), not {v!r}")
+        return None
+    out = []
+    for i, item in enumerate(items):
+        text = item if isinstance(item, str) else ""
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([0-9.]+)(?::(\d+))?|([0-9A-Fa-f:]+)", text.strip())
+        address, port = (m.group(1) or m.group(3) or m.group(5), m.group(2) or m.group(4) or "53") if m else ("", "")
+        try:
+            ipaddress.ip_address(address)
+            ok = 1 <= int(port) <= 65535
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"{where}[{i}]", f"{item!r} is not a nameserver: give an IP address with an optional port "
+                                     "(10.96.0.10, 127.0.0.1:5353, [fd00::a]:53); names are not resolved here")
+            continue
+        out.append((address, int(port)))
+    return tuple(out) if len(out) == len(items) else None
 
 
 def _number(v: Any, where: str, kind: str, p: _Problems) -> Any:
@@ -776,8 +885,11 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
     program: Optional[str] = None
     address: Optional[tuple[str, int]] = None
     health_path = ""
+    dns_name = _dns_name(raw, where, p)
     if spec is not None:
-        ok = _keys_fit_engine(raw, spec, where, p) and ok
+        # With a dns_name, `port` is every engine's key (the addresses come from the name).
+        fit = {k: v for k, v in raw.items() if not (k == "port" and "dns_name" in raw)}
+        ok = _keys_fit_engine(fit, spec, where, p) and ok
         words = _words(raw.get(spec.args_key, []), f"{where}.{spec.args_key}", p)
         if words is None:
             ok = False
@@ -785,7 +897,10 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
             args = words
         elif words:
             program, *args = words
-        address = _address(raw, args, spec, where, p)
+        if "dns_name" in raw:
+            address = _dns_address(raw, args, spec, dns_name, where, p)
+        else:
+            address = _address(raw, args, spec, where, p)
         health_path = _health_path(raw, spec, where, p) or spec.health_path
 
     env = list(kv_env) + _env_list(raw.get("kvcached_env"), f"{where}.kvcached_env", p) + _env_list(raw.get("engine_env"), f"{where}.engine_env", p)
@@ -799,8 +914,13 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
     except ValueError as e:
         p.error(f"{where}.sim_args", f"cannot split into arguments ({e}); check the quotes")
 
-    flags = {key: _value(raw.get(key, key in ("launch", "sleep")), f"{where}.{key}", "bool", p, base) is True
+    # An instance found by DNS runs elsewhere (a Deployment behind a headless Service): launch defaults to false.
+    defaults = {"launch": "dns_name" not in raw, "sleep": True}
+    flags = {key: _value(raw.get(key, defaults.get(key, False)), f"{where}.{key}", "bool", p, base) is True
              for key in ("launch", "sleep", "using_venv", "on_demand", "pin")}
+    if "dns_name" in raw and flags["launch"]:
+        p.error(f"{where}.launch", "an instance found by its dns_name runs elsewhere and is not launched here; "
+                                   "remove 'launch: true' (or the dns_name)")
     sizes = {key: _number(raw[key], f"{where}.{key}", "posfloat", p) if raw.get(key) is not None else None
              for key in ("idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds",
                          "request_timeout_seconds", "stream_idle_timeout_seconds")}
@@ -846,8 +966,55 @@ def _instance(raw: dict, where: str, kv_env: list[tuple[str, str]], base: Path, 
         venv_path=venv_path, host=host, port=port, health_path=health_path, aliases=tuple(aliases),
         served_names=served, launch=flags["launch"], sleep=flags["sleep"], max_concurrency=max_conc,
         max_queue=max_queue, sim_args=tuple(sim_args), program=program, on_demand=flags["on_demand"],
-        pin=flags["pin"], node=_value(raw["node"], f"{where}.node", "host", p, base) if "node" in raw else None, **sizes,
+        pin=flags["pin"], node=_value(raw["node"], f"{where}.node", "host", p, base) if "node" in raw else None,
+        dns_name=dns_name, **sizes,
     )
+
+
+def _dns_name(raw: dict, where: str, p: _Problems) -> Optional[str]:
+    """The instance's `dns_name`, if it is a DNS name."""
+    value = raw.get("dns_name")
+    if value is None:
+        return None
+    if not (isinstance(value, str) and DNS_NAME.fullmatch(value)):
+        p.error(f"{where}.dns_name", f"{value!r} is not a DNS name; give the headless Service's name "
+                                     "(e.g. engine-a.default.svc.cluster.local)")
+        return None
+    if ipaddress_or_none(value.rstrip(".")) is not None:
+        p.error(f"{where}.dns_name", f"{value!r} is an address, not a name; put it in the engine's --host (or host:) "
+                                     "and remove dns_name")
+        return None
+    return value
+
+
+def ipaddress_or_none(text: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _dns_address(raw: dict, args: list[str], spec: EngineSpec, dns_name: Optional[str], where: str,
+                 p: _Problems) -> Optional[tuple[str, int]]:
+    """(dns_name, port) of an instance found by DNS: the port from `port:` or the engine's port flag."""
+    if "host" in raw or last_flag_value(args, spec.host_flag) is not None:
+        key = "host" if "host" in raw else spec.args_key
+        p.error(f"{where}.{key}", f"an instance with a dns_name is reached at each address the name resolves to; "
+                                  f"remove its host ({'host:' if key == 'host' else spec.host_flag})")
+        return None
+    port_text = last_flag_value(args, spec.port_flag)
+    port: Any = raw.get("port", int(port_text) if port_text is not None and port_text.isdigit() else port_text)
+    if port is None:
+        p.error(f"{where}.port", "missing: the router reaches each address of the dns_name on this port; "
+                                 "add e.g. 'port: 8000'")
+        return None
+    if not (type(port) is int and 1 <= port <= 65535):
+        p.error(f"{where}.port", f"{port!r} is not a port number (1-65535)")
+        return None
+    if "port" in raw and port_text is not None and str(raw["port"]) != port_text:
+        p.error(f"{where}.port", f"{raw['port']!r} but {spec.args_key} says {spec.port_flag} {port_text}; give one")
+        return None
+    return (dns_name, port) if dns_name is not None else None
 
 
 def _keys_fit_engine(raw: dict, spec: EngineSpec, where: str, p: _Problems) -> bool:

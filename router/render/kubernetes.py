@@ -9,7 +9,11 @@ The output folder holds, for ``kubectl apply -k DIR``:
   Service ``<name>`` on the engine's port;
 - ``router.yaml``: the router's ConfigMap (the YAML with each launched
   instance at its Service, ``launch: false``), Deployment
-  (``router.replicas``) and Service;
+  (``router.replicas``) and Service; with leader election (on by default
+  when ``router.replicas`` > 1) also the router's ServiceAccount and a Role
+  and RoleBinding that let it get, create and update Leases in the Lease's
+  namespace (nothing else); its pods learn their name, IP and namespace
+  from the downward API (POD_NAME, POD_IP, POD_NAMESPACE);
 - ``kustomization.yaml`` listing them.
 
 Engine Services are headless and publish pods that are not ready: the router
@@ -75,7 +79,8 @@ def render_kubernetes(cfg: Config, text: Optional[str] = None, sim: bool = False
         if text is None:
             text = Path(cfg.path).read_text(encoding="utf-8")
         config = cluster_config_yaml(cfg, text, settings.namespace)
-        docs["router.yaml"] = [_router_configmap(cfg, config), _router_deployment(cfg, config), _router_service(cfg)]
+        docs["router.yaml"] = [_router_configmap(cfg, config), *_router_rbac(cfg), _router_deployment(cfg, config),
+                               _router_service(cfg)]
     docs[KUSTOMIZATION] = [{"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                             "resources": list(docs)}]
     files = {name: (HEADER.format(config=source) + dump(d), FILE_MODE) for name, d in docs.items()}
@@ -230,7 +235,7 @@ def _router_deployment(cfg: Config, config: str) -> dict[str, Any]:
         "name": ROUTER_NAME,
         "image": cfg.kubernetes.router_image or DEFAULT_ROUTER_IMAGE,
         "command": ["python", "-m", "router.serve", "--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}", "--host", "0.0.0.0"],
-        "env": _env([("PYTHONUNBUFFERED", "1")]),
+        "env": _env([("PYTHONUNBUFFERED", "1")]) + _downward_env(),
         "ports": [{"name": "http", "containerPort": router.port}],
         "readinessProbe": _http_probe("/health", 5, 3),
         "livenessProbe": _http_probe("/health", 10, 6),
@@ -240,8 +245,35 @@ def _router_deployment(cfg: Config, config: str) -> dict[str, Any]:
     grace = math.ceil(router.shutdown_grace_seconds) + ROUTER_STOP_MARGIN_SECONDS
     # A changed config changes the pod template, so `kubectl apply` rolls the router pods.
     digest = {"kvrouter/config-sha256": hashlib.sha256(config.encode()).hexdigest()}
-    return _deployment(_router_meta(cfg), router.replicas, _pod(container, grace, router.node, volumes),
-                       recreate=False, pod_annotations=digest)
+    pod = _pod(container, grace, router.node, volumes)
+    if cfg.kubernetes.leader_election:
+        pod = {"serviceAccountName": ROUTER_NAME, **pod}
+    return _deployment(_router_meta(cfg), router.replicas, pod, recreate=False, pod_annotations=digest)
+
+
+def _downward_env() -> list[dict[str, Any]]:
+    """Who and where the pod is, for its leader election: the holder it writes into the Lease is
+    POD_NAME@POD_IP:port, which is how the other router replicas reach the leader."""
+    return [{"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+            for name, path in (("POD_NAME", "metadata.name"), ("POD_IP", "status.podIP"),
+                               ("POD_NAMESPACE", "metadata.namespace"))]
+
+
+def _router_rbac(cfg: Config) -> list[dict[str, Any]]:
+    """With leader election: the router's ServiceAccount, and the Role and RoleBinding that let it
+    read, create and renew Leases in the Lease's namespace (all a Lease lock needs)."""
+    k8s = cfg.kubernetes
+    if not k8s.leader_election:
+        return []
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _router_meta(cfg)}
+    meta = {**_router_meta(cfg, f"{ROUTER_NAME}-leader-election"), "namespace": k8s.lease_ns}
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+            "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                       "verbs": ["get", "create", "update"]}]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": meta["name"]},
+               "subjects": [{"kind": "ServiceAccount", "name": ROUTER_NAME, "namespace": k8s.namespace}]}
+    return [account, role, binding]
 
 
 def _router_service(cfg: Config) -> dict[str, Any]:
