@@ -59,13 +59,15 @@ class Engine:
     """
 
     def __init__(self, behaviour: str = "ok", chunks: int = 5, interval: float = 0.0, health: int = 200,
-                 keepalive: float = 75.0):
+                 keepalive: float = 75.0, host: str = "127.0.0.1", port: Optional[int] = None):
         self.behaviour = behaviour
         self.chunks = chunks
         self.interval = interval
         self.health_status = health
         self.keepalive = keepalive
-        self.port = free_port()
+        #: Another loopback address (127.0.0.2) and a shared port make replicas found by DNS.
+        self.host = host
+        self.port = port or free_port()
         self.bodies: list[bytes] = []
         self.headers: list[Any] = []
         self.disconnects = 0
@@ -77,7 +79,7 @@ class Engine:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def start(self) -> "Engine":
         app = web.Application()
@@ -88,7 +90,7 @@ class Engine:
         app.router.add_post("/v1/embeddings", self.generate)
         self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=self.keepalive)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self.runner, self.host, self.port).start()
         return self
 
     async def stop(self) -> None:

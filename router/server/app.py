@@ -82,6 +82,8 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
             state.processes.start()
         state.health.start()
         await state.idle.start()
+        await state.dns.refresh()  # replicas found by DNS before the first request
+        state.dns.start()
         hup = False
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # only the main thread may
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(state.reload_logged()))
@@ -91,6 +93,7 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            await state.dns.stop()
             await state.idle.stop()
             await asyncio.gather(*(m.lifecycle.close() for m in state.table))
             await state.health.stop()

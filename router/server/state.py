@@ -18,6 +18,7 @@ from router.observe.accesslog import AccessLog
 from router.observe.events import Events
 from router.observe.metrics import Metrics
 from router.observe.traffic import Traffic
+from router.cluster.dns import Addresses, DnsWatcher, changed
 from router.server.affinity import ResponseOwners
 from router.server.auth import Guard
 from router.server.control import EngineControl
@@ -59,6 +60,8 @@ class RouterState:
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
         self._reloading: Optional[asyncio.Lock] = None
+        #: Resolves instances' dns_name each router.dns_refresh_seconds (started by the app).
+        self.dns = DnsWatcher(lambda: self.config, self.apply_addresses)
 
     def on_process(self, process: ProcessState) -> None:
         """supervisord says a program changed: its replica takes the news, and queued requests
@@ -71,17 +74,21 @@ class RouterState:
                     model.lifecycle.process_changed()
                     model.dispatch()
 
-    async def reload(self) -> ConfigChange:
+    async def reload(self, addresses: Optional[Addresses] = None) -> ConfigChange:
         """Re-read the YAML and apply it at once; ConfigError (nothing changed) when it does not load.
 
         New requests see the new table as soon as it is swapped in; requests
         in flight keep the models and replicas they hold, so they finish
-        undisturbed. Reloads run one at a time.
+        undisturbed. Reloads run one at a time. With `addresses` (new DNS answers, from
+        `apply_addresses`) the running config takes them instead; a reload of the file keeps the last.
         """
         if self._reloading is None:
             self._reloading = asyncio.Lock()
         async with self._reloading:
-            new = load_config(self.config.path, sim=True)
+            if addresses is not None:
+                new = self.config.with_addresses(addresses)
+            else:
+                new = load_config(self.config.path, sim=True).with_addresses(dict(self.config.resolved))
             change = diff(self.config, new)
             old_table = self.table
             table = ModelTable.build(new, self.control, self.events, self.metrics.for_model, self.residency,
@@ -110,6 +117,13 @@ class RouterState:
             self.events.publish("reload", "applied", changes=report)
             log.info("reloaded %s: %s", new.path, report)
             return change
+
+    async def apply_addresses(self, addresses: Addresses) -> None:
+        """New DNS answers (dns_name -> addresses): each address is a replica of its instance's model;
+        replicas at addresses still there keep their state, gone ones finish their requests."""
+        old = dict(self.config.resolved)
+        await self.reload(addresses)
+        self.events.publish("dns", "resolved", changes=changed(old, dict(self.config.resolved)))
 
     async def reload_logged(self) -> None:
         """A reload from SIGHUP: the outcome goes to the log, naming file and field on failure."""
