@@ -283,3 +283,35 @@ def test_holder_text_splits_at_the_last_at() -> None:
     assert split_holder("router-0@[fd00::5]:8080") == ("router-0", "[fd00::5]:8080")
     assert split_holder("kube-controller") == ("kube-controller", None)
     assert split_holder(None) == (None, None)
+
+
+def test_from_config_runs_for_this_pod_on_the_yaml_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.config import parse_config
+
+    monkeypatch.setenv("POD_NAME", "router-5d8c-x2")
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    cfg = parse_config("""
+router: {replicas: 2}
+kubernetes: {namespace: llm, lease_name: llm-router, lease_seconds: 0.9}
+instances: [{name: a, model: m, engine: vllm, engine_args: "--port 8001"}]
+""", "<lease>", sim=True)
+
+    async def main() -> None:
+        kube = await FakeKube().start()
+        changes: list[tuple[str, dict[str, Any]]] = []
+        elector = LeaseElector.from_config(cfg, 8080, client.Configuration(host=kube.url),
+                                           on_change=lambda state, **d: changes.append((state, d)))
+        assert (elector.lease_seconds, elector.renew_deadline, elector.retry_period) == pytest.approx((0.9, 0.6, 0.12))
+        task = asyncio.get_running_loop().create_task(elector.run())
+        try:
+            await asyncio.wait_for(elector.started_leading.wait(), 3)
+            assert kube.leases["llm", "llm-router"]["spec"]["holderIdentity"] == "router-5d8c-x2@10.1.2.3:8080"
+            assert elector.leader_address() == "10.1.2.3:8080"
+            assert changes[0] == ("started", {"identity": "router-5d8c-x2", "address": "10.1.2.3:8080"})
+            assert changes[1] == ("leader", {"leader": "router-5d8c-x2", "address": "10.1.2.3:8080"})
+        finally:
+            await elector.stop()
+            await task
+            await kube.stop()
+        assert elector.stopped_leading.is_set() and changes[-1][0] in ("stopped", "leader")
+    run(main())

@@ -158,6 +158,17 @@ class LeaseElector:
         #: The leader last announced through on_change (a holderIdentity), so it changes once.
         self._announced: Optional[str] = None
 
+    @classmethod
+    def from_config(cls, config: Any, port: int, configuration: Any = None,
+                    on_change: Optional[OnChange] = None) -> "LeaseElector":
+        """The elector a router serving on `port` runs for `config` (its `kubernetes` block): this pod
+        (`default_identity`) as candidate for the Lease, through `api_client(configuration)`."""
+        k8s = config.kubernetes
+        identity, address = default_identity(port)
+        return cls(api_client(configuration), identity, address, k8s.lease_name, k8s.lease_ns,
+                   lease_seconds=k8s.lease_seconds, renew_deadline_seconds=k8s.renew_deadline_seconds,
+                   retry_period_seconds=k8s.retry_period_seconds, on_change=on_change)
+
     # ------------------------------------------------------------------ what callers read
 
     @property
