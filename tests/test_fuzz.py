@@ -295,6 +295,8 @@ KIND_VALUES = {
     "name": st.sampled_from(["m", "org/model", "alias", "no-such-model"]),
     "sleepmode": st.sampled_from(["wait", "abort", "ABORT", "keep"]),
     "nonnegint": st.integers(0, 5),
+    "nameservers": st.lists(st.sampled_from(["127.0.0.1:5353", "10.96.0.10", "[::1]:53", "dns.local", "1.2.3.4:0"]),
+                            max_size=2),
 }
 
 
@@ -333,6 +335,7 @@ INSTANCE_VALUES = {
         "idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds", "request_timeout_seconds",
         "stream_idle_timeout_seconds")},
     "node": mostly(st.sampled_from(["gpu-1", "gpu-2"]), YAML_VALUES),
+    "dns_name": mostly(st.sampled_from(["pool.test", "engine-a.llm.svc.cluster.local", "10.0.0.5", "a b"]), YAML_VALUES),
 }
 INSTANCES = st.lists(st.fixed_dictionaries(
     {k: INSTANCE_VALUES[k] for k in ("model", "engine", "engine_args")},
