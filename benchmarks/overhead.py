@@ -157,7 +157,8 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
             extra["rust"] = start(rust_router.argv(rust_port, free_port()), "rust-router.log").pid
             urls["rust"] = f"http://127.0.0.1:{rust_port}"
         if old is not None:
-            extra["old"] = start([sys.executable, "-m", "router.serve", "--config", str(tmp / "overhead-old.yaml")],
+            old_entry = entry if (old / "router" / "server" / "fastserver.py").exists() else "router.serve"
+            extra["old"] = start([sys.executable, "-m", old_entry, "--config", str(tmp / "overhead-old.yaml")],
                                  "old-router.log", cwd=old).pid
             urls["old"] = f"http://127.0.0.1:{old_port}"
         yield Stack(router.pid, baseline.pid, urls,
@@ -483,7 +484,8 @@ def main() -> int:
                    help="also measure the router of COMMIT (its router/ from git archive) in the same phases")
     p.add_argument("--server", choices=("fast", "uvicorn"), default="fast",
                    help="our router's HTTP server: fast (router/server/fastserver.py's protocol, the default) or "
-                        "uvicorn (uvicorn's own httptools protocol); --old-router always runs `python -m router.serve`")
+                        "uvicorn (uvicorn's own httptools protocol); --old-router runs the same, or `python -m router.serve` "
+                        "if that commit has no router/server/fastserver.py")
     args = p.parse_args()
     if args.rust_router and rust_router.version() is None:
         print("--rust-router: the Rust vllm-router is not installed (pip install vllm-router); nothing measured",

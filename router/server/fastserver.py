@@ -30,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import httptools
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 #: Framing of a streamed answer's end.
@@ -62,7 +63,7 @@ class FastReply:
     """
 
     __slots__ = ("protocol", "transport", "scope", "proxy", "keep_alive", "parts", "started", "response_started",
-                 "response_complete", "disconnected", "gone", "task", "message_event")
+                 "response_complete", "disconnected", "gone", "task", "message_event", "on_drain")
 
     def __init__(self, protocol: "FastHttpProtocol", scope: dict[str, Any], proxy: Any, keep_alive: bool):
         self.protocol = protocol
@@ -80,6 +81,8 @@ class FastReply:
         self.gone = False
         self.task: Optional[asyncio.Task[None]] = None
         self.message_event = NO_EVENT
+        #: Called when the client's buffer has drained (a piped stream resumes reading its engine).
+        self.on_drain: Optional[Callable[[], None]] = None
 
     # ---------------------------------------------------------------- the request
 
@@ -136,6 +139,20 @@ class FastReply:
             return
         self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
+    def pipe_sink(self, upstream: Any) -> Callable[[bytes], bool]:
+        """Where `Response.pipe` hands a stream's pieces: each written as one chunk at once; False
+        when the client's buffer is full, and `upstream.resume()` once it has drained."""
+        self.on_drain = upstream.resume
+        transport = self.transport
+        flow = self.protocol.flow
+
+        def sink(data: bytes) -> bool:
+            if self.disconnected:
+                return True
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return not flow.write_paused
+        return sink
+
     async def end(self, data: bytes = b"") -> None:
         if self.disconnected or self.response_complete:
             return
@@ -154,7 +171,11 @@ class FastHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        state = getattr(self.app, "state", None)
+        app = self.app
+        if type(app) is ProxyHeadersMiddleware:
+            # It rewrites the client address and scheme, which the proxied paths never read.
+            app = app.app
+        state = getattr(app, "state", None)
         plain = (self.root_path or self.limit_concurrency is not None
                  or not all(hasattr(state, a) for a in ("guard", "table", "proxy")))
         self.router_state = None if plain else state
@@ -222,6 +243,12 @@ class FastHttpProtocol(HttpToolsProtocol):
         task = cycle.task = self.loop.create_task(cycle.run())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        cycle = self.fast
+        if cycle is not None and cycle.on_drain is not None:
+            cycle.on_drain()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         super().connection_lost(exc)

@@ -680,7 +680,20 @@ class Proxy:
         await reply.head(resp.status, relay_headers(resp, [*STREAM_HEADERS]))
         nbytes = 0
         tail = b""
+        # A reply on a connection of ours takes the chunks from the engine connection's callback.
+        piped = None if learn else getattr(reply, "pipe_sink", None)
         try:
+            if piped is not None:
+                try:
+                    await resp.pipe(piped(resp))
+                finally:
+                    nbytes = resp.relayed
+                    if resp.first_relayed_at is not None:
+                        ex.ttfb = resp.first_relayed_at - start
+                if ex.ttfb is None:
+                    ex.ttfb = time.perf_counter() - start
+                ex.nbytes = nbytes
+                return await reply.end()
             chunk = await resp.next_chunk()
             ex.ttfb = time.perf_counter() - start
             while chunk:

@@ -18,8 +18,9 @@ idle periods after the last byte.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 import httptools
 
@@ -69,6 +70,12 @@ class Connection(asyncio.Protocol):
         self.paused = False
         #: Only a stream's reader takes pieces as they come; a whole body must not pause reading.
         self.streaming = False
+        #: Signs of life for the idle watchdog: body pieces received, and resumes after a full client.
+        self.progress = 0
+        #: While piping (`Response.pipe`): where each read's body goes; False back means "the client is full".
+        self.sink: Optional[Callable[[bytes], bool]] = None
+        self.relayed = 0
+        self.first_relayed_at: Optional[float] = None
         self._waiter: Optional[asyncio.Future[None]] = None
 
     # ---------------------------------------------------------------- asyncio.Protocol
@@ -85,6 +92,29 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self.fail(UpstreamError(f"the engine sent an invalid HTTP response: {e}"))
+        if self.sink is not None and self.chunks:
+            self.relay()
+
+    def relay(self) -> None:
+        """Hand what arrived to the sink in one piece (all the chunks of one read together)."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if not self.relayed:
+            self.first_relayed_at = time.perf_counter()
+        self.relayed += len(data)
+        assert self.sink is not None
+        if not self.sink(data) and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        """The sink can take more again."""
+        if self.paused and not self.closed and self.transport is not None:
+            self.paused = False
+            self.progress += 1  # the engine gets its next idle period from now
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
@@ -105,6 +135,9 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
+        self.progress += 1
+        if self.sink is not None:
+            return  # relayed at the end of this read, by data_received
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.streaming and not self.paused and self.transport is not None:
             self.paused = True
@@ -195,14 +228,40 @@ class Response:
         conn = self.conn
         while True:
             if conn.chunks:
-                if self._watchdog is not None:
-                    self._watchdog.progress += 1
                 return conn.take()
             if conn.complete:
                 return b""
             if conn.error is not None:
                 raise conn.error
             await conn.wait()
+
+    async def pipe(self, sink: Callable[[bytes], bool]) -> None:
+        """Relay the rest of the body (after `stream`) to `sink` as it arrives, from the connection's
+        own callback: no wake-up of this coroutine per chunk. `sink` gets each read's body in one
+        piece and returns False when its client is full: reading then pauses until `resume()`. What
+        was relayed: `relayed` bytes, the first at `first_relayed_at` (perf_counter)."""
+        conn = self.conn
+        conn.sink = sink
+        try:
+            if conn.chunks:
+                conn.relay()
+            while not conn.complete:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+        finally:
+            conn.sink = None
+
+    @property
+    def relayed(self) -> int:
+        return self.conn.relayed
+
+    @property
+    def first_relayed_at(self) -> Optional[float]:
+        return self.conn.first_relayed_at
+
+    def resume(self) -> None:
+        self.conn.resume()
 
     def close(self) -> None:
         self._timer.cancel()
@@ -218,22 +277,22 @@ class Response:
 class _IdleWatchdog:
     """Fails the connection when a check finds no progress since the previous one."""
 
-    __slots__ = ("conn", "timeout", "progress", "_seen", "_handle")
+    __slots__ = ("conn", "timeout", "_seen", "_handle")
 
     def __init__(self, conn: Connection, timeout: float):
         self.conn = conn
         self.timeout = timeout
-        self.progress = 0
-        self._seen = 0
+        self._seen = conn.progress
         self._handle = asyncio.get_running_loop().call_later(timeout, self._check)
 
     def _check(self) -> None:
-        # Bytes still waiting for the relay mean the hold-up is a slow client
-        # (backpressure), not a silent engine: only the engine's silence times out.
-        if self.progress == self._seen and not self.conn.chunks:
-            self.conn.fail(UpstreamTimeout(f"the engine sent nothing for {self.timeout:g}s"))
+        # Bytes still waiting for the relay, or reading paused for a full client, mean the hold-up
+        # is a slow client (backpressure), not a silent engine: only the engine's silence times out.
+        conn = self.conn
+        if conn.progress == self._seen and not conn.chunks and not conn.paused:
+            conn.fail(UpstreamTimeout(f"the engine sent nothing for {self.timeout:g}s"))
             return
-        self._seen = self.progress
+        self._seen = conn.progress
         self._handle = asyncio.get_running_loop().call_later(self.timeout, self._check)
 
     def cancel(self) -> None:
