@@ -9,15 +9,28 @@ session.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import resource
+import shutil
+import socket
 import sys
+import tempfile
+from types import FrameType
 from typing import Optional, Sequence
 
 import uvicorn
+import uvloop
 
-from router.server.app import create_app
+from router.server.app import RouterApp, create_app
+from router.server.state import RouterState
+from router.server.worker import WorkerProcesses
 from router.config import ConfigError, load_config
+
+log = logging.getLogger("router.serve")
+#: How long the controller waits for a first worker to connect before its idle loop starts anyway.
+WORKER_START_SECONDS = 60.0
 
 #: Listen backlog: thousands of clients may connect at once.
 BACKLOG = 8192
@@ -61,15 +74,80 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_nofile_limit()
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config, args.supervisor_socket), host=args.host or settings.host, port=args.port or settings.port,
+    options: dict[str, object] = dict(
         # proxy_headers off: the router never uses the client address, so skip that middleware.
         loop="uvloop", http="httptools", lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds, log_level=settings.log_level,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
-    ))
-    server.run()
+    )
+    host, port = args.host or settings.host, args.port or settings.port
+    app = create_app(config, args.supervisor_socket)
+    if settings.workers == 1:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options)).run()  # type: ignore[arg-type]
+        return 0
+    return serve_with_workers(app, host, port, options)
+
+
+def serve_with_workers(app: RouterApp, host: str, port: int, options: dict[str, object]) -> int:
+    """This process is the controller, on a private unix socket; `router.workers` proxy processes
+    share the public port and pass it everything but proxied requests."""
+    state = app.state
+    assert isinstance(state, RouterState) and state.workers is not None
+    links = state.workers
+    folder = tempfile.mkdtemp(prefix="kvrouter-")  # 0700: only this user reaches the sockets
+    link_path, http_path = os.path.join(folder, "link.sock"), os.path.join(folder, "http.sock")
+    workers = WorkerProcesses(state.config.router.workers, link_path, http_path, host, port, options,
+                              state.config.router.shutdown_grace_seconds)
+    server = ControllerServer(uvicorn.Config(app, uds=http_path, **options), workers)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        await links.serve(link_path)
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started:
+            if serving.done():
+                return serving.result()
+            await asyncio.sleep(0.01)
+        try:
+            workers.start()
+        except OSError as e:
+            log.error("cannot listen on %s:%s: %s", host, port, e)
+            server.should_exit = True
+        else:
+            await links.connected(1, WORKER_START_SECONDS)  # clients reach the models from then
+            state.begin_serving()
+        await serving
+        await links.close()
+    try:
+        uvloop.run(run())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+class ControllerServer(uvicorn.Server):
+    """The controller's server: on SIGTERM or SIGINT the workers stop first (their streams end while
+    the controller can still act for them), then the controller."""
+
+    def __init__(self, config: uvicorn.Config, workers: WorkerProcesses):
+        super().__init__(config)
+        self.workers = workers
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stopping = False
+
+    async def serve(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
+        """A signal handler: the first signal starts the workers' stop; a second is uvicorn's own."""
+        if self._stopping or self.loop is None:
+            return super().handle_exit(sig, frame)
+        self._stopping = True
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._stop_workers_first()))
+
+    async def _stop_workers_first(self) -> None:
+        await self.workers.stop()
+        self.should_exit = True
 
 
 if __name__ == "__main__":

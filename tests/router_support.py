@@ -19,7 +19,7 @@ import uvicorn
 import uvloop
 from aiohttp import web
 
-from helpers import free_port
+from helpers import PY, Proc, free_port, wait_http
 from router.server.app import RouterApp, create_app
 from router.server.fastserver import FastHttpProtocol
 from router.config import Config, load_config
@@ -198,12 +198,16 @@ def instance(model: str, port: int, *args: str, **extra: Any) -> dict[str, Any]:
 
 
 class RouterServer:
-    """The real app on a real uvicorn (httptools), on the loop thread."""
+    """The real app on a real uvicorn (httptools), on the loop thread; with ``router.workers`` > 1,
+    the real ``python -m router.serve`` (a controller and its proxy workers) as a subprocess."""
 
     def __init__(self, loop: LoopThread, config: Config):
         self.loop = loop
         self.config = config
         self.port = config.router.port
+        self.process: Optional[Proc] = None
+        if config.router.workers > 1:
+            return
         self.app: RouterApp = create_app(config)
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, http=FastHttpProtocol, lifespan="on",
@@ -215,6 +219,12 @@ class RouterServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "RouterServer":
+        if self.config.router.workers > 1:
+            self.process = Proc([PY, "-m", "router.serve", "--config", self.config.path],
+                                log=str(Path(self.config.path).with_suffix(".router.log")))
+            wait_http(self.url + "/health", timeout=30)
+            return self
+
         async def go() -> None:
             self.task = asyncio.ensure_future(self.server.serve())
             while not self.server.started:
@@ -225,6 +235,10 @@ class RouterServer:
         return self
 
     def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            return
+
         async def go() -> None:
             self.server.should_exit = True
             if self.task is not None:

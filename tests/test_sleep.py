@@ -199,13 +199,16 @@ class Stack:
         return self.call("GET", "/sleep/status")[1]["models"][MODEL]["state"]
 
 
-@pytest.fixture
-def stack(loop, tmp_path):
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+def stack(loop, tmp_path, request):
+    """Makes stacks whose router is one process, or (``router.workers: 2``) a controller and two
+    proxy workers: every lifecycle test runs against both."""
     made: list[Stack] = []
 
     def make(*engines: Any, settings: Optional[dict[str, Any]] = None, router: Optional[dict[str, Any]] = None,
              **inst: Any) -> Stack:
-        st = Stack(loop, tmp_path, list(engines) or [sim()], settings or {}, router, **inst)
+        st = Stack(loop, tmp_path, list(engines) or [sim()], settings or {}, {"workers": request.param, **(router or {})},
+                   **inst)
         made.append(st)
         return st
     yield make

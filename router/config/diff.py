@@ -7,7 +7,7 @@ from typing import Mapping
 from router.config.load import Config, Instance, RouterSettings, SleepSettings
 
 #: Router settings a running router cannot take without a restart.
-RESTART_SETTINGS = ("host", "port", "enable_router")
+RESTART_SETTINGS = ("host", "port", "enable_router", "workers")
 #: Settings never shown, only whether they changed.
 SECRET_SETTINGS = ("api_keys", "admin_api_key")
 

@@ -161,6 +161,8 @@ class RouterSettings:
     log_level: str = "info"
     #: Router pods in Kubernetes (each keeps its own state; see README "More than one node").
     replicas: int = 1
+    #: Proxy processes sharing the port beside one controller process (1: one process does all).
+    workers: int = 1
     #: The node whose `render --node` renders the router; None: every node's.
     node: Optional[str] = None
     #: Secrets: kept out of repr() (and so out of logged configs and tracebacks).
@@ -380,6 +382,7 @@ ROUTER_KEYS = {
     "access_log": ("access_log", "bool"),
     "log_level": ("log_level", "loglevel"),
     "replicas": ("replicas", "posint"),
+    "workers": ("workers", "posint"),
     "node": ("node", "host"),
     "api_keys": ("api_keys", "keys"),
     "admin_api_key": ("admin_api_key", "key"),

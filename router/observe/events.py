@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import orjson
 
@@ -74,6 +74,7 @@ class Events:
 
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
+        self._listeners: list[Callable[[Event], None]] = []
         self._history: deque[Event] = deque(maxlen=HISTORY)
         self._seq = 0
 
@@ -82,11 +83,18 @@ class Events:
         self._seq += 1
         event = Event(kind, state, model, instance, detail, seq=self._seq)
         self._history.append(event)
+        for listener in self._listeners:
+            listener(event)
         for sub in self._subscribers:
             sub.push(event)
 
     def recent(self) -> list[Event]:
         return list(self._history)
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Call `listener` with every event as it is published, before `publish` returns: for
+        followers that must see changes in the order they happened (router/server/link.py)."""
+        self._listeners.append(listener)
 
     def subscribe(self) -> Subscription:
         sub = Subscription(self)

@@ -11,7 +11,7 @@ a request naming a forgotten or unknown id gets 404.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import orjson
 
@@ -33,9 +33,11 @@ class Owner(NamedTuple):
 class ResponseOwners:
     """Response id -> the model and replica that made it; bounded, least recently used evicted first."""
 
-    def __init__(self, limit: int = MAX_RESPONSES):
+    def __init__(self, limit: int = MAX_RESPONSES, on_learn: Optional[Callable[[str, Model, Replica], None]] = None):
         self._owners: OrderedDict[str, Owner] = OrderedDict()
         self._limit = limit
+        #: Told of each id learned from an engine's answer (a proxy worker tells its controller).
+        self._on_learn = on_learn
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -52,6 +54,11 @@ class ResponseOwners:
             self._owners.move_to_end(response_id)
         return found
 
+    def _learned(self, response_id: str, model: Model, replica: Replica) -> None:
+        self.remember(response_id, model, replica)
+        if self._on_learn is not None:
+            self._on_learn(response_id, model, replica)
+
     def learn_from_body(self, body: bytes, model: Model, replica: Replica) -> None:
         """A whole answer of POST /v1/responses: its ``id``."""
         try:
@@ -59,7 +66,7 @@ class ResponseOwners:
         except orjson.JSONDecodeError:
             return
         if isinstance(data, dict) and isinstance(data.get("id"), str):
-            self.remember(data["id"], model, replica)
+            self._learned(data["id"], model, replica)
 
     def learn_from_stream(self, chunk: bytes, model: Model, replica: Replica) -> bool:
         """One chunk of a streamed answer; True once the ``response.created`` event gave the id."""
@@ -73,6 +80,6 @@ class ResponseOwners:
                     return False
                 response = event.get("response") if isinstance(event, dict) else None
                 if isinstance(response, dict) and isinstance(response.get("id"), str):
-                    self.remember(response["id"], model, replica)
+                    self._learned(response["id"], model, replica)
                     return True
         return False

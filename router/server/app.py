@@ -10,23 +10,25 @@ import asyncio
 import contextlib
 import signal
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from router import __version__
 from router.config import Config
 from router.server.admin import admin_routes
 from router.server.logs import log_routes
 from router.server.errors import error_response
-from router.server.models import Model
+from router.server.auth import Guard
+from router.server.models import Model, ModelTable
 from router.engines import ENGINES
 from router.server.affinity import RESPONSES_PATH
-from router.server.proxy import UPSTREAM_PREFIX, Receive, Scope, Send, send_error
+from router.server.proxy import UPSTREAM_PREFIX, Proxy, Receive, Scope, Send, send_error
 from router.server.report import model_report
 from router.server.state import RouterState
 from router.server.ui import ui_routes
@@ -39,10 +41,19 @@ ENGINE_PATHS = frozenset(p for spec in ENGINES.values() for p in spec.client_pat
 STORED_RESPONSES = RESPONSES_PATH + "/"
 
 
-class RouterApp:
-    """The ASGI entry: a set lookup sends proxy paths to the hot path, the rest to Starlette."""
+class Serving(Protocol):
+    """What the entry reads at each request: the router's own state, or a proxy worker's view."""
 
-    def __init__(self, state: RouterState, web: Starlette):
+    guard: Guard
+    table: ModelTable
+    proxy: Proxy
+
+
+class RouterApp:
+    """The ASGI entry: a set lookup sends proxy paths to the hot path, the rest to `web` (Starlette
+    in the router; in a proxy worker, the pass-through to its controller)."""
+
+    def __init__(self, state: Serving, web: ASGIApp):
         self.state = state
         self.web = web
 
@@ -81,7 +92,9 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
             await state.processes.poll()  # know which engines run before the first probe
             state.processes.start()
         state.health.start()
-        await state.idle.start()
+        await state.idle.reconcile()  # ask the engines whether they sleep before the first request
+        if state.workers is None:  # else once the workers are up (router/serve.py)
+            state.begin_serving()
         await state.dns.refresh()  # replicas found by DNS before the first request
         state.dns.start()
         hup = False

@@ -76,6 +76,13 @@ def is_loopback(client: Optional[tuple[str, int]]) -> bool:
     return bool(client) and loopback_ip(client[0])
 
 
+def on_unix_socket(scope: Scope) -> bool:
+    """Whether the request came over a unix socket (a proxy worker passing a request to its
+    controller): its peer is on this machine, like a loopback one."""
+    server = scope.get("server")
+    return scope.get("client") is None and server is not None and server[1] is None
+
+
 def x_api_key(scope: Scope) -> Optional[bytes]:
     for k, v in scope["headers"]:
         if k == b"x-api-key":
@@ -110,4 +117,4 @@ class Guard:
             return None
         if self.admin_key:
             return None if matches(bearer_token(scope), self.admin_key) else MISSING_ADMIN_KEY
-        return None if is_loopback(scope.get("client")) else NOT_LOOPBACK
+        return None if is_loopback(scope.get("client")) or on_unix_socket(scope) else NOT_LOOPBACK

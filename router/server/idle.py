@@ -82,9 +82,7 @@ class IdleSleeper:
         """Models the idle loop would put to sleep now."""
         return [m for m in self._table() if self.blocker(m) is None]
 
-    async def start(self) -> None:
-        """Reconcile once before the first request, then run the loop."""
-        await self.reconcile()
+    def start(self) -> None:
         self._loop.start()
 
     async def stop(self) -> None:

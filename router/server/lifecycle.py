@@ -150,6 +150,21 @@ class NoPlacement:
         return None
 
 
+class Peers(Protocol):
+    """Other processes that admit requests for this model on their own while it is awake (proxy
+    workers, router/server/link.py). Asked after the model leaves AWAKE, before in-flight counts
+    are trusted: returns once every peer has seen the new state and reported what it has in flight."""
+
+    async def fence(self) -> None: ...
+
+
+class NoPeers:
+    """One process: this lifecycle sees every request itself."""
+
+    async def fence(self) -> None:
+        return None
+
+
 class Lifecycle:
     """Sleep state and admission of one model (all its replicas).
 
@@ -160,11 +175,13 @@ class Lifecycle:
 
     def __init__(self, model: str, members: Callable[[], tuple[Replica, ...]], settings: SleepSettings,
                  control: EngineControl, events: Events, placement: Placement = NoPlacement(),
-                 start_timeout: float = 900.0, clock: Callable[[], float] = time.monotonic):
+                 start_timeout: float = 900.0, clock: Callable[[], float] = time.monotonic,
+                 peers: Peers = NoPeers()):
         self.model = model
         self.members = members
         self.settings = settings
         self.placement = placement
+        self.peers = peers
         self.start_timeout = start_timeout
         self.state = AWAKE
         #: Requests admitted and not finished (including those queued for a replica slot).
@@ -213,12 +230,25 @@ class Lifecycle:
         await self._admit_slow()
 
     def release(self) -> None:
-        self.in_flight -= 1
-        self.last_end = self.clock()
-        if self.in_flight == 0 and self.state in (DRAINING, STOPPING):
-            self._drained.set()
+        self.count(-1)
+
+    def count(self, delta: int) -> None:
+        """`delta` more requests in flight (here or, from router/server/link.py, in a proxy worker);
+        fewer means some ended now."""
+        self.in_flight += delta
+        if delta < 0:
+            self.last_end = self.clock()
+            if self.in_flight == 0 and self.state in (DRAINING, STOPPING):
+                self._drained.set()
 
     async def _admit_slow(self) -> None:
+        await self.ready()
+        self.in_flight += 1
+
+    async def ready(self) -> None:
+        """Return once the model is awake, starting or waking it first as needed; ModelUnavailable
+        when it cannot be. Nothing awaits between the last check and the return, so the caller's
+        admission (or a proxy worker's, told at once) happens while the model is still awake."""
         self.waiting += 1
         try:
             while self.state != AWAKE:
@@ -245,7 +275,6 @@ class Lifecycle:
                     raise ModelUnavailable(outcome.message, RETRY_AFTER_SECONDS)
         finally:
             self.waiting -= 1
-        self.in_flight += 1
 
     # --------------------------------------------------------------- transitions
 
@@ -567,6 +596,7 @@ class Lifecycle:
         """Enter `state` (new requests wait) until the requests in flight end; if they do not within
         ``drain_timeout_seconds``, go back to `back_to` and return the refusal."""
         self._enter(state)
+        await self.peers.fence()
         if self.in_flight:
             self._drained.clear()
             try:

@@ -19,9 +19,12 @@ from typing import Callable, Iterator, Optional
 from router.config import Config, Instance, RouterSettings, SleepSettings
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
-from router.server.control import EngineControl
-from router.server.lifecycle import Lifecycle, Placement
+from router.server.lifecycle import Lifecycle
 from router.server.replica import UNHEALTHY, Replica
+
+#: Makes a new model's lifecycle from its name and its members (the router's own, or a proxy
+#: worker's view of the controller's, router/server/link.py).
+LifecycleFactory = Callable[[str, Callable[[], "tuple[Replica, ...]"]], Lifecycle]
 
 
 class NoReplica(Exception):
@@ -42,14 +45,13 @@ class Model:
 
     __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "_waiters", "_retry_after")
 
-    def __init__(self, name: str, replicas: tuple[Replica, ...], settings: SleepSettings, control: EngineControl,
-                 events: Events, metrics: ModelMetrics, retry_after: int, placement: Placement,
-                 start_timeout: float):
+    def __init__(self, name: str, replicas: tuple[Replica, ...], lifecycles: LifecycleFactory,
+                 metrics: ModelMetrics, retry_after: int):
         self.name = name
         self.replicas = replicas
         #: The client paths every replica's engine serves (so any replica can take any of them).
         self.paths = served_paths(replicas)
-        self.lifecycle = Lifecycle(name, self.members, settings, control, events, placement, start_timeout)
+        self.lifecycle = lifecycles(name, self.members)
         self.metrics = metrics
         self._waiters: deque[asyncio.Future[Replica]] = deque()
         self._retry_after = retry_after
@@ -203,8 +205,8 @@ class ModelTable:
         self.client_paths = frozenset().union(*(m.paths for m in models.values()))
 
     @classmethod
-    def build(cls, config: Config, control: EngineControl, events: Events, metrics: Callable[[str], ModelMetrics],
-              placement: Placement, previous: Optional[ModelTable] = None) -> ModelTable:
+    def build(cls, config: Config, events: Events, metrics: Callable[[str], ModelMetrics],
+              lifecycles: LifecycleFactory, previous: Optional[ModelTable] = None) -> ModelTable:
         """The table for `config`, reusing `previous`'s models and unchanged replicas.
 
         A replica is reused when its instance is exactly as before; a changed
@@ -219,8 +221,7 @@ class ModelTable:
             model = old_models.get(name)
             start_timeout = config.residency.start_timeout_seconds
             if model is None:
-                model = Model(name, replicas, config.sleep, control, events, metrics(name), retry, placement,
-                              start_timeout)
+                model = Model(name, replicas, lifecycles, metrics(name), retry)
             else:
                 model.reconfigure(replicas, config.sleep, retry, start_timeout)
             models[name] = model

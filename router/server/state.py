@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from router.config import Config, ConfigError, load_config
 from router.config.diff import ConfigChange, diff
@@ -24,7 +24,10 @@ from router.server.auth import Guard
 from router.server.control import EngineControl
 from router.server.health import HealthChecker
 from router.server.idle import IdleSleeper
-from router.server.models import ModelTable
+from router.server.lifecycle import Lifecycle, NoPeers
+from router.server.link import WorkerLinks
+from router.server.models import LifecycleFactory, ModelTable
+from router.server.replica import Replica
 from router.server.processes import ProcessState, ProcessWatcher
 from router.server.residency import Residency
 from router.server.proxy import Proxy
@@ -46,7 +49,9 @@ class RouterState:
         self.residency = Residency(lambda: self.table, lambda: self.config.residency,
                                    lambda: self.config.sleep.min_sleep_duration)
         self.metrics = Metrics(StateCollector(lambda: self.table, self.residency))
-        self.table = ModelTable.build(config, self.control, self.events, self.metrics.for_model, self.residency)
+        #: The proxy workers' links (router.workers > 1): this process is then their controller.
+        self.workers: Optional[WorkerLinks] = WorkerLinks(self) if config.router.workers > 1 else None
+        self.table = ModelTable.build(config, self.events, self.metrics.for_model, self.lifecycles(config))
         self.traffic = Traffic([m.name for m in self.table])
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
         self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency)
@@ -62,6 +67,20 @@ class RouterState:
         self._reloading: Optional[asyncio.Lock] = None
         #: Resolves instances' dns_name each router.dns_refresh_seconds (started by the app).
         self.dns = DnsWatcher(lambda: self.config, self.apply_addresses)
+
+    def begin_serving(self) -> None:
+        """Clients reach the models from now (with proxy workers, once they are connected): idle
+        time counts from here, and the idle loop starts."""
+        for model in self.table:
+            model.lifecycle.last_end = model.lifecycle.clock()
+        self.idle.start()
+
+    def lifecycles(self, config: Config) -> LifecycleFactory:
+        """How the table makes a new model's lifecycle under `config`."""
+        def make(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
+            return Lifecycle(name, members, config.sleep, self.control, self.events, self.residency,
+                             config.residency.start_timeout_seconds, peers=self.workers or NoPeers())
+        return make
 
     def on_process(self, process: ProcessState) -> None:
         """supervisord says a program changed: its replica takes the news, and queued requests
@@ -91,7 +110,7 @@ class RouterState:
                 new = load_config(self.config.path, sim=True).with_addresses(dict(self.config.resolved))
             change = diff(self.config, new)
             old_table = self.table
-            table = ModelTable.build(new, self.control, self.events, self.metrics.for_model, self.residency,
+            table = ModelTable.build(new, self.events, self.metrics.for_model, self.lifecycles(new),
                                      previous=old_table)
             if self.processes is not None:
                 states = self.processes.states()
@@ -107,6 +126,8 @@ class RouterState:
             self.table = table
             self.proxy = Proxy(table, new.router, self.traffic, self.access_log, self.owners)
             self.guard = Guard(new.router, table.client_paths)
+            if self.workers is not None:
+                self.workers.table_changed()
             for name in change.models_removed:
                 self.metrics.drop(name)
             removed = [m for m in old_table if table.get(m.name) is not m]

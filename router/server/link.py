@@ -1,0 +1,462 @@
+"""The link between the controller and its proxy workers (``router.workers: N``).
+
+One controller process owns every model's lifecycle (health, sleep, residency,
+reload, supervisord); N worker processes share the public port and forward
+requests. A worker admits a request on its own while its view says the model
+is awake, and asks the controller otherwise. The two ends talk over one
+private unix socket per worker, in framed pickles (both ends are this
+package, in processes of one user, behind a 0700 directory).
+
+Controller -> worker, in the order the controller's state changed:
+
+- ``("table", config, models, replicas)``: build the table (on connect and
+  after each reload); `models` maps model -> state, `replicas` instance ->
+  (health, process).
+- ``("model", name, state)``, ``("replica", name, health, process)``: a change.
+- ``("fence", n)``: answer ``("fenced", n)`` once everything before is applied.
+- ``("ready", id, refusal)``: the answer to a worker's ``ready``; `refusal` is
+  None (admitted) or (message, retry_after).
+- ``("owner", response_id, model, instance)``: another worker learned a stored
+  response's replica.
+
+Worker -> controller: ``("counts", {model: in_flight}, {instance: outstanding})``,
+``("fenced", n)``, ``("ready", id, model)``, ``("owner", ...)`` and
+``("records", [...])``: finished requests, for the controller's metrics and traffic.
+
+Why exact idle detection holds: a worker sends its counts at once when a
+model's count leaves or reaches zero (the rest within `COUNTS_SECONDS`). When
+the controller leaves AWAKE to drain, it fences every worker: a worker answers
+the fence only after it has applied the new state (so it admits nothing more on
+its own) and flushed its counts, so the controller then knows every request in
+flight. A worker asking ``ready`` is admitted by its link reader the moment the
+answer arrives, before any later state change is read.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import pickle
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from router.config import Config
+from router.observe.events import Event
+from router.observe.metrics import ModelMetrics
+from router.observe.traffic import Traffic
+from router.server.lifecycle import AWAKE, Lifecycle, ModelUnavailable
+from router.server.processes import ProcessState
+
+if TYPE_CHECKING:  # the controller's state; link.py is imported by state.py
+    from router.server.state import RouterState
+
+log = logging.getLogger("router.link")
+
+HEADER = struct.Struct("!I")
+#: Longest a worker's non-zero count changes wait before they reach the controller.
+COUNTS_SECONDS = 0.25
+#: How often a worker sends the requests it finished (metrics, traffic).
+RECORDS_SECONDS = 0.5
+#: A worker that does not answer a fence in this time is cut off (its requests no longer count).
+FENCE_TIMEOUT_SECONDS = 10.0
+
+Message = tuple[Any, ...]
+#: What a worker's requests did, for the controller's metrics and traffic:
+#: (REQUEST, model, status, seconds, seconds to first byte, stream), (RETRY, model, reason)
+#: or (UPSTREAM_ERROR, model, kind).
+Record = tuple[Any, ...]
+REQUEST, RETRY, UPSTREAM_ERROR = "request", "retry", "error"
+
+
+class Channel:
+    """Framed pickles over one stream; `send` writes at once (no await), so order is kept."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, message: Message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.writer.write(HEADER.pack(len(data)) + data)
+
+    async def receive(self) -> Optional[Message]:
+        """The next message, or None when the other end has gone."""
+        try:
+            size = HEADER.unpack(await self.reader.readexactly(HEADER.size))[0]
+            message: Message = pickle.loads(await self.reader.readexactly(size))
+            return message
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------- controller
+
+
+class WorkerLink:
+    """The controller's end of one worker's link: what that worker has in flight."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.counts: dict[str, int] = {}
+        self.outstanding: dict[str, int] = {}
+        self.fenced = 0
+        self.fence_waiter: Optional[asyncio.Future[None]] = None
+
+
+class WorkerLinks:
+    """The controller's side: serves the links, tells every worker each state change, fences them
+    before a drain (`Peers` of router/server/lifecycle.py) and answers their ``ready``."""
+
+    def __init__(self, state: "RouterState"):
+        self.state = state
+        self.links: list[WorkerLink] = []
+        self._fences = itertools.count(1)
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        state.events.listen(self.on_event)
+
+    async def serve(self, path: str) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path)
+
+    async def connected(self, count: int, timeout: float) -> None:
+        """Return once `count` workers are connected, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while len(self.links) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.links):
+            link.channel.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- what flows out
+
+    def table_message(self) -> Message:
+        table = self.state.table
+        return ("table", self.state.config, {m.name: m.lifecycle.state for m in table},
+                {r.name: (r.health, r.process) for r in table.replicas()})
+
+    def table_changed(self) -> None:
+        """A reload swapped the table: every worker builds the new one."""
+        self.broadcast(self.table_message())
+
+    def broadcast(self, message: Message, but: Optional[WorkerLink] = None) -> None:
+        for link in self.links:
+            if link is not but:
+                link.channel.send(message)
+
+    def on_event(self, event: Event) -> None:
+        """Called by `Events.publish` as the change happens, so messages keep the changes' order."""
+        if event.kind == "model" and event.model is not None and event.instance is None:
+            model = self.state.table.get(event.model)
+            if model is not None and model.lifecycle.state == event.state:
+                self.broadcast(("model", event.model, event.state))
+        elif event.kind in ("health", "process") and event.instance is not None:
+            replica = self.state.table.replica(event.instance)
+            if replica is not None:
+                self.broadcast(("replica", replica.name, replica.health, replica.process))
+
+    async def fence(self) -> None:
+        """Return once every worker has applied what was sent before and reported its counts."""
+        if not self.links:
+            return
+        n = next(self._fences)
+        loop = asyncio.get_running_loop()
+        waits = []
+        for link in list(self.links):
+            if link.fenced < n:
+                link.fence_waiter = link.fence_waiter if link.fence_waiter and not link.fence_waiter.done() \
+                    else loop.create_future()
+                link.channel.send(("fence", n))
+                waits.append((link, link.fence_waiter))
+        for link, waiter in waits:
+            while link.fenced < n and link in self.links:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), FENCE_TIMEOUT_SECONDS)
+                except asyncio.TimeoutError:
+                    log.error("a proxy worker did not answer a fence in %gs; cutting it off", FENCE_TIMEOUT_SECONDS)
+                    link.channel.close()
+                    self._drop(link)
+                    break
+                if link.fenced < n:
+                    waiter = link.fence_waiter = loop.create_future()
+
+    # -- what comes in
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = WorkerLink(Channel(reader, writer))
+        self.links.append(link)
+        link.channel.send(self.table_message())
+        try:
+            while True:
+                message = await link.channel.receive()
+                if message is None:
+                    break
+                self._take(link, message)
+        finally:
+            self._drop(link)
+            link.channel.close()
+
+    def _drop(self, link: WorkerLink) -> None:
+        """A worker went away: what it had in flight no longer is."""
+        if link not in self.links:
+            return
+        self.links.remove(link)
+        self._apply_counts(link, dict.fromkeys(link.counts, 0), dict.fromkeys(link.outstanding, 0))
+        if link.fence_waiter is not None and not link.fence_waiter.done():
+            link.fence_waiter.set_result(None)
+
+    def _take(self, link: WorkerLink, message: Message) -> None:
+        op = message[0]
+        if op == "counts":
+            self._apply_counts(link, message[1], message[2])
+        elif op == "fenced":
+            link.fenced = max(link.fenced, message[1])
+            if link.fence_waiter is not None and not link.fence_waiter.done():
+                link.fence_waiter.set_result(None)
+        elif op == "ready":
+            task = asyncio.ensure_future(self._ready(link, message[1], message[2]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif op == "records":
+            self._records(message[1])
+        elif op == "owner":
+            self._owner(link, message)
+
+    def _apply_counts(self, link: WorkerLink, counts: dict[str, int], outstanding: dict[str, int]) -> None:
+        """A worker's latest counts (absolute, for the models and instances that changed)."""
+        table = self.state.table
+        for name, n in counts.items():
+            delta = n - link.counts.get(name, 0)
+            link.counts[name] = n
+            model = table.get(name)
+            if delta and model is not None:
+                model.lifecycle.count(delta)
+        for name, n in outstanding.items():
+            delta = n - link.outstanding.get(name, 0)
+            link.outstanding[name] = n
+            replica = table.replica(name)
+            if delta and replica is not None:
+                replica.outstanding += delta
+
+    async def _ready(self, link: WorkerLink, request: int, name: str) -> None:
+        model = self.state.table.get(name)
+        if model is None:
+            link.channel.send(("ready", request, (f"The model '{name}' does not exist any more.", 1)))
+            return
+        try:
+            await model.lifecycle.ready()
+        except ModelUnavailable as e:
+            link.channel.send(("ready", request, (e.message, e.retry_after)))
+            return
+        # No await since ready() saw AWAKE: any later state change is sent after this answer.
+        link.channel.send(("ready", request, None))
+
+    def _records(self, records: list[Record]) -> None:
+        table = self.state.table
+        traffic = self.state.traffic
+        for record in records:
+            model = table.get(record[1])
+            if model is None:
+                continue
+            if record[0] == REQUEST:
+                _, name, status, seconds, ttfb, stream = record
+                model.metrics.observe(status, seconds, ttfb)
+                traffic.record(name, status, seconds, ttfb, stream)
+            elif record[0] == RETRY:
+                model.metrics.retry(record[2])
+            else:
+                model.metrics.upstream_error(record[2])
+
+    def _owner(self, link: WorkerLink, message: Message) -> None:
+        _, response_id, name, instance = message
+        model = self.state.table.get(name)
+        replica = self.state.table.replica(instance)
+        if model is not None and replica is not None:
+            self.state.owners.remember(response_id, model, replica)
+            self.broadcast(message, but=link)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class ControllerLink:
+    """A worker's end: applies the controller's changes to its view and reports what it admits."""
+
+    def __init__(self, channel: Channel, on_table: Callable[[Message], None],
+                 model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[str, str, Optional[ProcessState]], None],
+                 owner: Callable[[str, str, str], None]):
+        self.channel = channel
+        self._on_table = on_table
+        self._model = model
+        self._replica_changed = replica_changed
+        self._owner = owner
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[asyncio.Future[None], LifecycleView]] = {}
+        self._dirty: set[LifecycleView] = set()
+        self._flush_now: Optional[asyncio.Handle] = None
+        self._flush_later: Optional[asyncio.TimerHandle] = None
+        self.records: list[Record] = []
+
+    @classmethod
+    async def connect(cls, path: str, **handlers: Any) -> "ControllerLink":
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(Channel(reader, writer), **handlers)
+
+    async def run(self) -> None:
+        """Apply the controller's messages until it goes away."""
+        try:
+            while True:
+                message = await self.channel.receive()
+                if message is None:
+                    return
+                self._take(message)
+        finally:
+            for fut, _ in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(ModelUnavailable("the router's controller went away", 1))
+            self._waiting.clear()
+
+    def _take(self, message: Message) -> None:
+        op = message[0]
+        if op == "model":
+            lc = self._model(message[1])
+            if lc is not None:
+                lc.state = message[2]
+        elif op == "replica":
+            self._replica_changed(message[1], message[2], message[3])
+        elif op == "fence":
+            self.flush()
+            self.channel.send(("fenced", message[1]))
+        elif op == "ready":
+            fut, lc = self._waiting.pop(message[1], (None, None))
+            if fut is None or lc is None or fut.done():
+                return
+            refusal = message[2]
+            if refusal is None:
+                lc.in_flight += 1  # admitted now, before any later message is read
+                self.changed(lc)
+                fut.set_result(None)
+            else:
+                fut.set_exception(ModelUnavailable(refusal[0], refusal[1]))
+        elif op == "table":
+            self._on_table(message)
+        elif op == "owner":
+            self._owner(message[1], message[2], message[3])
+
+    async def ready(self, lc: "LifecycleView") -> None:
+        """Ask the controller to make the model ready; on success the request is already counted."""
+        request = next(self._ids)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[request] = (fut, lc)
+        self.flush()
+        self.channel.send(("ready", request, lc.model))
+        try:
+            await fut
+        finally:
+            self._waiting.pop(request, None)
+
+    def changed(self, lc: "LifecycleView") -> None:
+        """`lc`'s count moved: to or from zero it goes at once, otherwise within COUNTS_SECONDS."""
+        self._dirty.add(lc)
+        loop = asyncio.get_running_loop()
+        if (lc.in_flight == 0) != (lc.reported == 0):
+            if self._flush_now is None:
+                self._flush_now = loop.call_soon(self.flush)
+        elif self._flush_later is None:
+            self._flush_later = loop.call_later(COUNTS_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_now is not None:
+            self._flush_now.cancel()
+            self._flush_now = None
+        if self._flush_later is not None:
+            self._flush_later.cancel()
+            self._flush_later = None
+        if not self._dirty:
+            return
+        counts = {}
+        outstanding = {}
+        for lc in self._dirty:
+            counts[lc.model] = lc.reported = lc.in_flight
+            for r in lc.members():
+                outstanding[r.name] = r.outstanding
+        self._dirty.clear()
+        self.channel.send(("counts", counts, outstanding))
+
+    def record(self, item: Record) -> None:
+        self.records.append(item)
+
+    def send_records(self) -> None:
+        if self.records:
+            records, self.records = self.records, []
+            self.channel.send(("records", records))
+
+    def learned(self, response_id: str, model: str, instance: str) -> None:
+        self.channel.send(("owner", response_id, model, instance))
+
+
+class LifecycleView(Lifecycle):
+    """A worker's view of one model's lifecycle: its state is the controller's, set by the link;
+    admission while awake is local (no message), otherwise the controller is asked."""
+
+    def __init__(self, *args: Any, link: ControllerLink, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.link = link
+        #: The count the controller last heard.
+        self.reported = 0
+
+    async def admit(self) -> None:
+        if self.state == AWAKE:
+            self.in_flight += 1
+            self.link.changed(self)
+            return
+        self.waiting += 1
+        try:
+            await self.link.ready(self)
+        finally:
+            self.waiting -= 1
+
+    def count(self, delta: int) -> None:
+        self.in_flight += delta
+        self.link.changed(self)
+
+
+class RelayedTraffic(Traffic):
+    """A worker's traffic: each finished request goes to the controller, which owns the figures
+    (its metrics too: the controller observes the request there)."""
+
+    def __init__(self, link: ControllerLink):
+        super().__init__(())
+        self._link = link
+
+    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool) -> None:
+        self._link.record((REQUEST, model, status, latency_s, ttfb_s, stream))
+
+
+class RelayedMetrics(ModelMetrics):
+    """A worker's metrics of one model: retries and engine failures go to the controller; a
+    request's status and times go there through `RelayedTraffic` (one record per request)."""
+
+    __slots__ = ("_link",)
+
+    def __init__(self, model: str, link: ControllerLink):
+        super().__init__(model)
+        self._link = link
+
+    def observe(self, status: int, latency_s: float, ttfb_s: Optional[float]) -> None:
+        return None
+
+    def retry(self, reason: str) -> None:
+        self._link.record((RETRY, self.model, reason))
+
+    def upstream_error(self, kind: str) -> None:
+        self._link.record((UPSTREAM_ERROR, self.model, kind))
