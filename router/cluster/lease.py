@@ -98,7 +98,7 @@ class _Round:
 
     #: This candidate holds the Lease now (it created, took or renewed it).
     holds: bool
-    #: The holderIdentity last seen (None: free, or unknown after an error).
+    #: The holderIdentity last seen (None: free, or unknown after an error or a conflict).
     holder: Optional[str] = None
     #: The call failed (network, 5xx, timeout); a conflict is not an error.
     error: Optional[str] = None
@@ -225,7 +225,7 @@ class LeaseElector:
                 self._arm(deadline)
                 if not self._leading:
                     self._start_leading(now)
-        elif self._leading and result.error is None:
+        elif self._leading and result.holder not in (None, self.holder):
             self._step_down(f"the Lease is held by {result.holder}")
         elif result.error is not None:
             log.warning("lease %s/%s: %s", self.namespace, self.name, result.error)
@@ -331,8 +331,11 @@ class LeaseElector:
                 written = self._api.replace_namespaced_lease(self.name, self.namespace, lease,
                                                              _request_timeout=self._call_timeout)
         except ApiException as e:
-            if e.status == 409:  # another candidate wrote first (created it, or took or renewed it)
-                return _Round(False, holder=self._observed_holder if lease is not None else None)
+            if e.status == 409:
+                # Someone wrote since our read: another candidate (created, took or renewed it), or a late
+                # retry of our own. Who holds it now is for the next read to say; a leader keeps leading
+                # until its deadline unless that read names another holder.
+                return _Round(False)
             return _Round(False, error=f"writing the Lease failed: {_reason(e)}")
         except Exception as e:
             return _Round(False, error=f"cannot reach the API server: {e}")
