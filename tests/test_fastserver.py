@@ -200,3 +200,18 @@ def test_a_slow_reader_pauses_the_engine_and_gets_the_whole_stream(stack: Stack)
     body = dechunk(bytes(data).split(b"\r\n\r\n", 1)[1])
     assert body.count(b"data: ") == chunks + 1 and body.endswith(b"data: [DONE]\n\n") and b"error" not in body
     assert len(e.chunk_times) == chunks
+
+
+def test_an_idle_connection_closes_after_the_keep_alive_time_counted_from_its_last_answer(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("m", e.port)])
+    r.server.config.timeout_keep_alive = 0.6  # each new connection's protocol reads it
+    with socket.create_connection(("127.0.0.1", r.port), timeout=10) as sock:
+        for _ in range(3):  # answers 0.4 s apart: the first answer's timer must not close the connection
+            sock.sendall(post(b"/v1/completions", BODY))
+            [answer] = read_answers(sock, 1)
+            assert answer.split(b" ", 2)[1] == b"200"
+            time.sleep(0.4)
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the router
+        assert time.monotonic() - start < 1.5

@@ -181,6 +181,41 @@ class FastHttpProtocol(HttpToolsProtocol):
         self.router_state = None if plain else state
         #: The last proxied request on this connection (a pipelined request may follow it as `cycle`).
         self.fast: Optional[FastReply] = None
+        #: Loop time the connection went idle (its last answer ended); None while a request is on.
+        self.idle_since: Optional[float] = None
+
+    # ---------------------------------------------------------------- keep-alive, one timer per connection
+    # uvicorn arms a timer after every answer and cancels it at the next request; here the last
+    # answer's time is kept, and one timer, re-armed only when it fires, closes a connection idle
+    # for `timeout_keep_alive`.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self.idle_since = None
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.idle_since = None
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_check)
+
+    def _keep_alive_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        since = self.idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy: the answer's end arms it again
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left <= 0:
+            self.transport.close()
+        else:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_check)
 
     def default_head(self) -> bytes:
         """uvicorn's default headers (server, date) as header lines, built once per change of the date."""
@@ -252,6 +287,9 @@ class FastHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         cycle = self.fast
         if cycle is not None:
             cycle.disconnected = True

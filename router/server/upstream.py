@@ -10,10 +10,11 @@ parser uvicorn uses), and keeps connections per backend for reuse. The
 shared aiohttp session still serves everything else (health probes, sleep
 and wake calls, admin).
 
-Timeouts cost one timer per request, not one per chunk: a non-streaming
-answer has a deadline; a stream has an idle watchdog that re-arms itself only
-when it fires and sees progress, so silence is caught between one and two
-idle periods after the last byte.
+Timeouts cost less than a timer per request: a non-streaming answer has a
+deadline, watched by one timer per connection that is re-armed only when it
+fires before the current request's deadline; a stream has an idle watchdog
+that re-arms itself only when it fires and sees progress, so silence is caught
+between one and two idle periods after the last byte.
 """
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ class Connection(asyncio.Protocol):
         self.reused = False
         #: A request was sent and its answer is not over; idle connections must stay silent.
         self.busy = False
+        #: The current request's deadline (loop time; None: none) and the one timer that watches it,
+        #: re-armed only when it fires early (a timer made and cancelled per request costs more).
+        self.deadline: Optional[float] = None
+        self.deadline_seconds = 0.0
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -118,6 +125,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
+        self.deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.pool.forget(self)
         if not self.complete and self.error is None:
             self.error = UpstreamError("the engine closed the connection" + (f": {exc}" if exc else ""))
@@ -184,6 +195,31 @@ class Connection(asyncio.Protocol):
     def time_out(self, seconds: float) -> None:
         self.fail(UpstreamTimeout(f"the engine did not answer within {seconds:g}s"))
 
+    def arm(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Time the exchange out `seconds` from now, unless `disarm` comes first."""
+        deadline = self.deadline = loop.time() + seconds
+        self.deadline_seconds = seconds
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._check_deadline, loop)
+            self._timer_at = deadline
+
+    def disarm(self) -> None:
+        self.deadline = None
+
+    def _check_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        deadline = self.deadline
+        if deadline is None or self.closed:
+            return
+        if loop.time() >= deadline:
+            self.deadline = None
+            self.time_out(self.deadline_seconds)
+        else:  # a later request's deadline
+            self._timer = loop.call_at(deadline, self._check_deadline, loop)
+            self._timer_at = deadline
+
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -193,13 +229,12 @@ class Connection(asyncio.Protocol):
 class Response:
     """The engine's answer on a connection; `close()` frees the connection (reused only if read whole)."""
 
-    __slots__ = ("conn", "status", "headers", "_timer", "_watchdog")
+    __slots__ = ("conn", "status", "headers", "_watchdog")
 
-    def __init__(self, conn: Connection, timer: asyncio.TimerHandle):
+    def __init__(self, conn: Connection):
         self.conn = conn
         self.status = conn.status
         self.headers = conn.headers
-        self._timer = timer
         self._watchdog: Optional[_IdleWatchdog] = None
 
     def header(self, name: bytes) -> Optional[bytes]:
@@ -218,8 +253,8 @@ class Response:
         return conn.take()
 
     def stream(self, idle_timeout: float) -> None:
-        """Switch from the deadline to an idle watchdog, for reading with `next_chunk`."""
-        self._timer.cancel()
+        """Switch from the deadline to an idle watchdog, for reading with `next_chunk` or `pipe`."""
+        self.conn.disarm()
         self.conn.streaming = True
         self._watchdog = _IdleWatchdog(self.conn, idle_timeout)
 
@@ -264,7 +299,7 @@ class Response:
         self.conn.resume()
 
     def close(self) -> None:
-        self._timer.cancel()
+        self.conn.disarm()
         if self._watchdog is not None:
             self._watchdog.cancel()
         conn = self.conn
@@ -352,7 +387,7 @@ class Pool:
             if conn.closed:
                 continue
             reused = conn.reused
-            timer = loop.call_later(timeout, conn.time_out, timeout)
+            conn.arm(loop, timeout)
             assert conn.transport is not None
             conn.busy = True
             conn.transport.write(head + body)
@@ -362,9 +397,9 @@ class Pool:
                         raise conn.error
                     await conn.wait()
             except BaseException as e:
-                timer.cancel()
+                conn.disarm()
                 conn.abort()
                 if reused and not conn.received and type(e) is UpstreamError:
                     continue
                 raise
-            return Response(conn, timer)
+            return Response(conn)
