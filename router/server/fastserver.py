@@ -109,20 +109,21 @@ class FastReply:
 
     # ---------------------------------------------------------------- Reply
 
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> bytes:
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], *rest: bytes) -> bytes:
+        """Status line and headers, then `rest` (the framing header and blank line, maybe a body)."""
         parts = [STATUS_LINE[status], self.protocol.default_head()]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
-        parts.append(framing)
+        parts += rest
         return b"".join(parts)
 
     async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         if self.disconnected or self.response_started:
             return
         self.response_started = True
-        self.transport.write(self._head(status, headers, b"content-length: %d\r\n\r\n" % len(body)) + body)
+        self.transport.write(self._head(status, headers, b"content-length: %d\r\n\r\n" % len(body), body))
         self._complete()
 
     async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -226,29 +227,44 @@ class FastHttpProtocol(HttpToolsProtocol):
             cached[0] = headers
         return cached[1]
 
+    def on_message_begin(self) -> None:
+        # uvicorn's scope without its "asgi" and "state" entries, which the proxy never reads;
+        # `asgi_scope` adds them when a request goes to the ASGI app after all.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {"type": "http", "http_version": "1.1", "server": self.server,  # type: ignore[typeddict-item]
+                      "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
+                      "headers": self.headers}
+
+    def asgi_scope(self) -> None:
+        scope = self.scope
+        scope["asgi"] = {"version": self.asgi_version, "spec_version": "2.3"}
+        scope["state"] = self.app_state.copy()  # type: ignore[typeddict-unknown-key]
+
     def on_headers_complete(self) -> None:
         state = self.router_state
         parser = self.parser
         if (state is None or parser.get_method() != b"POST" or self.expect_100_continue
                 or (self.cycle is not None and not self.cycle.response_complete) or parser.should_upgrade()):
-            return super().on_headers_complete()
+            return self.to_asgi()
         parsed = httptools.parse_url(self.url)
         raw_path = parsed.path
         try:
             path = raw_path.decode("ascii")
         except UnicodeDecodeError:
-            return super().on_headers_complete()
+            return self.to_asgi()
         if "%" in path or path not in state.table.client_paths:
-            return super().on_headers_complete()
+            return self.to_asgi()
         proxy = state.proxy
         length = None
         for name, value in self.headers:
             if name == b"content-length":
                 length = value
             elif name == b"transfer-encoding":
-                return super().on_headers_complete()
+                return self.to_asgi()
         if length is None or not length.isdigit() or int(length) > proxy.max_bytes:
-            return super().on_headers_complete()
+            return self.to_asgi()
         scope = self.scope
         http_version = parser.get_http_version()
         if http_version != "1.1":
@@ -258,9 +274,14 @@ class FastHttpProtocol(HttpToolsProtocol):
         scope["raw_path"] = raw_path
         scope["query_string"] = parsed.query or b""
         if state.guard.check(scope) is not None:
-            return super().on_headers_complete()  # the app answers the refusal
+            return self.to_asgi()  # the app answers the refusal
         self.cycle = self.fast = FastReply(self, scope, proxy,  # type: ignore[assignment]
                                            http_version != "1.0" and parser.should_keep_alive())
+
+    def to_asgi(self) -> None:
+        """This request goes through uvicorn's ASGI cycle to the app."""
+        self.asgi_scope()
+        super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
