@@ -196,7 +196,9 @@ def test_a_leader_cut_off_from_the_api_server_steps_down_by_its_renew_deadline()
 def test_racing_candidates_conflict_and_exactly_one_wins() -> None:
     async def main() -> None:
         kube = await FakeKube().start()
-        cands = [candidate(kube, n) for n in ("a", "bb")]
+        # Long calls allowed (renew / 2): a held read must not time out while it waits for the other.
+        slow = {"lease": 6.0, "renew": 4.0, "retry": 0.1}
+        cands = [candidate(kube, n, **slow) for n in ("a", "bb")]
         try:
             # Both read "no Lease" together, both create it: the API server takes one and 409s the other.
             kube.hold_reads(2)
@@ -211,7 +213,7 @@ def test_racing_candidates_conflict_and_exactly_one_wins() -> None:
             await stop_all(other)
             assert kube.holders()[-1] is None
             # Two candidates read the freed Lease at one version and both replace it: one gets 409.
-            second_race = candidate(kube, "ddd")
+            second_race = candidate(kube, "ddd", **slow)
             kube.hold_reads(2)
             start(second_race, first)
             await until(lambda: any(c.elector.is_leader for c in (second_race, first)), 3)
