@@ -51,8 +51,10 @@ ENGINES: dict[str, tuple[str, list[str], list[str]]] = {
 class FaultStack:
     """The supervised stack and what tests ask of it: URLs, pids, metrics, sockets."""
 
-    def __init__(self, sup: Supervised, router_port: int, ports: dict[str, int]):
+    def __init__(self, sup: Supervised, router_port: int, ports: dict[str, int], proxies: int):
         self.sup = sup
+        #: Processes that proxy requests, each with its own upstream pools (router.workers).
+        self.proxies = proxies
         self.router_port = router_port
         self.url = f"http://127.0.0.1:{router_port}"
         self.ports = ports
@@ -74,13 +76,27 @@ class FaultStack:
         return metric_value(self.metrics(), "router_in_flight_requests")
 
     def upstream(self, name: str, router: Optional[psutil.Process] = None) -> list[Any]:
-        """The router's open TCP connections to engine `name`."""
+        """The router's (and its proxy workers') open TCP connections to engine `name`."""
         port = self.ports[name]
-        return [c for c in (router or self.router()).net_connections("tcp") if c.raddr and c.raddr.port == port]
+        return [c for p in tree(router or self.router()) for c in p.net_connections("tcp")
+                if c.raddr and c.raddr.port == port]
 
     def wait_serving(self, timeout: float = 30) -> None:
         """The router reports every model healthy (it probes each engine's /health)."""
         wait_for(lambda: http_status(f"{self.url}/health/all") == 200, timeout, "every model healthy via the router")
+
+
+def tree(process: psutil.Process) -> list[psutil.Process]:
+    """A process and its children (a router with proxy workers is a controller and its workers)."""
+    return [process, *process.children(recursive=True)]
+
+
+def rss(process: psutil.Process) -> int:
+    return sum(p.memory_info().rss for p in tree(process))
+
+
+def fds(process: psutil.Process) -> int:
+    return sum(p.num_fds() for p in tree(process))
 
 
 def model(name: str) -> str:
@@ -91,22 +107,23 @@ def completion(name: str, stream: bool, max_tokens: int, prompt: str = "hello") 
     return {"model": model(name), "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
 
 
-@pytest.fixture(scope="module")
-def fs() -> Iterator[FaultStack]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-workers"])
+def fs(request: pytest.FixtureRequest) -> Iterator[FaultStack]:
+    """The supervised stack; its router is one process, or a controller and two proxy workers."""
     tmp = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
     router_port, *engine_ports = distinct_ports(1 + len(ENGINES))
     ports = dict(zip(ENGINES, engine_ports))
     config = {
         "router": {"router_port": router_port, "request_timeout_seconds": REQUEST_TIMEOUT,
                    "stream_idle_timeout_seconds": IDLE_TIMEOUT, "health_check_interval_seconds": 0.5,
-                   "eject_seconds": 1, "shutdown_grace_seconds": GRACE},
+                   "eject_seconds": 1, "shutdown_grace_seconds": GRACE, "workers": request.param},
         "launch_delay_seconds": 0.1,
         "instances": [{"name": n, "model": model(n), "engine": e, "sim_args": sim,
                        "engine_args": ["--host 127.0.0.1", f"--port {ports[n]}", *args]}
                       for n, (e, args, sim) in ENGINES.items()],
     }
     sup = Supervised(render(tmp, config, "--sim"), tmp / "tmux")
-    stack = FaultStack(sup, router_port, ports)
+    stack = FaultStack(sup, router_port, ports, request.param)
     try:
         sup.start()
         sup.wait_running([*ENGINES, "router", "logs"], timeout=60)
@@ -335,7 +352,7 @@ def tcp_queues() -> dict[tuple[int, int], tuple[int, int]]:
 def test_slow_reader_gets_backpressure_not_buffering(fs: FaultStack) -> None:
     tokens = 150_000  # about 30 MB of SSE: all of it buffered would show plainly in the RSS
     router = fs.router()
-    base_rss = router.memory_info().rss
+    base_rss = rss(router)
     generated = "vllm:generation_tokens_total"
     before = metric_value(fs.metrics(fs.engine_url("fast")), generated)
     timeouts = metric_value(fs.metrics(), "router_upstream_errors_total", model="org/fast", kind="timeout")
@@ -354,7 +371,7 @@ def test_slow_reader_gets_backpressure_not_buffering(fs: FaultStack) -> None:
         while checks:
             read += len(client.recv(1024))
             time.sleep(0.02)
-            peak = max(peak, router.memory_info().rss)
+            peak = max(peak, rss(router))
             if time.monotonic() < checks[0]:
                 continue
             checks.pop(0)
@@ -379,7 +396,7 @@ def test_slow_reader_gets_backpressure_not_buffering(fs: FaultStack) -> None:
              "the router to drop the abandoned stream")
     wait_for(lambda: not any(tcp_queues().get((c.laddr.port, fs.ports["fast"]), (0, 0))[1]
                              for c in fs.upstream("fast")), 5, "the upstream connection of the stream to close")
-    assert router.memory_info().rss - base_rss < 10 * 2**20
+    assert rss(router) - base_rss < 10 * 2**20
 
 
 # --------------------------------------------------------------------------
@@ -443,7 +460,7 @@ def test_connection_hygiene_after_ten_thousand_mixed_requests(fs: FaultStack) ->
     router = fs.router()
     asyncio.run(run_mix(url, 1000, 0))  # warm up: pools, caches and allocator reach their working size
     time.sleep(0.5)
-    base_rss, base_fds = router.memory_info().rss, router.num_fds()
+    base_rss, base_fds = rss(router), fds(router)
     base_pooled = sum(len(fs.upstream(n, router)) for n in ENGINES)
 
     start = time.monotonic()
@@ -457,17 +474,17 @@ def test_connection_hygiene_after_ten_thousand_mixed_requests(fs: FaultStack) ->
     wait_for(lambda: fs.in_flight() == 0, 5, "no request in flight")
     time.sleep(0.5)
     conns = {n: fs.upstream(n, router) for n in ENGINES}
-    # Pooled keep-alive connections only: at most one per client that ran at once (and
-    # the health probes'); none but the probes' to engines whose every request was
-    # abandoned (disconnects, timeouts).
+    # Pooled keep-alive connections only: at most one per client that ran at once in each
+    # proxy process (and the health probes'); none but the probes' to engines whose every
+    # request was abandoned (disconnects, timeouts).
     for name in ("fast", "flaky", "other"):
-        assert len(conns[name]) <= WORKERS + PROBE_CONNECTIONS, (name, len(conns[name]))
+        assert len(conns[name]) <= WORKERS * fs.proxies + PROBE_CONNECTIONS, (name, len(conns[name]))
     for name in ("slow", "hang", "stall"):
         assert len(conns[name]) <= PROBE_CONNECTIONS, (name, conns[name])
     assert all(c.status == psutil.CONN_ESTABLISHED for cs in conns.values() for c in cs)
-    rss, fds = router.memory_info().rss, router.num_fds()
-    print(f"hygiene: router RSS {base_rss / 2**20:.1f} -> {rss / 2**20:.1f} MB, fds {base_fds} -> {fds}, "
+    now_rss, now_fds = rss(router), fds(router)
+    print(f"hygiene: router RSS {base_rss / 2**20:.1f} -> {now_rss / 2**20:.1f} MB, fds {base_fds} -> {now_fds}, "
           f"upstream connections {({n: len(c) for n, c in conns.items()})}")
     # Every descriptor beyond the baseline is one of the pooled connections counted above.
-    assert fds - sum(map(len, conns.values())) <= base_fds - base_pooled + 2
-    assert rss - base_rss < 8 * 2**20
+    assert now_fds - sum(map(len, conns.values())) <= base_fds - base_pooled + 2
+    assert now_rss - base_rss < 8 * 2**20

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import distinct_ports, get_json, post_json, render
+from helpers import distinct_ports, get_json, http_status, post_json, render
 from supervised import Supervised, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,15 +30,16 @@ pytestmark = pytest.mark.timeout(120)
 
 
 
-@pytest.fixture
-def stack_with_a_taken_port() -> Iterator[tuple[Supervised, str, socket.socket]]:
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+def stack_with_a_taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[Supervised, str, socket.socket]]:
+    """A supervised stack whose router is one process, or a controller and two proxy workers."""
     tmp = Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp"))
     router_port, good, taken = distinct_ports(3)
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     squatter.bind(("127.0.0.1", taken))
     squatter.listen()
-    doc = {"router": {"router_port": router_port, "health_check_interval_seconds": 0.3},
+    doc = {"router": {"router_port": router_port, "health_check_interval_seconds": 0.3, "workers": request.param},
            "instances": [
                {"name": "good", "model": "m/good", "engine": "vllm", "engine_args": [f"--port={good}"]},
                {"name": "broken", "model": "m/broken", "engine": "vllm", "engine_args": [f"--port={taken}"]},
@@ -66,9 +67,11 @@ def events(url: str) -> list[dict[str, Any]]:
     return out
 
 
-def wait_up(stack: Supervised) -> None:
-    """The good engine and the router RUNNING (the broken one is not: Supervised.wait_running would fail)."""
+def wait_up(stack: Supervised, url: str) -> None:
+    """The good engine and the router RUNNING (the broken one is not: Supervised.wait_running would fail),
+    and the router serving (with proxy workers, they bind the port a moment after the controller runs)."""
     wait_for(lambda: all(stack.status().get(p) == "RUNNING" for p in ("good", "router")), 30, "good and router RUNNING")
+    wait_for(lambda: http_status(f"{url}/health") == 200, 30, "the router to serve")
 
 
 def process_block(url: str, model: str) -> dict[str, Any]:
@@ -78,8 +81,7 @@ def process_block(url: str, model: str) -> dict[str, Any]:
 
 def test_a_fatal_engine_shows_in_health_and_its_503_names_it(stack_with_a_taken_port) -> None:
     stack, url, _ = stack_with_a_taken_port
-    wait_up(stack)
-    wait_for(lambda: get_json(f"{url}/health")[0] == 200, 30, "the router")
+    wait_up(stack, url)
     # The router polls supervisord every 0.5 s: it sees RUNNING within a poll or two of supervisorctl.
     good = wait_for(lambda: (b := process_block(url, "m/good")).get("state") == "RUNNING" and b, 3, "RUNNING seen")
     assert good["pid"] == stack.pid("good") and good["log"].endswith("good.log")
@@ -106,7 +108,7 @@ def test_a_fatal_engine_shows_in_health_and_its_503_names_it(stack_with_a_taken_
 
 def test_a_stopped_engine_is_not_probed_and_comes_back_when_started(stack_with_a_taken_port) -> None:
     stack, url, squatter = stack_with_a_taken_port
-    wait_up(stack)
+    wait_up(stack, url)
     wait_for(lambda: process_block(url, "m/good").get("state") == "RUNNING", 30, "the router to see 'good' run")
     stack.ctl("stop", "good")
     wait_for(lambda: process_block(url, "m/good").get("state") == "STOPPED", 3, "the router to see STOPPED")
@@ -123,7 +125,7 @@ def test_a_stopped_engine_is_not_probed_and_comes_back_when_started(stack_with_a
 
 def test_events_follow_a_sleep_a_wake_and_an_engine_kill_in_order(stack_with_a_taken_port) -> None:
     stack, url, _ = stack_with_a_taken_port
-    wait_up(stack)
+    wait_up(stack, url)
     wait_for(lambda: process_block(url, "m/good").get("state") == "RUNNING", 5, "the router to see 'good' run")
     assert post_json(f"{url}/action/sleep/m/good", {})[0] == 200
     assert post_json(f"{url}/action/wakeup/m/good", {})[0] == 200

@@ -56,8 +56,6 @@ log = logging.getLogger("router.link")
 HEADER = struct.Struct("!I")
 #: Longest a worker's non-zero count changes wait before they reach the controller.
 COUNTS_SECONDS = 0.25
-#: How often a worker sends the requests it finished (metrics, traffic).
-RECORDS_SECONDS = 0.5
 #: A worker that does not answer a fence in this time is cut off (its requests no longer count).
 FENCE_TIMEOUT_SECONDS = 10.0
 
@@ -393,7 +391,10 @@ class ControllerLink:
         self.channel.send(("counts", counts, outstanding))
 
     def record(self, item: Record) -> None:
+        """Keep what a request did; they go to the controller together, once per turn of the loop."""
         self.records.append(item)
+        if len(self.records) == 1:
+            asyncio.get_running_loop().call_soon(self.send_records)
 
     def send_records(self) -> None:
         if self.records:

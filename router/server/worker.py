@@ -36,7 +36,7 @@ from router.server.app import RouterApp
 from router.server.auth import Guard
 from router.server.control import EngineControl
 from router.server.lifecycle import Lifecycle
-from router.server.link import RECORDS_SECONDS, ControllerLink, LifecycleView, Message, RelayedMetrics, \
+from router.server.link import ControllerLink, LifecycleView, Message, RelayedMetrics, \
     RelayedTraffic
 from router.server.models import ModelTable
 from router.server.processes import ProcessState
@@ -219,7 +219,6 @@ class WorkerApp:
         message = await asyncio.wait_for(first, 30)
         self.state = WorkerState(link, message[1])
         self.state.apply_table(message)
-        self._tasks.append(asyncio.ensure_future(self._send_records(link)))
         self.controller.open()
         self.router = RouterApp(self.state, self.controller)
 
@@ -227,12 +226,6 @@ class WorkerApp:
         await link.run()
         log.warning("the router's controller went away; this proxy worker stops")
         self.on_controller_gone()
-
-    @staticmethod
-    async def _send_records(link: ControllerLink) -> None:
-        while True:
-            await asyncio.sleep(RECORDS_SECONDS)
-            link.send_records()
 
     async def stop(self) -> None:
         for task in self._tasks:
