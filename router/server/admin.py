@@ -194,7 +194,8 @@ class Admin:
     async def action_sleep(self, request: Request) -> Response:
         model = self._model(request)
         try:
-            await self.state.residency.make_host_room(model)
+            if self.state.decides():  # else the leader makes room when it is asked
+                await self.state.residency.make_host_room(model)
         except ModelUnavailable as e:
             return error_response(503, e.message, param="model", headers={"Retry-After": str(e.retry_after)})
         outcome = await model.lifecycle.sleep()
@@ -215,6 +216,20 @@ class Admin:
         model = self._model(request)
         outcome = await model.lifecycle.wake()
         return self._outcome(model, outcome)
+
+    async def cluster_activity(self, request: Request) -> Response:
+        """Another router replica served these models: they are not idle (router/cluster/leadership.py)."""
+        try:
+            names = orjson.loads(await request.body())["models"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return error_response(400, 'The body must be {"models": [model names]}.')
+        touched = []
+        for name in names if isinstance(names, list) else []:
+            model = self.state.table.get(name) if isinstance(name, str) else None
+            if model is not None:
+                model.lifecycle.touch()
+                touched.append(model.name)
+        return _json({"touched": touched})
 
     async def action_reload(self, request: Request) -> Response:
         """Re-read the YAML: 200 with what changed, or 400 naming file and field (nothing changed)."""
@@ -263,5 +278,6 @@ def admin_routes(state: RouterState) -> list[BaseRoute]:
         ("/action/stop/{model:path}", a.action_stop, "POST"),
         ("/residency", a.residency, "GET"),
         ("/action/reload", a.action_reload, "POST"),
+        ("/cluster/activity", a.cluster_activity, "POST"),
     ]
     return [Route(path, _guard(fn), methods=[method]) for path, fn, method in table]

@@ -92,6 +92,8 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
             await state.processes.poll()  # know which engines run before the first probe
             state.processes.start()
         state.health.start()
+        if state.leadership is not None:
+            state.leadership.start(lambda: state.table)
         await state.idle.reconcile()  # ask the engines whether they sleep before the first request
         if state.workers is None:  # else once the workers are up (router/serve.py)
             state.begin_serving()
@@ -108,6 +110,8 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
                 loop.remove_signal_handler(signal.SIGHUP)
             await state.dns.stop()
             await state.idle.stop()
+            if state.leadership is not None:
+                await state.leadership.stop()
             await asyncio.gather(*(m.lifecycle.close() for m in state.table))
             await state.health.stop()
             if state.processes is not None:
@@ -234,6 +238,9 @@ def server_information(state: RouterState) -> dict[str, object]:
         "uptime_seconds": round(time.monotonic() - state.started_monotonic, 3),
         "router": settings,
         "sleep_manager": dict(config.sleep.__dict__),
+        "cluster": None if state.leadership is None else {
+            "leading": state.leadership.local(), "leader": state.leadership.elector.leader(),
+            "identity": state.leadership.elector.holder},
         "models": {m.name: {
             "aliases": table.aliases(m),
             "state": m.lifecycle.state,

@@ -65,9 +65,12 @@ def stop_due(model: Model, now: Optional[float] = None) -> bool:
 class IdleSleeper:
     """The idle loop over the live table (`table()` is read at every round)."""
 
-    def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings], residency: Residency):
+    def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings], residency: Residency,
+                 decides: Callable[[], bool] = lambda: True):
         self._table = table
         self._residency = residency
+        #: Whether this router makes lifecycle decisions now (not while it follows a leader).
+        self._decides = decides
         self._loop = Periodic("idle-sleeper", self.check, lambda: settings().check_interval_seconds, log,
                               first_at_once=False)
 
@@ -95,6 +98,8 @@ class IdleSleeper:
         """One round of the idle loop: stop the models idle past idle_stop_seconds, sleep the ones the
         rules allow (each re-checks its rules under the model's lock, after room was made in host memory)."""
         await self.reconcile()
+        if not self._decides():
+            return []
         try:
             await self._residency.enforce_groups()
         except ModelUnavailable as e:

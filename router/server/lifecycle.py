@@ -158,6 +158,15 @@ class Peers(Protocol):
     async def fence(self) -> None: ...
 
 
+class Authority(Protocol):
+    """Who decides the model's transitions when router replicas share the engines
+    (router/cluster/leadership.py): this router while it leads, else the leader it asks."""
+
+    def local(self) -> bool: ...
+
+    async def ask(self, model: str, action: str) -> "Outcome": ...
+
+
 class NoPeers:
     """One process: this lifecycle sees every request itself."""
 
@@ -176,12 +185,14 @@ class Lifecycle:
     def __init__(self, model: str, members: Callable[[], tuple[Replica, ...]], settings: SleepSettings,
                  control: EngineControl, events: Events, placement: Placement = NoPlacement(),
                  start_timeout: float = 900.0, clock: Callable[[], float] = time.monotonic,
-                 peers: Peers = NoPeers()):
+                 peers: Peers = NoPeers(), authority: Optional[Authority] = None):
         self.model = model
         self.members = members
         self.settings = settings
         self.placement = placement
         self.peers = peers
+        #: None: this router alone decides.
+        self.authority = authority
         self.start_timeout = start_timeout
         self.state = AWAKE
         #: Requests admitted and not finished (including those queued for a replica slot).
@@ -364,6 +375,8 @@ class Lifecycle:
         return await asyncio.shield(self._stop_task)
 
     async def _do_start(self) -> Outcome:
+        if self._delegated():
+            return await self._delegate("start", AWAKE)
         async with self._lock:
             if self.state in HOLDING_GPU or self.state == SLEEPING:
                 return Outcome(True, f"model {self.model!r} is {self.state}, not stopped")
@@ -425,6 +438,8 @@ class Lifecycle:
         return None
 
     async def _do_stop(self, reason: str) -> Outcome:
+        if self._delegated():
+            return await self._delegate("stop", STOPPED)
         async with self._lock:
             return await self._stop_locked(reason)
 
@@ -486,6 +501,8 @@ class Lifecycle:
             self._enter(AWAKE)
 
     async def _do_sleep(self, check: Optional[SleepCheck]) -> Outcome:
+        if self._delegated():
+            return await self._delegate("sleep", SLEEPING)
         async with self._lock:
             if check is not None:
                 blocker = check()
@@ -530,6 +547,8 @@ class Lifecycle:
                 log.warning("model %s: rolling back a failed sleep failed too: %s", self.model, "; ".join(errors.values()))
 
     async def _do_wake(self) -> Outcome:
+        if self._delegated():
+            return await self._delegate("wakeup", AWAKE)
         async with self._lock:
             if self.state == AWAKE:
                 return Outcome(True, f"model {self.model!r} is already awake")
@@ -585,6 +604,36 @@ class Lifecycle:
             elif isinstance(res, BaseException):
                 errors[replica.name] = f"{replica.name}: {type(res).__name__}: {res}"
         return errors
+
+    def _delegated(self) -> bool:
+        return self.authority is not None and not self.authority.local()
+
+    async def _delegate(self, action: str, then: str) -> Outcome:
+        """Ask the leading router to do `action`; once it has, the model is `then` here too."""
+        assert self.authority is not None
+        outcome = await self.authority.ask(self.model, action)
+        if outcome.ok:
+            self.follow(then)
+        else:
+            self.last_error = outcome.message
+        return outcome
+
+    def follow(self, state: str) -> None:
+        """Take the leading router's word on the model (after it acted, or for engines that cannot
+        say whether they sleep)."""
+        if state == self.state or state not in (AWAKE, SLEEPING, STOPPED) or self._lock.locked():
+            return
+        for replica in self.members():
+            replica.asleep = state == SLEEPING
+        if state == AWAKE:
+            self.last_wake_at = self.clock()
+        elif state == SLEEPING:
+            self.slept_at = self.clock()
+        self._enter(state)
+
+    def touch(self) -> None:
+        """Used now, by a request another router serves (its idle time starts again)."""
+        self.last_end = max(self.last_end, self.clock())
 
     def _enter(self, state: str) -> None:
         """Move to `state` and tell the followers."""

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Callable, Optional
 
+from router.cluster.leadership import Leadership
 from router.config import Config, ConfigError, load_config
 from router.config.diff import ConfigChange, diff
 from router.observe.accesslog import AccessLog
@@ -49,12 +50,15 @@ class RouterState:
         self.residency = Residency(lambda: self.table, lambda: self.config.residency,
                                    lambda: self.config.sleep.min_sleep_duration)
         self.metrics = Metrics(StateCollector(lambda: self.table, self.residency))
+        #: Router replicas under one Lease (kubernetes.leader_election): only the leader decides.
+        self.leadership: Optional[Leadership] = (Leadership.from_config(config, self.events)
+                                                 if config.kubernetes.leader_election else None)
         #: The proxy workers' links (router.workers > 1): this process is then their controller.
         self.workers: Optional[WorkerLinks] = WorkerLinks(self) if config.router.workers > 1 else None
         self.table = ModelTable.build(config, self.events, self.metrics.for_model, self.lifecycles(config))
         self.traffic = Traffic([m.name for m in self.table])
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
-        self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency)
+        self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency, self.decides)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         #: Which replica made each stored response; outlives reloads, as the replicas do.
         self.owners = ResponseOwners()
@@ -75,11 +79,16 @@ class RouterState:
             model.lifecycle.last_end = model.lifecycle.clock()
         self.idle.start()
 
+    def decides(self) -> bool:
+        """Whether this router makes lifecycle decisions now: always, unless it follows a leader."""
+        return self.leadership is None or self.leadership.local()
+
     def lifecycles(self, config: Config) -> LifecycleFactory:
         """How the table makes a new model's lifecycle under `config`."""
         def make(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
             return Lifecycle(name, members, config.sleep, self.control, self.events, self.residency,
-                             config.residency.start_timeout_seconds, peers=self.workers or NoPeers())
+                             config.residency.start_timeout_seconds, peers=self.workers or NoPeers(),
+                             authority=self.leadership)
         return make
 
     def on_process(self, process: ProcessState) -> None:
