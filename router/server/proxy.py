@@ -1,11 +1,15 @@
-"""The hot path: a raw ASGI handler for every client path the engines serve.
+"""The hot path: the handler for every client path the engines serve.
 
-No framework objects on this path: the body is read from ASGI messages,
-parsed once with orjson (or, for a multipart audio upload, walked once for
-its text fields) to find `model` and `stream`, and forwarded as the original
-bytes unless the model name must be rewritten. Engine answers are relayed as
-bytes: non-streaming bodies whole, streams chunk by chunk as they arrive,
-with ASGI `send` backpressure reaching the engine connection.
+No framework objects on this path: the body (read from ASGI messages, or
+handed over whole by router/server/fastserver.py, which serves the proxied
+POSTs without ASGI) is parsed once with orjson (or, for a multipart audio
+upload, walked once for its text fields) to find `model` and `stream`, and
+forwarded as the original bytes unless the model name must be rewritten.
+Engine answers are relayed as bytes through a `Reply` (ASGI messages, or
+writes to the client connection): non-streaming bodies whole, streams chunk
+by chunk as they arrive (on the fast server straight from the engine
+connection's callback), with the client's backpressure reaching the engine
+connection.
 """
 from __future__ import annotations
 
