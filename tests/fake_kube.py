@@ -41,11 +41,13 @@ class FakeKube:
     writes: list[Write] = field(default_factory=list)
     #: (client, verb, status) of every refused write: 409s and 404s.
     refusals: list[tuple[str, str, int]] = field(default_factory=list)
+    #: (client, method, status, resourceVersion sent or answered) of every request answered, in order.
+    log: list[tuple[str, str, int, Optional[str]]] = field(default_factory=list)
     #: Clients whose calls hang until unblocked (the API server is unreachable for them).
     blocked: set[str] = field(default_factory=set)
-    #: While > 0, GETs wait until this many have arrived: candidates then write at the same version.
-    _gate: int = 0
-    _gate_waiting: int = 0
+    #: Clients whose next GET waits until each of them has sent one: they then write at the same version.
+    _gate: set[str] = field(default_factory=set)
+    _gate_arrived: set[str] = field(default_factory=set)
     _gate_open: Optional[asyncio.Event] = None
     _version: int = 100
     _runner: Optional[web.AppRunner] = None
@@ -69,9 +71,9 @@ class FakeKube:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def hold_reads(self, n: int) -> None:
-        """The next `n` GETs are answered together, once all `n` have arrived."""
-        self._gate, self._gate_waiting, self._gate_open = n, 0, asyncio.Event()
+    def hold_reads(self, *clients: str) -> None:
+        """The next GET of each of `clients` is answered once all of them have arrived (others pass)."""
+        self._gate, self._gate_arrived, self._gate_open = set(clients), set(), asyncio.Event()
 
     def holders(self) -> list[Optional[str]]:
         return [w.holder for w in self.writes]
@@ -85,18 +87,20 @@ class FakeKube:
         return client
 
     async def read(self, request: web.Request) -> web.Response:
-        await self._client(request)
-        if self._gate and self._gate_open is not None:
+        client = await self._client(request)
+        if client in self._gate - self._gate_arrived and self._gate_open is not None:
             gate = self._gate_open
-            self._gate_waiting += 1
-            if self._gate_waiting >= self._gate:
-                self._gate = 0
+            self._gate_arrived.add(client)
+            if self._gate_arrived == self._gate:
+                self._gate = set()
                 gate.set()
             await gate.wait()
         ns, name = request.match_info["ns"], request.match_info["name"]
         lease = self.leases.get((ns, name))
         if lease is None:
+            self.log.append((client, "GET", 404, None))
             return status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found', name)
+        self.log.append((client, "GET", 200, lease["metadata"]["resourceVersion"]))
         return web.json_response(lease)
 
     async def create(self, request: web.Request) -> web.Response:
@@ -120,6 +124,7 @@ class FakeKube:
             self.refusals.append((client, "replace", 404))
             return status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found', name)
         version = (body.get("metadata") or {}).get("resourceVersion")
+        self.log.append((client, "PUT", 0, version))
         if version is not None and version != current["metadata"]["resourceVersion"]:
             self.refusals.append((client, "replace", 409))
             return status(409, "Conflict", f'Operation cannot be fulfilled on leases.coordination.k8s.io "{name}": '
