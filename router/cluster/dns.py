@@ -105,8 +105,7 @@ class DnsWatcher:
     def resolver(self, config: Config) -> Resolver:
         """The resolver for the config's nameservers (made anew when a reload changes them)."""
         if self._resolver is None or self._resolver.servers != config.router.dns_servers:
-            self._resolver = Resolver(config.router.dns_servers,
-                                      timeout=min(2.0, max(0.2, config.router.dns_refresh_seconds)))
+            self._resolver = Resolver(config.router.dns_servers)
         return self._resolver
 
     async def refresh(self) -> bool:
