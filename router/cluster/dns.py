@@ -67,21 +67,23 @@ class Resolver:
         """`name`'s IPv4 and IPv6 addresses, sorted; () when it has none; None when no answer came."""
         if self._resolver is None:
             return await self._system(name)
-        found: list[str] = []
-        failed = False
-        for rdtype in ("A", "AAAA"):
-            try:
-                answer = await self._resolver.resolve(name, rdtype, search=True)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                continue
-            except dns.exception.DNSException as e:  # timeout, SERVFAIL from every nameserver, ...
-                log.debug("resolving %s %s: %s", name, rdtype, e)
-                failed = True
-                continue
-            found.extend(r.address for r in answer)
-        if failed and not found:
+        answers = await asyncio.gather(*(self._query(name, rdtype) for rdtype in ("A", "AAAA")))
+        found = [a for answer in answers if answer is not None for a in answer]
+        if None in answers and not found:
             return None
         return tuple(sorted(set(found)))
+
+    async def _query(self, name: str, rdtype: str) -> Optional[list[str]]:
+        """The addresses of one record type; None when no answer came."""
+        assert self._resolver is not None
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=True)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException as e:  # timeout, SERVFAIL from every nameserver, ...
+            log.debug("resolving %s %s: %s", name, rdtype, e)
+            return None
+        return [r.address for r in answer]
 
     async def _system(self, name: str) -> Optional[tuple[str, ...]]:
         try:
