@@ -24,13 +24,12 @@ import uvicorn
 import uvloop
 
 from router.server.app import RouterApp, create_app
+from router.server.fastserver import FastHttpProtocol
 from router.server.state import RouterState
 from router.server.worker import WorkerProcesses
 from router.config import ConfigError, load_config
 
 log = logging.getLogger("router.serve")
-#: How long the controller waits for a first worker to connect before its idle loop starts anyway.
-WORKER_START_SECONDS = 60.0
 
 #: Listen backlog: thousands of clients may connect at once.
 BACKLOG = 8192
@@ -76,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raise_nofile_limit()
     options: dict[str, object] = dict(
         # proxy_headers off: the router never uses the client address, so skip that middleware.
-        loop="uvloop", http="httptools", lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
+        # FastHttpProtocol: uvicorn's httptools protocol, serving the proxied POSTs without ASGI.
+        loop="uvloop", http=FastHttpProtocol, lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds, log_level=settings.log_level,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
@@ -112,9 +112,6 @@ def serve_with_workers(app: RouterApp, host: str, port: int, options: dict[str, 
         except OSError as e:
             log.error("cannot listen on %s:%s: %s", host, port, e)
             server.should_exit = True
-        else:
-            await links.connected(1, WORKER_START_SECONDS)  # clients reach the models from then
-            state.begin_serving()
         await serving
         await links.close()
     try:

@@ -95,7 +95,7 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
         if state.leadership is not None:
             state.leadership.start(lambda: state.table)
         await state.idle.reconcile()  # ask the engines whether they sleep before the first request
-        if state.workers is None:  # else once the workers are up (router/serve.py)
+        if state.workers is None:  # else when the first proxy worker connects (router/server/link.py)
             state.begin_serving()
         await state.dns.refresh()  # replicas found by DNS before the first request
         state.dns.start()

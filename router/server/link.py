@@ -38,7 +38,6 @@ import itertools
 import logging
 import pickle
 import struct
-import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from router.config import Config
@@ -115,16 +114,12 @@ class WorkerLinks:
         self._fences = itertools.count(1)
         self._server: Optional[asyncio.AbstractServer] = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._serving = False
         state.events.listen(self.on_event)
 
     async def serve(self, path: str) -> None:
         self._server = await asyncio.start_unix_server(self._accept, path)
 
-    async def connected(self, count: int, timeout: float) -> None:
-        """Return once `count` workers are connected, or after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while len(self.links) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -191,6 +186,9 @@ class WorkerLinks:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = WorkerLink(Channel(reader, writer))
+        if not self._serving:  # the first worker serves once it has the table sent below
+            self._serving = True
+            self.state.begin_serving()
         self.links.append(link)
         link.channel.send(self.table_message())
         try:
