@@ -174,7 +174,7 @@ def test_a_slow_reader_pauses_the_engine_and_gets_the_whole_stream(stack: Stack)
     chunks = 150_000  # about 30 MB of SSE, more than the sockets' buffers hold
     e = stack.engine(chunks=chunks)
     # An idle timeout far shorter than the reader's pause: waiting on the client is not engine silence.
-    r = stack.router([instance("m", e.port)], stream_idle_timeout_seconds=1.0)
+    r = stack.router([instance("m", e.port)], stream_idle_timeout_seconds=2.0)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(30)
@@ -188,7 +188,7 @@ def test_a_slow_reader_pauses_the_engine_and_gets_the_whole_stream(stack: Stack)
             assert len(counts) < 60, f"the engine never stalled: {counts}"
             counts.append(len(e.chunk_times))
             time.sleep(0.5)
-        time.sleep(2.0)  # two idle timeouts: the stream must not end for it
+        time.sleep(4.5)  # two idle timeouts: the stream must not end for it
         assert len(e.chunk_times) == counts[-1]
         data = bytearray()
         while not data.endswith(b"0\r\n\r\n"):
