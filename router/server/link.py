@@ -19,12 +19,13 @@ Controller -> worker, in the order the controller's state changed:
 - ``("owner", response_id, model, instance)``: another worker learned a stored
   response's replica.
 
-Worker -> controller: ``("counts", {model: in_flight}, {instance: outstanding})``,
-``("fenced", n)``, ``("ready", id, model)``, ``("owner", ...)`` and
-``("records", [...])``: finished requests, for the controller's metrics and traffic.
+Worker -> controller: ``("report", {model: in_flight}, {instance: outstanding},
+[records])`` (counts that changed, and finished requests for the controller's
+metrics and traffic), ``("fenced", n)``, ``("ready", id, model)`` and ``("owner", ...)``.
 
-Why exact idle detection holds: a worker sends its counts at once when a
-model's count leaves or reaches zero (the rest within `COUNTS_SECONDS`). When
+Why exact idle detection holds: a worker reports a model's count within
+`REPORT_SECONDS` when it leaves or reaches zero (other changes within
+`COUNTS_SECONDS`), so the controller's idle clock is off by milliseconds at most. When
 the controller leaves AWAKE to drain, it fences every worker: a worker answers
 the fence only after it has applied the new state (so it admits nothing more on
 its own) and flushed its counts, so the controller then knows every request in
@@ -53,7 +54,10 @@ if TYPE_CHECKING:  # the controller's state; link.py is imported by state.py
 log = logging.getLogger("router.link")
 
 HEADER = struct.Struct("!I")
-#: Longest a worker's non-zero count changes wait before they reach the controller.
+#: Longest a worker's count leaving or reaching zero, and a finished request's record, wait before
+#: they reach the controller (one message per period carries them all: under load, many requests).
+REPORT_SECONDS = 0.005
+#: Longest other count changes wait.
 COUNTS_SECONDS = 0.25
 #: A worker that does not answer a fence in this time is cut off (its requests no longer count).
 FENCE_TIMEOUT_SECONDS = 10.0
@@ -212,8 +216,9 @@ class WorkerLinks:
 
     def _take(self, link: WorkerLink, message: Message) -> None:
         op = message[0]
-        if op == "counts":
+        if op == "report":
             self._apply_counts(link, message[1], message[2])
+            self._records(message[3])
         elif op == "fenced":
             link.fenced = max(link.fenced, message[1])
             if link.fence_waiter is not None and not link.fence_waiter.done():
@@ -222,8 +227,6 @@ class WorkerLinks:
             task = asyncio.ensure_future(self._ready(link, message[1], message[2]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif op == "records":
-            self._records(message[1])
         elif op == "owner":
             self._owner(link, message)
 
@@ -298,8 +301,7 @@ class ControllerLink:
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future[None], LifecycleView]] = {}
         self._dirty: set[LifecycleView] = set()
-        self._flush_now: Optional[asyncio.Handle] = None
-        self._flush_later: Optional[asyncio.TimerHandle] = None
+        self._report: Optional[asyncio.TimerHandle] = None
         self.records: list[Record] = []
 
     @classmethod
@@ -361,23 +363,33 @@ class ControllerLink:
             self._waiting.pop(request, None)
 
     def changed(self, lc: "LifecycleView") -> None:
-        """`lc`'s count moved: to or from zero it goes at once, otherwise within COUNTS_SECONDS."""
+        """`lc`'s count moved: to or from zero it reaches the controller within REPORT_SECONDS,
+        otherwise within COUNTS_SECONDS (a fence or a `ready` sends everything at once)."""
         self._dirty.add(lc)
+        self._schedule(REPORT_SECONDS if (lc.in_flight == 0) != (lc.reported == 0) else COUNTS_SECONDS)
+
+    def record(self, item: Record) -> None:
+        """Keep what a request did; it reaches the controller within REPORT_SECONDS, with the others."""
+        self.records.append(item)
+        self._schedule(REPORT_SECONDS)
+
+    def _schedule(self, delay: float) -> None:
+        """One report, sent at the earliest time anything pending asks for: under load one message
+        carries many requests' counts and records."""
         loop = asyncio.get_running_loop()
-        if (lc.in_flight == 0) != (lc.reported == 0):
-            if self._flush_now is None:
-                self._flush_now = loop.call_soon(self.flush)
-        elif self._flush_later is None:
-            self._flush_later = loop.call_later(COUNTS_SECONDS, self.flush)
+        due = loop.time() + delay
+        if self._report is not None:
+            if self._report.when() <= due:
+                return
+            self._report.cancel()
+        self._report = loop.call_at(due, self.flush)
 
     def flush(self) -> None:
-        if self._flush_now is not None:
-            self._flush_now.cancel()
-            self._flush_now = None
-        if self._flush_later is not None:
-            self._flush_later.cancel()
-            self._flush_later = None
-        if not self._dirty:
+        """Send the counts and records pending, in one message."""
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
+        if not self._dirty and not self.records:
             return
         counts = {}
         outstanding = {}
@@ -386,18 +398,8 @@ class ControllerLink:
             for r in lc.members():
                 outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        self.channel.send(("counts", counts, outstanding))
-
-    def record(self, item: Record) -> None:
-        """Keep what a request did; they go to the controller together, once per turn of the loop."""
-        self.records.append(item)
-        if len(self.records) == 1:
-            asyncio.get_running_loop().call_soon(self.send_records)
-
-    def send_records(self) -> None:
-        if self.records:
-            records, self.records = self.records, []
-            self.channel.send(("records", records))
+        records, self.records = self.records, []
+        self.channel.send(("report", counts, outstanding, records))
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
         self.channel.send(("owner", response_id, model, instance))

@@ -110,10 +110,12 @@ class WorkerState:
 
 
 class Controller:
-    """Everything but proxied requests, passed through to the controller's own server."""
+    """Everything but proxied requests, passed through to the controller's own server. What this
+    worker has to report goes first, so an answer about requests (/metrics after a batch) counts them."""
 
-    def __init__(self, http_path: str):
+    def __init__(self, http_path: str, flush: Callable[[], None]):
         self.http_path = http_path
+        self.flush = flush
         self.session: Optional[aiohttp.ClientSession] = None
 
     def open(self) -> None:
@@ -139,6 +141,7 @@ class Controller:
             target += b"?" + scope["query_string"]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k not in DROP_REQUEST_HEADERS]
+        self.flush()
         relay = asyncio.ensure_future(self._relay(scope["method"], target.decode("latin-1"), headers, bytes(body),
                                                   send))
         gone = asyncio.ensure_future(receive())  # an SSE follower (GET /events) ends when its client leaves
@@ -170,11 +173,15 @@ class WorkerApp:
 
     def __init__(self, link_path: str, http_path: str, on_controller_gone: Callable[[], None]):
         self.link_path = link_path
-        self.controller = Controller(http_path)
+        self.controller = Controller(http_path, self.flush)
         self.on_controller_gone = on_controller_gone
         self.state: Optional[WorkerState] = None
         self.router: Optional[RouterApp] = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def flush(self) -> None:
+        if self.state is not None:
+            self.state.link.flush()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -233,7 +240,6 @@ class WorkerApp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.state is not None:
             self.state.link.flush()
-            self.state.link.send_records()
             if self.state.access_log is not None:
                 self.state.access_log.flush()
             for replica in self.state.table.replicas():
