@@ -322,3 +322,27 @@ instances: [{name: a, model: m, engine: vllm, engine_args: "--port 8001"}]
             await kube.stop()
         assert elector.stopped_leading.is_set() and changes[-1][0] in ("stopped", "leader")
     run(main())
+
+
+def test_a_round_that_ends_after_stop_does_not_lead_again() -> None:
+    async def main() -> None:
+        kube = await FakeKube().start()
+        (c,) = cands = [candidate(kube, "a", lease=6.0, renew=4.0, retry=0.1)]
+        try:
+            start(c)
+            await until(lambda: c.elector.is_leader, 5)
+            kube.blocked.add("a")
+            await asyncio.sleep(0.3)  # a renewal is under way, held by the API server
+            await c.elector.stop()
+            assert not c.elector.is_leader
+            kube.blocked.clear()  # the renewal succeeds after the stop
+            assert c.task is not None
+            await c.task
+            assert [s for _, s, _ in c.changes if s in ("started", "stopped")] == ["started", "stopped"]
+            assert not c.elector.is_leader and c.elector.stopped_leading.is_set()
+            assert kube.holders()[-1] is None  # and it still freed the Lease
+        finally:
+            kube.blocked.clear()
+            await stop_all(*cands)
+            await kube.stop()
+    run(main())

@@ -218,7 +218,7 @@ class LeaseElector:
 
     def _after_round(self, attempt: float, result: _Round) -> None:
         now = time.monotonic()
-        if result.holds:
+        if result.holds and not self._stop.is_set():  # a round that ends after stop() does not lead again
             deadline = attempt + self.renew_deadline
             if now < deadline:
                 self._deadline = deadline
