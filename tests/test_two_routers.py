@@ -178,3 +178,14 @@ def test_the_leader_dies_and_the_other_router_takes_over_after_the_lease(cluster
     last_old = max(w.at for w in writes if w.holder and w.holder.startswith(leader))
     first_by_new = min(w.at for w in writes if w.holder and w.holder.startswith(follower))
     assert first_by_new - last_old >= LEASE_SECONDS - 0.1
+
+
+def test_a_leader_that_shuts_down_frees_the_lease_and_the_other_leads_at_once(cluster: Cluster) -> None:
+    leader = cluster.leader()
+    follower = next(r for r in ROUTERS if r != leader)
+    stopped = time.monotonic()
+    cluster.procs[leader].stop(signal.SIGTERM)
+    # Freed on the way out: the other router need not wait out the Lease.
+    assert cluster.leader(timeout=LEASE_SECONDS * 4) == follower
+    assert time.monotonic() - stopped < LEASE_SECONDS
+    assert cluster.kube.holders()[-1] == f"{follower}@{ROUTERS[follower]}:{cluster.port}"

@@ -43,7 +43,8 @@ class Leadership:
         self.elector = elector
         self._auth = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
         self._session: Optional[aiohttp.ClientSession] = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._election: Optional["asyncio.Task[None]"] = None
+        self._following: Optional["asyncio.Task[None]"] = None
         self._reported: dict[str, float] = {}
 
     @classmethod
@@ -59,13 +60,20 @@ class Leadership:
 
     def start(self, table: Callable[[], ModelTable]) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
-        self._tasks = [asyncio.ensure_future(self.elector.run()), asyncio.ensure_future(self._follow(table))]
+        self._election = asyncio.ensure_future(self.elector.run())
+        self._following = asyncio.ensure_future(self._follow(table))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.elector.stop()
+        """Step down and free the Lease (another replica takes over at once, not a lease later)."""
+        if self._election is None or self._following is None:
+            return
+        self._following.cancel()
+        await self.elector.stop()  # the election loop ends at its next wait, freeing the Lease
+        try:
+            await asyncio.wait_for(asyncio.shield(self._election), self.elector.renew_deadline)
+        except asyncio.TimeoutError:
+            self._election.cancel()  # a call to the API server hangs: the Lease expires on its own
+        await asyncio.gather(self._election, self._following, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
