@@ -210,7 +210,8 @@ class WorkerLinks:
         if link not in self.links:
             return
         self.links.remove(link)
-        self._apply_counts(link, dict.fromkeys(link.counts, 0), dict.fromkeys(link.outstanding, 0))
+        self._apply_counts(link, {k: 0 for k, n in link.counts.items() if n},
+                           {k: 0 for k, n in link.outstanding.items() if n})
         if link.fence_waiter is not None and not link.fence_waiter.done():
             link.fence_waiter.set_result(None)
 
@@ -237,8 +238,12 @@ class WorkerLinks:
             delta = n - link.counts.get(name, 0)
             link.counts[name] = n
             model = table.get(name)
-            if delta and model is not None:
+            if model is None:
+                continue
+            if delta:
                 model.lifecycle.count(delta)
+            if n == 0 and delta >= 0:  # requests began and ended within one report: used just now
+                model.lifecycle.touch()
         for name, n in outstanding.items():
             delta = n - link.outstanding.get(name, 0)
             link.outstanding[name] = n
