@@ -114,11 +114,10 @@ def make_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]
 
 class Watcher:
     """Polls the awake set in a thread: `seen` holds the sets two passes in a row agreed on (states
-    the stack was in); `peak` is the largest set any one pass saw."""
+    the stack was in)."""
 
     def __init__(self, stack: Stack, names: list[str]):
         self.stack, self.names = stack, names
-        self.peak: set[str] = set()
         self.seen: list[set[str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -137,8 +136,6 @@ class Watcher:
             # read before its sleep, the new one after its wake) is no state the stack was in.
             # A state that lasts shows in two passes in a row.
             awake = self.stack.awake(self.names)
-            if len(awake) > len(self.peak):
-                self.peak = awake
             if self.stack.awake(self.names) == awake:
                 self.seen.append(awake)
             time.sleep(0.1)
@@ -159,7 +156,9 @@ def test_three_on_demand_models_in_a_budget_for_two_and_a_pinned_one(make_stack)
             status, body = stack.ask(name)
             assert status == 200, (name, body)
     assert max(len(s) for s in watcher.seen) <= 3, f"more than the budget awake: {watcher.seen}"
-    assert len(watcher.peak) >= 3  # the budget was used, not just respected
+    # The budget was used, not just respected: the evictions below were for want of GPU room. (How
+    # many engines a poll sees awake at once is no measure: a swap puts the old model to sleep
+    # before the new one starts, so three are awake only between a start and the next request.)
     report = stack.residency()
     evicted = [e["model"] for e in report["evictions"]]
     # a, b awake (p pinned) -> c needs room: a, the least recently used, goes first; then b (for a), c (for b)...

@@ -15,7 +15,8 @@ Controller -> worker, in the order the controller's state changed:
 - ``("model", name, state)``, ``("replica", name, health, process)``: a change.
 - ``("fence", n)``: answer ``("fenced", n)`` once everything before is applied.
 - ``("ready", id, refusal)``: the answer to a worker's ``ready``; `refusal` is
-  None (admitted) or (message, retry_after).
+  None (admitted) or (message, retry_after). ``("synced", id)``: the answer to
+  ``("sync", id)``, sent once everything the worker sent before is applied.
 - ``("owner", response_id, model, instance)``: another worker learned a stored
   response's replica.
 
@@ -224,6 +225,8 @@ class WorkerLinks:
             link.fenced = max(link.fenced, message[1])
             if link.fence_waiter is not None and not link.fence_waiter.done():
                 link.fence_waiter.set_result(None)
+        elif op == "sync":  # everything this worker sent before is applied
+            link.channel.send(("synced", message[1]))
         elif op == "ready":
             task = asyncio.ensure_future(self._ready(link, message[1], message[2]))
             self._tasks.add(task)
@@ -304,7 +307,7 @@ class ControllerLink:
         self._replica_changed = replica_changed
         self._owner = owner
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[None], LifecycleView]] = {}
+        self._waiting: dict[int, tuple[asyncio.Future[None], Optional[LifecycleView]]] = {}
         self._dirty: set[LifecycleView] = set()
         self._report: Optional[asyncio.TimerHandle] = None
         self.records: list[Record] = []
@@ -350,10 +353,27 @@ class ControllerLink:
                 fut.set_result(None)
             else:
                 fut.set_exception(ModelUnavailable(refusal[0], refusal[1]))
+        elif op == "synced":
+            fut, _ = self._waiting.pop(message[1], (None, None))
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         elif op == "table":
             self._on_table(message)
         elif op == "owner":
             self._owner(message[1], message[2], message[3])
+
+    async def sync(self) -> None:
+        """Return once the controller has applied everything this worker reported: a request passed
+        to it next (/metrics, /sleep/status) sees this worker's requests counted."""
+        request = next(self._ids)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[request] = (fut, None)
+        self.flush()
+        self.channel.send(("sync", request))
+        try:
+            await fut
+        finally:
+            self._waiting.pop(request, None)
 
     async def ready(self, lc: "LifecycleView") -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""

@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 from multiprocessing.process import BaseProcess
-from typing import Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 import aiohttp
 import uvicorn
@@ -110,12 +110,12 @@ class WorkerState:
 
 
 class Controller:
-    """Everything but proxied requests, passed through to the controller's own server. What this
-    worker has to report goes first, so an answer about requests (/metrics after a batch) counts them."""
+    """Everything but proxied requests, passed through to the controller's own server, once the
+    controller has applied all this worker reported (so /metrics after a batch counts it)."""
 
-    def __init__(self, http_path: str, flush: Callable[[], None]):
+    def __init__(self, http_path: str, sync: Callable[[], Awaitable[None]]):
         self.http_path = http_path
-        self.flush = flush
+        self.sync = sync
         self.session: Optional[aiohttp.ClientSession] = None
 
     def open(self) -> None:
@@ -141,7 +141,7 @@ class Controller:
             target += b"?" + scope["query_string"]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k not in DROP_REQUEST_HEADERS]
-        self.flush()
+        await self.sync()
         relay = asyncio.ensure_future(self._relay(scope["method"], target.decode("latin-1"), headers, bytes(body),
                                                   send))
         gone = asyncio.ensure_future(receive())  # an SSE follower (GET /events) ends when its client leaves
@@ -173,15 +173,15 @@ class WorkerApp:
 
     def __init__(self, link_path: str, http_path: str, on_controller_gone: Callable[[], None]):
         self.link_path = link_path
-        self.controller = Controller(http_path, self.flush)
+        self.controller = Controller(http_path, self.sync)
         self.on_controller_gone = on_controller_gone
         self.state: Optional[WorkerState] = None
         self.router: Optional[RouterApp] = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    def flush(self) -> None:
+    async def sync(self) -> None:
         if self.state is not None:
-            self.state.link.flush()
+            await self.state.link.sync()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
