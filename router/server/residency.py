@@ -78,6 +78,9 @@ class Residency:
 
     async def make_room(self, lc: Lifecycle) -> None:
         async with self._placement_lock():
+            # Proxy workers report counts within milliseconds: fence them, so a model whose last
+            # request just ended there is not taken for busy (and one just admitted is not idle).
+            await lc.peers.fence()
             model = self._model_of(lc)
             await self._swap_out_group(model)
             for gpu in gpu_need(model):
