@@ -161,8 +161,10 @@ def test_three_on_demand_models_in_a_budget_for_two_and_a_pinned_one(make_stack)
     # before the new one starts, so three are awake only between a start and the next request.)
     report = stack.residency()
     evicted = [e["model"] for e in report["evictions"]]
-    # a, b awake (p pinned) -> c needs room: a, the least recently used, goes first; then b (for a), c (for b)...
-    assert evicted[:3] == ["m/a", "m/b", "m/c"], evicted
+    # a, b awake (p pinned) -> c needs room: a, the least recently used, goes first; then b (for a).
+    # (The third choice, c or a for b, comes down to milliseconds between c's start and a's wake: a CI
+    # run under load saw a.)
+    assert evicted[:2] == ["m/a", "m/b"], evicted
     assert "m/p" not in evicted and all(e["reason"] == "gpu_budget" for e in report["evictions"])
     assert report["models"]["m/p"]["state"] == "awake"
     assert report["gpus"]["0"]["used_gb"] <= 30
