@@ -62,24 +62,24 @@ class WorkerState:
         self.control = EngineControl(None)
         self.traffic = RelayedTraffic(link)
         self.owners = ResponseOwners(on_learn=lambda rid, m, r: link.learned(rid, m.name, r.name))
-        self.table = ModelTable.build(config, self.events, lambda name: RelayedMetrics(name, link),
-                                      self.lifecycles(config))
+        self.table = self.build(config)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
         self.guard = Guard(config.router, self.table.client_paths)
 
-    def lifecycles(self, config: Config) -> Callable[[str, Callable[[], tuple[Replica, ...]]], Lifecycle]:
-        def make(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
+    def build(self, config: Config, previous: Optional[ModelTable] = None) -> ModelTable:
+        """The table for `config`: lifecycle views, metrics relayed to the controller."""
+        def lifecycle(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
             return LifecycleView(name, members, config.sleep, self.control, self.events, link=self.link)
-        return make
+        return ModelTable.build(config, self.events, lambda name: RelayedMetrics(name, self.link), lifecycle,
+                                previous=previous)
 
     def apply_table(self, message: Message) -> None:
         """The controller's table: on connect and after each reload."""
         _, config, models, replicas = message
         if config is not self.config:
             self.config = config
-            self.table = ModelTable.build(config, self.events, lambda name: RelayedMetrics(name, self.link),
-                                          self.lifecycles(config), previous=self.table)
+            self.table = self.build(config, previous=self.table)
             if config.router.access_log != (self.access_log is not None):
                 self.access_log = AccessLog() if config.router.access_log else None
             self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
