@@ -309,7 +309,8 @@ class ControllerLink:
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future[None], Optional[LifecycleView]]] = {}
         self._dirty: set[LifecycleView] = set()
-        self._report: Optional[asyncio.TimerHandle] = None
+        self._report: Optional[asyncio.Handle] = None
+        self._report_due = 0.0
         self.records: list[Record] = []
 
     @classmethod
@@ -404,10 +405,13 @@ class ControllerLink:
         loop = asyncio.get_running_loop()
         due = loop.time() + delay
         if self._report is not None:
-            if self._report.when() <= due:
+            if self._report_due <= due:
                 return
             self._report.cancel()
-        self._report = loop.call_at(due, self.flush)
+        # The due time is kept here, not read back with `when()`: uvloop's `call_at` hands back a
+        # plain Handle for a time less than a millisecond away, which a busy loop makes of 5 ms.
+        self._report_due = due
+        self._report = loop.call_later(delay, self.flush)
 
     def flush(self) -> None:
         """Send the counts and records pending, in one message."""
