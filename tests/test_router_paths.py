@@ -183,8 +183,21 @@ def test_a_path_no_configured_engine_serves(loop: LoopThread, tmp_path: Path) ->
         loop.run(oa.stop())
 
 
-def test_stored_responses_go_back_to_the_replica_that_made_them(surface: Surface) -> None:
-    client = openai.OpenAI(base_url=surface.url + "/v1", api_key="x", max_retries=0)
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_stored_responses_go_back_to_the_replica_that_made_them(loop: LoopThread, tmp_path: Path,
+                                                                 workers: int) -> None:
+    surface = Surface(loop, tmp_path, router={"workers": workers})
+    try:
+        stored_responses_go_back_to_the_replica_that_made_them(surface)
+    finally:
+        surface.close()
+
+
+def stored_responses_go_back_to_the_replica_that_made_them(surface: Surface) -> None:
+    # A new connection for each request: with proxy workers the kernel spreads them over both, so a
+    # follow-up often reaches a worker other than the one that relayed the response it names.
+    client = openai.OpenAI(base_url=surface.url + "/v1", api_key="x", max_retries=0,
+                           default_headers={"connection": "close"})
     first = client.responses.create(model="org/vllm-model", input="hello", max_output_tokens=4)
     maker = [n for n in ("v1", "v2") if surface.engines[n].counters.requests == 1]
     assert len(maker) == 1

@@ -7,11 +7,17 @@ learns each id from the engine's answer (the JSON body's ``id``, or the
 stream's ``response.created`` event) and keeps the most recently used
 `MAX_RESPONSES` of them; the least recently used id is forgotten first, and
 a request naming a forgotten or unknown id gets 404.
+
+With proxy workers each process learns ids from the answers it relays and
+tells the controller, which tells the others. A follow-up can outrun that
+news (it may reach another worker first), so an id not known here is asked
+of the controller, which first fences every worker: what any of them had
+learned by then is applied before it answers.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, NamedTuple, Optional
+from typing import Awaitable, Callable, NamedTuple, Optional
 
 import orjson
 
@@ -33,11 +39,14 @@ class Owner(NamedTuple):
 class ResponseOwners:
     """Response id -> the model and replica that made it; bounded, least recently used evicted first."""
 
-    def __init__(self, limit: int = MAX_RESPONSES, on_learn: Optional[Callable[[str, Model, Replica], None]] = None):
+    def __init__(self, limit: int = MAX_RESPONSES, on_learn: Optional[Callable[[str, Model, Replica], None]] = None,
+                 elsewhere: Optional[Callable[[str], Awaitable[Optional[Owner]]]] = None):
         self._owners: OrderedDict[str, Owner] = OrderedDict()
         self._limit = limit
         #: Told of each id learned from an engine's answer (a proxy worker tells its controller).
         self._on_learn = on_learn
+        #: Asked for an id not known here: the other processes that may have learned it.
+        self._elsewhere = elsewhere
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -52,6 +61,15 @@ class ResponseOwners:
         found = self._owners.get(response_id)
         if found is not None:
             self._owners.move_to_end(response_id)
+        return found
+
+    async def find(self, response_id: str) -> Optional[Owner]:
+        """The owner of `response_id`, asking the other processes when it is not known here."""
+        found = self.owner(response_id)
+        if found is None and self._elsewhere is not None:
+            found = await self._elsewhere(response_id)
+            if found is not None:
+                self.remember(response_id, *found)
         return found
 
     def _learned(self, response_id: str, model: Model, replica: Replica) -> None:

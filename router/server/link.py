@@ -18,11 +18,14 @@ Controller -> worker, in the order the controller's state changed:
   None (admitted) or (message, retry_after). ``("synced", id)``: the answer to
   ``("sync", id)``, sent once everything the worker sent before is applied.
 - ``("owner", response_id, model, instance)``: another worker learned a stored
-  response's replica.
+  response's replica. ``("whose", id, (model, instance) or None)``: the answer
+  to a worker's ``whose``, sent after fencing every worker.
 
 Worker -> controller: ``("report", {model: in_flight}, {instance: outstanding},
 [records])`` (counts that changed, and finished requests for the controller's
-metrics and traffic), ``("fenced", n)``, ``("ready", id, model)`` and ``("owner", ...)``.
+metrics and traffic), ``("fenced", n)``, ``("ready", id, model)``, ``("sync", id)``,
+``("owner", ...)`` and ``("whose", id, response_id)`` (a stored response it has
+not heard of).
 
 Why exact idle detection holds: a worker reports a model's count within
 `REPORT_SECONDS` when it leaves or reaches zero (other changes within
@@ -40,7 +43,7 @@ import itertools
 import logging
 import pickle
 import struct
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional
 
 from router.config import Config
 from router.observe.events import Event
@@ -111,7 +114,7 @@ class WorkerLink:
 
 class WorkerLinks:
     """The controller's side: serves the links, tells every worker each state change, fences them
-    before a drain (`Peers` of router/server/lifecycle.py) and answers their ``ready``."""
+    before a drain (`Peers` of router/server/lifecycle.py) and answers their ``ready`` and ``whose``."""
 
     def __init__(self, state: "RouterState"):
         self.state = state
@@ -228,11 +231,17 @@ class WorkerLinks:
         elif op == "sync":  # everything this worker sent before is applied
             link.channel.send(("synced", message[1]))
         elif op == "ready":
-            task = asyncio.ensure_future(self._ready(link, message[1], message[2]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._ready(link, message[1], message[2]))
+        elif op == "whose":
+            self._spawn(self._whose(link, message[1], message[2]))
         elif op == "owner":
             self._owner(link, message)
+
+    def _spawn(self, answer: Coroutine[Any, Any, None]) -> None:
+        """Answer a worker's question that needs waiting for, while its other messages go on."""
+        task = asyncio.ensure_future(answer)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _apply_counts(self, link: WorkerLink, counts: dict[str, int], outstanding: dict[str, int]) -> None:
         """A worker's latest counts (absolute, for the models and instances that changed)."""
@@ -266,6 +275,10 @@ class WorkerLinks:
             return
         # No await since ready() saw AWAKE: any later state change is sent after this answer.
         link.channel.send(("ready", request, None))
+
+    async def _whose(self, link: WorkerLink, request: int, response_id: str) -> None:
+        found = await self.state.owners.find(response_id)
+        link.channel.send(("whose", request, None if found is None else (found.model.name, found.replica.name)))
 
     def _records(self, records: list[Record]) -> None:
         table = self.state.table
@@ -307,7 +320,7 @@ class ControllerLink:
         self._replica_changed = replica_changed
         self._owner = owner
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[None], Optional[LifecycleView]]] = {}
+        self._waiting: dict[int, tuple[asyncio.Future[Any], Optional[LifecycleView]]] = {}
         self._dirty: set[LifecycleView] = set()
         self._report: Optional[asyncio.Handle] = None
         self._report_due = 0.0
@@ -354,10 +367,10 @@ class ControllerLink:
                 fut.set_result(None)
             else:
                 fut.set_exception(ModelUnavailable(refusal[0], refusal[1]))
-        elif op == "synced":
+        elif op in ("synced", "whose"):
             fut, _ = self._waiting.pop(message[1], (None, None))
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                fut.set_result(message[2] if op == "whose" else None)
         elif op == "table":
             self._on_table(message)
         elif op == "owner":
@@ -366,25 +379,27 @@ class ControllerLink:
     async def sync(self) -> None:
         """Return once the controller has applied everything this worker reported: a request passed
         to it next (/metrics, /sleep/status) sees this worker's requests counted."""
-        request = next(self._ids)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[request] = (fut, None)
-        self.flush()
-        self.channel.send(("sync", request))
-        try:
-            await fut
-        finally:
-            self._waiting.pop(request, None)
+        await self._ask("sync")
 
     async def ready(self, lc: "LifecycleView") -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
+        await self._ask("ready", lc.model, lc=lc)
+
+    async def whose(self, response_id: str) -> Optional[tuple[str, str]]:
+        """The (model, instance) that made a stored response this worker has not heard of, as the
+        controller knows it once every worker has told it what they learned."""
+        found: Optional[tuple[str, str]] = await self._ask("whose", response_id)
+        return found
+
+    async def _ask(self, op: str, *args: Any, lc: Optional["LifecycleView"] = None) -> Any:
+        """Send `op` with everything pending before it, and wait for the controller's answer."""
         request = next(self._ids)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request] = (fut, lc)
         self.flush()
-        self.channel.send(("ready", request, lc.model))
+        self.channel.send((op, request, *args))
         try:
-            await fut
+            return await fut
         finally:
             self._waiting.pop(request, None)
 

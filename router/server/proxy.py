@@ -356,7 +356,7 @@ class Proxy:
             body = await self.read_body(scope, receive)
             if body is None:
                 return  # the client left before sending its request
-            model, out = self.route(scope, body, path)
+            model, out = await self.route(scope, body, path)
         except Reject as r:
             await send_error(send, r.status, r.message, r.param, r.headers, path)
             return
@@ -367,13 +367,13 @@ class Proxy:
         client leaves, setting `reply.gone` first (router/server/fastserver.py)."""
         path = scope["path"]
         try:
-            model, out = self.route(scope, body, path)
+            model, out = await self.route(scope, body, path)
         except Reject as r:
             await answer_error(reply, r.status, r.message, r.param, r.headers, path)
             return
         await self.run(scope, reply, model, out, start, path.encode(), True)
 
-    def route(self, scope: Scope, body: bytes, path: str) -> tuple[Model, Outgoing]:
+    async def route(self, scope: Scope, body: bytes, path: str) -> tuple[Model, Outgoing]:
         """The model a client request goes to and what it sends, or Reject."""
         if len(body) > self.max_bytes:
             raise Reject(413, f"The request body ({len(body)} bytes) exceeds the limit of {self.max_bytes} bytes "
@@ -381,7 +381,7 @@ class Proxy:
         out = self.outgoing(scope, body)
         model = self.model_for(out.name, path)
         if path == RESPONSES_PATH and out.payload is not None:
-            out.pin = self.previous_response_owner(out.payload, model)
+            out.pin = await self.previous_response_owner(out.payload, model)
         return model, out
 
     def outgoing(self, scope: Scope, body: bytes) -> Outgoing:
@@ -412,12 +412,12 @@ class Proxy:
                          "model")
         return model
 
-    def previous_response_owner(self, payload: dict[str, Any], model: Model) -> Optional[Replica]:
+    async def previous_response_owner(self, payload: dict[str, Any], model: Model) -> Optional[Replica]:
         """The replica a follow-up (`previous_response_id`) must go to: the one holding that response."""
         previous = payload.get("previous_response_id")
         if previous is None:
             return None
-        owner = self.owners.owner(previous) if isinstance(previous, str) else None
+        owner = await self.owners.find(previous) if isinstance(previous, str) else None
         if owner is None:
             raise Reject(404, f"Response '{previous}' is not known to this router (unknown, or forgotten after "
                               "the router restarted or its last responses were evicted).", "previous_response_id")
@@ -431,9 +431,9 @@ class Proxy:
         start = time.perf_counter()
         path = scope["path"]
         response_id = path[len(RESPONSES_PATH) + 1:].split("/", 1)[0]
+        found = await self.owners.find(response_id)
 
         def owner() -> Owner:
-            found = self.owners.owner(response_id)
             if found is None:
                 raise Reject(404, f"Response '{response_id}' is not known to this router (unknown, or forgotten "
                                   "after the router restarted or its last responses were evicted).")

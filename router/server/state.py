@@ -20,7 +20,7 @@ from router.observe.events import Events
 from router.observe.metrics import Metrics
 from router.observe.traffic import Traffic
 from router.cluster.dns import Addresses, DnsWatcher, changed
-from router.server.affinity import ResponseOwners
+from router.server.affinity import Owner, ResponseOwners
 from router.server.auth import Guard
 from router.server.control import EngineControl
 from router.server.health import HealthChecker
@@ -61,7 +61,7 @@ class RouterState:
         self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency, self.decides)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         #: Which replica made each stored response; outlives reloads, as the replicas do.
-        self.owners = ResponseOwners()
+        self.owners = ResponseOwners(elsewhere=self.owner_in_workers if self.workers is not None else None)
         self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
         self.guard = Guard(config.router, self.table.client_paths)
         #: supervisord's view of every engine process, where the stack runs under supervisord.
@@ -78,6 +78,13 @@ class RouterState:
         for model in self.table:
             model.lifecycle.last_end = model.lifecycle.clock()
         self.idle.start()
+
+    async def owner_in_workers(self, response_id: str) -> Optional[Owner]:
+        """A stored response not known here yet: what the workers have learned, once they all
+        have told it (a fence: each answers after the `owner` messages it sent before)."""
+        assert self.workers is not None
+        await self.workers.fence()
+        return self.owners.owner(response_id)
 
     def decides(self) -> bool:
         """Whether this router makes lifecycle decisions now: always, unless it follows a leader."""

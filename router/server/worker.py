@@ -31,11 +31,11 @@ import uvicorn
 from router.config import Config
 from router.observe.accesslog import AccessLog
 from router.observe.events import Events
-from router.server.affinity import ResponseOwners
+from router.server.affinity import Owner, ResponseOwners
 from router.server.app import RouterApp
 from router.server.auth import Guard
 from router.server.control import EngineControl
-from router.server.lifecycle import Lifecycle
+from router.server.lifecycle import Lifecycle, ModelUnavailable
 from router.server.link import ControllerLink, LifecycleView, Message, RelayedMetrics, \
     RelayedTraffic
 from router.server.models import ModelTable
@@ -61,7 +61,8 @@ class WorkerState:
         self.events = Events()
         self.control = EngineControl(None)
         self.traffic = RelayedTraffic(link)
-        self.owners = ResponseOwners(on_learn=lambda rid, m, r: link.learned(rid, m.name, r.name))
+        self.owners = ResponseOwners(on_learn=lambda rid, m, r: link.learned(rid, m.name, r.name),
+                                     elsewhere=self.owner_from_controller)
         self.table = self.build(config)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
@@ -101,6 +102,18 @@ class WorkerState:
                     replica.health = health
                     replica.process = process
                     model.dispatch()
+
+    async def owner_from_controller(self, response_id: str) -> Optional[Owner]:
+        """A stored response this worker has not heard of (a follow-up can outrun the news of
+        its id from the worker that relayed it): the controller's answer, or None if unknown."""
+        try:
+            found = await self.link.whose(response_id)
+        except ModelUnavailable:  # the controller went away
+            return None
+        if found is None:
+            return None
+        model, replica = self.table.get(found[0]), self.table.replica(found[1])
+        return Owner(model, replica) if model is not None and replica is not None else None
 
     def owner(self, response_id: str, model_name: str, instance: str) -> None:
         model = self.table.get(model_name)
