@@ -9,9 +9,10 @@ bounds, not about how fast a 2-core machine under load happens to be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import pytest
 from kubernetes import client
@@ -97,14 +98,35 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+@contextlib.asynccontextmanager
+async def election(*names: str, **kw: Any) -> AsyncIterator[tuple[FakeKube, list[Candidate]]]:
+    """A fake API server and a candidate per name (not started); all stopped at the end."""
+    kube = await FakeKube().start()
+    cands = [candidate(kube, n, **kw) for n in names]
+    try:
+        yield kube, cands
+    finally:
+        kube.blocked.clear()  # a candidate cut off by a test must be able to stop
+        await stop_all(*cands)
+        await kube.stop()
+
+
+async def settled(cands: list[Candidate], timeout: float = 3) -> tuple[Candidate, Candidate]:
+    """Start two candidates; (leader, follower) once one leads and the other knows it."""
+    start(*cands)
+    await until(lambda: any(c.elector.is_leader for c in cands), timeout)
+    leader = leader_of(cands)
+    follower = next(c for c in cands if c is not leader)
+    await until(lambda: follower.elector.leader_address() == leader.elector.address, timeout)
+    return leader, follower
+
+
 def test_three_candidates_one_leader_the_others_know_its_address() -> None:
     async def main() -> None:
-        kube = await FakeKube().start()
         # Longer than the other tests' durations: "never none" needs every renewal in time, which a
         # loaded machine (the suite's other worker, its supervised stacks) must not be able to spoil.
         steady = {"lease": 2.0, "renew": 1.5, "retry": 0.2}
-        cands = [candidate(kube, n, **steady) for n in ("a", "bb", "ccc")]
-        try:
+        async with election("a", "bb", "ccc", **steady) as (kube, cands):
             start(*cands)
             await until(lambda: any(c.elector.is_leader for c in cands), 5)
             seen: list[int] = []
@@ -124,17 +146,12 @@ def test_three_candidates_one_leader_the_others_know_its_address() -> None:
             assert holders == {leader.elector.holder}  # the followers never wrote
             lease = kube.leases["llm", "kvrouter-leader"]
             assert lease["spec"]["leaseDurationSeconds"] == 2 and lease["spec"]["leaseTransitions"] == 0
-        finally:
-            await stop_all(*cands)
-            await kube.stop()
     run(main())
 
 
 def test_a_dead_leader_is_replaced_after_the_lease_expires_never_before() -> None:
     async def main() -> None:
-        kube = await FakeKube().start()
-        cands = [candidate(kube, n) for n in ("a", "bb", "ccc")]
-        try:
+        async with election("a", "bb", "ccc") as (kube, cands):
             start(*cands)
             await until(lambda: any(c.elector.is_leader for c in cands), 3)
             await asyncio.sleep(2 * LEASE)  # a few renewals
@@ -153,22 +170,14 @@ def test_a_dead_leader_is_replaced_after_the_lease_expires_never_before() -> Non
             await asyncio.sleep(2 * LEASE)
             assert leader_of(rest) is new  # the third did not take it as well
             assert [c.elector.leader_address() for c in rest] == [new.elector.address] * 2
-        finally:
-            await stop_all(*cands)
-            await kube.stop()
     run(main())
 
 
 def test_a_leader_cut_off_from_the_api_server_steps_down_by_its_renew_deadline() -> None:
     async def main() -> None:
-        kube = await FakeKube().start()
-        cands = [candidate(kube, n) for n in ("a", "bb")]
-        try:
-            start(*cands)
-            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+        async with election("a", "bb") as (kube, cands):
+            old, other = await settled(cands)
             await asyncio.sleep(LEASE)
-            old = leader_of(cands)
-            other = next(c for c in cands if c is not old)
             kube.blocked.add(old.elector.identity)
             cut = time.monotonic()
             # Its last renewal began before the cut, so it leads no longer than RENEW after it...
@@ -189,21 +198,15 @@ def test_a_leader_cut_off_from_the_api_server_steps_down_by_its_renew_deadline()
             await asyncio.sleep(2 * LEASE)
             assert other.elector.is_leader and not old.elector.is_leader
             assert_no_overlap(cands)
-        finally:
-            kube.blocked.clear()
-            await stop_all(*cands)
-            await kube.stop()
     run(main())
 
 
 def test_racing_candidates_conflict_and_exactly_one_wins() -> None:
     async def main() -> None:
-        kube = await FakeKube().start()
         # Long calls allowed (renew / 2): a held read must not time out while it waits for the other,
         # however loaded the machine. The Lease changes hands by release here, never by expiry.
         slow = {"lease": 60.0, "renew": 40.0, "retry": 0.1}
-        cands = [candidate(kube, n, **slow) for n in ("a", "bb")]
-        try:
+        async with election("a", "bb", **slow) as (kube, cands):
             # Both read "no Lease" together, both create it: the API server takes one and 409s the other.
             kube.hold_reads("a", "bb")
             start(*cands)
@@ -226,52 +229,30 @@ def test_racing_candidates_conflict_and_exactly_one_wins() -> None:
             assert sum(c.elector.is_leader for c in (second_race, first)) == 1
             assert_no_overlap([first, other, second_race])
             await stop_all(second_race, first)
-        finally:
-            await stop_all(*cands)
-            await kube.stop()
     run(main())
 
 
 def test_stop_releases_the_lease_so_a_follower_takes_over_at_once() -> None:
     async def main() -> None:
         # A long lease: a takeover within it can only come from the release.
-        kube = await FakeKube().start()
-        cands = [candidate(kube, n, lease=30.0, renew=20.0, retry=0.1) for n in ("a", "bb")]
-        try:
-            start(*cands)
-            await until(lambda: any(c.elector.is_leader for c in cands), 3)
-            old = leader_of(cands)
-            other = next(c for c in cands if c is not old)
-            await until(lambda: other.elector.leader_address() == old.elector.address, 3)
+        async with election("a", "bb", lease=30.0, renew=20.0, retry=0.1) as (kube, cands):
+            old, other = await settled(cands)
             await stop_all(old)
             assert not old.elector.is_leader and old.task is not None and old.task.done()
             await until(lambda: other.elector.is_leader, 3)
             assert_no_overlap(cands)
-        finally:
-            await stop_all(*cands)
-            await kube.stop()
     run(main())
 
 
 def test_a_follower_without_the_api_server_forgets_the_leader_after_the_lease() -> None:
     async def main() -> None:
-        kube = await FakeKube().start()
-        cands = [candidate(kube, n) for n in ("a", "bb")]
-        try:
-            start(*cands)
-            await until(lambda: any(c.elector.is_leader for c in cands), 3)
-            leader = leader_of(cands)
-            follower = next(c for c in cands if c is not leader)
-            await until(lambda: follower.elector.leader_address() == leader.elector.address, 3)
+        async with election("a", "bb") as (kube, cands):
+            leader, follower = await settled(cands)
             kube.blocked.add(follower.elector.identity)
             await asyncio.sleep(LEASE + 0.3)
             # It cannot know the leader still renews: it names none rather than a stale one.
             assert follower.elector.leader_address() is None
             assert not follower.elector.is_leader
-        finally:
-            kube.blocked.clear()
-            await stop_all(*cands)
-            await kube.stop()
     run(main())
 
 
@@ -326,9 +307,7 @@ instances: [{name: a, model: m, engine: vllm, engine_args: "--port 8001"}]
 
 def test_a_round_that_ends_after_stop_does_not_lead_again() -> None:
     async def main() -> None:
-        kube = await FakeKube().start()
-        (c,) = cands = [candidate(kube, "a", lease=6.0, renew=4.0, retry=0.1)]
-        try:
+        async with election("a", lease=6.0, renew=4.0, retry=0.1) as (kube, (c,)):
             start(c)
             await until(lambda: c.elector.is_leader, 5)
             kube.blocked.add("a")
@@ -341,8 +320,4 @@ def test_a_round_that_ends_after_stop_does_not_lead_again() -> None:
             assert [s for _, s, _ in c.changes if s in ("started", "stopped")] == ["started", "stopped"]
             assert not c.elector.is_leader and c.elector.stopped_leading.is_set()
             assert kube.holders()[-1] is None  # and it still freed the Lease
-        finally:
-            kube.blocked.clear()
-            await stop_all(*cands)
-            await kube.stop()
     run(main())
