@@ -526,8 +526,8 @@ def main() -> int:
     print(report.text())
     print(f"took {time.monotonic() - t0:.0f}s; load average before/after: {load0:.2f}/{os.getloadavg()[0]:.2f} "
           f"(other work on the machine inflates every figure, the yardsticks as much as the router)")
-    print("workers: the router runs as one process (one uvicorn worker); more workers are not supported, because\n"
-          "the sleep manager must be the one owner of each model's state, so there is no 2-worker figure.")
+    print("workers: these figures are the router as one process; python benchmarks/workers.py measures\n"
+          "router.workers: 2 (CPU per request and per chunk in the proxy workers, and the controller's share).")
     print(f"targets missed: {report.misses}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "figures": report.figures}, indent=2))
