@@ -165,15 +165,20 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
         yield Stack(router.pid, baseline.pid, urls,
                     {n: s.pid for n, s in sims.items()}, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}, extra)
     finally:
-        for p in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_processes(procs)
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group, last started first; SIGKILL any still there after 15 s."""
+    for p in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from overhead import API_KEY, SIMS, free_port, phase, relayed_chunks, wait_ready  # noqa: E402
+from overhead import API_KEY, SIMS, free_port, phase, relayed_chunks, stop_processes, wait_ready  # noqa: E402
 from router.bench.loadgen import Span, Target, Workload, new_session  # noqa: E402
 
 
@@ -90,14 +89,7 @@ def routers(tmp: Path, workers: int) -> Iterator[Routers]:
         yield Routers(psutil.Process(procs[0].pid), psutil.Process(procs[1].pid), urls,
                       {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_processes(procs)
 
 
 async def measure(rt: Routers, quick: bool, workers: int) -> list[tuple[str, float, str]]:
