@@ -128,7 +128,6 @@ class WorkerLinks:
     async def serve(self, path: str) -> None:
         self._server = await asyncio.start_unix_server(self._accept, path)
 
-
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

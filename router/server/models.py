@@ -256,7 +256,12 @@ class ModelTable:
 
     def replica(self, name: str) -> Optional[Replica]:
         """The replica of the instance called `name` (supervisord's program name)."""
-        return next((r for r in self.replicas() if r.name == name), None)
+        found = self.instance(name)
+        return found[1] if found is not None else None
+
+    def instance(self, name: str) -> Optional[tuple[Model, Replica]]:
+        """The model and replica of the instance called `name` (an instance serves one model)."""
+        return next(((m, r) for m in self._models.values() for r in m.replicas if r.name == name), None)
 
 
 def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:

@@ -101,13 +101,13 @@ class RouterState:
     def on_process(self, process: ProcessState) -> None:
         """supervisord says a program changed: its replica takes the news, and queued requests
         fail at once (503 naming it) if no replica of the model can serve any more."""
-        for model in self.table:
-            for replica in model.replicas:
-                if replica.name == process.name:
-                    if replica.set_process(process):
-                        log.info("instance %s: process %s", replica.name, process.state)
-                    model.lifecycle.process_changed()
-                    model.dispatch()
+        found = self.table.instance(process.name)
+        if found is not None:
+            model, replica = found
+            if replica.set_process(process):
+                log.info("instance %s: process %s", replica.name, process.state)
+            model.lifecycle.process_changed()
+            model.dispatch()
 
     async def reload(self, addresses: Optional[Addresses] = None) -> ConfigChange:
         """Re-read the YAML and apply it at once; ConfigError (nothing changed) when it does not load.

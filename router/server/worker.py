@@ -96,12 +96,12 @@ class WorkerState:
         return model.lifecycle if model is not None else None
 
     def replica_changed(self, name: str, health: str, process: Optional[ProcessState]) -> None:
-        for model in self.table:
-            for replica in model.replicas:
-                if replica.name == name:
-                    replica.health = health
-                    replica.process = process
-                    model.dispatch()
+        found = self.table.instance(name)
+        if found is not None:
+            model, replica = found
+            replica.health = health
+            replica.process = process
+            model.dispatch()
 
     async def owner_from_controller(self, response_id: str) -> Optional[Owner]:
         """A stored response this worker has not heard of (a follow-up can outrun the news of
