@@ -55,7 +55,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import Streamed, distinct_ports, post_json, render, stream_request  # noqa: E402
 from router.sim import textgen  # noqa: E402
-from router.supervisord import connect  # noqa: E402
+from router.supervision.supervisord import connect  # noqa: E402
 from supervised import Supervised, render_cli, wait_for  # noqa: E402
 
 #: Instance name -> (model, simulator flags, more instance keys).

@@ -144,9 +144,9 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
     try:
         sims = {n: start([sys.executable, "-m", "router.sim", "--engine", "vllm", "--model", n, "--host", "127.0.0.1",
                           "--port", str(p), *SIMS[n]], f"sim-{n}.log") for n, p in ports.items()}
-        # `python -m router.serve` on router/server/fastserver.py's protocol ("fast") or on uvicorn's own
+        # `python -m router.serve` on router/server/http/fastserver.py's protocol ("fast") or on uvicorn's own
         # ("uvicorn"), whichever router.serve passes to uvicorn itself.
-        entry = ["router.server.fastserver"] + ([] if server == "fast" else ["--plain-uvicorn"])
+        entry = ["router.server.http.fastserver"] + ([] if server == "fast" else ["--plain-uvicorn"])
         router = start([sys.executable, "-m", *entry, "--config", str(config)], "router.log")
         baseline = start([sys.executable, str(ROOT / "benchmarks" / "passthrough.py"), "--port", str(baseline_port),
                           *(f"--upstream={n}=http://127.0.0.1:{p}" for n, p in ports.items())], "passthrough.log")
@@ -157,8 +157,10 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
             extra["rust"] = start(rust_router.argv(rust_port, free_port()), "rust-router.log").pid
             urls["rust"] = f"http://127.0.0.1:{rust_port}"
         if old is not None:
-            has_fast = (old / "router" / "server" / "fastserver.py").exists()
-            old_entry = ["router.server.fastserver"] if has_fast and server == "fast" else ["router.serve"]
+            # The fast server's module moved with the folders (router/server/ -> router/server/http/).
+            fast = next((m for m in ("router.server.http.fastserver", "router.server.fastserver")
+                         if (old / (m.replace(".", "/") + ".py")).exists()), None)
+            old_entry = [fast] if fast and server == "fast" else ["router.serve"]
             extra["old"] = start([sys.executable, "-m", *old_entry, "--config", str(tmp / "overhead-old.yaml")],
                                  "old-router.log", cwd=old).pid
             urls["old"] = f"http://127.0.0.1:{old_port}"
@@ -491,9 +493,9 @@ def main() -> int:
     p.add_argument("--old-router", metavar="COMMIT",
                    help="also measure the router of COMMIT (its router/ from git archive) in the same phases")
     p.add_argument("--server", choices=("fast", "uvicorn"), default="fast",
-                   help="our router's HTTP server: fast (router/server/fastserver.py's protocol, the default) or "
+                   help="our router's HTTP server: fast (router/server/http/fastserver.py's protocol, the default) or "
                         "uvicorn (uvicorn's own httptools protocol); --old-router runs the fast one if that commit has "
-                        "router/server/fastserver.py, else (and with uvicorn) `python -m router.serve` as it is there")
+                        "router/server/http/fastserver.py, else (and with uvicorn) `python -m router.serve` as it is there")
     args = p.parse_args()
     if args.rust_router and rust_router.version() is None:
         print("--rust-router: the Rust vllm-router is not installed (pip install vllm-router); nothing measured",

@@ -21,15 +21,15 @@ from pathlib import Path
 
 #: (part, pattern on a frame's "function (file:line)"), first match wins; order matters.
 PARTS: list[tuple[str, str]] = [
-    ("access log / logging", r"router/(observe/)?accesslog\.py|router/server/logs\.py|/logging/"),
+    ("access log / logging", r"router/(observe/)?accesslog\.py|router/server/(http/)?logs\.py|/logging/"),
     ("metrics (prometheus_client)", r"prometheus_client/|router/(observe/)?metrics\.py"),
     ("traffic stats / events", r"router/(observe/)?(traffic|events)\.py"),
-    ("residency / sleep manager / lifecycle", r"router/(server/)?(residency|idle|lifecycle|state|processes)\.py"),
-    ("replica choice / affinity / breaker", r"router/(server/)?(replica|affinity|health|models)\.py"),
-    ("auth", r"router/(server/)?auth\.py"),
-    ("multipart / forms", r"router/(server/)?forms\.py|multipart"),
-    ("upstream client (router/server/upstream.py)", r"router/(server/)?upstream\.py"),
-    ("proxy (router/server/proxy.py)", r"router/(server/)?proxy\.py"),
+    ("residency / sleep manager / lifecycle", r"router/((server|supervision)/(\w+/)?)?(residency|idle|lifecycle|state|processes)\.py"),
+    ("replica choice / affinity / breaker", r"router/(server/(\w+/)?)?(replica|affinity|health|models)\.py"),
+    ("auth", r"router/(server/(\w+/)?)?auth\.py"),
+    ("multipart / forms", r"router/(server/(\w+/)?)?forms\.py|multipart"),
+    ("upstream client (router/server/fleet/upstream.py)", r"router/(server/(\w+/)?)?upstream\.py"),
+    ("proxy (router/server/proxy/forward.py)", r"router/(server/(\w+/)?)?(proxy|forward)\.py"),
     ("other router code", r"/router/"),
     ("JSON (orjson/json)", r"orjson|/json/"),
     ("starlette (routing, requests, responses)", r"starlette/"),

@@ -23,10 +23,10 @@ from typing import Optional, Sequence
 import uvicorn
 import uvloop
 
-from router.server.app import RouterApp, create_app
-from router.server.fastserver import FastHttpProtocol
+from router.server.http.app import RouterApp, create_app
+from router.server.http.fastserver import FastHttpProtocol
 from router.server.state import RouterState
-from router.server.worker import WorkerProcesses
+from router.server.workers.worker import WorkerProcesses
 from router.config import ConfigError, load_config
 
 log = logging.getLogger("router.serve")

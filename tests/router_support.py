@@ -20,8 +20,8 @@ import uvloop
 from aiohttp import web
 
 from helpers import PY, Proc, free_port, wait_http
-from router.server.app import RouterApp, create_app
-from router.server.fastserver import FastHttpProtocol
+from router.server.http.app import RouterApp, create_app
+from router.server.http.fastserver import FastHttpProtocol
 from router.config import Config, load_config
 
 T = TypeVar("T")

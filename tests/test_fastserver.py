@@ -1,4 +1,4 @@
-"""router/server/fastserver.py: the proxied POSTs served without ASGI, on raw connections.
+"""router/server/http/fastserver.py: the proxied POSTs served without ASGI, on raw connections.
 
 The other router tests go through it as well (router_support runs the app on
 `FastHttpProtocol`); these check what only a raw socket shows: framing on a

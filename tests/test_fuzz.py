@@ -43,7 +43,7 @@ from router.config import (
 )
 from router.engines import ENGINES
 from router.sim import SimEngine, SimOptions
-from router.server.app import create_app
+from router.server.http.app import create_app
 from router_support import LoopThread, RouterServer, config_from, instance
 
 MODEL = "org/fuzz-model"

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import uvloop
 
-from router.server import link as link_module
-from router.server.link import REPORT_SECONDS, REQUEST, ControllerLink, WorkerLinks
+from router.server.workers import link as link_module
+from router.server.workers.link import REPORT_SECONDS, REQUEST, ControllerLink, WorkerLinks
 from router.server.state import RouterState
-from router.server.worker import WorkerApp
+from router.server.workers.worker import WorkerApp
 from router_support import config_from, instance
 
 

@@ -28,9 +28,9 @@ import pytest
 
 from helpers import distinct_ports, http_status, render
 from router.config import Config
-from router.server.app import create_app
-from router.server.logs import MAX_TAIL_BYTES, tail_of
-from router.server.processes import ProcessState, ProcessWatcher
+from router.server.http.app import create_app
+from router.server.http.logs import MAX_TAIL_BYTES, tail_of
+from router.supervision.processes import ProcessState, ProcessWatcher
 from router_support import LoopThread, RouterServer, config_from, instance, loop  # noqa: F401 (fixture)
 from supervised import Supervised, wait_for
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from router.server.processes import REMOVED, ProcessState, ProcessWatcher, tail_lines
-from router.supervisord import connect
+from router.supervision.processes import REMOVED, ProcessState, ProcessWatcher, tail_lines
+from router.supervision.supervisord import connect
 from supervised import Supervised, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -230,7 +230,7 @@ def test_one_bad_poll_or_callback_does_not_end_watching(monkeypatch: pytest.Monk
     def angry(state: ProcessState) -> None:
         raise ValueError("callback bug")
 
-    monkeypatch.setattr("router.server.processes.fetch_all", flaky)
+    monkeypatch.setattr("router.supervision.processes.fetch_all", flaky)
 
     async def scenario() -> None:
         watcher = ProcessWatcher("/nonexistent.sock", angry, interval=0.05)

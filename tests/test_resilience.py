@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import metric_value
-from router.server.replica import Breaker
+from router.server.fleet.replica import Breaker
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_proxy import post
 from test_router_streams import sse_events

@@ -168,7 +168,7 @@ def test_queued_requests_get_503_at_once_when_no_replica_is_left(stack: Stack) -
 
 
 def test_health_checks_go_on_after_an_unexpected_probe_error(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    from router.server.control import EngineControl
+    from router.server.fleet.control import EngineControl
     real_probe = EngineControl.probe
     calls = []
 

@@ -23,8 +23,8 @@ from aiohttp import web
 from helpers import free_port
 from router.config import SleepSettings, load_config
 from router.observe.events import Events
-from router.server.control import EngineControl
-from router.server.lifecycle import Lifecycle
+from router.server.fleet.control import EngineControl
+from router.server.fleet.lifecycle import Lifecycle
 from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, until
 

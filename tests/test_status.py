@@ -23,7 +23,7 @@ import pytest
 from rich.console import Console
 
 from helpers import distinct_ports, render
-from router.server.processes import ProcessState
+from router.supervision.processes import ProcessState
 from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
 from router.status.view import status_table
 from router.status.wait import Waiter

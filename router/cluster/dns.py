@@ -35,7 +35,7 @@ import dns.nameserver
 import dns.resolver
 
 from router.config import Config
-from router.server.periodic import Periodic
+from router.util.periodic import Periodic
 
 log = logging.getLogger("router.dns")
 

@@ -5,7 +5,7 @@ no prometheus_client object, lock or label lookup per request; one event
 loop thread updates them), and a collector turns them into metric families
 when /metrics is scraped. Gauges that are just the current state (in-flight,
 replica health, sleep state) are read from the live table at scrape time by
-a collector the server hands in (router/server/report.py), so the hot path
+a collector the server hands in (router/server/fleet/report.py), so the hot path
 pays nothing for them either.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from router.config import Config, connect_host
 from router.render.files import ROUTER_PROGRAM, Files, started_copy
-from router.supervisord import SOCKET_NAME, connect
+from router.supervision.supervisord import SOCKET_NAME, connect
 
 #: States in which a program is not running and was left so on purpose.
 STOPPED_STATES = ("STOPPED",)

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence
 from router.config import Config, ConfigError, load_config, summary_table
 from router.render.apply import ApplyError, apply, make_plan, router_step, running_programs, supervisor
 from router.render.files import Files, RenderError, render_files, session_names
-from router.render.kube_cli import render_to_kubernetes
+from router.render.kubernetes.cli import render_to_kubernetes
 from router.render.nodes import for_node
 from router.render.sessions import check_sessions
 from router.render.tree import read_tree, write_tree

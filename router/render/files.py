@@ -40,7 +40,7 @@ import jinja2
 
 from router.config import Config, Instance
 from router.engines import sim_argv
-from router.supervisord import SOCKET_NAME
+from router.supervision.supervisord import SOCKET_NAME
 
 #: supervisord program names that are not engines.
 ROUTER_PROGRAM = "router"

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from router.config import Config, connect_host
-from router.server.processes import ProcessState, fetch_all, tail_lines
-from router.supervisord import SOCKET_NAME
+from router.supervision.processes import ProcessState, fetch_all, tail_lines
+from router.supervision.supervisord import SOCKET_NAME
 
 #: The router's words for a replica that is up: probed healthy, or asleep on purpose.
 READY = frozenset({"healthy", "sleeping"})

@@ -12,7 +12,7 @@ from typing import Optional
 from rich.table import Table
 from rich.text import Text
 
-from router.server.processes import ProcessState
+from router.supervision.processes import ProcessState
 from router.status.snapshot import RATE_WINDOW_SECONDS, Row, Snapshot
 
 #: A value nobody reported: the source is down, or the field does not apply.

@@ -17,8 +17,8 @@ import yaml
 
 from router.config import Config, Instance
 from router.render.files import RenderError
-from router.render.kube_names import SECRET_NAME, rebind, service_host
-from router.render.kube_yaml import dump
+from router.render.kubernetes.names import SECRET_NAME, rebind, service_host
+from router.render.kubernetes.yaml import dump
 
 #: Keys that only mean something to the supervisord that launches an engine.
 LAUNCH_ONLY_KEYS = ("on_demand", "idle_stop_seconds", "using_venv", "venv_path")

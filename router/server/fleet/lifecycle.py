@@ -13,7 +13,7 @@ and a client that disconnects cannot abandon a half-done transition:
 - sleep: state ``draining`` (new requests are held, not refused) until no
   request is in flight, then ``falling_asleep`` while every replica's sleep
   call runs, then ``sleeping``. A failed call rolls the slept replicas back,
-  and the idle loop backs off before its next try (router/server/idle.py).
+  and the idle loop backs off before its next try (router/server/fleet/idle.py).
 - wake: requests arriving at a sleeping model share ONE wake task (one wake
   call per replica however many requests arrive); they are admitted when it
   succeeds, and get `ModelUnavailable` (503 + Retry-After) when it fails or
@@ -76,8 +76,8 @@ from typing import Callable, Optional, Protocol, Sequence
 from router.config import RouterSettings, SleepSettings
 from router.engines import Call
 from router.observe.events import Events
-from router.server.control import EngineCallError, EngineControl
-from router.server.replica import Replica
+from router.server.fleet.control import EngineCallError, EngineControl
+from router.server.fleet.replica import Replica
 
 log = logging.getLogger("router.lifecycle")
 
@@ -136,7 +136,7 @@ SleepCheck = Callable[[], Optional[str]]
 
 
 class Placement(Protocol):
-    """Who decides where memory goes (router/server/residency.py): asked before a start or a
+    """Who decides where memory goes (router/server/fleet/residency.py): asked before a start or a
     wake, while the model still counts as holding nothing. Raises ModelUnavailable when no
     room can be made."""
 
@@ -152,7 +152,7 @@ class NoPlacement:
 
 class Peers(Protocol):
     """Other processes that admit requests for this model on their own while it is awake (proxy
-    workers, router/server/link.py). Asked after the model leaves AWAKE, before in-flight counts
+    workers, router/server/workers/link.py). Asked after the model leaves AWAKE, before in-flight counts
     are trusted: returns once every peer has seen the new state and reported what it has in flight."""
 
     async def fence(self) -> None: ...
@@ -160,7 +160,7 @@ class Peers(Protocol):
 
 class Authority(Protocol):
     """Who decides the model's transitions when router replicas share the engines
-    (router/cluster/leadership.py): this router while it leads, else the leader it asks."""
+    (router/server/fleet/leadership.py): this router while it leads, else the leader it asks."""
 
     def local(self) -> bool: ...
 
@@ -244,7 +244,7 @@ class Lifecycle:
         self.count(-1)
 
     def count(self, delta: int) -> None:
-        """`delta` more requests in flight (here or, from router/server/link.py, in a proxy worker);
+        """`delta` more requests in flight (here or, from router/server/workers/link.py, in a proxy worker);
         fewer means some ended now."""
         self.in_flight += delta
         if delta < 0:

@@ -13,12 +13,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from router.config import RouterSettings
-from router.server.control import EngineControl
-from router.server.health import probe_and_record, probed
-from router.server.lifecycle import AWAKE, SLEEPING, Lifecycle
-from router.server.models import Model, ModelTable
-from router.server.replica import HEALTHY, UNHEALTHY, Replica
-from router.server.residency import Residency
+from router.server.fleet.control import EngineControl
+from router.server.fleet.health import probe_and_record, probed
+from router.server.fleet.lifecycle import AWAKE, SLEEPING, Lifecycle
+from router.server.fleet.models import Model, ModelTable
+from router.server.fleet.replica import HEALTHY, UNHEALTHY, Replica
+from router.server.fleet.residency import Residency
 
 JSON = dict[str, object]
 

@@ -21,8 +21,8 @@ from typing import Awaitable, Callable, NamedTuple, Optional
 
 import orjson
 
-from router.server.models import Model
-from router.server.replica import Replica
+from router.server.fleet.models import Model
+from router.server.fleet.replica import Replica
 
 #: Ids remembered at most (about 200 bytes each).
 MAX_RESPONSES = 100_000

@@ -19,11 +19,11 @@ from typing import Callable, Iterator, Optional
 from router.config import Config, Instance, RouterSettings, SleepSettings
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
-from router.server.lifecycle import Lifecycle
-from router.server.replica import UNHEALTHY, Replica
+from router.server.fleet.lifecycle import Lifecycle
+from router.server.fleet.replica import UNHEALTHY, Replica
 
 #: Makes a new model's lifecycle from its name and its members (the router's own, or a proxy
-#: worker's view of the controller's, router/server/link.py).
+#: worker's view of the controller's, router/server/workers/link.py).
 LifecycleFactory = Callable[[str, Callable[[], "tuple[Replica, ...]"]], Lifecycle]
 
 

@@ -14,10 +14,10 @@ import logging
 from typing import Callable, Optional
 
 from router.config import SleepSettings
-from router.server.lifecycle import AWAKE, SLEEPING, Lifecycle, ModelUnavailable, Outcome
-from router.server.models import Model, ModelTable
-from router.server.periodic import Periodic
-from router.server.residency import Residency
+from router.server.fleet.lifecycle import AWAKE, SLEEPING, Lifecycle, ModelUnavailable, Outcome
+from router.server.fleet.models import Model, ModelTable
+from router.util.periodic import Periodic
+from router.server.fleet.residency import Residency
 
 log = logging.getLogger("router.idle")
 

@@ -21,7 +21,7 @@ requests, a refused key, other paths) goes through uvicorn's ASGI cycle
 unchanged, to the same app.
 
 Use: ``uvicorn.Config(app, http=FastHttpProtocol, ...)``, or the import
-string ``http="router.server.fastserver:FastHttpProtocol"``. The app must be
+string ``http="router.server.http.fastserver:FastHttpProtocol"``. The app must be
 the router's `RouterApp` (anything with ``.state.guard``, ``.state.table`` and
 ``.state.proxy``); for any other app the protocol is uvicorn's.
 """
@@ -59,7 +59,7 @@ class FastReply:
 
     Stands in for uvicorn's `RequestResponseCycle` (the protocol reads
     `response_complete`, `disconnected`, `keep_alive` and `message_event`),
-    and is the `Reply` (router/server/proxy.py) the proxy answers through.
+    and is the `Reply` (router/server/proxy/forward.py) the proxy answers through.
     """
 
     __slots__ = ("protocol", "transport", "scope", "proxy", "keep_alive", "parts", "started", "response_started",
@@ -326,7 +326,7 @@ _DEFAULT_HEAD: list[Any] = [None, b""]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m router.server.fastserver [--plain-uvicorn] --config FILE``: `python -m router.serve`
+    """``python -m router.server.http.fastserver [--plain-uvicorn] --config FILE``: `python -m router.serve`
     on this protocol, or with ``--plain-uvicorn`` on uvicorn's own, whichever router.serve passes
     (benchmarks/overhead.py measures either)."""
     import sys
@@ -334,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import uvicorn.config
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    import router.server.fastserver as this  # the module router.serve imports, not __main__
+    import router.server.http.fastserver as this  # the module router.serve imports, not __main__
 
     args = list(sys.argv[1:] if argv is None else argv)
     plain = "--plain-uvicorn" in args
@@ -342,7 +342,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.remove("--plain-uvicorn")
         this.FastHttpProtocol = HttpToolsProtocol  # type: ignore[misc]  # router.serve reads it at import
     else:
-        uvicorn.config.HTTP_PROTOCOLS["httptools"] = "router.server.fastserver:FastHttpProtocol"
+        uvicorn.config.HTTP_PROTOCOLS["httptools"] = "router.server.http.fastserver:FastHttpProtocol"
     from router.serve import main as serve
 
     return serve(args)

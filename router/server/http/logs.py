@@ -5,7 +5,7 @@ the GPU node to see why an engine does not come up. The logs are the files
 supervisord writes for each program; only supervisord knows where they are
 (``ProcessState.logfile``), so a router that does not run under supervisord
 has no log to serve and says so (503). Logs can hold prompts, so the routes
-live under ``/logs/``, an admin prefix of the Guard (router.server.auth):
+live under ``/logs/``, an admin prefix of the Guard (router.server.proxy.auth):
 admin key, or loopback only when none is set.
 
 ``/logs/{name}/stream`` follows the file as ``tail -F`` does: supervisord
@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from router.server.errors import error_response
+from router.server.proxy.errors import error_response
 from router.server.state import RouterState
 
 #: The router's own program in supervisord.conf (render's ``[program:router]``).

@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from router.server.state import RouterState
 
-UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+UI_DIR = Path(__file__).resolve().parents[2] / "ui"
 
 #: Every file the page consists of, with its content type: anything else under /ui is a 404.
 FILES = {

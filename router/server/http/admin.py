@@ -24,10 +24,10 @@ from starlette.routing import BaseRoute, Route
 
 from router.config import ConfigError
 from router.observe.traffic import MAX_WINDOW_SECONDS
-from router.server.errors import error_response
-from router.server.lifecycle import SLEEPING, Lifecycle, ModelUnavailable, Outcome
-from router.server.models import Model
-from router.server.report import lifecycle_status
+from router.server.proxy.errors import error_response
+from router.server.fleet.lifecycle import SLEEPING, Lifecycle, ModelUnavailable, Outcome
+from router.server.fleet.models import Model
+from router.server.fleet.report import lifecycle_status
 from router.server.state import RouterState
 
 
@@ -218,7 +218,7 @@ class Admin:
         return self._outcome(model, outcome)
 
     async def cluster_activity(self, request: Request) -> Response:
-        """Another router replica served these models: they are not idle (router/cluster/leadership.py)."""
+        """Another router replica served these models: they are not idle (router/server/fleet/leadership.py)."""
         try:
             names = orjson.loads(await request.body())["models"]
         except (orjson.JSONDecodeError, KeyError, TypeError):

@@ -2,7 +2,7 @@
 controller, which owns every model's lifecycle.
 
 A worker holds a view, never a decision: its table is built from the
-controller's config and states (router/server/link.py), it admits requests
+controller's config and states (router/server/workers/link.py), it admits requests
 on its own while a model is awake and healthy, and asks the controller
 otherwise. Every path that is not a proxied request (listings, health,
 metrics, admin, events, logs, the page) is passed through to the controller
@@ -31,17 +31,17 @@ import uvicorn
 from router.config import Config
 from router.observe.accesslog import AccessLog
 from router.observe.events import Events
-from router.server.affinity import Owner, ResponseOwners
-from router.server.app import RouterApp
-from router.server.auth import Guard
-from router.server.control import EngineControl
-from router.server.lifecycle import Lifecycle, ModelUnavailable
-from router.server.link import ControllerLink, LifecycleView, Message, RelayedMetrics, \
+from router.server.proxy.affinity import Owner, ResponseOwners
+from router.server.http.app import RouterApp
+from router.server.proxy.auth import Guard
+from router.server.fleet.control import EngineControl
+from router.server.fleet.lifecycle import Lifecycle, ModelUnavailable
+from router.server.workers.link import ControllerLink, LifecycleView, Message, RelayedMetrics, \
     RelayedTraffic
-from router.server.models import ModelTable
-from router.server.processes import ProcessState
-from router.server.proxy import DROP_REQUEST_HEADERS, Proxy, Receive, Scope, Send
-from router.server.replica import Replica
+from router.server.fleet.models import ModelTable
+from router.supervision.processes import ProcessState
+from router.server.proxy.forward import DROP_REQUEST_HEADERS, Proxy, Receive, Scope, Send
+from router.server.fleet.replica import Replica
 
 log = logging.getLogger("router.worker")
 

@@ -7,7 +7,7 @@ FATAL after its retries, or STOPPED by an operator, and where its log is.
 and hands each change to a callback on the event loop, so /health/all can show
 it and point at the log.
 
-Depends only on router.supervisord, the supervisor package and the standard
+Depends only on router.supervision.supervisord, the supervisor package and the standard
 library, so any part of the router can own a watcher.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Callable, Optional, TypedDict, Union
 
 from supervisor.xmlrpc import Faults
 
-from router.server.periodic import Periodic
-from router.supervisord import connect
+from router.util.periodic import Periodic
+from router.supervision.supervisord import connect
 
 log = logging.getLogger("router.processes")
 

@@ -49,8 +49,8 @@ from router.config import Config
 from router.observe.events import Event
 from router.observe.metrics import ModelMetrics
 from router.observe.traffic import Traffic
-from router.server.lifecycle import AWAKE, Lifecycle, ModelUnavailable
-from router.server.processes import ProcessState
+from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
+from router.supervision.processes import ProcessState
 
 if TYPE_CHECKING:  # the controller's state; link.py is imported by state.py
     from router.server.state import RouterState
@@ -114,7 +114,7 @@ class WorkerLink:
 
 class WorkerLinks:
     """The controller's side: serves the links, tells every worker each state change, fences them
-    before a drain (`Peers` of router/server/lifecycle.py) and answers their ``ready`` and ``whose``."""
+    before a drain (`Peers` of router/server/fleet/lifecycle.py) and answers their ``ready`` and ``whose``."""
 
     def __init__(self, state: "RouterState"):
         self.state = state

@@ -36,10 +36,10 @@ from router.config import Config, Instance
 from router.config.load import connect_host, loopback_ip
 from router.engines import sim_argv
 from router.render.files import ENGINE_STOPWAITSECS, FILE_MODE, ROUTER_STOP_MARGIN_SECONDS, Files, RenderError
-from router.render.kube_names import SECRET_NAME, k8s_name, rebind
-from router.render.kube_router_config import cluster_config_yaml
-from router.render.kube_write import KUSTOMIZATION
-from router.render.kube_yaml import dump
+from router.render.kubernetes.names import SECRET_NAME, k8s_name, rebind
+from router.render.kubernetes.router_config import cluster_config_yaml
+from router.render.kubernetes.write import KUSTOMIZATION
+from router.render.kubernetes.yaml import dump
 
 #: An image with this package installed (``pip install kvrouter``); also the simulated engines' under --sim.
 DEFAULT_ROUTER_IMAGE = "kvrouter:latest"

@@ -15,11 +15,11 @@ import time
 from typing import Callable
 
 from router.config import RouterSettings
-from router.server.control import EngineControl
-from router.server.lifecycle import AWAKE
-from router.server.models import Model, ModelTable
-from router.server.periodic import Periodic
-from router.server.replica import Replica
+from router.server.fleet.control import EngineControl
+from router.server.fleet.lifecycle import AWAKE
+from router.server.fleet.models import Model, ModelTable
+from router.util.periodic import Periodic
+from router.server.fleet.replica import Replica
 
 log = logging.getLogger("router.health")
 

@@ -29,8 +29,8 @@ from collections import Counter, deque
 from typing import Callable, Optional
 
 from router.config import ResidencySettings
-from router.server.lifecycle import (AWAKE, HOLDING_GPU, SLEEPING, Lifecycle, ModelUnavailable, RETRY_AFTER_SECONDS)
-from router.server.models import Model, ModelTable
+from router.server.fleet.lifecycle import (AWAKE, HOLDING_GPU, SLEEPING, Lifecycle, ModelUnavailable, RETRY_AFTER_SECONDS)
+from router.server.fleet.models import Model, ModelTable
 
 #: Evictions remembered for GET /residency.
 RECENT_EVICTIONS = 50

@@ -21,17 +21,17 @@ from starlette.types import ASGIApp
 
 from router import __version__
 from router.config import Config
-from router.server.admin import admin_routes
-from router.server.logs import log_routes
-from router.server.errors import error_response
-from router.server.auth import Guard
-from router.server.models import Model, ModelTable
+from router.server.http.admin import admin_routes
+from router.server.http.logs import log_routes
+from router.server.proxy.errors import error_response
+from router.server.proxy.auth import Guard
+from router.server.fleet.models import Model, ModelTable
 from router.engines import ENGINES
-from router.server.affinity import RESPONSES_PATH
-from router.server.proxy import UPSTREAM_PREFIX, Proxy, Receive, Scope, Send, send_error
-from router.server.report import model_report
+from router.server.proxy.affinity import RESPONSES_PATH
+from router.server.proxy.forward import UPSTREAM_PREFIX, Proxy, Receive, Scope, Send, send_error
+from router.server.fleet.report import model_report
 from router.server.state import RouterState
-from router.server.ui import ui_routes
+from router.server.http.ui import ui_routes
 
 #: Longest silence on GET /events before a keep-alive comment line.
 EVENTS_HEARTBEAT_SECONDS = 15.0
@@ -95,7 +95,7 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
         if state.leadership is not None:
             state.leadership.start(lambda: state.table)
         await state.idle.reconcile()  # ask the engines whether they sleep before the first request
-        if state.workers is None:  # else when the first proxy worker connects (router/server/link.py)
+        if state.workers is None:  # else when the first proxy worker connects (router/server/workers/link.py)
             state.begin_serving()
         await state.dns.refresh()  # replicas found by DNS before the first request
         state.dns.start()

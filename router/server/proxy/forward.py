@@ -1,7 +1,7 @@
 """The hot path: the handler for every client path the engines serve.
 
 No framework objects on this path: the body (read from ASGI messages, or
-handed over whole by router/server/fastserver.py, which serves the proxied
+handed over whole by router/server/http/fastserver.py, which serves the proxied
 POSTs without ASGI) is parsed once with orjson (or, for a multipart audio
 upload, walked once for its text fields) to find `model` and `stream`, and
 forwarded as the original bytes unless the model name must be rewritten.
@@ -22,13 +22,13 @@ import orjson
 from router.config import RouterSettings
 from router.observe.accesslog import AccessLog
 from router.observe.traffic import Traffic
-from router.server.affinity import RESPONSES_PATH, Owner, ResponseOwners
-from router.server.errors import ANTHROPIC_PATHS, error_body_for
-from router.server.forms import Field, FormError, boundary_of, read_fields, replace_field
-from router.server.lifecycle import AWAKE, Lifecycle, ModelUnavailable
-from router.server.models import Model, ModelTable, NoReplica, Overloaded
-from router.server.replica import Replica
-from router.server.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
+from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
+from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
+from router.server.proxy.forms import Field, FormError, boundary_of, read_fields, replace_field
+from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
+from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
+from router.server.fleet.replica import Replica
+from router.server.fleet.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
 
 T = TypeVar("T")
 Scope = MutableMapping[str, Any]
@@ -88,7 +88,7 @@ async def answer_error(reply: "Reply", status: int, message: str, param: Optiona
 
 class Reply(Protocol):
     """Where the proxy writes one answer: ASGI messages (`AsgiReply`) or straight to a client
-    connection (router/server/fastserver.py). `gone` turns true once the client has left."""
+    connection (router/server/http/fastserver.py). `gone` turns true once the client has left."""
 
     gone: bool
 
@@ -364,7 +364,7 @@ class Proxy:
 
     async def serve(self, scope: Scope, body: bytes, reply: Reply, start: float) -> None:
         """`__call__` for a server that has read the whole body and cancels this task when the
-        client leaves, setting `reply.gone` first (router/server/fastserver.py)."""
+        client leaves, setting `reply.gone` first (router/server/http/fastserver.py)."""
         path = scope["path"]
         try:
             model, out = await self.route(scope, body, path)
