@@ -34,8 +34,8 @@ import contextlib
 import json
 import os
 import random
-import signal
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -54,9 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import Streamed, distinct_ports, post_json, render, stream_request  # noqa: E402
+from supervised import Supervised, render_cli, wait_for  # noqa: E402
+
 from router.sim import textgen  # noqa: E402
 from router.supervision.supervisord import connect  # noqa: E402
-from supervised import Supervised, render_cli, wait_for  # noqa: E402
 
 #: Instance name -> (model, simulator flags, more instance keys).
 ENGINES: dict[str, tuple[str, str, dict[str, Any]]] = {

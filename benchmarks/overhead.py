@@ -48,10 +48,10 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.bench.report import distribution_ms  # noqa: E402
-from router.bench.loadgen import Recorder, Span, Target, Workload, new_session, run_model  # noqa: E402
-
 import rust_router  # noqa: E402  (benchmarks/rust_router.py, next to this file)
+
+from router.bench.loadgen import Recorder, Span, Target, Workload, new_session, run_model  # noqa: E402
+from router.bench.report import distribution_ms  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 API_KEY = "overhead-bench-key"

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from overhead import API_KEY, SIMS, free_port, phase, relayed_chunks, stop_processes, wait_ready  # noqa: E402
+
 from router.bench.loadgen import Span, Target, Workload, new_session  # noqa: E402
 
 

@@ -23,11 +23,11 @@ from typing import Optional, Sequence
 import uvicorn
 import uvloop
 
+from router.config import ConfigError, load_config
 from router.server.http.app import RouterApp, create_app
 from router.server.http.fastserver import FastHttpProtocol
 from router.server.state import RouterState
 from router.server.workers.worker import WorkerProcesses
-from router.config import ConfigError, load_config
 
 log = logging.getLogger("router.serve")
 

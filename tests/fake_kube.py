@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from aiohttp import web
-
 from helpers import free_port
 
 PREFIX = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"

@@ -18,11 +18,11 @@ import pytest
 import uvicorn
 import uvloop
 from aiohttp import web
-
 from helpers import PY, Proc, free_port, wait_http
+
+from router.config import Config, load_config
 from router.server.http.app import RouterApp, create_app
 from router.server.http.fastserver import FastHttpProtocol
-from router.config import Config, load_config
 
 T = TypeVar("T")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from helpers import distinct_ports, post_json, short_tmp, wait_http  # noqa: F401  (fixture)
+from supervised import PY, Supervised, render_cli
+
 from router.config import parse_config
 from router.render import render_files
 from router.render.apply import SCRIPT_CHANGED, make_plan, reload_router, router_step
 from router.render.files import started_copy
-from supervised import PY, Supervised, render_cli
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import pytest
 from aiohttp import web
-
 from helpers import PY, Proc, distinct_ports, free_port, start_sim, wait_http
+
 from router.bench.cli import main, targets
 from router.config import load_config
 

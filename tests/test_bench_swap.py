@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_residency import engine, make_stack  # noqa: F401  (make_stack is a fixture)
 
 from router.bench.cli import main
 from router.bench.swap import visits
-from test_residency import engine, make_stack  # noqa: F401  (make_stack is a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from helpers import kvcached_fixture
+
 from router.config import ConfigError, load_config, parse_config
 
 

@@ -15,11 +15,11 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-
 from helpers import free_port, get_json, post_json
+from router_support import Stack, loop, stack, until  # noqa: F401  (fixtures)
+
 from router.cluster.dns import DnsWatcher, Resolver
 from router.config import parse_config
-from router_support import Stack, loop, stack, until  # noqa: F401  (fixtures)
 
 
 class DnsServer:

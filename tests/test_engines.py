@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import PY, Proc, free_port, http_status, short_tmp, wait_http  # noqa: F401  (fixture)
+
 from router import render
 from router.config import load_config
 from router.engines import ENGINE_ALIASES, ENGINES, NOT_ENGINES, SIM_MODULE, engine_modules

@@ -24,7 +24,6 @@ from typing import Any, Iterator, Optional
 import aiohttp
 import psutil
 import pytest
-
 from helpers import Streamed, distinct_ports, http_status, metric_value, refused, render, stream_request
 from supervised import Supervised, alive, wait_for
 
@@ -325,7 +324,7 @@ def test_router_sigterm_finishes_streams_in_flight_and_refuses_new_connections(f
     results, term, refused_at, stopped = asyncio.run(main())
     assert "stopped" in stopped.stdout
     assert refused_at - term < 1.5
-    for i, r in enumerate(results):
+    for _i, r in enumerate(results):
         assert r.done and len(r.chunks()) == 100, (r.status, len(r.events), r.failure)
         assert r.ended - term < GRACE
     assert "started" in fs.sup.ctl("start", "router").stdout

@@ -32,19 +32,28 @@ from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
+from helpers import PY
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from router_support import LoopThread, RouterServer, config_from, instance
 from supervisor.options import ServerOptions
 
-from helpers import PY
 from router import render
 from router.config import (
-    INSTANCE_KEYS, RESERVED_NAMES, ROUTER_KEYS, SAFE_NAME, SLEEP_KEYS, TOP_KEYS, Config, ConfigError, load_config, parse_config,
+    INSTANCE_KEYS,
+    RESERVED_NAMES,
+    ROUTER_KEYS,
+    SAFE_NAME,
+    SLEEP_KEYS,
+    TOP_KEYS,
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
 )
 from router.engines import ENGINES
-from router.sim import SimEngine, SimOptions
 from router.server.http.app import create_app
-from router_support import LoopThread, RouterServer, config_from, instance
+from router.sim import SimEngine, SimOptions
 
 MODEL = "org/fuzz-model"
 ALIAS = "fuzzy"

@@ -13,11 +13,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-
 from helpers import short_tmp  # noqa: F401  (fixture)
+from test_render import supervisor_programs, write_config
+
 from router.config import parse_config
 from router.render.cli import main
-from test_render import supervisor_programs, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A current Kubernetes release whose schemas the package ships.

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 import pytest
+from fake_kube import FakeKube
 from kubernetes import client
 
-from fake_kube import FakeKube
 from router.cluster.lease import LeaseElector, split_holder
 
 LEASE, RENEW, RETRY = 0.8, 0.5, 0.1

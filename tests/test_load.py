@@ -19,8 +19,8 @@ import aiohttp
 import psutil
 import pytest
 import yaml
-
 from helpers import PY, Proc, Streamed, distinct_ports, metric_value, raise_own_nofile_limit, stream_request, wait_http
+
 from router.sim import textgen
 
 pytestmark = pytest.mark.timeout(120)

@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-
 from helpers import distinct_ports, http_status, render
+from router_support import LoopThread, RouterServer, config_from, instance, loop  # noqa: F401 (fixture)
+from supervised import Supervised, wait_for
+
 from router.config import Config
 from router.server.http.app import create_app
 from router.server.http.logs import MAX_TAIL_BYTES, tail_of
 from router.supervision.processes import ProcessState, ProcessWatcher
-from router_support import LoopThread, RouterServer, config_from, instance, loop  # noqa: F401 (fixture)
-from supervised import Supervised, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
 from helpers import distinct_ports, get_json, http_status, post_json, render
 from supervised import Supervised, wait_for
 

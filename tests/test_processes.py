@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from supervised import Supervised, wait_for
 
 from router.supervision.processes import REMOVED, ProcessState, ProcessWatcher, tail_lines
 from router.supervision.supervisord import connect
-from supervised import Supervised, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

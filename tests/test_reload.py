@@ -14,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from helpers import PY, Proc, distinct_ports, post_json, wait_http
 from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
 from test_router_streams import sse_events
-
-
 
 
 def complete(url: str, model: str) -> int:

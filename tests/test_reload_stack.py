@@ -21,10 +21,10 @@ from typing import Any, Iterator
 
 import aiohttp
 import pytest
-
 from helpers import PY, Proc, Streamed, distinct_ports, post_json, render, stream_request, wait_http
-from router.sim import textgen
 from supervised import Supervised
+
+from router.sim import textgen
 
 pytestmark = pytest.mark.timeout(120)
 

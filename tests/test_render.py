@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import PY, kvcached_fixture, short_tmp  # noqa: F401  (fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from supervisor.options import ServerOptions
 
-from helpers import PY, kvcached_fixture, short_tmp  # noqa: F401  (fixture)
 from router import render
 from router.config import load_config, parse_config
 from router.engines import SIM_MODULE

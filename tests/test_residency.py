@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import aiohttp
 import pytest
-
 from helpers import distinct_ports, get_json, post_json, render
 from supervised import Supervised, wait_for
 

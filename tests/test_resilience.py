@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import metric_value
-from router.server.fleet.replica import Breaker
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_proxy import post
 from test_router_streams import sse_events
+
+from router.server.fleet.replica import Breaker
 
 BODY = json.dumps({"model": "m", "prompt": "x", "max_tokens": 2}).encode()
 

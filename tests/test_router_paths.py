@@ -18,12 +18,12 @@ import anthropic
 import openai
 import pytest
 import yaml
-
 from helpers import free_port
+from router_support import LoopThread, RouterServer, loop  # noqa: F401  (fixture)
+
 from router.config import load_config
 from router.engines import ENGINES
 from router.sim import SimEngine, SimOptions
-from router_support import LoopThread, RouterServer, loop  # noqa: F401  (fixture)
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 

@@ -12,7 +12,6 @@ from typing import Any, Optional
 import openai
 import orjson
 import pytest
-
 from helpers import free_port
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
@@ -218,7 +217,7 @@ def test_reused_connection_closed_before_answering_is_retried(stack: Stack) -> N
     server = stack.loop.run(asyncio.start_server(handle, "127.0.0.1", port))
     try:
         r = stack.router([instance("m", port)])
-        for i in range(3):
+        for _i in range(3):
             status, _, data = post(r.url + "/v1/completions", b'{"model": "m"}')
             assert (status, data) == (200, b'{"ok": true}')
         assert seen == {"connections": 3, "answered": 3}

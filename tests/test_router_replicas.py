@@ -9,7 +9,6 @@ from typing import Any
 import openai
 import orjson
 import pytest
-
 from helpers import free_port
 from router_support import Engine, Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
 from test_router_proxy import assert_error, client, post

@@ -17,7 +17,6 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-
 from helpers import PY, Proc, free_port, start_sim, wait_http
 from router_support import Stack, instance, loop, stack, until, write_config  # noqa: F401  (fixtures)
 

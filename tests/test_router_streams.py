@@ -7,7 +7,6 @@ import socket
 import time
 
 import openai
-
 from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
 from test_router_proxy import client
 

@@ -22,13 +22,13 @@ from typing import Any, Iterator, Optional
 import orjson
 import psutil
 import pytest
-
 from helpers import PY, Proc, distinct_ports, free_port, render, start_sim, wait_http
-from router.server.proxy.auth import is_loopback
-from router.config import ConfigError, load_config, parse_config
-from router.sim import SimEngine, SimOptions
 from router_support import LoopThread, RouterServer, Stack, config_from, instance, loop, stack  # noqa: F401
 from supervised import Supervised
+
+from router.config import ConfigError, load_config, parse_config
+from router.server.proxy.auth import is_loopback
+from router.sim import SimEngine, SimOptions
 
 MODEL = "org/model"
 BODY = orjson.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 2})

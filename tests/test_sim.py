@@ -19,11 +19,10 @@ from typing import Any, AsyncIterator, Optional
 import aiohttp
 import orjson
 import pytest
-
 from helpers import PY, Proc, free_port, refused, wait_http
-from router.sim import SimEngine, SimOptions, parse_options
+
+from router.sim import SimEngine, SimOptions, parse_options, textgen
 from router.sim import http as sim_http
-from router.sim import textgen
 
 pytestmark = pytest.mark.anyio
 CAPTURED = Path(__file__).parent / "real_vllm" / "captured"

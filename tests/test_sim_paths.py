@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from test_sim import CHAT, Sim, anyio_backend, make_sim, until  # noqa: F401  (fixtures)
 
 from router.engines import ENGINES
 from router.sim import textgen
-from test_sim import CHAT, Sim, anyio_backend, make_sim, until  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.anyio
 HELLO = {"model": "tiny", "input": "Hello", "max_output_tokens": 4}

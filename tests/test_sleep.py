@@ -19,14 +19,14 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-
 from helpers import free_port
+from router_support import LoopThread, RouterServer, until
+
 from router.config import SleepSettings, load_config
 from router.observe.events import Events
 from router.server.fleet.control import EngineControl
 from router.server.fleet.lifecycle import Lifecycle
 from router.sim import SimEngine, SimOptions
-from router_support import LoopThread, RouterServer, until
 
 MODEL = "org/sleepy-model"
 ENC = urllib.parse.quote(MODEL, safe="")

@@ -17,7 +17,6 @@ from typing import Iterator
 import openai
 import pytest
 import yaml
-
 from helpers import distinct_ports, http_status, render
 from supervised import Supervised, alive, wait_for
 

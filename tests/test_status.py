@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from rich.console import Console
-
 from helpers import distinct_ports, render
-from router.supervision.processes import ProcessState
+from rich.console import Console
+from supervised import Supervised, wait_for
+
 from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
 from router.status.view import status_table
 from router.status.wait import Waiter
-from supervised import Supervised, wait_for
+from router.supervision.processes import ProcessState
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,6 @@ from typing import Iterator
 
 import psutil
 import pytest
-
 from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_http  # noqa: F401  (fixture)
 from supervised import Supervised, alive, render_cli, wait_for
 
@@ -88,7 +87,7 @@ def test_tmux_sessions_follow_each_log_under_supervisord(sim_stack: tuple[Superv
         pane = stack.tmux("capture-pane", "-p", "-S", "-", "-t", f"={session}:").stdout
         return bool(pane.strip()) and text in pane
     for session, text in sessions.items():
-        wait_for(lambda: shows(session, text), 15, f"log lines in tmux session {session}")
+        wait_for(lambda session=session, text=text: shows(session, text), 15, f"log lines in tmux session {session}")
 
     # A session the user closes comes back.
     stack.tmux("kill-session", "-t", "=kvcached-a")

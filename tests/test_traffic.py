@@ -10,12 +10,12 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-
 from helpers import free_port
-from router.config import load_config
-from router.sim import SimEngine, SimOptions
-from router.observe.traffic import MAX_WINDOW_SECONDS, SAMPLE_SIZE, Traffic, percentile
 from router_support import LoopThread, RouterServer
+
+from router.config import load_config
+from router.observe.traffic import MAX_WINDOW_SECONDS, SAMPLE_SIZE, Traffic, percentile
+from router.sim import SimEngine, SimOptions
 
 
 class FakeClock:

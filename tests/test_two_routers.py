@@ -19,7 +19,6 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-
 from fake_kube import FakeKube
 from helpers import PY, Proc, free_port, get_json, post_json, wait_http
 from router_support import LoopThread

@@ -20,11 +20,11 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-
 from helpers import free_port
+from router_support import LoopThread, RouterServer, until
+
 from router.config import load_config
 from router.sim import SimEngine, SimOptions
-from router_support import LoopThread, RouterServer, until
 
 SLEEPY = "org/sleepy-model"
 OTHER = "other-model"

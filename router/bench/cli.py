@@ -17,9 +17,9 @@ from typing import Callable, Mapping, Optional, Sequence, TextIO
 import uvloop
 
 from router.bench import swap
+from router.bench.loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
 from router.bench.report import compare, comparison_table, results_table, summarize, workload_line, write_json
 from router.config import Config, ConfigError, connect_host, load_config
-from router.bench.loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
 
 
 def _positive(kind: type) -> Callable[[str], float]:

@@ -1226,7 +1226,8 @@ def _gpu_checks(cfg: Config, p: _Problems) -> None:
         total = sum(f for _, _, f in members)
         if len(members) > 1 and total > 1.0 + 1e-9:
             who = ", ".join(f"{inst.name} ({f:g})" for _, inst, f in members)
-            p.warn("instances", f"GPU memory fractions on GPU {dev} add up to {total:g} > 1.0 without kvcached: {who}; lower them or enable kvcached (ENABLE_KVCACHED=true)")
+            p.warn("instances", f"GPU memory fractions on GPU {dev} add up to {total:g} > 1.0 without kvcached: {who}; "
+                                "lower them or enable kvcached (ENABLE_KVCACHED=true)")
     if len(forms) > 1:
         p.warn("instances", "CUDA_VISIBLE_DEVICES is given as indexes for some instances and as UUIDs for others; use one form so GPU sharing can be checked")
 

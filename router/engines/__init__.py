@@ -10,8 +10,7 @@ import importlib
 import pkgutil
 from typing import Mapping
 
-from router.engines.spec import (Call, EngineInstance, EngineSpec, PythonModule, flag_values, last_flag_value,
-                                 split_args)
+from router.engines.spec import Call, EngineInstance, EngineSpec, PythonModule, flag_values, last_flag_value, split_args
 
 #: Modules of this package that are not engines.
 NOT_ENGINES = frozenset({"spec"})

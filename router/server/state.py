@@ -12,27 +12,27 @@ import logging
 import time
 from typing import Callable, Optional
 
-from router.server.fleet.leadership import Leadership
+from router.cluster.dns import Addresses, DnsWatcher, changed
 from router.config import Config, ConfigError, load_config
 from router.config.diff import ConfigChange, diff
 from router.observe.accesslog import AccessLog
 from router.observe.events import Events
 from router.observe.metrics import Metrics
 from router.observe.traffic import Traffic
-from router.cluster.dns import Addresses, DnsWatcher, changed
-from router.server.proxy.affinity import Owner, ResponseOwners
-from router.server.proxy.auth import Guard
 from router.server.fleet.control import EngineControl
 from router.server.fleet.health import HealthChecker
 from router.server.fleet.idle import IdleSleeper
+from router.server.fleet.leadership import Leadership
 from router.server.fleet.lifecycle import Lifecycle, NoPeers
-from router.server.workers.link import WorkerLinks
 from router.server.fleet.models import LifecycleFactory, ModelTable
 from router.server.fleet.replica import Replica
-from router.supervision.processes import ProcessState, ProcessWatcher
-from router.server.fleet.residency import Residency
-from router.server.proxy.forward import Proxy
 from router.server.fleet.report import StateCollector
+from router.server.fleet.residency import Residency
+from router.server.proxy.affinity import Owner, ResponseOwners
+from router.server.proxy.auth import Guard
+from router.server.proxy.forward import Proxy
+from router.server.workers.link import WorkerLinks
+from router.supervision.processes import ProcessState, ProcessWatcher
 
 log = logging.getLogger("router.state")
 

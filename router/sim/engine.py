@@ -25,7 +25,6 @@ from .errors import ApiError
 from .http import HttpServer, Request, Responder
 from .options import SimOptions
 
-
 SLEEP_MODES = ("abort", "wait", "keep")
 #: A non-streaming request checks for disconnects and sleep at least this often.
 ANSWER_SLICE_S = 0.05

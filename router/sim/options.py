@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from router.engines import ENGINE_ALIASES, ENGINES
+
 #: The context length when none is given (or vLLM's ``auto``: the model's own, which we do not have).
 DEFAULT_MAX_MODEL_LEN = 4096
 

@@ -12,8 +12,8 @@ from typing import Optional
 from rich.table import Table
 from rich.text import Text
 
-from router.supervision.processes import ProcessState
 from router.status.snapshot import RATE_WINDOW_SECONDS, Row, Snapshot
+from router.supervision.processes import ProcessState
 
 #: A value nobody reported: the source is down, or the field does not apply.
 NONE = "-"

@@ -23,8 +23,8 @@ from typing import Callable, Optional, TypedDict, Union
 
 from supervisor.xmlrpc import Faults
 
-from router.util.periodic import Periodic
 from router.supervision.supervisord import connect
+from router.util.periodic import Periodic
 
 log = logging.getLogger("router.processes")
 

@@ -130,7 +130,7 @@ def sleep_during_streams(r, port, out, suffix, sleep_path):
         t.start()
     started.wait(30)
     r.case("sleep_during_stream" + suffix, "POST", sleep_path,
-           note=f"sent while four 500-token streams were generating")
+           note="sent while four 500-token streams were generating")
     for t in threads:
         t.join(60.0)
     slot = streams[0]

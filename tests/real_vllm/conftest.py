@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-
 from helpers import distinct_ports
 
 REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"

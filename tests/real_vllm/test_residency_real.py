@@ -31,8 +31,7 @@ pytestmark = pytest.mark.real_engine
 REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"
 try:
     import psutil
-    from conftest import (ENGINE_START_TIMEOUT, LOG_TAIL, MODEL, SERVED, Stack, http_get, http_post,
-                          require_prepared)
+    from conftest import ENGINE_START_TIMEOUT, LOG_TAIL, MODEL, SERVED, Stack, http_get, http_post, require_prepared
     from supervised import alive as _alive
     from supervised import wait_for
 except ImportError as e:  # the test extra is not installed

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-
 from helpers import PY, Proc, free_port, wait_http
 
 CAPTURED = Path(__file__).resolve().parent / "captured"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from router.config import Config
 from router.render.files import RenderError
-from router.render.kubernetes.write import write_manifests
 from router.render.kubernetes.manifests import render_kubernetes
+from router.render.kubernetes.write import write_manifests
 
 
 def render_to_kubernetes(cfg: Config, out: Path, sim: bool) -> int:

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 import aiohttp
 
 from router.engines import Call
-from router.supervision.processes import ProcessState, start_program, stop_program
 from router.server.fleet.replica import Replica
+from router.supervision.processes import ProcessState, start_program, stop_program
 
 MODELS_PATH = "/v1/models"
 #: Time limit of one ``/is_sleeping`` question.

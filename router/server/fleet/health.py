@@ -18,8 +18,8 @@ from router.config import RouterSettings
 from router.server.fleet.control import EngineControl
 from router.server.fleet.lifecycle import AWAKE
 from router.server.fleet.models import Model, ModelTable
-from router.util.periodic import Periodic
 from router.server.fleet.replica import Replica
+from router.util.periodic import Periodic
 
 log = logging.getLogger("router.health")
 

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 from router.config import SleepSettings
 from router.server.fleet.lifecycle import AWAKE, SLEEPING, Lifecycle, ModelUnavailable, Outcome
 from router.server.fleet.models import Model, ModelTable
-from router.util.periodic import Periodic
 from router.server.fleet.residency import Residency
+from router.util.periodic import Periodic
 
 log = logging.getLogger("router.idle")
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 from router.config import Instance, RouterSettings, connect_host
 from router.observe.events import Events
-from router.supervision.processes import ProcessState
 from router.server.fleet.upstream import Pool
+from router.supervision.processes import ProcessState
 
 #: Health states of a replica; "unknown" (never probed) is routable.
 UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"

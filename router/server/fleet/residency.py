@@ -29,7 +29,7 @@ from collections import Counter, deque
 from typing import Callable, Optional
 
 from router.config import ResidencySettings
-from router.server.fleet.lifecycle import (AWAKE, HOLDING_GPU, SLEEPING, Lifecycle, ModelUnavailable, RETRY_AFTER_SECONDS)
+from router.server.fleet.lifecycle import AWAKE, HOLDING_GPU, RETRY_AFTER_SECONDS, SLEEPING, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable
 
 #: Evictions remembered for GET /residency.

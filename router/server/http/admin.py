@@ -24,10 +24,10 @@ from starlette.routing import BaseRoute, Route
 
 from router.config import ConfigError
 from router.observe.traffic import MAX_WINDOW_SECONDS
-from router.server.proxy.errors import error_response
 from router.server.fleet.lifecycle import SLEEPING, Lifecycle, ModelUnavailable, Outcome
 from router.server.fleet.models import Model
 from router.server.fleet.report import lifecycle_status
+from router.server.proxy.errors import error_response
 from router.server.state import RouterState
 
 

@@ -21,17 +21,17 @@ from starlette.types import ASGIApp
 
 from router import __version__
 from router.config import Config
+from router.engines import ENGINES
+from router.server.fleet.models import Model, ModelTable
+from router.server.fleet.report import model_report
 from router.server.http.admin import admin_routes
 from router.server.http.logs import log_routes
-from router.server.proxy.errors import error_response
-from router.server.proxy.auth import Guard
-from router.server.fleet.models import Model, ModelTable
-from router.engines import ENGINES
-from router.server.proxy.affinity import RESPONSES_PATH
-from router.server.proxy.forward import UPSTREAM_PREFIX, Proxy, Receive, Scope, Send, send_error
-from router.server.fleet.report import model_report
-from router.server.state import RouterState
 from router.server.http.ui import ui_routes
+from router.server.proxy.affinity import RESPONSES_PATH
+from router.server.proxy.auth import Guard
+from router.server.proxy.errors import error_response
+from router.server.proxy.forward import UPSTREAM_PREFIX, Proxy, Receive, Scope, Send, send_error
+from router.server.state import RouterState
 
 #: Longest silence on GET /events before a keep-alive comment line.
 EVENTS_HEARTBEAT_SECONDS = 15.0

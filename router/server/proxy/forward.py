@@ -22,13 +22,13 @@ import orjson
 from router.config import RouterSettings
 from router.observe.accesslog import AccessLog
 from router.observe.traffic import Traffic
-from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
-from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
-from router.server.proxy.forms import Field, FormError, boundary_of, read_fields, replace_field
 from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
+from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
+from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
+from router.server.proxy.forms import Field, FormError, boundary_of, read_fields, replace_field
 
 T = TypeVar("T")
 Scope = MutableMapping[str, Any]

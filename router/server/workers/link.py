@@ -45,7 +45,6 @@ import pickle
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional
 
-from router.config import Config
 from router.observe.events import Event
 from router.observe.metrics import ModelMetrics
 from router.observe.traffic import Traffic

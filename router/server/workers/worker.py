@@ -31,17 +31,16 @@ import uvicorn
 from router.config import Config
 from router.observe.accesslog import AccessLog
 from router.observe.events import Events
-from router.server.proxy.affinity import Owner, ResponseOwners
-from router.server.http.app import RouterApp
-from router.server.proxy.auth import Guard
 from router.server.fleet.control import EngineControl
 from router.server.fleet.lifecycle import Lifecycle, ModelUnavailable
-from router.server.workers.link import ControllerLink, LifecycleView, Message, RelayedMetrics, \
-    RelayedTraffic
 from router.server.fleet.models import ModelTable
-from router.supervision.processes import ProcessState
-from router.server.proxy.forward import DROP_REQUEST_HEADERS, Proxy, Receive, Scope, Send
 from router.server.fleet.replica import Replica
+from router.server.http.app import RouterApp
+from router.server.proxy.affinity import Owner, ResponseOwners
+from router.server.proxy.auth import Guard
+from router.server.proxy.forward import DROP_REQUEST_HEADERS, Proxy, Receive, Scope, Send
+from router.server.workers.link import ControllerLink, LifecycleView, Message, RelayedMetrics, RelayedTraffic
+from router.supervision.processes import ProcessState
 
 log = logging.getLogger("router.worker")
 
