@@ -145,9 +145,9 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
         sims = {n: start([sys.executable, "-m", "router.sim", "--engine", "vllm", "--model", n, "--host", "127.0.0.1",
                           "--port", str(p), *SIMS[n]], f"sim-{n}.log") for n, p in ports.items()}
         # `python -m router.serve` on router/server/http/fastserver.py's protocol ("fast") or on uvicorn's own
-        # ("uvicorn"), whichever router.serve passes to uvicorn itself.
-        entry = ["router.server.http.fastserver"] + ([] if server == "fast" else ["--plain-uvicorn"])
-        router = start([sys.executable, "-m", *entry, "--config", str(config)], "router.log")
+        # ("uvicorn", through benchmarks/serve_uvicorn.py).
+        entry = ["-m", "router.serve"] if server == "fast" else [str(ROOT / "benchmarks" / "serve_uvicorn.py")]
+        router = start([sys.executable, *entry, "--config", str(config)], "router.log")
         baseline = start([sys.executable, str(ROOT / "benchmarks" / "passthrough.py"), "--port", str(baseline_port),
                           *(f"--upstream={n}=http://127.0.0.1:{p}" for n, p in ports.items())], "passthrough.log")
         urls = {"router": f"http://127.0.0.1:{router_port}", "baseline": f"http://127.0.0.1:{baseline_port}"}
@@ -157,10 +157,10 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
             extra["rust"] = start(rust_router.argv(rust_port, free_port()), "rust-router.log").pid
             urls["rust"] = f"http://127.0.0.1:{rust_port}"
         if old is not None:
-            # The fast server's module moved with the folders (router/server/ -> router/server/http/).
-            fast = next((m for m in ("router.server.http.fastserver", "router.server.fastserver")
-                         if (old / (m.replace(".", "/") + ".py")).exists()), None)
-            old_entry = [fast] if fast and server == "fast" else ["router.serve"]
+            # A commit with router/server/fastserver.py ran router.serve on it through that module's main
+            # (router.serve itself chose uvicorn's protocol then); later ones serve on it from router.serve.
+            fast = (old / "router/server/fastserver.py").exists()
+            old_entry = ["router.server.fastserver"] if fast and server == "fast" else ["router.serve"]
             extra["old"] = start([sys.executable, "-m", *old_entry, "--config", str(tmp / "overhead-old.yaml")],
                                  "old-router.log", cwd=old).pid
             urls["old"] = f"http://127.0.0.1:{old_port}"
@@ -494,8 +494,8 @@ def main() -> int:
                    help="also measure the router of COMMIT (its router/ from git archive) in the same phases")
     p.add_argument("--server", choices=("fast", "uvicorn"), default="fast",
                    help="our router's HTTP server: fast (router/server/http/fastserver.py's protocol, the default) or "
-                        "uvicorn (uvicorn's own httptools protocol); --old-router runs the fast one if that commit has "
-                        "router/server/http/fastserver.py, else (and with uvicorn) `python -m router.serve` as it is there")
+                        "uvicorn (uvicorn's own httptools protocol, through benchmarks/serve_uvicorn.py); --old-router runs the fast one if that commit has "
+                        "router/server/fastserver.py, else (and with uvicorn) `python -m router.serve` as it is there")
     args = p.parse_args()
     if args.rust_router and rust_router.version() is None:
         print("--rust-router: the Rust vllm-router is not installed (pip install vllm-router); nothing measured",

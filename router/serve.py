@@ -51,7 +51,9 @@ def raise_nofile_limit() -> None:
             pass
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, http: type[asyncio.Protocol] = FastHttpProtocol) -> int:
+    """Serve until stopped. `http` is the connection protocol: the fast server's by default;
+    benchmarks/serve_uvicorn.py passes uvicorn's own to measure what the fast server saves."""
     ap = argparse.ArgumentParser(prog="python -m router.serve", description="Serve the OpenAI-compatible router.")
     ap.add_argument("--config", required=True, help="the YAML file listing the engine instances")
     ap.add_argument("--host", help="address to bind (default: router.router_host, else 127.0.0.1)")
@@ -76,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options: dict[str, object] = dict(
         # proxy_headers off: the router never uses the client address, so skip that middleware.
         # FastHttpProtocol: uvicorn's httptools protocol, serving the proxied POSTs without ASGI.
-        loop="uvloop", http=FastHttpProtocol, lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
+        loop="uvloop", http=http, lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds, log_level=settings.log_level,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )

@@ -323,32 +323,3 @@ class FastHttpProtocol(HttpToolsProtocol):
 
 #: [the default_headers list the bytes were built from, the bytes]
 _DEFAULT_HEAD: list[Any] = [None, b""]
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m router.server.http.fastserver [--plain-uvicorn] --config FILE``: `python -m router.serve`
-    on this protocol, or with ``--plain-uvicorn`` on uvicorn's own, whichever router.serve passes
-    (benchmarks/overhead.py measures either)."""
-    import sys
-
-    import uvicorn.config
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    import router.server.http.fastserver as this  # the module router.serve imports, not __main__
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    plain = "--plain-uvicorn" in args
-    if plain:
-        args.remove("--plain-uvicorn")
-        this.FastHttpProtocol = HttpToolsProtocol  # type: ignore[misc]  # router.serve reads it at import
-    else:
-        uvicorn.config.HTTP_PROTOCOLS["httptools"] = "router.server.http.fastserver:FastHttpProtocol"
-    from router.serve import main as serve
-
-    return serve(args)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
