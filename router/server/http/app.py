@@ -30,7 +30,8 @@ from router.server.http.ui import ui_routes
 from router.server.proxy.affinity import RESPONSES_PATH
 from router.server.proxy.auth import Guard
 from router.server.proxy.errors import error_response
-from router.server.proxy.forward import UPSTREAM_PREFIX, Proxy, Receive, Scope, Send, send_error
+from router.server.proxy.forward import UPSTREAM_PREFIX, Proxy
+from router.server.proxy.reply import Receive, Scope, Send, send_error
 from router.server.state import RouterState
 
 #: Longest silence on GET /events before a keep-alive comment line.

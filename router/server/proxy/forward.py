@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, MutableMapping, Optional, Protocol, TypeVar
-
-import orjson
+from typing import Any, Callable, Optional, TypeVar
 
 from router.config import RouterSettings
 from router.observe.accesslog import AccessLog
@@ -28,29 +26,26 @@ from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
-from router.server.proxy.forms import Field, FormError, boundary_of, read_fields, replace_field
+from router.server.proxy.forms import FormError, boundary_of
+from router.server.proxy.reply import STREAM_HEADERS, AsgiReply, EarlyStream, Message, Receive, Reply, Scope, Send, answer_error, retry_after, send_error
+from router.server.proxy.request import (
+    API_KEY,
+    AUTHORIZATION,
+    DROP_REQUEST_HEADERS,
+    Outgoing,
+    Reject,
+    header,
+    parse_form,
+    parse_json,
+    relay_headers,
+    request_head,
+)
 
 T = TypeVar("T")
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
-#: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones the router sets itself.
-DROP_REQUEST_HEADERS = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
-})
-#: Engine response headers relayed to the client, streamed or not (the router sets length and framing).
-RELAY_RESPONSE_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id"})
-AUTHORIZATION = frozenset({b"authorization"})
-#: The Anthropic SDK's key header: a router key, not forwarded when the router checks keys.
-API_KEY = frozenset({b"x-api-key"})
 RESPONSES_PATH_BYTES = RESPONSES_PATH.encode()
 #: ``/upstream/{model}/{path}``: raw pass-through to one replica (admin only).
 UPSTREAM_PREFIX = "/upstream/"
-STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-JSON_HEADERS = [(b"content-type", b"application/json")]
 
 #: Engine answers that mean "this engine cannot serve now": another replica may.
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -60,238 +55,6 @@ PROGRESS_SECONDS = 2.0
 
 #: Outcome codes recorded for requests that did not end with the engine's status.
 CLIENT_GONE = 499
-
-
-class Reject(Exception):
-    """The router answers this request itself with an OpenAI-shaped error."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 headers: Optional[list[tuple[bytes, bytes]]] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.headers = headers or []
-
-
-async def send_error(send: Send, status: int, message: str, param: Optional[str] = None,
-                     headers: Optional[list[tuple[bytes, bytes]]] = None, path: str = "") -> None:
-    """The router's own error answer, in the shape the client of `path` parses."""
-    await answer_error(AsgiReply(send), status, message, param, headers, path)
-
-
-async def answer_error(reply: "Reply", status: int, message: str, param: Optional[str] = None,
-                       headers: Optional[list[tuple[bytes, bytes]]] = None, path: str = "") -> None:
-    await reply.whole(status, [*JSON_HEADERS, *headers] if headers else JSON_HEADERS,
-                      error_body_for(path, status, message, param))
-
-
-class Reply(Protocol):
-    """Where the proxy writes one answer: ASGI messages (`AsgiReply`) or straight to a client
-    connection (router/server/http/fastserver.py). `gone` turns true once the client has left."""
-
-    gone: bool
-
-    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A complete answer; the content-length is added here."""
-
-    async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """The status and headers of a streamed answer (chunked)."""
-
-    async def chunk(self, data: bytes) -> None:
-        """More of a streamed answer (waits while the client's buffer is full)."""
-
-    async def end(self, data: bytes = b"") -> None:
-        """The last piece of a streamed answer (may be empty), and its end."""
-
-
-class AsgiReply:
-    """A `Reply` as ASGI messages."""
-
-    __slots__ = ("send", "gone")
-
-    def __init__(self, send: Send):
-        self.send = send
-        self.gone = False
-
-    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        await self.send({"type": "http.response.start", "status": status,
-                         "headers": [(b"content-length", b"%d" % len(body)), *headers]})
-        await self.send({"type": "http.response.body", "body": body})
-
-    async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def chunk(self, data: bytes) -> None:
-        await self.send({"type": "http.response.body", "body": data, "more_body": True})
-
-    async def end(self, data: bytes = b"") -> None:
-        await self.send({"type": "http.response.body", "body": data})
-
-
-def retry_after(seconds: int) -> list[tuple[bytes, bytes]]:
-    return [(b"retry-after", str(seconds).encode())]
-
-
-def request_head(scope: Scope, target: bytes, authority: bytes, length: int, drop: frozenset[bytes],
-                 auth_line: bytes = b"") -> bytes:
-    """Request line and headers for the engine (the one place deciding which headers are forwarded).
-
-    End-to-end headers pass as the client sent them; hop-by-hop ones (and
-    those the Connection header names) do not. An engine with its own API
-    key gets that key (`auth_line`) instead of whatever the client sent.
-    """
-    if auth_line:
-        drop = drop | AUTHORIZATION
-    headers = scope["headers"]
-    typed = False
-    for k, v in headers:
-        if k == b"connection":
-            drop = drop | {t.strip().lower().encode() for t in v.decode("latin-1").split(",")}
-        elif k == b"content-type":
-            typed = True
-    if scope["query_string"]:
-        target += b"?" + scope["query_string"]
-    parts = [scope["method"].encode(), b" ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\ncontent-length: ",
-             str(length).encode(), b"\r\n" if typed or not length else b"\r\ncontent-type: application/json\r\n",
-             auth_line]
-    for k, v in headers:
-        if k not in drop:
-            parts += (k, b": ", v, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-def relay_headers(resp: Response, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """`headers` with the engine's headers that reach the client appended."""
-    for k, v in resp.headers:
-        if k in RELAY_RESPONSE_HEADERS:
-            headers.append((k, v))
-    return headers
-
-
-def header(scope: Scope, name: bytes) -> Optional[bytes]:
-    for k, v in scope["headers"]:
-        if k == name:
-            return v
-    return None
-
-
-class Outgoing:
-    """What one client request asks for, and the body each replica gets.
-
-    `name` is the model name the client gave (None: the default model);
-    the body is forwarded as the client sent it unless the replica serves
-    the model under another name, when the model field is rewritten (JSON
-    re-encoded once, or the one form field replaced).
-    """
-
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin")
-
-    def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
-                 form_model: Optional[Field] = None, pin: Optional[Replica] = None):
-        self.name = name
-        self.payload = payload
-        self.body = body
-        self.stream = stream
-        self.form_model = form_model
-        #: The one replica this request must go to (it holds the response the request names).
-        self.pin = pin
-
-    def data_for(self, replica: Replica) -> bytes:
-        if self.name in replica.served:
-            return self.body
-        if self.payload is not None:
-            return orjson.dumps({**self.payload, "model": replica.served_name})
-        if self.form_model is not None:
-            return replace_field(self.body, self.form_model, replica.served_name)
-        return self.body
-
-
-def parse_json(body: bytes) -> tuple[dict[str, Any], Optional[str], bool]:
-    """(payload, model name or None, stream) from a JSON request body, or Reject(400)."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise Reject(400, f"The request body is not valid JSON: {e}") from None
-    if type(payload) is not dict:
-        raise Reject(400, "The request body must be a JSON object.")
-    model = payload.get("model")
-    if (model is not None or "model" in payload) and (type(model) is not str or not model):
-        raise Reject(400, f"'model' is a {type(model).__name__}, not a non-empty string; give the name of the "
-                          "model to use (or leave it out for the default model).", "model")
-    stream = payload.get("stream", False)
-    if stream is None:
-        stream = False
-    elif type(stream) is not bool:
-        raise Reject(400, "'stream' must be true or false.", "stream")
-    return payload, model, stream
-
-
-def parse_form(body: bytes, boundary: bytes) -> tuple[Optional[str], bool, Optional[Field]]:
-    """(model name or None, stream, the model field) from a multipart form body, or Reject(400)."""
-    try:
-        fields = read_fields(body, boundary)
-    except FormError as e:
-        raise Reject(400, f"{e}.") from None
-    model = fields.get("model")
-    stream = fields.get("stream")
-    return (model.value or None) if model else None, bool(stream and stream.value.lower() == "true"), model
-
-
-class EarlyStream:
-    """The client's stream, opened before its model is ready, so the wait can be shown as it goes.
-
-    SSE comment lines (``: waiting for M: starting, 12 s``) are ignored by SSE
-    clients. Once open, the engine's own stream continues it; any other answer
-    that follows (an error) is sent as one SSE data event, since the status
-    line has gone.
-    """
-
-    __slots__ = ("_reply", "_opened", "_wrap")
-
-    def __init__(self, reply: Reply):
-        self._reply = reply
-        self._opened = False
-        self._wrap = False
-
-    @property
-    def gone(self) -> bool:
-        return self._reply.gone
-
-    async def open(self) -> None:
-        await self._reply.head(200, [(b"content-type", b"text/event-stream"), *STREAM_HEADERS])
-        self._opened = True
-
-    async def comment(self, text: str) -> None:
-        await self._reply.chunk(f": {text}\n\n".encode())
-
-    @staticmethod
-    def _wraps(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-        kind = next((v for k, v in headers if k == b"content-type"), b"")
-        return status != 200 or not kind.startswith(b"text/event-stream")
-
-    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        if not self._opened:
-            return await self._reply.whole(status, headers, body)
-        if body and self._wraps(status, headers):
-            body = b"data: " + body + b"\n\n"
-        await self._reply.end(body)
-
-    async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        if not self._opened:
-            return await self._reply.head(status, headers)
-        self._wrap = self._wraps(status, headers)
-
-    async def chunk(self, data: bytes) -> None:
-        if self._wrap and data:
-            data = b"data: " + data + b"\n\n"
-        await self._reply.chunk(data)
-
-    async def end(self, data: bytes = b"") -> None:
-        if self._wrap and data:
-            data = b"data: " + data + b"\n\n"
-        await self._reply.end(data)
 
 
 async def admit_showing_progress(lifecycle: Lifecycle, name: str, stream: EarlyStream) -> None:

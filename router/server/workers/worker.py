@@ -38,7 +38,9 @@ from router.server.fleet.replica import Replica
 from router.server.http.app import RouterApp
 from router.server.proxy.affinity import Owner, ResponseOwners
 from router.server.proxy.auth import Guard
-from router.server.proxy.forward import DROP_REQUEST_HEADERS, Proxy, Receive, Scope, Send
+from router.server.proxy.forward import Proxy
+from router.server.proxy.reply import Receive, Scope, Send
+from router.server.proxy.request import DROP_REQUEST_HEADERS
 from router.server.workers.link import ControllerLink, LifecycleView, Message, RelayedMetrics, RelayedTraffic
 from router.supervision.processes import ProcessState
 
