@@ -1,10 +1,15 @@
 """``python -m router.serve --config FILE``: run the router on uvicorn.
 
+Proxied requests are served on the fast server's protocol
+(router/server/http/fastserver.py), everything else by uvicorn's own. With
+``router.workers: N`` this process becomes the controller and N proxy worker
+processes share the port (router/server/workers/).
+
 uvicorn handles SIGTERM (supervisord's stop) gracefully: it stops
 accepting, waits for in-flight requests and streams up to
 `router.shutdown_grace_seconds`, then runs the app's lifespan shutdown,
-which stops the health checker and sleep manager and closes the upstream
-session.
+which stops the health checks and the idle loop, and closes the upstream
+session. Workers are stopped before the controller.
 """
 from __future__ import annotations
 

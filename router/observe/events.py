@@ -1,9 +1,10 @@
 """State changes as events: the owners publish, anyone may follow.
 
 A replica's owner publishes its process and health changes, a model's
-lifecycle its transitions, the router its reloads. Followers (`GET /events`
-today; the page, proxy workers and other routers later) subscribe instead of
-polling the owners, so they never act on a copy they made themselves. Each
+lifecycle its transitions, the router its reloads. Followers (`GET /events`,
+the /ui page, the controller's link to its proxy workers, which passes each
+change on in order) subscribe instead of polling the owners, so they never act
+on a copy they made themselves. Each
 subscriber has its own bounded queue: one that does not keep up loses its
 oldest events, never slowing a publisher.
 """

@@ -5,10 +5,10 @@ supervisord knows whether it is still STARTING, crash-looping in BACKOFF,
 FATAL after its retries, or STOPPED by an operator, and where its log is.
 `ProcessWatcher` polls ``supervisor.getAllProcessInfo()`` over the unix socket
 and hands each change to a callback on the event loop, so /health/all can show
-it and point at the log.
+it and point at the log; `python -m router.status` reads the same states once.
 
-Depends only on router.supervision.supervisord, the supervisor package and the standard
-library, so any part of the router can own a watcher.
+Depends only on router.supervision.supervisord, router.util, the supervisor
+package and the standard library, so the server, status and render can all use it.
 """
 from __future__ import annotations
 

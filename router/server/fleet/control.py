@@ -5,8 +5,9 @@ One aiohttp session, opened in the app's lifespan (it needs the running
 loop) and closed at its end, serves the HTTP calls; the hot path uses each
 replica's own pool instead. supervisord is asked over its socket in a
 worker thread (its XML-RPC client blocks). Every call goes to the replica's address with
-the engine's own key, and every failure comes back as a message that names
-the instance and what happened, never as an exception the caller must know.
+the engine's own key. A failure of any kind (refused, timed out, an error
+status, supervisord's refusal) is raised as one `EngineCallError` whose message
+names the instance and what happened, so callers catch one type.
 """
 from __future__ import annotations
 
