@@ -17,6 +17,8 @@ import pytest
 from test_sim import Sim, anyio_backend, make_sim, until  # noqa: F401  (fixtures)
 
 from router.sim import parse_options, textgen
+from router.sim.dialects import DIALECTS
+from router.sim.engine import APIS
 from router.sim.sglang_api import FLUSHED
 
 pytestmark = pytest.mark.anyio
@@ -202,3 +204,8 @@ def test_a_negative_tier_time_exits_2_naming_the_flag(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as exit_:
         parse_options(["--engine", "vllm", "--model", "m", "--reload-s", "-1"])
     assert exit_.value.code == 2 and "--reload-s must not be negative" in capsys.readouterr().err
+
+
+def test_every_dialect_has_its_routes_and_its_answers() -> None:
+    assert set(APIS) == set(DIALECTS)
+    assert all(api.wording is DIALECTS[name] for name, api in APIS.items())

@@ -18,7 +18,8 @@ SGLang: one), ``--max-model-len``/``--context-length`` (default 4096; vLLM's
 ``--max-num-seqs``/``--max-running-requests`` (used as --max-concurrency when
 that is not given), ``--api-key`` (vLLM: else ``$VLLM_API_KEY``; then requests need ``Authorization: Bearer
 KEY``, answered 401 ``{"error":"Unauthorized"}`` otherwise: on vLLM's /v1
-routes, on every SGLang route but /health and /metrics). Every other flag is logged once and ignored.
+routes, on every SGLang route but /health and /metrics), SGLang's ``--enable-memory-saver`` and
+``--enable-weights-cpu-backup`` (what a release loses, below). Every other flag is logged once and ignored.
 ``--health-path P`` moves the health check (default: the engine's own, /health); ``--port`` has no
 default for an engine without one (openai).
 

@@ -6,6 +6,7 @@ it is. The state behind the routes is one `SimCore`.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Awaitable, Callable, Optional
 
 import orjson
@@ -78,7 +79,7 @@ class EngineApi:
         resp.send(200, orjson.dumps({
             "asleep": m.asleep, "sleep_level": m.level, "woken": sorted(m.woken), "weights_lost": m.weights_lost,
             "cache_stale": m.cache_stale, "answers_right": m.answers_right, "calls": c.calls,
-            "counters": vars(c.counters)}))
+            "counters": asdict(c.counters)}))
 
     # ----------------------------------------------------------------- metrics
     async def metrics(self, req: Request, resp: Responder) -> None:
