@@ -126,7 +126,6 @@ class SimCore:
             if not self.counters.running:
                 self._idle.set()
 
-
     async def generate(self, req: Request, resp: Responder, chat: bool) -> None:
         """POST /v1/completions or /v1/chat/completions."""
         self.counters.requests += 1

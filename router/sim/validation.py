@@ -98,7 +98,7 @@ class RequestReader:
                            param="prompt")
         else:
             prompts = self.prompts(body.get("prompt"), "prompt")
-        n = self.integer(body, "n", 1, 1)
+        n = self.integer(body, "n", 1, 1) or 1  # never None: the default is 1
         echo = bool(body.get("echo")) and not chat
         stream = body.get("stream") is True
         stream_options = body.get("stream_options")
