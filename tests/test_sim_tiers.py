@@ -14,6 +14,7 @@ import time
 
 import orjson
 import pytest
+from helpers import Proc, free_port, get_json, http_status, post_json, start_sim, wait_http
 from test_sim import Sim, anyio_backend, make_sim, until  # noqa: F401  (fixtures)
 
 from router.sim import parse_options, textgen
@@ -188,6 +189,26 @@ async def test_sglang_flush_cache_is_refused_while_requests_run(make_sim) -> Non
 
 async def _running(sim: Sim) -> bool:
     return sim.engine.counters.running == 1
+
+
+# ----------------------------------------------------- as its own process
+def test_a_sim_process_takes_the_tier_flags_from_its_command_line(procs: list[Proc]) -> None:
+    """What --sim renders: SGLang's own flags in the engine args, the state read over HTTP."""
+    port = free_port()
+    procs.append(start_sim("sglang", "org/m", port, "--enable-memory-saver", "--reload-s", "0.2"))
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/health", timeout=30)
+    assert post_json(base + "/release_memory_occupation", {}) == (200, None)
+    assert post_json(base + "/resume_memory_occupation", {}) == (200, None)
+    status, body = post_json(base + "/v1/completions", HELLO)
+    assert status == 200 and garbage(body["choices"][0]["text"])
+    assert post_json(base + "/update_weights_from_disk", {"model_path": "org/m"})[0] == 200
+    assert http_status(base + "/flush_cache", timeout=5) == 200
+    assert post_json(base + "/v1/completions", HELLO)[1]["choices"][0]["text"] == RIGHT
+    status, got = get_json(base + "/sim/state")
+    assert status == 200 and got["answers_right"] and got["counters"]["reload_calls"] == 1
+    assert got["calls"] == ["release_memory_occupation", "resume_memory_occupation", "update_weights_from_disk",
+                            "flush_cache"]
 
 
 # --------------------------------------------------------------- options
