@@ -24,8 +24,9 @@ def error(err_type: str, message: str) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": err_type, "message": message}})
 
 
-def messages_prompt(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The request's ``system`` (a string or text blocks) and ``messages`` as chat messages."""
+def messages_prompt(body: dict[str, Any]) -> object:
+    """The request's ``system`` (a string or text blocks) and ``messages`` as chat messages; ``messages``
+    as given when it is no list, for the chat validation to refuse in the engine's words."""
     system = body.get("system")
     messages = body.get("messages")
     head = [] if system is None else [{"role": "system", "content": system}]
@@ -74,7 +75,7 @@ class MessagesStream:
 
     def opening(self, choices: int) -> list[bytes]:
         s = self._shape
-        message = {"id": s.mid, "type": "message", "role": "assistant", "content": [], "model": s.model,
+        message: dict[str, Any] = {"id": s.mid, "type": "message", "role": "assistant", "content": [], "model": s.model,
                    "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": s.prompt_tokens, "output_tokens": 0}}
         return [self._event("message_start", {"message": message}),
                 self._event("content_block_start", {"content_block": {"type": "text", "text": ""}, "index": 0})]

@@ -2,7 +2,8 @@
 
 Only the shapes live here, field by field and in the engines' key order, with
 the few behaviours that differ by engine as class flags; the behaviour common
-to all lives in engine.py. Each engine module names its dialect
+to all lives in core.py, and each dialect's routes in its *_api.py module, which
+names its answers' class here. Each engine module names its dialect
 (`EngineSpec.sim_dialect`), a key of DIALECTS. The vLLM shapes are what real
 vLLM 0.32.0 sent (tests/real_vllm/captured/, summarised in
 tests/real_vllm/FINDINGS.md); the SGLang ones follow SGLang's protocol.py and
@@ -108,10 +109,6 @@ class Dialect:
     checks_model = False
     #: A generation arriving asleep waits for the wake (vLLM) rather than failing (SGLang).
     holds_while_asleep = True
-    #: /metrics reports vLLM's engine_sleep_state gauge.
-    sleep_state_metric = False
-    #: POST /v1/embeddings is served.
-    serves_embeddings = False
     owned_by = ""
     metric_running = ""
     metric_waiting = ""
@@ -159,6 +156,15 @@ class Dialect:
             "data": [{"object": "embedding", "index": i, "embedding": list(v)} for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
 
+    # -- tokenizer
+    def tokenized(self, ids: list[int], text: str, body: dict[str, Any]) -> dict[str, Any]:
+        """/tokenize's answer (vLLM's words; ``token_strs`` when the request asks them)."""
+        return {"count": len(ids), "max_model_len": self.options.max_model_len, "tokens": ids,
+                "token_strs": text.split() if body.get("return_token_strs") else None}
+
+    def detokenized(self, text: str) -> dict[str, Any]:
+        return {"prompt": text}
+
     # -- whole responses
     def response(self, chat: bool, rid: str, created: int, model: str, choices: Sequence[Choice],
                  prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -189,7 +195,6 @@ class Dialect:
 class VllmDialect(Dialect):
     name = "vllm"
     checks_model = True
-    sleep_state_metric = True
     owned_by = "vllm"
     metric_running = "vllm:num_requests_running"
     metric_waiting = "vllm:num_requests_waiting"
@@ -264,8 +269,6 @@ class VllmDialect(Dialect):
 class SglangDialect(Dialect):
     name = "sglang"
     holds_while_asleep = False
-    # SGLang mounts /v1/embeddings whatever the model; the OpenAI shape is an approximation of its answer.
-    serves_embeddings = True
     owned_by = "sglang"
     metric_running = "sglang:num_running_reqs"
     metric_waiting = "sglang:num_queue_reqs"
@@ -277,6 +280,13 @@ class SglangDialect(Dialect):
     def key_guards(self, path: str) -> bool:
         """SGLang checks every route but its health and metrics ones."""
         return path not in ("/health", "/metrics")
+
+    def tokenized(self, ids: list[int], text: str, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's TokenizeResponse (approximated)."""
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.options.max_model_len}
+
+    def detokenized(self, text: str) -> dict[str, Any]:
+        return {"text": text}  # approximated
 
     def response(self, chat: bool, rid: str, created: int, model: str, choices: Sequence[Choice],
                  prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -312,11 +322,9 @@ class SglangDialect(Dialect):
 
 class OpenaiDialect(VllmDialect):
     """Any OpenAI-compatible server: vLLM's answers (the fullest OpenAI shapes), the plain
-    OpenAI model list, embeddings, no sleep API and metric names of the simulator's own."""
+    OpenAI model list and metric names of the simulator's own."""
 
     name = "openai"
-    sleep_state_metric = False
-    serves_embeddings = True
     owned_by = "system"
     metric_running = "sim:num_requests_running"
     metric_waiting = "sim:num_requests_waiting"

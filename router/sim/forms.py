@@ -23,11 +23,11 @@ def parse_form(content_type: str, body: bytes) -> dict[str, bytes]:
     parts: dict[str, bytes] = {}
 
     def on_field(field: Field) -> None:
-        parts[field.field_name.decode("utf-8", "replace")] = field.value or b""
+        parts[(field.field_name or b"").decode("utf-8", "replace")] = field.value or b""
 
     def on_file(file: File) -> None:
         file.file_object.seek(0)
-        parts[file.field_name.decode("utf-8", "replace")] = file.file_object.read()
+        parts[(file.field_name or b"").decode("utf-8", "replace")] = file.file_object.read()
 
     headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
     try:

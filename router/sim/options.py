@@ -44,6 +44,16 @@ class SimOptions:
     api_key: str = ""
     #: Where GET answers 200 while the engine is up (the engine's own, or an openai instance's health_path).
     health_path: str = "/health"
+    #: Sleep tiers (router.sim.memory): seconds a level-1 sleep takes to copy the weights to host RAM
+    #: (vLLM level 1; SGLang's release with a CPU backup), a level-1 wake to copy them back, and a
+    #: level-2 reload to read them from disk (vLLM's reload_weights; SGLang's update_weights_from_disk).
+    sleep_s: float = 0.0
+    wake_s: float = 0.0
+    reload_s: float = 0.0
+    #: SGLang's --enable-memory-saver: release_memory_occupation really frees the weights.
+    memory_saver: bool = False
+    #: SGLang's --enable-weights-cpu-backup: released weights are kept in host RAM and come back on resume.
+    weights_cpu_backup: bool = False
     #: Engine flags given but not understood (logged once, otherwise ignored).
     ignored_args: tuple[str, ...] = field(default=(), compare=False)
 
@@ -91,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--health-path", default=None, help="the health check's path (default: the engine's own)")
     p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=model_len,
                    default=DEFAULT_MAX_MODEL_LEN)
+    p.add_argument("--enable-memory-saver", dest="memory_saver", action="store_true",
+                   help="SGLang: release_memory_occupation frees the weights (see --enable-weights-cpu-backup)")
+    p.add_argument("--enable-weights-cpu-backup", dest="weights_cpu_backup", action="store_true",
+                   help="SGLang: released weights are kept in host RAM and restored on resume")
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="batch", type=int, default=0,
                    help="the engine's batch size; used as --max-concurrency when that is not given")
     g = p.add_argument_group("simulation knobs")
@@ -102,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--die-after", type=int, default=0, help="exit abruptly during generation request N")
     g.add_argument("--stall-after", type=int, default=0, help="streams stop sending after N chunks")
     g.add_argument("--hang", action="store_true", help="never answer generation requests")
+    g.add_argument("--sleep-s", type=float, default=0.0, help="a level-1 sleep's time (weights to host RAM)")
+    g.add_argument("--wake-s", type=float, default=0.0, help="a level-1 wake's time (weights back from host RAM)")
+    g.add_argument("--reload-s", type=float, default=0.0, help="a level-2 reload's time (weights from disk)")
     g.add_argument("--seed", type=int, default=0, help="seed of the --fail-rate draws")
     return p
 
@@ -122,7 +139,7 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         problems.append("--max-model-len must be at least 1")
     if not 0.0 <= ns.fail_rate <= 1.0:
         problems.append(f"--fail-rate {ns.fail_rate} must be between 0 and 1")
-    for flag in ("startup_s", "ttft_ms", "itl_ms"):
+    for flag in ("startup_s", "ttft_ms", "itl_ms", "sleep_s", "wake_s", "reload_s"):
         if getattr(ns, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must not be negative")
     for flag in ("die_after", "stall_after", "batch"):
@@ -143,5 +160,6 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         max_concurrency=ns.batch if ns.max_concurrency is None else ns.max_concurrency,
         startup_s=ns.startup_s, ttft_ms=ns.ttft_ms, itl_ms=ns.itl_ms, fail_rate=ns.fail_rate,
         die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed, api_key=api_key,
-        ignored_args=tuple(unknown),
+        sleep_s=ns.sleep_s, wake_s=ns.wake_s, reload_s=ns.reload_s, memory_saver=ns.memory_saver,
+        weights_cpu_backup=ns.weights_cpu_backup, ignored_args=tuple(unknown),
     )

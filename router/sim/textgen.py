@@ -11,6 +11,9 @@ Rules (stable; tests and benchmarks rely on them):
 - Output token i (0-based) of choice j is ``" " + WORDS[(h + 7*j + i) % 64]``
   where ``h = zlib.crc32(prompt.encode("utf-8"))``. So the text depends only on
   the prompt, choices of one request differ, and every token is one word.
+- An engine whose weights are lost (router.sim.memory) answers garbage instead:
+  output token i of choice j is ``GARBAGE[(h + 7*j + i) % 8]``, replacement
+  characters and punctuation runs no model would print, still one word each (counts hold).
 - Token ids (/tokenize): a word of WORDS is its index there; any other word is
   ``64 + crc32(word) % (VOCAB_SIZE - 64)``. Detokenizing reads id i < 64 as
   ``" " + WORDS[i]`` (so generated text round-trips) and any other id as ``" <i>"``.
@@ -40,6 +43,10 @@ WORDS: tuple[str, ...] = (
 #: Each token, with its leading space, ready to send.
 TOKENS: tuple[str, ...] = tuple(" " + w for w in WORDS)
 
+#: What an engine with lost weights prints (see the module rules): visibly no words.
+#: No letter or digit in them, so a stop string of words never matches garbage by chance.
+GARBAGE: tuple[str, ...] = (" \ufffd\ufffd", " ##", " \u2581\u2581", " ]]", " ,,", " ..", " ~~", " \u00bf\u00bf")
+
 
 def prompt_seed(prompt: str) -> int:
     return zlib.crc32(prompt.encode("utf-8", "surrogatepass"))
@@ -47,6 +54,10 @@ def prompt_seed(prompt: str) -> int:
 
 def token(seed: int, choice: int, i: int) -> str:
     return TOKENS[(seed + 7 * choice + i) % len(TOKENS)]
+
+
+def garbage(seed: int, choice: int, i: int) -> str:
+    return GARBAGE[(seed + 7 * choice + i) % len(GARBAGE)]
 
 
 def generate(prompt: str, n_tokens: int, choice: int = 0) -> str:

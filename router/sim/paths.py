@@ -2,28 +2,27 @@
 batch chat, SageMaker invocations, audio, and SGLang's scoring paths.
 
 Each handler validates in the engine's words and hands generation to
-`SimEngine.run` with a `Shape` of its own API, so timing, faults, the sleep
+`SimCore.run` with a `Shape` of its own API, so timing, faults, the sleep
 gate and the queue behave as for chat. What real vLLM 0.32 answers for each
 path is in tests/real_vllm/FINDINGS.md; the SGLang shapes are approximations
-of SGLang's serving code (noted where they are guesses).
+of SGLang's serving code (noted where they are guesses). Which dialect serves
+which path is the dialect's own choice (its routes in *_api.py).
 """
 from __future__ import annotations
 
 import asyncio
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import orjson
 
 from . import anthropic, textgen
+from .core import SimCore
 from .errors import ApiError
 from .forms import FormError, parse_form
 from .http import Request, Responder
 from .responses import ResponseRequest, ResponsesShape, ResponseStore, conversation, input_messages
-
-if TYPE_CHECKING:
-    from .engine import SimEngine
 
 Route = Callable[[Request, Responder], Awaitable[None]]
 RESPONSES_PREFIX = "/v1/responses/"
@@ -53,44 +52,17 @@ class Detached:
 
 
 class PathApis:
-    """The routes of one engine's dialect beyond completions and chat."""
+    """The handlers of the client paths beyond completions and chat, over one engine; a dialect's
+    routes pick the ones it serves."""
 
-    def __init__(self, engine: "SimEngine"):
-        self.engine = engine
+    def __init__(self, core: SimCore):
+        self.engine = core
         self.store = ResponseStore()
         self._background: dict[str, Detached] = {}
-        #: Whether this dialect serves the Responses API (and so its {id} paths).
-        self._responses = self.engine.dialect.name in ("vllm", "sglang")
-
-    def routes(self) -> dict[tuple[str, str], Route]:
-        name = self.engine.dialect.name
-        if name == "vllm":
-            return {
-                ("POST", "/v1/responses"): self.responses,
-                ("POST", "/v1/messages"): self.messages,
-                ("POST", "/v1/messages/count_tokens"): self.count_tokens,
-                ("POST", "/tokenize"): self.tokenize,
-                ("POST", "/detokenize"): self.detokenize,
-                ("POST", "/v1/chat/completions/batch"): self.chat_batch,
-                ("POST", "/invocations"): self.invocations,
-                ("POST", "/v1/audio/transcriptions"): self.transcriptions,
-                ("POST", "/v1/audio/translations"): self.translations,
-            }
-        if name == "sglang":
-            return {
-                ("POST", "/v1/responses"): self.responses,
-                **{("POST", p): self.tokenize for p in ("/tokenize", "/v1/tokenize")},
-                **{("POST", p): self.detokenize for p in ("/detokenize", "/v1/detokenize")},
-                ("POST", "/invocations"): self.invocations,
-                ("POST", "/v1/score"): self.sglang_score,
-                ("POST", "/v1/rerank"): self.sglang_rerank,
-                ("POST", "/v1/classify"): self.sglang_classify,
-            }
-        return {}
 
     def prefixed(self, method: str, path: str) -> Optional[Callable[[Request, Responder], Awaitable[None]]]:
-        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel, where /v1/responses is served."""
-        if not self._responses or not path.startswith(RESPONSES_PREFIX):
+        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel, for a dialect serving /v1/responses."""
+        if not path.startswith(RESPONSES_PREFIX):
             return None
         rest = path[len(RESPONSES_PREFIX):]
         if method == "GET" and rest and "/" not in rest:
@@ -109,10 +81,10 @@ class PathApis:
     async def responses(self, req: Request, resp: Responder) -> None:
         e = self.engine
         e.counters.requests += 1
-        body = e._json_body(req)
-        model = e._model(body)
+        body = e.reader.json_body(req)
+        model = e.reader.model(body)
         if "input" not in body:
-            raise e._invalid("body.input", "missing", "Field required", f"<dict of {len(body)} items>")
+            raise e.reader.invalid("body.input", "missing", "Field required", f"<dict of {len(body)} items>")
         store, background = body.get("store") is not False, body.get("background") is True
         if background and not store:
             raise ApiError(400, "background can only be used when `store` is true (parameter=background)",
@@ -126,7 +98,7 @@ class PathApis:
             messages = conversation(self._stored(previous)) + messages
         instructions = body.get("instructions")
         system = [{"role": "system", "content": instructions}] if isinstance(instructions, str) else []
-        gen = e._validate({"model": model, "messages": system + messages, "stream": body.get("stream"),
+        gen = e.reader.generation({"model": model, "messages": system + messages, "stream": body.get("stream"),
                            "max_output_tokens": body.get("max_output_tokens")}, chat=True, max_key="max_output_tokens")
         request = ResponseRequest(
             rid="resp_" + e.dialect.hex_id(), model=model, max_output_tokens=gen.max_tokens, messages=messages,
@@ -160,12 +132,12 @@ class PathApis:
     async def messages(self, req: Request, resp: Responder) -> None:
         e = self.engine
         e.counters.requests += 1
-        body = e._json_body(req)
+        body = e.reader.json_body(req)
         if "max_tokens" not in body:
-            raise e._invalid("body.max_tokens", "missing", "Field required", f"<dict of {len(body)} items>")
+            raise e.reader.invalid("body.max_tokens", "missing", "Field required", f"<dict of {len(body)} items>")
         stops = body.get("stop_sequences")
         async with self._anthropic_errors(resp):
-            gen = e._validate({"model": body.get("model"), "messages": anthropic.messages_prompt(body),
+            gen = e.reader.generation({"model": body.get("model"), "messages": anthropic.messages_prompt(body),
                                "max_completion_tokens": body["max_tokens"], "stop": stops,
                                "stream": body.get("stream")}, chat=True)
             gen.shape = anthropic.MessagesShape(e.dialect.new_id(True), gen.model, gen.prompt_tokens)
@@ -173,9 +145,9 @@ class PathApis:
 
     async def count_tokens(self, req: Request, resp: Responder) -> None:
         e = self.engine
-        body = e._json_body(req)
+        body = e.reader.json_body(req)
         async with self._anthropic_errors(resp):
-            e._model(body)
+            e.reader.model(body)
             n = textgen.count_tokens(self._chat_text(anthropic.messages_prompt(body)))
             resp.send(200, orjson.dumps({"input_tokens": n, "context_management": {"original_input_tokens": n}}))
 
@@ -194,60 +166,58 @@ class PathApis:
     async def tokenize(self, req: Request, resp: Responder) -> None:
         """vLLM and SGLang: ``count``, ``max_model_len``, ``tokens`` (vLLM adds ``token_strs``)."""
         e = self.engine
-        body = e._json_body(req)
-        e._model(body)
+        body = e.reader.json_body(req)
+        e.reader.model(body)
         if "messages" in body:
             text = self._chat_text(body["messages"])
         elif isinstance(body.get("prompt"), str):
             text = body["prompt"]
         else:
             raise ApiError(400, "prompt must be a string (or give messages)", param="prompt")
-        ids = textgen.token_ids(text)
-        answer: dict[str, Any] = {"count": len(ids), "max_model_len": e.options.max_model_len, "tokens": ids}
-        if e.dialect.name == "vllm":
-            answer["token_strs"] = text.split() if body.get("return_token_strs") else None
-        else:  # SGLang's TokenizeResponse: tokens, count, max_model_len (approximated)
-            answer = {"tokens": ids, "count": len(ids), "max_model_len": e.options.max_model_len}
-        resp.send(200, orjson.dumps(answer))
+        resp.send(200, orjson.dumps(e.dialect.tokenized(textgen.token_ids(text), text, body)))
 
     async def detokenize(self, req: Request, resp: Responder) -> None:
         """vLLM answers ``{"prompt": text}``; SGLang ``{"text": text}`` (approximated)."""
         e = self.engine
-        body = e._json_body(req)
-        e._model(body)
+        body = e.reader.json_body(req)
+        e.reader.model(body)
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise e._invalid("body.tokens", "list_type", "Input should be a valid list", tokens)
-        key = "prompt" if e.dialect.name == "vllm" else "text"
-        resp.send(200, orjson.dumps({key: textgen.detokenize(tokens)}))
+            raise e.reader.invalid("body.tokens", "list_type", "Input should be a valid list", tokens)
+        resp.send(200, orjson.dumps(e.dialect.detokenized(textgen.detokenize(tokens))))
 
     # ----------------------------------------------- batch chat, invocations
     async def chat_batch(self, req: Request, resp: Responder) -> None:
         """One chat.completion whose choice i answers conversation i; ``stream`` is ignored (as vLLM)."""
         e = self.engine
         e.counters.requests += 1
-        body = e._json_body(req)
+        body = e.reader.json_body(req)
         convs = body.get("messages")
         if not isinstance(convs, list) or not convs:
-            raise e._invalid("body.messages", "list_type", "Input should be a valid list", convs)
+            raise e.reader.invalid("body.messages", "list_type", "Input should be a valid list", convs)
         for k, conv in enumerate(convs):
             if not isinstance(conv, list):
                 shown = f"<dict of {len(conv)} items>" if isinstance(conv, dict) else conv
-                raise e._invalid(f"body.messages.{k}", "list_type", "Input should be a valid list", shown)
+                raise e.reader.invalid(f"body.messages.{k}", "list_type", "Input should be a valid list", shown)
         prompts = [self._chat_text(conv) for conv in convs]
-        gen = e._validate({**body, "messages": convs[0], "stream": False, "stream_options": None}, chat=True)
+        gen = e.reader.generation({**body, "messages": convs[0], "stream": False, "stream_options": None}, chat=True)
         gen.prompts = prompts
         gen.prompt_tokens = sum(textgen.count_tokens(p) for p in prompts)
         await e.run(gen, resp)
 
     async def invocations(self, req: Request, resp: Responder) -> None:
-        """SageMaker's entry: vLLM answers chat when the body has ``messages``, else a
-        completion; SGLang's /invocations is its chat completions."""
+        """vLLM's SageMaker entry: chat when the body has ``messages``, else a completion."""
+        await self._invoke(req, resp, lambda body: "messages" in body)
+
+    async def invocations_chat(self, req: Request, resp: Responder) -> None:
+        """SGLang's SageMaker entry: its chat completions."""
+        await self._invoke(req, resp, lambda body: True)
+
+    async def _invoke(self, req: Request, resp: Responder, chat: Callable[[dict[str, Any]], bool]) -> None:
         e = self.engine
         e.counters.requests += 1
-        body = e._json_body(req)
-        chat = "messages" in body or e.dialect.name == "sglang"
-        await e.run(e._validate(body, chat), resp)
+        body = e.reader.json_body(req)
+        await e.run(e.reader.generation(body, chat(body)), resp)
 
     # ---------------------------------------------------------------- audio
     async def transcriptions(self, req: Request, resp: Responder) -> None:
@@ -265,9 +235,9 @@ class PathApis:
         except FormError as err:
             raise ApiError(400, str(err), param="file") from None
         model = form.get("model")
-        e._model({} if model is None else {"model": model.decode("utf-8", "replace")})
+        e.reader.model({} if model is None else {"model": model.decode("utf-8", "replace")})
         if "file" not in form:
-            raise e._invalid("body.file", "missing", "Field required", None)
+            raise e.reader.invalid("body.file", "missing", "Field required", None)
         text, seconds = textgen.transcript(form["file"])
         answer: dict[str, Any] = {"text": text}
         if with_usage:
@@ -279,19 +249,19 @@ class PathApis:
         """SGLang's decoder-only scoring (approximated): per item, one probability per
         ``label_token_ids`` entry, drawn from textgen.embedding of query + item."""
         e = self.engine
-        body = e._json_body(req)
+        body = e.reader.json_body(req)
         query, items, labels = body.get("query"), body.get("items"), body.get("label_token_ids")
         if isinstance(items, str):
             items = [items]
         if not isinstance(query, str) or not isinstance(items, list) or not isinstance(labels, list) or not labels:
             raise ApiError(400, "score needs query, items and label_token_ids", param="items")
         scores = [_probabilities(query + str(item), len(labels)) for item in items]
-        resp.send(200, orjson.dumps({"scores": scores, "model": e._model(body), "usage": None, "object": "scoring"}))
+        resp.send(200, orjson.dumps({"scores": scores, "model": e.reader.model(body), "usage": None, "object": "scoring"}))
 
     async def sglang_rerank(self, req: Request, resp: Responder) -> None:
         """SGLang's /v1/rerank (approximated): documents best first as ``{score, document, index, meta_info}``."""
         e = self.engine
-        body = e._json_body(req)
+        body = e.reader.json_body(req)
         query, docs = body.get("query"), body.get("documents")
         if not isinstance(query, str) or not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
             raise ApiError(400, "rerank needs a query string and a list of document strings", param="documents")
@@ -303,9 +273,9 @@ class PathApis:
     async def sglang_classify(self, req: Request, resp: Responder) -> None:
         """SGLang's /v1/classify, shaped like vLLM's classify answer (approximated): two classes."""
         e = self.engine
-        body = e._json_body(req)
-        model = e._model(body)
-        inputs = e._prompts(body.get("input"), "input")
+        body = e.reader.json_body(req)
+        model = e.reader.model(body)
+        inputs = e.reader.prompts(body.get("input"), "input")
         data = []
         for i, text in enumerate(inputs):
             probs = _probabilities(text, 2)
