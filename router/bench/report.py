@@ -78,7 +78,7 @@ def _failed(s: dict) -> str:
     return f"{s['failed']} (" + ", ".join(f"{k}:{v}" for k, v in s["failed_by_status"].items()) + ")"
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -101,9 +101,9 @@ def read_counters(text: str) -> dict[str, Counter[str]]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in COUNTERS:
-                out[COUNTERS[sample.name]][sample.labels["model"]] += sample.value
+                out[COUNTERS[sample.name]][sample.labels["model"]] += int(sample.value)  # counters of whole events
             elif sample.name == "router_model_evictions_total":
-                out["evictions"][sample.labels["reason"]] += sample.value
+                out["evictions"][sample.labels["reason"]] += int(sample.value)
     return out
 
 

@@ -124,7 +124,8 @@ class Admin:
         return _json({"model_stats": self.model_stats(self._model(request), window), "window_seconds": window})
 
     def _split_by_idleness(self, threshold: float) -> tuple[list[Model], list[Model]]:
-        idle, active = [], []
+        idle: list[Model] = []
+        active: list[Model] = []
         for m in self.state.table:
             lc: Lifecycle = m.lifecycle
             (idle if lc.in_flight == 0 and lc.idle_seconds() >= threshold else active).append(m)

@@ -204,9 +204,9 @@ def routes(state: RouterState) -> list[BaseRoute]:
                 for event in state.events.recent():
                     yield b"data: " + event.json() + b"\n\n"
                 while True:
-                    event = await sub.next(EVENTS_HEARTBEAT_SECONDS)
+                    news = await sub.next(EVENTS_HEARTBEAT_SECONDS)
                     # A comment line on silence keeps proxies from closing an idle stream.
-                    yield b": keep-alive\n\n" if event is None else b"data: " + event.json() + b"\n\n"
+                    yield b": keep-alive\n\n" if news is None else b"data: " + news.json() + b"\n\n"
             finally:
                 sub.close()
         return StreamingResponse(lines(), media_type="text/event-stream",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -65,7 +65,7 @@ class FastReply:
     __slots__ = ("protocol", "transport", "scope", "proxy", "keep_alive", "parts", "started", "response_started",
                  "response_complete", "disconnected", "gone", "task", "message_event", "on_drain")
 
-    def __init__(self, protocol: "FastHttpProtocol", scope: dict[str, Any], proxy: Any, keep_alive: bool):
+    def __init__(self, protocol: "FastHttpProtocol", scope: Mapping[str, Any], proxy: Any, keep_alive: bool):
         self.protocol = protocol
         self.transport = protocol.transport
         self.scope = scope
@@ -240,7 +240,7 @@ class FastHttpProtocol(HttpToolsProtocol):
     def asgi_scope(self) -> None:
         scope = self.scope
         scope["asgi"] = {"version": self.asgi_version, "spec_version": "2.3"}
-        scope["state"] = self.app_state.copy()  # type: ignore[typeddict-unknown-key]
+        scope["state"] = self.app_state.copy()
 
     def on_headers_complete(self) -> None:
         state = self.router_state

@@ -73,7 +73,7 @@ def matches(token: Optional[bytes], keys: tuple[bytes, ...]) -> bool:
 
 def is_loopback(client: Optional[tuple[str, int]]) -> bool:
     """Whether the peer (the ASGI scope's ``client``) is on this machine's loopback."""
-    return bool(client) and loopback_ip(client[0])
+    return client is not None and loopback_ip(client[0])
 
 
 def on_unix_socket(scope: Scope) -> bool:

@@ -318,7 +318,7 @@ class Proxy:
             if not reply.gone:
                 raise
             task = asyncio.current_task()
-            if hasattr(task, "uncancel"):  # Python >= 3.11 counts cancels; this one was ours
+            if task is not None and hasattr(task, "uncancel"):  # Python >= 3.11 counts cancels; this one was ours
                 task.uncancel()
             ex.status = CLIENT_GONE
         except ModelUnavailable as e:

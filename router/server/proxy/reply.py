@@ -23,7 +23,9 @@ class Reply(Protocol):
     """Where the proxy writes one answer: ASGI messages (`AsgiReply`) or straight to a client
     connection (router/server/http/fastserver.py). `gone` turns true once the client has left."""
 
-    gone: bool
+    @property
+    def gone(self) -> bool:
+        """The client has left: nothing more need be written."""
 
     async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A complete answer; the content-length is added here."""
