@@ -170,7 +170,7 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
             address = _dns_address(raw, v, args, spec, dns_name, where, reading)
         else:
             address = _address(raw, v, args, spec, where, reading)
-        health_path = _text(v, "health_path") if spec.launcher is None and "health_path" in v else spec.health_path
+        health_path = (_text(v, "health_path") if spec.launcher is None else None) or spec.health_path
 
     flag = {key: v.get(key, default) is True for key, default in (
         ("launch", "dns_name" not in raw), ("sleep", True), ("using_venv", False), ("on_demand", False), ("pin", False))}

@@ -81,7 +81,7 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     env = values.get("kvcached_env", ())
     assert isinstance(env, tuple)
     values["instances"] = tuple(replace(i, env=(*env, *i.env)) for i in instances) if isinstance(instances, tuple) else ()
-    cfg = Config(path=path if path.startswith("<") else str(Path(path).resolve()), **values)  # type: ignore[arg-type]
+    cfg = Config(path=path if path.startswith("<") else str(Path(path).resolve()), **values)  # type: ignore[arg-type]  # each value as its key's kind read it
     listed = raw.get("instances")
     check(cfg, reading, complete=isinstance(listed, list) and len(listed) == len(cfg.instances))
     if reading.errors:

@@ -18,6 +18,7 @@ from typing import Any, Generic, Optional, TypeVar
 from router.config.problems import Reading, join
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class _Required:
@@ -29,7 +30,7 @@ class _Required:
 REQUIRED = _Required()
 
 
-class Kind(ABC, Generic[T]):
+class Kind(ABC, Generic[T_co]):
     """How one YAML value is read: what it must be, and the message that says so."""
 
     @property
@@ -38,11 +39,11 @@ class Kind(ABC, Generic[T]):
         """What a value must be, in words (the reference's type column)."""
 
     @abstractmethod
-    def read(self, value: object, where: str, reading: Reading) -> Optional[T]:
+    def read(self, value: object, where: str, reading: Reading) -> Optional[T_co]:
         """The value as the config holds it, or None after reporting why it cannot be."""
 
     @property
-    def keys(self) -> tuple[Key, ...]:
+    def keys(self) -> tuple[Key[object], ...]:
         """The declarations of a nested block (a section, or each entry of a list of them)."""
         return ()
 
@@ -68,11 +69,11 @@ def show(value: object) -> str:
 
 
 @dataclass(frozen=True)
-class Key(Generic[T]):
+class Key(Generic[T_co]):
     """One YAML key: the kind of its value, its default (`REQUIRED` when the file must give
     it) and the one-line doc the reference shows."""
 
-    kind: Kind[T]
+    kind: Kind[T_co]
     default: object
     doc: str
     #: The key in the YAML; a settings field's name when empty.
@@ -114,9 +115,13 @@ def declared(f: Field[object]) -> Optional[Key[object]]:
     return replace(key, name=key.name or f.name, attr=f.name) if isinstance(key, Key) else None
 
 
-@cache
 def keys_of(cls: type) -> tuple[Key[object], ...]:
     """The YAML keys a settings dataclass declares, in field order."""
+    return _keys_of(cls)
+
+
+@cache
+def _keys_of(cls: type) -> tuple[Key[object], ...]:
     return tuple(k for k in (declared(f) for f in fields(cls)) if k is not None)
 
 
