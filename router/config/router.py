@@ -146,13 +146,12 @@ class RouterSettings:
         "(see \"Every core: proxy workers\"); changing it needs a restart"))
     node: Optional[str] = setting(HOST, None, "the node whose `render --node` renders the router; none: every node's "
                                               "(see \"More than one node\")")
-    #: Secrets: kept out of repr() (and so out of logged configs and tracebacks).
     api_keys: tuple[str, ...] = setting(Keys(), (), (
         "keys clients must send as `Authorization: Bearer <key>`: a list, `{env: VAR}` (comma-separated) or "
-        "`{file: PATH}` (one per line)"), repr=False)
+        "`{file: PATH}` (one per line)"), secret=True)
     admin_api_key: Optional[str] = setting(OneKey(), None, (
         "key for the admin endpoints (`/action/*`, `/upstream/*`, `/logs/*`); without it they answer loopback clients "
-        "only. Same forms"), repr=False)
+        "only. Same forms"), secret=True)
     default_model: Optional[str] = setting(Text("a model name", strip=True), None, (
         "where a request without `model` goes when more than one model is served (with one model, it goes there)"))
     retries: int = setting(Number(0, 100, whole=True), 2, (

@@ -102,12 +102,13 @@ class Key(Generic[T_co]):
         return f"`{self.kind.show(self.default)}`"
 
 
-def setting(kind: Kind[T], default: object, doc: str, *, key: str = "", shown: str = "", repr: bool = True) -> Any:
-    """A dataclass field declared as YAML key `key` (the field's name when empty)."""
+def setting(kind: Kind[object], default: object, doc: str, *, key: str = "", shown: str = "", secret: bool = False) -> Any:
+    """A dataclass field declared as YAML key `key` (the field's name when empty); a `secret`
+    is kept out of repr(), and so out of logged configs and tracebacks."""
     meta = {"key": Key(kind, default, doc, name=key, shown=shown)}
     if default is REQUIRED:
-        return field(metadata=meta, repr=repr)
-    return field(default=default, metadata=meta, repr=repr)
+        return field(metadata=meta, repr=not secret)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 def declared(f: Field[object]) -> Optional[Key[object]]:
