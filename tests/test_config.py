@@ -399,3 +399,42 @@ def test_openai_engines_take_no_part_in_the_gpu_fraction_check() -> None:
     vllm = "{model: a, engine: vllm, engine_args: ['--port=9001 --gpu-memory-utilization 0.6']}"
     other = "{model: b, engine: openai, command: 'srv --port 9002 --gpu-memory-utilization 0.6'}"
     assert warnings_of(cfg_text(vllm, other)) == []
+
+
+# -- every problem in one run: checks across instances run beside per-instance errors (issue 27) ----
+
+def test_a_per_instance_error_and_a_port_clash_are_reported_together() -> None:
+    clash = "{model: m3, engine: vllm, engine_args: ['--port=9001'], max_concurrency: 0}"
+    found = problems(cfg_text(VLLM, clash, "{model: m4, engine: tgi, engine_args: ['--port=9004']}"))
+    assert [p.split(":")[0] for p in found] == ["instances[1].max_concurrency", "instances[2].engine",
+                                                "instances[1].engine_args"]
+    assert "is already used by instance 'm1'" in found[2]
+
+
+def test_checks_across_instances_name_each_by_its_place_in_the_file_when_one_before_it_is_unreadable() -> None:
+    found = problems(cfg_text("{model: m0, engine: tgi}", VLLM, "{name: m1, model: m9, engine: vllm, engine_args: ['--port=9001']}"))
+    assert [p.split(":")[0] for p in found] == ["instances[0].engine", "instances[0].engine_args", "instances[2].name",
+                                                "instances[2].engine_args"]
+    assert "duplicate instance name 'm1' (also instances[1])" in found[2]
+
+
+def test_checks_that_need_every_instance_wait_until_each_can_be_read() -> None:
+    """A default model or group member named by an unreadable instance is not reported as unknown."""
+    unreadable = "{name: b, model: mb, engine: vllm}"
+    top = "router: {default_model: mb}\nresidency: {groups: [{name: g, members: [m1, b]}]}"
+    assert [p.split(":")[0] for p in problems(cfg_text(VLLM, unreadable, top=top))] == ["instances[1].engine_args"]
+    found = problems(cfg_text(VLLM, top="router: {default_model: mb}\nresidency: {groups: [{name: g, members: [m1, b]}]}"))
+    assert [p.split(":")[0] for p in found] == ["residency.groups[0].members", "router.default_model"]
+
+
+def test_render_check_prints_both_kinds_of_problem_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from router.render.cli import main
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg_text(VLLM, "{model: m2, engine: vllm, engine_args: ['--port=9001'], launch: maybe}",
+                             top="kvcached: {enable_kvcached: true}"))
+    assert main(["--check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {path}: instances[1].launch: must be true or false, not 'maybe'",
+                   f"error: {path}: instances[1].engine_args: 127.0.0.1:9001 is already used by instance 'm1'; give each "
+                   "instance its own --port",
+                   "Nothing was written."]

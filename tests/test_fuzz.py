@@ -42,15 +42,17 @@ from router import render
 from router.config import (
     INSTANCE_KEYS,
     RESERVED_NAMES,
-    ROUTER_KEYS,
     SAFE_NAME,
-    SLEEP_KEYS,
     TOP_KEYS,
     Config,
     ConfigError,
+    RouterSettings,
+    SleepSettings,
     load_config,
     parse_config,
 )
+from router.config.kinds import Choice, Flag, Number
+from router.config.schema import Kind, keys_of
 from router.engines import ENGINES
 from router.server.http.app import create_app
 from router.sim import SimEngine, SimOptions
@@ -293,26 +295,34 @@ def test_any_yaml_structure_loads_or_raises_config_error(doc: Any) -> None:
 #: Keys read from elsewhere: environment variables and files that may or may not exist, or be odd files.
 KEY_SOURCES = st.dictionaries(st.sampled_from(["env", "file"]), st.sampled_from(["PATH", "HOME", "NOPE_KVR", ".", "/",
                               "/dev/null", "setup.cfg", "missing.keys", ""]) | YAML_VALUES, min_size=1, max_size=2)
-#: A valid value of each kind of setting in config.ROUTER_KEYS / SLEEP_KEYS.
-KIND_VALUES = {
-    "bool": st.booleans(), "host": st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "localhost"]),
-    "port": st.integers(1, 65535), "posint": st.integers(1, 1000), "level": st.integers(1, 2),
-    "posfloat": st.floats(0.01, 1e6), "nonnegfloat": st.floats(0, 1e6),
-    "loglevel": st.sampled_from(["info", "DEBUG", "trace"]),
-    "keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2) | KEY_SOURCES,
-    "key": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
-    "name": st.sampled_from(["m", "org/model", "alias", "no-such-model"]),
-    "sleepmode": st.sampled_from(["wait", "abort", "ABORT", "keep"]),
-    "nonnegint": st.integers(0, 5),
-    "nameservers": st.lists(st.sampled_from(["127.0.0.1:5353", "10.96.0.10", "[::1]:53", "dns.local", "1.2.3.4:0"]),
+#: Valid values of the kinds a settings block declares, where the kind alone does not say what one is.
+TEXT_VALUES = {
+    "Text": st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "localhost", "m", "org/model", "alias", "no-such-model"]),
+    "Keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2) | KEY_SOURCES,
+    "OneKey": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
+    "Nameservers": st.lists(st.sampled_from(["127.0.0.1:5353", "10.96.0.10", "[::1]:53", "dns.local", "1.2.3.4:0"]),
                             max_size=2),
 }
 
 
-def block(keys: Any) -> st.SearchStrategy:
+def valid(kind: Kind) -> st.SearchStrategy:
+    """A value of a declared kind, mostly within its bounds (a choice in another case, or one that is not)."""
+    if isinstance(kind, Flag):
+        return st.booleans()
+    if isinstance(kind, Number):
+        most = min(kind.most if kind.most is not None else 1e6, 1e6)
+        if kind.whole:
+            return st.integers(int(kind.least) + kind.above, int(most))
+        return st.floats(kind.least + 0.01 * kind.above, most)
+    if isinstance(kind, Choice):
+        return st.sampled_from([*kind.choices, *(c.upper() for c in kind.choices), "keep"])
+    return TEXT_VALUES[type(kind).__name__]
+
+
+def block(settings: type) -> st.SearchStrategy:
     """A settings block: any of its keys with mostly valid values, and sometimes an unknown key."""
     return st.fixed_dictionaries({}, optional={
-        **{key: mostly(KIND_VALUES[kind], YAML_VALUES) for key, (_, kind) in keys.items()},
+        **{key.name: mostly(valid(key.kind), YAML_VALUES) for key in keys_of(settings)},
         "unknown_setting": YAML_VALUES})
 
 
@@ -351,8 +361,8 @@ INSTANCES = st.lists(st.fixed_dictionaries(
     optional={k: INSTANCE_VALUES[k] for k in INSTANCE_KEYS if k not in ("model", "engine", "engine_args")},
 ), min_size=1, max_size=3)
 DOCUMENTS = st.fixed_dictionaries({"instances": mostly(INSTANCES, YAML_VALUES)}, optional={
-    "router": mostly(block(ROUTER_KEYS), YAML_VALUES),
-    "sleep_manager": mostly(block(SLEEP_KEYS), YAML_VALUES),
+    "router": mostly(block(RouterSettings), YAML_VALUES),
+    "sleep_manager": mostly(block(SleepSettings), YAML_VALUES),
     "kvcached": mostly(st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), SCALARS, max_size=3), YAML_VALUES),
     "launch_delay_seconds": mostly(st.floats(0, 5), YAML_VALUES),
     "unknown_key": YAML_VALUES,

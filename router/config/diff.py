@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Mapping
 
-from router.config.load import Config, Instance, RouterSettings, SleepSettings
+from router.config.instance import Instance
+from router.config.router import RouterSettings
+from router.config.sleep import SleepSettings
+from router.config.top import Config
 
 #: Router settings a running router cannot take without a restart.
 RESTART_SETTINGS = ("host", "port", "enable_router", "workers")

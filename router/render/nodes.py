@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from router.config import Config
-from router.config.load import connect_host, loopback_ip
+from router.config import Config, connect_host, loopback_ip
 
 
 def for_node(cfg: Config, node: str) -> tuple[Config, list[str]]:

@@ -32,8 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from router.config import Config, Instance
-from router.config.load import connect_host, loopback_ip
+from router.config import Config, Instance, connect_host, loopback_ip
 from router.engines import sim_argv
 from router.render.files import ENGINE_STOPWAITSECS, FILE_MODE, ROUTER_STOP_MARGIN_SECONDS, Files, RenderError
 from router.render.kubernetes.names import SECRET_NAME, k8s_name, rebind

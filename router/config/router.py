@@ -1,0 +1,168 @@
+"""The ``router`` block: the router's address and behaviour, and the kinds only it uses
+(keys given inline or from the environment or a file; nameserver addresses)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from router.config.kinds import COUNT, HOST, NON_NEGATIVE, POSITIVE, Choice, Flag, Number, Text
+from router.config.problems import Reading
+from router.config.schema import Kind, setting
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def read_keys_from(value: object, where: str, reading: Reading, many: bool) -> tuple[str, ...]:
+    """Keys inline, or ``{env: NAME}`` / ``{file: PATH}`` so they need not sit in the YAML."""
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("env", "file"):
+        (src, ref), = value.items()
+        if not isinstance(ref, str) or not ref:
+            reading.error(where, f"'{src}:' needs a name")
+            return ()
+        if src == "env":
+            text = os.environ.get(ref)
+            if text is None:
+                reading.error(where, f"environment variable {ref} is not set")
+                return ()
+            items = text.split(",")
+        else:
+            fp = Path(ref) if Path(ref).is_absolute() else reading.base / ref
+            try:
+                mode = fp.stat().st_mode
+                if not stat.S_ISREG(mode):  # a FIFO or device could block or never end
+                    reading.error(where, f"key file {fp} is not a regular file")
+                    return ()
+                items = fp.read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                reading.error(where, f"cannot read key file {fp}: {e.strerror or e}")
+                return ()
+            except UnicodeDecodeError:
+                reading.error(where, f"key file {fp} is not UTF-8 text")
+                return ()
+            if mode & 0o077:
+                reading.warn(where, f"key file {fp} is open to other users (mode {mode & 0o777:o}); run chmod 600 on it")
+        keys = tuple(k.strip() for k in items if k.strip())
+        if not keys:
+            reading.error(where, f"no key found in {src} {ref}")
+        return keys if many else keys[:1]
+    if many and isinstance(value, list) and all(isinstance(k, str) and k.strip() for k in value):
+        return tuple(k.strip() for k in value)
+    if not many and isinstance(value, str) and value.strip():
+        return (value.strip(),)
+    reading.error(where, f"must be {'a list of keys' if many else 'a key'}, or {{env: VAR}} or {{file: PATH}}")
+    return ()
+
+
+@dataclass(frozen=True)
+class Keys(Kind[tuple[str, ...]]):
+    """API keys: a list, ``{env: VAR}`` (comma-separated) or ``{file: PATH}`` (one per line)."""
+
+    @property
+    def label(self) -> str:
+        return "list of keys, `{env: VAR}` or `{file: PATH}`"
+
+    def read(self, value: object, where: str, reading: Reading) -> Optional[tuple[str, ...]]:
+        return read_keys_from(value, where, reading, many=True) or None
+
+
+@dataclass(frozen=True)
+class OneKey(Kind[str]):
+    """One API key, inline or ``{env: VAR}`` or ``{file: PATH}`` (its first line)."""
+
+    @property
+    def label(self) -> str:
+        return "a key, `{env: VAR}` or `{file: PATH}`"
+
+    def read(self, value: object, where: str, reading: Reading) -> Optional[str]:
+        keys = read_keys_from(value, where, reading, many=False)
+        return keys[0] if keys else None
+
+
+NAMESERVER = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([0-9.]+)(?::(\d+))?|([0-9A-Fa-f:]+)")
+
+
+@dataclass(frozen=True)
+class Nameservers(Kind[tuple[tuple[str, int], ...]]):
+    """``["10.96.0.10", "127.0.0.1:5353", "[fd00::a]:53"]`` -> ((address, port), ...), port 53 by default."""
+
+    @property
+    def label(self) -> str:
+        return "list of IP addresses, each with an optional port"
+
+    def read(self, value: object, where: str, reading: Reading) -> Optional[tuple[tuple[str, int], ...]]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            reading.error(where, f"must be a list of nameserver addresses, each an IP with an optional port "
+                                 f"(e.g. [\"10.96.0.10\", \"127.0.0.1:5353\"]), not {value!r}")
+            return None
+        out = []
+        for i, item in enumerate(items):
+            m = NAMESERVER.fullmatch(item.strip() if isinstance(item, str) else "")
+            address, port = (m.group(1) or m.group(3) or m.group(5), m.group(2) or m.group(4) or "53") if m else ("", "")
+            try:
+                ipaddress.ip_address(address)
+                ok = 1 <= int(port) <= 65535
+            except ValueError:
+                ok = False
+            if not ok:
+                reading.error(f"{where}[{i}]", f"{item!r} is not a nameserver: give an IP address with an optional port "
+                                               "(10.96.0.10, 127.0.0.1:5353, [fd00::a]:53); names are not resolved here")
+                continue
+            out.append((address, int(port)))
+        return tuple(out) if len(out) == len(items) else None
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    enable_router: bool = setting(Flag(), True, "render the `router` program and the `kvcached-frontend` tmux session")
+    host: str = setting(HOST, "127.0.0.1", "address the router listens on (`0.0.0.0` for other hosts; then set `api_keys`)",
+                        key="router_host")
+    port: int = setting(Number(1, 65535, whole=True), 8080, "its port; no engine may use it", key="router_port")
+    connect_timeout_seconds: float = setting(POSITIVE, 5.0, "connecting to an engine")
+    request_timeout_seconds: float = setting(POSITIVE, 600.0, "whole non-streaming request")
+    stream_idle_timeout_seconds: float = setting(POSITIVE, 120.0, "longest silence between two chunks of a stream")
+    health_check_interval_seconds: float = setting(POSITIVE, 5.0, "how often each engine's `/health` is probed")
+    health_check_timeout_seconds: float = setting(POSITIVE, 2.0, "one probe")
+    unhealthy_threshold: int = setting(COUNT, 3, "failed probes in a row before an engine is skipped")
+    healthy_threshold: int = setting(COUNT, 2, "good probes in a row before it is used again")
+    eject_seconds: float = setting(NON_NEGATIVE, 10.0, (
+        "an engine that failed a request (refused the connection, gave no status in time, answered 502/503/504, broke a "
+        "stream) is skipped this long: its circuit breaker opens, doubling on each failed trial up to "
+        "`breaker_max_seconds` (see \"Retries and the circuit breaker\")"))
+    max_request_bytes: int = setting(COUNT, 16 * 1024 * 1024, "larger request bodies get 413")
+    queue_timeout_seconds: float = setting(POSITIVE, 30.0, "longest wait for a `max_concurrency` slot, then 429")
+    shutdown_grace_seconds: float = setting(NON_NEGATIVE, 30.0, (
+        "on SIGTERM, in-flight requests get this long to finish; supervisord waits this plus 10 s before killing the router"))
+    access_log: bool = setting(Flag(), True, "one line per request in the router's log")
+    log_level: str = setting(Choice(LOG_LEVELS), "info", "how much the router logs")
+    replicas: int = setting(COUNT, 1, "router pods in Kubernetes, each keeping its own state (see \"More than one node\")")
+    workers: int = setting(COUNT, 1, (
+        "proxy processes sharing the router's port beside one controller process that owns every model's lifecycle "
+        "(see \"Every core: proxy workers\"); changing it needs a restart"))
+    node: Optional[str] = setting(HOST, None, "the node whose `render --node` renders the router; none: every node's "
+                                              "(see \"More than one node\")")
+    api_keys: tuple[str, ...] = setting(Keys(), (), (
+        "keys clients must send as `Authorization: Bearer <key>`: a list, `{env: VAR}` (comma-separated) or "
+        "`{file: PATH}` (one per line)"), secret=True)
+    admin_api_key: Optional[str] = setting(OneKey(), None, (
+        "key for the admin endpoints (`/action/*`, `/upstream/*`, `/logs/*`); without it they answer loopback clients "
+        "only. Same forms"), secret=True)
+    default_model: Optional[str] = setting(Text("a model name", strip=True), None, (
+        "where a request without `model` goes when more than one model is served (with one model, it goes there)"))
+    retries: int = setting(Number(0, 100, whole=True), 2, (
+        "tries on other replicas for a request whose engine failed before any byte reached the client (see \"Retries "
+        "and the circuit breaker\")"))
+    breaker_max_seconds: float = setting(POSITIVE, 300.0, (
+        "the longest a replica's circuit breaker stays open (`eject_seconds` doubles on each reopening)"))
+    loading_progress: bool = setting(Flag(), False, (
+        "a streamed request waiting for a start or wake gets SSE comment lines every 2 s (`: waiting for M: starting, "
+        "12 s`) and an SSE error event if it fails"))
+    dns_servers: tuple[tuple[str, int], ...] = setting(Nameservers(), (), (
+        "nameservers that resolve instances' `dns_name`: IP addresses with an optional port, "
+        "`[\"10.96.0.10\", \"127.0.0.1:5353\", \"[fd00::a]:53\"]`"), shown="the system's (`/etc/resolv.conf`)")
+    dns_refresh_seconds: float = setting(POSITIVE, 5.0, "how often each `dns_name` is resolved again")

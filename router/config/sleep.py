@@ -1,0 +1,29 @@
+"""The ``sleep_manager`` block (kvcached's keys): when idle models are put to sleep and woken."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from router.config.kinds import NON_NEGATIVE, POSITIVE, Choice, Flag
+from router.config.schema import setting
+
+#: What vLLM's sleep call does with running requests (kvcached's sleep_manager.vllm_sleep_mode).
+VLLM_SLEEP_MODES = ("abort", "wait")
+
+
+@dataclass(frozen=True)
+class SleepSettings:
+    auto_sleep_enabled: bool = setting(Flag(), False, "put idle models to sleep automatically")
+    idle_threshold_seconds: float = setting(NON_NEGATIVE, 300.0, "idle this long after the last request -> may sleep")
+    check_interval_seconds: float = setting(POSITIVE, 60.0, "how often idleness is checked")
+    wakeup_on_request: bool = setting(Flag(), True, "a request for a sleeping model wakes it")
+    #: Against thrashing.
+    min_sleep_duration: float = setting(NON_NEGATIVE, 80.0, (
+        "least time a model stays awake after a wake before the idle loop may sleep it again"))
+    wake_timeout_seconds: float = setting(POSITIVE, 120.0, "a slower wake (or sleep) call fails")
+    #: The idle loop only sleeps models with none in flight.
+    drain_timeout_seconds: float = setting(POSITIVE, 60.0, "a manual sleep waits this long for running requests")
+    vllm_sleep_mode: str = setting(Choice(VLLM_SLEEP_MODES), "wait", (
+        "vLLM's sleep `mode` (kvcached's key): `wait` lets running requests finish, `abort` ends them"))
+    vllm_sleep_timeout_seconds: Optional[float] = setting(POSITIVE, None, (
+        "how long vLLM's sleep call may take (with `wait`, as long as its requests)"), shown="`wake_timeout_seconds`")
