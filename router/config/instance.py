@@ -55,6 +55,10 @@ class Instance:
     #: What the engine holds on each of its GPUs while awake, and in host RAM while asleep.
     gpu_memory_gb: Optional[float] = None
     host_memory_gb: Optional[float] = None
+    #: The tier its sleep uses: 1 keeps the weights in host RAM, 2 drops them (the wake reloads them).
+    sleep_level: int = 1
+    #: What a sleeper still holds on each of its GPUs (its CUDA context).
+    gpu_sleeping_gb: float = 0.0
     #: Longest wait for a start to pass its health check (None: residency.start_timeout_seconds).
     start_timeout_seconds: Optional[float] = None
     #: This engine's own limits, where they differ from the router's (a 70B model's first token).

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from router.config.instance import RESERVED_NAMES, SAFE_NAME, Instance
-from router.config.kinds import COUNT, HOST, PORT, POSITIVE, Choice, EnvList, Flag, Number, Strings, Text, Words
+from router.config.kinds import COUNT, HOST, NON_NEGATIVE, PORT, POSITIVE, Choice, EnvList, Flag, Number, Strings, Text, Words
 from router.config.problems import Reading
 from router.config.schema import REQUIRED, Key, Kind, read_keys
 from router.engines import ENGINE_ALIASES, ENGINES, EngineSpec, flag_values, last_flag_value
@@ -65,6 +65,11 @@ INSTANCE: tuple[Key[object], ...] = (
     Key(Flag(), True, "`false`: an engine started elsewhere (maybe another host); routed to, never rendered", name="launch",
         shown="`true` (`false` with a `dns_name`)"),
     Key(Flag(), True, "`false`: never put this model to sleep", name="sleep"),
+    Key(Number(1, 2, whole=True), 1, "the tier this model sleeps at. `1`: the weights wait in host RAM (`host_memory_gb`) "
+        "and come back in seconds; SGLang needs `--enable-weights-cpu-backup` for it. `2`: the weights are dropped "
+        "(no host RAM held) and the wake reads them again from disk: vLLM `wake_up?tags=weights`, `collective_rpc "
+        "reload_weights`, `wake_up?tags=kv_cache`, `reset_prefix_cache`; SGLang resume, `update_weights_from_disk`, "
+        "`flush_cache` (see \"Sleep tiers\")", name="sleep_level"),
     Key(COUNT, None, "requests in flight to this instance at most; more wait in a queue", name="max_concurrency",
         shown="none (no limit)"),
     Key(Number(0, whole=True), None, "how many may wait; beyond it the router answers 429", name="max_queue",
@@ -78,8 +83,10 @@ INSTANCE: tuple[Key[object], ...] = (
     Key(Flag(), False, "never slept or stopped by any policy (idle loop, budgets, idle stop)", name="pin"),
     Key(POSITIVE, None, "what the engine holds on each of its GPUs while awake (required when `residency.gpu_memory_gb` is "
         "set)", name="gpu_memory_gb"),
-    Key(POSITIVE, None, "what its weights hold in host RAM while asleep (required for sleepable engines when "
-        "`residency.host_memory_gb` is set)", name="host_memory_gb"),
+    Key(POSITIVE, None, "what its weights hold in host RAM while asleep at level 1 (required for sleepable engines "
+        "when `residency.host_memory_gb` is set; a level-2 sleeper holds none)", name="host_memory_gb"),
+    Key(NON_NEGATIVE, 0.0, "what a sleeper still holds on each of its GPUs (its CUDA context), counted against "
+        "`residency.gpu_memory_gb` while asleep", name="gpu_sleeping_gb"),
     Key(POSITIVE, None, "this engine's longest start (a 70B model loads longer)", name="start_timeout_seconds",
         shown="`residency.start_timeout_seconds`"),
     Key(POSITIVE, None, "this engine's own limit on a whole non-streaming request, where it differs from the router's (a "
@@ -199,6 +206,7 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
         max_concurrency=max_concurrency if isinstance(max_concurrency, int) else None,
         max_queue=_int(v.get("max_queue", max_concurrency or 0)), sim_args=_words(v, "sim_args"), program=program,
         on_demand=flag["on_demand"], pin=flag["pin"], node=_text(v, "node"), dns_name=dns_name, position=position,
+        sleep_level=_int(v.get("sleep_level", 1)), gpu_sleeping_gb=_float(v.get("gpu_sleeping_gb")) or 0.0,
         **{key: _float(v.get(key)) for key in SIZES},
     )
 
