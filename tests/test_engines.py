@@ -60,14 +60,14 @@ def test_each_spec_is_complete(name: str) -> None:
     assert all(p.startswith("/") for p in spec.client_paths) and len(set(spec.client_paths)) == len(spec.client_paths)
     assert spec.health_path.startswith("/")
     assert spec.sim_dialect in DIALECTS
-    assert spec.has_sleep_api == (spec.sleep_call is not None and spec.wake_call is not None)
+    assert spec.has_sleep_api == bool(spec.tiers)
     if spec.launcher is not None:  # the simulator stands in for it without being told a port
         assert spec.default_port is not None
 
 
 def test_openai_has_no_sleep_api_and_reads_no_flag_for_gpu_or_names() -> None:
     spec = ENGINES["openai"]
-    assert (spec.launcher, spec.sleep_call, spec.wake_call, spec.is_sleeping_path) == (None, None, None, None)
+    assert (spec.launcher, dict(spec.tiers), spec.is_sleeping_path) == (None, {}, None)
     assert (spec.gpu_fraction_flag, spec.served_name_flag, spec.args_key) == (None, None, "command")
     assert not spec.has_sleep_api and ENGINES["vllm"].has_sleep_api and ENGINES["sglang"].has_sleep_api
 

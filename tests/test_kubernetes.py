@@ -42,7 +42,7 @@ FLEET = {
         vllm("Llama_A", 8001, engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=0"]),
         vllm("llama-b", 8002, engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=1,2"], node="gpu-2"),
         {"name": "qwen", "model": "Qwen/Qwen3-0.6B", "engine": "sglang", "on_demand": True, "idle_stop_seconds": 600,
-         "start_timeout_seconds": 95, "engine_args": "--port 30000 --enable-memory-saver"},
+         "start_timeout_seconds": 95, "engine_args": "--port 30000 --enable-memory-saver --enable-weights-cpu-backup"},
         {"name": "gguf", "model": "tiny", "engine": "openai", "health_path": "/v1/models",
          "command": "llama-server -m /models/tiny.gguf --port 8090 --api-key sk-x"},
         {"name": "remote", "model": "big", "engine": "vllm", "launch": False,

@@ -60,6 +60,8 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
             if missing:
                 reading.warn(where, f"auto sleep is on but this {inst.engine} engine lacks what its sleep API needs: "
                               f"{', '.join(missing)}; add them or set 'sleep: false'")
+        if inst.sleep:
+            _tier_check(inst, reading)
     _residency_checks(cfg, reading, complete)
     router = cfg.router
     if router.default_model is not None and router.default_model not in routes and complete:
@@ -69,6 +71,20 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
         reading.warn("router.router_host", f"{router.host} lets other machines reach the router and router.api_keys is not "
                                      "set, so anyone who can connect may use every model; set api_keys")
     _gpu_checks(cfg, reading)
+
+
+def _tier_check(inst: Instance, reading: Reading) -> None:
+    """A sleep at the instance's level must leave answers right: the flags its tier needs are given."""
+    spec = inst.spec
+    missing = spec.tier_missing(inst.sleep_level, inst.engine_args)
+    if not missing:
+        return
+    others = [level for level in spec.tiers if level != inst.sleep_level and not spec.tier_missing(level, inst.engine_args)]
+    flags = ", ".join(missing)
+    why = "; ".join(missing.values())
+    instead = "".join(f", or set 'sleep_level: {level}'" for level in others)
+    reading.error(f"instances[{inst.position}].sleep_level", f"sleep level {inst.sleep_level} of this {inst.engine} engine "
+                  f"needs {flags} in {spec.args_key} ({why}); add {flags}{instead}, or set 'sleep: false'")
 
 
 def _port_source(inst: Instance) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import Mapping
 
-from router.engines.spec import Call, EngineInstance, EngineSpec, PythonModule, flag_values, last_flag_value, split_args
+from router.engines.spec import MODEL_PATH, Call, EngineInstance, EngineSpec, PythonModule, Tier, flag_values, has_flag, last_flag_value, split_args
 
 #: Modules of this package that are not engines.
 NOT_ENGINES = frozenset({"spec"})
@@ -54,5 +54,6 @@ def sim_argv(python: str, inst: EngineInstance) -> list[str]:
     return [*head, *where, *(["--api-key", key] if key else []), *inst.sim_args]
 
 
-__all__ = ["ENGINE_ALIASES", "ENGINES", "NOT_ENGINES", "SIM_MODULE", "Call", "EngineInstance", "EngineSpec",
-           "PythonModule", "engine_modules", "flag_values", "last_flag_value", "sim_argv", "split_args"]
+__all__ = ["ENGINE_ALIASES", "ENGINES", "MODEL_PATH", "NOT_ENGINES", "SIM_MODULE", "Call", "EngineInstance", "EngineSpec",
+           "PythonModule", "Tier", "engine_modules", "flag_values", "has_flag", "last_flag_value", "sim_argv",
+           "split_args"]

@@ -1,5 +1,9 @@
 """SGLang's server (``sglang.launch_server``); paths from its http_server.py (current main)."""
-from router.engines.spec import Call, EngineSpec, PythonModule
+from router.engines.spec import MODEL_PATH, Call, EngineSpec, PythonModule, Tier
+
+#: Tags absent: the weights and the KV cache; ``{}`` is what every version accepts.
+RELEASE = Call("POST", "/release_memory_occupation", json={})
+RESUME = Call("POST", "/resume_memory_occupation", json={})
 
 SPEC = EngineSpec(
     name="sglang",
@@ -28,7 +32,20 @@ SPEC = EngineSpec(
     one_served_name=True,
     gpu_fraction_flag="--mem-fraction-static",
     gpu_fraction_default=None,  # SGLang sizes it from the GPU itself
-    sleep_call=Call("POST", "/release_memory_occupation", json={}),
-    wake_call=Call("POST", "/resume_memory_occupation", json={}),
+    # The memory saver frees the weights on release rather than moving them
+    # (sglang#6367, #19442): level 1 keeps a host copy with
+    # --enable-weights-cpu-backup (PR #10873); level 2 keeps none, and its wake
+    # reads the weights again from the model path and drops the radix cache,
+    # whose KV was computed in the freed memory.
+    tiers={
+        1: Tier(sleep=RELEASE, wake=(RESUME,), needs_when=("--enable-memory-saver",), needs_args={
+            "--enable-weights-cpu-backup": "without it a release frees the weights and the answers after the resume "
+                                           "are garbage"}),
+        2: Tier(sleep=RELEASE, wake=(
+            RESUME,
+            Call("POST", "/update_weights_from_disk", json={"model_path": MODEL_PATH}),
+            Call("POST", "/flush_cache"),
+        )),
+    },
     sleep_needs_args={"--enable-memory-saver": ""},
 )

@@ -11,8 +11,11 @@ engine is one new module.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Protocol, Sequence
+
+#: A JSON value of a `Call` that stands for the instance's model path (SGLang's weight reload reads it).
+MODEL_PATH = "{model_path}"
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,36 @@ class Call:
     path: str
     params: Mapping[str, str] = field(default_factory=dict)
     json: Optional[dict] = None
+
+    def for_model(self, model: str) -> "Call":
+        """This call with every `MODEL_PATH` value of its JSON body set to `model`."""
+        if not self.json or MODEL_PATH not in self.json.values():
+            return self
+        return replace(self, json={k: model if v == MODEL_PATH else v for k, v in self.json.items()})
+
+    def __str__(self) -> str:
+        """How messages name the call: ``POST /wake_up?tags=weights``, ``POST /collective_rpc reload_weights``."""
+        query = "&".join(f"{k}={v}" for k, v in self.params.items())
+        method = self.json.get("method") if self.json else None
+        return f"{self.method} {self.path}{'?' + query if query else ''}{' ' + method if isinstance(method, str) else ''}"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One depth of sleep: the call that enters it and the calls that wake from it, in order.
+
+    A wake that skips a step is the dangerous failure: the engine answers, with
+    wrong text (weights dropped and not read again, or a prefix cache of KV
+    computed from them), so the steps live here, next to the engine's other
+    API knowledge, rather than in the code that runs them.
+    """
+
+    sleep: Call
+    wake: tuple[Call, ...]
+    #: Launch flags this tier needs, each with why, when every flag of `needs_when` is given
+    #: (SGLang frees its weights only with its memory saver, so only then must it back them up).
+    needs_args: Mapping[str, str] = field(default_factory=dict)
+    needs_when: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,9 +125,9 @@ class EngineSpec:
     #: The flag giving the engine's share of GPU memory, and its default.
     gpu_fraction_flag: Optional[str] = None
     gpu_fraction_default: Optional[float] = None
-    #: The sleep API: None where the engine has none (its models are then never put to sleep).
-    sleep_call: Optional[Call] = None
-    wake_call: Optional[Call] = None
+    #: The sleep API by level (`sleep_level`): empty where the engine has none (its models are then
+    #: never put to sleep).
+    tiers: Mapping[int, Tier] = field(default_factory=dict)
     #: The sleep call's query parameter that says what happens to running requests
     #: (vLLM's ``mode``: ``abort`` or ``wait``), set from ``sleep_manager.vllm_sleep_mode``;
     #: such a call may last as long as the requests, so it gets ``vllm_sleep_timeout_seconds``.
@@ -114,15 +147,29 @@ class EngineSpec:
 
     @property
     def has_sleep_api(self) -> bool:
-        return self.sleep_call is not None and self.wake_call is not None
+        return bool(self.tiers)
 
-    def sleep_request(self, mode: str, mode_timeout: float, timeout: float) -> tuple[Optional[Call], float]:
-        """The sleep call to send and how long to wait for it: with the engine's mode parameter set
-        to `mode` (and `mode_timeout`) where it has one, else as declared (and `timeout`)."""
-        if self.sleep_call is None or self.sleep_mode_param is None:
-            return self.sleep_call, timeout
-        params = {**self.sleep_call.params, self.sleep_mode_param: mode}
-        return Call(self.sleep_call.method, self.sleep_call.path, params, self.sleep_call.json), mode_timeout
+    def sleep_request(self, level: int, mode: str, mode_timeout: float, timeout: float) -> tuple[Optional[Call], float]:
+        """The call that puts the engine to sleep at `level` and how long to wait for it: with the
+        engine's mode parameter set to `mode` (and `mode_timeout`) where it has one, else as declared
+        (and `timeout`). None where the engine has no such tier."""
+        tier = self.tiers.get(level)
+        if tier is None or self.sleep_mode_param is None:
+            return (tier.sleep if tier else None), timeout
+        return replace(tier.sleep, params={**tier.sleep.params, self.sleep_mode_param: mode}), mode_timeout
+
+    def wake_sequence(self, level: int, model: str) -> tuple[Call, ...]:
+        """The calls that wake `model` from a sleep at `level`, in the order they must run (empty
+        where the engine has no such tier)."""
+        tier = self.tiers.get(level)
+        return tuple(c.for_model(model) for c in tier.wake) if tier else ()
+
+    def tier_missing(self, level: int, args: Sequence[str]) -> dict[str, str]:
+        """The flags `args` lack for a sleep at `level` to keep the answers right, each with why."""
+        tier = self.tiers.get(level)
+        if tier is None or not all(has_flag(args, f) for f in tier.needs_when):
+            return {}
+        return {flag: why for flag, why in tier.needs_args.items() if not has_flag(args, flag)}
 
     @property
     def args_key(self) -> str:
@@ -165,6 +212,11 @@ class EngineSpec:
                 masking = arg == self.api_key_flag
             out.append(arg)
         return tuple(out)
+
+
+def has_flag(args: Sequence[str], flag: str) -> bool:
+    """Whether `flag` is given, bare or as ``--flag=value``."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
 def split_args(args: Sequence[str] | str) -> list[str]:

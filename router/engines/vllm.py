@@ -1,5 +1,5 @@
 """vLLM's OpenAI server (``vllm.entrypoints.openai.api_server``), as of vLLM 0.32."""
-from router.engines.spec import Call, EngineSpec, PythonModule
+from router.engines.spec import Call, EngineSpec, PythonModule, Tier
 
 SPEC = EngineSpec(
     name="vllm",
@@ -34,14 +34,23 @@ SPEC = EngineSpec(
     served_name_flag="--served-model-name",
     gpu_fraction_flag="--gpu-memory-utilization",
     gpu_fraction_default=0.9,
-    # level=1 offloads the weights to CPU RAM and /wake_up restores them; level 2
-    # discards them and would need a weight reload the router does not do.
+    # Level 1 offloads the weights to CPU RAM and /wake_up restores them. Level 2
+    # discards them: /wake_up?tags=weights maps empty memory, reload_weights reads
+    # them again from disk, the KV cache comes back, and the prefix cache is reset
+    # (vLLM docs features/sleep_mode; a cache kept from before would serve stale KV).
     # mode (sleep_manager.vllm_sleep_mode, default wait): recent vLLM finishes
     # running requests instead of aborting them (its own default is abort);
     # older vLLM ignores the parameter. See lifecycle.py.
-    sleep_call=Call("POST", "/sleep", {"level": "1"}),
+    tiers={
+        1: Tier(sleep=Call("POST", "/sleep", {"level": "1"}), wake=(Call("POST", "/wake_up"),)),
+        2: Tier(sleep=Call("POST", "/sleep", {"level": "2"}), wake=(
+            Call("POST", "/wake_up", {"tags": "weights"}),
+            Call("POST", "/collective_rpc", json={"method": "reload_weights"}),
+            Call("POST", "/wake_up", {"tags": "kv_cache"}),
+            Call("POST", "/reset_prefix_cache"),
+        )),
+    },
     sleep_mode_param="mode",
-    wake_call=Call("POST", "/wake_up"),
     is_sleeping_path="/is_sleeping",
     sleep_needs_env={"VLLM_SERVER_DEV_MODE": "1"},
     # CPU builds refuse --enable-sleep-mode yet serve the sleep API in dev mode.

@@ -78,6 +78,7 @@ from router.engines import Call
 from router.observe.events import Events
 from router.server.fleet.control import EngineCallError, EngineControl
 from router.server.fleet.replica import Replica
+from router.server.fleet.tiers import run_steps
 
 log = logging.getLogger("router.lifecycle")
 
@@ -221,6 +222,8 @@ class Lifecycle:
         self.stop_count = 0
         self.start_failures = 0
         self.last_start_seconds: Optional[float] = None
+        #: The sleep level each replica was last put to sleep at by this router (its wake runs that level's steps).
+        self.slept_levels: dict[str, int] = {}
         self._control = control
         self._events = events
         self.clock = clock
@@ -579,17 +582,23 @@ class Lifecycle:
             log.info("model %s is awake after %.3fs", self.model, now - started)
             return Outcome(True, f"model {self.model!r} is awake after {now - started:.3f}s")
 
-    def _sleep_request(self, replica: Replica) -> tuple[Optional[Call], float]:
-        s = self.settings
-        return replica.instance.spec.sleep_request(s.vllm_sleep_mode, s.vllm_sleep_timeout_seconds or s.wake_timeout_seconds,
-                                                   s.wake_timeout_seconds)
+    def _sleep_request(self, replica: Replica) -> tuple[tuple[Call, ...], float]:
+        """The sleep call at the instance's `sleep_level`, which its wake will then use."""
+        s, level = self.settings, replica.instance.sleep_level
+        self.slept_levels[replica.name] = level
+        call, timeout = replica.instance.spec.sleep_request(
+            level, s.vllm_sleep_mode, s.vllm_sleep_timeout_seconds or s.wake_timeout_seconds, s.wake_timeout_seconds)
+        return ((call,) if call else ()), timeout
 
-    def _wake_request(self, replica: Replica) -> tuple[Optional[Call], float]:
-        return replica.instance.spec.wake_call, self.settings.wake_timeout_seconds
+    def _wake_request(self, replica: Replica) -> tuple[tuple[Call, ...], float]:
+        """The wake sequence of the level the replica slept at (the configured one when the router did
+        not put it to sleep itself, e.g. after a restart)."""
+        level = self.slept_levels.get(replica.name, replica.instance.sleep_level)
+        return replica.instance.spec.wake_sequence(level, replica.instance.model), self.settings.wake_timeout_seconds
 
-    async def _call_all(self, targets: Sequence[Replica], request: Callable[[Replica], tuple[Optional[Call], float]],
+    async def _call_all(self, targets: Sequence[Replica], request: Callable[[Replica], tuple[tuple[Call, ...], float]],
                         asleep_after: bool) -> dict[str, str]:
-        """Run one call per replica at once, each within its time limit.
+        """Run each replica's calls (in order; router/server/fleet/tiers.py) at once, each replica's within its limit.
 
         Replicas whose call succeeded are marked `asleep_after`; the errors of
         the others are returned by replica name.
@@ -669,10 +678,9 @@ class Lifecycle:
         self.sleep_retry_at = self.clock() + pause
         return pause
 
-    async def _call(self, replica: Replica, call: Optional[Call], timeout: float) -> None:
-        if call is None:  # sleepable() keeps such a model awake; a replica added by a reload may still meet it
-            raise EngineCallError(f"{replica.name}: engine '{replica.instance.engine}' has no sleep API")
-        await self._control.call(replica, call, timeout)
+    async def _call(self, replica: Replica, steps: tuple[Call, ...], timeout: float) -> None:
+        # No steps: sleepable() keeps such a model awake; a replica added by a reload may still meet it.
+        await run_steps(self._control, replica, steps, timeout)
 
     def _failed(self, what: str, errors: dict[str, str], then: str = "") -> Outcome:
         self.last_error = "; ".join(errors.values())
