@@ -1,0 +1,185 @@
+"""Sleep tiers through the running router over loopback HTTP: a sleep at the instance's
+`sleep_level`, and a wake that runs that level's steps in order so the first answer is right.
+
+Engines: the project's simulated vLLM and SGLang engines (router/sim), which answer garbage
+after a wake that skipped a reload or a cache reset; and `RecordingSglang`, a small aiohttp
+server speaking SGLang's memory API that records every call and can refuse one, for the
+order of the calls and what a failed step does.
+"""
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+from helpers import free_port
+from router_support import LoopThread, RouterServer, loop  # noqa: F401  (fixture)
+
+from router.config import load_config
+from router.sim import SimEngine, SimOptions, textgen
+
+MODEL = "org/tiered"
+ENC = urllib.parse.quote(MODEL, safe="")
+PROMPT = {"model": MODEL, "prompt": "Hello", "max_tokens": 6}
+RIGHT = textgen.generate("Hello", 6)
+
+
+class RecordingSglang:
+    """SGLang's release/resume, weight reload and cache flush, recording each call (path and JSON body);
+    `refuse` makes the calls to one path answer 400 (SGLang's ``{"success": false}``)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.calls: list[tuple[str, Any]] = []
+        self.refuse: Optional[str] = None
+        self.runner: Optional[web.AppRunner] = None
+
+    async def start(self) -> "RecordingSglang":
+        app = web.Application()
+        app.router.add_get("/health", lambda r: web.Response(status=200))
+        for path in ("/release_memory_occupation", "/resume_memory_occupation", "/update_weights_from_disk",
+                     "/flush_cache"):
+            app.router.add_post(path, self.control)
+        app.router.add_post("/v1/completions", self.complete)
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def control(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        self.calls.append((request.path, orjson.loads(raw) if raw else None))
+        if request.path == self.refuse:
+            return web.json_response({"success": False, "message": "Failed to load weights: disk full"}, status=400)
+        return web.json_response(None)
+
+    async def complete(self, request: web.Request) -> web.Response:
+        self.calls.append((request.path, None))
+        return web.json_response({"id": "c", "object": "text_completion", "created": 1, "model": MODEL,
+                                  "choices": [{"index": 0, "text": "ok", "finish_reason": "stop", "logprobs": None}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+class Tiered:
+    """One engine serving MODEL behind a real router, with the instance keys given."""
+
+    def __init__(self, loop: LoopThread, tmp: Path, engine: Any, kind: str, args: list[str], **inst: Any) -> None:
+        self.loop, self.engine = loop, engine
+        doc = {"router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30},
+               "sleep_manager": {"check_interval_seconds": 0.05, "min_sleep_duration": 0, "wake_timeout_seconds": 10},
+               "instances": [{"name": "t", "model": MODEL, "engine": kind, "launch": False,
+                              "engine_args": ["--host", "127.0.0.1", "--port", str(engine.port), *args], **inst}]}
+        path = tmp / "tiers.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        self.router = RouterServer(loop, load_config(path, sim=True)).start()
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async def go() -> tuple[int, Any]:
+            async with aiohttp.ClientSession() as s:
+                async with s.request(method, self.router.url + path, json=body) as r:
+                    raw = await r.read()
+                    return r.status, orjson.loads(raw) if raw else None
+        return self.loop.run(go())
+
+    def sleep(self) -> None:
+        status, body = self.call("POST", f"/action/sleep/{ENC}")
+        assert status == 200 and body["state"] == "sleeping", body
+
+    def complete(self) -> tuple[int, Any]:
+        return self.call("POST", "/v1/completions", PROMPT)
+
+    def state(self) -> str:
+        return self.call("GET", "/sleep/status")[1]["models"][MODEL]["state"]
+
+
+@pytest.fixture
+def tiered(loop: LoopThread, tmp_path: Path) -> Iterator[Any]:  # noqa: F811  (the fixture it uses)
+    made: list[Tiered] = []
+
+    def make(engine: Any, kind: str, args: list[str], **inst: Any) -> Tiered:
+        loop.run(engine.start())
+        made.append(Tiered(loop, tmp_path, engine, kind, args, **inst))
+        return made[-1]
+    yield make
+    for t in made:
+        t.router.stop()
+        loop.run(t.engine.stop())
+
+
+def sim(engine: str, **options: Any) -> SimEngine:
+    return SimEngine(SimOptions(engine=engine, model=MODEL, port=0, **options))
+
+
+def answer(t: Tiered) -> str:
+    status, body = t.complete()
+    assert status == 200, body
+    return body["choices"][0]["text"]
+
+
+def test_vllm_level_2_sleeps_at_level_2_and_a_request_runs_the_reload_sequence_in_order(tiered) -> None:
+    t = tiered(sim("vllm"), "vllm", [], sleep_level=2)
+    assert answer(t) == RIGHT
+    t.sleep()
+    assert t.engine.sleep_level == 2
+    assert answer(t) == RIGHT  # not garbage: the weights were read again and the cache reset
+    assert t.engine.calls == ["sleep level=2", "wake_up tags=weights", "collective_rpc reload_weights",
+                              "wake_up tags=kv_cache", "reset_prefix_cache"]
+    assert t.engine.core.memory.answers_right and t.state() == "awake"
+
+
+def test_vllm_level_1_keeps_its_one_call_wake(tiered) -> None:
+    t = tiered(sim("vllm"), "vllm", [])
+    t.sleep()
+    assert t.engine.sleep_level == 1
+    assert answer(t) == RIGHT and t.engine.calls == ["sleep level=1", "wake_up"]
+
+
+def test_sglang_level_2_without_backup_reloads_from_the_model_path_and_flushes(tiered) -> None:
+    t = tiered(sim("sglang", memory_saver=True), "sglang", ["--enable-memory-saver"], sleep_level=2)
+    t.sleep()
+    assert answer(t) == RIGHT
+    assert t.engine.calls == ["release_memory_occupation", "resume_memory_occupation", "update_weights_from_disk",
+                              "flush_cache"]
+
+
+def test_sglang_level_1_with_the_cpu_backup_resumes_right_with_no_reload(tiered) -> None:
+    t = tiered(sim("sglang", memory_saver=True, weights_cpu_backup=True), "sglang",
+               ["--enable-memory-saver", "--enable-weights-cpu-backup"])
+    t.sleep()
+    assert answer(t) == RIGHT
+    assert t.engine.calls == ["release_memory_occupation", "resume_memory_occupation"]
+
+
+def test_a_recording_sglang_server_sees_the_level_2_calls_in_order_with_the_model_path(tiered) -> None:
+    t = tiered(RecordingSglang(), "sglang", ["--enable-memory-saver"], sleep_level=2)
+    t.sleep()
+    assert t.complete()[0] == 200
+    assert t.engine.calls == [("/release_memory_occupation", {}), ("/resume_memory_occupation", {}),
+                              ("/update_weights_from_disk", {"model_path": MODEL}), ("/flush_cache", None),
+                              ("/v1/completions", None)]
+
+
+def test_a_failed_wake_step_stops_the_wake_keeps_the_model_asleep_and_names_the_step(tiered) -> None:
+    t = tiered(RecordingSglang(), "sglang", ["--enable-memory-saver"], sleep_level=2)
+    t.sleep()
+    t.engine.refuse = "/update_weights_from_disk"
+    status, body = t.complete()
+    message = body["error"]["message"]
+    assert status == 503 and "step 2 of 3 (POST /update_weights_from_disk) failed" in message, message
+    assert "disk full" in message
+    assert [p for p, _ in t.engine.calls] == ["/release_memory_occupation", "/resume_memory_occupation",
+                                              "/update_weights_from_disk"]  # no flush, no generation
+    assert t.state() == "sleeping"
+    t.engine.refuse, t.engine.calls = None, []
+    assert t.complete()[0] == 200  # the next request runs the whole sequence again
+    assert [p for p, _ in t.engine.calls] == ["/resume_memory_occupation", "/update_weights_from_disk", "/flush_cache",
+                                              "/v1/completions"]
