@@ -183,3 +183,20 @@ def test_a_failed_wake_step_stops_the_wake_keeps_the_model_asleep_and_names_the_
     assert t.complete()[0] == 200  # the next request runs the whole sequence again
     assert [p for p, _ in t.engine.calls] == ["/resume_memory_occupation", "/update_weights_from_disk", "/flush_cache",
                                               "/v1/completions"]
+
+
+def test_residency_and_metrics_show_the_measured_wake_of_its_tier(tiered) -> None:
+    t = tiered(sim("vllm", reload_s=0.2), "vllm", [], sleep_level=2)
+    t.sleep()
+    assert answer(t) == RIGHT
+    costs = t.call("GET", "/residency")[1]["models"][MODEL]["costs"]
+    assert costs["wake_2"]["samples"] == 1 and costs["wake_2"]["seconds"] >= 0.2  # the simulated reload's time
+    assert costs["sleep"]["samples"] == 1 and costs["wake_1"]["samples"] == costs["start"]["samples"] == 0
+
+    async def metrics() -> str:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(t.router.url + "/metrics") as r:
+                return await r.text()
+    text = t.loop.run(metrics())
+    assert f'router_model_wake_seconds_count{{model="{MODEL}",tier="2"}} 1.0' in text
+    assert f'router_model_wake_seconds_bucket{{le="0.1",model="{MODEL}",tier="2"}} 0.0' in text

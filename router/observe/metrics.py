@@ -19,6 +19,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: Wakes: a level-1 wake copies weights back in seconds; a level-2 one reads them from disk.
+WAKE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 REQUESTS = ("router_requests", "Proxied requests by model and final status (499: client went away; a stream that "
@@ -26,6 +28,8 @@ REQUESTS = ("router_requests", "Proxied requests by model and final status (499:
 ERRORS = ("router_upstream_errors", "Failures talking to engines, by kind (connect, timeout, disconnect)")
 LATENCY = ("router_request_duration_seconds", "Time from request to the end of the response")
 TTFB = ("router_time_to_first_byte_seconds", "Time from request to the first response body byte")
+WAKES = ("router_model_wake_seconds", "Time each successful wake took, from its first call to the engine to its "
+         "last, by the sleep tier it woke from (1: weights in host RAM; 2: weights read again from disk)")
 RETRIES = ("router_retries", "Requests sent again to another replica before any byte reached the client, by what "
            "the first engine did (502, 503, 504, timeout, disconnect)")
 
@@ -88,6 +92,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._models: dict[str, ModelMetrics] = {}
         self.registry.register(_Counts(self._models))
+        #: (model, tier) -> the wakes' times.
+        self._wakes: dict[tuple[str, str], Histogram] = {}
+        self.registry.register(_Wakes(self._wakes))
         #: Gauges of the current state, read from their owners at scrape time.
         self.registry.register(state)
 
@@ -102,6 +109,17 @@ class Metrics:
     def drop(self, model: str) -> None:
         """Forget a model a reload removed: its series leave /metrics."""
         self._models.pop(model, None)
+        for key in [k for k in self._wakes if k[0] == model]:
+            del self._wakes[key]
+
+    def transition(self, model: str, kind: str, seconds: float) -> None:
+        """A measured transition (router/server/fleet/costs.py): a wake goes into its tier's histogram."""
+        kind, _, tier = kind.partition("_")
+        if kind == "wake" and tier:
+            found = self._wakes.get((model, tier))
+            if found is None:
+                found = self._wakes[(model, tier)] = Histogram(WAKE_BUCKETS)
+            found.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -129,3 +147,16 @@ class _Counts(Collector):
             for family, histogram in ((latency, m.latency), (ttfb, m.ttfb)):
                 family.add_metric([name], histogram.buckets(), histogram.sum)
         yield from (requests, errors, latency, ttfb, retries)
+
+
+class _Wakes(Collector):
+    """The wakes' histograms by model and tier."""
+
+    def __init__(self, wakes: dict[tuple[str, str], Histogram]):
+        self._wakes = wakes
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(*WAKES, labels=["model", "tier"])
+        for (model, tier), histogram in sorted(self._wakes.items()):
+            family.add_metric([model, tier], histogram.buckets(), histogram.sum)
+        yield family

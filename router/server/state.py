@@ -20,6 +20,7 @@ from router.observe.events import Events
 from router.observe.metrics import Metrics
 from router.observe.traffic import Traffic
 from router.server.fleet.control import EngineControl
+from router.server.fleet.costs import Costs
 from router.server.fleet.health import HealthChecker
 from router.server.fleet.idle import IdleSleeper
 from router.server.fleet.leadership import Leadership
@@ -47,9 +48,12 @@ class RouterState:
         #: Every owner's state changes, for whoever follows them (GET /events).
         self.events = Events()
         #: Which models may be awake, asleep or stopped, from the memory budgets.
+        #: Every instance's measured start, sleep and wake times (GET /residency, the wake histograms).
+        self.costs = Costs()
         self.residency = Residency(lambda: self.table, lambda: self.config.residency,
-                                   lambda: self.config.sleep.min_sleep_duration)
+                                   lambda: self.config.sleep.min_sleep_duration, self.costs)
         self.metrics = Metrics(StateCollector(lambda: self.table, self.residency))
+        self.costs.subscribe(self.metrics.transition)
         #: Router replicas under one Lease (kubernetes.leader_election): only the leader decides.
         self.leadership: Optional[Leadership] = (Leadership.from_config(config, self.events)
                                                  if config.kubernetes.leader_election else None)
@@ -95,7 +99,7 @@ class RouterState:
         def make(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
             return Lifecycle(name, members, config.sleep, self.control, self.events, self.residency,
                              config.residency.start_timeout_seconds, peers=self.workers or NoPeers(),
-                             authority=self.leadership)
+                             authority=self.leadership, costs=self.costs)
         return make
 
     def on_process(self, process: ProcessState) -> None:

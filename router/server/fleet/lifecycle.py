@@ -77,6 +77,7 @@ from router.config import RouterSettings, SleepSettings
 from router.engines import Call
 from router.observe.events import Events
 from router.server.fleet.control import EngineCallError, EngineControl
+from router.server.fleet.costs import SLEEP, START, Costs, wake_kind
 from router.server.fleet.replica import Replica
 from router.server.fleet.tiers import run_steps
 
@@ -186,7 +187,7 @@ class Lifecycle:
     def __init__(self, model: str, members: Callable[[], tuple[Replica, ...]], settings: SleepSettings,
                  control: EngineControl, events: Events, placement: Placement = NoPlacement(),
                  start_timeout: float = 900.0, clock: Callable[[], float] = time.monotonic,
-                 peers: Peers = NoPeers(), authority: Optional[Authority] = None):
+                 peers: Peers = NoPeers(), authority: Optional[Authority] = None, costs: Optional[Costs] = None):
         self.model = model
         self.members = members
         self.settings = settings
@@ -194,6 +195,8 @@ class Lifecycle:
         self.peers = peers
         #: None: this router alone decides.
         self.authority = authority
+        #: Where the measured start, sleep and wake times go (router/server/fleet/costs.py).
+        self.costs = costs or Costs()
         self.start_timeout = start_timeout
         self.state = AWAKE
         #: Requests admitted and not finished (including those queued for a replica slot).
@@ -392,6 +395,7 @@ class Lifecycle:
             except ModelUnavailable as e:
                 return Outcome(False, e.message, 503)
             self._enter(STARTING)
+            up_from = self.clock()
             failure = await self._bring_up(began)
             if failure is not None:
                 self.start_failures += 1
@@ -404,6 +408,7 @@ class Lifecycle:
             self.last_wake_at = now
             self.last_start_seconds = now - began
             self.start_count += 1
+            self._measured(START, now - up_from)
             self._enter(AWAKE)
             log.info("model %s is up after %.3fs", self.model, now - began)
             return Outcome(True, f"model {self.model!r} is up after {now - began:.3f}s")
@@ -526,6 +531,7 @@ class Lifecycle:
         if refused is not None:
             return refused
         self._enter(FALLING_ASLEEP)
+        falling_from = self.clock()
         targets = [r for r in self.members() if not r.asleep]
         errors = await self._call_all(targets, self._sleep_request, asleep_after=True)
         if errors:
@@ -539,6 +545,7 @@ class Lifecycle:
         self.manual = manual
         self.slept_at = self.clock()
         self.sleep_count += 1
+        self._measured(SLEEP, self.slept_at - falling_from, targets)
         log.info("model %s is asleep (%s)", self.model, "manual" if manual else "idle")
         return Outcome(True, f"model {self.model!r} is asleep")
 
@@ -566,7 +573,9 @@ class Lifecycle:
             except ModelUnavailable as e:
                 return Outcome(False, e.message, 503)
             self._enter(WAKING)
+            waking_from = self.clock()
             targets = [r for r in self.members() if r.asleep]
+            tier = max((self._wake_level(r) for r in targets), default=1)
             errors = await self._call_all(targets, self._wake_request, asleep_after=False)
             if errors:
                 self._enter(SLEEPING)
@@ -579,6 +588,7 @@ class Lifecycle:
             self.last_wake_seconds = now - started
             self.wake_seconds_total += now - started
             self.wake_count += 1
+            self._measured(wake_kind(tier), now - waking_from, targets)
             log.info("model %s is awake after %.3fs", self.model, now - started)
             return Outcome(True, f"model {self.model!r} is awake after {now - started:.3f}s")
 
@@ -593,8 +603,15 @@ class Lifecycle:
     def _wake_request(self, replica: Replica) -> tuple[tuple[Call, ...], float]:
         """The wake sequence of the level the replica slept at (the configured one when the router did
         not put it to sleep itself, e.g. after a restart)."""
-        level = self.slept_levels.get(replica.name, replica.instance.sleep_level)
-        return replica.instance.spec.wake_sequence(level, replica.instance.model), self.settings.wake_timeout_seconds
+        steps = replica.instance.spec.wake_sequence(self._wake_level(replica), replica.instance.model)
+        return steps, self.settings.wake_timeout_seconds
+
+    def _wake_level(self, replica: Replica) -> int:
+        return self.slept_levels.get(replica.name, replica.instance.sleep_level)
+
+    def _measured(self, kind: str, seconds: float, replicas: Optional[Sequence[Replica]] = None) -> None:
+        """A transition of `kind` took `seconds` for `replicas` (all of the model's by default), after any room was made."""
+        self.costs.observe(self.model, [r.name for r in (self.members() if replicas is None else replicas)], kind, seconds)
 
     async def _call_all(self, targets: Sequence[Replica], request: Callable[[Replica], tuple[tuple[Call, ...], float]],
                         asleep_after: bool) -> dict[str, str]:
@@ -680,7 +697,7 @@ class Lifecycle:
 
     async def _call(self, replica: Replica, steps: tuple[Call, ...], timeout: float) -> None:
         # No steps: sleepable() keeps such a model awake; a replica added by a reload may still meet it.
-        await run_steps(self._control, replica, steps, timeout)
+        await run_steps(self._control, replica, steps, timeout, self.clock)
 
     def _failed(self, what: str, errors: dict[str, str], then: str = "") -> Outcome:
         self.last_error = "; ".join(errors.values())

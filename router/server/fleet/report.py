@@ -111,8 +111,6 @@ class StateCollector(Collector):
         wakes = CounterMetricFamily("router_model_wakes", "Successful wakes of the model", labels=["model"])
         wake_failures = CounterMetricFamily("router_model_wake_failures", "Wakes that failed or timed out",
                                             labels=["model"])
-        wake_seconds = CounterMetricFamily("router_model_wake_seconds", "Time spent in successful wakes "
-                                           "(divide by router_model_wakes_total for the mean)", labels=["model"])
         last_wake = GaugeMetricFamily("router_model_last_wake_seconds", "Duration of the last successful wake",
                                       labels=["model"])
         state = GaugeMetricFamily("router_model_state", "1 for the model's current lifecycle state "
@@ -141,7 +139,6 @@ class StateCollector(Collector):
             sleeps.add_metric([model.name], lc.sleep_count)
             wakes.add_metric([model.name], lc.wake_count)
             wake_failures.add_metric([model.name], lc.wake_failures)
-            wake_seconds.add_metric([model.name], lc.wake_seconds_total)
             if lc.last_wake_seconds is not None:
                 last_wake.add_metric([model.name], lc.last_wake_seconds)
             for r in model.replicas:
@@ -149,5 +146,5 @@ class StateCollector(Collector):
                 outstanding.add_metric(labels, r.outstanding)
                 healthy.add_metric(labels, 1.0 if r.health == HEALTHY else 0.0 if r.health == UNHEALTHY else -1.0)
                 ejected.add_metric(labels, 1.0 if r.ejected_until > now else 0.0)
-        yield from (in_flight, outstanding, healthy, ejected, sleeping, sleeps, wakes, wake_failures, wake_seconds,
-                    last_wake, state, starts, stops, start_seconds, evictions)
+        yield from (in_flight, outstanding, healthy, ejected, sleeping, sleeps, wakes, wake_failures, last_wake,
+                    state, starts, stops, start_seconds, evictions)

@@ -29,6 +29,7 @@ from collections import Counter, deque
 from typing import Callable, Optional
 
 from router.config import ResidencySettings
+from router.server.fleet.costs import Costs
 from router.server.fleet.lifecycle import AWAKE, HOLDING_GPU, RETRY_AFTER_SECONDS, SLEEPING, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable
 
@@ -55,8 +56,10 @@ class Residency:
     """The one owner of placement decisions over the live table."""
 
     def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], ResidencySettings],
-                 min_awake: Callable[[], float]):
+                 min_awake: Callable[[], float], costs: Optional[Costs] = None):
         self._table = table
+        #: The measured start, sleep and wake times, shown per model.
+        self.costs = costs or Costs()
         self._settings = settings
         self._min_awake = min_awake
         self._lock: Optional[asyncio.Lock] = None
@@ -219,7 +222,8 @@ class Residency:
             "models": {m.name: {"state": m.lifecycle.state, "pinned": m.lifecycle.pinned,
                                 "on_demand": m.lifecycle.startable, "gpu_gb": gpu_need(m), "host_gb": host_need(m),
                                 "waiting": m.lifecycle.waiting, "in_flight": m.lifecycle.in_flight,
-                                "idle_seconds": m.lifecycle.idle_seconds()} for m in table},
+                                "idle_seconds": m.lifecycle.idle_seconds(),
+                                "costs": self.costs.of_model(r.name for r in m.replicas)} for m in table},
             "queue": {m.name: m.lifecycle.waiting for m in table if m.lifecycle.waiting},
             "groups": [{"name": g.name, "members": list(g.members), "exclusive": g.exclusive} for g in settings.groups],
             "evictions": list(self.evictions),
