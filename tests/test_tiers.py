@@ -18,13 +18,12 @@ import pytest
 import yaml
 from aiohttp import web
 from helpers import free_port
-from router_support import LoopThread, RouterServer, loop  # noqa: F401  (fixture)
+from router_support import LoopThread, RouterServer, loop, until  # noqa: F401  (fixture)
 
 from router.config import load_config
 from router.sim import SimEngine, SimOptions, textgen
 
 MODEL = "org/tiered"
-ENC = urllib.parse.quote(MODEL, safe="")
 PROMPT = {"model": MODEL, "prompt": "Hello", "max_tokens": 6}
 RIGHT = textgen.generate("Hello", 6)
 
@@ -69,18 +68,25 @@ class RecordingSglang:
                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
 
+def started_router(loop: LoopThread, tmp: Path, instances: list[dict[str, Any]], **top: Any) -> RouterServer:
+    """A real router over `instances` (engines started elsewhere, on loopback)."""
+    doc = {"router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30},
+           "sleep_manager": {"check_interval_seconds": 60, "min_sleep_duration": 0, "wake_timeout_seconds": 10},
+           "instances": [{"launch": False, **i} for i in instances], **top}
+    path = tmp / "tiers.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return RouterServer(loop, load_config(path, sim=True)).start()
+
+
+def at(engine: Any, *args: str) -> list[str]:
+    return ["--host", "127.0.0.1", "--port", str(engine.port), *args]
+
+
 class Tiered:
     """One engine serving MODEL behind a real router, with the instance keys given."""
 
-    def __init__(self, loop: LoopThread, tmp: Path, engine: Any, kind: str, args: list[str], **inst: Any) -> None:
-        self.loop, self.engine = loop, engine
-        doc = {"router": {"router_port": free_port(), "access_log": False, "health_check_interval_seconds": 30},
-               "sleep_manager": {"check_interval_seconds": 0.05, "min_sleep_duration": 0, "wake_timeout_seconds": 10},
-               "instances": [{"name": "t", "model": MODEL, "engine": kind, "launch": False,
-                              "engine_args": ["--host", "127.0.0.1", "--port", str(engine.port), *args], **inst}]}
-        path = tmp / "tiers.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        self.router = RouterServer(loop, load_config(path, sim=True)).start()
+    def __init__(self, loop: LoopThread, router: RouterServer, engine: Any = None) -> None:
+        self.loop, self.router, self.engine = loop, router, engine
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         async def go() -> tuple[int, Any]:
@@ -90,8 +96,8 @@ class Tiered:
                     return r.status, orjson.loads(raw) if raw else None
         return self.loop.run(go())
 
-    def sleep(self) -> None:
-        status, body = self.call("POST", f"/action/sleep/{ENC}")
+    def sleep(self, model: str = MODEL) -> None:
+        status, body = self.call("POST", f"/action/sleep/{urllib.parse.quote(model, safe='')}")
         assert status == 200 and body["state"] == "sleeping", body
 
     def complete(self) -> tuple[int, Any]:
@@ -107,7 +113,8 @@ def tiered(loop: LoopThread, tmp_path: Path) -> Iterator[Any]:  # noqa: F811  (t
 
     def make(engine: Any, kind: str, args: list[str], **inst: Any) -> Tiered:
         loop.run(engine.start())
-        made.append(Tiered(loop, tmp_path, engine, kind, args, **inst))
+        inst = {"name": "t", "model": MODEL, "engine": kind, "engine_args": at(engine, *args), **inst}
+        made.append(Tiered(loop, started_router(loop, tmp_path, [inst]), engine))
         return made[-1]
     yield make
     for t in made:
@@ -200,3 +207,50 @@ def test_residency_and_metrics_show_the_measured_wake_of_its_tier(tiered) -> Non
     text = t.loop.run(metrics())
     assert f'router_model_wake_seconds_count{{model="{MODEL}",tier="2"}} 1.0' in text
     assert f'router_model_wake_seconds_bucket{{le="0.1",model="{MODEL}",tier="2"}} 0.0' in text
+
+
+def test_a_host_budget_too_small_for_two_level_1_sleepers_deepens_the_older_one_instead_of_stopping_it(
+        loop: LoopThread, tmp_path: Path) -> None:  # noqa: F811
+    engines = {name: SimEngine(SimOptions(engine="vllm", model=name, port=0)) for name in ("org/older", "org/newer")}
+    for e in engines.values():
+        loop.run(e.start())
+    instances = [{"model": name, "engine": "vllm", "host_memory_gb": 10, "engine_args": at(e)} for name, e in engines.items()]
+    router = started_router(loop, tmp_path, instances, residency={"host_memory_gb": 15})
+    t = Tiered(loop, router)
+    try:
+        for name in engines:
+            t.sleep(name)
+        older, newer = engines["org/older"], engines["org/newer"]
+        assert older.calls == ["sleep level=1", "sleep level=2"] and older.sleep_level == 2
+        assert newer.calls == ["sleep level=1"] and newer.sleep_level == 1
+        residency = t.call("GET", "/residency")[1]
+        assert residency["host"]["used_gb"] == 10.0 and residency["models"]["org/older"]["host_gb"] == 0.0
+        assert [(e["model"], e["action"], e["reason"]) for e in residency["evictions"]] == [
+            ("org/older", "deepen", "host_budget")]  # nothing stopped
+        assert all(state["state"] == "sleeping" for state in residency["models"].values())
+        status, body = t.call("POST", "/v1/completions", {"model": "org/older", "prompt": "Hello", "max_tokens": 6})
+        assert status == 200 and body["choices"][0]["text"] == RIGHT
+        assert older.calls[2:] == ["wake_up tags=weights", "collective_rpc reload_weights", "wake_up tags=kv_cache",
+                                   "reset_prefix_cache"]
+    finally:
+        router.stop()
+        for e in engines.values():
+            loop.run(e.stop())
+
+
+def test_idle_deep_sleep_seconds_deepens_a_level_1_sleeper_and_its_wake_reloads(loop: LoopThread,  # noqa: F811
+                                                                                 tmp_path: Path) -> None:
+    engine = sim("vllm")
+    loop.run(engine.start())
+    router = started_router(loop, tmp_path, [{"model": MODEL, "engine": "vllm", "engine_args": at(engine)}],
+                            sleep_manager={"check_interval_seconds": 0.05, "idle_deep_sleep_seconds": 0.3})
+    t = Tiered(loop, router, engine)
+    try:
+        t.sleep()
+        assert until(lambda: engine.sleep_level == 2, 10)
+        assert engine.calls == ["sleep level=1", "sleep level=2"]
+        assert answer(t) == RIGHT and engine.calls[2:] == ["wake_up tags=weights", "collective_rpc reload_weights",
+                                                           "wake_up tags=kv_cache", "reset_prefix_cache"]
+    finally:
+        router.stop()
+        loop.run(engine.stop())

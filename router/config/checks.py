@@ -115,7 +115,7 @@ def _residency_checks(cfg: Config, reading: Reading, complete: bool) -> None:
             reading.error(f"{where}.gpu_memory_gb", "missing: residency.gpu_memory_gb sets a GPU budget, so every launched "
                                               "instance must say what it holds while awake (e.g. gpu_memory_gb: 20)")
         if r.host_memory_gb is not None and inst.host_memory_gb is None and inst.launch and inst.sleep \
-                and inst.spec.has_sleep_api:
+                and inst.spec.has_sleep_api and inst.sleep_level == 1:
             reading.error(f"{where}.host_memory_gb", "missing: residency.host_memory_gb sets a host budget, so every "
                                                "sleepable instance must say what its weights hold while asleep")
         for gpu in inst.gpus:

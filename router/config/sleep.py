@@ -28,5 +28,6 @@ class SleepSettings:
     vllm_sleep_timeout_seconds: Optional[float] = setting(POSITIVE, None, (
         "how long vLLM's sleep call may take (with `wait`, as long as its requests)"), shown="`wake_timeout_seconds`")
     idle_deep_sleep_seconds: Optional[float] = setting(POSITIVE, None, (
-        "a model asleep at level 1 this long is deepened to level 2 (its weights leave host RAM; its wake reloads them "
-        "from disk). Instances with `sleep_level: 2` sleep at level 2 from the start"), shown="none (never deepened)")
+        "a model asleep at level 1 this long is deepened to level 2 where its engine can be (vLLM; SGLang's weights "
+        "backup stays until a stop): its weights leave host RAM and its wake reloads them from disk"),
+        shown="none (never deepened)")

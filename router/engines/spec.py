@@ -56,6 +56,9 @@ class Tier:
     #: (SGLang frees its weights only with its memory saver, so only then must it back them up).
     needs_args: Mapping[str, str] = field(default_factory=dict)
     needs_when: tuple[str, ...] = ()
+    #: Whether its sleep call, sent to an engine asleep at a lighter level, deepens that sleep
+    #: (vLLM drops the weights it had offloaded; SGLang's host backup is a launch flag and stays).
+    deepens: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,11 @@ class EngineSpec:
         where the engine has no such tier)."""
         tier = self.tiers.get(level)
         return tuple(c.for_model(model) for c in tier.wake) if tier else ()
+
+    def deepens_to(self, level: int) -> bool:
+        """Whether a sleeping engine can be moved to `level` by that tier's sleep call."""
+        tier = self.tiers.get(level)
+        return tier is not None and tier.deepens
 
     def tier_missing(self, level: int, args: Sequence[str]) -> dict[str, str]:
         """The flags `args` lack for a sleep at `level` to keep the answers right, each with why."""

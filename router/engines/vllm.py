@@ -43,7 +43,9 @@ SPEC = EngineSpec(
     # older vLLM ignores the parameter. See lifecycle.py.
     tiers={
         1: Tier(sleep=Call("POST", "/sleep", {"level": "1"}), wake=(Call("POST", "/wake_up"),)),
-        2: Tier(sleep=Call("POST", "/sleep", {"level": "2"}), wake=(
+        # /sleep?level=2 while asleep at level 1 drops the offloaded weights (the simulator models it;
+        # not verified on a GPU build, see docs/sleep-and-residency.md).
+        2: Tier(sleep=Call("POST", "/sleep", {"level": "2"}), deepens=True, wake=(
             Call("POST", "/wake_up", {"tags": "weights"}),
             Call("POST", "/collective_rpc", json={"method": "reload_weights"}),
             Call("POST", "/wake_up", {"tags": "kv_cache"}),

@@ -4,6 +4,7 @@ within one time limit, the first failure ending the wake, and each transition's 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Optional
 
 import yaml
@@ -13,11 +14,13 @@ from router.engines import Call
 from router.observe.events import Events
 from router.server.fleet.control import EngineCallError, EngineControl
 from router.server.fleet.costs import SLEEP, Costs, wake_kind
+from router.server.fleet.idle import deepen_due
 from router.server.fleet.lifecycle import AWAKE, SLEEPING, Lifecycle
 from router.server.fleet.replica import Replica
 
 #: Seconds each call takes on the fake clock.
-TAKES = {"/sleep": 2.0, "/wake_up": 1.0, "/collective_rpc": 4.0, "/reset_prefix_cache": 0.5}
+TAKES = {"/sleep": 2.0, "/wake_up": 1.0, "/collective_rpc": 4.0, "/reset_prefix_cache": 0.5,
+         "/release_memory_occupation": 0.0}
 
 
 class FakeControl(EngineControl):
@@ -92,3 +95,37 @@ def test_a_failed_step_ends_the_wake_the_model_stays_asleep_and_the_error_names_
     assert "no weights" in outcome.message
     assert [c for c, _ in control.calls] == ["POST /wake_up?tags=weights", "POST /collective_rpc reload_weights"]
     assert costs.estimate("a", wake_kind(2)).samples == 0  # a failed wake is not a measurement
+
+
+def test_a_level_1_sleeper_is_deepened_to_2_and_then_wakes_with_the_reload_steps() -> None:
+    lc, control, _ = lifecycle(1)
+    assert not lc.deepenable  # awake
+    asyncio.run(lc.sleep())
+    assert lc.deepenable and lc.held_level(lc.members()[0]) == 1
+    outcome = asyncio.run(lc.deepen("test"))
+    assert outcome.ok and lc.state == SLEEPING and lc.held_level(lc.members()[0]) == 2 and not lc.deepenable
+    asyncio.run(lc.wake())
+    assert [c for c, _ in control.calls] == [
+        "POST /sleep?level=1&mode=wait", "POST /sleep?level=2&mode=wait", "POST /wake_up?tags=weights",
+        "POST /collective_rpc reload_weights", "POST /wake_up?tags=kv_cache", "POST /reset_prefix_cache"]
+    assert lc.held_level(lc.members()[0]) == 1  # awake: its next sleep is at its own level again
+
+
+def test_idle_deep_sleep_is_due_only_after_its_time_asleep_and_only_where_the_engine_can_deepen() -> None:
+    lc, control, _ = lifecycle(1)
+    model = SimpleNamespace(lifecycle=lc)
+    asyncio.run(lc.sleep())
+    slept = lc.slept_at
+    assert slept is not None
+    assert not deepen_due(model, 60.0, slept + 59.0) and deepen_due(model, 60.0, slept + 60.0)
+    assert not deepen_due(model, None, slept + 1e6)  # idle_deep_sleep_seconds not set
+    doc = {"instances": [{"name": "s", "model": "m", "engine": "sglang", "engine_args": [
+        "--port=9001", "--enable-memory-saver", "--enable-weights-cpu-backup"]}]}
+    (inst,) = parse_config(yaml.safe_dump(doc), "c.yaml", sim=True).instances
+    replica = Replica(inst, Events())
+    sgl = Lifecycle("m", lambda: (replica,), SleepSettings(), control, Events(), clock=lambda: control.now[0])
+    control.calls.clear()
+    asyncio.run(sgl.sleep())
+    assert sgl.state == SLEEPING and not sgl.deepenable  # its host backup is a launch flag: only a stop frees it
+    assert not deepen_due(SimpleNamespace(lifecycle=sgl), 1.0, control.now[0] + 10)
+    assert asyncio.run(sgl.deepen("test")).status == 409

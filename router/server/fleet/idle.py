@@ -62,12 +62,21 @@ def stop_due(model: Model, now: Optional[float] = None) -> bool:
     return lc.idle_seconds(now) >= min(limits)
 
 
+def deepen_due(model: Model, after: Optional[float], now: Optional[float] = None) -> bool:
+    """Whether a level-1 sleeper has slept `after` seconds (``idle_deep_sleep_seconds``) and can go to level 2."""
+    lc = model.lifecycle
+    if after is None or lc.slept_at is None or lc.pinned or not lc.deepenable:
+        return False
+    return (lc.clock() if now is None else now) - lc.slept_at >= after
+
+
 class IdleSleeper:
     """The idle loop over the live table (`table()` is read at every round)."""
 
     def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings], residency: Residency,
                  decides: Callable[[], bool] = lambda: True):
         self._table = table
+        self._settings = settings
         self._residency = residency
         #: Whether this router makes lifecycle decisions now (not while it follows a leader).
         self._decides = decides
@@ -106,6 +115,8 @@ class IdleSleeper:
             log.warning("exclusive group: %s", e.message)
         stops = [m for m in self._table() if stop_due(m)]
         outcomes = list(await asyncio.gather(*(m.lifecycle.evict(stop=True, reason="idle_stop") for m in stops)))
+        deep = [m for m in self._table() if m not in stops and deepen_due(m, self._settings().idle_deep_sleep_seconds)]
+        outcomes += await asyncio.gather(*(m.lifecycle.deepen("idle_deep_sleep") for m in deep))
         return outcomes + list(await asyncio.gather(*(self.sleep(m) for m in self.candidates() if m not in stops)))
 
     async def sleep(self, model: Model) -> Outcome:

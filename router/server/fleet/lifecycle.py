@@ -108,6 +108,8 @@ START_POLL_SECONDS = 0.25
 #: Lines of an engine's log quoted in the 503 of a failed start.
 LOG_LINES = 5
 
+#: The sleep tier that holds nothing in host RAM, which the ladder deepens sleepers to.
+DEEP_LEVEL = 2
 #: Seconds a client is told to wait after a failed wake (Retry-After).
 RETRY_AFTER_SECONDS = 5
 #: Longest pause of the idle loop's sleep attempts after failures in a row
@@ -491,6 +493,45 @@ class Lifecycle:
         if outcome.ok:
             self._events.publish("model", "evicted", self.model, action="stop" if stop else "sleep", reason=reason)
         return outcome
+
+    def held_level(self, replica: Replica) -> int:
+        """The tier the replica sleeps at (what it holds): the level it was put to sleep at, or, while
+        awake, the one its next sleep will use."""
+        return self._wake_level(replica) if replica.asleep else replica.instance.sleep_level
+
+    def _lighter(self) -> list[Replica]:
+        return [r for r in self.members() if r.asleep and self._wake_level(r) < DEEP_LEVEL]
+
+    @property
+    def deepenable(self) -> bool:
+        """Asleep, with replicas at a lighter level that their engines can move to `DEEP_LEVEL` (the ladder
+        of router/server/fleet/residency.py, and ``idle_deep_sleep_seconds``)."""
+        lighter = self._lighter()
+        return self.state == SLEEPING and bool(lighter) and all(r.instance.spec.deepens_to(DEEP_LEVEL) for r in lighter)
+
+    async def deepen(self, reason: str) -> Outcome:
+        """Move a level-1 sleep to level 2, so its weights leave host RAM, in the caller's task (the lock
+        is taken at once or not at all, as for `evict`). The replicas count as deep even if a call fails:
+        the deep wake is right after a light sleep too, while the light one is not after a deep sleep."""
+        if self._lock.locked():
+            return Outcome(False, f"model {self.model!r} is busy", 409)
+        async with self._lock:
+            if not self.deepenable:
+                return Outcome(False, f"model {self.model!r} cannot be put to a deeper sleep", 409)
+            targets = self._lighter()
+            errors = await self._call_all(targets, self._deepen_request, asleep_after=True)
+            if errors:
+                return self._failed("deepen", errors)
+        self._events.publish("model", "deepened", self.model, level=DEEP_LEVEL, reason=reason)
+        log.info("model %s sleeps at level %d now (%s)", self.model, DEEP_LEVEL, reason)
+        return Outcome(True, f"model {self.model!r} sleeps at level {DEEP_LEVEL}")
+
+    def _deepen_request(self, replica: Replica) -> tuple[tuple[Call, ...], float]:
+        s = self.settings
+        self.slept_levels[replica.name] = DEEP_LEVEL
+        call, timeout = replica.instance.spec.sleep_request(
+            DEEP_LEVEL, s.vllm_sleep_mode, s.vllm_sleep_timeout_seconds or s.wake_timeout_seconds, s.wake_timeout_seconds)
+        return ((call,) if call else ()), timeout
 
     def process_changed(self) -> None:
         """supervisord's view moved: a model whose engines all went down is stopped; one whose

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from router.config import ResidencySettings
 from router.server.fleet.costs import Costs
-from router.server.fleet.lifecycle import AWAKE, HOLDING_GPU, RETRY_AFTER_SECONDS, SLEEPING, Lifecycle, ModelUnavailable
+from router.server.fleet.lifecycle import AWAKE, DEEP_LEVEL, HOLDING_GPU, RETRY_AFTER_SECONDS, SLEEPING, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable
 
 #: Evictions remembered for GET /residency.
@@ -49,7 +49,19 @@ def gpu_need(model: Model) -> dict[str, float]:
 
 
 def host_need(model: Model) -> float:
-    return sum(r.instance.host_memory_gb or 0.0 for r in model.replicas)
+    """The GB the model's weights hold in host RAM while asleep: those of its replicas at level 1
+    (asleep there, or to sleep there next); a level-2 sleeper holds none."""
+    lc = model.lifecycle
+    return sum(r.instance.host_memory_gb or 0.0 for r in model.replicas if lc.held_level(r) < DEEP_LEVEL)
+
+
+def gpu_asleep(model: Model) -> dict[str, float]:
+    """GPU -> the GB the model's replicas still hold there while asleep (`gpu_sleeping_gb`: CUDA contexts)."""
+    held: dict[str, float] = {}
+    for r in model.replicas:
+        for gpu in r.instance.gpus:
+            held[gpu] = held.get(gpu, 0.0) + r.instance.gpu_sleeping_gb
+    return held
 
 
 class Residency:
@@ -95,19 +107,26 @@ class Residency:
             await self._fit_host(model)
 
     async def _fit_host(self, model: Model) -> None:
+        """The ladder: the least recently used sleeper that can go deeper goes to level 2 (its weights leave host
+        RAM, its engine stays up); only when none can is the least recently used one stopped."""
         budget = self._settings().host_memory_gb
         if budget is None:
             return
         need = host_need(model)
         while self.host_used(exclude=model) + need > budget:
-            victims = [m for m in self._table() if m is not model and m.lifecycle.state == SLEEPING
-                       and not m.lifecycle.pinned and m.lifecycle.stoppable and not m.lifecycle.busy]
-            if not victims:
+            sleepers = [m for m in self._table() if m is not model and m.lifecycle.state == SLEEPING
+                        and not m.lifecycle.pinned and not m.lifecycle.busy and host_need(m) > 0]
+            deeper = [m for m in sleepers if m.lifecycle.deepenable]
+            stoppable = [m for m in sleepers if m.lifecycle.stoppable]
+            if deeper:
+                await self._deepen(min(deeper, key=lambda m: m.lifecycle.last_used), reason="host_budget")
+            elif stoppable:
+                await self._evict(min(stoppable, key=lambda m: m.lifecycle.last_used), stop=True, reason="host_budget")
+            else:
                 raise ModelUnavailable(
                     f"no host memory for the weights of model {model.name!r} ({need:g} GB; "
                     f"{self.host_used(exclude=model):g} of {budget:g} GB held by sleeping models that are "
-                    "pinned or cannot be stopped)", RETRY_AFTER_SECONDS)
-            await self._evict(min(victims, key=lambda m: m.lifecycle.last_used), stop=True, reason="host_budget")
+                    "pinned or can neither sleep deeper nor be stopped)", RETRY_AFTER_SECONDS)
 
     async def _fit_gpu(self, model: Model, gpu: str) -> None:
         budget = self._settings().gpu_budget(gpu)
@@ -180,6 +199,13 @@ class Residency:
         wanted = set(members)
         return [m for m in self._table() if m is not model and any(r.name in wanted for r in m.replicas)]
 
+    async def _deepen(self, victim: Model, reason: str) -> None:
+        outcome = await victim.lifecycle.deepen(reason)
+        if not outcome.ok:
+            raise ModelUnavailable(f"could not make room: {outcome.message}", RETRY_AFTER_SECONDS)
+        self.eviction_counts[reason] += 1
+        self.evictions.append({"time": time.time(), "model": victim.name, "action": "deepen", "reason": reason})
+
     async def _evict(self, victim: Model, stop: bool, reason: str, drain: bool = False) -> None:
         outcome = await victim.lifecycle.evict(stop=stop, reason=reason, drain=drain)
         if not outcome.ok:
@@ -202,8 +228,10 @@ class Residency:
     # ------------------------------------------------------------------ accounting
 
     def gpu_used(self, gpu: str, exclude: Optional[Model] = None) -> float:
-        return sum(gpu_need(m).get(gpu, 0.0) for m in self._table()
-                   if m is not exclude and m.lifecycle.state in HOLDING_GPU)
+        """What the models hold on `gpu`: all of it while they hold their memory, `gpu_sleeping_gb` asleep."""
+        return sum(gpu_need(m).get(gpu, 0.0) if m.lifecycle.state in HOLDING_GPU else
+                   gpu_asleep(m).get(gpu, 0.0) if m.lifecycle.state == SLEEPING else 0.0
+                   for m in self._table() if m is not exclude)
 
     def host_used(self, exclude: Optional[Model] = None) -> float:
         return sum(host_need(m) for m in self._table() if m is not exclude and m.lifecycle.state == SLEEPING)
