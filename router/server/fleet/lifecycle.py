@@ -630,6 +630,8 @@ class Lifecycle:
             self.wake_seconds_total += now - started
             self.wake_count += 1
             self._measured(wake_kind(tier), now - waking_from, targets)
+            for replica in targets:  # awake: a later sleep found by reconcile is at the configured level
+                self.slept_levels.pop(replica.name, None)
             log.info("model %s is awake after %.3fs", self.model, now - started)
             return Outcome(True, f"model {self.model!r} is awake after {now - started:.3f}s")
 
