@@ -9,6 +9,7 @@ from __future__ import annotations
 from router.config.instance import WILDCARD_HOSTS, Instance, connect_host, loopback_ip
 from router.config.problems import Reading
 from router.config.top import Config
+from router.config.venvs import check_venvs
 from router.engines import last_flag_value
 
 
@@ -69,6 +70,7 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
         reading.warn("router.router_host", f"{router.host} lets other machines reach the router and router.api_keys is not "
                                      "set, so anyone who can connect may use every model; set api_keys")
     _gpu_checks(cfg, reading)
+    check_venvs(cfg.instances, reading)
 
 
 def _port_source(inst: Instance) -> tuple[str, str]:
@@ -130,7 +132,7 @@ def _gpu_checks(cfg: Config, reading: Reading) -> None:
         except ValueError:
             reading.warn(f"instances[{i}].engine_args", f"{spec.gpu_fraction_flag} {text!r} is not a number")
             frac = None
-        if frac is None or env.get("ENABLE_KVCACHED", "").lower() in ("true", "1", "yes"):
+        if frac is None or inst.kvcached:
             continue
         for dev in (devices.split(",") if devices else ["default"]):
             groups.setdefault(dev.strip(), []).append((i, inst, frac))
