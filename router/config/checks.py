@@ -98,8 +98,10 @@ def _residency_checks(cfg: Config, reading: Reading, complete: bool) -> None:
     for inst in cfg.instances:
         where = f"instances[{inst.position}]"
         if r.gpu_memory_gb is not None and inst.gpu_memory_gb is None and inst.launch:
+            flag = inst.spec.gpu_fraction_flag
+            also = f", or give the engine's {flag} and it is that share of the budget" if flag else ""
             reading.error(f"{where}.gpu_memory_gb", "missing: residency.gpu_memory_gb sets a GPU budget, so every launched "
-                                              "instance must say what it holds while awake (e.g. gpu_memory_gb: 20)")
+                                              f"instance must say what it holds while awake (e.g. gpu_memory_gb: 20{also})")
         if r.host_memory_gb is not None and inst.host_memory_gb is None and inst.launch and inst.sleep \
                 and inst.spec.has_sleep_api:
             reading.error(f"{where}.host_memory_gb", "missing: residency.host_memory_gb sets a host budget, so every "

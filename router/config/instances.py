@@ -87,7 +87,9 @@ INSTANCE: tuple[Key[object], ...] = (
         "`idle_threshold_seconds`)", name="idle_stop_seconds"),
     Key(Flag(), False, "never slept or stopped by any policy (idle loop, budgets, idle stop)", name="pin"),
     Key(POSITIVE, None, "what the engine holds on each of its GPUs while awake (required when `residency.gpu_memory_gb` is "
-        "set)", name="gpu_memory_gb"),
+        "set, unless the engine's own share flag gives it). A declared value more than 10% from what the flag gives is a "
+        "warning; under kvcached nothing is derived", name="gpu_memory_gb",
+        shown="`--gpu-memory-utilization` or `--mem-fraction-static` × the GPU's `residency.gpu_memory_gb`, when given"),
     Key(POSITIVE, None, "what its weights hold in host RAM while asleep (required for sleepable engines when "
         "`residency.host_memory_gb` is set)", name="host_memory_gb"),
     Key(POSITIVE, None, "this engine's longest start (a 70B model loads longer)", name="start_timeout_seconds",
