@@ -70,13 +70,14 @@ def test_dry_run_prints_the_plan_per_venv_and_creates_nothing(tmp_path: Path, ca
 def test_a_venv_that_has_the_pin_needs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake_venv(tmp_path / "venv", {"six": "1.16.0"})
     fake_venv(tmp_path / "old", {"six": "1.15.0"})
-    cfg = write(tmp_path, engine("a", 8001, engine_package=PIN, engine_import="six"),
+    # A pin is met as pip meets it: six==1.16 by 1.16.0.
+    cfg = write(tmp_path, engine("a", 8001, engine_package="six==1.16", engine_import="six"),
                 engine("b", 8002, venv="old", engine_package=PIN, engine_import="six"))
     assert setup_main(["setup", "--config", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
     a, b = out.split(f"{tmp_path / 'old'} (for b)")
     assert "six 1.16.0 is installed" in a and "nothing to install" in a and "create the venv" not in a
-    assert f"install {PIN} (has 1.15.0)" in b
+    assert f"install {PIN} (has 1.15.0)" in b and "six 1.16.0 is installed" not in b
 
 
 @pytest.mark.parametrize("instance, where, says", [
@@ -142,3 +143,12 @@ def test_setup_builds_the_venv_and_a_second_run_changes_nothing(tmp_path: Path,
     # The built venv satisfies the config: a real render check has no complaint about it.
     assert render_main(["--config", str(cfg), "--check"]) == 0
     assert "engine_package" not in capsys.readouterr().err
+
+
+def test_a_missing_requirements_file_stops_setup_before_anything(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write(tmp_path, engine("a", 8001, engine_requirements="missing.txt"))
+    assert setup_main(["setup", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"instances[0].engine_requirements: {tmp_path / 'missing.txt'} is not a file" in err
+    assert not (tmp_path / "venv").exists()

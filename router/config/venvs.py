@@ -56,13 +56,14 @@ def pinned(req: Requirement) -> Optional[str]:
     return None
 
 
-def declared(inst: Instance) -> Optional[tuple[str, str]]:
-    """(distribution, version) the instance pins with `engine_package`, or None (none pinned)."""
-    if inst.engine_package is None:
-        return None
-    req = Requirement(inst.engine_package)
-    version = pinned(req)
-    return (req.name, version) if version is not None else None
+def declared(inst: Instance) -> Optional[Requirement]:
+    """The requirement the instance pins with `engine_package`, or None (none pinned)."""
+    return Requirement(inst.engine_package) if inst.engine_package is not None else None
+
+
+def satisfies(req: Requirement, version: Optional[str]) -> bool:
+    """Whether an installed `version` is the one `req` pins (``==0.11`` is met by 0.11.0)."""
+    return version is not None and req.specifier.contains(version, prereleases=True)
 
 
 def check_venvs(instances: tuple[Instance, ...], reading: Reading) -> None:
@@ -83,8 +84,8 @@ def check_venvs(instances: tuple[Instance, ...], reading: Reading) -> None:
         pin = declared(inst)
         if reading.sim or not inst.launch or pin is None or not (Path(inst.venv_path) / "bin" / "python").exists():
             continue
-        has = installed_version(inst.venv_path, pin[0])
-        if has != pin[1]:
-            now = f"has {pin[0]} {has}" if has else f"has no {pin[0]}"
+        has = installed_version(inst.venv_path, pin.name)
+        if not satisfies(pin, has):
+            now = f"has {pin.name} {has}" if has else f"has no {pin.name}"
             reading.warn(f"{where}.engine_package", f"venv {inst.venv_path} {now}, but the config pins "
                                                     f"{inst.engine_package}; run {SETUP_HINT}")

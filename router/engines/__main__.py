@@ -34,6 +34,7 @@ def carry_out(venvs: list[VenvPlan], console: Console) -> int:
                 continue
             changed = "built" if venv.steps else "unchanged"
             progress.console.print(f"{venv.path}: {venv.module} {version} imports ({changed})", highlight=False)
+        progress.update(task, description="failed" if failed else "done")
     return 1 if failed else 0
 
 
@@ -61,7 +62,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ".venv_path:" not in w:
             print(f"warning: {w}", file=sys.stderr)
     installer = Installer.find(args.python)
-    venvs, notes = plan(cfg, installer)
+    try:
+        venvs, notes = plan(cfg, installer)
+    except SetupError as e:
+        print(f"error: {cfg.path}: {e}\nNothing was done.", file=sys.stderr)
+        return 2
     for note in notes:
         console.print(f"note: {note}")
     if not venvs:

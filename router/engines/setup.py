@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 from packaging.requirements import Requirement
 
 from router.config import Config, Instance
+from router.config.venvs import satisfies
 from router.engines.installed import installed_version
 
 #: The distribution that brings kvcached (https://github.com/ovg-project/kvcached).
@@ -83,8 +84,8 @@ class VenvPlan:
     instances: tuple[str, ...]
     #: What the instances declare: the pinned requirement, or ``-r FILE``.
     engine: str
-    #: (distribution, version) of a pinned engine_package; None for a requirements file.
-    pin: Optional[tuple[str, str]]
+    #: The pinned engine_package; None for a requirements file.
+    pin: Optional[Requirement]
     #: The module whose import proves the engine works, and the distribution its version is read from.
     module: str
     distribution: str
@@ -127,22 +128,24 @@ def _venv_plan(path: str, insts: list[Instance], installer: Installer) -> VenvPl
         found.append("the venv exists")
     else:
         steps.append(Step("create the venv", tuple(installer.create(path))))
-    pin: Optional[tuple[str, str]] = None
+    pin: Optional[Requirement] = None
     if first.engine_package is not None:
         req = Requirement(first.engine_package)
-        version = str(next(iter(req.specifier)).version)
-        pin, distribution, engine = (req.name, version), req.name, first.engine_package
+        pin, distribution, engine = req, req.name, first.engine_package
         has = installed_version(path, req.name) if exists else None
-        if has == version:
+        if satisfies(req, has):
             found.append(f"{req.name} {has} is installed")
         else:
             why = f"install {engine}" + (f" (has {has})" if has else "")
             steps.append(Step(why, tuple(installer.install(path, [engine]))))
     else:
         assert first.engine_requirements is not None
+        if not Path(first.engine_requirements).is_file():
+            raise SetupError(f"instances[{first.position}].engine_requirements: {first.engine_requirements} is not a "
+                             "file; create it or fix the path (relative paths are from the config file's folder)")
         distribution, engine = module, f"-r {first.engine_requirements}"
         stamp = Path(path) / STAMP
-        digest = requirements_digest(first.engine_requirements) if Path(first.engine_requirements).is_file() else ""
+        digest = requirements_digest(first.engine_requirements)
         if exists and stamp.is_file() and stamp.read_text().strip() == digest:
             found.append(f"{first.engine_requirements} is installed as it is now")
         else:
@@ -176,7 +179,7 @@ def check_engine(venv: VenvPlan) -> str:
         tail = "\n".join(done.stderr.splitlines()[-TAIL_LINES:])
         raise SetupError(f"{venv.path}: 'import {venv.module}' fails in the venv:\n{tail}")
     version = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "unknown"
-    if venv.pin is not None and version != venv.pin[1]:
+    if venv.pin is not None and not satisfies(venv.pin, version):
         raise SetupError(f"{venv.path}: {venv.module} reports version {version}, but the config pins {venv.engine}")
     return version
 
