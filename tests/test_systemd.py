@@ -53,3 +53,14 @@ def test_unit_values_cannot_smuggle_specifiers_variables_or_lines() -> None:
     assert unit_command(["/x/py", "a b", "50%", "$HOME", 'q"'] ) == '/x/py "a b" 50%% $$HOME "q\\""'
     with pytest.raises(RenderError):
         unit_command(["/x/py", "a\nExecStartPre=/bin/evil"])
+
+
+def test_a_config_path_with_a_control_character_is_shown_escaped(short_tmp: str) -> None:
+    """The config's path is only text in the unit (its Description): shown escaped, not refused."""
+    tmp = Path(short_tmp) / "odd\x1fdir"
+    tmp.mkdir()
+    cfg = load_config(write_config(tmp, {"instances": [
+        {"name": "a", "model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}]}), sim=True)
+    out = Path(short_tmp) / "out"
+    write_tree(out, render_files(cfg, out, sim=True, user="nobody"))
+    assert unit_of(out)["Unit"]["Description"].endswith("odd\\x1fdir/config.yaml under supervisord")

@@ -178,6 +178,12 @@ def unit_value(value: str) -> str:
     return value.replace("%", "%%")
 
 
+def unit_text(value: str) -> str:
+    """Free text of the unit (its Description, its comments): control characters shown escaped
+    rather than refused, since nothing reads them back as a path."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value).replace("%", "%%")
+
+
 def env_file(user: Optional[str] = None) -> str:
     """`ENV_FILE` in `user`'s home (default: whoever renders): systemd reads it before it drops to
     that user, and does not expand '~' itself."""
@@ -274,7 +280,7 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
         out=str(out), socket=str(socket), logs=str(logs), programs=programs,
     ), FILE_MODE)
     files[UNIT_FILE] = (env.get_template(f"{UNIT_FILE}.j2").render(
-        config=unit_value(cfg.path), unit=unit_value(str(out / UNIT_FILE)), user=unit_value(user),
+        config=unit_text(cfg.path), unit=unit_text(str(out / UNIT_FILE)), user=unit_value(user),
         out=unit_value(str(out)), env_file=unit_value(env_file(user)),
         exec_start=unit_command([python, "-m", "supervisor.supervisord", "--nodaemon", "-c", str(out / "supervisord.conf")]),
         stop_seconds=max(p.stopwaitsecs for p in programs) + UNIT_STOP_MARGIN_SECONDS if programs else UNIT_STOP_MARGIN_SECONDS,
