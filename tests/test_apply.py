@@ -98,7 +98,8 @@ def test_apply_changes_only_what_changed_on_a_stack_started_with_a_relative_path
 
 def test_apply_keeps_the_mode_the_running_stack_was_rendered_with(tmp: Path) -> None:
     """A --sim stack applied without --sim (or from another YAML) is refused before anything is
-    written; the command printed after rendering, flags included, is the one that applies."""
+    written; the command printed after rendering, flags included, is the one that applies. An
+    on-demand engine it adds is said to be left stopped, and is."""
     router_port, a, b = distinct_ports(3)
     router = {"router_port": router_port, "shutdown_grace_seconds": 1, "health_check_interval_seconds": 1}
     cfg = write(tmp / "config.yaml", {"router": router, "instances": [engine("a", a)]})
@@ -114,7 +115,7 @@ def test_apply_keeps_the_mode_the_running_stack_was_rendered_with(tmp: Path) -> 
         stack.wait_running(["a", "router", "logs"])
         pids = {n: stack.pid(n) for n in ("a", "router", "logs")}
 
-        write(cfg, {"router": router, "instances": [engine("a", a), engine("b", b)]})
+        write(cfg, {"router": router, "instances": [engine("a", a), {**engine("b", b), "on_demand": True}]})
         before = rendered_files(tmp / "out")
         for flags in (["--apply"], ["--apply", "--dry-run"]):
             real = render_cli(cfg, "out", *flags, cwd=tmp, env=stack.env)
@@ -133,9 +134,12 @@ def test_apply_keeps_the_mode_the_running_stack_was_rendered_with(tmp: Path) -> 
         argv = hint[0].split()
         done = subprocess.run([PY, *argv[1:]], cwd=tmp, env=stack.env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "  started b\n" in done.stdout
-        stack.wait_running(["a", "b", "router", "logs"])
-        assert stack.pid("a") == pids["a"] and stack.pid("router") == pids["router"]
+        assert "  add:     b (on demand: left stopped until its first request)\n" in done.stdout
+        assert "  added b (on demand: left stopped until its first request)\n" in done.stdout
+        assert "started b" not in done.stdout
+        states = stack.status()
+        assert (states["a"], states["b"], states["router"]) == ("RUNNING", "STOPPED", "RUNNING"), states
+        assert (stack.pid("a"), stack.pid("router")) == (pids["a"], pids["router"])  # logs restarts: its script changed
     finally:
         stack.close()
 
