@@ -385,3 +385,13 @@ def test_templates_are_found_in_a_non_editable_install(short_tmp: str) -> None:
     module, templates = done.stdout.splitlines()[:2]
     assert module.startswith(str(target)) and templates == str(target / "router" / "templates")
     assert (Path(short_tmp) / "o" / "supervisord.conf").is_file()
+
+
+@pytest.mark.parametrize("module", ["router.render", "router.status", "router.bench", "router.serve", "router.sim"])
+def test_help_is_plain_text(module: str) -> None:
+    """`--help` is read in a terminal: no reStructuredText markup, and the description ends its sentence."""
+    done = subprocess.run([PY, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "`" not in done.stdout and ":func:" not in done.stdout, done.stdout
+    description = done.stdout.split("\n\n")[1]
+    assert description.rstrip().endswith("."), description

@@ -41,8 +41,12 @@ def _span(text: str) -> Span:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+DESCRIPTION = ("Load every configured model through the router (or directly) and report latency and throughput. "
+               "The models and the router's address come from the YAML the router serves.")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m router.bench", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m router.bench", description=DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="example-config.yaml", help="the stack's YAML (models, router address)")
     p.add_argument("--pattern", choices=("steady", "swap"), default="steady",

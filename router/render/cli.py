@@ -81,8 +81,28 @@ def apply_to_stack(cfg: Config, out: Path, old: Mapping[str, str], new: Files, d
     return 0 if ok else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m router.render", description=__doc__.split("\n", 1)[0])
+DESCRIPTION = """\
+Render one YAML into the files that run a node: supervisord.conf, one launch
+script per engine, and tmux scripts (or, with --target kubernetes, Kubernetes
+manifests). With --apply, also bring the new files to the running supervisord
+of the same folder and have the router re-read the YAML, restarting only the
+engines whose launch changed."""
+
+EPILOG = """\
+exit status: 0 done; 1 a runtime failure (the output folder cannot be written,
+no supervisord runs for --apply, supervisord refused a step); 2 a bad config,
+output folder or mode (then nothing was written).
+
+examples:
+  python -m router.render --config example-config.yaml --check
+  python -m router.render --config example-config.yaml --out supervisor --sim
+  python -m router.render --config example-config.yaml --out supervisor --sim --apply --dry-run
+  python -m router.render --config example-config.yaml --target kubernetes --out kubernetes"""
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m router.render", description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="example-config.yaml", help="the YAML file (default: example-config.yaml)")
     ap.add_argument("--out", help="output folder (default: supervisor, or kubernetes for --target kubernetes)")
     ap.add_argument("--target", choices=("supervisord", "kubernetes"), default="supervisord",
@@ -92,8 +112,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--sim", action="store_true", help="run the simulated engine in place of every engine (no GPU needed)")
     ap.add_argument("--check", action="store_true", help="validate and print the instances; write nothing")
     ap.add_argument("--apply", action="store_true",
-                    help="then apply the new files to the running supervisord (<out>/supervisor.sock) and reload the router")
+                    help="then apply the new files to the running supervisord (<out>/supervisor.sock) and reload the router; "
+                         "refused when --sim, --config or --node differ from the running rendering")
     ap.add_argument("--dry-run", action="store_true", help="with --apply: print the plan; write and change nothing")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.dry_run and not args.apply:
         ap.error("--dry-run goes with --apply (python -m router.render --apply --dry-run)")

@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, metavar="FILE", help="the stack's YAML file")
     ap.add_argument("--out", default="supervisor", metavar="DIR",
-                    help="the folder `python -m router.render` wrote, holding supervisor.sock (default: %(default)s)")
+                    help="the folder python -m router.render wrote, holding supervisor.sock (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table (for scripts)")
     ap.add_argument("--wait", action="store_true",
                     help="follow the engines as they come up (a live table on a terminal, one line per change "
