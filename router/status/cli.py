@@ -24,7 +24,7 @@ PIPE_WIDTH = 200
 
 DESCRIPTION = """\
 Show every instance of a kvrouter stack: supervisord's process state, the
-router's health and sleep state, in-flight requests, requests per second,
+router's health probe and residency (awake, sleeping, stopped...), in-flight requests, requests per second,
 last activity and uptime. supervisord is asked over <out>/supervisor.sock,
 the router over HTTP at router_host:router_port (with the admin key, if the
 config sets one); a source that does not answer is named, not fatal."""
