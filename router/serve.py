@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -51,7 +52,21 @@ def raise_nofile_limit() -> None:
             pass
 
 
+def stop_is_a_clean_exit(sig: int, frame: Optional[FrameType]) -> None:
+    """SIGTERM is how supervisord (and systemd, and Kubernetes) stop the router: exit 0.
+
+    uvicorn shuts down gracefully on it, then puts the previous handler back
+    and raises the signal again; with Python's default the process would then
+    die by the signal, which supervisord logs as an unexpected exit (WARN) on
+    every clean stop. This handler, installed first, turns both that re-raise
+    and a stop before uvicorn runs into exit status 0, one of the program's
+    exitcodes.
+    """
+    raise SystemExit(0)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    signal.signal(signal.SIGTERM, stop_is_a_clean_exit)
     ap = argparse.ArgumentParser(prog="python -m router.serve", description="Serve the OpenAI-compatible router.")
     ap.add_argument("--config", required=True, help="the YAML file listing the engine instances")
     ap.add_argument("--host", help="address to bind (default: router.router_host, else 127.0.0.1)")

@@ -395,3 +395,30 @@ def test_help_is_plain_text(module: str) -> None:
     assert "`" not in done.stdout and ":func:" not in done.stdout, done.stdout
     description = done.stdout.split("\n\n")[1]
     assert description.rstrip().endswith("."), description
+
+
+def test_a_clean_stop_is_no_warning_in_supervisords_log(short_tmp: str) -> None:
+    """supervisord logs a stop at WARN when the exit is not one of the program's exitcodes: a router
+    (or an engine) stopped on purpose must exit with one, or every deploy looks like an incident."""
+    from helpers import distinct_ports
+    from supervised import Supervised, render_cli, wait_for
+    tmp = Path(short_tmp)
+    router_port, a = distinct_ports(2)
+    cfg = tmp / "config.yaml"
+    cfg.write_text(json.dumps({"router": {"router_port": router_port, "shutdown_grace_seconds": 1},
+                               "instances": [{"name": "a", "model": "org/a", "engine": "vllm", "engine_args": [f"--port={a}"]}]}))
+    stack = Supervised(tmp / "out", tmp / "tmux")
+    try:
+        assert render_cli(cfg, tmp / "out", "--sim", env=stack.env).returncode == 0
+        stack.start()
+        stack.wait_running(["a", "router", "logs"])
+        for program in ("router", "a"):
+            done = stack.ctl("stop", program)
+            assert done.returncode == 0 and "stopped" in done.stdout, done.stdout + done.stderr
+        log = tmp / "out" / "logs" / "supervisord.log"
+        stops = wait_for(lambda: [ln for ln in log.read_text().splitlines() if "stopped: " in ln][:2]
+                         if log.read_text().count("stopped: ") >= 2 else None, 10, "both stops in supervisord's log")
+        assert all(" INFO stopped: " in ln for ln in stops), stops
+        assert not [ln for ln in log.read_text().splitlines() if " WARN " in ln], log.read_text()
+    finally:
+        stack.close()
