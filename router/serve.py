@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import uvicorn
 import uvloop
 
+from router.cluster.extras import missing_extras
 from router.config import ConfigError, load_config
 from router.server.http.app import RouterApp, create_app
 from router.server.http.fastserver import FastHttpProtocol
@@ -81,6 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
+        return 2
+    missing = missing_extras(config)
+    for problem in missing:
+        print(f"error: {config.path}: {problem}", file=sys.stderr)
+    if missing:
         return 2
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -422,3 +422,37 @@ def test_a_clean_stop_is_no_warning_in_supervisords_log(short_tmp: str) -> None:
         assert not [ln for ln in log.read_text().splitlines() if " WARN " in ln], log.read_text()
     finally:
         stack.close()
+
+
+#: Runs a CLI as in an install without the extra kvrouter[kubernetes]: its two packages cannot be imported.
+WITHOUT_EXTRAS = ("import runpy, sys; sys.modules.update(kubernetes=None, dns=None); sys.argv = sys.argv[1:]; "
+                  "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
+def test_without_the_kubernetes_extra_manifests_render_and_a_cluster_config_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(json.dumps({"router": {"replicas": 2}, "instances": [
+        {"name": "a", "model": "org/a", "engine": "vllm", "engine_args": ["--port=8001"]},
+        {"name": "pool", "model": "org/pool", "engine": "vllm", "dns_name": "pool.test", "port": 8000}]}))
+    manifests = subprocess.run([PY, "-c", WITHOUT_EXTRAS, "router.render", "--config", str(cfg), "--target", "kubernetes",
+                                "--out", str(tmp_path / "k8s")], capture_output=True, text=True, timeout=60)
+    assert manifests.returncode == 0, manifests.stderr
+    assert (tmp_path / "k8s" / "kustomization.yaml").is_file()
+    serve = subprocess.run([PY, "-c", WITHOUT_EXTRAS, "router.serve", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 2, serve.stderr
+    assert "Traceback" not in serve.stderr
+    assert f"error: {cfg}: kubernetes.leader_election: leader election by a Kubernetes Lease needs the Python package " \
+           "kubernetes, which is not installed; install it with: pip install 'kvrouter[kubernetes]'" in serve.stderr
+    assert f"error: {cfg}: instances pool: dns_name: engine replicas found by DNS needs the Python package dnspython" in serve.stderr
+    # A single-node config needs neither: the router starts and answers.
+    from helpers import Proc, free_port, wait_http
+    port = free_port()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(json.dumps({"router": {"router_port": port}, "instances": [
+        {"name": "a", "model": "org/a", "engine": "vllm", "engine_args": ["--port=8001"]}]}))
+    router = Proc([PY, "-c", WITHOUT_EXTRAS, "router.serve", "--config", str(plain)], log=str(tmp_path / "router.log"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    finally:
+        router.stop()
