@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from typing import Optional, Sequence
 import uvicorn
 import uvloop
 
+from router.cluster.extras import missing_extras
 from router.config import ConfigError, load_config
 from router.server.http.app import RouterApp, create_app
 from router.server.http.fastserver import FastHttpProtocol
@@ -56,9 +58,23 @@ def raise_nofile_limit() -> None:
             pass
 
 
+def stop_is_a_clean_exit(sig: int, frame: Optional[FrameType]) -> None:
+    """SIGTERM is how supervisord (and systemd, and Kubernetes) stop the router: exit 0.
+
+    uvicorn shuts down gracefully on it, then puts the previous handler back
+    and raises the signal again; with Python's default the process would then
+    die by the signal, which supervisord logs as an unexpected exit (WARN) on
+    every clean stop. This handler, installed first, turns both that re-raise
+    and a stop before uvicorn runs into exit status 0, one of the program's
+    exitcodes.
+    """
+    raise SystemExit(0)
+
+
 def main(argv: Optional[Sequence[str]] = None, http: type[asyncio.Protocol] = FastHttpProtocol) -> int:
     """Serve until stopped. `http` is the connection protocol: the fast server's by default;
     benchmarks/serve_uvicorn.py passes uvicorn's own to measure what the fast server saves."""
+    signal.signal(signal.SIGTERM, stop_is_a_clean_exit)
     ap = argparse.ArgumentParser(prog="python -m router.serve", description="Serve the OpenAI-compatible router.")
     ap.add_argument("--config", required=True, help="the YAML file listing the engine instances")
     ap.add_argument("--host", help="address to bind (default: router.router_host, else 127.0.0.1)")
@@ -73,6 +89,11 @@ def main(argv: Optional[Sequence[str]] = None, http: type[asyncio.Protocol] = Fa
     except ConfigError as e:
         for problem in e.problems:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
+        return 2
+    missing = missing_extras(config)
+    for problem in missing:
+        print(f"error: {config.path}: {problem}", file=sys.stderr)
+    if missing:
         return 2
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
