@@ -114,7 +114,7 @@ def supervisor(out: Path) -> Any:
     try:
         proxy.supervisor.getState()
     except (OSError, xmlrpc.client.ProtocolError) as e:
-        raise ApplyError(f"no supervisord is running for {out} (cannot connect to {socket}: {e.strerror or e}); "
+        raise ApplyError(f"no supervisord is running for {out} (cannot connect to {socket}: {getattr(e, 'strerror', None) or e}); "
                          f"start it with: supervisord -c {shlex.quote(str(out / 'supervisord.conf'))}") from None
     return proxy
 
