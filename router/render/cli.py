@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from router import __version__
 from router.config import Config, ConfigError, load_config, summary_table
 from router.render.apply import ApplyError, apply, make_plan, router_step, running_programs, supervisor
 from router.render.files import FILE_MODE, Files, RenderError, render_files, session_names
@@ -103,6 +104,7 @@ examples:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m router.render", description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"kvrouter {__version__}")
     ap.add_argument("--config", default="example-config.yaml", help="the YAML file (default: example-config.yaml)")
     ap.add_argument("--out", help="output folder (default: supervisor, or kubernetes for --target kubernetes)")
     ap.add_argument("--target", choices=("supervisord", "kubernetes"), default="supervisord",
