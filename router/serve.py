@@ -31,6 +31,7 @@ import uvloop
 
 from router.cluster.extras import missing_extras
 from router.config import ConfigError, load_config
+from router.observe import logs
 from router.server.http.app import RouterApp, create_app
 from router.server.http.fastserver import FastHttpProtocol
 from router.server.state import RouterState
@@ -95,18 +96,20 @@ def main(argv: Optional[Sequence[str]] = None, http: type[asyncio.Protocol] = Fa
         print(f"error: {config.path}: {problem}", file=sys.stderr)
     if missing:
         return 2
-    for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     settings = config.router
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
+    for warning in config.warnings:
+        if settings.log_format == logs.JSON:
+            log.warning("%s", warning)
+        else:
+            print(f"warning: {warning}", file=sys.stderr)
     raise_nofile_limit()
     options: dict[str, object] = dict(
         # proxy_headers off: the router never uses the client address, so skip that middleware.
         # FastHttpProtocol: uvicorn's httptools protocol, serving the proxied POSTs without ASGI.
         loop="uvloop", http=http, lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds, log_level=settings.log_level,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS, **logs.uvicorn_options(settings.log_level, settings.log_format),
     )
     host, port = args.host or settings.host, args.port or settings.port
     app = create_app(config, args.supervisor_socket)
