@@ -160,6 +160,19 @@ def test_every_dashboard_query_returns_series(scraped: tuple[Prometheus, Stack])
 
 
 @needs_prometheus
+def test_the_dashboard_variables_list_the_job_and_the_models(scraped: tuple[Prometheus, Stack]) -> None:
+    prometheus, _ = scraped
+    variables = [v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["type"] == "query"]
+    values = {}
+    for v in variables:
+        found = re.fullmatch(r"label_values\((.+), (\w+)\)", v["query"]["query"])
+        assert found, v
+        selector, label = found.groups()
+        values[v["name"]] = set(prometheus.api(f"label/{label}/values", **{"match[]": selector.replace("$job", ".+")}))
+    assert values == {"job": {"kvrouter"}, "model": {"m/a", "m/b"}}
+
+
+@needs_prometheus
 def test_the_dashboard_shows_what_the_traffic_did(scraped: tuple[Prometheus, Stack]) -> None:
     """A few panels' numbers, against what the stack itself reports."""
     prometheus, stack = scraped
