@@ -6,8 +6,9 @@ series the deploy files read: requests to two on-demand models in a GPU budget
 for one start each, evict one for the other (gpu_budget) and wake the evicted
 one again. Then every PromQL expression of the dashboard is run through the
 HTTP API as Grafana would (a range query for a graph, an instant one for a
-table) and must return series; the alert expressions must evaluate, read only
-metric names the router exports, and stay quiet on this healthy stack.
+table) and must return series; the alert expressions must evaluate and read only
+metric names the router exports. A third on-demand engine exits at once: its
+failed start must fire KvrouterStartFailures, and nothing else may fire.
 """
 from __future__ import annotations
 
@@ -81,12 +82,16 @@ class Prometheus:
 def scraped() -> Iterator[tuple[Prometheus, Stack]]:
     """A --sim stack with traffic behind it, and a Prometheus that has scraped all of it."""
     tmp = Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp"))
-    router_port, prom_port, port_a, port_b = distinct_ports(4)
+    router_port, prom_port, port_a, port_b, port_bad = distinct_ports(5)
     doc = {"router": {"router_port": router_port, "health_check_interval_seconds": 0.5},
-           "residency": {"gpu_memory_gb": 10, "host_memory_gb": 100},
+           "residency": {"gpu_memory_gb": {"0": 10, "1": 10}, "host_memory_gb": 100},
            "instances": [engine("a", port_a, on_demand=True, gpu_memory_gb=10, host_memory_gb=4, sim="--startup-s 0.3"),
-                         engine("b", port_b, on_demand=True, gpu_memory_gb=10, host_memory_gb=4, sim="--startup-s 0.3")]}
-    stack = Stack(tmp, doc, {"a": port_a, "b": port_b})
+                         engine("b", port_b, on_demand=True, gpu_memory_gb=10, host_memory_gb=4, sim="--startup-s 0.3"),
+                         # An engine that exits at once: its start fails (and its model's request with 503).
+                         # (On GPU 1, so its start evicts nothing.)
+                         engine("bad", port_bad, on_demand=True, gpu_memory_gb=10, host_memory_gb=4, sim="--ttft-ms not-a-number",
+                                engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=1"])]}
+    stack = Stack(tmp, doc, {"a": port_a, "b": port_b, "bad": port_bad})
     prometheus = None
     try:
         stack.start()
@@ -98,7 +103,11 @@ def scraped() -> Iterator[tuple[Prometheus, Stack]]:
             status, body = stack.ask(name)
             assert status == 200, (name, body)
         assert [e["reason"] for e in stack.residency()["evictions"]] == ["gpu_budget", "gpu_budget"]
-        wait_for(lambda: prometheus.value('sum(router_requests_total{job="kvrouter"})') == len(order), 30,
+        # Twice, the second after a scrape saw the first: a counter's first sample shows no increase to rate().
+        assert stack.ask("bad")[0] == 503
+        wait_for(lambda: prometheus.value('sum(router_requests_total{model="m/bad"})') == 1, 30, "a scrape of the 503")
+        assert stack.ask("bad")[0] == 503
+        wait_for(lambda: prometheus.value('sum(router_requests_total{job="kvrouter"})') == len(order) + 2, 30,
                  "Prometheus to scrape every request")
         # Two more scrapes after that, so a series that appeared with the last request has two samples for rate().
         wait_for(lambda: prometheus.value('min(count_over_time(router_model_evictions_total{job="kvrouter"}[1m]))') >= 2,
@@ -169,7 +178,7 @@ def test_the_dashboard_variables_list_the_job_and_the_models(scraped: tuple[Prom
         assert found, v
         selector, label = found.groups()
         values[v["name"]] = set(prometheus.api(f"label/{label}/values", **{"match[]": selector.replace("$job", ".+")}))
-    assert values == {"job": {"kvrouter"}, "model": {"m/a", "m/b"}}
+    assert values == {"job": {"kvrouter"}, "model": {"m/a", "m/b", "m/bad"}}
 
 
 @needs_prometheus
@@ -187,25 +196,38 @@ def test_the_dashboard_shows_what_the_traffic_did(scraped: tuple[Prometheus, Sta
     assert prometheus.value('router_model_wakes_total{model="m/a"}') == 1
     assert 0 < prometheus.value('router_model_last_wake_seconds{model="m/a"}') < 30
     assert 0.3 <= prometheus.value('router_model_start_seconds{model="m/b"}') < 30
-    processes = {s["metric"]["state"]: float(s["value"][1])
-                 for s in prometheus.query('sum by (state) (router_backend_process_state)')["result"]}
-    # Both engines run (STARTING for supervisord's startsecs after their start, then RUNNING); a slept one too.
-    assert set(processes) <= {"STARTING", "RUNNING"} and sum(processes.values()) == 2, processes
+    processes = {s["metric"]["exported_instance"]: s["metric"]["state"]
+                 for s in prometheus.query('router_backend_process_state == 1')["result"]}
+    # a and b run (STARTING for supervisord's startsecs after their start, then RUNNING), the slept one
+    # too; the router stopped bad after its failed start.
+    assert processes.pop("bad") == "STOPPED" and set(processes) == {"a", "b"}, processes
+    assert set(processes.values()) <= {"STARTING", "RUNNING"}, processes
 
 
 @needs_prometheus
-def test_every_alert_evaluates_on_exported_metrics_and_stays_quiet(scraped: tuple[Prometheus, Stack]) -> None:
+def test_every_alert_evaluates_on_exported_metrics_and_only_the_failed_start_fires(scraped: tuple[Prometheus, Stack]) -> None:
+    """The failed start of m/bad fires KvrouterStartFailures (no `for`), and its 503 makes the 5xx
+    ratio's expression true (pending for its 5 minutes); the engine the router stopped after its failed
+    start is STOPPED, not an engine that is down. Nothing else is wrong, and nothing else fires."""
     prometheus, _ = scraped
     rules = alert_rules()
     assert len(rules) == 7
     exported = set(prometheus.api("label/__name__/values"))
+    expect = {"KvrouterStartFailures": [{"model": "m/bad"}], "KvrouterHigh5xxRatio": [{"model": "m/bad"}]}
     for rule in rules:
         names = set(re.findall(r"\brouter_[a-z_]+", rule["expr"]))
         assert names and names <= exported, (rule["alert"], names - exported)
         data = prometheus.query(rule["expr"])
         assert data["resultType"] == "vector", (rule["alert"], data)
-        assert data["result"] == [], f"{rule['alert']} fires on a healthy stack: {data['result']}"
-    # Prometheus loaded the same rules and evaluates them without error, none firing.
+        got = [{"model": s["metric"].get("model")} for s in data["result"]]
+        assert got == expect.get(rule["alert"], []), (rule["alert"], data["result"])
+    # Prometheus loaded the same rules and evaluates them without error; the start failure fires.
+    def firing() -> list[dict[str, Any]]:
+        return [a for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"]
+    wait_for(firing, 30, "KvrouterStartFailures to fire")
+    assert [(a["labels"]["alertname"], a["labels"]["model"], a["labels"]["severity"]) for a in firing()] == \
+           [("KvrouterStartFailures", "m/bad", "critical")]
+    assert firing()[0]["annotations"]["summary"] == "Starting m/bad failed"
     loaded = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
     assert set(loaded) == {r["alert"] for r in rules}
-    assert all(r["health"] == "ok" and r["state"] == "inactive" for r in loaded.values()), loaded
+    assert all(r["health"] == "ok" for r in loaded.values()), loaded
