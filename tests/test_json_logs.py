@@ -63,6 +63,10 @@ def test_every_line_of_the_router_log_is_json_and_no_key_is_in_it(tmp_path: Path
                for a in access)
     said = [line["message"] for line in lines if line["logger"] == "router.lifecycle"]
     assert any("is asleep" in m for m in said) and any("is awake" in m for m in said), said
+    # The state changes, each a line with its fields: the model slept and woke, the engine was found healthy.
+    events = [(e["kind"], e["state"], e["model"]) for e in lines if e["logger"] == "router.events"]
+    assert ("model", "sleeping", MODEL) in events and ("model", "awake", MODEL) in events, events
+    assert ("health", "healthy", MODEL) in events, events
     # The config's warning, uvicorn's own lines (its ASGI trace among them) came as JSON too.
     assert any("no_such_setting" in line["message"] and line["level"] == "WARNING" for line in lines)
     assert any(line["logger"].startswith("uvicorn") for line in lines)

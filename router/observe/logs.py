@@ -10,6 +10,9 @@ names are stable (docs/monitoring.md, "Logs as JSON"):
 - access lines (``logger`` ``router.access``, ``message`` ``request``): ``model``,
   ``stream``, ``instance`` (null when none was reached), ``status``, ``bytes``,
   ``ttft_ms`` (first byte; null when none came), ``latency_ms``, ``retries``.
+- state changes (``logger`` ``router.events``, as ``GET /events`` has them): ``kind``
+  (model, process, health, breaker, reload, dns, leader), ``state``, ``model``,
+  ``instance``, and the event's own detail.
 
 Nothing here sees a request's headers, so no key can reach a line.
 
@@ -26,6 +29,8 @@ import time
 import orjson
 
 TEXT, JSON = "text", "json"
+#: The `extra` key of a record whose fields a JSON line carries beside the common ones.
+FIELDS = "json_fields"
 LOG_FORMATS = (TEXT, JSON)
 #: The text layout of the router's own lines (uvicorn's keep uvicorn's default in text mode).
 TEXT_LAYOUT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -42,6 +47,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {"time": utc_stamp(record.created), "level": record.levelname,
                                    "logger": record.name, "message": record.getMessage()}
+        for key, value in getattr(record, FIELDS, {}).items():
+            line.setdefault(key, value)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:

@@ -10,6 +10,7 @@ import re
 import sys
 
 from router.observe.accesslog import AccessLog
+from router.observe.events import Event, log_event
 from router.observe.logs import JsonFormatter, json_config, utc_stamp
 
 ACCESS_FIELDS = {"time", "level", "logger", "message", "model", "stream", "instance", "status", "bytes", "ttft_ms",
@@ -64,3 +65,23 @@ def test_the_json_config_survives_being_applied_twice() -> None:
     formatter = logging.config.DictConfigurator(config).configure_formatter(config["formatters"]["json"])
     assert isinstance(formatter, JsonFormatter)
     assert json.dumps(config, sort_keys=True) == before and config["root"]["level"] == "DEBUG"
+
+
+def test_a_state_change_is_a_line_with_the_events_fields() -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    events_log = logging.getLogger("router.events")
+    events_log.addHandler(handler)
+    level = events_log.level
+    events_log.setLevel(logging.INFO)
+    try:
+        log_event(Event("process", "FATAL", "org/m", "m-0", {"pid": None, "description": "Exited too quickly"}))
+    finally:
+        events_log.removeHandler(handler)
+        events_log.setLevel(level)
+    (record,) = records
+    line = json.loads(JsonFormatter().format(record))
+    assert line | {"time": None} == {"time": None, "level": "INFO", "logger": "router.events", "message": "process FATAL",
+                                     "kind": "process", "state": "FATAL", "model": "org/m", "instance": "m-0",
+                                     "pid": None, "description": "Exited too quickly"}
