@@ -56,6 +56,11 @@ class Model:
         self._waiters: deque[asyncio.Future[Replica]] = deque()
         self._retry_after = retry_after
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot (bounded by the replicas' max_queue), for /metrics."""
+        return len(self._waiters)
+
     def members(self) -> tuple[Replica, ...]:
         """The replicas the model has now (read by its lifecycle at each transition)."""
         return self.replicas
