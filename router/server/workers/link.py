@@ -48,8 +48,11 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional
 from router.observe.events import Event
 from router.observe.metrics import ModelMetrics
 from router.observe.traffic import Traffic
-from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
+from router.server.fleet.admission import Admission, Transitions
+from router.server.fleet.lifecycle import Lifecycle
+from router.server.fleet.outcome import ModelUnavailable
 from router.supervision.processes import ProcessState
+from router.util.states import AWAKE
 
 if TYPE_CHECKING:  # the controller's state; link.py is imported by state.py
     from router.server.state import RouterState
@@ -259,7 +262,7 @@ class WorkerLinks:
             link.outstanding[name] = n
             replica = table.replica(name)
             if delta and replica is not None:
-                replica.outstanding += delta
+                replica.count_remote(delta)
 
     async def _ready(self, link: WorkerLink, request: int, name: str) -> None:
         model = self.state.table.get(name)
@@ -318,8 +321,8 @@ class ControllerLink:
         self._replica_changed = replica_changed
         self._owner = owner
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[Any], Optional[LifecycleView]]] = {}
-        self._dirty: set[LifecycleView] = set()
+        self._waiting: dict[int, tuple[asyncio.Future[Any], Optional[RemoteAdmission]]] = {}
+        self._dirty: set[RemoteAdmission] = set()
         self._report: Optional[asyncio.Handle] = None
         self._report_due = 0.0
         self.records: list[Record] = []
@@ -348,7 +351,7 @@ class ControllerLink:
         if op == "model":
             lc = self._model(message[1])
             if lc is not None:
-                lc.state = message[2]
+                lc.mirror(message[2])
         elif op == "replica":
             self._replica_changed(message[1], message[2], message[3])
         elif op == "fence":
@@ -360,8 +363,7 @@ class ControllerLink:
                 return
             refusal = message[2]
             if refusal is None:
-                lc.in_flight += 1  # admitted now, before any later message is read
-                self.changed(lc)
+                lc.admitted()  # now, before any later message is read
                 fut.set_result(None)
             else:
                 fut.set_exception(ModelUnavailable(refusal[0], refusal[1]))
@@ -379,7 +381,7 @@ class ControllerLink:
         to it next (/metrics, /sleep/status) sees this worker's requests counted."""
         await self._ask("sync")
 
-    async def ready(self, lc: "LifecycleView") -> None:
+    async def ready(self, lc: "RemoteAdmission") -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
         await self._ask("ready", lc.model, lc=lc)
 
@@ -389,7 +391,7 @@ class ControllerLink:
         found: Optional[tuple[str, str]] = await self._ask("whose", response_id)
         return found
 
-    async def _ask(self, op: str, *args: Any, lc: Optional["LifecycleView"] = None) -> Any:
+    async def _ask(self, op: str, *args: Any, lc: Optional["RemoteAdmission"] = None) -> Any:
         """Send `op` with everything pending before it, and wait for the controller's answer."""
         request = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -401,7 +403,7 @@ class ControllerLink:
         finally:
             self._waiting.pop(request, None)
 
-    def changed(self, lc: "LifecycleView") -> None:
+    def changed(self, lc: "RemoteAdmission") -> None:
         """`lc`'s count moved: to or from zero it reaches the controller within REPORT_SECONDS,
         otherwise within COUNTS_SECONDS (a fence or a `ready` sends everything at once)."""
         self._dirty.add(lc)
@@ -447,18 +449,28 @@ class ControllerLink:
         self.channel.send(("owner", response_id, model, instance))
 
 
-class LifecycleView(Lifecycle):
-    """A worker's view of one model's lifecycle: its state is the controller's, set by the link;
-    admission while awake is local (no message), otherwise the controller is asked."""
+class RemoteAdmission(Admission):
+    """A worker's admission strategy for one model: the state is the controller's (mirrored by the
+    link); while it is awake a request is admitted here (no message), otherwise the controller is
+    asked, and counts reach the controller in the link's reports."""
 
-    def __init__(self, *args: Any, link: ControllerLink, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    __slots__ = ("link", "model", "members", "reported")
+
+    def __init__(self, lifecycle: Transitions, link: ControllerLink):
+        super().__init__(lifecycle)
         self.link = link
+        self.model = lifecycle.model
+        self.members = lifecycle.members
         #: The count the controller last heard.
         self.reported = 0
 
+    @classmethod
+    def factory(cls, link: ControllerLink) -> Callable[[Transitions], Admission]:
+        """What a worker's lifecycles are built with."""
+        return lambda lifecycle: cls(lifecycle, link)
+
     async def admit(self) -> None:
-        if self.state == AWAKE:
+        if self.machine.state == AWAKE:
             self.in_flight += 1
             self.link.changed(self)
             return
@@ -467,6 +479,11 @@ class LifecycleView(Lifecycle):
             await self.link.ready(self)
         finally:
             self.waiting -= 1
+
+    def admitted(self) -> None:
+        """The controller made the model ready for this request."""
+        self.in_flight += 1
+        self.link.changed(self)
 
     def count(self, delta: int) -> None:
         self.in_flight += delta
