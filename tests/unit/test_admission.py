@@ -8,7 +8,7 @@ from fakes import make, settle
 
 from router.server.fleet.admission import LocalAdmission
 from router.server.fleet.outcome import ModelUnavailable
-from router.server.workers.link import RemoteAdmission
+from router.server.workers.remote import RemoteAdmission
 
 
 class FakeLink:

@@ -52,17 +52,18 @@ class Transitions(Protocol):
 class Admission:
     """The counts of one model's requests; subclasses say how one gets in when the model is not awake."""
 
-    __slots__ = ("lifecycle", "machine", "in_flight", "waiting", "last_end", "drained")
+    __slots__ = ("lifecycle", "machine", "clock", "in_flight", "waiting", "last_end", "drained")
 
     def __init__(self, lifecycle: Transitions):
         self.lifecycle = lifecycle
         self.machine = lifecycle.machine
+        self.clock = lifecycle.clock
         #: Requests admitted and not finished (including those queued for a replica slot).
         self.in_flight = 0
         #: Requests held while the model starts, drains, sleeps or wakes.
         self.waiting = 0
         #: When the last request ended (clock time); creation counts as one.
-        self.last_end = lifecycle.clock()
+        self.last_end = self.clock()
         #: Set when the last request in flight ends during a drain.
         self.drained = asyncio.Event()
 
@@ -77,13 +78,13 @@ class Admission:
         fewer means some ended now."""
         self.in_flight += delta
         if delta < 0:
-            self.last_end = self.lifecycle.clock()
+            self.last_end = self.clock()
             if self.in_flight == 0 and self.machine.state in (DRAINING, STOPPING):
                 self.drained.set()
 
     def touch(self) -> None:
         """Used now, by a request another process served (its idle time starts again)."""
-        self.last_end = max(self.last_end, self.lifecycle.clock())
+        self.last_end = max(self.last_end, self.clock())
 
 
 class LocalAdmission(Admission):

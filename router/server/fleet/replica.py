@@ -124,7 +124,8 @@ class Replica:
     def take_slot(self, now: float) -> None:
         """A request was sent here (a half-open breaker's trial, if the open time is over)."""
         self.outstanding += 1
-        self.breaker.taken(now)
+        if self.breaker.opened_for:  # closed (the usual case): nothing to tell it
+            self.breaker.taken(now)
 
     def release_slot(self) -> None:
         """A request sent here has ended; a retired replica lets go of its connections after its last."""

@@ -48,11 +48,10 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional
 from router.observe.events import Event
 from router.observe.metrics import ModelMetrics
 from router.observe.traffic import Traffic
-from router.server.fleet.admission import Admission, Transitions
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.outcome import ModelUnavailable
+from router.server.workers.remote import RemoteAdmission
 from router.supervision.processes import ProcessState
-from router.util.states import AWAKE
 
 if TYPE_CHECKING:  # the controller's state; link.py is imported by state.py
     from router.server.state import RouterState
@@ -447,47 +446,6 @@ class ControllerLink:
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
         self.channel.send(("owner", response_id, model, instance))
-
-
-class RemoteAdmission(Admission):
-    """A worker's admission strategy for one model: the state is the controller's (mirrored by the
-    link); while it is awake a request is admitted here (no message), otherwise the controller is
-    asked, and counts reach the controller in the link's reports."""
-
-    __slots__ = ("link", "model", "members", "reported")
-
-    def __init__(self, lifecycle: Transitions, link: ControllerLink):
-        super().__init__(lifecycle)
-        self.link = link
-        self.model = lifecycle.model
-        self.members = lifecycle.members
-        #: The count the controller last heard.
-        self.reported = 0
-
-    @classmethod
-    def factory(cls, link: ControllerLink) -> Callable[[Transitions], Admission]:
-        """What a worker's lifecycles are built with."""
-        return lambda lifecycle: cls(lifecycle, link)
-
-    async def admit(self) -> None:
-        if self.machine.state == AWAKE:
-            self.in_flight += 1
-            self.link.changed(self)
-            return
-        self.waiting += 1
-        try:
-            await self.link.ready(self)
-        finally:
-            self.waiting -= 1
-
-    def admitted(self) -> None:
-        """The controller made the model ready for this request."""
-        self.in_flight += 1
-        self.link.changed(self)
-
-    def count(self, delta: int) -> None:
-        self.in_flight += delta
-        self.link.changed(self)
 
 
 class RelayedTraffic(Traffic):

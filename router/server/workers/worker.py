@@ -41,7 +41,8 @@ from router.server.proxy.auth import Guard
 from router.server.proxy.forward import Proxy
 from router.server.proxy.reply import Receive, Scope, Send
 from router.server.proxy.request import DROP_REQUEST_HEADERS
-from router.server.workers.link import ControllerLink, Message, RelayedMetrics, RelayedTraffic, RemoteAdmission
+from router.server.workers.link import ControllerLink, Message, RelayedMetrics, RelayedTraffic
+from router.server.workers.remote import RemoteAdmission
 from router.supervision.processes import ProcessState
 
 log = logging.getLogger("router.worker")
