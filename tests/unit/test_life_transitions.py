@@ -271,3 +271,50 @@ def test_eviction_takes_only_an_idle_model_unless_asked_to_drain() -> None:
         assert [(e.state, e.detail) for e in rec.seen][-1] == ("evicted", {"action": "sleep", "reason": "gpu_budget"})
         assert (await lc.evict(stop=True, reason="host_budget")).ok and lc.state == "stopped"
     run(test)
+
+
+async def _reach(state: str) -> tuple:
+    """A lifecycle brought to a resting `state` by the real operations."""
+    made = make(("m-0",), on_demand=True)
+    lc, control, _, _, replicas = made
+    if state == "sleeping":
+        assert (await lc.sleep()).ok
+    elif state in ("stopped", "failed"):
+        stopped(lc, replicas)
+        if state == "failed":
+            control.start_state = "FATAL"
+            assert not (await lc.start()).ok
+            control.start_state = "RUNNING"
+    assert lc.state == state
+    return made
+
+
+@pytest.mark.parametrize("source", ["awake", "sleeping", "stopped", "failed"])
+@pytest.mark.parametrize("said", ["awake", "sleeping", "stopped"])
+def test_the_leaders_word_moves_a_model_from_every_resting_state(source: str, said: str) -> None:
+    async def test() -> None:
+        lc, _, _, rec, replicas = await _reach(source)
+        before = len(rec.states())
+        lc.follow(said)
+        assert lc.state == said and replicas[0].asleep == (said == "sleeping")
+        assert rec.states()[before:] == ([] if said == source else [said])
+    run(test)
+
+
+@pytest.mark.parametrize("source", ["awake", "sleeping"])
+def test_every_engine_down_stops_an_awake_or_sleeping_model(source: str) -> None:
+    async def test() -> None:
+        lc, _, _, rec, replicas = await _reach(source)
+        stopped(lc, replicas)
+        assert rec.states()[-1] == "stopped" and not replicas[0].asleep
+    run(test)
+
+
+@pytest.mark.parametrize("source", ["stopped", "failed"])
+def test_every_engine_up_outside_the_router_wakes_a_stopped_or_failed_model(source: str) -> None:
+    async def test() -> None:
+        lc, _, clock, rec, replicas = await _reach(source)
+        replicas[0].set_process(process("m-0", "RUNNING"))
+        lc.process_changed()
+        assert lc.state == "awake" and rec.states()[-1] == "awake" and lc.last_wake_at == clock()
+    run(test)
