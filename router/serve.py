@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -28,7 +29,9 @@ from typing import Optional, Sequence
 import uvicorn
 import uvloop
 
+from router.cluster.extras import missing_extras
 from router.config import ConfigError, load_config
+from router.observe import logs
 from router.server.http.app import RouterApp, create_app
 from router.server.http.fastserver import FastHttpProtocol
 from router.server.state import RouterState
@@ -56,9 +59,23 @@ def raise_nofile_limit() -> None:
             pass
 
 
+def stop_is_a_clean_exit(sig: int, frame: Optional[FrameType]) -> None:
+    """SIGTERM is how supervisord (and systemd, and Kubernetes) stop the router: exit 0.
+
+    uvicorn shuts down gracefully on it, then puts the previous handler back
+    and raises the signal again; with Python's default the process would then
+    die by the signal, which supervisord logs as an unexpected exit (WARN) on
+    every clean stop. This handler, installed first, turns both that re-raise
+    and a stop before uvicorn runs into exit status 0, one of the program's
+    exitcodes.
+    """
+    raise SystemExit(0)
+
+
 def main(argv: Optional[Sequence[str]] = None, http: type[asyncio.Protocol] = FastHttpProtocol) -> int:
     """Serve until stopped. `http` is the connection protocol: the fast server's by default;
     benchmarks/serve_uvicorn.py passes uvicorn's own to measure what the fast server saves."""
+    signal.signal(signal.SIGTERM, stop_is_a_clean_exit)
     ap = argparse.ArgumentParser(prog="python -m router.serve", description="Serve the OpenAI-compatible router.")
     ap.add_argument("--config", required=True, help="the YAML file listing the engine instances")
     ap.add_argument("--host", help="address to bind (default: router.router_host, else 127.0.0.1)")
@@ -74,18 +91,25 @@ def main(argv: Optional[Sequence[str]] = None, http: type[asyncio.Protocol] = Fa
         for problem in e.problems:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
         return 2
-    for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    missing = missing_extras(config)
+    for problem in missing:
+        print(f"error: {config.path}: {problem}", file=sys.stderr)
+    if missing:
+        return 2
     settings = config.router
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
+    for warning in config.warnings:
+        if settings.log_format == logs.JSON:
+            log.warning("%s", warning)
+        else:
+            print(f"warning: {warning}", file=sys.stderr)
     raise_nofile_limit()
     options: dict[str, object] = dict(
         # proxy_headers off: the router never uses the client address, so skip that middleware.
         # FastHttpProtocol: uvicorn's httptools protocol, serving the proxied POSTs without ASGI.
         loop="uvloop", http=http, lifespan="on", access_log=False, proxy_headers=False, backlog=BACKLOG,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds, log_level=settings.log_level,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS, **logs.uvicorn_options(settings.log_level, settings.log_format),
     )
     host, port = args.host or settings.host, args.port or settings.port
     app = create_app(config, args.supervisor_socket)

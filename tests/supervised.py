@@ -46,8 +46,10 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, interval: f
 
 class Supervised:
     def __init__(self, out: Path, tmux_dir: Path, *, ctl_timeout: float = 30, shutdown_timeout: float = 60,
-                 watch: Optional[float] = None):
+                 watch: Optional[float] = None, python: str = PY):
         self.out = out
+        #: The interpreter supervisord and supervisorctl run with (an installed wheel's venv, say).
+        self.python = python
         self.conf = out / "supervisord.conf"
         tmux_dir.mkdir(exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if k != "TMUX"}
@@ -66,14 +68,14 @@ class Supervised:
     def start(self, daemon_from: Optional[Path] = None) -> None:
         if daemon_from is None:
             log = open(self.out / "supervisord.stdout", "wb")
-            self.proc = subprocess.Popen([PY, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
+            self.proc = subprocess.Popen([self.python, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
             self._root = psutil.Process(self.proc.pid)
         else:
             pidfile = self.out / "supervisord.pid"
             pidfile.unlink(missing_ok=True)
-            subprocess.run([PY, "-m", "supervisor.supervisord", "-c", os.path.relpath(self.conf, daemon_from)],
+            subprocess.run([self.python, "-m", "supervisor.supervisord", "-c", os.path.relpath(self.conf, daemon_from)],
                            cwd=daemon_from, env=self.env, check=True, capture_output=True, timeout=30)
             pid = wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, f"supervisord to write {pidfile}")
             self._root = psutil.Process(int(pid))
@@ -87,7 +89,7 @@ class Supervised:
             self._watch_stop.wait(self._watch)
 
     def ctl(self, *args: str, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
+        return subprocess.run([self.python, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
                               env=self.env, capture_output=True, text=True, timeout=timeout or self.ctl_timeout)
 
     def tmux(self, *args: str) -> subprocess.CompletedProcess:

@@ -96,6 +96,54 @@ def test_apply_changes_only_what_changed_on_a_stack_started_with_a_relative_path
         stack.close()
 
 
+def test_apply_keeps_the_mode_the_running_stack_was_rendered_with(tmp: Path) -> None:
+    """A --sim stack applied without --sim (or from another YAML) is refused before anything is
+    written; the command printed after rendering, flags included, is the one that applies. An
+    on-demand engine it adds is said to be left stopped, and is."""
+    router_port, a, b = distinct_ports(3)
+    router = {"router_port": router_port, "shutdown_grace_seconds": 1, "health_check_interval_seconds": 1}
+    cfg = write(tmp / "config.yaml", {"router": router, "instances": [engine("a", a)]})
+    stack = Supervised(tmp / "out", tmp / "tmux")
+    try:
+        first = render_cli(cfg, "out", "--sim", cwd=tmp, env=stack.env)
+        assert first.returncode == 0, first.stderr
+        assert json.loads((tmp / "out" / "rendered.json").read_text()) == {
+            "config": str(cfg), "sim": True, "target": "supervisord", "node": None}
+        hint = [ln.strip() for ln in first.stdout.splitlines() if ln.strip().endswith("--apply")]
+        assert hint == [f"python -m router.render --config {cfg} --out {tmp / 'out'} --sim --apply"], first.stdout
+        stack.start()
+        stack.wait_running(["a", "router", "logs"])
+        pids = {n: stack.pid(n) for n in ("a", "router", "logs")}
+
+        write(cfg, {"router": router, "instances": [engine("a", a), {**engine("b", b), "on_demand": True}]})
+        before = rendered_files(tmp / "out")
+        for flags in (["--apply"], ["--apply", "--dry-run"]):
+            real = render_cli(cfg, "out", *flags, cwd=tmp, env=stack.env)
+            assert real.returncode == 2, real.stdout + real.stderr
+            assert "it was rendered with --sim (simulated engines), this run has no --sim" in real.stderr
+            assert "nothing was written, started or stopped" in real.stderr
+            assert f"python -m router.render --config {cfg} --out {tmp / 'out'} --sim {' '.join(flags)}\n" in real.stderr
+            assert "Plan" not in real.stdout
+        other = write(tmp / "other.yaml", json.loads(cfg.read_text()))
+        elsewhere = render_cli(other, "out", "--sim", "--apply", cwd=tmp, env=stack.env)
+        assert elsewhere.returncode == 2 and f"it was rendered from --config {cfg}, this run reads {other}" in elsewhere.stderr
+        assert rendered_files(tmp / "out") == before and not (tmp / "out" / "engines" / "b.sh").exists()
+        assert {n: stack.pid(n) for n in pids} == pids
+        assert " -m router.sim " in (tmp / "out" / "engines" / "a.sh").read_text()
+
+        argv = hint[0].split()
+        done = subprocess.run([PY, *argv[1:]], cwd=tmp, env=stack.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "  add:     b (on demand: left stopped until its first request)\n" in done.stdout
+        assert "  added b (on demand: left stopped until its first request)\n" in done.stdout
+        assert "started b" not in done.stdout
+        states = stack.status()
+        assert (states["a"], states["b"], states["router"]) == ("RUNNING", "STOPPED", "RUNNING"), states
+        assert (stack.pid("a"), stack.pid("router")) == (pids["a"], pids["router"])  # logs restarts: its script changed
+    finally:
+        stack.close()
+
+
 def test_apply_without_a_running_supervisord_renders_then_exits_1(tmp: Path) -> None:
     (port,) = distinct_ports(1)
     cfg = write(tmp / "config.yaml", {"router": {"enable_router": False}, "instances": [engine("a", port)]})

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 from aiohttp import web
-from helpers import PY, Proc, distinct_ports, free_port, start_sim, wait_http
+from helpers import PY, Proc, distinct_ports, free_port, post_json, start_sim, wait_http
 
 from router.bench.cli import main, targets
 from router.config import load_config
@@ -271,3 +271,22 @@ def test_the_readme_config_runs_and_refused_connections_are_failures(tmp_path: P
     doc = json.loads(out.read_text())
     assert {m: s["failed_by_status"] for m, s in doc["router"].items()} == {
         "meta-llama/Llama-3.2-1B": {"refused": 2}, "Qwen/Qwen3-0.6B": {"refused": 2}}
+
+
+def test_compare_direct_refuses_ratios_for_a_model_whose_residency_changed(stack: Stack, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A model asleep when the run starts wakes in the first router phase: that phase then holds the
+    wake, and a ratio to direct would measure it. Its comparison is refused, the other model's stands."""
+    status, body = post_json(f"http://127.0.0.1:{stack.router_port}/action/sleep/{ALPHA.replace('/', '%2F')}", {})
+    assert status == 200, body
+    rc, doc = bench(stack, tmp_path, "--compare-direct", "--rounds", "1", "--models", f"{ALPHA},{BETA}",
+                    "--requests", "4", "--concurrency", "2", "--output-len", "2")
+    assert rc == 0
+    assert doc["residency_changes"] == {ALPHA: {"wakes": 1}}
+    assert set(doc["comparison"][ALPHA]) == {"refused"}
+    assert doc["comparison"][ALPHA]["refused"].startswith("its residency changed during the run (woke 1x)")
+    assert isinstance(doc["comparison"][BETA]["throughput_ratio"], float)
+    out, err = capsys.readouterr()
+    assert f"warning: {ALPHA}: no router/direct comparison: its residency changed during the run (woke 1x)" in err
+    row = next(ln for ln in out.splitlines() if ln.startswith(ALPHA) and "no figures" in ln)
+    assert "woke 1x" in row

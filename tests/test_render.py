@@ -75,13 +75,14 @@ def rendered(cfg_path: Path, out: Path, sim: bool = False) -> dict[str, tuple[st
 def test_kvcached_config_renders_every_file_private(short_tmp: str) -> None:
     out = Path(short_tmp) / "out"
     files = rendered(Path(kvcached_fixture(short_tmp)), out)
-    assert sorted(files) == ["engines/instance1.sh", "engines/instance2.sh", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
+    assert sorted(files) == ["engines/instance1.sh", "engines/instance2.sh", "kvrouter.service", "supervisord.conf", "tmux-launch.sh",
+                            "tmux-logs.sh"]
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     assert stat.S_IMODE((out / "logs").stat().st_mode) == 0o700
     assert stat.S_IMODE((out / "engines").stat().st_mode) == 0o700
     for rel, (text, mode) in files.items():
         assert (out / rel).read_text() == text
-        assert stat.S_IMODE((out / rel).stat().st_mode) == mode == (0o600 if rel.endswith(".conf") else 0o700)
+        assert stat.S_IMODE((out / rel).stat().st_mode) == mode == (0o600 if rel.endswith((".conf", ".service")) else 0o700)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
@@ -231,7 +232,7 @@ def test_external_instances_and_a_disabled_router_are_not_rendered(short_tmp: st
         {"name": "there", "model": "m", "engine": "vllm", "launch": False, "engine_args": ["--host=10.0.0.2", "--port=9001"]},
     ]})
     files = rendered(cfg_path, tmp / "out", sim=True)
-    assert sorted(files) == ["engines/here.sh", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
+    assert sorted(files) == ["engines/here.sh", "kvrouter.service", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
     assert sorted(supervisor_programs(tmp / "out" / "supervisord.conf")) == ["here", "logs"]
     for script in ("tmux-launch.sh", "tmux-logs.sh"):
         assert "SESSIONS=( kvcached-here )" in files[script][0].splitlines()
@@ -385,3 +386,74 @@ def test_templates_are_found_in_a_non_editable_install(short_tmp: str) -> None:
     module, templates = done.stdout.splitlines()[:2]
     assert module.startswith(str(target)) and templates == str(target / "router" / "templates")
     assert (Path(short_tmp) / "o" / "supervisord.conf").is_file()
+
+
+@pytest.mark.parametrize("module", ["router.render", "router.status", "router.bench", "router.serve", "router.sim"])
+def test_help_is_plain_text(module: str) -> None:
+    """`--help` is read in a terminal: no reStructuredText markup, and the description ends its sentence."""
+    done = subprocess.run([PY, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "`" not in done.stdout and ":func:" not in done.stdout, done.stdout
+    description = done.stdout.split("\n\n")[1]
+    assert description.rstrip().endswith("."), description
+
+
+def test_a_clean_stop_is_no_warning_in_supervisords_log(short_tmp: str) -> None:
+    """supervisord logs a stop at WARN when the exit is not one of the program's exitcodes: a router
+    (or an engine) stopped on purpose must exit with one, or every deploy looks like an incident."""
+    from helpers import distinct_ports
+    from supervised import Supervised, render_cli, wait_for
+    tmp = Path(short_tmp)
+    router_port, a = distinct_ports(2)
+    cfg = tmp / "config.yaml"
+    cfg.write_text(json.dumps({"router": {"router_port": router_port, "shutdown_grace_seconds": 1},
+                               "instances": [{"name": "a", "model": "org/a", "engine": "vllm", "engine_args": [f"--port={a}"]}]}))
+    stack = Supervised(tmp / "out", tmp / "tmux")
+    try:
+        assert render_cli(cfg, tmp / "out", "--sim", env=stack.env).returncode == 0
+        stack.start()
+        stack.wait_running(["a", "router", "logs"])
+        for program in ("router", "a"):
+            done = stack.ctl("stop", program)
+            assert done.returncode == 0 and "stopped" in done.stdout, done.stdout + done.stderr
+        log = tmp / "out" / "logs" / "supervisord.log"
+        stops = wait_for(lambda: [ln for ln in log.read_text().splitlines() if "stopped: " in ln][:2]
+                         if log.read_text().count("stopped: ") >= 2 else None, 10, "both stops in supervisord's log")
+        assert all(" INFO stopped: " in ln for ln in stops), stops
+        assert not [ln for ln in log.read_text().splitlines() if " WARN " in ln], log.read_text()
+    finally:
+        stack.close()
+
+
+#: Runs a CLI as in an install without the extra kvrouter[kubernetes]: its two packages cannot be imported.
+WITHOUT_EXTRAS = ("import runpy, sys; sys.modules.update(kubernetes=None, dns=None); sys.argv = sys.argv[1:]; "
+                  "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
+def test_without_the_kubernetes_extra_manifests_render_and_a_cluster_config_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(json.dumps({"router": {"replicas": 2}, "instances": [
+        {"name": "a", "model": "org/a", "engine": "vllm", "engine_args": ["--port=8001"]},
+        {"name": "pool", "model": "org/pool", "engine": "vllm", "dns_name": "pool.test", "port": 8000}]}))
+    manifests = subprocess.run([PY, "-c", WITHOUT_EXTRAS, "router.render", "--config", str(cfg), "--target", "kubernetes",
+                                "--out", str(tmp_path / "k8s")], capture_output=True, text=True, timeout=60)
+    assert manifests.returncode == 0, manifests.stderr
+    assert (tmp_path / "k8s" / "kustomization.yaml").is_file()
+    serve = subprocess.run([PY, "-c", WITHOUT_EXTRAS, "router.serve", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 2, serve.stderr
+    assert "Traceback" not in serve.stderr
+    assert f"error: {cfg}: kubernetes.leader_election: leader election by a Kubernetes Lease needs the Python package " \
+           "kubernetes, which is not installed; install it with: pip install 'kvrouter[kubernetes]'" in serve.stderr
+    assert f"error: {cfg}: instances pool: dns_name: engine replicas found by DNS needs the Python package dnspython" in serve.stderr
+    # A single-node config needs neither: the router starts and answers.
+    from helpers import Proc, free_port, wait_http
+    port = free_port()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(json.dumps({"router": {"router_port": port}, "instances": [
+        {"name": "a", "model": "org/a", "engine": "vllm", "engine_args": ["--port=8001"]}]}))
+    router = Proc([PY, "-c", WITHOUT_EXTRAS, "router.serve", "--config", str(plain)], log=str(tmp_path / "router.log"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    finally:
+        router.stop()

@@ -121,15 +121,18 @@ def test_json_shape(healthy: Stack) -> None:
     assert doc["router"]["process"]["state"] == "RUNNING"
     assert [i["name"] for i in doc["instances"]] == ["alpha", "beta"]
     for inst in doc["instances"]:
-        assert set(inst) == {"name", "model", "launched", "on_demand", "ready", "process", "health", "health_detail", "sleep",
+        assert set(inst) == {"name", "model", "launched", "on_demand", "ready", "process", "health", "health_detail",
                              "residency", "in_flight", "requests_per_second", "last_activity", "uptime_seconds"}
         assert inst["process"]["state"] == "RUNNING" and inst["process"]["log"].endswith(f"{inst['name']}.log")
-        assert inst["health"] == "healthy" and inst["sleep"] == "awake" and inst["in_flight"] == 0
+        assert inst["health"] == "healthy" and inst["residency"] == "awake" and inst["in_flight"] == 0
         assert inst["requests_per_second"] == 0 and inst["uptime_seconds"] >= 0
     # The table, piped: plain text naming every instance and state.
     table = healthy.status()
     assert table.returncode == 0 and "\x1b" not in table.stdout
     assert all(w in table.stdout for w in ("alpha", "beta", "RUNNING", "healthy", "awake"))
+    header = next(ln for ln in table.stdout.splitlines() if " instance " in ln)
+    assert [w for w in header.split() if w not in "┃│"][:6] == ["instance", "model", "process", "health", "residency", "in-flight"], header
+    assert "sleep" not in header
 
 
 def test_json_when_nothing_runs(tmp_path: Path) -> None:
@@ -185,12 +188,12 @@ def test_router_views_read_what_is_there_and_show_residency() -> None:
         "m/c": "not an object"}}
     traffic = {"traffic_stats": {"m/a": {"request_rate": 1.5, "last_activity_time": 100.0}}}
     views = router_views(health, traffic)
-    assert views == {"a": RouterView("healthy", None, "awake", "resident", 2, 1.5, 100.0),
-                     "b": RouterView("sleeping", None, "sleeping", "evicted")}
+    assert views == {"a": RouterView("healthy", None, "resident", 2, 1.5, 100.0),
+                     "b": RouterView("sleeping", None, "evicted")}
     assert router_views(["garbage"], None) == {}
     snapshot = Snapshot(taken_at=160.0, supervisord=Source("s", "down"), router=Source("r"),
                         rows=(Row("a", "m/a", True, None, views["a"]), Row("b", "m/b", True, None, views["b"])))
-    assert snapshot.ready and snapshot.has_residency
+    assert snapshot.ready
     console = Console(width=200, force_terminal=False)
     with console.capture() as captured:
         console.print(status_table(snapshot))
@@ -276,3 +279,28 @@ def test_a_terminal_gets_the_live_table(healthy: Stack) -> None:
     # rich.live draws (and hides the cursor while it does), then the verdict.
     assert "\x1b[?25l" in text and "waiting for the engines" in text and "┃" in text and "alpha" in text
     assert "all 2 launched instances are healthy" in text
+
+
+def test_a_sleeping_model_is_said_sleeping_once() -> None:
+    """The router reports a model that is not awake by its state in three places (the model's
+    sleep, each endpoint's status and residency); the table says it in the residency column only."""
+    health = {"models": {
+        "m/a": {"status": "healthy", "sleep": {"state": "awake"},
+                "endpoints": [{"instance": "a", "status": "healthy", "residency": "awake", "outstanding": 0}]},
+        "m/s": {"status": "sleeping", "sleep": {"state": "sleeping"},
+                "endpoints": [{"instance": "s", "status": "sleeping", "residency": "sleeping", "outstanding": 0}]},
+        "m/o": {"status": "stopped", "sleep": {"state": "stopped"}, "endpoints": [{"instance": "o", "status": "stopped"}]}}}
+    views = router_views(health, {})
+    assert views["o"].residency == "stopped"  # an endpoint without residency: the model's state
+    snapshot = Snapshot(taken_at=160.0, supervisord=Source("s"), router=Source("r"),
+                        rows=tuple(Row(n, f"m/{n}", True, None, views[n]) for n in ("a", "s", "o")))
+    console = Console(width=200, force_terminal=False)
+    with console.capture() as captured:
+        console.print(status_table(snapshot))
+    lines = captured.get().splitlines()
+    header = next(ln for ln in lines if " instance " in ln)
+    assert [h for h in header.split() if h in ("health", "sleep", "residency")] == ["health", "residency"]
+    for name, words in (("a", ["healthy", "awake"]), ("s", ["-", "sleeping"]), ("o", ["-", "stopped"])):
+        cells = [c.strip() for c in next(ln for ln in lines if f" m/{name} " in ln).split("│")]
+        assert cells[4:6] == words, cells
+        assert sum(c in ("sleeping", "stopped", "awake") for c in cells) == 1, cells

@@ -280,6 +280,42 @@ def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path
     print(f"sleep shown {shown_after:.2f}s after the engine slept; screenshots in {tmp_path} and {SHOTS}")
 
 
+#: Run in the page before its own scripts: what the page shows when its load event fires, and
+#: what it had fetched and shown when it opened its event stream.
+WATCH_FIRST_PICTURE = """
+addEventListener("load", () => { window.atLoad = document.querySelectorAll("article.card").length; });
+const Original = window.EventSource;
+window.EventSource = class extends Original {
+  constructor(url) {
+    super(url);
+    window.atStream = {
+      cards: document.querySelectorAll("article.card").length,
+      fetched: performance.getEntriesByType("resource").map((e) => new URL(e.name).pathname)
+        .filter((p) => !p.startsWith("/ui/")),
+    };
+  }
+};
+"""
+
+
+@needs_browser
+def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, page):
+    """A headless screenshot (taken when the page has loaded) shows the model cards: they come
+    from one fetch of /health/all, drawn before the load event and before the event stream opens."""
+    browser = page
+    st = make_stack()
+    viewport(browser, LAPTOP)
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WATCH_FIRST_PICTURE})
+    try:
+        browser.get(st.url + "/ui")
+        assert until(lambda: browser.execute_script("return window.atStream !== undefined"), 10)
+        assert browser.execute_script("return window.atLoad") == 2
+        assert browser.execute_script("return window.atStream") == {"cards": 2, "fetched": ["/health/all"]}
+        assert page_errors(browser) == []
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+
+
 @needs_browser
 def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser = page

@@ -19,6 +19,7 @@ import uvloop
 from router.bench import swap
 from router.bench.loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
 from router.bench.report import compare, comparison_table, results_table, summarize, workload_line, write_json
+from router.bench.residency import ResidencyWatch
 from router.config import Config, ConfigError, connect_host, load_config
 
 
@@ -41,8 +42,12 @@ def _span(text: str) -> Span:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+DESCRIPTION = ("Load every configured model through the router (or directly) and report latency and throughput. "
+               "The models and the router's address come from the YAML the router serves.")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m router.bench", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m router.bench", description=DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="example-config.yaml", help="the stack's YAML (models, router address)")
     p.add_argument("--pattern", choices=("steady", "swap"), default="steady",
@@ -204,6 +209,9 @@ async def _phases(args: argparse.Namespace, cfg: Config, models: list[str], stop
     progress = Progress(sys.stderr, args.progress_interval)
     kinds = ["router", "direct"] if args.compare_direct else ["direct" if args.direct else "router"]
     totals: dict[str, dict[str, Recorder]] = {k: {m: Recorder() for m in models} for k in kinds}
+    watch = ResidencyWatch(url, _auth(key), models) if args.compare_direct else None
+    if watch is not None:
+        await watch.start(work.timeout)
     for rnd in range(args.rounds if args.compare_direct else 1):
         for kind in kinds:
             if stop.is_set():
@@ -216,8 +224,13 @@ async def _phases(args: argparse.Namespace, cfg: Config, models: list[str], stop
                  "output_len": str(work.output_len), "mode": work.mode}, "interrupted": stop.is_set()}
     for kind in kinds:
         doc[kind] = {m: summarize(rec) for m, rec in totals[kind].items()}
-    if args.compare_direct:
-        doc["comparison"] = {m: compare(doc["router"][m], doc["direct"][m]) for m in models}
+    if watch is not None:
+        changed = await watch.changes(work.timeout)
+        doc["residency_changes"] = changed
+        doc["comparison"] = {m: watch.refusal(changed[m]) if m in changed else compare(doc["router"][m], doc["direct"][m])
+                             for m in models}
+        for warning in watch.warnings(changed):
+            print(f"warning: {warning}", file=sys.stderr)
     return doc
 
 

@@ -94,6 +94,9 @@ def results_table(summaries: Mapping[str, dict]) -> str:
 def comparison_table(comparisons: Mapping[str, dict]) -> str:
     rows = [("MODEL", "THROUGHPUT router/direct", "ADDED LATENCY ms p50/p99", "ADDED TTFT ms p50/p99", "ITL router/direct")]
     for model, c in comparisons.items():
+        if "refused" in c:
+            rows.append((model, f"no figures: {c['refused']}", "", "", ""))
+            continue
         lat, ttft = c["added_latency_ms"], c["added_ttft_ms"]
         rows.append((model, _num(c["throughput_ratio"], "{:.3f}"),
                      f"{_num(lat['p50'], '{:+.3f}')}/{_num(lat['p99'], '{:+.3f}')}",

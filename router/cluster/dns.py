@@ -21,21 +21,26 @@ What an answer means:
 The nameservers are `router.dns_servers` (address and port each), or the
 system's (/etc/resolv.conf, with its search domains, as in a pod). Resolving
 uses dnspython's asyncio resolver with its cache off: every round asks anew.
+dnspython comes with the extra ``kvrouter[kubernetes]`` and is imported only
+when a `Resolver` is made (a config with a `dns_name`), so a single-node
+install runs without it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-from typing import Awaitable, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping, Optional
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
-
+from router.cluster.extras import require
 from router.config import Config
 from router.util.periodic import Periodic
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+
+#: What a missing dnspython is reported as.
+FEATURE = "engine replicas found by DNS (an instance's dns_name)"
 
 log = logging.getLogger("router.dns")
 
@@ -46,15 +51,19 @@ class Resolver:
     """Resolves names to addresses with the given nameservers ((address, port), ...), or the system's."""
 
     def __init__(self, servers: tuple[tuple[str, int], ...] = (), timeout: float = 2.0):
+        asyncresolver = require("dns.asyncresolver", FEATURE)
+        nameserver = require("dns.nameserver", FEATURE)
+        self._dns_resolver = resolver = require("dns.resolver", FEATURE)
+        self._dns_exception = require("dns.exception", FEATURE)
         self.servers = servers
         self._resolver: Optional[dns.asyncresolver.Resolver]
         if servers:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [dns.nameserver.Do53Nameserver(a, port=p) for a, p in servers]
+            self._resolver = asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [nameserver.Do53Nameserver(a, port=p) for a, p in servers]
         else:
             try:
-                self._resolver = dns.asyncresolver.Resolver()
-            except dns.resolver.NoResolverConfiguration:
+                self._resolver = asyncresolver.Resolver()
+            except resolver.NoResolverConfiguration:
                 log.warning("no nameserver in /etc/resolv.conf: dns_name instances are resolved by the system "
                             "(getaddrinfo); set router.dns_servers to ask a nameserver directly")
                 self._resolver = None
@@ -78,9 +87,9 @@ class Resolver:
         assert self._resolver is not None
         try:
             answer = await self._resolver.resolve(name, rdtype, search=True)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        except (self._dns_resolver.NXDOMAIN, self._dns_resolver.NoAnswer):
             return []
-        except dns.exception.DNSException as e:  # timeout, SERVFAIL from every nameserver, ...
+        except self._dns_exception.DNSException as e:  # timeout, SERVFAIL from every nameserver, ...
             log.debug("resolving %s %s: %s", name, rdtype, e)
             return None
         return [r.address for r in answer]

@@ -49,7 +49,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from router.cluster.extras import require
+
 log = logging.getLogger("router.lease")
+
+#: What a missing Kubernetes client is reported as (it comes with the extra kvrouter[kubernetes]).
+FEATURE = "leader election by a Kubernetes Lease (kubernetes.leader_election)"
 
 #: Called with a state ("started", "stopped", "leader") and details; fits `Events.publish` with its kind bound.
 OnChange = Callable[..., None]
@@ -81,8 +86,8 @@ def api_client(configuration: Any = None) -> Any:
     """A `kubernetes.client.ApiClient`: for `configuration` when given (tests point it at a fake API
     server), else the pod's service account when in a cluster, else the user's kubeconfig. The
     process-wide default configuration is never read or changed."""
-    from kubernetes import client, config
-
+    client = require("kubernetes.client", FEATURE)
+    config = require("kubernetes.config", FEATURE)
     if configuration is None:
         configuration = client.Configuration()
         try:
@@ -125,8 +130,7 @@ class LeaseElector:
                              f"({renew_deadline_seconds}) < lease_seconds ({lease_seconds})")
         if "@" in identity or not identity:
             raise ValueError(f"identity {identity!r} must be non-empty and hold no '@'")
-        from kubernetes import client
-
+        client = require("kubernetes.client", FEATURE)
         self._client = client
         self._api = client.CoordinationV1Api(api)
         self.identity = identity

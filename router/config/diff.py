@@ -10,7 +10,7 @@ from router.config.sleep import SleepSettings
 from router.config.top import Config
 
 #: Router settings a running router cannot take without a restart.
-RESTART_SETTINGS = ("host", "port", "enable_router", "workers")
+RESTART_SETTINGS = ("host", "port", "enable_router", "workers", "log_format")
 #: Settings never shown, only whether they changed.
 SECRET_SETTINGS = ("api_keys", "admin_api_key")
 

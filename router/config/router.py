@@ -15,6 +15,7 @@ from router.config.problems import Reading
 from router.config.schema import Kind, setting
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+LOG_FORMATS = ("text", "json")
 
 
 def read_keys_from(value: object, where: str, reading: Reading, many: bool) -> tuple[str, ...]:
@@ -140,6 +141,9 @@ class RouterSettings:
         "on SIGTERM, in-flight requests get this long to finish; supervisord waits this plus 10 s before killing the router"))
     access_log: bool = setting(Flag(), True, "one line per request in the router's log")
     log_level: str = setting(Choice(LOG_LEVELS), "info", "how much the router logs")
+    log_format: str = setting(Choice(LOG_FORMATS), "text", (
+        "`json`: every line of the router's log is one JSON object with stable field names (see \"Monitoring\"); "
+        "changing it needs a restart"))
     replicas: int = setting(COUNT, 1, "router pods in Kubernetes, each keeping its own state (see \"More than one node\")")
     workers: int = setting(COUNT, 1, (
         "proxy processes sharing the router's port beside one controller process that owns every model's lifecycle "

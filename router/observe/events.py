@@ -11,6 +11,7 @@ oldest events, never slowing a publisher.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,12 +19,16 @@ from typing import Callable, Mapping, Optional
 
 import orjson
 
+from router.observe.logs import FIELDS, json_configured
+
 #: Events kept for a follower that connects later (`recent`).
 HISTORY = 256
 #: Events one subscriber may have waiting before the oldest are dropped.
 QUEUE = 1024
 
 JsonValue = object
+
+log = logging.getLogger("router.events")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ class Events:
         self._listeners: list[Callable[[Event], None]] = []
         self._history: deque[Event] = deque(maxlen=HISTORY)
         self._seq = 0
+        if json_configured():
+            # In JSON logs every state change is also a line of its own, with its fields (docs/monitoring.md).
+            self.listen(log_event)
 
     def publish(self, kind: str, state: str, model: Optional[str] = None, instance: Optional[str] = None,
                 **detail: JsonValue) -> None:
@@ -104,3 +112,10 @@ class Events:
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
+
+
+def log_event(event: Event) -> None:
+    """One event as a log line whose fields are the event's (kind, state, model, instance, its detail)."""
+    log.info("%s %s", event.kind, event.state, extra={FIELDS: {"kind": event.kind, "state": event.state,
+                                                                "model": event.model, "instance": event.instance,
+                                                                **event.detail}})

@@ -30,6 +30,8 @@ STOPPED_STATES = ("STOPPED",)
 #: Why a program restarts.
 PROGRAM_CHANGED = "its supervisord program changed"
 SCRIPT_CHANGED = "its launch script changed"
+#: What happens to an on-demand engine that is added or whose program changes.
+ON_DEMAND_LEFT = "on demand: left stopped until its first request"
 #: A router reload re-reads the YAML and probes nothing: it answers fast.
 RELOAD_TIMEOUT_SECONDS = 30
 
@@ -47,10 +49,15 @@ class Plan:
     restart: dict[str, str] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     keep: list[str] = field(default_factory=list)
+    #: Programs of the new rendering that supervisord does not start (``autostart=false``):
+    #: engines the router starts on their first request. Adding one leaves it stopped.
+    on_demand: set[str] = field(default_factory=set)
 
     def lines(self) -> list[str]:
+        start = [n for n in self.start if n not in self.on_demand]
+        add = [f"{n} ({ON_DEMAND_LEFT})" for n in self.start if n in self.on_demand]
         restart = [f"{n} ({why})" for n, why in self.restart.items()]
-        rows = [("start", self.start), ("restart", restart), ("stop", self.stop), ("keep", self.keep)]
+        rows = [("start", start), *([("add", add)] if add else []), ("restart", restart), ("stop", self.stop), ("keep", self.keep)]
         return [f"  {what + ':':9}{', '.join(names) if names else '-'}" for what, names in rows]
 
 
@@ -85,7 +92,8 @@ def make_plan(out: Path, old: Mapping[str, str], new: Files, running: Mapping[st
     """The plan for `running` (name -> supervisord state) going from the `old` files to `new`."""
     before = programs(old.get("supervisord.conf", ""), str(out / "supervisord.conf"))
     after = programs(new["supervisord.conf"][0], "the new supervisord.conf")
-    plan = Plan(stop=sorted(set(running) - set(after)))
+    plan = Plan(stop=sorted(set(running) - set(after)),
+                on_demand={n for n, settings in after.items() if settings.get("autostart") == "false"})
     for name, settings in after.items():
         rel = script_of(settings, out)
         if name not in running:
@@ -106,7 +114,7 @@ def supervisor(out: Path) -> Any:
     try:
         proxy.supervisor.getState()
     except (OSError, xmlrpc.client.ProtocolError) as e:
-        raise ApplyError(f"no supervisord is running for {out} (cannot connect to {socket}: {e.strerror or e}); "
+        raise ApplyError(f"no supervisord is running for {out} (cannot connect to {socket}: {getattr(e, 'strerror', None) or e}); "
                          f"start it with: supervisord -c {shlex.quote(str(out / 'supervisord.conf'))}") from None
     return proxy
 
@@ -119,7 +127,8 @@ def apply(proxy: Any, plan: Plan, say: Callable[[str], None]) -> set[str]:
     """Have supervisord load the new supervisord.conf (already written) and carry it
     out: stop everything that goes or changes first (freeing GPU memory), then
     add and start. supervisord's own diff decides the groups; `plan` adds the
-    launch-script restarts. Returns the programs (re)started."""
+    launch-script restarts. An on-demand engine (``autostart=false``) that is added
+    or whose program changes is left stopped, and said so. Returns the programs (re)started."""
     added, changed, removed = _call(proxy, "reloadConfig")[0]
     scripts = [n for n, why in plan.restart.items() if why == SCRIPT_CHANGED and n not in added + changed]
     for name in removed + changed + scripts:
@@ -130,16 +139,17 @@ def apply(proxy: Any, plan: Plan, say: Callable[[str], None]) -> set[str]:
     for name in changed:
         _call(proxy, "removeProcessGroup", name)
         _call(proxy, "addProcessGroup", name)
-        say(f"  restarted {name} ({PROGRAM_CHANGED})")
+        say(f"  reloaded {name} ({PROGRAM_CHANGED}; {ON_DEMAND_LEFT})" if name in plan.on_demand
+            else f"  restarted {name} ({PROGRAM_CHANGED})")
     for name in added:
         _call(proxy, "addProcessGroup", name)
-        say(f"  started {name}")
+        say(f"  added {name} ({ON_DEMAND_LEFT})" if name in plan.on_demand else f"  started {name}")
     for name in scripts:
         _call(proxy, "startProcess", name, False)
         say(f"  restarted {name} ({SCRIPT_CHANGED})")
     if not removed + changed + added + scripts:
         say("  nothing to change")
-    return set(added + changed + scripts)
+    return {n for n in added + changed if n not in plan.on_demand} | set(scripts)
 
 
 def _call(proxy: Any, method: str, *args: Any) -> Any:

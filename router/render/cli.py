@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from router import __version__
 from router.config import Config, ConfigError, load_config, summary_table
 from router.render.apply import ApplyError, apply, make_plan, router_step, running_programs, supervisor
-from router.render.files import Files, RenderError, render_files, session_names
+from router.render.files import FILE_MODE, Files, RenderError, render_files, session_names
 from router.render.kubernetes.cli import render_to_kubernetes
+from router.render.mode import MODE_FILE, ModeFileError, RenderMode, read_mode, refusal
 from router.render.nodes import for_node
 from router.render.sessions import check_sessions
 from router.render.tree import read_tree, write_tree
@@ -41,8 +43,8 @@ def file_changes(old: Mapping[str, str], new: Files) -> str:
     return "Files: " + ("; ".join(f"{what} {', '.join(names)}" for what, names in parts) if parts else "unchanged")
 
 
-def next_steps(cfg: Config, out: Path) -> str:
-    """What to run after rendering, printed for the user."""
+def next_steps(cfg: Config, out: Path, mode: RenderMode) -> str:
+    """What to run after rendering, printed for the user: every command exactly as it is typed."""
     conf = shlex.quote(str(out / "supervisord.conf"))
     lines = [
         f"Rendered {len(cfg.launched)} engine(s){' and the router' if cfg.router.enable_router else ''} into {out}",
@@ -55,7 +57,8 @@ def next_steps(cfg: Config, out: Path) -> str:
         "Without supervisord (tmux only):",
         f"  {shlex.quote(str(out / 'tmux-launch.sh'))}        # then: list | kill",
         "After editing the YAML, apply it to the running stack:",
-        f"  python -m router.render --config {shlex.quote(cfg.path)} --out {shlex.quote(str(out))} --apply [--dry-run]",
+        f"  {mode.command(out, '--apply')}",
+        "(add --dry-run to see the plan first)",
     ]
     return "\n".join(lines)
 
@@ -79,8 +82,29 @@ def apply_to_stack(cfg: Config, out: Path, old: Mapping[str, str], new: Files, d
     return 0 if ok else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m router.render", description=__doc__.split("\n", 1)[0])
+DESCRIPTION = """\
+Render one YAML into the files that run a node: supervisord.conf, one launch
+script per engine, and tmux scripts (or, with --target kubernetes, Kubernetes
+manifests). With --apply, also bring the new files to the running supervisord
+of the same folder and have the router re-read the YAML, restarting only the
+engines whose launch changed."""
+
+EPILOG = """\
+exit status: 0 done; 1 a runtime failure (the output folder cannot be written,
+no supervisord runs for --apply, supervisord refused a step); 2 a bad config,
+output folder or mode (then nothing was written).
+
+examples:
+  python -m router.render --config example-config.yaml --check
+  python -m router.render --config example-config.yaml --out supervisor --sim
+  python -m router.render --config example-config.yaml --out supervisor --sim --apply --dry-run
+  python -m router.render --config example-config.yaml --target kubernetes --out kubernetes"""
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m router.render", description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"kvrouter {__version__}")
     ap.add_argument("--config", default="example-config.yaml", help="the YAML file (default: example-config.yaml)")
     ap.add_argument("--out", help="output folder (default: supervisor, or kubernetes for --target kubernetes)")
     ap.add_argument("--target", choices=("supervisord", "kubernetes"), default="supervisord",
@@ -90,8 +114,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--sim", action="store_true", help="run the simulated engine in place of every engine (no GPU needed)")
     ap.add_argument("--check", action="store_true", help="validate and print the instances; write nothing")
     ap.add_argument("--apply", action="store_true",
-                    help="then apply the new files to the running supervisord (<out>/supervisor.sock) and reload the router")
+                    help="then apply the new files to the running supervisord (<out>/supervisor.sock) and reload the router; "
+                         "refused when --sim, --config or --node differ from the running rendering")
     ap.add_argument("--dry-run", action="store_true", help="with --apply: print the plan; write and change nothing")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.dry_run and not args.apply:
         ap.error("--dry-run goes with --apply (python -m router.render --apply --dry-run)")
@@ -115,8 +145,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg, warnings = for_node(cfg, args.node)
         report(warnings)
     out = Path(os.path.abspath(args.out or "supervisor"))
+    mode = RenderMode(config=cfg.path, sim=args.sim, node=args.node)
+    if args.apply:
+        try:
+            recorded = read_mode(out)
+        except ModeFileError as e:
+            report([], [str(e)])
+            return 2
+        refused = recorded and refusal(out, recorded, mode, args.dry_run)
+        if refused:
+            report([], [refused])
+            return 2
     try:
-        files = render_files(cfg, out, sim=args.sim)
+        files = {**render_files(cfg, out, sim=args.sim), MODE_FILE: (mode.text(), FILE_MODE)}
         report(check_sessions(cfg, out))
     except RenderError as e:
         report([], str(e).splitlines())
@@ -132,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: cannot write {out}: {e}\nThe previous output is unchanged.", file=sys.stderr)
         return 1
     if not args.apply:
-        print(next_steps(cfg, out))
+        print(next_steps(cfg, out, mode))
         return 0
     print(file_changes(old, files))
     return apply_to_stack(cfg, out, old, files, dry_run=False)

@@ -3,7 +3,7 @@
 An operator (or a deploy script) asks two questions after ``supervisord -c``:
 is everything up, and if not, which engine failed and why. The answers are
 split between supervisord (process state, uptime, the log file) and the
-router (health, sleep, load); this tool asks both and shows one row per
+router (health, residency, load); this tool asks both and shows one row per
 instance, saying which source did not answer instead of failing.
 
 - snapshot.py: one reading of both sources, typed

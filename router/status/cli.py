@@ -24,7 +24,7 @@ PIPE_WIDTH = 200
 
 DESCRIPTION = """\
 Show every instance of a kvrouter stack: supervisord's process state, the
-router's health and sleep state, in-flight requests, requests per second,
+router's health probe and residency (awake, sleeping, stopped...), in-flight requests, requests per second,
 last activity and uptime. supervisord is asked over <out>/supervisor.sock,
 the router over HTTP at router_host:router_port (with the admin key, if the
 config sets one); a source that does not answer is named, not fatal."""
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, metavar="FILE", help="the stack's YAML file")
     ap.add_argument("--out", default="supervisor", metavar="DIR",
-                    help="the folder `python -m router.render` wrote, holding supervisor.sock (default: %(default)s)")
+                    help="the folder python -m router.render wrote, holding supervisor.sock (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table (for scripts)")
     ap.add_argument("--wait", action="store_true",
                     help="follow the engines as they come up (a live table on a terminal, one line per change "

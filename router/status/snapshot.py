@@ -48,9 +48,11 @@ class Source:
 class RouterView:
     """What the router says of one instance (from /health/all and /traffic/stats)."""
 
+    #: The probe's outcome (healthy, unhealthy, down); for a model that is not awake the router
+    #: does not probe and says its residency here instead.
     health: Optional[str] = None
     detail: Optional[str] = None
-    sleep: Optional[str] = None
+    #: Where the model's engines are: awake, sleeping, stopped, waking, starting...
     residency: Optional[str] = None
     in_flight: Optional[int] = None
     rate: Optional[float] = None
@@ -114,11 +116,6 @@ class Snapshot:
     router_process: Optional[ProcessState] = None
 
     @property
-    def has_residency(self) -> bool:
-        """Whether any row has a residency (the column is shown only then)."""
-        return any(r.view.residency for r in self.rows)
-
-    @property
     def required(self) -> tuple[Row, ...]:
         """The instances supervisord starts with the stack (not on-demand, not started elsewhere)."""
         return tuple(r for r in self.rows if r.required)
@@ -168,7 +165,8 @@ def router_views(health: object, traffic: object) -> dict[str, RouterView]:
     for model_name, report_value in _obj(_obj(health).get("models")).items():
         report = _obj(report_value)
         model_stats = _obj(stats.get(model_name))
-        sleep = _str(_obj(report.get("sleep")).get("state"))
+        # The model's lifecycle state: the same word the endpoints carry as their residency.
+        state = _residency(report.get("residency")) or _str(_obj(report.get("sleep")).get("state"))
         endpoints = report.get("endpoints")
         for endpoint_value in endpoints if isinstance(endpoints, list) else []:
             endpoint = _obj(endpoint_value)
@@ -177,8 +175,8 @@ def router_views(health: object, traffic: object) -> dict[str, RouterView]:
                 continue
             outstanding = _num(endpoint.get("outstanding"))
             views[name] = RouterView(
-                health=_str(endpoint.get("status")), detail=_str(endpoint.get("detail")), sleep=sleep,
-                residency=_residency(endpoint.get("residency")) or _residency(report.get("residency")),
+                health=_str(endpoint.get("status")), detail=_str(endpoint.get("detail")),
+                residency=_residency(endpoint.get("residency")) or state,
                 in_flight=int(outstanding) if outstanding is not None else None,
                 rate=_num(model_stats.get("request_rate")), last_activity=_num(model_stats.get("last_activity_time")))
     return views

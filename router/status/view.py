@@ -18,7 +18,8 @@ from router.supervision.processes import ProcessState
 #: A value nobody reported: the source is down, or the field does not apply.
 NONE = "-"
 STYLES = {"RUNNING": "green", "healthy": "green", "awake": "green", "STARTING": "yellow", "sleeping": "cyan",
-          "BACKOFF": "red", "FATAL": "red", "unhealthy": "red", "down": "red", "STOPPED": "dim", "EXITED": "red"}
+          "BACKOFF": "red", "FATAL": "red", "unhealthy": "red", "down": "red", "STOPPED": "dim", "EXITED": "red",
+          "stopped": "dim", "waking": "yellow", "starting": "yellow", "failed": "red"}
 
 
 def duration(seconds: Optional[float]) -> str:
@@ -45,6 +46,13 @@ def process_text(row: Row, snapshot: Snapshot) -> str:
 
 def health_text(row: Row, snapshot: Snapshot) -> str:
     return row.view.health or ("?" if not snapshot.router.up else NONE)
+
+
+def probe_text(row: Row, snapshot: Snapshot) -> str:
+    """The health column of the table: the probe's outcome only. A model that is not awake is
+    not probed, and the router repeats its residency as its health: that is the residency
+    column's to say, once."""
+    return NONE if row.view.health is not None and row.view.health == row.view.residency else health_text(row, snapshot)
 
 
 def styled(text: str) -> Text:
@@ -74,19 +82,18 @@ def _caption(snapshot: Snapshot) -> str:
 
 
 def status_table(snapshot: Snapshot) -> Table:
-    """One row per instance: process, health, sleep (and residency), load, last activity, uptime."""
+    """One row per instance: process (supervisord), health (the router's probe), residency (awake,
+    sleeping, stopped...: one column, the router's one word for it), load, last activity, uptime."""
     table = Table(title="kvrouter instances", caption=_caption(snapshot), caption_justify="left")
-    headers = ["instance", "model", "process", "health", "sleep"] + (["residency"] if snapshot.has_residency else [])
-    headers += ["in-flight", f"req/s ({RATE_WINDOW_SECONDS}s)", "last activity", "uptime"]
+    headers = ["instance", "model", "process", "health", "residency",
+               "in-flight", f"req/s ({RATE_WINDOW_SECONDS}s)", "last activity", "uptime"]
     for header in headers:
         table.add_column(header, justify="right" if header in ("in-flight", "uptime") or "req/s" in header else "left")
     now = snapshot.taken_at
     for row in snapshot.rows:
         v = row.view
         cells = [Text(row.name), Text(row.model), styled(process_text(row, snapshot)),
-                 styled(health_text(row, snapshot)), styled(v.sleep or NONE)]
-        if snapshot.has_residency:
-            cells.append(Text(v.residency or NONE))
+                 styled(probe_text(row, snapshot)), styled(v.residency or NONE)]
         uptime = row.process.uptime_seconds(now) if row.process else None
         cells += [Text(NONE if v.in_flight is None else str(v.in_flight)),
                   Text(NONE if v.rate is None else f"{v.rate:.2f}"),
@@ -125,7 +132,7 @@ def to_json(snapshot: Snapshot) -> dict[str, object]:
         "instances": [{
             "name": r.name, "model": r.model, "launched": r.launched, "on_demand": r.on_demand, "ready": r.ready,
             "process": process_json(r.process, now),
-            "health": r.view.health, "health_detail": r.view.detail, "sleep": r.view.sleep,
+            "health": r.view.health, "health_detail": r.view.detail,
             "residency": r.view.residency, "in_flight": r.view.in_flight, "requests_per_second": r.view.rate,
             "last_activity": r.view.last_activity,
             "uptime_seconds": r.process.uptime_seconds(now) if r.process else None,

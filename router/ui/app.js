@@ -1,6 +1,9 @@
 // The kvrouter dashboard. Plain JS, no build step, no third-party code: it
 // reads the router's own API (the same answers any client gets) and draws them.
 //
+// The first picture comes from one fetch of /health/all, drawn before the load
+// event; only then does the page open its event stream and start polling.
+//
 // Truth comes from two sources: a poll of /health/all and /traffic/stats every
 // POLL_MS (complete, but up to POLL_MS old) and /events (immediate, but only
 // changes). An event's state wins over a poll that was sent before the event
@@ -178,11 +181,9 @@ async function refresh() {
   }
   if (document.getElementById("notice").textContent.startsWith("The router does not answer")) notice("");
   keepNewerEvents(health, sent);
-  const firstModels = !ui.health;
   ui.health = health;
   ui.traffic = traffic.traffic_stats || {};
   sample(sent);
-  if (firstModels && ui.admin) await probeStartStop();
   if (ui.caps.residency) ui.residency = await getJSON("/residency").catch(() => null);
   renderAll();
 }
@@ -556,15 +557,54 @@ function appendLog(pane, lines) {
 
 // -------------------------------------------------------------------- start
 
-async function start() {
-  setupAdminForm();
-  document.getElementById("log-pick").addEventListener("change", (ev) => followLog(ev.target.value));
-  window.addEventListener("resize", () => renderAll());
+/** A 1x1 transparent GIF: an image that loads from memory, allowed by the page's img-src. */
+const PIXEL = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7";
+
+/**
+ * Hold the page's load event until `promise` settles. A loading image holds it; each one starts
+ * the next from its own load handler, before the browser lets go of the last, so there is never
+ * a moment with none. Whatever waits for "loaded" (a headless --screenshot, a test) then sees
+ * what the promise drew.
+ */
+function holdLoadEvent(promise) {
+  let settled = false;
+  promise.finally(() => { settled = true; });
+  let n = 0;
+  const next = () => {
+    if (settled) return;
+    const img = new Image();
+    img.onload = img.onerror = next;
+    img.src = `${PIXEL}#${n++}`;
+  };
+  next();
+  return promise;
+}
+
+/**
+ * The first picture, from one fetch of /health/all, drawn before the page asks for anything
+ * else or opens its event stream, and before its load event: the models show as soon as the
+ * page has loaded (a slow link, a headless screenshot) rather than an empty frame.
+ */
+async function firstSnapshot() {
+  try {
+    ui.health = await getJSON("/health/all");
+  } catch (e) {
+    notice(`The router does not answer: ${e.message}`, true);
+    return;
+  }
+  renderAll();
+}
+
+/** Everything after the first picture: the event stream, then the full poll, then the admin rule. */
+async function follow() {
+  followEvents();
   await probeResidency();
   await refresh();
   await whoami();
-  followEvents();
   setInterval(refresh, POLL_MS);
 }
 
-start();
+setupAdminForm();
+document.getElementById("log-pick").addEventListener("change", (ev) => followLog(ev.target.value));
+window.addEventListener("resize", () => renderAll());
+holdLoadEvent(firstSnapshot()).then(follow);

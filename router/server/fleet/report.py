@@ -15,10 +15,11 @@ from prometheus_client.registry import Collector
 from router.config import RouterSettings
 from router.server.fleet.control import EngineControl
 from router.server.fleet.health import probe_and_record, probed
-from router.server.fleet.lifecycle import AWAKE, SLEEPING, Lifecycle
+from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import Model, ModelTable
 from router.server.fleet.replica import HEALTHY, UNHEALTHY, Replica
 from router.server.fleet.residency import Residency
+from router.util.states import AWAKE, SLEEPING
 
 JSON = dict[str, object]
 
@@ -122,6 +123,17 @@ class StateCollector(Collector):
                                     labels=["model"])
         start_seconds = GaugeMetricFamily("router_model_start_seconds", "How long the last start took, from the "
                                           "start call to a passed health check", labels=["model"])
+        queued = GaugeMetricFamily("router_model_queued_requests", "Requests waiting for a free slot (all replicas "
+                                   "at max_concurrency)", labels=["model"])
+        queue_cap = GaugeMetricFamily("router_model_queue_capacity", "How many requests may wait for a slot: the sum "
+                                      "of the replicas' max_queue (0: no queue)", labels=["model"])
+        start_failures = CounterMetricFamily("router_model_start_failures", "Starts that failed or timed out",
+                                             labels=["model"])
+        process = GaugeMetricFamily("router_backend_process_state", "1 for the engine process's state in supervisord "
+                                    "(RUNNING, STARTING, BACKOFF, FATAL, EXITED, STOPPED...)",
+                                    labels=["model", "instance", "endpoint", "state"])
+        breaker = GaugeMetricFamily("router_backend_breaker_state", "1 for the backend's circuit breaker state "
+                                    "(closed, open, half_open)", labels=["model", "instance", "endpoint", "state"])
         evictions = CounterMetricFamily("router_model_evictions", "Models slept or stopped to make room, by reason "
                                         "(gpu_budget, host_budget, group_swap, idle_stop)", labels=["reason"])
         for reason, count in self.residency.eviction_counts.items():
@@ -135,6 +147,9 @@ class StateCollector(Collector):
             if lc.last_start_seconds is not None:
                 start_seconds.add_metric([model.name], lc.last_start_seconds)
             in_flight.add_metric([model.name], lc.in_flight)
+            queued.add_metric([model.name], model.queued)
+            queue_cap.add_metric([model.name], sum(r.max_queue for r in model.replicas))
+            start_failures.add_metric([model.name], lc.start_failures)
             sleeping.add_metric([model.name], 1.0 if lc.state == SLEEPING else 0.0)
             sleeps.add_metric([model.name], lc.sleep_count)
             wakes.add_metric([model.name], lc.wake_count)
@@ -146,5 +161,9 @@ class StateCollector(Collector):
                 outstanding.add_metric(labels, r.outstanding)
                 healthy.add_metric(labels, 1.0 if r.health == HEALTHY else 0.0 if r.health == UNHEALTHY else -1.0)
                 ejected.add_metric(labels, 1.0 if r.ejected_until > now else 0.0)
+                breaker.add_metric([*labels, r.breaker.state], 1.0)
+                if r.process is not None:
+                    process.add_metric([*labels, r.process.state], 1.0)
         yield from (in_flight, outstanding, healthy, ejected, sleeping, sleeps, wakes, wake_failures, last_wake,
-                    state, starts, stops, start_seconds, evictions)
+                    state, starts, stops, start_seconds, evictions, queued, queue_cap, start_failures,
+                    process, breaker)

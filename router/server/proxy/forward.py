@@ -485,8 +485,5 @@ class Proxy:
         model.metrics.observe(ex.status, total, ex.ttfb)
         self.traffic.record(model.name, ex.status, total, ex.ttfb, stream)
         if self.access_log is not None:
-            r = ex.replica
-            ttfb = f"{ex.ttfb * 1000:.1f}ms" if ex.ttfb is not None else "-"
-            retried = f" retries={ex.retries}" if ex.retries else ""
-            self.access_log.write(f"{model.name} {'stream' if stream else 'single'} -> {r.name if r else '-'} "
-                                  f"{ex.status} {ex.nbytes}B ttfb={ttfb} total={total * 1000:.1f}ms{retried}")
+            self.access_log.request(model.name, stream, ex.replica.name if ex.replica else None, ex.status, ex.nbytes,
+                                    ex.ttfb, total, ex.retries)
