@@ -208,30 +208,33 @@ class RequestTrace:
         self.tries = 0
 
     def ns(self, t: float) -> int:
-        """A perf_counter time as OTLP's nanoseconds since the epoch."""
+        """A perf_counter time as OTLP's nanoseconds since the epoch (one clock for all the trace's spans)."""
         return self.wall + int((t - self.start) * 1e9)
+
+    def now(self) -> int:
+        return self.ns(time.perf_counter())
 
     async def waited(self, name: str, waiting: Awaitable[T], **attributes: str) -> T:
         """`waiting` awaited inside a child span `name` (a queue wait, a wake or start), which
         records how it failed, if it did."""
-        span = self.tracer.start_span(name, context=self.context, attributes=attributes)
+        span = self.tracer.start_span(name, context=self.context, attributes=attributes, start_time=self.now())
         try:
             return await waiting
         except Exception as e:
             self.tracing.failed(span, f"{type(e).__name__}: {e}")
             raise
         finally:
-            span.end()
+            span.end(self.now())
 
     def attempt(self, instance: str, url: str) -> bytes:
         """Open the span of one try on an engine (closing the previous try's); the header lines that
         make the engine's spans its children."""
         self.close_attempt(None, None)
         self.tries += 1
-        span = self.upstream = self.tracer.start_span(
-            UPSTREAM, context=self.context, kind=self.tracing.api.SpanKind.CLIENT,
-            attributes={"kvrouter.instance": instance, "server.address": url, "kvrouter.try": self.tries})
         self.sent = time.perf_counter()
+        span = self.upstream = self.tracer.start_span(
+            UPSTREAM, context=self.context, kind=self.tracing.api.SpanKind.CLIENT, start_time=self.ns(self.sent),
+            attributes={"kvrouter.instance": instance, "server.address": url, "kvrouter.try": self.tries})
         self.answered = None
         carrier: dict[str, str] = {}
         self.tracing.propagator.inject(carrier, context=self.tracing.api.set_span_in_context(span, self.context))
@@ -245,7 +248,7 @@ class RequestTrace:
         except BaseException as e:
             if self.upstream is not None:
                 self.tracing.failed(self.upstream, f"{type(e).__name__}: {e}")
-                self.upstream.end()
+                self.upstream.end(self.now())
                 self.upstream = None
             raise
         self.answered = time.perf_counter()
@@ -267,7 +270,7 @@ class RequestTrace:
             self.tracer.start_span(FIRST_BYTE, context=self.tracing.api.set_span_in_context(span, self.context),
                                    start_time=self.ns(self.sent)).end(self.ns(first))
         end = ended if ended is not None else self.answered
-        span.end(None if end is None else self.ns(end))
+        span.end(self.ns(end if end is not None else time.perf_counter()))
 
     def end(self, instance: Optional[str], status: int, retries: int, stream: bool, ttfb: Optional[float]) -> None:
         """The request is over: `status` as the client got it, `ttfb` (seconds after the start) its first byte."""
