@@ -182,6 +182,20 @@ def test_a_request_is_one_trace_whose_upstream_span_the_engine_continues(stack: 
     assert len(spans) == 3
 
 
+def test_a_proxy_worker_traces_the_requests_it_serves(stack: Stack, receiver: Receiver) -> None:
+    """With router.workers: 2 the requests are served by spawned proxy processes, each with its own exporter."""
+    e = stack.engine()
+    r = traced(stack, receiver, [instance("m", e.port)], workers=2)
+    assert post_json(f"{r.url}/v1/completions", {"model": "m", "prompt": "x"})[0] == 200
+    trace_id, parent = traceparent(e.headers[-1])
+    wait_for_traces(stack.loop, receiver, trace_id)
+    spans = receiver.trace(trace_id)
+    root = root_of(spans)
+    assert root.attributes["kvrouter.model"] == "m" and root.attributes["http.response.status_code"] == 200
+    upstream, = children(spans, root)
+    assert upstream.span_id == parent
+
+
 def test_an_incoming_traceparent_is_continued_and_replaced_on_the_way_to_the_engine(stack: Stack,
                                                                                        receiver: Receiver) -> None:
     e = stack.engine()
@@ -262,7 +276,7 @@ def test_a_sleeping_model_s_request_has_a_wake_child_before_its_upstream(stack: 
     wait_for_traces(stack.loop, receiver, wake.trace_id)
     spans = receiver.trace(wake.trace_id)
     root = root_of(spans)
-    assert wake.parent_id == root.span_id and wake.attributes == {"state": "sleeping"} and not wake.error
+    assert wake.parent_id == root.span_id and wake.attributes == {"kvrouter.model_state": "sleeping"} and not wake.error
     names = [s.name for s in children(spans, root)]
     assert names == ["wake", "upstream"]
     upstream = children(spans, root)[1]

@@ -214,7 +214,7 @@ class RequestTrace:
     def now(self) -> int:
         return self.ns(time.perf_counter())
 
-    async def waited(self, name: str, waiting: Awaitable[T], **attributes: str) -> T:
+    async def waited(self, name: str, waiting: Awaitable[T], attributes: Optional[Mapping[str, str]] = None) -> T:
         """`waiting` awaited inside a child span `name` (a queue wait, a wake or start), which
         records how it failed, if it did."""
         span = self.tracer.start_span(name, context=self.context, attributes=attributes, start_time=self.now())

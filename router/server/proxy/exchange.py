@@ -34,4 +34,4 @@ def traced_admission(trace: RequestTrace, lifecycle: Lifecycle, admitting: Await
     state = lifecycle.state
     if state == AWAKE:
         return admitting
-    return trace.waited("start" if state in STARTS else "wake", admitting, state=state)
+    return trace.waited("start" if state in STARTS else "wake", admitting, {"kvrouter.model_state": state})
