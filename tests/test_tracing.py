@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import free_port, post_json
+from helpers import free_port, get_json, post_json
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
@@ -180,6 +180,8 @@ def test_a_request_is_one_trace_whose_upstream_span_the_engine_continues(stack: 
     assert first_byte.name == "upstream first byte"
     assert root.start <= upstream.start <= first_byte.start and first_byte.end <= upstream.end <= root.end
     assert len(spans) == 3
+    assert get_json(f"{r.url}/get_server_info")[1]["router"]["tracing"] == {
+        "otlp_endpoint": receiver.url, "sample_ratio": None, "service_name": None}
 
 
 def test_a_proxy_worker_traces_the_requests_it_serves(stack: Stack, receiver: Receiver) -> None:

@@ -60,7 +60,7 @@ def test_the_standard_switches_turn_it_off(switch: dict[str, str]) -> None:
 def test_off_needs_no_package(no_otel_env: pytest.MonkeyPatch, without_packages: None) -> None:
     # The module and the proxy import without OpenTelemetry (it is imported when tracing starts).
     for name in ("router.observe.tracing", "router.server.proxy.exchange", "router.server.proxy.forward"):
-        no_otel_env.delitem(sys.modules, name)
+        no_otel_env.delitem(sys.modules, name, raising=False)
     fresh = importlib.import_module("router.observe.tracing")
     importlib.import_module("router.server.proxy.forward")
     assert fresh.tracing_for(TracingSettings()) is None
