@@ -4,7 +4,9 @@ OpenTelemetry is imported, and the engine gets the client's headers untouched.""
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +93,19 @@ def test_off_the_engine_gets_the_client_s_trace_headers_as_sent() -> None:
     traced = request_head(scope, b"/v1/completions", b"e:8000", 2, DROP_REQUEST_HEADERS | {b"traceparent"},
                           b"", b"traceparent: 00-mine\r\n")
     assert traced.count(b"traceparent") == 1 and b"traceparent: 00-mine\r\n" in traced and b"tracestate: a=1" in traced
+
+
+def test_the_router_refuses_to_start_traced_without_the_packages(no_otel_env: pytest.MonkeyPatch, without_packages: None,
+                                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from router import serve
+    config = tmp_path / "config.yaml"
+    config.write_text("router: {tracing: {otlp_endpoint: 'http://collector:4318'}}\n"
+                      "instances: [{name: a, model: m, engine: vllm, launch: false, engine_args: ['--port=8001']}]\n")
+    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own
+    try:
+        assert serve.main(["--config", str(config)]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (f"error: {config}: router.tracing: traces to http://collector:4318/v1/traces (from "
+            f"router.tracing.otlp_endpoint) need the OpenTelemetry SDK and its OTLP/HTTP exporter, which are not "
+            f"installed; install them with: pip install '{EXTRA}'") in capsys.readouterr().err
