@@ -1,5 +1,9 @@
+import os
+
 import pytest
 from helpers import Proc
+
+os.environ.setdefault("KVROUTER_STRICT_MACHINE", "1")  # an illegal state move raises, here and in the routers tests start
 
 
 @pytest.fixture

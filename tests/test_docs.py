@@ -101,10 +101,10 @@ def test_the_gpu_page_config_loads_and_its_budget_adds_up(tmp_path: Path, monkey
     budget = raw["residency"]["gpu_memory_gb"]
     assert budget == 80
     held = 0.0
-    for inst in raw["instances"]:
+    for inst, loaded in zip(raw["instances"], cfg.instances):
         args = shlex.split(" ".join(inst["engine_args"]))
         flag = "--gpu-memory-utilization" if inst["engine"] == "vllm" else "--mem-fraction-static"
         fraction = float(args[args.index(flag) + 1])
-        assert inst["gpu_memory_gb"] == pytest.approx(fraction * budget), inst["name"]
-        held += inst["gpu_memory_gb"]
+        assert loaded.gpu_memory_gb == pytest.approx(fraction * budget), inst["name"]  # worked out from the flag
+        held += loaded.gpu_memory_gb
     assert held == pytest.approx(72) and held <= budget

@@ -31,7 +31,7 @@ def vllm(name: str, port: int, **extra: Any) -> dict[str, Any]:
 
 
 #: Replicas of one model (one on two GPUs), sleep on, an on-demand SGLang, an `openai`
-#: command engine, and an engine started elsewhere.
+#: command engine, each on GPUs of its own (so each is its own pod), and an engine started elsewhere.
 FLEET = {
     "kubernetes": {"namespace": "llm", "images": {"openai": "ghcr.io/ggml-org/llama.cpp:server"},
                    "router_image": "registry.example/kvrouter:1.0"},
@@ -42,9 +42,10 @@ FLEET = {
         vllm("Llama_A", 8001, engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=0"]),
         vllm("llama-b", 8002, engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=1,2"], node="gpu-2"),
         {"name": "qwen", "model": "Qwen/Qwen3-0.6B", "engine": "sglang", "on_demand": True, "idle_stop_seconds": 600,
-         "start_timeout_seconds": 95, "engine_args": "--port 30000 --enable-memory-saver"},
+         "start_timeout_seconds": 95, "engine_args": "--port 30000 --enable-memory-saver",
+         "engine_env": ["CUDA_VISIBLE_DEVICES=3"]},
         {"name": "gguf", "model": "tiny", "engine": "openai", "health_path": "/v1/models",
-         "command": "llama-server -m /models/tiny.gguf --port 8090 --api-key sk-x"},
+         "command": "llama-server -m /models/tiny.gguf --port 8090 --api-key sk-x", "engine_env": {"CUDA_VISIBLE_DEVICES": "4"}},
         {"name": "remote", "model": "big", "engine": "vllm", "launch": False,
          "engine_args": ["--host", "big.example.net", "--port", "9000"]},
     ],
@@ -81,15 +82,31 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
+def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+
+
+def gpu_requests(deployment: dict[str, Any]) -> list[str]:
+    """Each nvidia.com/gpu request of the pod (requests and limits agree)."""
+    out = []
+    for c in deployment["spec"]["template"]["spec"]["containers"]:
+        res = c.get("resources", {})
+        assert res.get("requests") == res.get("limits")
+        out += [v for k, v in res.get("limits", {}).items() if k == "nvidia.com/gpu"]
+    return out
+
+
 def test_example_config_validates(tmp_path: Path) -> None:
     out = render_k8s(tmp_path, ROOT / "example-config.yaml")
     assert_valid(out)
     objs = objects(out)
     assert {k for k, _ in objs} == {"Namespace", "Deployment", "Service", "ConfigMap"}
-    assert container(objs["Deployment", "llama"])["image"] == "vllm/vllm-openai:latest"
-    assert container(objs["Deployment", "qwen"])["image"] == "lmsysorg/sglang:latest"
-    assert container(objs["Deployment", "llama"])["command"][:4] == [
-        "python3", "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    # Both engines are on GPU 0 of one node: one pod, one GPU.
+    pod = containers(objs["Deployment", "llama-qwen"])
+    assert pod["llama"]["image"] == "vllm/vllm-openai:latest"
+    assert pod["qwen"]["image"] == "lmsysorg/sglang:latest"
+    assert pod["llama"]["command"][:4] == ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    assert gpu_requests(objs["Deployment", "llama-qwen"]) == ["1"]
 
 
 def test_fleet_validates_and_fits_the_config(tmp_path: Path) -> None:
@@ -269,3 +286,55 @@ def test_node_is_for_supervisord_only(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(path), "--target", "kubernetes", "--node", "head"])
     assert exit_.value.code == 2 and "'node:' pins their pods there" in capsys.readouterr().err
+
+
+def test_instances_sharing_a_gpu_are_one_pod_with_one_gpu_request(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The premise on Kubernetes: two engines sharing GPU 0 of one node need one GPU, not two."""
+    gpu = lambda devices: {"engine_env": ["VLLM_SERVER_DEV_MODE=1", f"CUDA_VISIBLE_DEVICES={devices}"]}  # noqa: E731
+    out = render_k8s(tmp_path, {"kubernetes": {"namespace": "llm"}, "instances": [
+        vllm("a", 8001, node="gpu-1", **gpu("0")),
+        vllm("b", 8002, node="gpu-1", **gpu("0")),
+        vllm("c", 8003, node="gpu-1", **gpu("1")),  # its own GPU: its own pod
+        vllm("d", 8004, node="gpu-2", **gpu("0")),  # GPU 0 of another node: its own pod
+    ]})
+    assert_valid(out)
+    assert "instances a, b share GPU 0, so they run in one Pod (engine-a-b.yaml)" in capsys.readouterr().err
+    objs = objects(out)
+    assert {name for kind, name in objs if kind == "Deployment"} == {"a-b", "c", "d", "router"}
+    shared = objs["Deployment", "a-b"]
+    assert gpu_requests(shared) == ["1"]
+    pod = shared["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "gpu-1"}
+    a, b = containers(shared)["a"], containers(shared)["b"]
+    assert [p["containerPort"] for p in (*a["ports"], *b["ports"])] == [8001, 8002]
+    assert a["readinessProbe"]["httpGet"]["port"] == a["ports"][0]["name"] != b["ports"][0]["name"]
+    assert "CUDA_VISIBLE_DEVICES" not in {e["name"] for e in (*a["env"], *b["env"])}
+    # Each engine keeps its own Service, which reaches its own container in the shared pod.
+    labels = shared["spec"]["template"]["metadata"]["labels"]
+    for name, c in (("a", a), ("b", b)):
+        spec = objs["Service", name]["spec"]
+        assert all(labels[k] == v for k, v in spec["selector"].items())
+        assert spec["ports"][0]["targetPort"] == c["ports"][0]["name"]
+    assert gpu_requests(objs["Deployment", "c"]) == gpu_requests(objs["Deployment", "d"]) == ["1"]
+    # The router reaches each engine at its own Service, as before.
+    cfg = parse_config(objs["ConfigMap", "router-config"]["data"]["config.yaml"], "/etc/kvrouter/config.yaml")
+    assert {i.name: i.url for i in cfg.instances}["b"] == "http://b.llm.svc.cluster.local:8002"
+
+
+def test_a_pod_spanning_gpus_tells_each_engine_its_own(tmp_path: Path) -> None:
+    """a on GPU 0 and b on GPUs 0,1 share GPU 0: one pod of two GPUs, in which a sees the first only."""
+    out = render_k8s(tmp_path, {"router": {"enable_router": False}, "instances": [
+        vllm("a", 8001, engine_env=["CUDA_VISIBLE_DEVICES=0"]), vllm("b", 8002, engine_env=["CUDA_VISIBLE_DEVICES=1,0"])]})
+    assert_valid(out)
+    shared = objects(out)["Deployment", "a-b"]
+    assert gpu_requests(shared) == ["2"]
+    env = {name: {e["name"]: e["value"] for e in c["env"]} for name, c in containers(shared).items()}
+    assert env["a"]["CUDA_VISIBLE_DEVICES"] == "0" and "CUDA_VISIBLE_DEVICES" not in env["b"]
+
+
+def test_engines_sharing_a_pod_need_their_own_ports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, {"instances": [vllm("a", 8001), {**vllm("b", 8001), "engine_args": [
+        "--host 10.0.0.6", "--port=8001"]}]})
+    assert main(["--config", str(path), "--target", "kubernetes", "--out", str(tmp_path / "k8s")]) == 2
+    assert "'a' and 'b' share a GPU, so they run in one Pod, and both listen on port 8001" in capsys.readouterr().err

@@ -75,13 +75,14 @@ def rendered(cfg_path: Path, out: Path, sim: bool = False) -> dict[str, tuple[st
 def test_kvcached_config_renders_every_file_private(short_tmp: str) -> None:
     out = Path(short_tmp) / "out"
     files = rendered(Path(kvcached_fixture(short_tmp)), out)
-    assert sorted(files) == ["engines/instance1.sh", "engines/instance2.sh", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
+    assert sorted(files) == ["engines/instance1.sh", "engines/instance2.sh", "kvrouter.service", "supervisord.conf", "tmux-launch.sh",
+                            "tmux-logs.sh"]
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     assert stat.S_IMODE((out / "logs").stat().st_mode) == 0o700
     assert stat.S_IMODE((out / "engines").stat().st_mode) == 0o700
     for rel, (text, mode) in files.items():
         assert (out / rel).read_text() == text
-        assert stat.S_IMODE((out / rel).stat().st_mode) == mode == (0o600 if rel.endswith(".conf") else 0o700)
+        assert stat.S_IMODE((out / rel).stat().st_mode) == mode == (0o600 if rel.endswith((".conf", ".service")) else 0o700)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
@@ -231,7 +232,7 @@ def test_external_instances_and_a_disabled_router_are_not_rendered(short_tmp: st
         {"name": "there", "model": "m", "engine": "vllm", "launch": False, "engine_args": ["--host=10.0.0.2", "--port=9001"]},
     ]})
     files = rendered(cfg_path, tmp / "out", sim=True)
-    assert sorted(files) == ["engines/here.sh", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
+    assert sorted(files) == ["engines/here.sh", "kvrouter.service", "supervisord.conf", "tmux-launch.sh", "tmux-logs.sh"]
     assert sorted(supervisor_programs(tmp / "out" / "supervisord.conf")) == ["here", "logs"]
     for script in ("tmux-launch.sh", "tmux-logs.sh"):
         assert "SESSIONS=( kvcached-here )" in files[script][0].splitlines()

@@ -8,6 +8,8 @@ from helpers import free_port
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_proxy import assert_error, client, post
 
+from router.server.fleet.machine import ENGINE_ASLEEP
+
 
 def get(url: str) -> tuple[int, dict, bytes]:
     return post(url, None, method="GET")  # type: ignore[arg-type]
@@ -54,7 +56,7 @@ def test_health_endpoints(stack: Stack) -> None:
 def test_sleeping_model_reported_as_sleeping(stack: Stack) -> None:
     e = stack.engine()
     r = stack.router([instance("m", e.port)])
-    r.app.state.table.get("m").lifecycle.state = "sleeping"
+    r.app.state.table.get("m").lifecycle.machine.fire(ENGINE_ASLEEP)
     probes = e.health_probes
     report = json.loads(get(r.url + "/health/all")[2])
     assert report["models"]["m"]["status"] == "sleeping" and report["status"] == "healthy"

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.bench.loadgen import Recorder, Target, Workload, new_session, send_burst
 from router.bench.report import distribution_ms, summarize, swap_table, workload_line
-from router.server.fleet.lifecycle import AWAKE, DRAINING, FAILED, FALLING_ASLEEP, SLEEPING, STARTING, STOPPED, STOPPING, WAKING
+from router.util.states import AWAKE, DRAINING, FAILED, FALLING_ASLEEP, SLEEPING, STARTING, STOPPED, STOPPING, WAKING
 
 #: What the first request of a burst will wait for, by the model's state when the burst starts.
 KINDS = {STOPPED: "cold", STARTING: "cold", STOPPING: "cold", FAILED: "cold",

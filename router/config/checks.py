@@ -9,6 +9,7 @@ from __future__ import annotations
 from router.config.instance import WILDCARD_HOSTS, Instance, connect_host, loopback_ip
 from router.config.problems import Reading
 from router.config.top import Config
+from router.config.venvs import check_venvs
 from router.engines import last_flag_value
 
 
@@ -69,6 +70,7 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
         reading.warn("router.router_host", f"{router.host} lets other machines reach the router and router.api_keys is not "
                                      "set, so anyone who can connect may use every model; set api_keys")
     _gpu_checks(cfg, reading)
+    check_venvs(cfg.instances, reading)
 
 
 def _port_source(inst: Instance) -> tuple[str, str]:
@@ -96,8 +98,10 @@ def _residency_checks(cfg: Config, reading: Reading, complete: bool) -> None:
     for inst in cfg.instances:
         where = f"instances[{inst.position}]"
         if r.gpu_memory_gb is not None and inst.gpu_memory_gb is None and inst.launch:
+            flag = inst.spec.gpu_fraction_flag
+            also = f", or give the engine's {flag} and it is that share of the budget" if flag else ""
             reading.error(f"{where}.gpu_memory_gb", "missing: residency.gpu_memory_gb sets a GPU budget, so every launched "
-                                              "instance must say what it holds while awake (e.g. gpu_memory_gb: 20)")
+                                              f"instance must say what it holds while awake (e.g. gpu_memory_gb: 20{also})")
         if r.host_memory_gb is not None and inst.host_memory_gb is None and inst.launch and inst.sleep \
                 and inst.spec.has_sleep_api:
             reading.error(f"{where}.host_memory_gb", "missing: residency.host_memory_gb sets a host budget, so every "
@@ -130,7 +134,7 @@ def _gpu_checks(cfg: Config, reading: Reading) -> None:
         except ValueError:
             reading.warn(f"instances[{i}].engine_args", f"{spec.gpu_fraction_flag} {text!r} is not a number")
             frac = None
-        if frac is None or env.get("ENABLE_KVCACHED", "").lower() in ("true", "1", "yes"):
+        if frac is None or inst.kvcached:
             continue
         for dev in (devices.split(",") if devices else ["default"]):
             groups.setdefault(dev.strip(), []).append((i, inst, frac))

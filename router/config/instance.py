@@ -63,6 +63,11 @@ class Instance:
     #: A DNS name (a headless Service) whose every address is a replica of `model` on `port`; the
     #: router resolves it every `router.dns_refresh_seconds` (`host` is then the name itself).
     dns_name: Optional[str] = None
+    #: What `python -m router.engines setup` installs into `venv_path`: a pinned requirement, or a
+    #: requirements file (absolute); and the module that must then import (None: `engine_module`).
+    engine_package: Optional[str] = None
+    engine_requirements: Optional[str] = None
+    engine_import: Optional[str] = None
     #: Its place in the YAML's ``instances`` list, which messages name (``instances[2].port``);
     #: not part of what the instance is, so moving it in the file changes nothing.
     position: int = field(default=-1, compare=False, repr=False)
@@ -99,6 +104,18 @@ class Instance:
         """What the router sends to reach an engine started with its own API key."""
         key = self.spec.api_key(self.engine_args, dict(self.env))
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    @property
+    def kvcached(self) -> bool:
+        """Whether kvcached manages the engine's KV cache (ENABLE_KVCACHED in its environment)."""
+        return dict(self.env).get("ENABLE_KVCACHED", "").lower() in ("true", "1", "yes")
+
+    @property
+    def engine_module(self) -> Optional[str]:
+        """The module whose import proves the venv's engine works: `engine_import`, else the top
+        package of the engine's launcher (None for an engine started by its own command)."""
+        launcher = self.spec.launcher
+        return self.engine_import or (launcher.module.split(".")[0] if launcher is not None else None)
 
     @property
     def python(self) -> str:

@@ -19,6 +19,7 @@ from router.config.instance import RESERVED_NAMES, SAFE_NAME, Instance
 from router.config.kinds import COUNT, HOST, PORT, POSITIVE, Choice, EnvList, Flag, Number, Strings, Text, Words
 from router.config.problems import Reading
 from router.config.schema import REQUIRED, Key, Kind, read_keys
+from router.config.venvs import SETUP_HINT, PinnedRequirement
 from router.engines import ENGINE_ALIASES, ENGINES, EngineSpec, flag_values, last_flag_value
 
 #: A DNS name to resolve: labels of letters, digits and '-', dot-separated, an optional final dot.
@@ -61,6 +62,15 @@ INSTANCE: tuple[Key[object], ...] = (
     Key(Text("a path", r"(?s).*", "must be a path"), None, "the virtualenv folder; `~` and paths relative to the config "
         "file's folder work. Must contain `bin/python` when `using_venv` is true and the instance is launched (only a "
         "warning under `--sim`, which does not use it)", name="venv_path"),
+    Key(PinnedRequirement(), None, "the engine `python -m router.engines setup` installs into `venv_path`, pinned: "
+        "`\"vllm==0.11.2\"` (extras allowed: `\"sglang[all]==0.5.3\"`). A venv holding another version is a warning; "
+        "instances sharing a venv must declare the same. Needs `using_venv: true`", name="engine_package"),
+    Key(Text("a path", r"(?s).*\S.*", "must be a path"), None, "instead of `engine_package`: a requirements file for "
+        "`setup` to install (relative paths are from the config file's folder)", name="engine_requirements"),
+    Key(Text("a Python module name", r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*",
+             "{value!r} is not a Python module name (e.g. vllm)"), None,
+        "the module `setup` imports to prove the engine works", name="engine_import",
+        shown="the engine's own (`vllm`, `sglang`)"),
     Key(Strings(named=True), (), "more names clients may use for this model: `[llama, llama-1b]`", name="aliases"),
     Key(Flag(), True, "`false`: an engine started elsewhere (maybe another host); routed to, never rendered", name="launch",
         shown="`true` (`false` with a `dns_name`)"),
@@ -77,7 +87,9 @@ INSTANCE: tuple[Key[object], ...] = (
         "`idle_threshold_seconds`)", name="idle_stop_seconds"),
     Key(Flag(), False, "never slept or stopped by any policy (idle loop, budgets, idle stop)", name="pin"),
     Key(POSITIVE, None, "what the engine holds on each of its GPUs while awake (required when `residency.gpu_memory_gb` is "
-        "set)", name="gpu_memory_gb"),
+        "set, unless the engine's own share flag gives it). A declared value more than 10% from what the flag gives is a "
+        "warning; under kvcached nothing is derived", name="gpu_memory_gb",
+        shown="`--gpu-memory-utilization` or `--mem-fraction-static` × the GPU's `residency.gpu_memory_gb`, when given"),
     Key(POSITIVE, None, "what its weights hold in host RAM while asleep (required for sleepable engines when "
         "`residency.host_memory_gb` is set)", name="host_memory_gb"),
     Key(POSITIVE, None, "this engine's longest start (a 70B model loads longer)", name="start_timeout_seconds",
@@ -185,8 +197,10 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
                                           "program and its arguments (e.g. command: 'llama-server -m model.gguf --port "
                                           "8001'), or set 'launch: false' for one started elsewhere")
         ok = False
-    venv_path = _venv_path(raw.get("venv_path"), flag["using_venv"], flag["launch"], where, reading)
+    installs = "engine_package" in raw or "engine_requirements" in raw
+    venv_path = _venv_path(raw.get("venv_path"), flag["using_venv"], flag["launch"], installs, where, reading)
     ok = ok and not (flag["using_venv"] and venv_path is None)
+    requirements = _requirements(v, flag["using_venv"], where, reading)
 
     if not ok or model is None or engine is None or name is None or spec is None or address is None:
         return None
@@ -199,6 +213,8 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
         max_concurrency=max_concurrency if isinstance(max_concurrency, int) else None,
         max_queue=_int(v.get("max_queue", max_concurrency or 0)), sim_args=_words(v, "sim_args"), program=program,
         on_demand=flag["on_demand"], pin=flag["pin"], node=_text(v, "node"), dns_name=dns_name, position=position,
+        engine_package=_text(v, "engine_package"), engine_requirements=requirements,
+        engine_import=_text(v, "engine_import"),
         **{key: _float(v.get(key)) for key in SIZES},
     )
 
@@ -227,8 +243,10 @@ def _float(value: object) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _venv_path(raw: object, using_venv: bool, launch: bool, where: str, reading: Reading) -> Optional[str]:
-    """The virtualenv folder, resolved from the config file's folder, when `using_venv`."""
+def _venv_path(raw: object, using_venv: bool, launch: bool, installs: bool, where: str,
+               reading: Reading) -> Optional[str]:
+    """The virtualenv folder, resolved from the config file's folder, when `using_venv`; one that
+    is missing is made by `setup` when the instance declares its engine (`installs`)."""
     if not using_venv:
         return None
     if not isinstance(raw, str) or not raw.strip():
@@ -238,10 +256,31 @@ def _venv_path(raw: object, using_venv: bool, launch: bool, where: str, reading:
     vp = Path(os.path.expanduser(raw.strip()))
     venv_path = os.path.normpath(str(vp if vp.is_absolute() else reading.base / vp))
     if not (Path(venv_path) / "bin" / "python").exists() and launch:
-        msg = (f"virtualenv {venv_path} has no bin/python; create it or fix the path (relative paths are from the config "
+        fix = f"create it with {SETUP_HINT}" if installs else "create it"
+        msg = (f"virtualenv {venv_path} has no bin/python; {fix} or fix the path (relative paths are from the config "
                "file's folder)")
         (reading.warn if reading.sim else reading.error)(f"{where}.venv_path", msg)
     return venv_path
+
+
+def _requirements(v: dict[str, object], using_venv: bool, where: str, reading: Reading) -> Optional[str]:
+    """The requirements file (absolute), after checking the engine's declaration fits a venv."""
+    given = [key for key in ("engine_package", "engine_requirements") if key in v]
+    if len(given) == 2:
+        reading.error(f"{where}.engine_requirements", "give the engine once: engine_package or engine_requirements, "
+                                                      "not both")
+    if given and not using_venv:
+        reading.error(f"{where}.{given[0]}", "setup installs the engine into venv_path; set using_venv: true and "
+                                             "venv_path (or remove it)")
+    text = _text(v, "engine_requirements")
+    if text is None:
+        return None
+    path = Path(os.path.expanduser(text.strip()))
+    path = path if path.is_absolute() else reading.base / path
+    if not path.is_file():
+        reading.warn(f"{where}.engine_requirements", f"{path} is not a file; {SETUP_HINT} needs it (relative paths "
+                                                     "are from the config file's folder)")
+    return os.path.normpath(str(path))
 
 
 def _dns_name(value: Optional[str], where: str, reading: Reading) -> Optional[str]:

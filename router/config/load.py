@@ -18,8 +18,10 @@ from pathlib import Path
 import yaml
 
 from router.config.checks import check
+from router.config.gpu_memory import settle_gpu_memory
 from router.config.kubernetes import KubernetesSettings, settle_lease
 from router.config.problems import ConfigError, Reading
+from router.config.residency import ResidencySettings
 from router.config.router import RouterSettings
 from router.config.schema import keys_of, read_keys
 from router.config.top import Config
@@ -80,7 +82,9 @@ def parse_config(text: str | bytes, path: str = "<config>", sim: bool = False) -
     instances = values.get("instances")
     env = values.get("kvcached_env", ())
     assert isinstance(env, tuple)
-    values["instances"] = tuple(replace(i, env=(*env, *i.env)) for i in instances) if isinstance(instances, tuple) else ()
+    merged = tuple(replace(i, env=(*env, *i.env)) for i in instances) if isinstance(instances, tuple) else ()
+    residency = values.get("residency")
+    values["instances"] = settle_gpu_memory(merged, residency, reading) if isinstance(residency, ResidencySettings) else merged
     cfg = Config(path=path if path.startswith("<") else str(Path(path).resolve()), **values)  # type: ignore[arg-type]  # each value as its key's kind read it
     listed = raw.get("instances")
     check(cfg, reading, complete=isinstance(listed, list) and len(listed) == len(cfg.instances))

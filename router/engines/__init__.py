@@ -12,8 +12,9 @@ from typing import Mapping
 
 from router.engines.spec import Call, EngineInstance, EngineSpec, PythonModule, flag_values, last_flag_value, split_args
 
-#: Modules of this package that are not engines.
-NOT_ENGINES = frozenset({"spec"})
+#: Modules of this package that are not engines: the spec, and the engines' environments
+#: (``python -m router.engines setup``).
+NOT_ENGINES = frozenset({"spec", "installed", "setup", "__main__"})
 
 
 def engine_modules() -> list[str]:

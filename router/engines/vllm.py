@@ -1,4 +1,30 @@
-"""vLLM's OpenAI server (``vllm.entrypoints.openai.api_server``), as of vLLM 0.32."""
+"""vLLM's OpenAI server (``vllm.entrypoints.openai.api_server``), as of vLLM 0.32.
+
+Its sleep API, as verified (sources: vLLM ``vllm/entrypoints/serve/dev/sleep/
+api_router.py`` and ``vllm/v1/engine/__init__.py``; vLLM docs
+``features/sleep_mode``; tests/real_vllm/FINDINGS.md), and what the router's
+sleep and wake (router/server/fleet/sleepwake.py) make of it:
+
+- ``POST /sleep``: query parameters ``level`` and, in recent versions (0.32
+  included), ``mode``: ``abort`` (the default) ends running requests at once,
+  ``wait`` answers only once they have finished, ``keep`` freezes them until
+  the wake. Older versions read only ``level`` and ignore ``mode``. The router
+  sends ``sleep_manager.vllm_sleep_mode`` (kvcached's key; default ``wait``,
+  after draining, as a second guard) and waits ``vllm_sleep_timeout_seconds``
+  for the answer. 0.32 answers 200 ``{"status":"sleeping","level":N}`` and 400
+  for an unknown level or mode; the router only looks at the status code.
+- ``POST /wake_up``: optional repeated query parameter ``tags`` (``weights``,
+  ``kv_cache``); none wakes everything. 200 (0.32:
+  ``{"status":"awake","tags":null}``), also when the engine was awake.
+- ``GET /is_sleeping``: ``{"is_sleeping": true|false}``; the router asks it at
+  start-up and on every idle-loop check (reconcile), so a restarted router does
+  not believe a sleeping engine is awake.
+
+All three exist only with ``VLLM_SERVER_DEV_MODE=1`` (and
+``--enable-sleep-mode`` on GPU). While asleep, vLLM 0.32 still answers
+``/health`` 200 and holds (neither answers nor refuses) generation requests
+until ``/wake_up``, so the router must know the state and wake the engine itself.
+"""
 from router.engines.spec import Call, EngineSpec, PythonModule
 
 SPEC = EngineSpec(
@@ -38,7 +64,7 @@ SPEC = EngineSpec(
     # discards them and would need a weight reload the router does not do.
     # mode (sleep_manager.vllm_sleep_mode, default wait): recent vLLM finishes
     # running requests instead of aborting them (its own default is abort);
-    # older vLLM ignores the parameter. See lifecycle.py.
+    # older vLLM ignores the parameter. See the module's docstring.
     sleep_call=Call("POST", "/sleep", {"level": "1"}),
     sleep_mode_param="mode",
     wake_call=Call("POST", "/wake_up"),

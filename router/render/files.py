@@ -10,6 +10,9 @@ The output folder holds everything needed to run the node:
   supervisord and by ``tmux-launch.sh`` alike;
 - ``tmux-launch.sh``: the supervisord-free mode of the kvcached controller;
 - ``tmux-logs.sh``: the body of the ``logs`` program;
+- ``kvrouter.service``: a systemd unit running that supervisord in the
+  foreground at boot, as the user who rendered, with its secrets from that
+  user's `ENV_FILE` (never from the YAML);
 - ``logs/``, where supervisord writes ``<program>.log`` and its own
   ``supervisord.log``, beside its socket and pidfile;
 - ``run/``, where each launch script notes what it started (see
@@ -28,13 +31,15 @@ python): the same input gives the same bytes.
 """
 from __future__ import annotations
 
+import getpass
 import math
+import os
 import re
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jinja2
 
@@ -62,6 +67,13 @@ ROUTER_STOP_MARGIN_SECONDS = 10
 MAX_SOCKET_PATH = 107
 #: Inline comments start with whitespace then ';' or '#' in supervisord's parser.
 INI_COMMENT = re.compile(r"\s[;#]")
+
+#: The systemd unit's file, and the environment file it reads secrets from (HF_TOKEN=..., one per
+#: line), in the user's home: the same file a shell sources before starting supervisord by hand.
+UNIT_FILE = "kvrouter.service"
+ENV_FILE = "~/.config/kvrouter.env"
+#: Beyond the longest stopwaitsecs, before systemd kills what supervisord has not stopped.
+UNIT_STOP_MARGIN_SECONDS = 30
 
 SCRIPT_MODE = 0o700
 FILE_MODE = 0o600
@@ -158,6 +170,38 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def unit_value(value: str) -> str:
+    """`value` as a systemd unit setting reads it back: '%' starts a specifier there, and a
+    line break would end the setting, so the one is doubled and the other refused."""
+    if any(not c.isprintable() for c in value):
+        raise RenderError(f"{value!r} cannot be written into {UNIT_FILE} (a control character); use a path without one")
+    return value.replace("%", "%%")
+
+
+def unit_text(value: str) -> str:
+    """Free text of the unit (its Description, its comments): control characters shown escaped
+    rather than refused, since nothing reads them back as a path."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value).replace("%", "%%")
+
+
+def env_file(user: Optional[str] = None) -> str:
+    """`ENV_FILE` in `user`'s home (default: whoever renders): systemd reads it before it drops to
+    that user, and does not expand '~' itself."""
+    return os.path.expanduser(ENV_FILE.replace("~", f"~{user}", 1) if user else ENV_FILE)
+
+
+def unit_command(argv: Sequence[str]) -> str:
+    """An ExecStart= line: each word double-quoted where it holds a space or a quote (systemd's
+    own quoting, backslash escapes inside), every '%' and '$' (a variable there) doubled."""
+    words = []
+    for word in argv:
+        text = unit_value(word).replace("$", "$$")
+        if not text or any(c in text for c in " \t\"'\\;"):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        words.append(text)
+    return " ".join(words)
+
+
 def engine_argv(inst: Instance, sim: bool, python: str) -> tuple[str, ...]:
     """The engine command (an `engine: openai` instance's own command as given); under
     `sim` the simulated engine on the same host:port."""
@@ -171,12 +215,15 @@ def router_argv(cfg: Config, python: str, socket: Path) -> tuple[str, ...]:
     return (python, "-m", "router.serve", "--config", cfg.path, "--supervisor-socket", str(socket))
 
 
-def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.executable) -> Files:
+def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.executable,
+                 user: Optional[str] = None) -> Files:
     """Every generated file's text, rendered in memory; nothing is written.
 
     `out` must be absolute: the files name each other by absolute path so
-    they work from any working directory.
+    they work from any working directory. The systemd unit runs as `user`
+    (default: whoever renders).
     """
+    user = user or getpass.getuser()
     if not out.is_absolute():
         raise RenderError(f"output folder {out} must be an absolute path")
     if "%" in str(out):
@@ -231,6 +278,12 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
     ), SCRIPT_MODE)
     files["supervisord.conf"] = (env.get_template("supervisord.conf.j2").render(
         out=str(out), socket=str(socket), logs=str(logs), programs=programs,
+    ), FILE_MODE)
+    files[UNIT_FILE] = (env.get_template(f"{UNIT_FILE}.j2").render(
+        config=unit_text(cfg.path), unit=unit_text(str(out / UNIT_FILE)), user=unit_value(user),
+        out=unit_value(str(out)), env_file=unit_value(env_file(user)),
+        exec_start=unit_command([python, "-m", "supervisor.supervisord", "--nodaemon", "-c", str(out / "supervisord.conf")]),
+        stop_seconds=max(p.stopwaitsecs for p in programs) + UNIT_STOP_MARGIN_SECONDS if programs else UNIT_STOP_MARGIN_SECONDS,
     ), FILE_MODE)
     return files
 

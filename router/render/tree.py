@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from router.render.files import DIR_MODE, RUN_DIR, Files
+from router.render.files import DIR_MODE, RUN_DIR, UNIT_FILE, Files
 from router.render.mode import MODE_FILE
 
 
@@ -58,5 +58,6 @@ def _write_file(path: Path, text: str, mode: int) -> None:
 def read_tree(out: Path) -> dict[str, str]:
     """The rendered files now in `out` (relative path -> text), before a new render
     replaces them: what ``--apply`` compares the new rendering with."""
-    found = [out / "supervisord.conf", out / MODE_FILE, out / "tmux-launch.sh", out / "tmux-logs.sh", *sorted((out / "engines").glob("*.sh"))]
+    found = [out / "supervisord.conf", out / MODE_FILE, out / "tmux-launch.sh", out / "tmux-logs.sh", out / UNIT_FILE,
+             *sorted((out / "engines").glob("*.sh"))]
     return {str(p.relative_to(out)): p.read_text(encoding="utf-8", errors="replace") for p in found if p.is_file()}

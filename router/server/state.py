@@ -76,7 +76,7 @@ class RouterState:
         """Clients reach the models from now (with proxy workers, once they are connected): idle
         time counts from here, and the idle loop starts."""
         for model in self.table:
-            model.lifecycle.last_end = model.lifecycle.clock()
+            model.lifecycle.touch()
         self.idle.start()
 
     async def owner_in_workers(self, response_id: str) -> Optional[Owner]:

@@ -3,10 +3,13 @@
 The output folder holds, for ``kubectl apply -k DIR``:
 
 - ``namespace.yaml``: the namespace (``kubernetes.namespace``, default ``kvrouter``);
-- ``engine-<name>.yaml`` per launched instance: a Deployment (one pod, the
-  engine's launch command, its environment, ``nvidia.com/gpu`` for each GPU
-  of its ``CUDA_VISIBLE_DEVICES``, probes on its health path) and a headless
-  Service ``<name>`` on the engine's port;
+- ``engine-<name>.yaml`` per Pod of engines: a Deployment (one pod, one
+  container per engine with its launch command, environment and probes on its
+  health path, ``nvidia.com/gpu`` for the GPUs of their
+  ``CUDA_VISIBLE_DEVICES``) and a headless Service ``<name>`` per engine on
+  its port. Engines that share a GPU of one node share the Pod and its one
+  GPU request (see pods.py; the Pod is named after its engines, ``a-b``), so
+  several models still fit one GPU; an engine alone on its GPUs is its own Pod;
 - ``router.yaml``: the router's ConfigMap (the YAML with each launched
   instance at its Service, ``launch: false``), Deployment
   (``router.replicas``) and Service; with leader election (on by default
@@ -36,6 +39,7 @@ from router.config import Config, Instance, connect_host, loopback_ip
 from router.engines import sim_argv
 from router.render.files import ENGINE_STOPWAITSECS, FILE_MODE, ROUTER_STOP_MARGIN_SECONDS, Files, RenderError
 from router.render.kubernetes.names import SECRET_NAME, k8s_name, rebind
+from router.render.kubernetes.pods import GpuPod, gpu_pods
 from router.render.kubernetes.router_config import cluster_config_yaml
 from router.render.kubernetes.write import KUSTOMIZATION
 from router.render.kubernetes.yaml import dump
@@ -69,11 +73,15 @@ def render_kubernetes(cfg: Config, text: Optional[str] = None, sim: bool = False
     image without GPUs: the whole stack on any cluster (kind, minikube).
     """
     settings = cfg.kubernetes
-    names = _names(cfg)
+    _names(cfg)
+    pods = gpu_pods(cfg)
+    _pod_names(cfg, pods)
     source = Path(cfg.path).name
     docs: dict[str, list[dict[str, Any]]] = {"namespace.yaml": [_namespace(settings.namespace)]}
-    for inst in cfg.launched:
-        docs[f"engine-{names[inst.name]}.yaml"] = [_engine_deployment(cfg, inst, sim), _engine_service(cfg, inst)]
+    for pod in pods:
+        ports = _port_names(cfg, pod)
+        docs[f"engine-{pod.name}.yaml"] = [_engine_deployment(cfg, pod, ports, sim),
+                                           *(_engine_service(cfg, inst, pod, ports[inst.name]) for inst in pod.members)]
     if cfg.router.enable_router:
         if text is None:
             text = Path(cfg.path).read_text(encoding="utf-8")
@@ -83,7 +91,7 @@ def render_kubernetes(cfg: Config, text: Optional[str] = None, sim: bool = False
     docs[KUSTOMIZATION] = [{"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                             "resources": list(docs)}]
     files = {name: (HEADER.format(config=source) + dump(d), FILE_MODE) for name, d in docs.items()}
-    return Rendering(files, tuple(_warnings(cfg)))
+    return Rendering(files, tuple(_warnings(cfg, pods, sim)))
 
 
 def _names(cfg: Config) -> dict[str, str]:
@@ -99,13 +107,46 @@ def _names(cfg: Config) -> dict[str, str]:
     return out
 
 
-def _warnings(cfg: Config) -> list[str]:
-    """Instances started elsewhere that a router pod cannot reach where the YAML says."""
+def _pod_names(cfg: Config, pods: list[GpuPod]) -> None:
+    """RenderError when a shared Pod's name is another engine's own Deployment."""
+    seen: dict[str, GpuPod] = {}
+    for pod in pods:
+        other = seen.setdefault(pod.name, pod)
+        if other is not pod:
+            raise RenderError(f"{cfg.path}: instances: the Pod of {', '.join(i.name for i in pod.members)} and that of "
+                              f"{', '.join(i.name for i in other.members)} are both named {pod.name!r}; rename one")
+
+
+def _port_names(cfg: Config, pod: GpuPod) -> dict[str, str]:
+    """Instance name -> its container's port name: ``http`` alone, ``http-<i>`` in a shared Pod, whose
+    containers share one network (so their ports must differ, which is checked here)."""
+    if not pod.shared:
+        return {pod.members[0].name: "http"}
+    owners: dict[int, str] = {}
+    for inst in pod.members:
+        other = owners.setdefault(inst.port, inst.name)
+        if other != inst.name:
+            raise RenderError(f"{cfg.path}: instances: {other!r} and {inst.name!r} share a GPU, so they run in one Pod, "
+                              f"and both listen on port {inst.port}; give one another port")
+    return {inst.name: f"http-{n}" for n, inst in enumerate(pod.members)}
+
+
+def _warnings(cfg: Config, pods: list[GpuPod], sim: bool) -> list[str]:
+    """Instances started elsewhere that a router pod cannot reach where the YAML says; and what a
+    shared Pod relies on of the node."""
+    out = []
     local = [i.name for i in cfg.instances if not i.launch and loopback_ip(connect_host(i.host))]
     if local and cfg.router.enable_router:
-        return [f"{cfg.path}: instances {', '.join(local)} have launch: false at a loopback address, which in the "
-                "router's pod is the pod itself; give them an address the cluster can reach"]
-    return []
+        out.append(f"{cfg.path}: instances {', '.join(local)} have launch: false at a loopback address, which in the "
+                   "router's pod is the pod itself; give them an address the cluster can reach")
+    for pod in pods:
+        if pod.shared and not sim:
+            out.append(f"{cfg.path}: instances {', '.join(i.name for i in pod.members)} share GPU "
+                       f"{','.join(pod.gpus)}, so they run in one Pod (engine-{pod.name}.yaml) whose first container "
+                       "requests it: Kubernetes gives devices to containers, and the others reach it where the node's "
+                       "NVIDIA runtime shows its GPUs to every container (the CUDA images' NVIDIA_VISIBLE_DEVICES=all), "
+                       "which is that GPU on a node with one (see \"More than one node and Kubernetes\" in the docs)")
+    return out
 
 
 def labels(name: str, instance: str, component: str) -> dict[str, str]:
@@ -131,8 +172,8 @@ def _namespace(namespace: str) -> dict[str, Any]:
         "app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/managed-by": MANAGED_BY}}}
 
 
-def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
+def _http_probe(path: str, period: int, failures: int, port: str = "http") -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period,
             "timeoutSeconds": PROBE_TIMEOUT_SECONDS, "failureThreshold": failures}
 
 
@@ -153,9 +194,10 @@ def _deployment(meta: dict[str, Any], replicas: int, pod: dict[str, Any], recrea
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {**spec, "template": template}}
 
 
-def _pod(container: dict[str, Any], grace: int, node: Optional[str], volumes: list[dict[str, Any]]) -> dict[str, Any]:
-    container = {**container, "envFrom": [{"secretRef": {"name": SECRET_NAME, "optional": True}}]}
-    pod: dict[str, Any] = {"terminationGracePeriodSeconds": grace, "containers": [container], "volumes": volumes}
+def _pod(containers: list[dict[str, Any]], grace: int, node: Optional[str], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    secrets = {"envFrom": [{"secretRef": {"name": SECRET_NAME, "optional": True}}]}
+    pod: dict[str, Any] = {"terminationGracePeriodSeconds": grace, "containers": [{**c, **secrets} for c in containers],
+                           "volumes": volumes}
     if node is not None:
         pod["nodeSelector"] = {"kubernetes.io/hostname": node}
     return pod
@@ -183,40 +225,52 @@ def engine_image(cfg: Config, inst: Instance, sim: bool) -> str:
     return image
 
 
-def _engine_deployment(cfg: Config, inst: Instance, sim: bool) -> dict[str, Any]:
-    name = k8s_name(inst)
-    meta = _metadata(cfg, name, labels(inst.engine, name, "engine"), instance=inst.name, model=inst.model)
+def _engine_container(cfg: Config, inst: Instance, pod: GpuPod, port: str, sim: bool) -> dict[str, Any]:
     timeout = inst.start_timeout_seconds or cfg.residency.start_timeout_seconds
-    # The device plugin hands the pod its GPUs as devices 0..n-1; the node's numbering means nothing there.
+    # The device plugin hands the pod its GPUs as devices 0..n-1; the node's numbering means nothing there,
+    # and in a Pod of several GPUs each engine is told which of them are its own.
     env = [("PYTHONUNBUFFERED", "1"), *((k, v) for k, v in inst.env if k != "CUDA_VISIBLE_DEVICES")]
-    container: dict[str, Any] = {
-        "name": "engine",
+    if set(inst.gpus) != set(pod.gpus) and not sim:
+        env.append(("CUDA_VISIBLE_DEVICES", pod.devices(inst)))
+    return {
+        "name": k8s_name(inst) if pod.shared else "engine",
         "image": engine_image(cfg, inst, sim),
         "command": engine_command(inst, sim),
         "env": _env(env),
-        "ports": [{"name": "http", "containerPort": inst.port}],
+        "ports": [{"name": port, "containerPort": inst.port}],
         # Loading weights takes minutes: the other probes wait until this one passes.
         "startupProbe": _http_probe(inst.health_path, STARTUP_PERIOD_SECONDS,
-                                    max(1, math.ceil(timeout / STARTUP_PERIOD_SECONDS))),
-        "readinessProbe": _http_probe(inst.health_path, 5, 3),
-        "livenessProbe": _http_probe(inst.health_path, 10, 6),
+                                    max(1, math.ceil(timeout / STARTUP_PERIOD_SECONDS)), port),
+        "readinessProbe": _http_probe(inst.health_path, 5, 3, port),
+        "livenessProbe": _http_probe(inst.health_path, 10, 6, port),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
+
+
+def _engine_deployment(cfg: Config, pod: GpuPod, ports: dict[str, str], sim: bool) -> dict[str, Any]:
+    first = pod.members[0]
+    if pod.shared:
+        meta = _metadata(cfg, pod.name, labels("engines", pod.name, "engine"),
+                         instances=",".join(i.name for i in pod.members), gpus=",".join(pod.gpus))
+    else:
+        meta = _metadata(cfg, pod.name, labels(first.engine, pod.name, "engine"), instance=first.name, model=first.model)
+    containers = [_engine_container(cfg, inst, pod, ports[inst.name], sim) for inst in pod.members]
     if not sim:
-        gpus = str(len(inst.gpus))
-        container["resources"] = {"requests": {GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}}
+        # One request for the Pod's GPUs, on its first container (resources are per container).
+        gpus = str(len(pod.gpus))
+        containers[0]["resources"] = {"requests": {GPU_RESOURCE: gpus}, "limits": {GPU_RESOURCE: gpus}}
     # Engines share tensors between their processes through /dev/shm, which is 64 MB in a pod by default.
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     # Recreate: a second pod of one engine would wait for the GPU the first still holds.
-    return _deployment(meta, 1, _pod(container, ENGINE_STOPWAITSECS, inst.node, volumes), recreate=True)
+    return _deployment(meta, 1, _pod(containers, ENGINE_STOPWAITSECS, first.node, volumes), recreate=True)
 
 
-def _engine_service(cfg: Config, inst: Instance) -> dict[str, Any]:
+def _engine_service(cfg: Config, inst: Instance, pod: GpuPod, port: str) -> dict[str, Any]:
     name = k8s_name(inst)
     meta = _metadata(cfg, name, labels(inst.engine, name, "engine"), instance=inst.name, model=inst.model)
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
-        "clusterIP": "None", "publishNotReadyAddresses": True, "selector": _selector(name),
-        "ports": [{"name": "http", "port": inst.port, "targetPort": "http"}]}}
+        "clusterIP": "None", "publishNotReadyAddresses": True, "selector": _selector(pod.name),
+        "ports": [{"name": "http", "port": inst.port, "targetPort": port}]}}
 
 
 def _router_meta(cfg: Config, name: str = ROUTER_NAME) -> dict[str, Any]:
@@ -244,7 +298,7 @@ def _router_deployment(cfg: Config, config: str) -> dict[str, Any]:
     grace = math.ceil(router.shutdown_grace_seconds) + ROUTER_STOP_MARGIN_SECONDS
     # A changed config changes the pod template, so `kubectl apply` rolls the router pods.
     digest = {"kvrouter/config-sha256": hashlib.sha256(config.encode()).hexdigest()}
-    pod = _pod(container, grace, router.node, volumes)
+    pod = _pod([container], grace, router.node, volumes)
     if cfg.kubernetes.leader_election:
         pod = {"serviceAccountName": ROUTER_NAME, **pod}
     return _deployment(_router_meta(cfg), router.replicas, pod, recreate=False, pod_annotations=digest)

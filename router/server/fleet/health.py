@@ -16,10 +16,10 @@ from typing import Callable
 
 from router.config import RouterSettings
 from router.server.fleet.control import EngineControl
-from router.server.fleet.lifecycle import AWAKE
 from router.server.fleet.models import Model, ModelTable
 from router.server.fleet.replica import Replica
 from router.util.periodic import Periodic
+from router.util.states import AWAKE
 
 log = logging.getLogger("router.health")
 
@@ -47,7 +47,7 @@ async def probe_and_record(control: EngineControl, model: Model, replica: Replic
     if ok and (replica.card is None or now - replica.card_at > CARD_SECONDS):
         card = await control.model_card(replica, settings.health_check_timeout_seconds)
         if card is not None:
-            replica.card, replica.card_at = card, now
+            replica.set_card(card, now)
     return ok, detail
 
 

@@ -14,10 +14,12 @@ import logging
 from typing import Callable, Optional
 
 from router.config import SleepSettings
-from router.server.fleet.lifecycle import AWAKE, SLEEPING, Lifecycle, ModelUnavailable, Outcome
+from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import Model, ModelTable
+from router.server.fleet.outcome import ModelUnavailable, Outcome
 from router.server.fleet.residency import Residency
 from router.util.periodic import Periodic
+from router.util.states import AWAKE, SLEEPING
 
 log = logging.getLogger("router.idle")
 

@@ -27,8 +27,8 @@ import orjson
 from router.cluster.lease import LeaseElector
 from router.config import Config
 from router.observe.events import Events
-from router.server.fleet.lifecycle import Outcome
 from router.server.fleet.models import ModelTable
+from router.server.fleet.outcome import Outcome
 
 log = logging.getLogger("router.leadership")
 

@@ -92,8 +92,7 @@ class Model:
             if best is None or r.outstanding < best.outstanding:
                 best = r
         if best is not None:
-            best.outstanding += 1
-            best.breaker.taken(now)
+            best.take_slot(now)
             return best
         if full:
             raise Overloaded()
@@ -106,8 +105,7 @@ class Model:
                                                f"cannot take requests now: {replica.down_reason()}.")
         if replica.limit is not None and replica.outstanding >= replica.limit:
             raise Overloaded()
-        replica.outstanding += 1
-        replica.breaker.taken(time.monotonic())
+        replica.take_slot(time.monotonic())
         return replica
 
     async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Replica:
@@ -142,9 +140,7 @@ class Model:
 
     def release(self, replica: Replica) -> None:
         """Free a slot; queued requests, if any, take it over."""
-        replica.outstanding -= 1
-        if replica.retired and replica.outstanding == 0:
-            replica.pool.close()
+        replica.release_slot()
         if self._waiters:
             self.dispatch()
 
@@ -273,9 +269,7 @@ def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Re
     """The replica for `instance`: the old one when only its aliases changed (they are the table's
     business, not the replica's), else a fresh one."""
     if replica is not None and not replica.retired and replace(replica.instance, aliases=()) == replace(instance, aliases=()):
-        replica.instance = instance
+        replica.reconfigure(instance)
         return replica
-    fresh = Replica(instance, events)
-    if replica is not None:
-        fresh.process = replica.process  # the same supervisord program: its process state carries over
-    return fresh
+    # The same supervisord program: its process state carries over.
+    return Replica(instance, events, process=replica.process if replica is not None else None)

@@ -1,10 +1,17 @@
 """One engine instance and everything the router knows and intends about it.
 
-A `Replica` is the one owner of a replica's state: its process (from
-supervisord), its health with the probe thresholds, whether it sleeps,
-its ejection after a failed connect, its in-flight requests and slots, and
-its keep-alive connection pool. Other parts read it and ask it to change
-(`record_probe`, `set_process`, `eject`...); none keeps a copy.
+A `Replica` owns a replica's state: its process (from supervisord), its
+health with the probe thresholds, whether it sleeps, its circuit breaker, its
+in-flight requests and slots, and its keep-alive connection pool. Its fields
+change only through its own methods (`take_slot`/`release_slot`,
+`record_probe`, `set_process`, `mark_asleep`, `failed`/`succeeded`,
+`apply_report`...); others read them and keep no copy. A test
+(tests/unit/test_owners.py) checks that no other module assigns them.
+
+With proxy workers each process has its own `Replica` objects: the
+controller's are the truth for health, process and sleep (pushed to the
+workers, `apply_report`), each worker's count their own slots and report
+them (`count_remote` at the controller).
 """
 from __future__ import annotations
 
@@ -82,7 +89,7 @@ class Replica:
                  "health", "ok_streak", "fail_streak", "eject_timer", "pool", "authority",
                  "auth_line", "asleep", "process", "retired", "events", "card", "card_at", "breaker")
 
-    def __init__(self, instance: Instance, events: Events):
+    def __init__(self, instance: Instance, events: Events, process: Optional[ProcessState] = None):
         self.instance = instance
         self.events = events
         self.name = instance.name
@@ -107,12 +114,46 @@ class Replica:
         #: Whether the engine's sleep call has put it to sleep (moved only by the model's lifecycle).
         self.asleep = False
         #: supervisord's view of the engine process; None where no supervisord runs it.
-        self.process: Optional[ProcessState] = None
+        self.process = process
         #: Removed from the table by a reload: serves what it has in flight, takes nothing new.
         self.retired = False
         #: The engine's own /v1/models entry for this model (max_model_len...), and when it was read.
         self.card: Optional[dict[str, object]] = None
         self.card_at = 0.0
+
+    def take_slot(self, now: float) -> None:
+        """A request was sent here (a half-open breaker's trial, if the open time is over)."""
+        self.outstanding += 1
+        if self.breaker.opened_for:  # closed (the usual case): nothing to tell it
+            self.breaker.taken(now)
+
+    def release_slot(self) -> None:
+        """A request sent here has ended; a retired replica lets go of its connections after its last."""
+        self.outstanding -= 1
+        if self.retired and self.outstanding == 0:
+            self.pool.close()
+
+    def count_remote(self, delta: int) -> None:
+        """`delta` more requests in flight here from a proxy worker (the controller's merged count)."""
+        self.outstanding += delta
+
+    def mark_asleep(self, asleep: bool = True) -> None:
+        """The engine's sleep (or wake) call succeeded, or the engine or the leader says so."""
+        self.asleep = asleep
+
+    def apply_report(self, health: str, process: Optional[ProcessState]) -> None:
+        """A proxy worker takes the controller's word on health and process (already published there)."""
+        self.health = health
+        self.process = process
+
+    def set_card(self, card: dict[str, object], now: float) -> None:
+        """The engine's own /v1/models entry, read at `now`."""
+        self.card = card
+        self.card_at = now
+
+    def reconfigure(self, instance: Instance) -> None:
+        """A reload changed only what is the table's business (aliases): keep the state, take the instance."""
+        self.instance = instance
 
     @property
     def running(self) -> bool:

@@ -15,10 +15,11 @@ from prometheus_client.registry import Collector
 from router.config import RouterSettings
 from router.server.fleet.control import EngineControl
 from router.server.fleet.health import probe_and_record, probed
-from router.server.fleet.lifecycle import AWAKE, SLEEPING, Lifecycle
+from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import Model, ModelTable
 from router.server.fleet.replica import HEALTHY, UNHEALTHY, Replica
 from router.server.fleet.residency import Residency
+from router.util.states import AWAKE, SLEEPING
 
 JSON = dict[str, object]
 

@@ -29,8 +29,10 @@ from collections import Counter, deque
 from typing import Callable, Optional
 
 from router.config import ResidencySettings
-from router.server.fleet.lifecycle import AWAKE, HOLDING_GPU, RETRY_AFTER_SECONDS, SLEEPING, Lifecycle, ModelUnavailable
+from router.server.fleet.life import ModelLife
 from router.server.fleet.models import Model, ModelTable
+from router.server.fleet.outcome import RETRY_AFTER_SECONDS, ModelUnavailable
+from router.util.states import AWAKE, HOLDING_GPU, SLEEPING
 
 #: Evictions remembered for GET /residency.
 RECENT_EVICTIONS = 50
@@ -68,7 +70,7 @@ class Residency:
             self._lock = asyncio.Lock()
         return self._lock
 
-    def _model_of(self, lc: Lifecycle) -> Model:
+    def _model_of(self, lc: ModelLife) -> Model:
         model = next((m for m in self._table() if m.lifecycle is lc), None)
         if model is None:
             raise ModelUnavailable(f"model {lc.model!r} was removed by a reload")
@@ -76,7 +78,7 @@ class Residency:
 
     # ------------------------------------------------------------------ decisions
 
-    async def make_room(self, lc: Lifecycle) -> None:
+    async def make_room(self, lc: ModelLife) -> None:
         async with self._placement_lock():
             # Proxy workers report counts within milliseconds: fence them, so a model whose last
             # request just ended there is not taken for busy (and one just admitted is not idle).
@@ -169,7 +171,7 @@ class Residency:
                     if other is not keep and lc.state == AWAKE and not (lc.busy or lc.in_flight or lc.waiting):
                         await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap")
 
-    def _swap_due(self, lc: Lifecycle) -> bool:
+    def _swap_due(self, lc: ModelLife) -> bool:
         """A busy awake member has had its turn once it was awake ``min_sleep_duration``."""
         return lc.last_wake_at is None or lc.clock() - lc.last_wake_at >= self._min_awake()
 

@@ -48,7 +48,9 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional
 from router.observe.events import Event
 from router.observe.metrics import ModelMetrics
 from router.observe.traffic import Traffic
-from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
+from router.server.fleet.lifecycle import Lifecycle
+from router.server.fleet.outcome import ModelUnavailable
+from router.server.workers.remote import RemoteAdmission
 from router.supervision.processes import ProcessState
 
 if TYPE_CHECKING:  # the controller's state; link.py is imported by state.py
@@ -259,7 +261,7 @@ class WorkerLinks:
             link.outstanding[name] = n
             replica = table.replica(name)
             if delta and replica is not None:
-                replica.outstanding += delta
+                replica.count_remote(delta)
 
     async def _ready(self, link: WorkerLink, request: int, name: str) -> None:
         model = self.state.table.get(name)
@@ -318,8 +320,8 @@ class ControllerLink:
         self._replica_changed = replica_changed
         self._owner = owner
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[Any], Optional[LifecycleView]]] = {}
-        self._dirty: set[LifecycleView] = set()
+        self._waiting: dict[int, tuple[asyncio.Future[Any], Optional[RemoteAdmission]]] = {}
+        self._dirty: set[RemoteAdmission] = set()
         self._report: Optional[asyncio.Handle] = None
         self._report_due = 0.0
         self.records: list[Record] = []
@@ -348,7 +350,7 @@ class ControllerLink:
         if op == "model":
             lc = self._model(message[1])
             if lc is not None:
-                lc.state = message[2]
+                lc.mirror(message[2])
         elif op == "replica":
             self._replica_changed(message[1], message[2], message[3])
         elif op == "fence":
@@ -360,8 +362,7 @@ class ControllerLink:
                 return
             refusal = message[2]
             if refusal is None:
-                lc.in_flight += 1  # admitted now, before any later message is read
-                self.changed(lc)
+                lc.admitted()  # now, before any later message is read
                 fut.set_result(None)
             else:
                 fut.set_exception(ModelUnavailable(refusal[0], refusal[1]))
@@ -379,7 +380,7 @@ class ControllerLink:
         to it next (/metrics, /sleep/status) sees this worker's requests counted."""
         await self._ask("sync")
 
-    async def ready(self, lc: "LifecycleView") -> None:
+    async def ready(self, lc: "RemoteAdmission") -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
         await self._ask("ready", lc.model, lc=lc)
 
@@ -389,7 +390,7 @@ class ControllerLink:
         found: Optional[tuple[str, str]] = await self._ask("whose", response_id)
         return found
 
-    async def _ask(self, op: str, *args: Any, lc: Optional["LifecycleView"] = None) -> Any:
+    async def _ask(self, op: str, *args: Any, lc: Optional["RemoteAdmission"] = None) -> Any:
         """Send `op` with everything pending before it, and wait for the controller's answer."""
         request = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -401,7 +402,7 @@ class ControllerLink:
         finally:
             self._waiting.pop(request, None)
 
-    def changed(self, lc: "LifecycleView") -> None:
+    def changed(self, lc: "RemoteAdmission") -> None:
         """`lc`'s count moved: to or from zero it reaches the controller within REPORT_SECONDS,
         otherwise within COUNTS_SECONDS (a fence or a `ready` sends everything at once)."""
         self._dirty.add(lc)
@@ -445,32 +446,6 @@ class ControllerLink:
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
         self.channel.send(("owner", response_id, model, instance))
-
-
-class LifecycleView(Lifecycle):
-    """A worker's view of one model's lifecycle: its state is the controller's, set by the link;
-    admission while awake is local (no message), otherwise the controller is asked."""
-
-    def __init__(self, *args: Any, link: ControllerLink, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.link = link
-        #: The count the controller last heard.
-        self.reported = 0
-
-    async def admit(self) -> None:
-        if self.state == AWAKE:
-            self.in_flight += 1
-            self.link.changed(self)
-            return
-        self.waiting += 1
-        try:
-            await self.link.ready(self)
-        finally:
-            self.waiting -= 1
-
-    def count(self, delta: int) -> None:
-        self.in_flight += delta
-        self.link.changed(self)
 
 
 class RelayedTraffic(Traffic):

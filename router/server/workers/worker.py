@@ -41,7 +41,8 @@ from router.server.proxy.auth import Guard
 from router.server.proxy.forward import Proxy
 from router.server.proxy.reply import Receive, Scope, Send
 from router.server.proxy.request import DROP_REQUEST_HEADERS
-from router.server.workers.link import ControllerLink, LifecycleView, Message, RelayedMetrics, RelayedTraffic
+from router.server.workers.link import ControllerLink, Message, RelayedMetrics, RelayedTraffic
+from router.server.workers.remote import RemoteAdmission
 from router.supervision.processes import ProcessState
 
 log = logging.getLogger("router.worker")
@@ -72,7 +73,8 @@ class WorkerState:
     def build(self, config: Config, previous: Optional[ModelTable] = None) -> ModelTable:
         """The table for `config`: lifecycle views, metrics relayed to the controller."""
         def lifecycle(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
-            return LifecycleView(name, members, config.sleep, self.control, self.events, link=self.link)
+            return Lifecycle(name, members, config.sleep, self.control, self.events,
+                             admission=RemoteAdmission.factory(self.link))
         return ModelTable.build(config, self.events, lambda name: RelayedMetrics(name, self.link), lifecycle,
                                 previous=previous)
 
@@ -88,7 +90,7 @@ class WorkerState:
             self.guard = Guard(config.router, self.table.client_paths)
         for model in self.table:
             if model.name in models:
-                model.lifecycle.state = models[model.name]
+                model.lifecycle.mirror(models[model.name])
         for name, (health, process) in replicas.items():
             self.replica_changed(name, health, process)
 
@@ -100,8 +102,7 @@ class WorkerState:
         found = self.table.instance(name)
         if found is not None:
             model, replica = found
-            replica.health = health
-            replica.process = process
+            replica.apply_report(health, process)
             model.dispatch()
 
     async def owner_from_controller(self, response_id: str) -> Optional[Owner]:
