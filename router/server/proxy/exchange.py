@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Awaitable, Optional, TypeVar
 
 from router.observe.tracing import RequestTrace
-from router.server.fleet.lifecycle import AWAKE, FAILED, STARTING, STOPPED, STOPPING, Lifecycle
+from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import Replica
+from router.util.states import AWAKE, FAILED, STARTING, STOPPED, STOPPING
 
 T = TypeVar("T")
 
