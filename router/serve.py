@@ -31,7 +31,7 @@ import uvloop
 
 from router.cluster.extras import missing_extras
 from router.config import ConfigError, load_config
-from router.observe import logs
+from router.observe import logs, tracing
 from router.server.http.app import RouterApp, create_app
 from router.server.http.fastserver import FastHttpProtocol
 from router.server.state import RouterState
@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None, http: type[asyncio.Protocol] = Fa
         for problem in e.problems:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
         return 2
-    missing = missing_extras(config)
+    missing = missing_extras(config) + [p for p in [tracing.problem(config.router.tracing)] if p]
     for problem in missing:
         print(f"error: {config.path}: {problem}", file=sys.stderr)
     if missing:

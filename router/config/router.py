@@ -12,7 +12,7 @@ from typing import Optional
 
 from router.config.kinds import COUNT, HOST, NON_NEGATIVE, POSITIVE, Choice, Flag, Number, Text
 from router.config.problems import Reading
-from router.config.schema import Kind, setting
+from router.config.schema import Kind, Section, setting
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
@@ -118,6 +118,28 @@ class Nameservers(Kind[tuple[tuple[str, int], ...]]):
         return tuple(out) if len(out) == len(items) else None
 
 
+#: An OTLP/HTTP receiver: a collector's base URL or its full traces URL.
+OTLP_URL = Text("an http:// or https:// URL", r"https?://[^\s/?#]+(/\S*)?", strip=True,
+                problem="must be {what} of an OTLP/HTTP receiver (`http://collector:4318`), not {value!r}")
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry traces (router/observe/tracing.py). Each key left out falls back on the standard
+    ``OTEL_*`` environment variable, so a process configured the usual way needs no block."""
+
+    otlp_endpoint: Optional[str] = setting(OTLP_URL, None, (
+        "where spans go over OTLP/HTTP: a collector's base URL (`http://collector:4318`, `/v1/traces` is added) or "
+        "the full URL of its traces path; tracing is on when this or the environment gives one (needs "
+        "`pip install 'kvrouter[tracing]'`)"),
+        shown="`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`, else none: tracing off")
+    sample_ratio: Optional[float] = setting(Number(0, 1), None, (
+        "share of new traces kept; a request that comes with a `traceparent` follows its caller's choice"),
+        shown="`OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, else `1`")
+    service_name: Optional[str] = setting(Text("a service name", strip=True), None, "the `service.name` of the spans",
+                                          shown="`OTEL_SERVICE_NAME`, else `kvrouter`")
+
+
 @dataclass(frozen=True)
 class RouterSettings:
     enable_router: bool = setting(Flag(), True, "render the `router` program and the `kvcached-frontend` tmux session")
@@ -170,3 +192,5 @@ class RouterSettings:
         "nameservers that resolve instances' `dns_name`: IP addresses with an optional port, "
         "`[\"10.96.0.10\", \"127.0.0.1:5353\", \"[fd00::a]:53\"]`"), shown="the system's (`/etc/resolv.conf`)")
     dns_refresh_seconds: float = setting(POSITIVE, 5.0, "how often each `dns_name` is resolved again")
+    tracing: TracingSettings = setting(Section(TracingSettings), TracingSettings(), (
+        "OpenTelemetry traces of every request, sent to an OTLP/HTTP receiver (see \"Monitoring\")"), shown="see below")

@@ -232,6 +232,7 @@ def server_information(state: RouterState) -> dict[str, object]:
     settings = {k: v for k, v in config.router.__dict__.items() if k not in ("api_keys", "admin_api_key")}
     settings["api_keys_configured"] = len(config.router.api_keys)
     settings["admin_api_key_configured"] = config.router.admin_api_key is not None
+    settings["tracing"] = dict(config.router.tracing.__dict__)
     return {
         "version": __version__,
         "config_path": config.path,

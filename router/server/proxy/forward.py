@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from router.config import RouterSettings
 from router.observe.accesslog import AccessLog
+from router.observe.tracing import QUEUE, RequestTrace, tracing_for
 from router.observe.traffic import Traffic
 from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
@@ -26,6 +27,7 @@ from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
+from router.server.proxy.exchange import Exchange, traced_admission
 from router.server.proxy.forms import FormError, boundary_of
 from router.server.proxy.reply import STREAM_HEADERS, AsgiReply, EarlyStream, Message, Receive, Reply, Scope, Send, answer_error, retry_after, send_error
 from router.server.proxy.request import (
@@ -71,20 +73,6 @@ async def admit_showing_progress(lifecycle: Lifecycle, name: str, stream: EarlyS
             admission.cancel()
 
 
-class Exchange:
-    """What one proxied request did, for metrics, traffic and the access log."""
-
-    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries")
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.retries = 0
-        self.status = 0
-        self.nbytes = 0
-        self.ttfb: Optional[float] = None
-        self.replica: Optional[Replica] = None
-
-
 class Proxy:
     """ASGI handler for every client path the configured engines serve (POST, routed by the body's
     `model`), the stored responses (``/v1/responses/{id}``), and ``/upstream/{model}/{path}``.
@@ -105,6 +93,10 @@ class Proxy:
         self.access_log = access_log
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.drop_headers = DROP_REQUEST_HEADERS | (AUTHORIZATION | API_KEY if settings.api_keys else frozenset())
+        #: OpenTelemetry traces (router/observe/tracing.py); None when off.
+        self.tracing = tracing_for(settings.tracing)
+        #: With tracing on, the client's trace headers are replaced by the router's own.
+        self.drop_traced = self.drop_headers | (self.tracing.headers if self.tracing is not None else frozenset())
         self.connect_timeout = settings.connect_timeout_seconds
         self.request_timeout = settings.request_timeout_seconds
         self.known = ", ".join(table.names)
@@ -301,6 +293,8 @@ class Proxy:
         """Admit, forward, relay and account one request; a cancel once `reply.gone` is the client leaving."""
         path = scope["path"]
         ex = Exchange(path)
+        if self.tracing is not None:
+            ex.trace = self.tracing.begin(scope, start, model.name)
         lifecycle = model.lifecycle
         admitted = False
         answer: Reply = reply
@@ -308,10 +302,11 @@ class Proxy:
             if admit and out.stream and self.loading_progress and lifecycle.state != AWAKE:
                 answer = early = EarlyStream(reply)
                 await early.open()
-                await admit_showing_progress(lifecycle, model.name, early)
+                showing = admit_showing_progress(lifecycle, model.name, early)
+                await (showing if ex.trace is None else traced_admission(ex.trace, lifecycle, showing))
                 admitted = True
             elif admit:
-                await lifecycle.admit()
+                await (lifecycle.admit() if ex.trace is None else traced_admission(ex.trace, lifecycle, lifecycle.admit()))
                 admitted = True
             await self.forward(scope, answer, model, out, start, ex, target)
         except asyncio.CancelledError:
@@ -332,12 +327,18 @@ class Proxy:
                 lifecycle.release()
         self.account(model, ex, out.stream, start)
 
-    async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...]) -> Replica:
+    async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...],
+                      trace: Optional[RequestTrace]) -> Replica:
         """A slot on a replica: the pinned one, or the model's pick (waiting in its queue if full)."""
         try:
             if out.pin is not None:
                 return model.take(out.pin)
-            return await model.acquire(time.monotonic(), tried, self.queue_timeout)
+            if trace is None:
+                return await model.acquire(time.monotonic(), tried, self.queue_timeout)
+            try:  # traced: a wait in the queue is a span of its own
+                return model.pick(time.monotonic(), tried)
+            except Overloaded:
+                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout))
         except NoReplica as e:
             if tried:
                 raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
@@ -357,16 +358,22 @@ class Proxy:
         retries = self.retries if out.pin is None else 0
         learn = target == RESPONSES_PATH_BYTES
         while True:
-            replica = await self.acquire(model, out, tried)
+            replica = await self.acquire(model, out, tried, ex.trace)
             ex.replica = replica
             inst = replica.instance
             # A stream waits at most one idle period for its first byte; an answer, the request timeout.
             idle = inst.stream_idle_timeout_seconds or self.idle_timeout
             timeout = idle if out.stream else inst.request_timeout_seconds or self.request_timeout
             data = out.data_for(replica)
-            head = request_head(scope, target, replica.authority, len(data), self.drop_headers, replica.auth_line)
+            trace = ex.trace
+            if trace is None:
+                head = request_head(scope, target, replica.authority, len(data), self.drop_headers, replica.auth_line)
+            else:
+                head = request_head(scope, target, replica.authority, len(data), self.drop_traced, replica.auth_line,
+                                    trace.attempt(replica.name, replica.url))
             try:
-                resp = await replica.pool.request(head, data, self.connect_timeout, timeout)
+                sending = replica.pool.request(head, data, self.connect_timeout, timeout)
+                resp = await (sending if trace is None else trace.exchange(sending))
             except ConnectFailed:
                 model.failed(replica, time.monotonic(), self.settings)
                 model.release(replica)
@@ -487,3 +494,5 @@ class Proxy:
         if self.access_log is not None:
             self.access_log.request(model.name, stream, ex.replica.name if ex.replica else None, ex.status, ex.nbytes,
                                     ex.ttfb, total, ex.retries)
+        if ex.trace is not None:
+            ex.trace.end(ex.replica.name if ex.replica else None, ex.status, ex.retries, stream, ex.ttfb)

@@ -40,12 +40,14 @@ class Reject(Exception):
 
 
 def request_head(scope: Scope, target: bytes, authority: bytes, length: int, drop: frozenset[bytes],
-                 auth_line: bytes = b"") -> bytes:
+                 auth_line: bytes = b"", trace_lines: bytes = b"") -> bytes:
     """Request line and headers for the engine (the one place deciding which headers are forwarded).
 
     End-to-end headers pass as the client sent them; hop-by-hop ones (and
     those the Connection header names) do not. An engine with its own API
-    key gets that key (`auth_line`) instead of whatever the client sent.
+    key gets that key (`auth_line`) instead of whatever the client sent;
+    with tracing on, the router's trace context (`trace_lines`, its names
+    in `drop`) replaces the client's.
     """
     if auth_line:
         drop = drop | AUTHORIZATION
@@ -60,7 +62,7 @@ def request_head(scope: Scope, target: bytes, authority: bytes, length: int, dro
         target += b"?" + scope["query_string"]
     parts = [scope["method"].encode(), b" ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\ncontent-length: ",
              str(length).encode(), b"\r\n" if typed or not length else b"\r\ncontent-type: application/json\r\n",
-             auth_line]
+             auth_line, trace_lines]
     for k, v in headers:
         if k not in drop:
             parts += (k, b": ", v, b"\r\n")
