@@ -250,15 +250,6 @@ def config_from(tmp: Path, instances: list[dict[str, Any]], router: Optional[dic
     return load_config(write_config(tmp, instances, router), sim=True)
 
 
-def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
 @pytest.fixture(scope="module")
 def loop() -> Iterator[LoopThread]:
     lt = LoopThread()

@@ -18,9 +18,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import psutil
+from helpers import wait_for
 
 PY = sys.executable
 
@@ -30,18 +31,6 @@ def alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
-    """Poll `check` until it returns something truthy; that value, or AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Supervised:

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from chaos import CLASS_CORRUPT, CLASS_OTHER, FAULT_KINDS  # noqa: E402
-from helpers import distinct_ports, get_json, http_status, post_json, render  # noqa: E402
-from supervised import Supervised, wait_for  # noqa: E402
+from helpers import distinct_ports, get_json, http_status, post_json, render, wait_for  # noqa: E402
+from supervised import Supervised  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 

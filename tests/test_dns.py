@@ -15,8 +15,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from helpers import free_port, get_json, post_json
-from router_support import Stack, loop, stack, until  # noqa: F401  (fixtures)
+from helpers import free_port, get_json, post_json, wait_for
+from router_support import Stack, loop, stack  # noqa: F401  (fixtures)
 
 from router.cluster.dns import DnsWatcher, Resolver
 from router.config import parse_config
@@ -158,7 +158,7 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
     kept = state.table.get("m").replicas[0] if state is not None else None
 
     dns_server.records["pool.test"] = ["127.0.0.2"]  # one pod gone
-    assert until(lambda: replica_names(router.url) == ["pool@127.0.0.2"], 5)
+    wait_for(lambda: replica_names(router.url) == ["pool@127.0.0.2"], 5)
     if state is not None:
         assert state.table.get("m").replicas[0] is kept  # the staying replica keeps its state
         events = [e for e in state.events.recent() if e.kind == "dns"]
@@ -172,7 +172,7 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
     assert status == 200 and [m["id"] for m in models["data"]] == ["m"]
 
     dns_server.records["pool.test"] = ["127.0.0.2", "127.0.0.3"]  # back
-    assert until(lambda: len(replica_names(router.url)) == 2, 5)
+    wait_for(lambda: len(replica_names(router.url)) == 2, 5)
     time.sleep(0.5 if state is None else 0)
     assert burst(8) == [200] * 8
     assert len(b.bodies) > served_by_b

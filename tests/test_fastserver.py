@@ -12,7 +12,7 @@ import json
 import socket
 import time
 
-from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
 BODY = json.dumps({"model": "m", "prompt": "x"}).encode()
 STREAM = json.dumps({"model": "m", "prompt": "x", "stream": True}).encode()

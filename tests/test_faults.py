@@ -24,8 +24,8 @@ from typing import Any, Iterator, Optional
 import aiohttp
 import psutil
 import pytest
-from helpers import Streamed, distinct_ports, http_status, metric_value, refused, render, stream_request
-from supervised import Supervised, alive, wait_for
+from helpers import Streamed, distinct_ports, http_status, metric_value, refused, render, stream_request, wait_for
+from supervised import Supervised, alive
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-from helpers import distinct_ports, http_status, render
+from helpers import distinct_ports, http_status, render, wait_for
 from router_support import LoopThread, RouterServer, config_from, instance, loop  # noqa: F401 (fixture)
-from supervised import Supervised, wait_for
+from supervised import Supervised
 
 from router.config import Config
 from router.server.http.app import create_app

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers import distinct_ports, get_json, http_status, post_json, render
-from supervised import Supervised, wait_for
+from helpers import distinct_ports, get_json, http_status, post_json, render, wait_for
+from supervised import Supervised
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import aiohttp
 import pytest
-from helpers import distinct_ports, get_json, post_json, render
-from supervised import Supervised, wait_for
+from helpers import distinct_ports, get_json, post_json, render, wait_for
+from supervised import Supervised
 
 pytestmark = pytest.mark.timeout(180)
 

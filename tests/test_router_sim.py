@@ -17,8 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from helpers import PY, Proc, free_port, start_sim, wait_http
-from router_support import Stack, instance, loop, stack, until, write_config  # noqa: F401  (fixtures)
+from helpers import PY, Proc, free_port, start_sim, wait_for, wait_http
+from router_support import Stack, instance, loop, stack, write_config  # noqa: F401  (fixtures)
 
 
 def sim_metric(port: int, name: str) -> float:
@@ -72,7 +72,7 @@ def test_disconnect_reaches_simulated_engine(stack: Stack, sims) -> None:
         got = b""
         while got.count(b"data: ") < 2:
             got += s.recv(65536)
-    assert until(lambda: sim_metric(port, "sim_client_disconnects_total") == 1, timeout=3)
+    wait_for(lambda: sim_metric(port, "sim_client_disconnects_total") == 1, 3)
 
 
 def test_engine_killed_mid_stream(stack: Stack, sims) -> None:

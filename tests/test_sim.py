@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Optional
 import aiohttp
 import orjson
 import pytest
-from helpers import PY, Proc, free_port, refused, wait_http
+from helpers import PY, Proc, free_port, refused, wait_for_async, wait_http
 
 from router.sim import SimEngine, SimOptions, parse_options, textgen
 from router.sim import http as sim_http
@@ -108,15 +108,6 @@ async def make_sim() -> AsyncIterator[Any]:
     await http.close()
     for e in engines:
         await e.stop()
-
-
-async def until(check: Any, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
@@ -307,7 +298,7 @@ async def test_sglang_release_and_resume(make_sim) -> None:
     assert status == 400
     # Refused while a request runs (SGLang requires an idle server).
     stream = asyncio.ensure_future(sim.post("/v1/completions", {"prompt": "x", "max_tokens": 10}))
-    assert await until(lambda: _running(sim))
+    await wait_for_async(lambda: _running(sim))
     status, _, body = await sim.post("/release_memory_occupation", {})
     assert status == 400 and "idle" in orjson.loads(body)["error"]["message"]
     assert (await stream)[0] == 200
@@ -407,7 +398,7 @@ async def _read_some_then_close(url: str, body: dict[str, Any], chunks: int) -> 
 async def test_disconnect_mid_stream_stops_generation(make_sim) -> None:
     sim = await make_sim(itl_ms=30)
     await _read_some_then_close(sim.url + "/v1/completions", {"prompt": "x", "max_tokens": 100, "stream": True}, 4)
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
     tokens = await sim.metric("vllm:generation_tokens_total")
     await asyncio.sleep(0.2)
     assert tokens < 10 and await sim.metric("vllm:generation_tokens_total") == tokens
@@ -422,19 +413,19 @@ async def test_disconnects_while_queued_held_or_non_streaming_are_counted(make_s
     sim = await make_sim(itl_ms=50, max_concurrency=1)
     body = {"prompt": "x", "max_tokens": 20}
     running = asyncio.ensure_future(sim.post("/v1/completions", body))
-    await until(lambda: _running(sim))
+    await wait_for_async(lambda: _running(sim))
     queued = asyncio.ensure_future(sim.post("/v1/completions", body))
-    assert await until(lambda: _metric_is(sim, "vllm:num_requests_waiting", 1))
+    await wait_for_async(lambda: _metric_is(sim, "vllm:num_requests_waiting", 1))
     queued.cancel()
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
     assert await sim.metric("vllm:num_requests_waiting") == 0
     running.cancel()  # a non-streaming request abandoned mid-generation
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 2))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 2))
     await sim.post("/sleep", raw=b"")
     held = asyncio.ensure_future(sim.post("/v1/completions", body))
     await asyncio.sleep(0.1)
     held.cancel()
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 3))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 3))
     assert await sim.metric("sim_requests_total") == 3
 
 
@@ -514,7 +505,7 @@ async def test_stall_after(make_sim) -> None:
             assert [ln.startswith(b"data: {") for ln in lines[::2]] == [True] * 3
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(r.content.readline(), 0.4)
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
 
 
 async def test_hang(make_sim) -> None:
@@ -524,7 +515,7 @@ async def test_hang(make_sim) -> None:
     assert not request.done()
     assert (await sim.get("/health"))[0] == 200  # the server still answers everything else
     request.cancel()
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
 
 
 # --------------------------------------------------------- the CLI process

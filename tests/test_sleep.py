@@ -19,8 +19,8 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from helpers import free_port
-from router_support import LoopThread, RouterServer, until
+from helpers import free_port, wait_for
+from router_support import LoopThread, RouterServer
 
 from router.config import SleepSettings, load_config
 from router.observe.events import Events
@@ -227,7 +227,7 @@ def test_auto_sleep_after_idle_threshold(stack):
     st = stack(ControlEngine(), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.4})
     t0 = time.monotonic()
     assert st.completions(1)[0][0] == 200
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert time.monotonic() - t0 >= 0.4
     assert st.engine.count("sleep") == 1 and st.engine.asleep
     assert st.engine.sleep_params == [{"level": "1", "mode": "wait"}]
@@ -240,7 +240,7 @@ def test_auto_sleep_after_idle_threshold(stack):
 def test_auto_sleep_then_many_concurrent_requests_make_one_wake_call(stack, engine):
     st = stack(sim(engine), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.2,
                                       "min_sleep_duration": 30})
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert st.engine.asleep and st.engine.counters.sleep_calls == 1
     results = st.completions(50)
     assert [r[0] for r in results] == [200] * 50
@@ -276,7 +276,7 @@ def test_a_long_request_is_never_idle(stack):
     assert code == 200 and "1 requests in flight" in reason
     assert during["state"] == "awake" and during["in_flight"] == 1 and during["idle_seconds"] == 0
     assert st.engine.count("sleep") == 0
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert time.monotonic() - ended >= 0.3  # idle counted from the end of the request
 
 
@@ -286,7 +286,7 @@ def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
                                                           "check_interval_seconds": 0.05})
     def failures() -> int:  # the router's count: it has seen the engine's answer
         return st.call("GET", "/sleep/status")[1]["models"][MODEL]["sleep_failures"]
-    assert until(lambda: failures() >= 1, 5)
+    wait_for(lambda: failures() >= 1, 5)
     t0 = time.monotonic()
     codes = []
     while failures() < 4 and time.monotonic() - t0 < 10:
@@ -393,14 +393,14 @@ def test_sleep_opt_out_is_refused(stack):
 
 def test_min_sleep_duration_keeps_a_woken_model_awake(stack):
     st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.1, "min_sleep_duration": 1.2})
-    assert until(lambda: st.state() == "sleeping", 5)  # never used since start: idle from start-up
+    wait_for(lambda: st.state() == "sleeping", 5)  # never used since start: idle from start-up
     assert st.completions(1)[0][0] == 200  # wakes it
     woke = time.monotonic()
     time.sleep(0.4)  # idle well past the threshold, yet kept awake
     _, cands, _ = st.call("GET", "/sleep/candidates")
     assert "min_sleep_duration" in cands["candidate_details"][MODEL]["reason"]
     assert st.state() == "awake"
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert time.monotonic() - woke >= 1.2
     assert st.engine.counters.sleep_calls == 2 and st.engine.counters.wake_calls == 1
 
@@ -478,7 +478,7 @@ def test_engine_woken_elsewhere_is_seen_awake(stack):
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
     st.engine.asleep = False
     st.engine.awake_event.set()
-    assert until(lambda: st.state() == "awake", 3)
+    wait_for(lambda: st.state() == "awake", 3)
 
 
 def test_engine_found_asleep_under_a_request_is_woken_for_it(stack):

@@ -17,8 +17,8 @@ from typing import Iterator
 import openai
 import pytest
 import yaml
-from helpers import distinct_ports, http_status, render
-from supervised import Supervised, alive, wait_for
+from helpers import distinct_ports, http_status, render, wait_for
+from supervised import Supervised, alive
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers import distinct_ports, render
+from helpers import distinct_ports, render, wait_for
 from rich.console import Console
-from supervised import Supervised, wait_for
+from supervised import Supervised
 
 from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
 from router.status.view import status_table

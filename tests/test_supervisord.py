@@ -15,8 +15,8 @@ from typing import Iterator
 
 import psutil
 import pytest
-from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_http  # noqa: F401  (fixture)
-from supervised import Supervised, alive, render_cli, wait_for
+from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_for, wait_http  # noqa: F401  (fixture)
+from supervised import Supervised, alive, render_cli
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 from fake_kube import FakeKube
-from helpers import PY, Proc, free_port, get_json, post_json, wait_http
+from helpers import PY, Proc, free_port, get_json, post_json, wait_for, wait_http
 from router_support import LoopThread
 
 ROUTERS = {"router-a": "127.0.0.2", "router-b": "127.0.0.3"}
@@ -114,15 +114,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         c.close()
 
 
-def until(check: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return bool(check())
-
-
 def test_a_model_slept_through_one_router_is_served_through_the_other(cluster: Cluster) -> None:
     leader = cluster.leader()
     follower = next(r for r in ROUTERS if r != leader)
@@ -139,14 +130,14 @@ def test_a_model_slept_through_one_router_is_served_through_the_other(cluster: C
     # Slept through the leader; the follower hears it from the engine (vLLM's /is_sleeping), then a
     # request through the follower has the leader wake it.
     assert cluster.action(leader, "sleep", VLLM)[0] == 200
-    assert until(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
+    wait_for(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
     assert cluster.complete(follower, VLLM)[0] == 200
     assert cluster.state(leader, VLLM)["wake_count"] == 2 and cluster.state(follower, VLLM)["wake_count"] == 0
     assert not cluster.engine_asleep("v")
 
     # SGLang cannot say whether it sleeps: the follower takes the leader's word for it.
     assert cluster.action(leader, "sleep", SGLANG)[0] == 200
-    assert until(lambda: cluster.state(follower, SGLANG)["state"] == "sleeping")
+    wait_for(lambda: cluster.state(follower, SGLANG)["state"] == "sleeping")
     assert cluster.complete(follower, SGLANG)[0] == 200
     assert cluster.state(leader, SGLANG)["wake_count"] == 1
 
@@ -158,7 +149,7 @@ def test_the_leader_dies_and_the_other_router_takes_over_after_the_lease(cluster
     cluster.procs[leader].stop(signal.SIGKILL)
     killed = time.monotonic()
     # The follower cannot reach the leader: a model it finds asleep gets a 503 naming the leader.
-    assert until(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
+    wait_for(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
     status, body = cluster.complete(follower, VLLM)
     if status == 503:  # before the Lease ran out: the error says whom it could not ask
         message = body["error"]["message"]
