@@ -12,6 +12,7 @@ still found and killed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,16 @@ class Supervised:
                 pass
         psutil.wait_procs(leftovers, timeout=10)
         self.tmux("kill-server")
+
+
+def give_up_sooner(out: Path, retries: int = 1) -> None:
+    """Let supervisord give up on a program that cannot start after `retries` retries (FATAL in about
+    2 s) rather than the rendered count, whose back-off takes 15 s: the tests are about what the router
+    and the tools make of FATAL, not about supervisord's patience."""
+    conf = out / "supervisord.conf"
+    text, n = re.subn(r"(?m)^startretries=\d+$", f"startretries={retries}", conf.read_text())
+    assert n, f"no startretries in {conf}"
+    conf.write_text(text)
 
 
 def render_cli(config: Path, out: Path | str, *flags: str, cwd: Optional[Path] = None,

@@ -37,6 +37,7 @@ from supervised import Supervised  # noqa: E402
 pytestmark = pytest.mark.timeout(240)
 
 
+@pytest.mark.slow
 def test_one_minute_of_chaos_costs_only_what_the_kills_reach(tmp_path: Path) -> None:
     report = tmp_path / "chaos.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--minutes", "1", "--seed", "6",

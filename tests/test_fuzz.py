@@ -65,6 +65,9 @@ KNOWN_PATHS = (*PROXY_PATHS, "/v1/models", "/models", "/health", "/health/all", 
                "/sleep/status", "/sleep/candidates", f"/action/sleep/{MODEL}", f"/action/wakeup/{MODEL}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 
+#: Fuzzing runs hundreds of generated cases per test: outside the fast suite.
+pytestmark = pytest.mark.slow
+
 
 # -- HTTP --------------------------------------------------------------------------
 

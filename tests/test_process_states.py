@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 from helpers import distinct_ports, get_json, http_status, post_json, render, wait_for
-from supervised import Supervised
+from supervised import Supervised, give_up_sooner
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +43,9 @@ def stack_with_a_taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[Su
                {"name": "good", "model": "m/good", "engine": "vllm", "engine_args": [f"--port={good}"]},
                {"name": "broken", "model": "m/broken", "engine": "vllm", "engine_args": [f"--port={taken}"]},
            ]}
-    stack = Supervised(render(tmp, doc, "--sim"), tmp / "tmux")
+    out = render(tmp, doc, "--sim")
+    give_up_sooner(out)
+    stack = Supervised(out, tmp / "tmux")
     try:
         stack.start()
         yield stack, f"http://127.0.0.1:{router_port}", squatter

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import aiohttp
 import pytest
-from helpers import PY, Proc, Streamed, distinct_ports, post_json, render, stream_request, wait_http
+from helpers import PY, Proc, Streamed, distinct_ports, post_json, render, stream_request, wait_for, wait_http
 from supervised import Supervised
 
 from router.sim import textgen
@@ -103,9 +103,7 @@ def test_reload_under_two_hundred_streams_loses_nothing(stack) -> None:
         with urllib.request.urlopen(f"{url}/sleep/status", timeout=5) as r:
             models = json.loads(r.read())["models"]
         return sum(m["in_flight"] for m in models.values())
-    deadline = time.monotonic() + 20
-    while in_flight() < STREAMS and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: in_flight() >= STREAMS, 20, f"{STREAMS} streams in flight", interval=0.05)
     assert in_flight() == STREAMS
 
     (tmp / "config.yaml").write_text(json.dumps(config(router_port, a, b, c, reloaded=True)))

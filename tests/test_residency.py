@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import aiohttp
 import pytest
-from helpers import distinct_ports, get_json, post_json, render, wait_for
+from helpers import distinct_ports, get_json, metric_value, post_json, render, wait_for
 from supervised import Supervised
 
 pytestmark = pytest.mark.timeout(180)
@@ -80,6 +80,11 @@ class Stack:
             return True
         except OSError:
             return False
+
+    def engine_metric(self, name: str, metric: str) -> float:
+        """A sample of engine `name`'s own /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/metrics", timeout=5) as r:
+            return metric_value(r.read().decode(), metric)
 
     def spawns(self, name: str) -> int:
         return self.sup.log("supervisord", tail=10**7).count(f"spawned: '{name}'")
@@ -268,7 +273,7 @@ def test_a_manual_stop_drains_first_and_a_request_then_starts_the_engine_again(m
     done: dict[str, Any] = {}
     t = threading.Thread(target=lambda: done.update(r=stack.ask("a", tokens=15)))  # about 1.5 s
     t.start()
-    time.sleep(0.3)
+    wait_for(lambda: stack.engine_metric("a", "vllm:num_requests_running") == 1, 10, "the request to be generating")
     began = time.monotonic()
     status, answer = post_json(f"{stack.url}/action/stop/m/a", {})
     took = time.monotonic() - began

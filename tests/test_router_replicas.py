@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from helpers import free_port, wait_for
+from helpers import free_port, metric_value, wait_for
 from router_support import Engine, Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_proxy import assert_error, client, post
 
@@ -74,7 +74,7 @@ def test_max_concurrency_queue_then_429(stack: Stack) -> None:
         first = pool.submit(post, r.url + "/v1/completions", body)
         wait_for(lambda: len(e.bodies) == 1)
         queued = pool.submit(post, r.url + "/v1/completions", body)
-        time.sleep(0.1)
+        wait_for(lambda: admitted(r.url, "m") == 2, what="the second request to be queued")
         status, headers, data = post(r.url + "/v1/completions", body)
         assert_error(status, data, 429, "concurrency limit")
         assert headers["retry-after"] == "1"
@@ -127,8 +127,14 @@ def hold_one_queue_one(pool: concurrent.futures.Executor, url: str, engine: Engi
     first = pool.submit(post, url + "/v1/completions", body)
     wait_for(lambda: len(engine.bodies) == 1)
     queued = pool.submit(post, url + "/v1/completions", body)
-    time.sleep(0.2)
+    wait_for(lambda: admitted(url, "m") == 2, what="the second request to be queued")
     return first, queued
+
+
+def admitted(url: str, model: str) -> float:
+    """Requests the router admitted for `model` and has not finished, queued ones included."""
+    return metric_value(post(url + "/metrics", None, method="GET")[2].decode(),  # type: ignore[arg-type]
+                        "router_in_flight_requests", model=model)
 
 
 def test_queued_request_takes_a_replica_that_turned_healthy(stack: Stack) -> None:

@@ -317,6 +317,13 @@ async def _running(sim: Sim) -> bool:
     return sim.engine.counters.running == 1
 
 
+async def under_way(sim: Sim) -> None:
+    """Until the one running stream has sent a token."""
+    before = sim.engine.counters.generation_tokens
+    await wait_for_async(lambda: sim.engine.counters.running == 1 and sim.engine.counters.generation_tokens > before,
+                         what="a token of the running stream")
+
+
 # ------------------------------------------------------------- vLLM sleep
 async def test_vllm_sleep_holds_requests_until_wake(make_sim) -> None:
     sim = await make_sim(served_model_names=("tiny",))
@@ -353,7 +360,7 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     req = {"prompt": "Hello", "max_tokens": 15, "stream": True}
     # abort (default): running streams end at once with finish_reason "abort", then [DONE].
     stream = asyncio.ensure_future(sim.post("/v1/completions", req))
-    await asyncio.sleep(0.1)
+    await under_way(sim)
     await sim.post("/sleep", raw=b"")
     events = sse_events((await asyncio.wait_for(stream, 2))[2])
     assert events[-1] == "[DONE]" and events[-2]["choices"][0] == {**events[-2]["choices"][0], "text": "", "finish_reason": "abort"}
@@ -361,7 +368,8 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     await sim.post("/wake_up", raw=b"")
     # abort cuts a non-streaming request too: the tokens made so far, finish_reason "abort".
     plain = asyncio.ensure_future(sim.post("/v1/completions", {**req, "stream": False}))
-    await asyncio.sleep(0.15)
+    await wait_for_async(lambda: _running(sim))
+    await asyncio.sleep(0.15)  # a non-streamed answer shows no progress: let a few tokens' time pass
     await sim.post("/sleep", raw=b"")
     choice = orjson.loads((await asyncio.wait_for(plain, 2))[2])["choices"][0]
     assert choice["finish_reason"] == "abort" and 2 <= len(choice["text"].split()) < 15
@@ -369,7 +377,7 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     await sim.post("/wake_up", raw=b"")
     # wait: /sleep answers only after the running stream finished normally.
     stream = asyncio.ensure_future(sim.post("/v1/completions", req))
-    await asyncio.sleep(0.1)
+    await under_way(sim)
     t0 = time.monotonic()
     await sim.post("/sleep?mode=wait", raw=b"")
     assert stream.done() and time.monotonic() - t0 > 0.1
@@ -378,7 +386,7 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     await sim.post("/wake_up", raw=b"")
     # keep: the stream pauses while asleep and resumes on wake.
     stream = asyncio.ensure_future(sim.post("/v1/completions", req))
-    await asyncio.sleep(0.1)
+    await under_way(sim)
     await sim.post("/sleep?mode=keep", raw=b"")
     await asyncio.sleep(0.4)
     assert not stream.done()
@@ -423,7 +431,7 @@ async def test_disconnects_while_queued_held_or_non_streaming_are_counted(make_s
     await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 2))
     await sim.post("/sleep", raw=b"")
     held = asyncio.ensure_future(sim.post("/v1/completions", body))
-    await asyncio.sleep(0.1)
+    await wait_for_async(lambda: _metric_is(sim, "sim_requests_total", 3), what="the held request to arrive")
     held.cancel()
     await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 3))
     assert await sim.metric("sim_requests_total") == 3

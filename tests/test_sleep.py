@@ -19,7 +19,7 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from helpers import free_port, wait_for
+from helpers import free_port, wait_for, wait_for_async
 from router_support import LoopThread, RouterServer
 
 from router.config import SleepSettings, load_config
@@ -168,6 +168,10 @@ class Stack:
                 raw = await r.read()
                 return r.status, orjson.loads(raw) if raw else None, dict(r.headers)
 
+    async def model_status(self) -> dict[str, Any]:
+        """The model's entry in GET /sleep/status."""
+        return (await self._call("GET", f"{self.router.url}/sleep/status"))[1]["models"][MODEL]
+
     def completions(self, n: int) -> list[tuple[int, Any, dict[str, str]]]:
         """`n` completions sent at once; their (status, body, headers)."""
         async def go() -> list[tuple[int, Any, dict[str, str]]]:
@@ -183,8 +187,9 @@ class Stack:
             body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
             reqs = [asyncio.ensure_future(self._call("POST", f"{self.router.url}/v1/completions", body))
                     for _ in range(n)]
-            while (await self._call("GET", f"{self.router.url}/sleep/status"))[1]["models"][MODEL]["waiting"] < n:
-                await asyncio.sleep(0.01)
+            async def all_waiting() -> bool:
+                return (await self.model_status())["waiting"] >= n
+            await wait_for_async(all_waiting, 10, f"{n} requests waiting on the wake", interval=0.01)
             if release:
                 self.engine.wake_gate.set()
             return list(await asyncio.gather(*reqs))
@@ -325,8 +330,7 @@ def test_last_activity_is_now_while_a_request_runs(stack):
         await asyncio.sleep(0.5)
         sent = time.time()
         req = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
-        while "generate" not in st.engine.log[1:]:
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: "generate" in st.engine.log[1:], what="the request at the engine")
         _, stats, _ = await st._call("GET", f"{st.router.url}/traffic/stats/{ENC}")
         await req
         return sent, stats["model_stats"]
@@ -410,8 +414,7 @@ def test_request_during_sleep_call_waits_then_wakes(stack):
 
     async def race() -> tuple[Any, Any]:
         sleeper = asyncio.ensure_future(st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))
-        while "sleep" not in st.engine.log:
-            await asyncio.sleep(0.005)
+        await wait_for_async(lambda: "sleep" in st.engine.log, what="the sleep call at the engine", interval=0.005)
         req = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions",
                                              {"model": MODEL, "prompt": "x", "max_tokens": 1}))
         return await sleeper, await req
@@ -427,11 +430,11 @@ def test_drain_before_sleep_holds_new_requests(stack):
     async def race() -> tuple[Any, Any, Any]:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
         first = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
-        while "generate" not in st.engine.log:
-            await asyncio.sleep(0.005)
+        await wait_for_async(lambda: "generate" in st.engine.log, what="the request at the engine", interval=0.005)
         sleeper = asyncio.ensure_future(st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))
-        while (await st._call("GET", f"{st.router.url}/sleep/status"))[1]["models"][MODEL]["state"] != "draining":
-            await asyncio.sleep(0.005)
+        async def draining() -> bool:
+            return (await st.model_status())["state"] == "draining"
+        await wait_for_async(draining, what="the model to drain", interval=0.005)
         held = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
         return await first, await sleeper, await held
     first, slept, held = st.loop.run(race())
@@ -494,11 +497,12 @@ def test_engine_found_asleep_under_a_request_is_woken_for_it(stack):
 def test_events_stream_the_sleep_and_the_wake_in_order(stack):
     st = stack(sim())
 
-    async def follow(n: int) -> list[dict[str, Any]]:
+    async def follow(n: int, opened: asyncio.Event) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         async with aiohttp.ClientSession() as s:
             async with s.get(st.router.url + "/events") as r:
                 assert r.headers["content-type"].startswith("text/event-stream")
+                opened.set()
                 async for line in r.content:
                     if line.startswith(b"data: "):
                         got.append(orjson.loads(line[6:]))
@@ -507,8 +511,10 @@ def test_events_stream_the_sleep_and_the_wake_in_order(stack):
         return got
 
     async def go() -> list[dict[str, Any]]:
-        watcher = asyncio.ensure_future(follow(6))
-        await asyncio.sleep(0.2)  # subscribed before the changes
+        opened = asyncio.Event()
+        watcher = asyncio.ensure_future(follow(6, opened))
+        # The stream is open; the history it sends first holds whatever came before it subscribed.
+        await asyncio.wait_for(opened.wait(), 10)
         assert (await st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))[0] == 200
         assert (await st._call("POST", f"{st.router.url}/action/wakeup/{ENC}"))[0] == 200
         return await asyncio.wait_for(watcher, 10)

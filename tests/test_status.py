@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 from helpers import distinct_ports, render, wait_for
 from rich.console import Console
-from supervised import Supervised
+from supervised import Supervised, give_up_sooner
 
 from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
 from router.status.view import status_table
@@ -82,6 +82,7 @@ def failing() -> Iterator[tuple[Stack, socket.socket]]:
     squatter.bind(("127.0.0.1", taken))
     squatter.listen()
     stack = Stack({"good": good, "broken": taken})
+    give_up_sooner(stack.out)
     try:
         stack.supervised.start()
         yield stack, squatter

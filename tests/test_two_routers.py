@@ -15,7 +15,7 @@ import signal
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
@@ -74,15 +74,14 @@ class Cluster:
 
     def leader(self, timeout: float = 10) -> str:
         """The router both agree leads (waits for an election)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def agreed() -> Optional[str]:
             views = {r: self.cluster(r) for r in ROUTERS if self.procs[r].p.poll() is None}
             leading = [r for r, v in views.items() if v["leading"]]
             if len(leading) == 1 and all(v["leader"] == f"{leading[0]}@{ROUTERS[leading[0]]}:{self.port}"
                                          for v in views.values()):
                 return leading[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no agreed leader: {views}")
+            return None
+        return wait_for(agreed, timeout, "an agreed leader", interval=0.05)
 
     def state(self, router: str, model: str) -> dict[str, Any]:
         return get_json(self.url(router) + "/sleep/status")[1]["models"][model]

@@ -228,6 +228,7 @@ def test_whoami_asks_the_guard(make_stack):
 
 
 @needs_browser
+@pytest.mark.slow
 def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path):
     browser = page
     from selenium.webdriver.common.by import By
@@ -317,6 +318,7 @@ def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, pag
 
 
 @needs_browser
+@pytest.mark.slow
 def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser = page
     from selenium.webdriver.common.by import By
