@@ -30,6 +30,18 @@ PY = sys.executable
 T = TypeVar("T")
 
 
+#: The two ways a router runs, for the stack fixtures' params: one process, or a controller and two
+#: proxy workers (``router.workers: 2``). The second starts three router processes per test, so the fast
+#: suite runs it only for the tests marked `in_both_modes`; ``-m slow`` runs it for the rest.
+ROUTER_MODES = [pytest.param(1, id="one-process"), pytest.param(2, id="two-workers", marks=pytest.mark.slow)]
+
+
+def in_both_modes(fixture: str) -> pytest.MarkDecorator:
+    """Run this test in both router modes in the fast suite (through `fixture`, whose params are
+    `ROUTER_MODES`): for the guarantees about what proxy workers share with their controller."""
+    return pytest.mark.parametrize(fixture, [1, 2], ids=["one-process", "two-workers"], indirect=True)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now (the kernel's pick); use `distinct_ports` for several."""
     with socket.socket() as s:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import aiohttp
 import psutil
 import pytest
-from helpers import Streamed, distinct_ports, http_status, metric_value, refused, render, stream_request, wait_for
+from helpers import ROUTER_MODES, Streamed, distinct_ports, http_status, in_both_modes, metric_value, refused, render, stream_request, wait_for
 from supervised import Supervised, alive
 
 pytestmark = pytest.mark.timeout(180)
@@ -106,7 +106,7 @@ def completion(name: str, stream: bool, max_tokens: int, prompt: str = "hello") 
     return {"model": model(name), "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(scope="module", params=ROUTER_MODES)
 def fs(request: pytest.FixtureRequest) -> Iterator[FaultStack]:
     """The supervised stack; its router is one process, or a controller and two proxy workers."""
     tmp = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
@@ -160,6 +160,7 @@ async def until_served(http: aiohttp.ClientSession, url: str, name: str, timeout
 # Engine killed mid-stream
 
 
+@in_both_modes("fs")
 def test_engine_sigkill_during_streams_ends_them_and_recovers(fs: FaultStack) -> None:
     router_pid = fs.pid("router")
     old = fs.pid("slow")
@@ -210,6 +211,7 @@ def test_engine_sigkill_during_streams_ends_them_and_recovers(fs: FaultStack) ->
 # Engines that never answer, or stall mid-stream
 
 
+@in_both_modes("fs")
 def test_timeouts_end_hung_and_stalled_requests_and_release_everything(fs: FaultStack) -> None:
     def disconnects(name: str) -> float:
         return metric_value(fs.metrics(fs.engine_url(name)), "sim_client_disconnects_total")

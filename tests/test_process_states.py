@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers import distinct_ports, get_json, http_status, post_json, render, wait_for
+from helpers import ROUTER_MODES, distinct_ports, get_json, http_status, in_both_modes, post_json, render, wait_for
 from supervised import Supervised, give_up_sooner
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(params=ROUTER_MODES)
 def stack_with_a_taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[Supervised, str, socket.socket]]:
     """A supervised stack whose router is one process, or a controller and two proxy workers."""
     tmp = Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp"))
@@ -80,6 +80,7 @@ def process_block(url: str, model: str) -> dict[str, Any]:
     return health["models"][model]["endpoints"][0].get("process") or {}
 
 
+@in_both_modes("stack_with_a_taken_port")
 def test_a_fatal_engine_shows_in_health_and_its_503_names_it(stack_with_a_taken_port) -> None:
     stack, url, _ = stack_with_a_taken_port
     wait_up(stack, url)

@@ -368,6 +368,7 @@ def test_cli_bad_output_folder_exits_2(short_tmp: str) -> None:
     assert list(tmp.iterdir()) == []
 
 
+@pytest.mark.slow  # builds and installs the package: half a minute
 def test_templates_are_found_in_a_non_editable_install(short_tmp: str) -> None:
     """`pip install .` ships templates/ as router/templates, found from any folder."""
     target = Path(short_tmp) / "site"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import aiohttp
 import pytest
-from helpers import distinct_ports, get_json, metric_value, post_json, render, wait_for
+from helpers import ROUTER_MODES, distinct_ports, get_json, in_both_modes, metric_value, post_json, render, wait_for
 from supervised import Supervised
 
 pytestmark = pytest.mark.timeout(180)
@@ -90,7 +90,7 @@ class Stack:
         return self.sup.log("supervisord", tail=10**7).count(f"spawned: '{name}'")
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(params=ROUTER_MODES)
 def make_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
     """Stacks whose router is one process, or a controller and two proxy workers (router.workers: 2)."""
     made: list[tuple[Stack, Path]] = []
@@ -176,6 +176,7 @@ def test_three_on_demand_models_in_a_budget_for_two_and_a_pinned_one(make_stack)
     assert all(e["action"] == "sleep" for e in report["evictions"])
 
 
+@in_both_modes("make_stack")
 def test_fifty_requests_to_a_stopped_model_cause_one_start(make_stack) -> None:
     stack = make_stack(lambda ports: [engine("a", ports["a"], on_demand=True)], ["a"])
     assert stack.sup.status()["a"] == "STOPPED"

@@ -19,7 +19,7 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from helpers import free_port, wait_for, wait_for_async
+from helpers import ROUTER_MODES, free_port, in_both_modes, wait_for, wait_for_async
 from router_support import LoopThread, RouterServer
 
 from router.config import SleepSettings, load_config
@@ -204,10 +204,11 @@ class Stack:
         return self.call("GET", "/sleep/status")[1]["models"][MODEL]["state"]
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(params=ROUTER_MODES)
 def stack(loop, tmp_path, request):
     """Makes stacks whose router is one process, or (``router.workers: 2``) a controller and two
-    proxy workers: every lifecycle test runs against both."""
+    proxy workers: every lifecycle test runs against both (the second in the slow suite, unless
+    the test is marked `in_both_modes`)."""
     made: list[Stack] = []
 
     def make(*engines: Any, settings: Optional[dict[str, Any]] = None, router: Optional[dict[str, Any]] = None,
@@ -256,6 +257,7 @@ def test_auto_sleep_then_many_concurrent_requests_make_one_wake_call(stack, engi
     assert status["last_wake_seconds"] is not None
 
 
+@in_both_modes("stack")
 def test_fifty_requests_waiting_on_a_wake_share_one_wake_call(stack):
     st = stack(ControlEngine(hold_wake=True))
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
@@ -357,6 +359,7 @@ def test_a_failed_sleep_on_one_replica_is_rolled_back(stack):
     assert [r[0] for r in st.completions(4)] == [200] * 4
 
 
+@in_both_modes("stack")
 def test_manual_sleep_and_wake_endpoints(stack):
     st = stack()
     status, body, _ = st.call("POST", f"/action/sleep/{MODEL}")  # raw slash
