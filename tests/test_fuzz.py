@@ -21,7 +21,6 @@ import asyncio
 import http.client
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess

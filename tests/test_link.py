@@ -12,7 +12,7 @@ from router_support import config_from, instance
 
 from router.server.state import RouterState
 from router.server.workers import link as link_module
-from router.server.workers.link import REPORT_SECONDS, REQUEST, ControllerLink, WorkerLinks
+from router.server.workers.link import REPORT_SECONDS, REQUEST, ControllerLink
 from router.server.workers.worker import WorkerApp
 
 

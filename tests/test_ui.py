@@ -8,7 +8,6 @@ at a laptop and a phone width go to the test's tmp_path and /tmp/ui-shots/.
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
 import urllib.error
