@@ -11,18 +11,21 @@ still found and killed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 import psutil
-from helpers import wait_for
+from helpers import render, wait_for
 
 PY = sys.executable
 
@@ -166,6 +169,29 @@ class Supervised:
                 pass
         psutil.wait_procs(leftovers, timeout=10)
         self.tmux("kill-server")
+
+
+@contextlib.contextmanager
+def sim_stack(doc: dict[str, Any], *, prefix: str = "kvr", start: bool = True,
+              before_start: Optional[Callable[[Path], None]] = None, **supervised: Any) -> Iterator[Supervised]:
+    """The one builder of the supervised test stacks: `doc` rendered with ``--sim`` by the real CLI
+    into a short temporary folder (unix socket paths must stay under 108 bytes), then run by a real
+    supervisord with a private tmux server. `before_start` may edit the output folder first (e.g.
+    `give_up_sooner`). On exit, whatever the test did, nothing of the stack is left: no process, no file."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        out = render(tmp, doc, "--sim")
+        if before_start is not None:
+            before_start(out)
+        stack = Supervised(out, tmp / "tmux", **supervised)
+        try:
+            if start:
+                stack.start()
+            yield stack
+        finally:
+            stack.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def give_up_sooner(out: Path, retries: int = 1) -> None:

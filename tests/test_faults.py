@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import aiohttp
 import psutil
 import pytest
-from helpers import ROUTER_MODES, Streamed, distinct_ports, http_status, in_both_modes, metric_value, refused, render, stream_request, wait_for
-from supervised import Supervised, alive
+from helpers import ROUTER_MODES, Streamed, distinct_ports, http_status, in_both_modes, metric_value, refused, stream_request, wait_for
+from supervised import Supervised, alive, sim_stack
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -109,7 +106,6 @@ def completion(name: str, stream: bool, max_tokens: int, prompt: str = "hello") 
 @pytest.fixture(scope="module", params=ROUTER_MODES)
 def fs(request: pytest.FixtureRequest) -> Iterator[FaultStack]:
     """The supervised stack; its router is one process, or a controller and two proxy workers."""
-    tmp = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
     router_port, *engine_ports = distinct_ports(1 + len(ENGINES))
     ports = dict(zip(ENGINES, engine_ports))
     config = {
@@ -121,10 +117,8 @@ def fs(request: pytest.FixtureRequest) -> Iterator[FaultStack]:
                        "engine_args": ["--host 127.0.0.1", f"--port {ports[n]}", *args]}
                       for n, (e, args, sim) in ENGINES.items()],
     }
-    sup = Supervised(render(tmp, config, "--sim"), tmp / "tmux")
-    stack = FaultStack(sup, router_port, ports, request.param)
-    try:
-        sup.start()
+    with sim_stack(config) as sup:
+        stack = FaultStack(sup, router_port, ports, request.param)
         sup.wait_running([*ENGINES, "router", "logs"], timeout=60)
         stack.wait_serving()
         yield stack
@@ -132,9 +126,6 @@ def fs(request: pytest.FixtureRequest) -> Iterator[FaultStack]:
         sup.shutdown()
         wait_for(lambda: not any(alive(p) for p in everything), 15,
                  f"every process of the stack to exit: {[p for p in everything if alive(p)]}")
-    finally:
-        sup.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def session() -> aiohttp.ClientSession:

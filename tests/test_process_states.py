@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import urllib.request
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers import ROUTER_MODES, distinct_ports, get_json, http_status, in_both_modes, post_json, render, wait_for
-from supervised import Supervised, give_up_sooner
+from helpers import ROUTER_MODES, distinct_ports, get_json, http_status, in_both_modes, post_json, wait_for
+from supervised import Supervised, give_up_sooner, sim_stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,7 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(params=ROUTER_MODES)
 def stack_with_a_taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[Supervised, str, socket.socket]]:
     """A supervised stack whose router is one process, or a controller and two proxy workers."""
-    tmp = Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp"))
     router_port, good, taken = distinct_ports(3)
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -43,16 +39,11 @@ def stack_with_a_taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[Su
                {"name": "good", "model": "m/good", "engine": "vllm", "engine_args": [f"--port={good}"]},
                {"name": "broken", "model": "m/broken", "engine": "vllm", "engine_args": [f"--port={taken}"]},
            ]}
-    out = render(tmp, doc, "--sim")
-    give_up_sooner(out)
-    stack = Supervised(out, tmp / "tmux")
     try:
-        stack.start()
-        yield stack, f"http://127.0.0.1:{router_port}", squatter
+        with sim_stack(doc, prefix="kvp", before_start=give_up_sooner) as stack:
+            yield stack, f"http://127.0.0.1:{router_port}", squatter
     finally:
-        stack.close()
         squatter.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def events(url: str) -> list[dict[str, Any]]:

@@ -179,6 +179,7 @@ def test_vllm_script_launches_the_api_server(short_tmp: str) -> None:
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=24)
 
 
+@pytest.mark.slow  # fuzz: 40 generated configs, each rendered and its script run
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(args=st.lists(TEXT, max_size=6), values=st.lists(TEXT, min_size=1, max_size=4),
        model=TEXT.filter(lambda s: s.strip() == s and s != ""))

@@ -161,6 +161,7 @@ def test_engines_with_their_own_api_key(stack: Stack, sims) -> None:
     assert sim_metric(sport, "sim_sleep_calls_total") == 1 and sim_metric(sport, "sim_wake_calls_total") == 1
 
 
+@pytest.mark.slow  # idles 6.5 s on purpose, past the common client pools' keep-alive
 def test_idle_client_connection_outlives_common_client_pools(tmp_path: Path, sims, procs: list[Proc]) -> None:
     """A pooled client connection left idle longer than uvicorn's default keep-alive (5 s) still
     serves the next request: the router keeps idle connections longer than clients pool them,

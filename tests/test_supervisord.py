@@ -187,6 +187,7 @@ exit 1
 """
 
 
+@pytest.mark.slow  # waits out three crash restarts
 def test_launch_delay_is_waited_once_not_on_restarts_after_a_crash(short_tmp: str) -> None:
     tmp = Path(short_tmp)
     venvs = []
