@@ -403,8 +403,8 @@ def test_help_is_plain_text(module: str) -> None:
 def test_a_clean_stop_is_no_warning_in_supervisords_log(short_tmp: str) -> None:
     """supervisord logs a stop at WARN when the exit is not one of the program's exitcodes: a router
     (or an engine) stopped on purpose must exit with one, or every deploy looks like an incident."""
-    from helpers import distinct_ports
-    from supervised import Supervised, render_cli, wait_for
+    from helpers import distinct_ports, wait_for
+    from supervised import Supervised, render_cli
     tmp = Path(short_tmp)
     router_port, a = distinct_ports(2)
     cfg = tmp / "config.yaml"

@@ -308,7 +308,7 @@ def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, pag
     script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WATCH_FIRST_PICTURE})
     try:
         browser.get(st.url + "/ui")
-        assert until(lambda: browser.execute_script("return window.atStream !== undefined"), 10)
+        wait_for(lambda: browser.execute_script("return window.atStream !== undefined"), 10, "the event stream to open")
         assert browser.execute_script("return window.atLoad") == 2
         assert browser.execute_script("return window.atStream") == {"cards": 2, "fetched": ["/health/all"]}
         assert page_errors(browser) == []
