@@ -227,7 +227,7 @@ def test_whoami_asks_the_guard(make_stack):
 
 
 @needs_browser
-@pytest.mark.slow
+@pytest.mark.slow  # a real headless browser
 def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path):
     browser = page
     from selenium.webdriver.common.by import By
@@ -299,6 +299,7 @@ window.EventSource = class extends Original {
 
 
 @needs_browser
+@pytest.mark.slow  # a real headless browser
 def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, page):
     """A headless screenshot (taken when the page has loaded) shows the model cards: they come
     from one fetch of /health/all, drawn before the load event and before the event stream opens."""
@@ -317,7 +318,7 @@ def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, pag
 
 
 @needs_browser
-@pytest.mark.slow
+@pytest.mark.slow  # a real headless browser
 def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser = page
     from selenium.webdriver.common.by import By
