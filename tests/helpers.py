@@ -9,6 +9,7 @@ import asyncio
 import inspect
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -42,11 +43,39 @@ def in_both_modes(fixture: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize(fixture, [1, 2], ids=["one-process", "two-workers"], indirect=True)
 
 
+#: Ports are drawn by chance (per process: several suites share the machine), never twice alike.
+_ports = random.Random(os.urandom(16))
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections."""
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now (the kernel's pick); use `distinct_ports` for several."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now; use `distinct_ports` for several.
+
+    Drawn below the kernel's ephemeral range: a port from that range (what binding to port 0 gives)
+    can become the local end of any client connection on the machine before the test's server binds
+    it, which under load failed tests with "address already in use".
+    """
+    low = _ephemeral_ports()[0]
+    if low <= 12000:  # no room below the range: the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    while True:
+        port = _ports.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_for(check: Callable[[], T], timeout: float = 5.0, what: str = "the condition", interval: float = 0.1) -> T:
