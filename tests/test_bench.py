@@ -197,6 +197,7 @@ def _tmux(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["tmux", *args], env=env, capture_output=True, text=True, timeout=10)
 
 
+@pytest.mark.slow  # a benchmark run in tmux
 def test_tmux_runs_one_client_per_model_in_its_own_session(stack: Stack, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TMUX"}
     env["TMUX_TMPDIR"] = str(tmp_path)  # a private tmux server for this test

@@ -255,6 +255,7 @@ def test_logs_are_admin_only(tmp_path: Path, path: str) -> None:
 
 # -- a real supervisord rotating the router's log ------------------------------------------------
 
+@pytest.mark.slow  # waits for supervisord to rotate a log; rotation itself is checked without it
 def test_stream_survives_supervisords_own_rotation() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvl", dir="/tmp"))
     router_port, engine_port = distinct_ports(2)

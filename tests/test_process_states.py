@@ -116,6 +116,7 @@ def test_a_stopped_engine_is_not_probed_and_comes_back_when_started(stack_with_a
              30, "'broken' to serve after its port was freed")
 
 
+@pytest.mark.slow  # sleep, wake and a kill in turn; test_sleep checks the order of /events in the fast suite
 def test_events_follow_a_sleep_a_wake_and_an_engine_kill_in_order(stack_with_a_taken_port) -> None:
     stack, url, _ = stack_with_a_taken_port
     wait_up(stack, url)

@@ -225,6 +225,7 @@ def sessions(stack: Supervised) -> dict[str, str]:
     return dict(line.split("\t") for line in listed.splitlines())
 
 
+@pytest.mark.slow  # two whole stacks
 def test_two_stacks_share_a_tmux_server_and_never_touch_each_others_sessions(short_tmp: str) -> None:
     tmp = Path(short_tmp)
     ports = distinct_ports(6)
