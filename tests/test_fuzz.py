@@ -51,7 +51,7 @@ from router.config import (
     parse_config,
 )
 from router.config.kinds import Choice, Flag, Number
-from router.config.schema import Kind, keys_of
+from router.config.schema import Kind, Section, keys_of
 from router.engines import ENGINES
 from router.server.http.app import create_app
 from router.sim import SimEngine, SimOptions
@@ -318,6 +318,8 @@ def valid(kind: Kind) -> st.SearchStrategy:
         return st.floats(kind.least + 0.01 * kind.above, most)
     if isinstance(kind, Choice):
         return st.sampled_from([*kind.choices, *(c.upper() for c in kind.choices), "keep"])
+    if isinstance(kind, Section):  # a nested block of settings
+        return block(kind.cls)
     return TEXT_VALUES[type(kind).__name__]
 
 

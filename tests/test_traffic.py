@@ -1,5 +1,5 @@
 """The traffic monitor's endpoints through the running router against the simulated engine
-(its arithmetic on a fake clock: tests/unit/test_traffic.py)."""
+(its arithmetic on a fake clock: tests/unit/test_traffic_counts.py)."""
 from __future__ import annotations
 
 import urllib.parse
