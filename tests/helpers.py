@@ -1,4 +1,4 @@
-"""Shared test utilities: free ports, waiting for HTTP, owned subprocesses.
+"""Shared test utilities: free ports, waiting on a condition, owned subprocesses.
 
 Tests never kill processes by name: other suites may share the machine.
 Each process a test starts is tracked and its whole group is ended.
@@ -6,8 +6,10 @@ Each process a test starts is tracked and its whole group is ended.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -19,19 +21,94 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
+T = TypeVar("T")
+
+
+#: The two ways a router runs, for the stack fixtures' params: one process, or a controller and two
+#: proxy workers (``router.workers: 2``). The second starts three router processes per test, so the fast
+#: suite runs it only for the tests marked `in_both_modes`; ``-m slow`` runs it for the rest.
+ROUTER_MODES = [pytest.param(1, id="one-process"), pytest.param(2, id="two-workers", marks=pytest.mark.slow)]
+
+
+def in_both_modes(fixture: str) -> pytest.MarkDecorator:
+    """Run this test in both router modes in the fast suite (through `fixture`, whose params are
+    `ROUTER_MODES`): for the guarantees about what proxy workers share with their controller."""
+    return pytest.mark.parametrize(fixture, [1, 2], ids=["one-process", "two-workers"], indirect=True)
+
+
+#: Ports are drawn by chance (per process: several suites share the machine), never twice alike.
+_ports = random.Random(os.urandom(16))
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections."""
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now; use `distinct_ports` for several.
+
+    Drawn below the kernel's ephemeral range: a port from that range (what binding to port 0 gives)
+    can become the local end of any client connection on the machine before the test's server binds
+    it, which under load failed tests with "address already in use".
+    """
+    low = _ephemeral_ports()[0]
+    if low <= 12000:  # no room below the range: the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    while True:
+        port = _ports.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def wait_for(check: Callable[[], T], timeout: float = 5.0, what: str = "the condition", interval: float = 0.1) -> T:
+    """Poll `check` until it returns something truthy and return that value.
+
+    The one way a test waits for another thread or process: on something it can observe (a state,
+    a counter, an acknowledgement), never on a fixed sleep. A timeout is an AssertionError naming
+    `what` and the last value seen, so the failure says what never happened.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+async def wait_for_async(check: Callable[[], Union[T, Awaitable[T]]], timeout: float = 5.0,
+                         what: str = "the condition", interval: float = 0.02) -> T:
+    """`wait_for` for a test that runs on an event loop: the loop keeps serving between polls,
+    and `check` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 def distinct_ports(n: int) -> list[int]:
@@ -74,14 +151,8 @@ def refused(port: int) -> bool:
 
 
 def wait_http(url: str, status: int = 200, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = http_status(url)
-        if last == status:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+    """Wait until GET `url` answers `status`."""
+    wait_for(lambda: http_status(url) == status, timeout, f"{url} to answer {status}")
 
 
 class Proc:

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
+from typing import Any, Awaitable, Iterator, Optional, TypeVar
 
 import orjson
 import pytest
@@ -248,15 +248,6 @@ class RouterServer:
 
 def config_from(tmp: Path, instances: list[dict[str, Any]], router: Optional[dict[str, Any]] = None) -> Config:
     return load_config(write_config(tmp, instances, router), sim=True)
-
-
-def until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 @pytest.fixture(scope="module")

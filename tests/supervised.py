@@ -11,16 +11,21 @@ still found and killed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import psutil
+from helpers import render, wait_for
 
 PY = sys.executable
 
@@ -30,18 +35,6 @@ def alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
-    """Poll `check` until it returns something truthy; that value, or AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Supervised:
@@ -176,6 +169,39 @@ class Supervised:
                 pass
         psutil.wait_procs(leftovers, timeout=10)
         self.tmux("kill-server")
+
+
+@contextlib.contextmanager
+def sim_stack(doc: dict[str, Any], *, prefix: str = "kvr", start: bool = True,
+              before_start: Optional[Callable[[Path], None]] = None, **supervised: Any) -> Iterator[Supervised]:
+    """The one builder of the supervised test stacks: `doc` rendered with ``--sim`` by the real CLI
+    into a short temporary folder (unix socket paths must stay under 108 bytes), then run by a real
+    supervisord with a private tmux server. `before_start` may edit the output folder first (e.g.
+    `give_up_sooner`). On exit, whatever the test did, nothing of the stack is left: no process, no file."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        out = render(tmp, doc, "--sim")
+        if before_start is not None:
+            before_start(out)
+        stack = Supervised(out, tmp / "tmux", **supervised)
+        try:
+            if start:
+                stack.start()
+            yield stack
+        finally:
+            stack.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def give_up_sooner(out: Path, retries: int = 1) -> None:
+    """Let supervisord give up on a program that cannot start after `retries` retries (FATAL in about
+    2 s) rather than the rendered count, whose back-off takes 15 s: the tests are about what the router
+    and the tools make of FATAL, not about supervisord's patience."""
+    conf = out / "supervisord.conf"
+    text, n = re.subn(r"(?m)^startretries=\d+$", f"startretries={retries}", conf.read_text())
+    assert n, f"no startretries in {conf}"
+    conf.write_text(text)
 
 
 def render_cli(config: Path, out: Path | str, *flags: str, cwd: Optional[Path] = None,

@@ -96,6 +96,7 @@ def test_apply_changes_only_what_changed_on_a_stack_started_with_a_relative_path
         stack.close()
 
 
+@pytest.mark.slow  # a second whole stack to apply to; test_apply's first test keeps apply in the fast suite
 def test_apply_keeps_the_mode_the_running_stack_was_rendered_with(tmp: Path) -> None:
     """A --sim stack applied without --sim (or from another YAML) is refused before anything is
     written; the command printed after rendering, flags included, is the one that applies. An

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 NAMES = ["a", "b", "c"]
 
 
+@pytest.mark.slow
 def test_swap_reports_cold_wake_and_warm_waits_and_the_swaps(make_stack, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     stack = make_stack(lambda ports: [engine(n, ports[n], on_demand=True, gpu_memory_gb=10, host_memory_gb=4,

@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from chaos import CLASS_CORRUPT, CLASS_OTHER, FAULT_KINDS  # noqa: E402
-from helpers import distinct_ports, get_json, http_status, post_json, render  # noqa: E402
-from supervised import Supervised, wait_for  # noqa: E402
+from helpers import distinct_ports, get_json, http_status, post_json, render, wait_for  # noqa: E402
+from supervised import Supervised  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
 
+@pytest.mark.slow
 def test_one_minute_of_chaos_costs_only_what_the_kills_reach(tmp_path: Path) -> None:
     report = tmp_path / "chaos.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--minutes", "1", "--seed", "6",
@@ -54,6 +55,7 @@ def test_one_minute_of_chaos_costs_only_what_the_kills_reach(tmp_path: Path) -> 
     assert rep["router_processes"] >= 3  # the two router kills really restarted it
 
 
+@pytest.mark.slow  # the chaos soak's reproduction: start, stop, start, then an idle stop
 def test_a_request_during_an_idle_stop_after_a_manual_stop_is_served() -> None:
     """What the soak met, made deterministic: start, manual stop, start again, then a request sent while
     idle_stop_seconds is stopping the model must wait for the stop and start it again (as it does when no

@@ -15,8 +15,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from helpers import free_port, get_json, post_json
-from router_support import Stack, loop, stack, until  # noqa: F401  (fixtures)
+from helpers import free_port, get_json, post_json, wait_for
+from router_support import Stack, loop, stack  # noqa: F401  (fixtures)
 
 from router.cluster.dns import DnsWatcher, Resolver
 from router.config import parse_config
@@ -158,13 +158,16 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
     kept = state.table.get("m").replicas[0] if state is not None else None
 
     dns_server.records["pool.test"] = ["127.0.0.2"]  # one pod gone
-    assert until(lambda: replica_names(router.url) == ["pool@127.0.0.2"], 5)
+    wait_for(lambda: replica_names(router.url) == ["pool@127.0.0.2"], 5)
     if state is not None:
         assert state.table.get("m").replicas[0] is kept  # the staying replica keeps its state
         events = [e for e in state.events.recent() if e.kind == "dns"]
         assert events[-1].detail["changes"] == {"pool.test": {"added": [], "removed": ["127.0.0.3"]}}
     else:
-        time.sleep(0.5)  # the workers take the controller's new table as it is made; a wide margin for that
+        # The workers take the controller's new table as it is made. Nothing shows yet which table a worker
+        # serves (issue 21 adds an acknowledged generation to wait on), so a wide margin: proving that a
+        # removed address gets nothing needs the workers to have the new table before the burst.
+        time.sleep(0.5)
     served_by_b = len(b.bodies)
     assert burst(8) == [200] * 8
     assert len(b.bodies) == served_by_b and len(a.bodies) >= 8
@@ -172,7 +175,10 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
     assert status == 200 and [m["id"] for m in models["data"]] == ["m"]
 
     dns_server.records["pool.test"] = ["127.0.0.2", "127.0.0.3"]  # back
-    assert until(lambda: len(replica_names(router.url)) == 2, 5)
-    time.sleep(0.5 if state is None else 0)
-    assert burst(8) == [200] * 8
-    assert len(b.bodies) > served_by_b
+    wait_for(lambda: len(replica_names(router.url)) == 2, 5)
+
+    def b_served() -> bool:
+        assert burst(8) == [200] * 8
+        return len(b.bodies) > served_by_b
+    # Served again (with workers, once they take the new table): bursts until one reaches it.
+    wait_for(b_served, 5, "the address that came back to be served")

@@ -12,7 +12,8 @@ import json
 import socket
 import time
 
-from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+import pytest
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
 BODY = json.dumps({"model": "m", "prompt": "x"}).encode()
 STREAM = json.dumps({"model": "m", "prompt": "x", "stream": True}).encode()
@@ -170,6 +171,7 @@ def test_a_proxy_failure_is_a_500_and_the_next_request_is_served(stack: Stack) -
         assert answer.split(b" ", 2)[1] == b"200"
 
 
+@pytest.mark.slow  # 30 MB through a stalled reader; the guarantee's own test (test_faults) stays in the fast suite
 def test_a_slow_reader_pauses_the_engine_and_gets_the_whole_stream(stack: Stack) -> None:
     chunks = 150_000  # about 30 MB of SSE, more than the sockets' buffers hold
     e = stack.engine(chunks=chunks)

@@ -21,7 +21,6 @@ import asyncio
 import http.client
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -52,7 +51,7 @@ from router.config import (
     parse_config,
 )
 from router.config.kinds import Choice, Flag, Number
-from router.config.schema import Kind, keys_of
+from router.config.schema import Kind, Section, keys_of
 from router.engines import ENGINES
 from router.server.http.app import create_app
 from router.sim import SimEngine, SimOptions
@@ -64,6 +63,9 @@ KNOWN_PATHS = (*PROXY_PATHS, "/v1/models", "/models", "/health", "/health/all", 
                "/metrics", "/traffic/stats", f"/traffic/stats/{MODEL}", "/models/idle", "/models/active",
                "/sleep/status", "/sleep/candidates", f"/action/sleep/{MODEL}", f"/action/wakeup/{MODEL}")
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+
+#: Fuzzing runs hundreds of generated cases per test: outside the fast suite.
+pytestmark = pytest.mark.slow
 
 
 # -- HTTP --------------------------------------------------------------------------
@@ -316,6 +318,8 @@ def valid(kind: Kind) -> st.SearchStrategy:
         return st.floats(kind.least + 0.01 * kind.above, most)
     if isinstance(kind, Choice):
         return st.sampled_from([*kind.choices, *(c.upper() for c in kind.choices), "keep"])
+    if isinstance(kind, Section):  # a nested block of settings
+        return block(kind.cls)
     return TEXT_VALUES[type(kind).__name__]
 
 

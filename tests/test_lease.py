@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Optional
 
 import pytest
 from fake_kube import FakeKube
+from helpers import wait_for_async
 from kubernetes import client
 
 from router.cluster.lease import LeaseElector, split_holder
@@ -68,13 +69,6 @@ async def stop_all(*cands: Candidate) -> None:
     await asyncio.gather(*(c.task for c in cands if c.task is not None), return_exceptions=True)
 
 
-async def until(cond: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 async def watch_leaders(cands: list[Candidate], seconds: float, seen: list[int]) -> None:
     """Sample how many candidates say they lead, every few milliseconds."""
     end = time.monotonic() + seconds
@@ -114,10 +108,10 @@ async def election(*names: str, **kw: Any) -> AsyncIterator[tuple[FakeKube, list
 async def settled(cands: list[Candidate], timeout: float = 3) -> tuple[Candidate, Candidate]:
     """Start two candidates; (leader, follower) once one leads and the other knows it."""
     start(*cands)
-    await until(lambda: any(c.elector.is_leader for c in cands), timeout)
+    await wait_for_async(lambda: any(c.elector.is_leader for c in cands), timeout)
     leader = leader_of(cands)
     follower = next(c for c in cands if c is not leader)
-    await until(lambda: follower.elector.leader_address() == leader.elector.address, timeout)
+    await wait_for_async(lambda: follower.elector.leader_address() == leader.elector.address, timeout)
     return leader, follower
 
 
@@ -128,7 +122,7 @@ def test_three_candidates_one_leader_the_others_know_its_address() -> None:
         steady = {"lease": 2.0, "renew": 1.5, "retry": 0.2}
         async with election("a", "bb", "ccc", **steady) as (kube, cands):
             start(*cands)
-            await until(lambda: any(c.elector.is_leader for c in cands), 5)
+            await wait_for_async(lambda: any(c.elector.is_leader for c in cands), 5)
             seen: list[int] = []
             await watch_leaders(cands, 3.0, seen)
             leader = leader_of(cands)
@@ -153,12 +147,12 @@ def test_a_dead_leader_is_replaced_after_the_lease_expires_never_before() -> Non
     async def main() -> None:
         async with election("a", "bb", "ccc") as (kube, cands):
             start(*cands)
-            await until(lambda: any(c.elector.is_leader for c in cands), 3)
+            await wait_for_async(lambda: any(c.elector.is_leader for c in cands), 3)
             await asyncio.sleep(2 * LEASE)  # a few renewals
             old = leader_of(cands)
             await crash(old)
             rest = [c for c in cands if c is not old]
-            await until(lambda: any(c.elector.is_leader for c in rest), 10 * LEASE)
+            await wait_for_async(lambda: any(c.elector.is_leader for c in rest), 10 * LEASE)
             new = leader_of(rest)
             last_renewal = max(w.at for w in kube.writes if w.holder == old.elector.holder)
             taken = min(w.at for w in kube.writes if w.holder == new.elector.holder)
@@ -183,18 +177,18 @@ def test_a_leader_cut_off_from_the_api_server_steps_down_by_its_renew_deadline()
             # Its last renewal began before the cut, so it leads no longer than RENEW after it...
             await asyncio.sleep(RENEW + 0.001)
             assert not old.elector.is_leader
-            await until(lambda: old.elector.stopped_leading.is_set(), 2)
+            await wait_for_async(lambda: old.elector.stopped_leading.is_set(), 2)
             (span,) = old.leaderships()
             assert span[1] <= cut + RENEW
             stopped = next(d for _, s, d in old.changes if s == "stopped")
             assert "renew deadline" in stopped["reason"]
             # ...and the other takes over only once the lease expired, never while the old one led.
-            await until(lambda: other.elector.is_leader, 10 * LEASE)
+            await wait_for_async(lambda: other.elector.is_leader, 10 * LEASE)
             assert other.started()[0] >= span[1] + (LEASE - RENEW)
             assert_no_overlap(cands)
             # Back on the network, the old leader finds the new holder and follows.
             kube.blocked.clear()
-            await until(lambda: old.elector.leader_address() == other.elector.address, 5)
+            await wait_for_async(lambda: old.elector.leader_address() == other.elector.address, 5)
             await asyncio.sleep(2 * LEASE)
             assert other.elector.is_leader and not old.elector.is_leader
             assert_no_overlap(cands)
@@ -210,13 +204,13 @@ def test_racing_candidates_conflict_and_exactly_one_wins() -> None:
             # Both read "no Lease" together, both create it: the API server takes one and 409s the other.
             kube.hold_reads("a", "bb")
             start(*cands)
-            await until(lambda: any(c.elector.is_leader for c in cands), 10)
-            await until(lambda: kube.refusals, 10)  # the loser's create may still be on its way
+            await wait_for_async(lambda: any(c.elector.is_leader for c in cands), 10)
+            await wait_for_async(lambda: kube.refusals, 10)  # the loser's create may still be on its way
             assert [(verb, code) for _, verb, code in kube.refusals] == [("create", 409)], kube.log
             first = leader_of(cands)
             await stop_all(first)  # steps down and frees the Lease
             other = next(c for c in cands if c is not first)
-            await until(lambda: other.elector.is_leader, 10)
+            await wait_for_async(lambda: other.elector.is_leader, 10)
             assert kube.holders()[-2:] == [None, other.elector.holder]
             await stop_all(other)
             assert kube.holders()[-1] is None
@@ -224,8 +218,8 @@ def test_racing_candidates_conflict_and_exactly_one_wins() -> None:
             second_race = candidate(kube, "ddd", **slow)
             kube.hold_reads("ddd", first.elector.identity)
             start(second_race, first)
-            await until(lambda: any(c.elector.is_leader for c in (second_race, first)), 10)
-            await until(lambda: ("replace", 409) in [(verb, code) for _, verb, code in kube.refusals[1:]], 10)
+            await wait_for_async(lambda: any(c.elector.is_leader for c in (second_race, first)), 10)
+            await wait_for_async(lambda: ("replace", 409) in [(verb, code) for _, verb, code in kube.refusals[1:]], 10)
             assert sum(c.elector.is_leader for c in (second_race, first)) == 1
             assert_no_overlap([first, other, second_race])
             await stop_all(second_race, first)
@@ -239,7 +233,7 @@ def test_stop_releases_the_lease_so_a_follower_takes_over_at_once() -> None:
             old, other = await settled(cands)
             await stop_all(old)
             assert not old.elector.is_leader and old.task is not None and old.task.done()
-            await until(lambda: other.elector.is_leader, 3)
+            await wait_for_async(lambda: other.elector.is_leader, 3)
             assert_no_overlap(cands)
     run(main())
 
@@ -309,7 +303,7 @@ def test_a_round_that_ends_after_stop_does_not_lead_again() -> None:
     async def main() -> None:
         async with election("a", lease=6.0, renew=4.0, retry=0.1) as (kube, (c,)):
             start(c)
-            await until(lambda: c.elector.is_leader, 5)
+            await wait_for_async(lambda: c.elector.is_leader, 5)
             kube.blocked.add("a")
             await asyncio.sleep(0.3)  # a renewal is under way, held by the API server
             await c.elector.stop()

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 import uvloop
+from helpers import wait_for_async
 from router_support import config_from, instance
 
 from router.server.state import RouterState
 from router.server.workers import link as link_module
-from router.server.workers.link import REPORT_SECONDS, REQUEST, ControllerLink, WorkerLinks
+from router.server.workers.link import REPORT_SECONDS, REQUEST, ControllerLink
 from router.server.workers.worker import WorkerApp
 
 
@@ -61,7 +62,7 @@ def test_records_reach_the_controller_in_one_report_even_when_the_loop_is_late(
             link.record((REQUEST, "m", 200, 0.01 * i, 0.001, False))
         monkeypatch.undo()
         assert channel.sent == []
-        await asyncio.sleep(REPORT_SECONDS + 0.05)
+        await wait_for_async(lambda: channel.sent, 2, "the report")
         assert len(channel.sent) == 1
         kind, counts, outstanding, records = channel.sent[0]
         assert kind == "report" and counts == {} and outstanding == {}

@@ -23,7 +23,7 @@ from helpers import PY, Proc, Streamed, distinct_ports, metric_value, raise_own_
 
 from router.sim import textgen
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 STREAMS = 2000
 TOKENS = 16

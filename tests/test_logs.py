@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-from helpers import distinct_ports, http_status, render
+from helpers import distinct_ports, http_status, render, wait_for
 from router_support import LoopThread, RouterServer, config_from, instance, loop  # noqa: F401 (fixture)
-from supervised import Supervised, wait_for
+from supervised import Supervised
 
 from router.config import Config
 from router.server.http.app import create_app
@@ -255,6 +255,7 @@ def test_logs_are_admin_only(tmp_path: Path, path: str) -> None:
 
 # -- a real supervisord rotating the router's log ------------------------------------------------
 
+@pytest.mark.slow  # waits for supervisord to rotate a log; rotation itself is checked without it
 def test_stream_survives_supervisords_own_rotation() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kvl", dir="/tmp"))
     router_port, engine_port = distinct_ports(2)

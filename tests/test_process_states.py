@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import urllib.request
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers import distinct_ports, get_json, http_status, post_json, render
-from supervised import Supervised, wait_for
+from helpers import ROUTER_MODES, distinct_ports, get_json, http_status, in_both_modes, post_json, wait_for
+from supervised import Supervised, give_up_sooner, sim_stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,10 +26,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(params=ROUTER_MODES)
 def stack_with_a_taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[Supervised, str, socket.socket]]:
     """A supervised stack whose router is one process, or a controller and two proxy workers."""
-    tmp = Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp"))
     router_port, good, taken = distinct_ports(3)
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -43,14 +39,11 @@ def stack_with_a_taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[Su
                {"name": "good", "model": "m/good", "engine": "vllm", "engine_args": [f"--port={good}"]},
                {"name": "broken", "model": "m/broken", "engine": "vllm", "engine_args": [f"--port={taken}"]},
            ]}
-    stack = Supervised(render(tmp, doc, "--sim"), tmp / "tmux")
     try:
-        stack.start()
-        yield stack, f"http://127.0.0.1:{router_port}", squatter
+        with sim_stack(doc, prefix="kvp", before_start=give_up_sooner) as stack:
+            yield stack, f"http://127.0.0.1:{router_port}", squatter
     finally:
-        stack.close()
         squatter.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def events(url: str) -> list[dict[str, Any]]:
@@ -78,6 +71,7 @@ def process_block(url: str, model: str) -> dict[str, Any]:
     return health["models"][model]["endpoints"][0].get("process") or {}
 
 
+@in_both_modes("stack_with_a_taken_port")
 def test_a_fatal_engine_shows_in_health_and_its_503_names_it(stack_with_a_taken_port) -> None:
     stack, url, _ = stack_with_a_taken_port
     wait_up(stack, url)
@@ -122,6 +116,7 @@ def test_a_stopped_engine_is_not_probed_and_comes_back_when_started(stack_with_a
              30, "'broken' to serve after its port was freed")
 
 
+@pytest.mark.slow  # sleep, wake and a kill in turn; test_sleep checks the order of /events in the fast suite
 def test_events_follow_a_sleep_a_wake_and_an_engine_kill_in_order(stack_with_a_taken_port) -> None:
     stack, url, _ = stack_with_a_taken_port
     wait_up(stack, url)

@@ -9,10 +9,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
-from supervised import Supervised, wait_for
+from helpers import wait_for, wait_for_async
+from supervised import Supervised
 
 from router.supervision.processes import REMOVED, ProcessState, ProcessWatcher, tail_lines
 from router.supervision.supervisord import connect
@@ -99,21 +100,11 @@ def call(stack: Supervised, method: str, *args: str) -> object:
         return getattr(proxy.supervisor, method)(*args)
 
 
-async def until(check: Callable[[], object], timeout: float, what: str) -> float:
-    """Await `check` being truthy (polled every 50 ms); the monotonic time it was."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
-    return time.monotonic()
-
-
 async def until_state(stack: Supervised, name: str, state: str, timeout: float) -> float:
     """When supervisord itself first reported `name` in `state` (polled every 50 ms)."""
-    deadline = time.monotonic() + timeout
-    while await asyncio.to_thread(statename, stack, name) != state:
-        assert time.monotonic() < deadline, f"supervisord never put {name} in {state}"
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return await asyncio.to_thread(statename, stack, name) == state
+    await wait_for_async(reached, timeout, f"supervisord to put {name} in {state}", interval=0.05)
     return time.monotonic()
 
 
@@ -124,7 +115,7 @@ def test_watcher_sees_running_fatal_stopped_and_removed(supervisord: Supervised)
         watcher = ProcessWatcher(socket_of(supervisord), seen)
         watcher.start()
         try:
-            await until(lambda: seen.first("good", "RUNNING"), 10, "good RUNNING")
+            await wait_for_async(lambda: seen.first("good", "RUNNING"), 10, "good RUNNING")
             good = watcher.states()["good"]
             assert good.running and good.pid == await asyncio.to_thread(supervisord.pid, "good")
             assert good.logfile == str(supervisord.out / "logs" / "good.log")
@@ -134,7 +125,7 @@ def test_watcher_sees_running_fatal_stopped_and_removed(supervisord: Supervised)
             assert good.log_tail(2) == ["good line 4", "good line 5"]
 
             fatal_at = await until_state(supervisord, "bad", "FATAL", 15)
-            seen_at = await until(lambda: seen.first("bad", "FATAL"), 5, "bad FATAL reported")
+            seen_at, _ = await wait_for_async(lambda: seen.first("bad", "FATAL"), 5, "bad FATAL reported")
             assert seen_at - fatal_at < 2
             bad = watcher.states()["bad"]
             assert bad.pid is None and not bad.running and bad.description
@@ -145,7 +136,7 @@ def test_watcher_sees_running_fatal_stopped_and_removed(supervisord: Supervised)
 
             await asyncio.to_thread(call, supervisord, "stopProcess", "good")
             stopped_at = time.monotonic()
-            seen_at = await until(lambda: seen.first("good", "STOPPED"), 3, "good STOPPED reported")
+            seen_at, _ = await wait_for_async(lambda: seen.first("good", "STOPPED"), 3, "good STOPPED reported")
             assert seen_at - stopped_at < 1.5
             assert watcher.states()["good"].pid is None
 
@@ -153,7 +144,7 @@ def test_watcher_sees_running_fatal_stopped_and_removed(supervisord: Supervised)
             assert len([s for _, s in seen.calls if s.name == "good" and s.state == "RUNNING"]) == 1
 
             await asyncio.to_thread(call, supervisord, "removeProcessGroup", "good")
-            await until(lambda: seen.first("good", REMOVED), 3, "good REMOVED reported")
+            await wait_for_async(lambda: seen.first("good", REMOVED), 3, "good REMOVED reported")
             gone = seen.calls[-1][1]
             assert gone.state == REMOVED and gone.pid is None and gone.logfile == good.logfile
             assert set(watcher.states()) == {"bad"}
@@ -191,18 +182,18 @@ def test_supervisord_going_away_and_coming_back(supervisord: Supervised, caplog:
         watcher = ProcessWatcher(socket_of(supervisord), seen, interval=0.2)
         watcher.start()
         try:
-            await until(lambda: seen.first("good", "RUNNING"), 10, "good RUNNING")
+            await wait_for_async(lambda: seen.first("good", "RUNNING"), 10, "good RUNNING")
             old_pid = watcher.states()["good"].pid
             await asyncio.to_thread(supervisord.shutdown)
-            await until(lambda: not watcher.reachable, 3, "the watcher to notice supervisord is gone")
+            await wait_for_async(lambda: not watcher.reachable, 3, "the watcher to notice supervisord is gone")
             await asyncio.sleep(0.6)
             assert watcher.running
             assert watcher.states()["good"].name == "good"  # the last known states stay
 
             before = len(seen.calls)
             supervisord.start()
-            await until(lambda: watcher.reachable, 10, "the watcher to reach the new supervisord")
-            await until(lambda: any(s.name == "good" and s.running and s.pid != old_pid
+            await wait_for_async(lambda: watcher.reachable, 10, "the watcher to reach the new supervisord")
+            await wait_for_async(lambda: any(s.name == "good" and s.running and s.pid != old_pid
                                     for _, s in seen.calls[before:]), 10, "good RUNNING with a new pid")
         finally:
             await watcher.stop()
@@ -235,7 +226,7 @@ def test_one_bad_poll_or_callback_does_not_end_watching(monkeypatch: pytest.Monk
     async def scenario() -> None:
         watcher = ProcessWatcher("/nonexistent.sock", angry, interval=0.05)
         watcher.start()
-        await until(lambda: len(polls) >= 4, 3, "polling to go on")
+        await wait_for_async(lambda: len(polls) >= 4, 3, "polling to go on")
         assert watcher.states() == {"a": ok} and watcher.reachable
         await watcher.stop()
 

@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -25,8 +24,8 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from helpers import Proc, distinct_ports, http_status
-from supervised import wait_for
+from helpers import Proc, distinct_ports, http_status, wait_for
+from supervised import sim_stack
 from test_residency import Stack, engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -81,7 +80,6 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def scraped() -> Iterator[tuple[Prometheus, Stack]]:
     """A --sim stack with traffic behind it, and a Prometheus that has scraped all of it."""
-    tmp = Path(tempfile.mkdtemp(prefix="kvp", dir="/tmp"))
     router_port, prom_port, port_a, port_b, port_bad = distinct_ports(5)
     doc = {"router": {"router_port": router_port, "health_check_interval_seconds": 0.5},
            "residency": {"gpu_memory_gb": {"0": 10, "1": 10}, "host_memory_gb": 100},
@@ -91,36 +89,36 @@ def scraped() -> Iterator[tuple[Prometheus, Stack]]:
                          # (On GPU 1, so its start evicts nothing.)
                          engine("bad", port_bad, on_demand=True, gpu_memory_gb=10, host_memory_gb=4, sim="--ttft-ms not-a-number",
                                 engine_env=["VLLM_SERVER_DEV_MODE=1", "CUDA_VISIBLE_DEVICES=1"])]}
-    stack = Stack(tmp, doc, {"a": port_a, "b": port_b, "bad": port_bad})
-    prometheus = None
-    try:
-        stack.start()
-        prometheus = Prometheus(tmp, router_port, prom_port)
-        wait_for(lambda: prometheus.value('up{job="kvrouter"}') == 1, 30, "a first scrape of the router")
-        # a starts; b starts and evicts a (one fits the budget); a wakes and evicts b.
-        order = ["a", "a", "b", "b", "a", "a"]
-        for name in order:
-            status, body = stack.ask(name)
-            assert status == 200, (name, body)
-        assert [e["reason"] for e in stack.residency()["evictions"]] == ["gpu_budget", "gpu_budget"]
-        # Twice, the second after a scrape saw the first: a counter's first sample shows no increase to rate().
-        assert stack.ask("bad")[0] == 503
-        wait_for(lambda: prometheus.value('sum(router_requests_total{model="m/bad"})') == 1, 30, "a scrape of the 503")
-        assert stack.ask("bad")[0] == 503
-        wait_for(lambda: prometheus.value('sum(router_requests_total{job="kvrouter"})') == len(order) + 2, 30,
-                 "Prometheus to scrape every request")
-        # Two more scrapes after that, so a series that appeared with the last request has two samples for rate().
-        wait_for(lambda: prometheus.value('min(count_over_time(router_model_evictions_total{job="kvrouter"}[1m]))') >= 2,
-                 30, "two scrapes of the evictions")
-        # Prometheus has evaluated every alert rule at least once on this data.
-        wait_for(lambda: all(r["lastEvaluation"] > "2000" for g in prometheus.api("rules")["groups"] for r in g["rules"]),
-                 30, "the alert rules' first evaluation")
-        yield prometheus, stack
-    finally:
-        if prometheus is not None:
-            prometheus.proc.stop()
-        stack.sup.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with sim_stack(doc, prefix="kvp") as sup:
+        tmp = sup.out.parent
+        stack = Stack(sup, router_port, {"a": port_a, "b": port_b, "bad": port_bad})
+        prometheus = None
+        try:
+            stack.wait_ready()
+            prometheus = Prometheus(tmp, router_port, prom_port)
+            wait_for(lambda: prometheus.value('up{job="kvrouter"}') == 1, 30, "a first scrape of the router")
+            # a starts; b starts and evicts a (one fits the budget); a wakes and evicts b.
+            order = ["a", "a", "b", "b", "a", "a"]
+            for name in order:
+                status, body = stack.ask(name)
+                assert status == 200, (name, body)
+            assert [e["reason"] for e in stack.residency()["evictions"]] == ["gpu_budget", "gpu_budget"]
+            # Twice, the second after a scrape saw the first: a counter's first sample shows no increase to rate().
+            assert stack.ask("bad")[0] == 503
+            wait_for(lambda: prometheus.value('sum(router_requests_total{model="m/bad"})') == 1, 30, "a scrape of the 503")
+            assert stack.ask("bad")[0] == 503
+            wait_for(lambda: prometheus.value('sum(router_requests_total{job="kvrouter"})') == len(order) + 2, 30,
+                     "Prometheus to scrape every request")
+            # Two more scrapes after that, so a series that appeared with the last request has two samples for rate().
+            wait_for(lambda: prometheus.value('min(count_over_time(router_model_evictions_total{job="kvrouter"}[1m]))') >= 2,
+                     30, "two scrapes of the evictions")
+            # Prometheus has evaluated every alert rule at least once on this data.
+            wait_for(lambda: all(r["lastEvaluation"] > "2000" for g in prometheus.api("rules")["groups"] for r in g["rules"]),
+                     30, "the alert rules' first evaluation")
+            yield prometheus, stack
+        finally:
+            if prometheus is not None:
+                prometheus.proc.stop()
 
 
 def dashboard_targets() -> list[tuple[str, str, bool]]:

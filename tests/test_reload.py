@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from helpers import PY, Proc, distinct_ports, post_json, wait_http
-from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from helpers import PY, Proc, distinct_ports, post_json, wait_for, wait_http
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_streams import sse_events
 
 
@@ -42,7 +42,7 @@ def test_reload_adds_removes_and_realiases_while_streams_finish(stack: Stack) ->
     t = threading.Thread(target=lambda: streamed.update(
         result=sse_events(r.url, {"model": "b", "prompt": "x", "stream": True})))
     t.start()
-    assert until(lambda: len(b.chunk_times) >= 1)
+    wait_for(lambda: len(b.chunk_times) >= 1)
     rewrite(cfg, [instance("a", a.port, max_concurrency=8, aliases=["a2"]), instance("c", c.port)])
     status, change = post_json(f"{r.url}/action/reload", {})
     assert status == 200, change
@@ -71,7 +71,7 @@ def test_reload_of_an_unchanged_file_changes_nothing_and_keeps_replica_state(sta
     a = stack.engine()
     r = stack.router([instance("a", a.port)], health_check_interval_seconds=0.05)
     replica = r.app.state.table.get("a").replicas[0]
-    assert until(lambda: replica.health == "healthy")
+    wait_for(lambda: replica.health == "healthy")
     status, change = post_json(f"{r.url}/action/reload", {})
     assert status == 200 and change["changed"] is False
     assert r.app.state.table.get("a").replicas[0] is replica and replica.health == "healthy"
@@ -137,13 +137,13 @@ def test_sighup_reloads_the_router_process(tmp_path: Path) -> None:
         cfg.write_text("instances: [{model: b, engine: vllm}]\n")
         os.kill(router.pid, signal.SIGHUP)
         log = tmp_path / "router.log"
-        assert until(lambda: "reload refused" in log.read_text(), timeout=5)
+        wait_for(lambda: "reload refused" in log.read_text(), 5)
         assert "instances[0].engine_args" in log.read_text()
         assert complete(url, "a") == 200
         doc["instances"].append({"model": "b", "engine": "vllm", "launch": False, "engine_args": [f"--port={b}"]})
         cfg.write_text(yaml.safe_dump(doc))
         os.kill(router.pid, signal.SIGHUP)
-        assert until(lambda: complete(url, "b") == 200, timeout=5)
+        wait_for(lambda: complete(url, "b") == 200, 5)
         assert router.p.poll() is None  # reloaded, not restarted
     finally:
         for p in (router, *engines):

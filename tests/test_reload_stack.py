@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 import threading
 import time
 import urllib.request
@@ -21,8 +19,8 @@ from typing import Any, Iterator
 
 import aiohttp
 import pytest
-from helpers import PY, Proc, Streamed, distinct_ports, post_json, render, stream_request, wait_http
-from supervised import Supervised
+from helpers import PY, Proc, Streamed, distinct_ports, post_json, stream_request, wait_for, wait_http
+from supervised import Supervised, sim_stack
 
 from router.sim import textgen
 
@@ -48,19 +46,15 @@ def config(router_port: int, a: int, b: int, c: int, reloaded: bool) -> dict[str
 
 @pytest.fixture
 def stack() -> Iterator[tuple[Supervised, Path, list[int]]]:
-    tmp = Path(tempfile.mkdtemp(prefix="kvl", dir="/tmp"))
     ports = distinct_ports(4)
-    out = render(tmp, config(*ports, reloaded=False), "--sim")
-    extra = Proc([PY, "-m", "router.sim", "--engine", "vllm", "--model", "m/c", "--port", str(ports[3])],
-                 log=str(tmp / "c.log"))
-    sup = Supervised(out, tmp / "tmux")
-    try:
-        sup.start()
-        yield sup, tmp, ports
-    finally:
-        sup.close()
-        extra.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with sim_stack(config(*ports, reloaded=False), prefix="kvl") as sup:
+        tmp = sup.out.parent
+        extra = Proc([PY, "-m", "router.sim", "--engine", "vllm", "--model", "m/c", "--port", str(ports[3])],
+                     log=str(tmp / "c.log"))
+        try:
+            yield sup, tmp, ports
+        finally:
+            extra.stop()
 
 
 def expected(i: int) -> tuple[str, dict[str, Any], str]:
@@ -103,9 +97,7 @@ def test_reload_under_two_hundred_streams_loses_nothing(stack) -> None:
         with urllib.request.urlopen(f"{url}/sleep/status", timeout=5) as r:
             models = json.loads(r.read())["models"]
         return sum(m["in_flight"] for m in models.values())
-    deadline = time.monotonic() + 20
-    while in_flight() < STREAMS and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: in_flight() >= STREAMS, 20, f"{STREAMS} streams in flight", interval=0.05)
     assert in_flight() == STREAMS
 
     (tmp / "config.yaml").write_text(json.dumps(config(router_port, a, b, c, reloaded=True)))

@@ -179,6 +179,7 @@ def test_vllm_script_launches_the_api_server(short_tmp: str) -> None:
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=24)
 
 
+@pytest.mark.slow  # fuzz: 40 generated configs, each rendered and its script run
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(args=st.lists(TEXT, max_size=6), values=st.lists(TEXT, min_size=1, max_size=4),
        model=TEXT.filter(lambda s: s.strip() == s and s != ""))
@@ -368,6 +369,7 @@ def test_cli_bad_output_folder_exits_2(short_tmp: str) -> None:
     assert list(tmp.iterdir()) == []
 
 
+@pytest.mark.slow  # builds and installs the package: half a minute
 def test_templates_are_found_in_a_non_editable_install(short_tmp: str) -> None:
     """`pip install .` ships templates/ as router/templates, found from any folder."""
     target = Path(short_tmp) / "site"
@@ -401,8 +403,8 @@ def test_help_is_plain_text(module: str) -> None:
 def test_a_clean_stop_is_no_warning_in_supervisords_log(short_tmp: str) -> None:
     """supervisord logs a stop at WARN when the exit is not one of the program's exitcodes: a router
     (or an engine) stopped on purpose must exit with one, or every deploy looks like an incident."""
-    from helpers import distinct_ports
-    from supervised import Supervised, render_cli, wait_for
+    from helpers import distinct_ports, wait_for
+    from supervised import Supervised, render_cli
     tmp = Path(short_tmp)
     router_port, a = distinct_ports(2)
     cfg = tmp / "config.yaml"

@@ -8,18 +8,16 @@ engines it ever saw awake at once; the budget must never be exceeded.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
+import contextlib
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import aiohttp
 import pytest
-from helpers import distinct_ports, get_json, post_json, render
-from supervised import Supervised, wait_for
+from helpers import ROUTER_MODES, distinct_ports, get_json, in_both_modes, metric_value, post_json, wait_for
+from supervised import Supervised, sim_stack
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,15 +31,14 @@ def engine(name: str, port: int, **keys: Any) -> dict[str, Any]:
 
 
 class Stack:
-    """A rendered --sim stack under a real supervisord, with the router's address."""
+    """A rendered --sim stack under a real supervisord (`sim_stack`), with the router's address."""
 
-    def __init__(self, tmp: Path, doc: dict[str, Any], ports: dict[str, int]):
-        self.sup = Supervised(render(tmp, doc, "--sim"), tmp / "tmux")
-        self.url = f"http://127.0.0.1:{doc['router']['router_port']}"
+    def __init__(self, sup: Supervised, router_port: int, ports: dict[str, int]):
+        self.sup = sup
+        self.url = f"http://127.0.0.1:{router_port}"
         self.ports = ports
 
-    def start(self) -> None:
-        self.sup.start()
+    def wait_ready(self) -> None:
         wait_for(lambda: self.sup.status().get("router") == "RUNNING", 30, "the router")
         wait_for(lambda: get_json(f"{self.url}/health")[0] == 200 if self._up() else False, 30, "the router's API")
         # The router must have read supervisord's states (every on-demand engine stopped) before the test runs.
@@ -81,18 +78,22 @@ class Stack:
         except OSError:
             return False
 
+    def engine_metric(self, name: str, metric: str) -> float:
+        """A sample of engine `name`'s own /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/metrics", timeout=5) as r:
+            return metric_value(r.read().decode(), metric)
+
     def spawns(self, name: str) -> int:
         return self.sup.log("supervisord", tail=10**7).count(f"spawned: '{name}'")
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(params=ROUTER_MODES)
 def make_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
     """Stacks whose router is one process, or a controller and two proxy workers (router.workers: 2)."""
-    made: list[tuple[Stack, Path]] = []
+    stacks = contextlib.ExitStack()
 
     def make(instances: Callable[[dict[str, int]], list[dict[str, Any]]], names: list[str],
              residency: Optional[dict[str, Any]] = None, sleep: Optional[dict[str, Any]] = None) -> Stack:
-        tmp = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
         router_port, *engine_ports = distinct_ports(len(names) + 1)
         ports = dict(zip(names, engine_ports))
         doc: dict[str, Any] = {"router": {"router_port": router_port, "health_check_interval_seconds": 0.5,
@@ -101,14 +102,11 @@ def make_stack(request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]
                                "instances": instances(ports)}
         if residency is not None:
             doc["residency"] = residency
-        stack = Stack(tmp, doc, ports)
-        made.append((stack, tmp))
-        stack.start()
+        stack = Stack(stacks.enter_context(sim_stack(doc)), router_port, ports)
+        stack.wait_ready()
         return stack
-    yield make
-    for stack, tmp in made:
-        stack.sup.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with stacks:
+        yield make
 
 
 class Watcher:
@@ -171,6 +169,7 @@ def test_three_on_demand_models_in_a_budget_for_two_and_a_pinned_one(make_stack)
     assert all(e["action"] == "sleep" for e in report["evictions"])
 
 
+@in_both_modes("make_stack")
 def test_fifty_requests_to_a_stopped_model_cause_one_start(make_stack) -> None:
     stack = make_stack(lambda ports: [engine("a", ports["a"], on_demand=True)], ["a"])
     assert stack.sup.status()["a"] == "STOPPED"
@@ -228,6 +227,7 @@ def test_an_engine_that_exits_at_once_fails_its_waiting_requests_naming_it(make_
     assert stack.ask("bad")[0] == 503  # the next request tries again, and fails the same way
 
 
+@pytest.mark.slow  # several group swaps, at least 2 s apart
 def test_two_busy_models_in_an_exclusive_group_share_it(make_stack) -> None:
     stack = make_stack(lambda ports: [engine("x", ports["x"], sim="--startup-s 0 --itl-ms 50"),
                                       engine("y", ports["y"], sim="--startup-s 0 --itl-ms 50")],
@@ -268,7 +268,7 @@ def test_a_manual_stop_drains_first_and_a_request_then_starts_the_engine_again(m
     done: dict[str, Any] = {}
     t = threading.Thread(target=lambda: done.update(r=stack.ask("a", tokens=15)))  # about 1.5 s
     t.start()
-    time.sleep(0.3)
+    wait_for(lambda: stack.engine_metric("a", "vllm:num_requests_running") == 1, 10, "the request to be generating")
     began = time.monotonic()
     status, answer = post_json(f"{stack.url}/action/stop/m/a", {})
     took = time.monotonic() - began

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import openai
 import orjson
 import pytest
-from helpers import free_port
+from helpers import free_port, wait_for
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
 
@@ -163,8 +163,12 @@ def test_access_log_line_per_request(stack: Stack, capsys: pytest.CaptureFixture
     e = stack.engine()
     r = stack.router([instance("m", e.port)], access_log=True)
     assert post(r.url + "/v1/completions", b'{"model": "m"}')[0] == 200
-    time.sleep(0.4)  # lines are written in batches every 0.2 s
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "router.access" in ln]
+    err: list[str] = []
+
+    def logged() -> list[str]:  # lines are written in batches every 0.2 s
+        err.append(capsys.readouterr().err)
+        return [ln for ln in "".join(err).splitlines() if "router.access" in ln]
+    lines = wait_for(logged, 3, "the access log line")
     assert len(lines) == 1 and " m single -> m 200 " in lines[0] and "ttfb=" in lines[0]
 
 

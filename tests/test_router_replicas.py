@@ -9,8 +9,8 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from helpers import free_port
-from router_support import Engine, Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from helpers import free_port, metric_value, wait_for
+from router_support import Engine, Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_proxy import assert_error, client, post
 
 
@@ -52,7 +52,7 @@ def test_unhealthy_backends_get_503_at_once_and_recover(stack: Stack) -> None:
     r = stack.router([instance("m", e.port)], health_check_interval_seconds=0.05, unhealthy_threshold=2,
                      healthy_threshold=3)
     backend = r.app.state.table.get("m").replicas[0]
-    assert until(lambda: backend.health == "unhealthy")
+    wait_for(lambda: backend.health == "unhealthy")
     assert e.health_probes >= 2
     start = time.monotonic()
     status, headers, data = post(r.url + "/v1/chat/completions", b'{"model": "m", "messages": []}')
@@ -61,7 +61,7 @@ def test_unhealthy_backends_get_503_at_once_and_recover(stack: Stack) -> None:
     assert e.bodies == []  # probes never send generations either
     e.health_status = 200
     seen = e.health_probes
-    assert until(lambda: backend.health == "healthy")
+    wait_for(lambda: backend.health == "healthy")
     assert e.health_probes - seen >= 3
     assert post(r.url + "/v1/completions", b'{"model": "m"}')[0] == 200
 
@@ -72,9 +72,9 @@ def test_max_concurrency_queue_then_429(stack: Stack) -> None:
     body = orjson.dumps({"model": "m", "prompt": "x"})
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = pool.submit(post, r.url + "/v1/completions", body)
-        assert until(lambda: len(e.bodies) == 1)
+        wait_for(lambda: len(e.bodies) == 1)
         queued = pool.submit(post, r.url + "/v1/completions", body)
-        time.sleep(0.1)
+        wait_for(lambda: admitted(r.url, "m") == 2, what="the second request to be queued")
         status, headers, data = post(r.url + "/v1/completions", body)
         assert_error(status, data, 429, "concurrency limit")
         assert headers["retry-after"] == "1"
@@ -87,7 +87,7 @@ def test_queue_timeout_is_429(stack: Stack) -> None:
     r = stack.router([instance("m", e.port, max_concurrency=1)], queue_timeout_seconds=0.2)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, r.url + "/v1/completions", b'{"model": "m"}')
-        assert until(lambda: len(e.bodies) == 1)
+        wait_for(lambda: len(e.bodies) == 1)
         with_sdk = client(r.url)
         try:
             with_sdk.completions.create(model="m", prompt="x")
@@ -110,7 +110,7 @@ def test_queued_request_takes_a_replica_back_from_ejection(stack: Stack) -> None
     body = orjson.dumps({"model": "m", "prompt": "x"})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, r.url + "/v1/completions", body)  # refused by "back", then held by "busy"
-        assert until(lambda: len(busy.bodies) == 1)
+        wait_for(lambda: len(busy.bodies) == 1)
         stack.loop.run(back.start())
         start = time.monotonic()
         status, _, _ = post(r.url + "/v1/completions", body)  # both unavailable: waits in the queue
@@ -125,10 +125,16 @@ def hold_one_queue_one(pool: concurrent.futures.Executor, url: str, engine: Engi
                        body: bytes) -> tuple[concurrent.futures.Future, concurrent.futures.Future]:
     """Send a request that `engine` holds, then one that must wait in the router's queue."""
     first = pool.submit(post, url + "/v1/completions", body)
-    assert until(lambda: len(engine.bodies) == 1)
+    wait_for(lambda: len(engine.bodies) == 1)
     queued = pool.submit(post, url + "/v1/completions", body)
-    time.sleep(0.2)
+    wait_for(lambda: admitted(url, "m") == 2, what="the second request to be queued")
     return first, queued
+
+
+def admitted(url: str, model: str) -> float:
+    """Requests the router admitted for `model` and has not finished, queued ones included."""
+    return metric_value(post(url + "/metrics", None, method="GET")[2].decode(),  # type: ignore[arg-type]
+                        "router_in_flight_requests", model=model)
 
 
 def test_queued_request_takes_a_replica_that_turned_healthy(stack: Stack) -> None:
@@ -138,7 +144,7 @@ def test_queued_request_takes_a_replica_that_turned_healthy(stack: Stack) -> Non
                      health_check_interval_seconds=0.05, unhealthy_threshold=1, healthy_threshold=2,
                      queue_timeout_seconds=2.5)
     backend = r.app.state.table.get("m").replicas[0]
-    assert until(lambda: backend.health == "unhealthy")
+    wait_for(lambda: backend.health == "unhealthy")
     body = orjson.dumps({"model": "m", "prompt": "x"})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first, queued = hold_one_queue_one(pool, r.url, busy, body)
@@ -181,4 +187,4 @@ def test_health_checks_go_on_after_an_unexpected_probe_error(stack: Stack, monke
     e = stack.engine()
     r = stack.router([instance("m", e.port)], health_check_interval_seconds=0.05)
     backend = r.app.state.table.get("m").replicas[0]
-    assert until(lambda: backend.health == "healthy")  # the checker did not die with the first round
+    wait_for(lambda: backend.health == "healthy")  # the checker did not die with the first round

@@ -17,8 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from helpers import PY, Proc, free_port, start_sim, wait_http
-from router_support import Stack, instance, loop, stack, until, write_config  # noqa: F401  (fixtures)
+from helpers import PY, Proc, free_port, refused, start_sim, wait_for, wait_http
+from router_support import Stack, instance, loop, stack, write_config  # noqa: F401  (fixtures)
 
 
 def sim_metric(port: int, name: str) -> float:
@@ -72,7 +72,7 @@ def test_disconnect_reaches_simulated_engine(stack: Stack, sims) -> None:
         got = b""
         while got.count(b"data: ") < 2:
             got += s.recv(65536)
-    assert until(lambda: sim_metric(port, "sim_client_disconnects_total") == 1, timeout=3)
+    wait_for(lambda: sim_metric(port, "sim_client_disconnects_total") == 1, 3)
 
 
 def test_engine_killed_mid_stream(stack: Stack, sims) -> None:
@@ -94,24 +94,26 @@ def test_graceful_shutdown_finishes_streams_and_refuses_new(tmp_path: Path, sims
     wait_http(f"http://127.0.0.1:{rport}/health", timeout=20)
 
     result: dict = {}
+    started = threading.Event()
 
     def stream() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", rport, timeout=20)
         conn.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": 20,
                                                             "stream": True}))
         resp = conn.getresponse()
+        started.set()
         result["status"] = resp.status
         result["body"] = resp.read()
         result["end"] = time.monotonic()
 
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(0.5)  # the stream is under way (2 s in all)
+    assert started.wait(10), "the stream did not start"  # under way: 2 s in all
     router.p.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", rport), timeout=2).close()
+    wait_for(lambda: refused(rport), 3, "new connections to be refused")
+    assert "end" not in result, "new connections were refused only once the stream had ended"
     t.join(15)
+    assert "end" in result, "the stream did not end"
     assert result["status"] == 200
     body = result["body"].decode()
     assert body.rstrip().endswith("data: [DONE]") and body.count("data: ") == 21
@@ -159,6 +161,7 @@ def test_engines_with_their_own_api_key(stack: Stack, sims) -> None:
     assert sim_metric(sport, "sim_sleep_calls_total") == 1 and sim_metric(sport, "sim_wake_calls_total") == 1
 
 
+@pytest.mark.slow  # idles 6.5 s on purpose, past the common client pools' keep-alive
 def test_idle_client_connection_outlives_common_client_pools(tmp_path: Path, sims, procs: list[Proc]) -> None:
     """A pooled client connection left idle longer than uvicorn's default keep-alive (5 s) still
     serves the next request: the router keeps idle connections longer than clients pool them,

@@ -7,7 +7,8 @@ import socket
 import time
 
 import openai
-from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from helpers import wait_for
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_router_proxy import client
 
 
@@ -65,10 +66,10 @@ def test_client_disconnect_cancels_upstream(stack: Stack) -> None:
         while b"data: " not in got:
             got += s.recv(65536)
     # The engine sees its client (the router) go away well before the 10 s generation ends.
-    assert until(lambda: e.disconnects == 1, timeout=2.0)
+    wait_for(lambda: e.disconnects == 1, 2.0)
     assert len(e.chunk_times) < 30
     model = r.app.state.table.get("m")
-    assert until(lambda: model.lifecycle.in_flight == 0 and model.replicas[0].outstanding == 0)
+    wait_for(lambda: model.lifecycle.in_flight == 0 and model.replicas[0].outstanding == 0)
     assert r.app.state.traffic is not None
 
 
@@ -78,9 +79,9 @@ def test_client_disconnect_while_waiting_for_first_byte(stack: Stack) -> None:
     body = json.dumps({"model": "m", "prompt": "x"}).encode()
     with socket.create_connection(("127.0.0.1", r.port)) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert until(lambda: len(e.bodies) == 1)
+        wait_for(lambda: len(e.bodies) == 1)
     backend = r.app.state.table.get("m").replicas[0]
-    assert until(lambda: backend.outstanding == 0, timeout=2.0)
+    wait_for(lambda: backend.outstanding == 0, 2.0)
 
 
 def test_engine_death_mid_stream_ends_with_error_event(stack: Stack) -> None:
@@ -112,7 +113,7 @@ def test_stalled_stream_hits_idle_timeout(stack: Stack) -> None:
     err = json.loads(events[-1][1])["error"]
     assert err["code"] == 504 and "0.5s" in err["message"]
     model = r.app.state.table.get("m")
-    assert until(lambda: model.replicas[0].outstanding == 0 and model.lifecycle.in_flight == 0)
+    wait_for(lambda: model.replicas[0].outstanding == 0 and model.lifecycle.in_flight == 0)
 
 
 def test_non_stream_timeout_is_504(stack: Stack) -> None:

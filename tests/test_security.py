@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 import orjson
 import psutil
 import pytest
-from helpers import PY, Proc, distinct_ports, free_port, render, start_sim, wait_http
+from helpers import PY, Proc, distinct_ports, render, start_sim, wait_http
 from router_support import LoopThread, RouterServer, Stack, config_from, instance, loop, stack  # noqa: F401
 from supervised import Supervised
 

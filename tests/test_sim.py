@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Optional
 import aiohttp
 import orjson
 import pytest
-from helpers import PY, Proc, free_port, refused, wait_http
+from helpers import PY, Proc, free_port, refused, wait_for_async, wait_http
 
 from router.sim import SimEngine, SimOptions, parse_options, textgen
 from router.sim import http as sim_http
@@ -108,15 +108,6 @@ async def make_sim() -> AsyncIterator[Any]:
     await http.close()
     for e in engines:
         await e.stop()
-
-
-async def until(check: Any, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 COMPLETION = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
@@ -307,7 +298,7 @@ async def test_sglang_release_and_resume(make_sim) -> None:
     assert status == 400
     # Refused while a request runs (SGLang requires an idle server).
     stream = asyncio.ensure_future(sim.post("/v1/completions", {"prompt": "x", "max_tokens": 10}))
-    assert await until(lambda: _running(sim))
+    await wait_for_async(lambda: _running(sim))
     status, _, body = await sim.post("/release_memory_occupation", {})
     assert status == 400 and "idle" in orjson.loads(body)["error"]["message"]
     assert (await stream)[0] == 200
@@ -324,6 +315,13 @@ async def test_sglang_release_and_resume(make_sim) -> None:
 
 async def _running(sim: Sim) -> bool:
     return sim.engine.counters.running == 1
+
+
+async def under_way(sim: Sim) -> None:
+    """Until the one running stream has sent a token."""
+    before = sim.engine.counters.generation_tokens
+    await wait_for_async(lambda: sim.engine.counters.running == 1 and sim.engine.counters.generation_tokens > before,
+                         what="a token of the running stream")
 
 
 # ------------------------------------------------------------- vLLM sleep
@@ -362,7 +360,7 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     req = {"prompt": "Hello", "max_tokens": 15, "stream": True}
     # abort (default): running streams end at once with finish_reason "abort", then [DONE].
     stream = asyncio.ensure_future(sim.post("/v1/completions", req))
-    await asyncio.sleep(0.1)
+    await under_way(sim)
     await sim.post("/sleep", raw=b"")
     events = sse_events((await asyncio.wait_for(stream, 2))[2])
     assert events[-1] == "[DONE]" and events[-2]["choices"][0] == {**events[-2]["choices"][0], "text": "", "finish_reason": "abort"}
@@ -370,7 +368,8 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     await sim.post("/wake_up", raw=b"")
     # abort cuts a non-streaming request too: the tokens made so far, finish_reason "abort".
     plain = asyncio.ensure_future(sim.post("/v1/completions", {**req, "stream": False}))
-    await asyncio.sleep(0.15)
+    await wait_for_async(lambda: _running(sim))
+    await asyncio.sleep(0.15)  # a non-streamed answer shows no progress: let a few tokens' time pass
     await sim.post("/sleep", raw=b"")
     choice = orjson.loads((await asyncio.wait_for(plain, 2))[2])["choices"][0]
     assert choice["finish_reason"] == "abort" and 2 <= len(choice["text"].split()) < 15
@@ -378,7 +377,7 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     await sim.post("/wake_up", raw=b"")
     # wait: /sleep answers only after the running stream finished normally.
     stream = asyncio.ensure_future(sim.post("/v1/completions", req))
-    await asyncio.sleep(0.1)
+    await under_way(sim)
     t0 = time.monotonic()
     await sim.post("/sleep?mode=wait", raw=b"")
     assert stream.done() and time.monotonic() - t0 > 0.1
@@ -387,7 +386,7 @@ async def test_sleep_modes_abort_wait_keep(make_sim) -> None:
     await sim.post("/wake_up", raw=b"")
     # keep: the stream pauses while asleep and resumes on wake.
     stream = asyncio.ensure_future(sim.post("/v1/completions", req))
-    await asyncio.sleep(0.1)
+    await under_way(sim)
     await sim.post("/sleep?mode=keep", raw=b"")
     await asyncio.sleep(0.4)
     assert not stream.done()
@@ -407,7 +406,7 @@ async def _read_some_then_close(url: str, body: dict[str, Any], chunks: int) -> 
 async def test_disconnect_mid_stream_stops_generation(make_sim) -> None:
     sim = await make_sim(itl_ms=30)
     await _read_some_then_close(sim.url + "/v1/completions", {"prompt": "x", "max_tokens": 100, "stream": True}, 4)
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
     tokens = await sim.metric("vllm:generation_tokens_total")
     await asyncio.sleep(0.2)
     assert tokens < 10 and await sim.metric("vllm:generation_tokens_total") == tokens
@@ -422,19 +421,19 @@ async def test_disconnects_while_queued_held_or_non_streaming_are_counted(make_s
     sim = await make_sim(itl_ms=50, max_concurrency=1)
     body = {"prompt": "x", "max_tokens": 20}
     running = asyncio.ensure_future(sim.post("/v1/completions", body))
-    await until(lambda: _running(sim))
+    await wait_for_async(lambda: _running(sim))
     queued = asyncio.ensure_future(sim.post("/v1/completions", body))
-    assert await until(lambda: _metric_is(sim, "vllm:num_requests_waiting", 1))
+    await wait_for_async(lambda: _metric_is(sim, "vllm:num_requests_waiting", 1))
     queued.cancel()
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
     assert await sim.metric("vllm:num_requests_waiting") == 0
     running.cancel()  # a non-streaming request abandoned mid-generation
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 2))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 2))
     await sim.post("/sleep", raw=b"")
     held = asyncio.ensure_future(sim.post("/v1/completions", body))
-    await asyncio.sleep(0.1)
+    await wait_for_async(lambda: _metric_is(sim, "sim_requests_total", 3), what="the held request to arrive")
     held.cancel()
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 3))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 3))
     assert await sim.metric("sim_requests_total") == 3
 
 
@@ -514,7 +513,7 @@ async def test_stall_after(make_sim) -> None:
             assert [ln.startswith(b"data: {") for ln in lines[::2]] == [True] * 3
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(r.content.readline(), 0.4)
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
 
 
 async def test_hang(make_sim) -> None:
@@ -524,7 +523,7 @@ async def test_hang(make_sim) -> None:
     assert not request.done()
     assert (await sim.get("/health"))[0] == 200  # the server still answers everything else
     request.cancel()
-    assert await until(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
+    await wait_for_async(lambda: _metric_is(sim, "sim_client_disconnects_total", 1))
 
 
 # --------------------------------------------------------- the CLI process

@@ -14,7 +14,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from test_sim import CHAT, Sim, anyio_backend, make_sim, until  # noqa: F401  (fixtures)
+from helpers import wait_for_async
+from test_sim import CHAT, Sim, anyio_backend, make_sim  # noqa: F401  (fixtures)
 
 from router.engines import ENGINES
 from router.sim import textgen
@@ -112,7 +113,7 @@ async def test_background_responses_run_after_the_answer_and_can_be_cancelled(ma
     async def done() -> bool:
         return orjson.loads((await sim.get(f"/v1/responses/{short['id']}"))[2])["status"] == "incomplete"
 
-    assert await until(done)
+    await wait_for_async(done)
     status, err = await json_post(sim, "/v1/responses", {**HELLO, "background": True, "store": False})
     assert status == 400 and err["error"]["param"] == "background"
 

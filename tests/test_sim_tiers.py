@@ -14,8 +14,8 @@ import time
 
 import orjson
 import pytest
-from helpers import Proc, free_port, get_json, http_status, post_json, start_sim, wait_http
-from test_sim import Sim, anyio_backend, make_sim, until  # noqa: F401  (fixtures)
+from helpers import Proc, free_port, get_json, http_status, post_json, start_sim, wait_for_async, wait_http
+from test_sim import Sim, anyio_backend, make_sim  # noqa: F401  (fixtures)
 
 from router.sim import parse_options, textgen
 from router.sim.dialects import DIALECTS
@@ -181,7 +181,7 @@ async def test_sglang_without_memory_saver_frees_nothing_and_stays_right(make_si
 async def test_sglang_flush_cache_is_refused_while_requests_run(make_sim) -> None:
     sim = await make_sim("sglang", model="org/m", itl_ms=30)
     running = asyncio.ensure_future(sim.post("/v1/completions", {"prompt": "x", "max_tokens": 10}))
-    assert await until(lambda: _running(sim))
+    await wait_for_async(lambda: _running(sim))
     assert (await sim.post("/flush_cache", raw=b""))[0] == 400
     assert (await running)[0] == 200
     assert await sim.metric("sim_cache_resets_total") == 0

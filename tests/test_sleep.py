@@ -19,8 +19,8 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from helpers import free_port
-from router_support import LoopThread, RouterServer, until
+from helpers import ROUTER_MODES, free_port, in_both_modes, wait_for, wait_for_async
+from router_support import LoopThread, RouterServer
 
 from router.config import SleepSettings, load_config
 from router.observe.events import Events
@@ -168,6 +168,10 @@ class Stack:
                 raw = await r.read()
                 return r.status, orjson.loads(raw) if raw else None, dict(r.headers)
 
+    async def model_status(self) -> dict[str, Any]:
+        """The model's entry in GET /sleep/status."""
+        return (await self._call("GET", f"{self.router.url}/sleep/status"))[1]["models"][MODEL]
+
     def completions(self, n: int) -> list[tuple[int, Any, dict[str, str]]]:
         """`n` completions sent at once; their (status, body, headers)."""
         async def go() -> list[tuple[int, Any, dict[str, str]]]:
@@ -183,8 +187,9 @@ class Stack:
             body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
             reqs = [asyncio.ensure_future(self._call("POST", f"{self.router.url}/v1/completions", body))
                     for _ in range(n)]
-            while (await self._call("GET", f"{self.router.url}/sleep/status"))[1]["models"][MODEL]["waiting"] < n:
-                await asyncio.sleep(0.01)
+            async def all_waiting() -> bool:
+                return (await self.model_status())["waiting"] >= n
+            await wait_for_async(all_waiting, 10, f"{n} requests waiting on the wake", interval=0.01)
             if release:
                 self.engine.wake_gate.set()
             return list(await asyncio.gather(*reqs))
@@ -199,10 +204,11 @@ class Stack:
         return self.call("GET", "/sleep/status")[1]["models"][MODEL]["state"]
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(params=ROUTER_MODES)
 def stack(loop, tmp_path, request):
     """Makes stacks whose router is one process, or (``router.workers: 2``) a controller and two
-    proxy workers: every lifecycle test runs against both."""
+    proxy workers: every lifecycle test runs against both (the second in the slow suite, unless
+    the test is marked `in_both_modes`)."""
     made: list[Stack] = []
 
     def make(*engines: Any, settings: Optional[dict[str, Any]] = None, router: Optional[dict[str, Any]] = None,
@@ -227,7 +233,7 @@ def test_auto_sleep_after_idle_threshold(stack):
     st = stack(ControlEngine(), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.4})
     t0 = time.monotonic()
     assert st.completions(1)[0][0] == 200
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert time.monotonic() - t0 >= 0.4
     assert st.engine.count("sleep") == 1 and st.engine.asleep
     assert st.engine.sleep_params == [{"level": "1", "mode": "wait"}]
@@ -240,7 +246,7 @@ def test_auto_sleep_after_idle_threshold(stack):
 def test_auto_sleep_then_many_concurrent_requests_make_one_wake_call(stack, engine):
     st = stack(sim(engine), settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.2,
                                       "min_sleep_duration": 30})
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert st.engine.asleep and st.engine.counters.sleep_calls == 1
     results = st.completions(50)
     assert [r[0] for r in results] == [200] * 50
@@ -251,6 +257,7 @@ def test_auto_sleep_then_many_concurrent_requests_make_one_wake_call(stack, engi
     assert status["last_wake_seconds"] is not None
 
 
+@in_both_modes("stack")
 def test_fifty_requests_waiting_on_a_wake_share_one_wake_call(stack):
     st = stack(ControlEngine(hold_wake=True))
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
@@ -276,7 +283,7 @@ def test_a_long_request_is_never_idle(stack):
     assert code == 200 and "1 requests in flight" in reason
     assert during["state"] == "awake" and during["in_flight"] == 1 and during["idle_seconds"] == 0
     assert st.engine.count("sleep") == 0
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert time.monotonic() - ended >= 0.3  # idle counted from the end of the request
 
 
@@ -286,7 +293,7 @@ def test_a_failing_auto_sleep_backs_off_and_never_refuses_requests(stack):
                                                           "check_interval_seconds": 0.05})
     def failures() -> int:  # the router's count: it has seen the engine's answer
         return st.call("GET", "/sleep/status")[1]["models"][MODEL]["sleep_failures"]
-    assert until(lambda: failures() >= 1, 5)
+    wait_for(lambda: failures() >= 1, 5)
     t0 = time.monotonic()
     codes = []
     while failures() < 4 and time.monotonic() - t0 < 10:
@@ -325,8 +332,7 @@ def test_last_activity_is_now_while_a_request_runs(stack):
         await asyncio.sleep(0.5)
         sent = time.time()
         req = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
-        while "generate" not in st.engine.log[1:]:
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: "generate" in st.engine.log[1:], what="the request at the engine")
         _, stats, _ = await st._call("GET", f"{st.router.url}/traffic/stats/{ENC}")
         await req
         return sent, stats["model_stats"]
@@ -353,6 +359,7 @@ def test_a_failed_sleep_on_one_replica_is_rolled_back(stack):
     assert [r[0] for r in st.completions(4)] == [200] * 4
 
 
+@in_both_modes("stack")
 def test_manual_sleep_and_wake_endpoints(stack):
     st = stack()
     status, body, _ = st.call("POST", f"/action/sleep/{MODEL}")  # raw slash
@@ -393,14 +400,14 @@ def test_sleep_opt_out_is_refused(stack):
 
 def test_min_sleep_duration_keeps_a_woken_model_awake(stack):
     st = stack(settings={"auto_sleep_enabled": True, "idle_threshold_seconds": 0.1, "min_sleep_duration": 1.2})
-    assert until(lambda: st.state() == "sleeping", 5)  # never used since start: idle from start-up
+    wait_for(lambda: st.state() == "sleeping", 5)  # never used since start: idle from start-up
     assert st.completions(1)[0][0] == 200  # wakes it
     woke = time.monotonic()
     time.sleep(0.4)  # idle well past the threshold, yet kept awake
     _, cands, _ = st.call("GET", "/sleep/candidates")
     assert "min_sleep_duration" in cands["candidate_details"][MODEL]["reason"]
     assert st.state() == "awake"
-    assert until(lambda: st.state() == "sleeping", 5)
+    wait_for(lambda: st.state() == "sleeping", 5)
     assert time.monotonic() - woke >= 1.2
     assert st.engine.counters.sleep_calls == 2 and st.engine.counters.wake_calls == 1
 
@@ -410,8 +417,7 @@ def test_request_during_sleep_call_waits_then_wakes(stack):
 
     async def race() -> tuple[Any, Any]:
         sleeper = asyncio.ensure_future(st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))
-        while "sleep" not in st.engine.log:
-            await asyncio.sleep(0.005)
+        await wait_for_async(lambda: "sleep" in st.engine.log, what="the sleep call at the engine", interval=0.005)
         req = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions",
                                              {"model": MODEL, "prompt": "x", "max_tokens": 1}))
         return await sleeper, await req
@@ -427,11 +433,11 @@ def test_drain_before_sleep_holds_new_requests(stack):
     async def race() -> tuple[Any, Any, Any]:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
         first = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
-        while "generate" not in st.engine.log:
-            await asyncio.sleep(0.005)
+        await wait_for_async(lambda: "generate" in st.engine.log, what="the request at the engine", interval=0.005)
         sleeper = asyncio.ensure_future(st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))
-        while (await st._call("GET", f"{st.router.url}/sleep/status"))[1]["models"][MODEL]["state"] != "draining":
-            await asyncio.sleep(0.005)
+        async def draining() -> bool:
+            return (await st.model_status())["state"] == "draining"
+        await wait_for_async(draining, what="the model to drain", interval=0.005)
         held = asyncio.ensure_future(st._call("POST", f"{st.router.url}/v1/completions", body))
         return await first, await sleeper, await held
     first, slept, held = st.loop.run(race())
@@ -478,7 +484,7 @@ def test_engine_woken_elsewhere_is_seen_awake(stack):
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
     st.engine.asleep = False
     st.engine.awake_event.set()
-    assert until(lambda: st.state() == "awake", 3)
+    wait_for(lambda: st.state() == "awake", 3)
 
 
 def test_engine_found_asleep_under_a_request_is_woken_for_it(stack):
@@ -494,11 +500,12 @@ def test_engine_found_asleep_under_a_request_is_woken_for_it(stack):
 def test_events_stream_the_sleep_and_the_wake_in_order(stack):
     st = stack(sim())
 
-    async def follow(n: int) -> list[dict[str, Any]]:
+    async def follow(n: int, opened: asyncio.Event) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         async with aiohttp.ClientSession() as s:
             async with s.get(st.router.url + "/events") as r:
                 assert r.headers["content-type"].startswith("text/event-stream")
+                opened.set()
                 async for line in r.content:
                     if line.startswith(b"data: "):
                         got.append(orjson.loads(line[6:]))
@@ -507,8 +514,10 @@ def test_events_stream_the_sleep_and_the_wake_in_order(stack):
         return got
 
     async def go() -> list[dict[str, Any]]:
-        watcher = asyncio.ensure_future(follow(6))
-        await asyncio.sleep(0.2)  # subscribed before the changes
+        opened = asyncio.Event()
+        watcher = asyncio.ensure_future(follow(6, opened))
+        # The stream is open; the history it sends first holds whatever came before it subscribed.
+        await asyncio.wait_for(opened.wait(), 10)
         assert (await st._call("POST", f"{st.router.url}/action/sleep/{ENC}"))[0] == 200
         assert (await st._call("POST", f"{st.router.url}/action/wakeup/{ENC}"))[0] == 200
         return await asyncio.wait_for(watcher, 10)

@@ -9,16 +9,14 @@ second rather than ten).
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import openai
 import pytest
 import yaml
-from helpers import distinct_ports, http_status, render
-from supervised import Supervised, alive, wait_for
+from helpers import distinct_ports, http_status, wait_for
+from supervised import Supervised, alive, sim_stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,16 +37,10 @@ def example_with_ports(router_port: int, engine_ports: list[int]) -> dict:
 
 @pytest.fixture
 def example_stack() -> Iterator[tuple[Supervised, dict]]:
-    tmp = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
     router_port, *engine_ports = distinct_ports(3)
     doc = example_with_ports(router_port, engine_ports)
-    stack = Supervised(render(tmp, doc, "--sim"), tmp / "tmux")
-    try:
-        stack.start()
+    with sim_stack(doc) as stack:
         yield stack, doc
-    finally:
-        stack.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_model_serves(client: openai.OpenAI, model: str) -> None:

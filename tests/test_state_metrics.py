@@ -6,8 +6,8 @@ import asyncio
 import urllib.request
 
 import aiohttp
-from helpers import metric_value, post_json
-from router_support import Stack, instance, loop, stack, until  # noqa: F401
+from helpers import metric_value, post_json, wait_for
+from router_support import Stack, instance, loop, stack  # noqa: F401
 
 
 def metrics(url: str) -> str:
@@ -27,7 +27,7 @@ def test_queued_requests_and_the_queue_capacity(stack: Stack) -> None:
                                    for _ in range(3)), return_exceptions=True)
     sent = asyncio.run_coroutine_threadsafe(three(), stack.loop.loop)
     try:
-        assert until(lambda: metric_value(metrics(r.url), "router_model_queued_requests", model="m") == 2, 10)
+        wait_for(lambda: metric_value(metrics(r.url), "router_model_queued_requests", model="m") == 2, 10, "two queued requests")
         assert metric_value(metrics(r.url), "router_in_flight_requests", model="m") == 3
     finally:
         sent.cancel()

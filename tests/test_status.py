@@ -7,22 +7,21 @@ FATAL), naming it with the end of its log; piped output is plain lines;
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
-from helpers import distinct_ports, render
+from helpers import distinct_ports, wait_for
 from rich.console import Console
-from supervised import Supervised, wait_for
+from supervised import give_up_sooner, sim_stack
 
 from router.status.snapshot import RouterView, Row, Snapshot, Source, router_views
 from router.status.view import status_table
@@ -37,17 +36,19 @@ PY = sys.executable
 class Stack:
     """A rendered --sim stack under a real supervisord, and its config for the status tool."""
 
-    def __init__(self, engines: dict[str, int], extra: dict[str, object] | None = None):
-        self.tmp = Path(tempfile.mkdtemp(prefix="kvs", dir="/tmp"))
+    def __init__(self, engines: dict[str, int], extra: dict[str, object] | None = None,
+                 before_start: Callable[[Path], None] | None = None):
         (self.router_port,) = distinct_ports(1)
         doc = {"router": {"router_port": self.router_port, "health_check_interval_seconds": 0.3},
                # Its own tmux session names: render refuses names another stack on this machine uses.
                "tmux_session_prefix": f"kvs{self.router_port}-",
                "instances": [{"name": n, "model": f"m/{n}", "engine": "vllm", "engine_args": [f"--port={p}"]}
                              for n, p in engines.items()], **(extra or {})}
-        self.out = render(self.tmp, doc, "--sim")
-        self.config = self.tmp / "config.yaml"
-        self.supervised = Supervised(self.out, self.tmp / "tmux")
+        self._owned = contextlib.ExitStack()
+        # Not started: some tests start the status tool first, as a deploy script would.
+        self.supervised = self._owned.enter_context(sim_stack(doc, prefix="kvs", start=False, before_start=before_start))
+        self.out = self.supervised.out
+        self.config = self.out.parent / "config.yaml"
 
     def status(self, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PY, "-m", "router.status", "--config", str(self.config), "--out", str(self.out), *flags],
@@ -58,8 +59,7 @@ class Stack:
                                  *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def close(self) -> None:
-        self.supervised.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._owned.close()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def failing() -> Iterator[tuple[Stack, socket.socket]]:
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     squatter.bind(("127.0.0.1", taken))
     squatter.listen()
-    stack = Stack({"good": good, "broken": taken})
+    stack = Stack({"good": good, "broken": taken}, before_start=give_up_sooner)
     try:
         stack.supervised.start()
         yield stack, squatter

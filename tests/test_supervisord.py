@@ -15,8 +15,8 @@ from typing import Iterator
 
 import psutil
 import pytest
-from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_http  # noqa: F401  (fixture)
-from supervised import Supervised, alive, render_cli, wait_for
+from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_for, wait_http  # noqa: F401  (fixture)
+from supervised import Supervised, alive, render_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -187,6 +187,7 @@ exit 1
 """
 
 
+@pytest.mark.slow  # waits out three crash restarts
 def test_launch_delay_is_waited_once_not_on_restarts_after_a_crash(short_tmp: str) -> None:
     tmp = Path(short_tmp)
     venvs = []
@@ -224,6 +225,7 @@ def sessions(stack: Supervised) -> dict[str, str]:
     return dict(line.split("\t") for line in listed.splitlines())
 
 
+@pytest.mark.slow  # two whole stacks
 def test_two_stacks_share_a_tmux_server_and_never_touch_each_others_sessions(short_tmp: str) -> None:
     tmp = Path(short_tmp)
     ports = distinct_ports(6)

@@ -15,12 +15,12 @@ import signal
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
 from fake_kube import FakeKube
-from helpers import PY, Proc, free_port, get_json, post_json, wait_http
+from helpers import PY, Proc, free_port, get_json, post_json, wait_for, wait_http
 from router_support import LoopThread
 
 ROUTERS = {"router-a": "127.0.0.2", "router-b": "127.0.0.3"}
@@ -74,15 +74,14 @@ class Cluster:
 
     def leader(self, timeout: float = 10) -> str:
         """The router both agree leads (waits for an election)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def agreed() -> Optional[str]:
             views = {r: self.cluster(r) for r in ROUTERS if self.procs[r].p.poll() is None}
             leading = [r for r, v in views.items() if v["leading"]]
             if len(leading) == 1 and all(v["leader"] == f"{leading[0]}@{ROUTERS[leading[0]]}:{self.port}"
                                          for v in views.values()):
                 return leading[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no agreed leader: {views}")
+            return None
+        return wait_for(agreed, timeout, "an agreed leader", interval=0.05)
 
     def state(self, router: str, model: str) -> dict[str, Any]:
         return get_json(self.url(router) + "/sleep/status")[1]["models"][model]
@@ -114,15 +113,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         c.close()
 
 
-def until(check: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return bool(check())
-
-
 def test_a_model_slept_through_one_router_is_served_through_the_other(cluster: Cluster) -> None:
     leader = cluster.leader()
     follower = next(r for r in ROUTERS if r != leader)
@@ -139,14 +129,14 @@ def test_a_model_slept_through_one_router_is_served_through_the_other(cluster: C
     # Slept through the leader; the follower hears it from the engine (vLLM's /is_sleeping), then a
     # request through the follower has the leader wake it.
     assert cluster.action(leader, "sleep", VLLM)[0] == 200
-    assert until(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
+    wait_for(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
     assert cluster.complete(follower, VLLM)[0] == 200
     assert cluster.state(leader, VLLM)["wake_count"] == 2 and cluster.state(follower, VLLM)["wake_count"] == 0
     assert not cluster.engine_asleep("v")
 
     # SGLang cannot say whether it sleeps: the follower takes the leader's word for it.
     assert cluster.action(leader, "sleep", SGLANG)[0] == 200
-    assert until(lambda: cluster.state(follower, SGLANG)["state"] == "sleeping")
+    wait_for(lambda: cluster.state(follower, SGLANG)["state"] == "sleeping")
     assert cluster.complete(follower, SGLANG)[0] == 200
     assert cluster.state(leader, SGLANG)["wake_count"] == 1
 
@@ -158,7 +148,7 @@ def test_the_leader_dies_and_the_other_router_takes_over_after_the_lease(cluster
     cluster.procs[leader].stop(signal.SIGKILL)
     killed = time.monotonic()
     # The follower cannot reach the leader: a model it finds asleep gets a 503 naming the leader.
-    assert until(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
+    wait_for(lambda: cluster.state(follower, VLLM)["state"] == "sleeping")
     status, body = cluster.complete(follower, VLLM)
     if status == 503:  # before the Lease ran out: the error says whom it could not ask
         message = body["error"]["message"]

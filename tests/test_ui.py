@@ -8,7 +8,6 @@ at a laptop and a phone width go to the test's tmp_path and /tmp/ui-shots/.
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
 import urllib.error
@@ -20,8 +19,8 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from helpers import free_port
-from router_support import LoopThread, RouterServer, until
+from helpers import free_port, wait_for
+from router_support import LoopThread, RouterServer
 
 from router.config import load_config
 from router.sim import SimEngine, SimOptions
@@ -228,6 +227,7 @@ def test_whoami_asks_the_guard(make_stack):
 
 
 @needs_browser
+@pytest.mark.slow  # a real headless browser
 def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path):
     browser = page
     from selenium.webdriver.common.by import By
@@ -235,9 +235,9 @@ def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path
     st = make_stack()
     viewport(browser, LAPTOP)
     browser.get(st.url + "/ui")
-    assert until(lambda: card_state(browser, SLEEPY) == "awake" and card_state(browser, OTHER) == "awake", 10)
-    assert until(lambda: browser.find_element(By.ID, "role").text == "admin", 5)  # loopback is admin
-    assert until(lambda: browser.find_element(By.ID, "live").text == "live", 5)
+    wait_for(lambda: card_state(browser, SLEEPY) == "awake" and card_state(browser, OTHER) == "awake", 10)
+    wait_for(lambda: browser.find_element(By.ID, "role").text == "admin", 5)  # loopback is admin
+    wait_for(lambda: browser.find_element(By.ID, "live").text == "live", 5)
     assert buttons(browser, SLEEPY) == ["sleep"] and buttons(browser, OTHER) == ["sleep"]
     replicas = card(browser, SLEEPY).find_elements(By.CSS_SELECTOR, "tbody tr")
     assert [r.get_attribute("data-instance") for r in replicas] == ["engine-0"]
@@ -245,15 +245,15 @@ def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path
     # Traffic before the screenshot, so the chart has something to draw.
     for _ in range(3):
         assert st.complete(OTHER) == 200
-    assert until(lambda: card_total(browser, OTHER) == 3, 5)
+    wait_for(lambda: card_total(browser, OTHER) == 3, 5)
 
     card(browser, SLEEPY).find_element(By.CSS_SELECTOR, 'button[data-action="sleep"]').click()
-    assert until(lambda: st.engine_sleeping(SLEEPY), 10), "the click did not put the engine to sleep"
+    wait_for(lambda: st.engine_sleeping(SLEEPY), 10, what="the click to put the engine to sleep")
     asleep_at = time.monotonic()
-    assert until(lambda: card_state(browser, SLEEPY) == "sleeping", 2), "the page did not show the sleep within 2 s"
+    wait_for(lambda: card_state(browser, SLEEPY) == "sleeping", 2, what="the page to show the sleep within 2 s")
     shown_after = time.monotonic() - asleep_at
     assert card_state(browser, OTHER) == "awake" and not st.engine_sleeping(OTHER)
-    assert until(lambda: buttons(browser, SLEEPY) == ["wakeup"], 3)
+    wait_for(lambda: buttons(browser, SLEEPY) == ["wakeup"], 3)
     assert "sleeping" in card(browser, SLEEPY).find_element(By.CSS_SELECTOR, ".badge").text
     screenshot(browser, tmp_path, "laptop-1366x768.png")
 
@@ -261,12 +261,12 @@ def test_dashboard_sleeps_a_model_and_counts_requests(make_stack, page, tmp_path
     before = card_total(browser, SLEEPY)
     assert st.complete(SLEEPY) == 200
     assert not st.engine_sleeping(SLEEPY)
-    assert until(lambda: card_total(browser, SLEEPY) == before + 1, 5), "the request counter did not move"
-    assert until(lambda: card_state(browser, SLEEPY) == "awake", 5)
+    wait_for(lambda: card_total(browser, SLEEPY) == before + 1, 5, what="the request counter to move")
+    wait_for(lambda: card_state(browser, SLEEPY) == "awake", 5)
 
     # The log pane: this router runs without supervisord, so there is no log to follow and it says so.
     card(browser, SLEEPY).find_element(By.CSS_SELECTOR, "tbody button.link").click()
-    assert until(lambda: "logs unavailable" in browser.find_element(By.ID, "log").text, 5)
+    wait_for(lambda: "logs unavailable" in browser.find_element(By.ID, "log").text, 5)
 
     events = browser.find_element(By.ID, "events").text
     assert "sleeping" in events and "waking" in events
@@ -299,6 +299,7 @@ window.EventSource = class extends Original {
 
 
 @needs_browser
+@pytest.mark.slow  # a real headless browser
 def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, page):
     """A headless screenshot (taken when the page has loaded) shows the model cards: they come
     from one fetch of /health/all, drawn before the load event and before the event stream opens."""
@@ -308,7 +309,7 @@ def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, pag
     script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WATCH_FIRST_PICTURE})
     try:
         browser.get(st.url + "/ui")
-        assert until(lambda: browser.execute_script("return window.atStream !== undefined"), 10)
+        wait_for(lambda: browser.execute_script("return window.atStream !== undefined"), 10, "the event stream to open")
         assert browser.execute_script("return window.atLoad") == 2
         assert browser.execute_script("return window.atStream") == {"cards": 2, "fetched": ["/health/all"]}
         assert page_errors(browser) == []
@@ -317,6 +318,7 @@ def test_first_picture_is_drawn_from_one_fetch_by_the_load_event(make_stack, pag
 
 
 @needs_browser
+@pytest.mark.slow  # a real headless browser
 def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser = page
     from selenium.webdriver.common.by import By
@@ -326,24 +328,24 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser.get(st.url + "/ui")
     browser.execute_script("sessionStorage.clear()")
     browser.refresh()
-    assert until(lambda: card_state(browser, SLEEPY) == "awake", 10)
-    assert until(lambda: browser.find_element(By.ID, "key").is_displayed(), 5)
+    wait_for(lambda: card_state(browser, SLEEPY) == "awake", 10)
+    wait_for(lambda: browser.find_element(By.ID, "key").is_displayed(), 5)
     assert browser.find_element(By.ID, "role").text == "viewer"
     assert buttons(browser, SLEEPY) == [] and buttons(browser, OTHER) == []
 
     key = browser.find_element(By.ID, "key")
     key.send_keys("wrong-key")
     browser.find_element(By.ID, "key-use").click()
-    assert until(lambda: "refused" in browser.find_element(By.ID, "notice").text, 5)
+    wait_for(lambda: "refused" in browser.find_element(By.ID, "notice").text, 5)
     assert browser.find_element(By.ID, "role").text == "viewer"
 
     key.send_keys(ADMIN_KEY)
     browser.find_element(By.ID, "key-use").click()
-    assert until(lambda: browser.find_element(By.ID, "role").text == "admin", 5)
-    assert until(lambda: buttons(browser, OTHER) == ["sleep"], 5)
+    wait_for(lambda: browser.find_element(By.ID, "role").text == "admin", 5)
+    wait_for(lambda: buttons(browser, OTHER) == ["sleep"], 5)
     card(browser, OTHER).find_element(By.CSS_SELECTOR, 'button[data-action="sleep"]').click()
-    assert until(lambda: st.engine_sleeping(OTHER), 10), "the admin's click did not sleep the engine"
-    assert until(lambda: card_state(browser, OTHER) == "sleeping", 2)
+    wait_for(lambda: st.engine_sleeping(OTHER), 10, what="the admin's click to sleep the engine")
+    wait_for(lambda: card_state(browser, OTHER) == "sleeping", 2)
     assert browser.execute_script("return sessionStorage.getItem('kvrouter.adminKey')") == ADMIN_KEY
 
     # No /residency on this router: no memory panel, and no start/stop buttons until the routes exist.
@@ -357,6 +359,6 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     assert bars == [["bar", "gpus / 03.0 GiB / 4.0 GiB", "75%"], ["bar over", "host8.4 GiB / 7.5 GiB", "100%"]]
 
     browser.find_element(By.ID, "key-forget").click()
-    assert until(lambda: browser.find_element(By.ID, "role").text == "viewer", 5)
-    assert until(lambda: buttons(browser, OTHER) == [], 5)
+    wait_for(lambda: browser.find_element(By.ID, "role").text == "viewer", 5)
+    wait_for(lambda: buttons(browser, OTHER) == [], 5)
     assert page_errors(browser) == []

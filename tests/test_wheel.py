@@ -24,8 +24,8 @@ from typing import Iterator
 import psutil
 import pytest
 import yaml
-from helpers import distinct_ports, http_status, post_json, refused
-from supervised import Supervised, alive, wait_for
+from helpers import distinct_ports, http_status, post_json, refused, wait_for
+from supervised import Supervised, alive
 from test_stack import example_with_ports
 
 import router

@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,11 +29,8 @@ DEFAULT_CACHE = os.environ.get(
 )
 SKIP_HEADERS = {"date"}  # volatile
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for the suite's one free_port
+from helpers import free_port  # noqa: E402
 
 
 class Recorder:

@@ -32,8 +32,8 @@ REQUIRED = os.environ.get("REAL_VLLM_REQUIRED") == "1"
 try:
     import psutil
     from conftest import ENGINE_START_TIMEOUT, LOG_TAIL, MODEL, SERVED, Stack, http_get, http_post, require_prepared
+    from helpers import wait_for
     from supervised import alive as _alive
-    from supervised import wait_for
 except ImportError as e:  # the test extra is not installed
     if REQUIRED:
         raise
