@@ -23,7 +23,7 @@ DOCS = ROOT / "docs"
 #: The Quick start: exactly these two commands, character for character, in this order.
 RUN_STACK = ("pip install -e . && python -m router.render --config example-config.yaml --sim"
              " && supervisord -c supervisor/supervisord.conf")
-RUN_TESTS = "pip install -e '.[test]' && python -m pytest -q -n 2 -m \"not real_engine\""
+RUN_TESTS = "pip install -e '.[test]' && python -m pytest -q -n 2 -m \"not real_engine and not slow\""
 
 #: `[text](target)` and `![alt](target)`; the target ends at the first space or ')'.
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)[^)]*\)")
