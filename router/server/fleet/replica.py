@@ -126,6 +126,33 @@ class Replica:
     def routable(self, now: float) -> bool:
         return self.health != UNHEALTHY and self.breaker.admits(now) and not self.retired and self.running
 
+    def take_slot(self, now: float) -> None:
+        """One more request on this replica (past an open breaker's time, the half-open trial)."""
+        self.outstanding += 1
+        self.breaker.taken(now)
+
+    def release_slot(self) -> None:
+        """A request ended; a retired replica lets go of its connections with its last one."""
+        self.outstanding -= 1
+        if self.retired and self.outstanding == 0:
+            self.pool.close()
+
+    def count_remote(self, delta: int) -> None:
+        """`delta` more requests in flight to this replica from a proxy worker (its report)."""
+        self.outstanding += delta
+
+    def follow(self, health: str, process: Optional[ProcessState]) -> None:
+        """Take the controller's health and process (a proxy worker's copy; no event: the
+        controller published it)."""
+        self.health = health
+        self.process = process
+
+    def follow_breaker(self, open_until: float, opened_for: float) -> None:
+        """Take the controller's breaker whole (a proxy worker's copy; no event, as above)."""
+        self.breaker.open_until = open_until
+        self.breaker.opened_for = opened_for
+        self.breaker.trial = False
+
     def record_probe(self, ok: bool, settings: RouterSettings) -> None:
         """Apply one probe result: unhealthy after N failures in a row, healthy after M successes.
 
