@@ -165,8 +165,8 @@ class Replica:
             self.fail_streak = 0
             self.ok_streak += 1
             if self.health == UNKNOWN or (self.health == UNHEALTHY and self.ok_streak >= settings.healthy_threshold):
+                self.breaker.success()  # before the event: its followers read the breaker closed
                 self._set_health(HEALTHY)
-                self.breaker.success()
         else:
             self.ok_streak = 0
             self.fail_streak += 1

@@ -160,10 +160,10 @@ class WorkerLinks:
             replica = self.fleet.table.replica(event.instance)
             if replica is None:
                 return
-            if event.kind == "breaker":
-                self.broadcast(BreakerState(replica.name, replica.breaker.open_until, replica.breaker.opened_for))
-            else:
+            if event.kind != "breaker":
                 self.broadcast(ReplicaState(replica.name, replica.health, replica.process))
+            if event.kind != "process":  # a probe that finds it healthy again closes its breaker
+                self.broadcast(BreakerState(replica.name, replica.breaker.open_until, replica.breaker.opened_for))
 
     async def fence(self) -> None:
         """Return once every worker has applied what was sent before and reported its counts."""
