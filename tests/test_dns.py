@@ -134,6 +134,12 @@ def replica_names(url: str) -> list[str]:
     return sorted(r["instance"] for r in report["endpoints"])
 
 
+def workers_serve_the_table(url: str) -> bool:
+    """Every proxy worker has acknowledged the controller's latest table generation (/health/all)."""
+    report = get_json(f"{url}/health/all")[1]
+    return len(report["workers"]) == 2 and all(w["generation"] == report["generation"] for w in report["workers"])
+
+
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_nothing(
         stack: Stack, dns_server: DnsServer, workers: int) -> None:
@@ -164,7 +170,7 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
         events = [e for e in state.events.recent() if e.kind == "dns"]
         assert events[-1].detail["changes"] == {"pool.test": {"added": [], "removed": ["127.0.0.3"]}}
     else:
-        time.sleep(0.5)  # the workers take the controller's new table as it is made; a wide margin for that
+        assert until(lambda: workers_serve_the_table(router.url), 5)  # each worker acknowledged the new table
     served_by_b = len(b.bodies)
     assert burst(8) == [200] * 8
     assert len(b.bodies) == served_by_b and len(a.bodies) >= 8
@@ -173,6 +179,6 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
 
     dns_server.records["pool.test"] = ["127.0.0.2", "127.0.0.3"]  # back
     assert until(lambda: len(replica_names(router.url)) == 2, 5)
-    time.sleep(0.5 if state is None else 0)
+    assert state is not None or until(lambda: workers_serve_the_table(router.url), 5)
     assert burst(8) == [200] * 8
     assert len(b.bodies) > served_by_b
