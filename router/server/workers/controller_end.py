@@ -53,6 +53,7 @@ from router.server.workers.messages import (
     UpstreamFailed,
     Whose,
     WhoseAnswer,
+    Wire,
 )
 
 log = logging.getLogger("router.link")
@@ -86,7 +87,7 @@ class Fleet(Protocol):
 class WorkerLink:
     """The controller's end of one worker's link: what that worker has in flight and leased."""
 
-    def __init__(self, channel: Channel, pid: int = 0):
+    def __init__(self, channel: Wire, pid: int = 0):
         self.channel = channel
         self.pid = pid
         self.counts: dict[str, int] = {}
@@ -193,7 +194,10 @@ class WorkerLinks:
     # -- what comes in
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        channel = Channel(reader, writer)
+        await self.connect(Channel(reader, writer))
+
+    async def connect(self, channel: Wire) -> None:
+        """Serve a worker that speaks this protocol, until it goes away; refuse any other."""
         hello = await channel.receive()
         if not isinstance(hello, Hello) or hello.protocol != PROTOCOL:
             said = f"protocol {hello.protocol}" if isinstance(hello, Hello) else f"{type(hello).__name__}"
@@ -206,7 +210,6 @@ class WorkerLinks:
         await self.run(WorkerLink(channel, hello.pid))
 
     async def run(self, link: WorkerLink) -> None:
-        """Serve one worker's link until it goes away (in tests, over an in-memory channel)."""
         if not self._serving:  # the first worker serves once it has the table sent below
             self._serving = True
             self.begin_serving()

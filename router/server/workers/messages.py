@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Protocol, Union
 
 from router.config import Config
 from router.supervision.processes import ProcessState
@@ -237,6 +237,16 @@ ToController = Union[Hello, Applied, Report, Fenced, Ready, Lease, Unlease, Brea
 Message = Union[ToWorker, ToController]
 
 HEADER = struct.Struct("!I")
+
+
+class Wire(Protocol):
+    """What either end needs of its link: `Channel` over the unix socket, or an in-memory pair in tests."""
+
+    def send(self, message: Message) -> None: ...
+
+    async def receive(self) -> Optional[Message]: ...
+
+    def close(self) -> None: ...
 
 
 class Channel:

@@ -54,6 +54,7 @@ from router.server.workers.messages import (
     UpstreamFailed,
     Whose,
     WhoseAnswer,
+    Wire,
 )
 
 log = logging.getLogger("router.link")
@@ -64,7 +65,7 @@ T = TypeVar("T")
 class ControllerLink:
     """A worker's end: applies the controller's changes to its view and reports what it admits."""
 
-    def __init__(self, channel: Channel, on_table: Callable[[Table], None],
+    def __init__(self, channel: Wire, on_table: Callable[[Table], None],
                  model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[ReplicaState], None],
                  breaker_changed: Callable[[BreakerState], None], owner: Callable[[Owner], None]):
         self.channel = channel
