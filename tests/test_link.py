@@ -11,7 +11,7 @@ from router_support import config_from, instance
 
 from router.server.state import RouterState
 from router.server.workers import worker_end as link_module
-from router.server.workers.messages import REPORT_SECONDS, Report, RequestDone
+from router.server.workers.messages import REPORT_SECONDS, Report
 from router.server.workers.worker import WorkerApp
 from router.server.workers.worker_end import ControllerLink
 
@@ -59,14 +59,14 @@ def test_records_reach_the_controller_in_one_report_even_when_the_loop_is_late(
         link = make_link(channel)
         monkeypatch.setattr(link_module.asyncio, "get_running_loop", lambda: LateClock(running(), lag))
         for i in range(3):
-            link.record(RequestDone("m", 200, 0.01 * i, 0.001, False))
+            link.finished("m", 200, 0.01 * i, 0.001, False)
         monkeypatch.undo()
         assert channel.sent == []
         await asyncio.sleep(REPORT_SECONDS + 0.05)
         assert len(channel.sent) == 1
         report = channel.sent[0]
         assert isinstance(report, Report) and report.counts == {} and report.outstanding == {}
-        assert [r.seconds for r in report.records] == [0.0, 0.01, 0.02]
+        assert [r[2] for r in report.done] == [0.0, 0.01, 0.02]
 
     uvloop.run(scenario())
 

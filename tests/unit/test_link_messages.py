@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, TypeVar
@@ -21,7 +20,7 @@ from router.server.fleet.models import NoReplica, Overloaded
 from router.server.fleet.replica import Replica
 from router.server.state import RouterState
 from router.server.workers.controller_end import WorkerLinks
-from router.server.workers.messages import PROTOCOL, Hello, Lease, Message, Refused, Report, Unlease
+from router.server.workers.messages import KINDS, PROTOCOL, Hello, Lease, Message, Refused, Report, Unlease, decode, encode
 from router.server.workers.worker import WorkerState
 from router.server.workers.worker_end import ControllerLink, LeasedModel
 
@@ -29,7 +28,7 @@ T = TypeVar("T")
 
 
 class End:
-    """One end of an in-memory link: what it sends is pickled, as on the wire, and read by the other."""
+    """One end of an in-memory link: what it sends is encoded as on the wire, and read by the other."""
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[Optional[Message]] = asyncio.Queue()
@@ -42,7 +41,7 @@ class End:
         if self.closed or self.peer.closed:
             return
         self.sent.append(message)
-        self.peer.inbox.put_nowait(pickle.loads(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+        self.peer.inbox.put_nowait(decode(encode(message)))
 
     async def receive(self) -> Optional[Message]:
         return await self.inbox.get()
@@ -274,3 +273,17 @@ def test_a_worker_of_another_protocol_is_refused_with_a_clear_log_line(
             task.cancel()
 
     run(tmp_path, [instance("m", 1)], scenario)
+
+
+def test_every_kind_crosses_the_wire_whole_as_a_plain_tuple() -> None:
+    """Each kind is sent as its number and fields (a NamedTuple pickles ten times slower), and read
+    back as the same kind with the same fields."""
+    samples = {kind: kind._make(range(len(kind._fields))) for kind in KINDS}  # type: ignore[attr-defined]
+    assert len(samples) == len(KINDS) == len(set(KINDS))
+    for kind, message in samples.items():
+        data = encode(message)
+        assert kind.__name__.encode() not in data
+        back = decode(data)
+        assert type(back) is kind and back == message
+    report = Report({"m": 1}, {"m-1": 1}, [("m", 200, 0.5, 0.1, True)], [("m", "503")], [])
+    assert decode(encode(report)) == report and b"Report" not in encode(report)

@@ -40,17 +40,13 @@ from router.server.workers.messages import (
     Owner,
     Ready,
     ReadyAnswer,
-    Record,
     Refused,
     ReplicaState,
     Report,
-    RequestDone,
-    Retried,
     Sync,
     Synced,
     Table,
     Unlease,
-    UpstreamFailed,
     Whose,
     WhoseAnswer,
     Wire,
@@ -245,7 +241,7 @@ class WorkerLinks:
         match message:
             case Report():
                 self._apply_counts(link, message.counts, message.outstanding)
-                self._records(message.records)
+                self._records(message)
             case Unlease():
                 lease = link.leases.pop(message.request, None)
                 if lease is not None:
@@ -370,21 +366,22 @@ class WorkerLinks:
         found = await self.fleet.owners.find(message.response_id)
         link.channel.send(WhoseAnswer(message.request, None if found is None else (found.model.name, found.replica.name)))
 
-    def _records(self, records: list[Record]) -> None:
+    def _records(self, report: Report) -> None:
         table = self.fleet.table
         traffic = self.fleet.traffic
-        for record in records:
-            model = table.get(record.model)
-            if model is None:
-                continue
-            match record:
-                case RequestDone():
-                    model.metrics.observe(record.status, record.seconds, record.ttfb)
-                    traffic.record(record.model, record.status, record.seconds, record.ttfb, record.stream)
-                case Retried():
-                    model.metrics.retry(record.reason)
-                case UpstreamFailed():
-                    model.metrics.upstream_error(record.kind)
+        for name, status, seconds, ttfb, stream in report.done:
+            model = table.get(name)
+            if model is not None:
+                model.metrics.observe(status, seconds, ttfb)
+                traffic.record(name, status, seconds, ttfb, stream)
+        for name, reason in report.retries:
+            model = table.get(name)
+            if model is not None:
+                model.metrics.retry(reason)
+        for name, kind in report.errors:
+            model = table.get(name)
+            if model is not None:
+                model.metrics.upstream_error(kind)
 
     def _owner(self, link: WorkerLink, message: Owner) -> None:
         model = self.fleet.table.get(message.model)

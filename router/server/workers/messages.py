@@ -32,7 +32,7 @@ slots of a model with no limit          workers     merged: each worker picks lo
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
 drain)                                              REPORT_SECONDS); a fence (`Fence`/`Fenced`) makes
                                                     them exact before a drain
-finished requests (metrics, traffic)    workers     merged: `Report.records`
+finished requests (metrics, traffic)    workers     merged: `Report.done`, `.retries`, `.errors`
 which replica made a stored response    workers     merged, then pushed: `Owner` up, relayed to the
                                                     others; `Whose` asks after fencing every worker
 ======================================  ==========  ====================================================
@@ -46,8 +46,10 @@ nothing more on its own) and flushed its counts, so the controller then knows
 every request in flight. A worker asking `Ready` is admitted by its link reader
 the moment the answer arrives, before any later state change is read.
 
-The types are NamedTuples: they pickle as a class reference and a tuple, about
-as fast as the plain tuples they replace, and unpickle with their fields named.
+The types are NamedTuples, sent as plain tuples led by the kind's number
+(`encode`, `decode`): pickle saves a NamedTuple through a Python-level reduce,
+about ten times slower than a plain tuple, and the per-request path must not
+pay for the names.
 """
 from __future__ import annotations
 
@@ -73,27 +75,11 @@ FENCE_TIMEOUT_SECONDS = 10.0
 
 # ----------------------------------------------------------------------------- records
 
-
-class RequestDone(NamedTuple):
-    """A request a worker finished, for the controller's metrics and traffic."""
-    model: str
-    status: int
-    seconds: float
-    ttfb: Optional[float]
-    stream: bool
-
-
-class Retried(NamedTuple):
-    model: str
-    reason: str
-
-
-class UpstreamFailed(NamedTuple):
-    model: str
-    kind: str
-
-
-Record = Union[RequestDone, Retried, UpstreamFailed]
+#: A request a worker finished, for the controller's metrics and traffic:
+#: (model, status, seconds, seconds to the first byte, stream).
+Done = tuple[str, int, float, Optional[float], bool]
+#: (model, why): a retry's reason, or an engine failure's kind.
+Note = tuple[str, str]
 
 
 # ----------------------------------------------------------------------------- controller -> worker
@@ -177,10 +163,13 @@ class Applied(NamedTuple):
 
 
 class Report(NamedTuple):
-    """Counts that changed (absolute) and finished requests."""
+    """Counts that changed (absolute), finished requests, retries and engine failures. The records
+    are plain tuples: one per request, they are most of what crosses the link."""
     counts: dict[str, int]
     outstanding: dict[str, int]
-    records: list[Record]
+    done: list[Done]
+    retries: list[Note]
+    errors: list[Note]
 
 
 class Fenced(NamedTuple):
@@ -236,6 +225,24 @@ ToWorker = Union[Refused, Table, ModelState, ReplicaState, BreakerState, Fence, 
 ToController = Union[Hello, Applied, Report, Fenced, Ready, Lease, Unlease, BreakerOutcome, Sync, Whose, Owner]
 Message = Union[ToWorker, ToController]
 
+#: Every kind, in the order of its number on the wire (append only; a change bumps PROTOCOL).
+KINDS: tuple[type[Message], ...] = (Hello, Refused, Table, Applied, ModelState, ReplicaState, BreakerState, Fence,
+                                    Fenced, Report, Ready, ReadyAnswer, Lease, Leased, Unlease, BreakerOutcome, Sync,
+                                    Synced, Whose, WhoseAnswer, Owner)
+_NUMBER = {kind: number for number, kind in enumerate(KINDS)}
+_new = tuple.__new__
+
+
+def encode(message: Message) -> bytes:
+    return pickle.dumps((_NUMBER[type(message)], *message), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> Message:
+    fields = pickle.loads(data)
+    message: Message = _new(KINDS[fields[0]], fields[1:])
+    return message
+
+
 HEADER = struct.Struct("!I")
 
 
@@ -257,15 +264,14 @@ class Channel:
         self.writer = writer
 
     def send(self, message: Message) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode(message)
         self.writer.write(HEADER.pack(len(data)) + data)
 
     async def receive(self) -> Optional[Message]:
         """The next message, or None when the other end has gone."""
         try:
             size = HEADER.unpack(await self.reader.readexactly(HEADER.size))[0]
-            message: Message = pickle.loads(await self.reader.readexactly(size))
-            return message
+            return decode(await self.reader.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
 

@@ -29,6 +29,7 @@ from router.server.workers.messages import (
     BreakerOutcome,
     BreakerState,
     Channel,
+    Done,
     Fence,
     Fenced,
     Hello,
@@ -36,22 +37,19 @@ from router.server.workers.messages import (
     Leased,
     Message,
     ModelState,
+    Note,
     Owner,
     Ready,
     ReadyAnswer,
-    Record,
     Refused,
     ReplicaState,
     Report,
-    RequestDone,
-    Retried,
     Sync,
     Synced,
     Table,
     ToController,
     ToWorker,
     Unlease,
-    UpstreamFailed,
     Whose,
     WhoseAnswer,
     Wire,
@@ -80,7 +78,9 @@ class ControllerLink:
         self._dirty: set[LifecycleView] = set()
         self._report: Optional[asyncio.Handle] = None
         self._report_due = 0.0
-        self.records: list[Record] = []
+        self.done: list[Done] = []
+        self.retries: list[Note] = []
+        self.errors: list[Note] = []
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
 
@@ -241,9 +241,17 @@ class ControllerLink:
         self._dirty.add(lc)
         self._schedule(REPORT_SECONDS if (lc.in_flight == 0) != (lc.reported == 0) else COUNTS_SECONDS)
 
-    def record(self, item: Record) -> None:
+    def finished(self, model: str, status: int, seconds: float, ttfb: Optional[float], stream: bool) -> None:
         """Keep what a request did; it reaches the controller within REPORT_SECONDS, with the others."""
-        self.records.append(item)
+        self.done.append((model, status, seconds, ttfb, stream))
+        self._schedule(REPORT_SECONDS)
+
+    def retried(self, model: str, reason: str) -> None:
+        self.retries.append((model, reason))
+        self._schedule(REPORT_SECONDS)
+
+    def upstream_failed(self, model: str, kind: str) -> None:
+        self.errors.append((model, kind))
         self._schedule(REPORT_SECONDS)
 
     def _schedule(self, delay: float) -> None:
@@ -266,7 +274,7 @@ class ControllerLink:
         if self._report is not None:
             self._report.cancel()
             self._report = None
-        if not self._dirty and not self.records:
+        if not (self._dirty or self.done or self.retries or self.errors):
             return
         counts = {}
         outstanding = {}
@@ -277,8 +285,9 @@ class ControllerLink:
                 for r in members:
                     outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        records, self.records = self.records, []
-        self.channel.send(Report(counts, outstanding, records))
+        report = Report(counts, outstanding, self.done, self.retries, self.errors)
+        self.done, self.retries, self.errors = [], [], []
+        self.channel.send(report)
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
         self.channel.send(Owner(response_id, model, instance))
@@ -375,7 +384,7 @@ class RelayedTraffic(Traffic):
         self._link = link
 
     def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool) -> None:
-        self._link.record(RequestDone(model, status, latency_s, ttfb_s, stream))
+        self._link.finished(model, status, latency_s, ttfb_s, stream)
 
 
 class RelayedMetrics(ModelMetrics):
@@ -392,7 +401,7 @@ class RelayedMetrics(ModelMetrics):
         return None
 
     def retry(self, reason: str) -> None:
-        self._link.record(Retried(self.model, reason))
+        self._link.retried(self.model, reason)
 
     def upstream_error(self, kind: str) -> None:
-        self._link.record(UpstreamFailed(self.model, kind))
+        self._link.upstream_failed(self.model, kind)
