@@ -257,15 +257,26 @@ class Wire(Protocol):
 
 
 class Channel:
-    """Framed pickles over one stream; `send` writes at once (no await), so order is kept."""
+    """Framed messages over one stream. `send` queues at once (no await), so order is kept; what is
+    sent in one turn of the loop leaves in one write (under load, many requests' messages share a
+    system call)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
+        self._pending: list[bytes] = []
 
     def send(self, message: Message) -> None:
         data = encode(message)
-        self.writer.write(HEADER.pack(len(data)) + data)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.write)
+        self._pending.append(HEADER.pack(len(data)))
+        self._pending.append(data)
+
+    def write(self) -> None:
+        if self._pending:
+            self.writer.write(b"".join(self._pending))
+            self._pending.clear()
 
     async def receive(self) -> Optional[Message]:
         """The next message, or None when the other end has gone."""
@@ -276,4 +287,5 @@ class Channel:
             return None
 
     def close(self) -> None:
+        self.write()
         self.writer.close()

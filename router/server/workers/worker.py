@@ -231,13 +231,16 @@ class WorkerApp:
                 return
 
     async def start(self) -> None:
-        first: asyncio.Future[Table] = asyncio.get_running_loop().create_future()
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def on_table(message: Table) -> None:
+            # Built here, as the link reads the table: the changes after it find the state, and the
+            # generation the link then acknowledges is the one this worker serves.
             if self.state is None:
-                first.set_result(message)
-            else:
-                self.state.apply_table(message)
+                self.state = WorkerState(link, message.config)
+                self.router = RouterApp(self.state, self.controller)
+                first.set_result(None)
+            self.state.apply_table(message)
 
         def lifecycle(name: str) -> Optional[Lifecycle]:
             return self.state.lifecycle(name) if self.state is not None else None
@@ -254,11 +257,8 @@ class WorkerApp:
             if not first.done():
                 first.set_exception(RuntimeError(link.refused or "the router's controller went away"))
         follow.add_done_callback(gone)
-        message = await asyncio.wait_for(first, 30)
-        self.state = WorkerState(link, message.config)
-        self.state.apply_table(message)
+        await asyncio.wait_for(first, 30)
         self.controller.open()
-        self.router = RouterApp(self.state, self.controller)
 
     async def _follow(self, link: ControllerLink) -> None:
         await link.run()

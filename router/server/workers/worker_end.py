@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Coroutine, Optional, TypeVar
 
 from router.config import SleepSettings
 from router.observe.events import Event
@@ -318,9 +318,11 @@ class LeasedModel(Model):
         super().reconfigure(replicas, settings, retry_after, start_timeout)
         self.leased = leased(replicas)
 
-    async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Replica:
-        if not self.leased:
-            return await super().acquire(now, exclude, queue_timeout)
+    def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Coroutine[object, object, Replica]:
+        # Not a coroutine itself: an unlimited model's request pays no extra frame.
+        return self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout)
+
+    async def _leased(self, exclude: tuple[Replica, ...]) -> Replica:
         lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude))
         replica = next((r for r in self.replicas if r.name == instance), None)
         if replica is None:  # a reload replaced it while the answer was on its way
