@@ -21,12 +21,16 @@ replica breaker                         controller  merged, then pushed: a worke
                                                     up at once (`BreakerOutcome`); the controller
                                                     applies it to its own breaker and pushes the result
                                                     to every worker (`BreakerState`), within
-                                                    milliseconds
+                                                    milliseconds. Past its open time each worker's
+                                                    copy lets one half-open trial go (N at most)
 slots and wait queue of a model with    controller  leased: a worker asks `Lease` per request, the
 a max_concurrency (every replica)                   controller picks from its one FIFO queue (bounded
                                                     by max_queue) and answers `Leased`; the worker
                                                     gives the slot back with `Unlease`. A worker's
-                                                    leases end with its link.
+                                                    leases end with its link. A request bound to one
+                                                    replica (a stored response's follow-up) cannot
+                                                    wait for another: its `Lease` names it (`pin`),
+                                                    and is counted without an answer
 slots of a model with no limit          workers     merged: each worker picks locally (no message) and
 (`outstanding`)                                     reports its counts (`Report`); the controller sums
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
