@@ -152,7 +152,7 @@ class NoPlacement:
 
 class Peers(Protocol):
     """Other processes that admit requests for this model on their own while it is awake (proxy
-    workers, router/server/workers/worker_end.py). Asked after the model leaves AWAKE, before in-flight counts
+    workers, router/server/workers/link.py). Asked after the model leaves AWAKE, before in-flight counts
     are trusted: returns once every peer has seen the new state and reported what it has in flight."""
 
     async def fence(self) -> None: ...
@@ -244,7 +244,7 @@ class Lifecycle:
         self.count(-1)
 
     def count(self, delta: int) -> None:
-        """`delta` more requests in flight (here or, from router/server/workers/worker_end.py, in a proxy worker);
+        """`delta` more requests in flight (here or, from router/server/workers/link.py, in a proxy worker);
         fewer means some ended now."""
         self.in_flight += delta
         if delta < 0:
