@@ -131,12 +131,6 @@ class Replica:
         self.outstanding += 1
         self.breaker.taken(now)
 
-    def release_slot(self) -> None:
-        """A request ended; a retired replica lets go of its connections with its last one."""
-        self.outstanding -= 1
-        if self.retired and self.outstanding == 0:
-            self.pool.close()
-
     def count_remote(self, delta: int) -> None:
         """`delta` more requests in flight to this replica from a proxy worker (its report)."""
         self.outstanding += delta
