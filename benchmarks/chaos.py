@@ -86,6 +86,8 @@ FD_SPAN = 3.0
 #: Seconds after a router process starts before its samples count (its pools fill first).
 FD_WARMUP = 3.0
 
+#: What a proxy worker answers (503) to a request that was waiting on its controller when the controller died.
+CONTROLLER_GONE = "the router's controller went away"
 CLASS_KILL = "in flight at a kill"
 CLASS_DOWN = "refused/connection error while the router was down"
 CLASS_OTHER = "other"
@@ -512,6 +514,8 @@ def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> 
             if ENGINES[f.target][0] == r.model and r.got_status:
                 return CLASS_KILL, f  # the router answered: the engine it was sent to died under it
             continue
+        if f.kind == "router_kill" and r.start <= f.injected and r.what == "503" and CONTROLLER_GONE in r.detail:
+            return CLASS_KILL, f  # with --workers: a proxy worker answered for its controller, killed mid-request
         if r.got_status and r.what.isdigit():
             continue  # a router that answers with an HTTP error is no gap of the router's
         if f.kind == "router_kill" and r.start <= f.injected:
