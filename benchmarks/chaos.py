@@ -514,8 +514,10 @@ def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> 
             if ENGINES[f.target][0] == r.model and r.got_status:
                 return CLASS_KILL, f  # the router answered: the engine it was sent to died under it
             continue
-        if f.kind == "router_kill" and r.start <= f.injected and r.what == "503" and CONTROLLER_GONE in r.detail:
-            return CLASS_KILL, f  # with --workers: a proxy worker answered for its controller, killed mid-request
+        if f.kind == "router_kill" and r.what == "503" and CONTROLLER_GONE in r.detail:
+            # With --workers: a proxy worker answered for its killed controller, which the request
+            # was waiting on (a start, a wake, a slot), or which was already down when it came.
+            return (CLASS_KILL if r.start <= f.injected else CLASS_DOWN), f
         if r.got_status and r.what.isdigit():
             continue  # a router that answers with an HTTP error is no gap of the router's
         if f.kind == "router_kill" and r.start <= f.injected:
