@@ -86,6 +86,8 @@ FD_SPAN = 3.0
 #: Seconds after a router process starts before its samples count (its pools fill first).
 FD_WARMUP = 3.0
 
+#: What a proxy worker answers (503) to a request that was waiting on its controller when the controller died.
+CONTROLLER_GONE = "the router's controller went away"
 CLASS_KILL = "in flight at a kill"
 CLASS_DOWN = "refused/connection error while the router was down"
 CLASS_OTHER = "other"
@@ -96,9 +98,10 @@ CLASS_CORRUPT = "corrupted answer"
 # The stack
 
 
-def stack_config(router_port: int, ports: dict[str, int], variant: int = 0) -> dict[str, Any]:
+def stack_config(router_port: int, ports: dict[str, int], variant: int = 0, workers: int = 1) -> dict[str, Any]:
     """The YAML (as JSON) of the stack; `variant` is what reload and apply edit: an alias and a
-    replica's max_concurrency (which replaces that replica with a fresh one)."""
+    replica's max_concurrency (which replaces that replica with a fresh one). `workers` > 1 runs the
+    router as a controller and that many proxy workers."""
     instances = []
     for name, (model, sim, keys) in ENGINES.items():
         inst: dict[str, Any] = {"name": name, "model": model, "engine": "vllm", "sim_args": [sim], **keys,
@@ -113,7 +116,7 @@ def stack_config(router_port: int, ports: dict[str, int], variant: int = 0) -> d
     return {
         "router": {"router_port": router_port, "health_check_interval_seconds": 0.5, "eject_seconds": 1,
                    "connect_timeout_seconds": 2, "request_timeout_seconds": 30, "stream_idle_timeout_seconds": 10,
-                   "shutdown_grace_seconds": 5},
+                   "shutdown_grace_seconds": 5, "workers": workers},
         "sleep_manager": {"auto_sleep_enabled": True, "idle_threshold_seconds": 2, "check_interval_seconds": 0.5,
                           "min_sleep_duration": 3, "wake_timeout_seconds": 20, "drain_timeout_seconds": 10},
         "instances": instances,
@@ -123,13 +126,14 @@ def stack_config(router_port: int, ports: dict[str, int], variant: int = 0) -> d
 class Stack:
     """The rendered stack under supervisord, and what the soak asks of it."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, workers: int = 1):
         self.tmp = tmp
+        self.workers = workers
         self.router_port, *engine_ports = distinct_ports(1 + len(ENGINES))
         self.ports = dict(zip(ENGINES, engine_ports))
         self.url = f"http://127.0.0.1:{self.router_port}"
         self.variant = 0
-        self.out = render(tmp, stack_config(self.router_port, self.ports), "--sim")
+        self.out = render(tmp, stack_config(self.router_port, self.ports, workers=workers), "--sim")
         self.config = tmp / "config.yaml"
         self.sup = Supervised(self.out, tmp / "tmux", watch=2.0)
 
@@ -189,7 +193,7 @@ class Stack:
     def edit(self) -> None:
         """Write the next variant of the YAML (an alias and a replica's max_concurrency change)."""
         self.variant += 1
-        self.config.write_text(json.dumps(stack_config(self.router_port, self.ports, self.variant)))
+        self.config.write_text(json.dumps(stack_config(self.router_port, self.ports, self.variant, self.workers)))
 
 
 # --------------------------------------------------------------------------
@@ -456,8 +460,9 @@ class RouterWatch:
                 return
             proc = psutil.Process(info["pid"])
             created = proc.create_time()
-            with proc.oneshot():
-                s = Sample(time.monotonic(), proc.memory_info().rss, proc.num_fds())
+            # With proxy workers, the controller and its workers together (they end with it).
+            tree = [proc, *proc.children(recursive=True)]
+            s = Sample(time.monotonic(), sum(p.memory_info().rss for p in tree), sum(p.num_fds() for p in tree))
         except (OSError, psutil.Error):
             return  # between a kill and the restart
         self.lives.setdefault((proc.pid, created), RouterLife(proc.pid, created)).samples.append(s)
@@ -509,6 +514,10 @@ def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> 
             if ENGINES[f.target][0] == r.model and r.got_status:
                 return CLASS_KILL, f  # the router answered: the engine it was sent to died under it
             continue
+        if f.kind == "router_kill" and r.what == "503" and CONTROLLER_GONE in r.detail:
+            # With --workers: a proxy worker answered for its killed controller, which the request
+            # was waiting on (a start, a wake, a slot), or which was already down when it came.
+            return (CLASS_KILL if r.start <= f.injected else CLASS_DOWN), f
         if r.got_status and r.what.isdigit():
             continue  # a router that answers with an HTTP error is no gap of the router's
         if f.kind == "router_kill" and r.start <= f.injected:
@@ -615,9 +624,9 @@ def table(rep: Report) -> str:
 
 
 @contextlib.contextmanager
-def running_stack(keep: bool) -> Iterator[Stack]:
+def running_stack(keep: bool, workers: int = 1) -> Iterator[Stack]:
     tmp = Path(tempfile.mkdtemp(prefix="kvrchaos", dir="/tmp"))  # short: unix socket paths
-    stack = Stack(tmp)
+    stack = Stack(tmp, workers)
     try:
         stack.start()
         yield stack
@@ -669,11 +678,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--margin", type=float, default=1.0, help="seconds a fault's window lasts past its recovery")
     p.add_argument("--fd-bound", type=int, default=16, help="most descriptors a router process may gain")
     p.add_argument("--keep-logs", action="store_true", help="keep the stack's folder and logs")
+    p.add_argument("--workers", type=int, default=1,
+                   help="router.workers: above 1, the router is a controller and that many proxy workers")
     args = p.parse_args(argv)
     kinds = tuple(k for k in args.faults.split(",") if k)
     if not kinds or set(kinds) - set(FAULT_KINDS):
         p.error(f"--faults: choose from {', '.join(FAULT_KINDS)}")
-    with running_stack(args.keep_logs) as stack:
+    if args.workers < 1:
+        p.error("--workers: 1 (one process) or more (a controller and that many proxy workers)")
+    with running_stack(args.keep_logs, args.workers) as stack:
         rep = asyncio.run(soak(stack, args.minutes * 60, args.seed, args.clients, args.interval, kinds,
                                args.margin, args.fd_bound))
     print(table(rep))

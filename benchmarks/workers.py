@@ -1,4 +1,4 @@
-"""What proxy workers cost: ``python benchmarks/workers.py [--workers N] [--quick]``.
+"""What proxy workers cost: ``python benchmarks/workers.py [--workers N] [--quick] [--max-concurrency N]``.
 
 Runs the router twice side by side on the same simulated engines: one process
 (``router.workers: 1``) and a controller with N proxy workers (``router.workers:
@@ -64,10 +64,12 @@ class Routers:
 
 
 @contextlib.contextmanager
-def routers(tmp: Path, workers: int) -> Iterator[Routers]:
+def routers(tmp: Path, workers: int, limit: int = 0) -> Iterator[Routers]:
     ports = {name: free_port() for name in SIMS}
+    # A limit, even one never reached, makes the workers lease every slot from the controller.
+    cap = f"max_concurrency: {limit}, max_queue: {limit}, " if limit else ""
     instances = "\n".join(f"  - {{name: {n}, model: {n}, engine: vllm, launch: false, engine_env: ['VLLM_SERVER_DEV_MODE=1'], "
-                          f"engine_args: ['--port {p} --enable-sleep-mode']}}" for n, p in ports.items())
+                          f"{cap}engine_args: ['--port {p} --enable-sleep-mode']}}" for n, p in ports.items())
     procs: list[subprocess.Popen] = []
     urls = {}
     try:
@@ -139,8 +141,12 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/workers.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2, help="proxy workers of the second router (default 2)")
     p.add_argument("--quick", action="store_true", help="half-length phases")
+    p.add_argument("--max-concurrency", type=int, default=0,
+                   help="give every instance this max_concurrency (and max_queue): the workers then lease each "
+                        "slot from the controller; above the load's concurrency (500) it never binds")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kvr-workers-") as d, routers(Path(d), args.workers) as rt:
+    with tempfile.TemporaryDirectory(prefix="kvr-workers-") as d, \
+            routers(Path(d), args.workers, args.max_concurrency) as rt:
         rows = uvloop.run(measure(rt, args.quick, args.workers))
     print(f"proxy workers: CPU per unit of work, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     for label, value, unit in rows:

@@ -134,6 +134,12 @@ def replica_names(url: str) -> list[str]:
     return sorted(r["instance"] for r in report["endpoints"])
 
 
+def workers_serve_the_table(url: str) -> bool:
+    """Every proxy worker has acknowledged the controller's latest table generation (/health/all)."""
+    report = get_json(f"{url}/health/all")[1]
+    return len(report["workers"]) == 2 and all(w["generation"] == report["generation"] for w in report["workers"])
+
+
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_nothing(
         stack: Stack, dns_server: DnsServer, workers: int) -> None:
@@ -164,10 +170,7 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
         events = [e for e in state.events.recent() if e.kind == "dns"]
         assert events[-1].detail["changes"] == {"pool.test": {"added": [], "removed": ["127.0.0.3"]}}
     else:
-        # The workers take the controller's new table as it is made. Nothing shows yet which table a worker
-        # serves (issue 21 adds an acknowledged generation to wait on), so a wide margin: proving that a
-        # removed address gets nothing needs the workers to have the new table before the burst.
-        time.sleep(0.5)
+        wait_for(lambda: workers_serve_the_table(router.url), 5, "each worker to acknowledge the new table")
     served_by_b = len(b.bodies)
     assert burst(8) == [200] * 8
     assert len(b.bodies) == served_by_b and len(a.bodies) >= 8
@@ -176,9 +179,7 @@ def test_a_dns_name_with_two_addresses_is_balanced_and_a_removed_address_gets_no
 
     dns_server.records["pool.test"] = ["127.0.0.2", "127.0.0.3"]  # back
     wait_for(lambda: len(replica_names(router.url)) == 2, 5)
-
-    def b_served() -> bool:
-        assert burst(8) == [200] * 8
-        return len(b.bodies) > served_by_b
-    # Served again (with workers, once they take the new table): bursts until one reaches it.
-    wait_for(b_served, 5, "the address that came back to be served")
+    if state is None:
+        wait_for(lambda: workers_serve_the_table(router.url), 5, "each worker to acknowledge the new table")
+    assert burst(8) == [200] * 8
+    assert len(b.bodies) > served_by_b

@@ -11,18 +11,19 @@ from helpers import wait_for_async
 from router_support import config_from, instance
 
 from router.server.state import RouterState
-from router.server.workers import link as link_module
-from router.server.workers.link import REPORT_SECONDS, REQUEST, ControllerLink
+from router.server.workers import worker_end as link_module
+from router.server.workers.messages import REPORT_SECONDS, Report
 from router.server.workers.worker import WorkerApp
+from router.server.workers.worker_end import ControllerLink
 
 
 class SentMessages:
     """Stands in for the link's channel: keeps what would have gone to the controller."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[Any, ...]] = []
+        self.sent: list[Any] = []
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: Any) -> None:
         self.sent.append(message)
 
 
@@ -43,7 +44,7 @@ class LateClock:
 
 def make_link(channel: SentMessages) -> ControllerLink:
     return ControllerLink(channel, on_table=lambda m: None, model=lambda name: None,  # type: ignore[arg-type]
-                          replica_changed=lambda *a: None, owner=lambda *a: None)
+                          replica_changed=lambda m: None, breaker_changed=lambda m: None, owner=lambda m: None)
 
 
 @pytest.mark.parametrize("lag", [0.0, REPORT_SECONDS - 0.0002])
@@ -59,14 +60,14 @@ def test_records_reach_the_controller_in_one_report_even_when_the_loop_is_late(
         link = make_link(channel)
         monkeypatch.setattr(link_module.asyncio, "get_running_loop", lambda: LateClock(running(), lag))
         for i in range(3):
-            link.record((REQUEST, "m", 200, 0.01 * i, 0.001, False))
+            link.finished("m", 200, 0.01 * i, 0.001, False)
         monkeypatch.undo()
         assert channel.sent == []
         await wait_for_async(lambda: channel.sent, 2, "the report")
         assert len(channel.sent) == 1
-        kind, counts, outstanding, records = channel.sent[0]
-        assert kind == "report" and counts == {} and outstanding == {}
-        assert [r[3] for r in records] == [0.0, 0.01, 0.02]
+        report = channel.sent[0]
+        assert isinstance(report, Report) and report.counts == {} and report.outstanding == {}
+        assert [r[2] for r in report.done] == [0.0, 0.01, 0.02]
 
     uvloop.run(scenario())
 

@@ -102,7 +102,7 @@ class Events:
 
     def listen(self, listener: Callable[[Event], None]) -> None:
         """Call `listener` with every event as it is published, before `publish` returns: for
-        followers that must see changes in the order they happened (router/server/workers/link.py)."""
+        followers that must see changes in the order they happened (router/server/workers/controller_end.py)."""
         self._listeners.append(listener)
 
     def subscribe(self) -> Subscription:

@@ -32,7 +32,7 @@ from router.server.fleet.residency import Residency
 from router.server.proxy.affinity import Owner, ResponseOwners
 from router.server.proxy.auth import Guard
 from router.server.proxy.forward import Proxy
-from router.server.workers.link import WorkerLinks
+from router.server.workers.controller_end import WorkerLinks
 from router.supervision.processes import ProcessState, ProcessWatcher
 
 log = logging.getLogger("router.state")
@@ -41,6 +41,9 @@ log = logging.getLogger("router.state")
 class RouterState:
     """Everything one router app owns. `table`, `proxy` and `guard` are replaced whole by a reload;
     the background tasks read them afresh each round."""
+
+    #: Declared here: the parts made before it read it through a callable.
+    table: ModelTable
 
     def __init__(self, config: Config, supervisor_socket: Optional[str] = None):
         self.config = config
@@ -58,7 +61,7 @@ class RouterState:
         self.leadership: Optional[Leadership] = (Leadership.from_config(config, self.events)
                                                  if config.kubernetes.leader_election else None)
         #: The proxy workers' links (router.workers > 1): this process is then their controller.
-        self.workers: Optional[WorkerLinks] = WorkerLinks(self) if config.router.workers > 1 else None
+        self.workers: Optional[WorkerLinks] = WorkerLinks(self, self.begin_serving) if config.router.workers > 1 else None
         self.table = ModelTable.build(config, self.events, self.metrics.for_model, self.lifecycles(config))
         self.traffic = Traffic([m.name for m in self.table])
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)

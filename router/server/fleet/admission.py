@@ -13,7 +13,7 @@ with one of them:
   many requests arrive, router/server/fleet/startstop.py and sleepwake.py) or
   waits for the transition under way, and is refused with `ModelUnavailable`
   (503 + Retry-After) when that fails.
-- `RemoteAdmission` (a proxy worker, router/server/workers/link.py): asks the
+- `RemoteAdmission` (a proxy worker, router/server/workers/remote.py): asks the
   controller, which runs `LocalAdmission.ready` for it.
 """
 from __future__ import annotations

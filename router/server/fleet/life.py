@@ -52,7 +52,7 @@ class NoPlacement:
 
 class Peers(Protocol):
     """Other processes that admit requests for this model on their own while it is awake (proxy
-    workers, router/server/workers/link.py). Asked after the model leaves AWAKE, before in-flight counts
+    workers, router/server/workers/controller_end.py). Asked after the model leaves AWAKE, before in-flight counts
     are trusted: returns once every peer has seen the new state and reported what it has in flight."""
 
     async def fence(self) -> None: ...

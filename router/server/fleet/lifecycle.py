@@ -101,7 +101,7 @@ class Lifecycle(ModelLife):
         follow_leader(self, state)
 
     def mirror(self, state: str) -> None:
-        """A proxy worker's view takes the controller's state (router/server/workers/link.py)."""
+        """A proxy worker's view takes the controller's state (router/server/workers/worker_end.py)."""
         self.machine.mirror(state)
 
     def _sleep_failed(self) -> float:

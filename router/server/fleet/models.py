@@ -23,7 +23,7 @@ from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import UNHEALTHY, Replica
 
 #: Makes a new model's lifecycle from its name and its members (the router's own, or a proxy
-#: worker's view of the controller's, router/server/workers/link.py).
+#: worker's view of the controller's, router/server/workers/worker_end.py).
 LifecycleFactory = Callable[[str, Callable[[], "tuple[Replica, ...]"]], Lifecycle]
 
 
@@ -196,6 +196,10 @@ def retry_hint(config: Config) -> int:
     return max(1, math.ceil(config.router.health_check_interval_seconds))
 
 
+#: Makes a model: `Model`, or a proxy worker's (router/server/workers/worker_end.py).
+ModelFactory = Callable[[str, "tuple[Replica, ...]", LifecycleFactory, ModelMetrics, int], Model]
+
+
 class ModelTable:
     """Every routable name -> its Model: one immutable snapshot of the configuration."""
 
@@ -207,8 +211,10 @@ class ModelTable:
 
     @classmethod
     def build(cls, config: Config, events: Events, metrics: Callable[[str], ModelMetrics],
-              lifecycles: LifecycleFactory, previous: Optional[ModelTable] = None) -> ModelTable:
-        """The table for `config`, reusing `previous`'s models and unchanged replicas.
+              lifecycles: LifecycleFactory, previous: Optional[ModelTable] = None,
+              model_type: ModelFactory = Model) -> ModelTable:
+        """The table for `config`, reusing `previous`'s models and unchanged replicas (a proxy
+        worker's models lease their slots from the controller: `model_type`).
 
         A replica is reused when its instance is exactly as before; a changed
         one is replaced by a fresh replica (the old one finishes its requests).
@@ -222,7 +228,7 @@ class ModelTable:
             model = old_models.get(name)
             start_timeout = config.residency.start_timeout_seconds
             if model is None:
-                model = Model(name, replicas, lifecycles, metrics(name), retry)
+                model = model_type(name, replicas, lifecycles, metrics(name), retry)
             else:
                 model.reconfigure(replicas, config.sleep, retry, start_timeout)
             models[name] = model

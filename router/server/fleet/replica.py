@@ -167,6 +167,12 @@ class Replica:
     def routable(self, now: float) -> bool:
         return self.health != UNHEALTHY and self.breaker.admits(now) and not self.retired and self.running
 
+    def follow_breaker(self, open_until: float, opened_for: float) -> None:
+        """Take the controller's breaker whole (a proxy worker's copy; no event, as above)."""
+        self.breaker.open_until = open_until
+        self.breaker.opened_for = opened_for
+        self.breaker.trial = False
+
     def record_probe(self, ok: bool, settings: RouterSettings) -> None:
         """Apply one probe result: unhealthy after N failures in a row, healthy after M successes.
 
@@ -179,8 +185,8 @@ class Replica:
             self.fail_streak = 0
             self.ok_streak += 1
             if self.health == UNKNOWN or (self.health == UNHEALTHY and self.ok_streak >= settings.healthy_threshold):
+                self.breaker.success()  # before the event: its followers read the breaker closed
                 self._set_health(HEALTHY)
-                self.breaker.success()
         else:
             self.ok_streak = 0
             self.fail_streak += 1

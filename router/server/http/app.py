@@ -96,7 +96,7 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
         if state.leadership is not None:
             state.leadership.start(lambda: state.table)
         await state.idle.reconcile()  # ask the engines whether they sleep before the first request
-        if state.workers is None:  # else when the first proxy worker connects (router/server/workers/link.py)
+        if state.workers is None:  # else when the first proxy worker connects (workers/controller_end.py)
             state.begin_serving()
         await state.dns.refresh()  # replicas found by DNS before the first request
         state.dns.start()
@@ -178,7 +178,11 @@ def routes(state: RouterState) -> list[BaseRoute]:
         settings = state.config.router
         reports = await asyncio.gather(*(model_report(state.control, m, settings) for m in state.table))
         ok = all(r["status"] in ("healthy", "sleeping") for r in reports)
-        return JSONResponse({"status": "healthy" if ok else "degraded", "models": {r["model"]: r for r in reports}})
+        body: dict[str, object] = {"status": "healthy" if ok else "degraded", "models": {r["model"]: r for r in reports}}
+        if state.workers is not None:  # the table generation each proxy worker has acknowledged
+            body["generation"] = state.workers.generation
+            body["workers"] = state.workers.report()
+        return JSONResponse(body)
 
     async def health_model(request: Request) -> Response:
         name = request.path_params["model"]

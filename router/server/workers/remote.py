@@ -1,5 +1,5 @@
 """A proxy worker's admission strategy: the model's state is the controller's, mirrored by the
-link (router/server/workers/link.py); while it is awake a request is admitted in the worker
+link (router/server/workers/worker_end.py); while it is awake a request is admitted in the worker
 (no message), otherwise the controller is asked, and the counts reach it in the link's reports."""
 from __future__ import annotations
 

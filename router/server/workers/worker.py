@@ -2,9 +2,10 @@
 controller, which owns every model's lifecycle.
 
 A worker holds a view, never a decision: its table is built from the
-controller's config and states (router/server/workers/link.py), it admits requests
-on its own while a model is awake and healthy, and asks the controller
-otherwise. Every path that is not a proxied request (listings, health,
+controller's config and states (router/server/workers/messages.py says what is
+owned where), it admits requests on its own while a model is awake and healthy,
+and asks the controller otherwise; slots of models with a max_concurrency are
+leased from the controller. Every path that is not a proxied request (listings, health,
 metrics, admin, events, logs, the page) is passed through to the controller
 over its private unix socket, so those answers come from the owner.
 
@@ -31,9 +32,10 @@ import uvicorn
 from router.config import Config
 from router.observe.accesslog import AccessLog
 from router.observe.events import Events
+from router.observe.metrics import ModelMetrics
 from router.server.fleet.control import EngineControl
 from router.server.fleet.lifecycle import Lifecycle, ModelUnavailable
-from router.server.fleet.models import ModelTable
+from router.server.fleet.models import LifecycleFactory, Model, ModelTable
 from router.server.fleet.replica import Replica
 from router.server.http.app import RouterApp
 from router.server.proxy.affinity import Owner, ResponseOwners
@@ -41,9 +43,10 @@ from router.server.proxy.auth import Guard
 from router.server.proxy.forward import Proxy
 from router.server.proxy.reply import Receive, Scope, Send
 from router.server.proxy.request import DROP_REQUEST_HEADERS
-from router.server.workers.link import ControllerLink, Message, RelayedMetrics, RelayedTraffic
+from router.server.workers.messages import BreakerState, ReplicaState, Table
+from router.server.workers.messages import Owner as OwnerMessage
 from router.server.workers.remote import RemoteAdmission
-from router.supervision.processes import ProcessState
+from router.server.workers.worker_end import ControllerLink, LeasedModel, RelayedMetrics, RelayedTraffic
 
 log = logging.getLogger("router.worker")
 
@@ -61,6 +64,7 @@ class WorkerState:
         self.link = link
         self.config = config
         self.events = Events()
+        self.events.listen(link.breaker)
         self.control = EngineControl(None)
         self.traffic = RelayedTraffic(link)
         self.owners = ResponseOwners(on_learn=lambda rid, m, r: link.learned(rid, m.name, r.name),
@@ -75,12 +79,15 @@ class WorkerState:
         def lifecycle(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
             return Lifecycle(name, members, config.sleep, self.control, self.events,
                              admission=RemoteAdmission.factory(self.link))
+        def model(name: str, replicas: tuple[Replica, ...], lifecycles: LifecycleFactory, metrics: ModelMetrics,
+                  retry_after: int) -> Model:
+            return LeasedModel(name, replicas, lifecycles, metrics, retry_after, link=self.link)
         return ModelTable.build(config, self.events, lambda name: RelayedMetrics(name, self.link), lifecycle,
-                                previous=previous)
+                                previous=previous, model_type=model)
 
-    def apply_table(self, message: Message) -> None:
+    def apply_table(self, message: Table) -> None:
         """The controller's table: on connect and after each reload."""
-        _, config, models, replicas = message
+        config, models, replicas = message.config, message.models, message.replicas
         if config is not self.config:
             self.config = config
             self.table = self.build(config, previous=self.table)
@@ -91,19 +98,25 @@ class WorkerState:
         for model in self.table:
             if model.name in models:
                 model.lifecycle.mirror(models[model.name])
-        for name, (health, process) in replicas.items():
-            self.replica_changed(name, health, process)
+        for name, (health, process, open_until, opened_for) in replicas.items():
+            self.replica_changed(ReplicaState(name, health, process))
+            self.breaker_changed(BreakerState(name, open_until, opened_for))
 
     def lifecycle(self, name: str) -> Optional[Lifecycle]:
         model = self.table.get(name)
         return model.lifecycle if model is not None else None
 
-    def replica_changed(self, name: str, health: str, process: Optional[ProcessState]) -> None:
-        found = self.table.instance(name)
+    def replica_changed(self, message: ReplicaState) -> None:
+        found = self.table.instance(message.instance)
         if found is not None:
             model, replica = found
-            replica.apply_report(health, process)
+            replica.apply_report(message.health, message.process)
             model.dispatch()
+
+    def breaker_changed(self, message: BreakerState) -> None:
+        replica = self.table.replica(message.instance)
+        if replica is not None:
+            replica.follow_breaker(message.open_until, message.opened_for)
 
     async def owner_from_controller(self, response_id: str) -> Optional[Owner]:
         """A stored response this worker has not heard of (a follow-up can outrun the news of
@@ -117,11 +130,11 @@ class WorkerState:
         model, replica = self.table.get(found[0]), self.table.replica(found[1])
         return Owner(model, replica) if model is not None and replica is not None else None
 
-    def owner(self, response_id: str, model_name: str, instance: str) -> None:
-        model = self.table.get(model_name)
-        replica = self.table.replica(instance)
+    def owner(self, message: OwnerMessage) -> None:
+        model = self.table.get(message.model)
+        replica = self.table.replica(message.instance)
         if model is not None and replica is not None:
-            self.owners.remember(response_id, model, replica)
+            self.owners.remember(message.response_id, model, replica)
 
 
 class Controller:
@@ -222,27 +235,34 @@ class WorkerApp:
                 return
 
     async def start(self) -> None:
-        first: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def on_table(message: Message) -> None:
+        def on_table(message: Table) -> None:
+            # Built here, as the link reads the table: the changes after it find the state, and the
+            # generation the link then acknowledges is the one this worker serves.
             if self.state is None:
-                first.set_result(message)
-            else:
-                self.state.apply_table(message)
+                self.state = WorkerState(link, message.config)
+                self.router = RouterApp(self.state, self.controller)
+                first.set_result(None)
+            self.state.apply_table(message)
 
         def lifecycle(name: str) -> Optional[Lifecycle]:
             return self.state.lifecycle(name) if self.state is not None else None
 
         link = await ControllerLink.connect(
             self.link_path, on_table=on_table, model=lifecycle,
-            replica_changed=lambda *a: self.state.replica_changed(*a) if self.state is not None else None,
-            owner=lambda *a: self.state.owner(*a) if self.state is not None else None)
-        self._tasks.append(asyncio.ensure_future(self._follow(link)))
-        message = await asyncio.wait_for(first, 30)
-        self.state = WorkerState(link, message[1])
-        self.state.apply_table(message)
+            replica_changed=lambda m: self.state.replica_changed(m) if self.state is not None else None,
+            breaker_changed=lambda m: self.state.breaker_changed(m) if self.state is not None else None,
+            owner=lambda m: self.state.owner(m) if self.state is not None else None)
+        follow = asyncio.ensure_future(self._follow(link))
+        self._tasks.append(follow)
+
+        def gone(_: object) -> None:  # refused (protocol), or the controller went away before its table
+            if not first.done():
+                first.set_exception(RuntimeError(link.refused or "the router's controller went away"))
+        follow.add_done_callback(gone)
+        await asyncio.wait_for(first, 30)
         self.controller.open()
-        self.router = RouterApp(self.state, self.controller)
 
     async def _follow(self, link: ControllerLink) -> None:
         await link.run()
@@ -303,7 +323,7 @@ class WorkerProcesses:
 
     def start(self) -> None:
         # The port must be free for the workers: fail here, naming it, rather than in N children.
-        listening_socket(str(self.args[2]), int(self.args[3])).close()  # type: ignore[call-overload]
+        listening_socket(str(self.args[2]), int(self.args[3])).close()
         for i in range(self.count):
             self._spawn(i)
         self._watch = asyncio.ensure_future(self._watch_loop())

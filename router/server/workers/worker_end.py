@@ -1,0 +1,384 @@
+"""A proxy worker's end of its link to the controller (messages and owners: messages.py).
+
+It applies what the controller pushes to the worker's view, reports what the
+worker owns in batches, asks the controller to make a model ready, leases
+slots of limited models from the controller's one queue, and sends its
+breakers' outcomes up at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from typing import Callable, Coroutine, Optional, TypeVar
+
+from router.config import SleepSettings
+from router.observe.events import Event
+from router.observe.metrics import ModelMetrics
+from router.observe.traffic import Traffic
+from router.server.fleet.lifecycle import Lifecycle
+from router.server.fleet.models import LifecycleFactory, Model, NoReplica, Overloaded
+from router.server.fleet.outcome import ModelUnavailable
+from router.server.fleet.replica import Replica
+from router.server.workers.messages import (
+    COUNTS_SECONDS,
+    PROTOCOL,
+    REPORT_SECONDS,
+    Applied,
+    BreakerOutcome,
+    BreakerState,
+    Channel,
+    Done,
+    Fence,
+    Fenced,
+    Hello,
+    Lease,
+    Leased,
+    Message,
+    ModelState,
+    Note,
+    Owner,
+    Ready,
+    ReadyAnswer,
+    Refused,
+    ReplicaState,
+    Report,
+    Sync,
+    Synced,
+    Table,
+    ToController,
+    ToWorker,
+    Unlease,
+    Whose,
+    WhoseAnswer,
+    Wire,
+)
+from router.server.workers.remote import RemoteAdmission
+
+log = logging.getLogger("router.link")
+
+T = TypeVar("T")
+
+
+class ControllerLink:
+    """A worker's end: applies the controller's changes to its view and reports what it admits."""
+
+    def __init__(self, channel: Wire, on_table: Callable[[Table], None],
+                 model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[ReplicaState], None],
+                 breaker_changed: Callable[[BreakerState], None], owner: Callable[[Owner], None]):
+        self.channel = channel
+        self._on_table = on_table
+        self._model = model
+        self._replica_changed = replica_changed
+        self._breaker_changed = breaker_changed
+        self._owner = owner
+        self._ids = itertools.count(1)
+        self._ready: dict[int, tuple[asyncio.Future[None], RemoteAdmission]] = {}
+        self._answers: dict[int, asyncio.Future[ToWorker]] = {}
+        self._dirty: set[RemoteAdmission] = set()
+        self._report: Optional[asyncio.Handle] = None
+        self._report_due = 0.0
+        self.done: list[Done] = []
+        self.retries: list[Note] = []
+        self.errors: list[Note] = []
+        #: Why the controller refused this worker, if it did.
+        self.refused: Optional[str] = None
+
+    @classmethod
+    async def connect(cls, path: str, on_table: Callable[[Table], None],
+                      model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[ReplicaState], None],
+                      breaker_changed: Callable[[BreakerState], None], owner: Callable[[Owner], None]) -> ControllerLink:
+        reader, writer = await asyncio.open_unix_connection(path)
+        channel = Channel(reader, writer)
+        channel.send(Hello(PROTOCOL, os.getpid()))
+        return cls(channel, on_table, model, replica_changed, breaker_changed, owner)
+
+    async def run(self) -> None:
+        """Apply the controller's messages until it goes away."""
+        try:
+            while True:
+                message = await self.channel.receive()
+                if message is None:
+                    return
+                self.take(message)
+        finally:
+            for fut, _ in self._ready.values():
+                if not fut.done():
+                    fut.set_exception(ModelUnavailable("the router's controller went away", 1))
+            self._ready.clear()
+            for answer in self._answers.values():
+                if not answer.done():
+                    answer.set_exception(ModelUnavailable("the router's controller went away", 1))
+            self._answers.clear()
+
+    def take(self, message: Message) -> None:
+        match message:
+            case Leased():
+                self._leased(message)
+            case ModelState():
+                lc = self._model(message.model)
+                if lc is not None:
+                    lc.mirror(message.state)
+            case ReplicaState():
+                self._replica_changed(message)
+            case BreakerState():
+                self._breaker_changed(message)
+            case Fence():
+                self.flush()
+                self.channel.send(Fenced(message.n))
+            case ReadyAnswer():
+                self._admitted(message)
+            case Synced() | WhoseAnswer():
+                answer = self._answers.pop(message.request, None)
+                if answer is not None and not answer.done():
+                    answer.set_result(message)
+            case Table():
+                self._on_table(message)
+                self.channel.send(Applied(message.generation))
+            case Owner():
+                self._owner(message)
+            case Refused():
+                self.refused = message.reason
+                log.error("the router's controller refused this proxy worker: %s", message.reason)
+                self.channel.close()
+
+    def _admitted(self, message: ReadyAnswer) -> None:
+        fut, lc = self._ready.pop(message.request, (None, None))
+        if fut is None or lc is None or fut.done():
+            return
+        if message.refusal is None:
+            lc.admitted()  # now, before any later message is read
+            fut.set_result(None)
+        else:
+            fut.set_exception(ModelUnavailable(*message.refusal))
+
+    def _leased(self, message: Leased) -> None:
+        answer = self._answers.pop(message.request, None)
+        if answer is not None and not answer.done():
+            answer.set_result(message)
+        elif message.instance is not None:  # the request gave up waiting: the slot goes back
+            self.channel.send(Unlease(message.request))
+
+    async def _ask(self, request: int, message: ToController, kind: type[T]) -> T:
+        """Send `message` with everything pending before it, and wait for the controller's answer."""
+        fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
+        self._answers[request] = fut
+        self.flush()
+        self.channel.send(message)
+        try:
+            answer = await fut
+        finally:
+            self._answers.pop(request, None)
+        assert isinstance(answer, kind)
+        return answer
+
+    async def sync(self) -> None:
+        """Return once the controller has applied everything this worker reported: a request passed
+        to it next (/metrics, /sleep/status) sees this worker's requests counted."""
+        request = next(self._ids)
+        await self._ask(request, Sync(request), Synced)
+
+    async def whose(self, response_id: str) -> Optional[tuple[str, str]]:
+        """The (model, instance) that made a stored response this worker has not heard of, as the
+        controller knows it once every worker has told it what they learned."""
+        request = next(self._ids)
+        return (await self._ask(request, Whose(request, response_id), WhoseAnswer)).found
+
+    async def ready(self, lc: RemoteAdmission) -> None:
+        """Ask the controller to make the model ready; on success the request is already counted."""
+        request = next(self._ids)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ready[request] = (fut, lc)
+        self.flush()
+        self.channel.send(Ready(request, lc.model))
+        try:
+            await fut
+        finally:
+            self._ready.pop(request, None)
+
+    async def lease(self, model: str, exclude: tuple[str, ...]) -> tuple[int, str]:
+        """A slot from the controller's queue: (lease id, instance); NoReplica or Overloaded if none."""
+        request = next(self._ids)
+        fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
+        self._answers[request] = fut
+        self.channel.send(Lease(request, model, exclude, None))
+        try:
+            answer = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and isinstance(fut.result(), Leased) \
+                    and fut.result().instance is not None:  # type: ignore[union-attr]
+                self.channel.send(Unlease(request))  # granted just as the request gave up
+            raise
+        finally:
+            self._answers.pop(request, None)
+        assert isinstance(answer, Leased)
+        if answer.instance is None:
+            status, message, retry_after = answer.refusal or (503, "", 1)
+            if status == 429:
+                raise Overloaded()
+            raise NoReplica(retry_after, message)
+        return request, answer.instance
+
+    def pinned(self, model: str, instance: str) -> int:
+        """A slot on one replica for a request bound to it: counted by the controller, not waited for."""
+        request = next(self._ids)
+        self.channel.send(Lease(request, model, (), instance))
+        return request
+
+    def unlease(self, request: int) -> None:
+        self.channel.send(Unlease(request))
+
+    def breaker(self, event: Event) -> None:
+        """The worker's copy of a breaker moved: the controller's takes the outcome (a listener
+        of the worker's events, called as `Replica.failed` or `succeeded` publishes)."""
+        if event.kind == "breaker" and event.instance is not None:
+            self.channel.send(BreakerOutcome(event.instance, event.state == "open", time.monotonic()))
+
+    def changed(self, lc: RemoteAdmission) -> None:
+        """`lc`'s count moved: to or from zero it reaches the controller within REPORT_SECONDS,
+        otherwise within COUNTS_SECONDS (a fence or a `ready` sends everything at once)."""
+        self._dirty.add(lc)
+        self._schedule(REPORT_SECONDS if (lc.in_flight == 0) != (lc.reported == 0) else COUNTS_SECONDS)
+
+    def finished(self, model: str, status: int, seconds: float, ttfb: Optional[float], stream: bool) -> None:
+        """Keep what a request did; it reaches the controller within REPORT_SECONDS, with the others."""
+        self.done.append((model, status, seconds, ttfb, stream))
+        self._schedule(REPORT_SECONDS)
+
+    def retried(self, model: str, reason: str) -> None:
+        self.retries.append((model, reason))
+        self._schedule(REPORT_SECONDS)
+
+    def upstream_failed(self, model: str, kind: str) -> None:
+        self.errors.append((model, kind))
+        self._schedule(REPORT_SECONDS)
+
+    def _schedule(self, delay: float) -> None:
+        """One report, sent at the earliest time anything pending asks for: under load one message
+        carries many requests' counts and records."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._report is not None:
+            if self._report_due <= due:
+                return
+            self._report.cancel()
+        # The due time is kept here, not read back with `when()`: uvloop's `call_at` hands back a
+        # plain Handle for a time less than a millisecond away, which a busy loop makes of 5 ms.
+        self._report_due = due
+        self._report = loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Send the counts and records pending, in one message (slots of leased models are the
+        controller's: their counts are not reported)."""
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
+        if not (self._dirty or self.done or self.retries or self.errors):
+            return
+        counts = {}
+        outstanding = {}
+        for lc in self._dirty:
+            counts[lc.model] = lc.reported = lc.in_flight
+            members = lc.members()
+            if not leased(members):
+                for r in members:
+                    outstanding[r.name] = r.outstanding
+        self._dirty.clear()
+        report = Report(counts, outstanding, self.done, self.retries, self.errors)
+        self.done, self.retries, self.errors = [], [], []
+        self.channel.send(report)
+
+    def learned(self, response_id: str, model: str, instance: str) -> None:
+        self.channel.send(Owner(response_id, model, instance))
+
+
+def leased(replicas: tuple[Replica, ...]) -> bool:
+    """Whether a model's slots are the controller's to lease: some replica has a max_concurrency."""
+    return any(r.limit is not None for r in replicas)
+
+
+class LeasedModel(Model):
+    """A worker's model: with a max_concurrency, each slot is leased from the controller's one queue
+    (so the limit and max_queue hold across workers); without one, slots are taken here, with no
+    message on the request's path."""
+
+    __slots__ = ("link", "leased", "_leases")
+
+    def __init__(self, name: str, replicas: tuple[Replica, ...], lifecycles: LifecycleFactory, metrics: ModelMetrics,
+                 retry_after: int, link: ControllerLink):
+        super().__init__(name, replicas, lifecycles, metrics, retry_after)
+        self.link = link
+        self.leased = leased(replicas)
+        #: The lease ids this worker holds on each replica (any one frees a slot).
+        self._leases: dict[Replica, list[int]] = {}
+
+    def reconfigure(self, replicas: tuple[Replica, ...], settings: SleepSettings, retry_after: int,
+                    start_timeout: float) -> None:
+        super().reconfigure(replicas, settings, retry_after, start_timeout)
+        self.leased = leased(replicas)
+
+    def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Coroutine[object, object, Replica]:
+        # Not a coroutine itself: an unlimited model's request pays no extra frame.
+        return self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout)
+
+    async def _leased(self, exclude: tuple[Replica, ...]) -> Replica:
+        lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude))
+        replica = next((r for r in self.replicas if r.name == instance), None)
+        if replica is None:  # a reload replaced it while the answer was on its way
+            self.link.unlease(lease)
+            raise NoReplica(1, f"Instance {instance} of model '{self.name}' was just reconfigured; retry.")
+        return self._hold(replica, lease)
+
+    def take(self, replica: Replica) -> Replica:
+        if not self.leased:
+            return super().take(replica)
+        super().take(replica)  # whether it may take one, and this worker's count
+        self._leases.setdefault(replica, []).append(self.link.pinned(self.name, replica.name))
+        return replica
+
+    def _hold(self, replica: Replica, lease: int) -> Replica:
+        replica.take_slot(time.monotonic())
+        self._leases.setdefault(replica, []).append(lease)
+        return replica
+
+    def release(self, replica: Replica) -> None:
+        leases = self._leases.get(replica)
+        if leases:
+            self.link.unlease(leases.pop())
+            if not leases:
+                del self._leases[replica]
+        super().release(replica)
+
+
+class RelayedTraffic(Traffic):
+    """A worker's traffic: each finished request goes to the controller, which owns the figures
+    (its metrics too: the controller observes the request there)."""
+
+    def __init__(self, link: ControllerLink):
+        super().__init__(())
+        self._link = link
+
+    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool) -> None:
+        self._link.finished(model, status, latency_s, ttfb_s, stream)
+
+
+class RelayedMetrics(ModelMetrics):
+    """A worker's metrics of one model: retries and engine failures go to the controller; a
+    request's status and times go there through `RelayedTraffic` (one record per request)."""
+
+    __slots__ = ("_link",)
+
+    def __init__(self, model: str, link: ControllerLink):
+        super().__init__(model)
+        self._link = link
+
+    def observe(self, status: int, latency_s: float, ttfb_s: Optional[float]) -> None:
+        return None
+
+    def retry(self, reason: str) -> None:
+        self._link.retried(self.model, reason)
+
+    def upstream_error(self, kind: str) -> None:
+        self._link.upstream_failed(self.model, kind)
