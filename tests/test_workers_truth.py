@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from helpers import Streamed, get_json, metric_value, post_json, stream_request
-from router_support import Stack, instance, loop, stack, until  # noqa: F401  (fixtures)
+from helpers import Streamed, get_json, metric_value, post_json, stream_request, wait_for
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 from test_reload import rewrite
 
 from router.sim import SimEngine, SimOptions
@@ -32,10 +32,12 @@ class CountingSim(SimEngine):
     def __init__(self, options: SimOptions):
         super().__init__(options)
         self.peak = 0
+        enter = self.core._enter
 
-    def _enter(self) -> None:
-        super()._enter()
-        self.peak = max(self.peak, self.counters.running)
+        def counted() -> None:  # the core's own count, read the moment a generation starts
+            enter()
+            self.peak = max(self.peak, self.counters.running)
+        self.core._enter = counted  # type: ignore[method-assign]
 
 
 def health_all(url: str) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def test_max_concurrency_holds_for_the_instance_across_workers(stack: Stack) -> 
     stack.loop.run(sim.start())
     try:
         router = stack.router([instance("m", sim.port, max_concurrency=2, max_queue=20)], workers=2)
-        assert until(lambda: len(health_all(router.url).get("workers", [])) == 2, timeout=20)
+        wait_for(lambda: len(health_all(router.url).get("workers", [])) == 2, 20, "both workers to connect")
         body = {"model": "m", "prompt": "x", "max_tokens": 10, "stream": True}
 
         async def streams() -> list[Streamed]:
@@ -96,8 +98,8 @@ def test_a_breaker_one_worker_opens_is_open_in_all(stack: Stack) -> None:
     router = stack.router([instance("m", bad.port, name="bad"), instance("m", good.port, name="good")],
                           workers=2, eject_seconds=60, health_check_interval_seconds=0.2)
     # Both probed healthy first (a probe that finds a replica healthy again closes its breaker).
-    assert until(lambda: all(e["routing_state"] == "healthy"
-                             for e in health_all(router.url)["models"]["m"]["endpoints"]), timeout=20)
+    wait_for(lambda: all(e["routing_state"] == "healthy"
+                             for e in health_all(router.url)["models"]["m"]["endpoints"]), 20, "both replicas healthy")
     request = {"model": "m", "prompt": "x", "max_tokens": 2}
     # The bad replica comes first in the pick at equal load: the first request meets it, and is
     # retried on the good one.
@@ -119,7 +121,7 @@ def test_a_breaker_one_worker_opens_is_open_in_all(stack: Stack) -> None:
 def test_every_worker_acknowledges_the_generation_it_serves(stack: Stack) -> None:
     a, b = stack.engine(), stack.engine()
     router = stack.router([instance("a", a.port)], workers=2)
-    assert until(lambda: len(health_all(router.url).get("workers", [])) == 2, timeout=20)
+    wait_for(lambda: len(health_all(router.url).get("workers", [])) == 2, 20, "both workers to connect")
     before = health_all(router.url)
     assert {w["generation"] for w in before["workers"]} == {before["generation"]}
     rewrite(stack.tmp / "config.yaml", [instance("a", a.port), instance("b", b.port)], workers=2)
@@ -130,7 +132,7 @@ def test_every_worker_acknowledges_the_generation_it_serves(stack: Stack) -> Non
     def acknowledged() -> bool:
         report = health_all(router.url)
         return report["generation"] == generation and all(w["generation"] == generation for w in report["workers"])
-    assert until(acknowledged, timeout=10)
+    wait_for(acknowledged, 10, "every worker to acknowledge the new generation")
     # Acknowledged: every worker serves the new model, whichever takes the request.
     for _ in range(10):
         assert post_json(f"{router.url}/v1/completions", {"model": "b", "prompt": "x", "max_tokens": 2})[0] == 200
