@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
@@ -315,3 +316,34 @@ def post_json(url: str, body: Any, headers: Optional[dict] = None) -> tuple[int,
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+App = TypeVar("App", bound="LoopbackApp")
+
+
+class LoopbackApp:
+    """A test's own small aiohttp server on 127.0.0.1 (a fake engine, a trace receiver): subclasses
+    add their routes in `routes` and keep what arrives; `start` and `stop` run on the test's loop."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.runner: Optional[web.AppRunner] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def start(self: App) -> App:
+        app = web.Application()
+        self.routes(app)
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()

@@ -347,6 +347,7 @@ INSTANCE_VALUES = {
     "aliases": mostly(st.lists(st.text(max_size=6), max_size=2), YAML_VALUES),
     "launch": mostly(st.booleans(), YAML_VALUES),
     "sleep": mostly(st.booleans(), YAML_VALUES),
+    "sleep_level": mostly(st.sampled_from([1, 2]), st.sampled_from([0, 3, "2"]) | YAML_VALUES),
     "max_concurrency": mostly(st.integers(1, 8), YAML_VALUES),
     "max_queue": mostly(st.integers(0, 8), YAML_VALUES),
     "using_venv": mostly(st.booleans(), YAML_VALUES),
@@ -358,8 +359,8 @@ INSTANCE_VALUES = {
     "on_demand": mostly(st.booleans(), YAML_VALUES),
     "pin": mostly(st.booleans(), YAML_VALUES),
     **{k: mostly(st.floats(0.1, 100), YAML_VALUES) for k in (
-        "idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "start_timeout_seconds", "request_timeout_seconds",
-        "stream_idle_timeout_seconds")},
+        "idle_stop_seconds", "gpu_memory_gb", "host_memory_gb", "gpu_sleeping_gb", "start_timeout_seconds",
+        "request_timeout_seconds", "stream_idle_timeout_seconds")},
     "node": mostly(st.sampled_from(["gpu-1", "gpu-2"]), YAML_VALUES),
     "dns_name": mostly(st.sampled_from(["pool.test", "engine-a.llm.svc.cluster.local", "10.0.0.5", "a b"]), YAML_VALUES),
 }

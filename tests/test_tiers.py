@@ -17,8 +17,8 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from helpers import free_port
-from router_support import LoopThread, RouterServer, loop, until  # noqa: F401  (fixture)
+from helpers import LoopbackApp, free_port, wait_for
+from router_support import LoopThread, RouterServer, loop  # noqa: F401  (fixture)
 
 from router.config import load_config
 from router.sim import SimEngine, SimOptions, textgen
@@ -28,31 +28,21 @@ PROMPT = {"model": MODEL, "prompt": "Hello", "max_tokens": 6}
 RIGHT = textgen.generate("Hello", 6)
 
 
-class RecordingSglang:
+class RecordingSglang(LoopbackApp):
     """SGLang's release/resume, weight reload and cache flush, recording each call (path and JSON body);
     `refuse` makes the calls to one path answer 400 (SGLang's ``{"success": false}``)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.calls: list[tuple[str, Any]] = []
         self.refuse: Optional[str] = None
-        self.runner: Optional[web.AppRunner] = None
 
-    async def start(self) -> "RecordingSglang":
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/health", lambda r: web.Response(status=200))
         for path in ("/release_memory_occupation", "/resume_memory_occupation", "/update_weights_from_disk",
                      "/flush_cache"):
             app.router.add_post(path, self.control)
         app.router.add_post("/v1/completions", self.complete)
-        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     async def control(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -247,7 +237,7 @@ def test_idle_deep_sleep_seconds_deepens_a_level_1_sleeper_and_its_wake_reloads(
     t = Tiered(loop, router, engine)
     try:
         t.sleep()
-        assert until(lambda: engine.sleep_level == 2, 10)
+        wait_for(lambda: engine.sleep_level == 2, 10, "the idle loop to deepen the sleeper to level 2")
         assert engine.calls == ["sleep level=1", "sleep level=2"]
         assert answer(t) == RIGHT and engine.calls[2:] == ["wake_up tags=weights", "collective_rpc reload_weights",
                                                            "wake_up tags=kv_cache", "reset_prefix_cache"]

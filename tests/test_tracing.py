@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import free_port, get_json, post_json
+from helpers import LoopbackApp, free_port, get_json, post_json
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
@@ -47,32 +47,18 @@ def values(pairs: Any) -> dict[str, Any]:
     return out
 
 
-class Receiver:
+class Receiver(LoopbackApp):
     """An OTLP/HTTP trace receiver: POST /v1/traces with an ExportTraceServiceRequest."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.spans: list[Span] = []
         self.posts = 0
         self.arrived = asyncio.Event()
-        self.runner: Optional[web.AppRunner] = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> "Receiver":
+    def routes(self, app: web.Application) -> None:
         self.arrived = asyncio.Event()  # on the loop thread's loop
-        app = web.Application()
         app.router.add_post("/v1/traces", self.traces)
-        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     async def traces(self, request: web.Request) -> web.Response:
         assert request.content_type == "application/x-protobuf"

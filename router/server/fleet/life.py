@@ -22,7 +22,7 @@ from router.server.fleet.admission import Admission
 from router.server.fleet.control import EngineControl
 from router.server.fleet.costs import Costs
 from router.server.fleet.machine import Machine
-from router.server.fleet.outcome import Outcome
+from router.server.fleet.outcome import ModelUnavailable, Outcome
 from router.server.fleet.replica import Replica
 from router.util.states import SLEEPING
 
@@ -251,6 +251,16 @@ class ModelLife:
                 self.machine.fire(back)
                 return Outcome(False, f"model {self.model!r} still had {self.in_flight} requests in flight after "
                                       f"{self.settings.drain_timeout_seconds:g}s (drain_timeout_seconds); not {what}", 409)
+        return None
+
+    async def room(self, event: str) -> Optional[Outcome]:
+        """Ask placement for room before a start or a wake, then fire `event` (starting, waking); the
+        refusal (503) when no room can be made, the model left as it was."""
+        try:
+            await self.placement.make_room(self)
+        except ModelUnavailable as e:
+            return Outcome(False, e.message, 503)
+        self.machine.fire(event)
         return None
 
     def failed(self, what: str, errors: dict[str, str], then: str = "") -> Outcome:

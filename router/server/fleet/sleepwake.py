@@ -48,7 +48,7 @@ from router.server.fleet.machine import (
     WAKE_FAILED,
     WOKE,
 )
-from router.server.fleet.outcome import ModelUnavailable, Outcome
+from router.server.fleet.outcome import Outcome
 from router.server.fleet.replica import Replica
 from router.server.fleet.tiers import run_steps
 from router.util.states import AWAKE, FAILED, SLEEPING, STOPPED
@@ -158,11 +158,9 @@ async def _do_wake(lc: ModelLife) -> Outcome:
         if not lc.control.is_open:
             return Outcome(False, "the sleep manager is not running", 503)
         started = lc.clock()
-        try:
-            await lc.placement.make_room(lc)
-        except ModelUnavailable as e:
-            return Outcome(False, e.message, 503)
-        lc.machine.fire(WAKE)
+        refused = await lc.room(WAKE)
+        if refused is not None:
+            return refused
         waking_from = lc.clock()
         targets = [r for r in lc.members() if r.asleep]
         tier = max((lc.wake_level(r) for r in targets), default=1)

@@ -19,7 +19,7 @@ from router.server.fleet.costs import START as START_COST
 from router.server.fleet.follow import delegate
 from router.server.fleet.life import ModelLife
 from router.server.fleet.machine import DRAIN_STOP, START, START_FAILED, STARTED, STOP_ABORTED, STOP_ABORTED_ASLEEP, STOPPED_EVENT
-from router.server.fleet.outcome import ModelUnavailable, Outcome
+from router.server.fleet.outcome import Outcome
 from router.util.states import AWAKE, FAILED, HOLDING_GPU, SLEEPING, STOPPED
 
 log = logging.getLogger("router.lifecycle")
@@ -57,11 +57,9 @@ async def _do_start(lc: ModelLife) -> Outcome:
             return Outcome(False, f"model {lc.model!r} cannot be started by the router: its engines are "
                                   "not run by this router's supervisord", 409)
         began = lc.clock()
-        try:
-            await lc.placement.make_room(lc)
-        except ModelUnavailable as e:
-            return Outcome(False, e.message, 503)
-        lc.machine.fire(START)
+        refused = await lc.room(START)
+        if refused is not None:
+            return refused
         up_from = lc.clock()
         failure = await _bring_up(lc, began)
         if failure is not None:
