@@ -1,11 +1,13 @@
 """Proxy workers (``router.workers: N``): N processes forward requests on one port beside the
 controller, which owns every model's lifecycle.
 
-A worker holds a view, never a decision: its table is built from the
-controller's config and states (router/server/workers/messages.py says what is
-owned where), it admits requests on its own while a model is awake and healthy,
-and asks the controller otherwise; slots of models with a max_concurrency are
-leased from the controller. Every path that is not a proxied request (listings, health,
+A worker's table is built from the controller's config and states
+(router/server/workers/messages.py says what is owned where). It decides only
+what needs no one else: it admits requests on its own while a model is awake
+and healthy, picks among replicas without a limit, and opens its copy of a
+breaker on a failure it sees (the controller then opens it everywhere). It asks
+the controller for everything else: a wake or a start, and a slot of any model
+with a max_concurrency, leased from the controller's one queue. Every path that is not a proxied request (listings, health,
 metrics, admin, events, logs, the page) is passed through to the controller
 over its private unix socket, so those answers come from the owner.
 
