@@ -89,6 +89,21 @@ def test_a_sleep_drains_first_and_a_request_held_meanwhile_wakes_the_model_after
     run(test)
 
 
+def test_an_operators_sleep_that_joins_the_idle_loops_is_the_operators() -> None:
+    async def test() -> None:
+        lc, control, _, _, _ = make()
+        control.hold("call")
+        idle = asyncio.ensure_future(lc.sleep(lambda: None))  # the idle loop's: its check finds no blocker
+        await settle()
+        manual = asyncio.ensure_future(lc.sleep())  # the operator's, while the idle loop's call runs
+        await settle()
+        control.release("call")
+        assert (await idle).ok and (await manual).ok
+        assert control.count("call", "/sleep") == 1  # one sleep, shared
+        assert lc.state == "sleeping" and lc.manual is True  # so the idle loop never wakes it
+    run(test)
+
+
 def test_a_drain_that_times_out_goes_back_to_awake_and_sleeps_nothing() -> None:
     async def test() -> None:
         lc, control, _, rec, _ = make(settings=SleepSettings(drain_timeout_seconds=0.01))

@@ -70,7 +70,11 @@ class Lifecycle(ModelLife):
 
     async def sleep(self, check: Optional[SleepCheck] = None) -> Outcome:
         """Put every replica to sleep (drained first); with `check`, the idle loop asks."""
-        return await asyncio.shield(sleepwake.begin_sleep(self, check))
+        outcome = await asyncio.shield(sleepwake.begin_sleep(self, check))
+        if check is None and outcome.ok and self.state == SLEEPING:
+            # An operator's sleep that joined the idle loop's, already under way, is still the operator's.
+            self.manual = True
+        return outcome
 
     async def wake(self) -> Outcome:
         """Wake every sleeping replica (shares a wake already under way)."""
