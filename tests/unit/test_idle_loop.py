@@ -10,7 +10,7 @@ from fakes import Clock, FakeControl, instance
 from router.config import ResidencySettings, SleepSettings
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
-from router.server.fleet.idle import IdleSleeper, stop_due
+from router.server.fleet.idle import LOOK_AGAIN_SECONDS, IdleSleeper, stop_due
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import Model, ModelTable
 from router.server.fleet.replica import Replica
@@ -147,6 +147,19 @@ def test_a_deadline_a_round_could_not_act_on_is_not_given_again_until_the_interv
         assert [o.ok for o in outcomes] == [False] and fleet["a"].lifecycle.state == "awake"
         assert stop_due(fleet["a"]) and fleet.idle.next_due() is None  # tried again at check_interval_seconds
         assert not fleet.residency.evictions
+    asyncio.run(test())
+
+
+def test_a_model_in_flight_with_a_zero_threshold_is_looked_at_again_a_second_later_not_at_once() -> None:
+    async def test() -> None:
+        fleet = Fleet(SleepSettings(auto_sleep_enabled=True, idle_threshold_seconds=0.0), a={})
+        a = fleet["a"]
+        await a.lifecycle.admit()
+        await fleet.idle.check()
+        assert a.lifecycle.state == "awake" and fleet.idle.next_in() == LOOK_AGAIN_SECONDS
+        fleet.clock.advance(0.5)
+        a.lifecycle.release()
+        assert fleet.idle.next_in() == 0.0  # idle since the round, and a threshold of 0: due at once
     asyncio.run(test())
 
 

@@ -33,6 +33,10 @@ from router.util.states import AWAKE, SLEEPING
 
 log = logging.getLogger("router.idle")
 
+#: The least time before the loop looks again at a model that serves requests (its idle rules wait for
+#: their end, which it is not told of).
+LOOK_AGAIN_SECONDS = 1.0
+
 
 def sleep_blocker(lc: Lifecycle, running: bool, now: Optional[float] = None) -> Optional[str]:
     """Why the idle loop may not sleep this model now, or None if it may.
@@ -88,7 +92,8 @@ def due_at(model: Model, deep_after: Optional[float], now: float) -> Optional[fl
 
     A model with requests in flight or waiting gives `now` plus its shortest threshold: its idle time
     starts again when the last one ends, so no rule applies sooner, and looking again then tells the
-    loop when that was. A time already passed means due now.
+    loop when that was (at least `LOOK_AGAIN_SECONDS` on, so a threshold of 0 does not make the loop
+    spin while the model serves). A time already passed means due now.
     """
     lc = model.lifecycle
     s: SleepSettings = lc.settings
@@ -99,7 +104,7 @@ def due_at(model: Model, deep_after: Optional[float], now: float) -> Optional[fl
     times: list[float] = []
     if s.auto_sleep_enabled and lc.sleepable:
         if active:
-            times.append(now + s.idle_threshold_seconds)
+            times.append(now + max(s.idle_threshold_seconds, LOOK_AGAIN_SECONDS))
         elif lc.state == AWAKE:
             times.append(max(since + s.idle_threshold_seconds,
                              -math.inf if lc.last_wake_at is None else lc.last_wake_at + s.min_sleep_duration,
@@ -107,7 +112,7 @@ def due_at(model: Model, deep_after: Optional[float], now: float) -> Optional[fl
     limits = [r.instance.idle_stop_seconds for r in model.replicas if r.instance.idle_stop_seconds is not None]
     if limits and lc.stoppable:
         if active:
-            times.append(now + min(limits))
+            times.append(now + max(min(limits), LOOK_AGAIN_SECONDS))
         elif lc.state in (AWAKE, SLEEPING):
             times.append(since + min(limits))
     if deep_after is not None and lc.deepenable and lc.slept_at is not None:
