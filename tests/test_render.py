@@ -441,6 +441,12 @@ def test_without_the_kubernetes_extra_manifests_render_and_a_cluster_config_is_r
                                 "--out", str(tmp_path / "k8s")], capture_output=True, text=True, timeout=60)
     assert manifests.returncode == 0, manifests.stderr
     assert (tmp_path / "k8s" / "kustomization.yaml").is_file()
+    assert "install it with: pip install 'kvrouter[kubernetes]' (here; the router runs elsewhere" in manifests.stderr
+    check = subprocess.run([PY, "-c", WITHOUT_EXTRAS, "router.render", "--config", str(cfg), "--check"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2, check.stderr
+    assert f"error: {cfg}: instances pool: dns_name: engine replicas found by DNS needs the Python package dnspython, " \
+           "which is not installed; install it with: pip install 'kvrouter[kubernetes]'" in check.stderr
     serve = subprocess.run([PY, "-c", WITHOUT_EXTRAS, "router.serve", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=60)
     assert serve.returncode == 2, serve.stderr

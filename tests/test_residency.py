@@ -83,6 +83,11 @@ class Stack:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/metrics", timeout=5) as r:
             return metric_value(r.read().decode(), metric)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the router's own /metrics."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as r:
+            return metric_value(r.read().decode(), name, **labels)
+
     def spawns(self, name: str) -> int:
         return self.sup.log("supervisord", tail=10**7).count(f"spawned: '{name}'")
 
@@ -208,8 +213,24 @@ def test_idle_stop_stops_an_idle_engine_and_never_one_with_a_stream(make_stack) 
     ended = time.monotonic()
     wait_for(lambda: stack.sup.status()["a"] == "STOPPED", 10, "the idle engine to be stopped")
     assert time.monotonic() - ended >= 1.0
-    assert stack.residency()["models"]["m/a"]["state"] == "stopped"
+    residency = stack.residency()
+    assert residency["models"]["m/a"]["state"] == "stopped"
+    # An idle stop is an eviction like the others: in the last evictions, their counts and the metric.
+    assert [(e["model"], e["action"], e["reason"]) for e in residency["evictions"]] == [("m/a", "stop", "idle_stop")]
+    assert residency["eviction_counts"] == {"idle_stop": 1}
+    assert stack.metric("router_model_evictions_total", reason="idle_stop") == 1
     assert stack.ask("a")[0] == 200 and stack.spawns("a") == 2  # the next request starts it again
+
+
+def test_an_idle_stop_comes_at_its_deadline_not_at_the_check_interval(make_stack) -> None:
+    stack = make_stack(lambda ports: [engine("a", ports["a"], on_demand=True, idle_stop_seconds=3,
+                                             sim="--startup-s 0.5")], ["a"], sleep={"check_interval_seconds": 60})
+    assert stack.ask("a")[0] == 200
+    ended = time.monotonic()
+    wait_for(lambda: stack.residency()["models"]["m/a"]["state"] == "stopped", 6, "the idle engine to be stopped")
+    took = time.monotonic() - ended
+    assert 2.5 <= took < 4.0, took  # idle for 3 s, and stopped then: not at the 60 s check
+    assert stack.sup.status()["a"] == "STOPPED"
 
 
 def test_an_engine_that_exits_at_once_fails_its_waiting_requests_naming_it(make_stack) -> None:

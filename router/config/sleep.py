@@ -15,7 +15,9 @@ VLLM_SLEEP_MODES = ("abort", "wait")
 class SleepSettings:
     auto_sleep_enabled: bool = setting(Flag(), False, "put idle models to sleep automatically")
     idle_threshold_seconds: float = setting(NON_NEGATIVE, 300.0, "idle this long after the last request -> may sleep")
-    check_interval_seconds: float = setting(POSITIVE, 60.0, "how often idleness is checked")
+    check_interval_seconds: float = setting(POSITIVE, 60.0, (
+        "the longest the idle loop waits between rounds (reconciling with the engines); it also runs at each "
+        "idle deadline, so sleeps and stops are on time"))
     wakeup_on_request: bool = setting(Flag(), True, "a request for a sleeping model wakes it")
     #: Against thrashing.
     min_sleep_duration: float = setting(NON_NEGATIVE, 80.0, (

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from router import __version__
+from router.cluster.extras import missing_extras
 from router.config import Config, ConfigError, load_config, summary_table
 from router.render.apply import ApplyError, apply, make_plan, router_step, running_programs, supervisor
 from router.render.files import FILE_MODE, Files, RenderError, render_files, session_names
@@ -31,6 +32,17 @@ def report(warnings: Sequence[str], errors: Sequence[str] = ()) -> None:
         print(f"warning: {w}", file=sys.stderr)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
+
+
+def extras_problems(cfg: Config, target: str) -> tuple[list[str], list[str]]:
+    """(warnings, errors): the cluster features `cfg` uses whose package (the extra ``kvrouter[kubernetes]``)
+    this Python cannot import. An error when the router runs from this rendering (it would refuse to
+    start), a warning for Kubernetes manifests or a rendering without the router (the router runs
+    elsewhere, from an image or install that must have the extra)."""
+    problems = [f"{cfg.path}: {p}" for p in missing_extras(cfg)]
+    if target == "kubernetes" or not cfg.router.enable_router:
+        return [f"{p} (here; the router runs elsewhere and needs it there)" for p in problems], []
+    return [], problems
 
 
 def file_changes(old: Mapping[str, str], new: Files) -> str:
@@ -135,7 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report(e.warnings, [f"{e.path}: {p}" for p in e.problems])
         print("Nothing was written.", file=sys.stderr)
         return 2
-    report(cfg.warnings)
+    warnings, errors = extras_problems(cfg, args.target)
+    report([*cfg.warnings, *warnings], errors)
+    if errors:
+        print("Nothing was written.", file=sys.stderr)
+        return 2
     if args.check:
         print(summary_table(cfg))
         return 0

@@ -65,7 +65,8 @@ class RouterState:
         self.table = ModelTable.build(config, self.events, self.metrics.for_model, self.lifecycles(config))
         self.traffic = Traffic([m.name for m in self.table])
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
-        self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency, self.decides)
+        self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency, self.decides,
+                                self.events)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         #: Which replica made each stored response; outlives reloads, as the replicas do.
         self.owners = ResponseOwners(elsewhere=self.owner_in_workers if self.workers is not None else None)

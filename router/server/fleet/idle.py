@@ -1,19 +1,29 @@
 """The idle policy: which models may be put to sleep (or stopped) now, and the loop that does it.
 
-Every ``check_interval_seconds`` the loop reconciles each model with its
-engines, then asks each model's lifecycle to sleep the ones the rules allow.
-The rules are asked again by the lifecycle under the model's lock
-(`Lifecycle.sleep(check=...)`), so a request that arrived in between wins.
-The loop reads the live table at each round, so a reload's models are
-covered from the next round on.
+The loop runs at the next idle deadline (a model idle for
+``idle_threshold_seconds`` or its ``idle_stop_seconds``, asleep for
+``idle_deep_sleep_seconds``, `due_at`), and at least every
+``check_interval_seconds``, when it also reconciles each model with its
+engines. Every published state change (a wake, a start, a sleep, a reload)
+makes it compute the next deadline again; a model with requests in flight
+is looked at again a threshold later, since its idle time starts only when
+its last request ends. Stops go through residency, as evictions
+(router/server/fleet/residency.py); sleeps ask each model's lifecycle, which
+asks the rules again under the model's lock (`Lifecycle.sleep(check=...)`),
+so a request that arrived in between wins. The loop reads the live table at
+each round, so a reload's models are covered at once.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
+from functools import partial
 from typing import Callable, Optional
 
 from router.config import SleepSettings
+from router.observe.events import Events
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import Model, ModelTable
 from router.server.fleet.outcome import ModelUnavailable, Outcome
@@ -22,6 +32,10 @@ from router.util.periodic import Periodic
 from router.util.states import AWAKE, SLEEPING
 
 log = logging.getLogger("router.idle")
+
+#: The least time before the loop looks again at a model that serves requests (its idle rules wait for
+#: their end, which it is not told of).
+LOOK_AGAIN_SECONDS = 1.0
 
 
 def sleep_blocker(lc: Lifecycle, running: bool, now: Optional[float] = None) -> Optional[str]:
@@ -72,18 +86,60 @@ def deepen_due(model: Model, after: Optional[float], now: Optional[float] = None
     return (lc.clock() if now is None else now) - lc.slept_at >= after
 
 
+def due_at(model: Model, deep_after: Optional[float], now: float) -> Optional[float]:
+    """The earliest clock time at which an idle rule (`sleep_blocker`, `stop_due`, `deepen_due`) may next
+    apply to the model, from what is known at `now`; None when none can before its state changes.
+
+    A model with requests in flight or waiting gives `now` plus its shortest threshold: its idle time
+    starts again when the last one ends, so no rule applies sooner, and looking again then tells the
+    loop when that was (at least `LOOK_AGAIN_SECONDS` on, so a threshold of 0 does not make the loop
+    spin while the model serves). A time already passed means due now.
+    """
+    lc = model.lifecycle
+    s: SleepSettings = lc.settings
+    if lc.pinned:
+        return None
+    active = bool(lc.in_flight or lc.waiting)
+    since = now - lc.idle_seconds(now)  # when the model was last used
+    times: list[float] = []
+    if s.auto_sleep_enabled and lc.sleepable:
+        if active:
+            times.append(now + max(s.idle_threshold_seconds, LOOK_AGAIN_SECONDS))
+        elif lc.state == AWAKE:
+            times.append(max(since + s.idle_threshold_seconds,
+                             -math.inf if lc.last_wake_at is None else lc.last_wake_at + s.min_sleep_duration,
+                             -math.inf if lc.sleep_retry_at is None else lc.sleep_retry_at))
+    limits = [r.instance.idle_stop_seconds for r in model.replicas if r.instance.idle_stop_seconds is not None]
+    if limits and lc.stoppable:
+        if active:
+            times.append(now + max(min(limits), LOOK_AGAIN_SECONDS))
+        elif lc.state in (AWAKE, SLEEPING):
+            times.append(since + min(limits))
+    if deep_after is not None and lc.deepenable and lc.slept_at is not None:
+        times.append(lc.slept_at + deep_after)
+    return min(times, default=None)
+
+
 class IdleSleeper:
-    """The idle loop over the live table (`table()` is read at every round)."""
+    """The idle loop over the live table (`table()` is read at every round). With `events`, every state
+    change published there makes it compute its next deadline again."""
 
     def __init__(self, table: Callable[[], ModelTable], settings: Callable[[], SleepSettings], residency: Residency,
-                 decides: Callable[[], bool] = lambda: True):
+                 decides: Callable[[], bool] = lambda: True, events: Optional[Events] = None,
+                 clock: Callable[[], float] = time.monotonic):
         self._table = table
         self._settings = settings
         self._residency = residency
         #: Whether this router makes lifecycle decisions now (not while it follows a leader).
         self._decides = decides
+        self._clock = clock
+        #: When the last round made its decisions: a deadline at or before it had its chance then (one
+        #: that failed is tried again at the next interval, not at once and again).
+        self._decided_at = -math.inf
         self._loop = Periodic("idle-sleeper", self.check, lambda: settings().check_interval_seconds, log,
-                              first_at_once=False)
+                              first_at_once=False, sooner=self.next_in)
+        if events is not None:
+            events.listen(lambda _: self._loop.poke())
 
     @property
     def running(self) -> bool:
@@ -95,6 +151,19 @@ class IdleSleeper:
     def candidates(self) -> list[Model]:
         """Models the idle loop would put to sleep now."""
         return [m for m in self._table() if self.blocker(m) is None]
+
+    def next_due(self) -> Optional[float]:
+        """The clock time of the next idle deadline not yet looked at (None: none known)."""
+        if not self._decides():
+            return None
+        now, deep = self._clock(), self._settings().idle_deep_sleep_seconds
+        times = [t for t in (due_at(m, deep, now) for m in self._table()) if t is not None and t > self._decided_at]
+        return min(times, default=None)
+
+    def next_in(self) -> Optional[float]:
+        """Seconds until `next_due` (0: due now), for the loop's wait."""
+        due = self.next_due()
+        return None if due is None else max(0.0, due - self._clock())
 
     def start(self) -> None:
         self._loop.start()
@@ -115,8 +184,9 @@ class IdleSleeper:
             await self._residency.enforce_groups()
         except ModelUnavailable as e:
             log.warning("exclusive group: %s", e.message)
+        self._decided_at = self._clock()
         stops = [m for m in self._table() if stop_due(m)]
-        outcomes = list(await asyncio.gather(*(m.lifecycle.evict(stop=True, reason="idle_stop") for m in stops)))
+        outcomes = list(await asyncio.gather(*(self._residency.stop_idle(m, partial(stop_due, m)) for m in stops)))
         deep = [m for m in self._table() if m not in stops and deepen_due(m, self._settings().idle_deep_sleep_seconds)]
         outcomes += await asyncio.gather(*(m.lifecycle.deepen("idle_deep_sleep") for m in deep))
         return outcomes + list(await asyncio.gather(*(self.sleep(m) for m in self.candidates() if m not in stops)))

@@ -9,7 +9,9 @@ to sleep (a slept vLLM wakes in seconds) when the host budget can take its
 weights, else stopped (a stopped engine loads for minutes). Before a sleep,
 `make_host_room` stops the least recently used sleeping models until the
 weights fit in host memory (the idle loop and a manual sleep ask first).
-One lock orders all placement decisions, and each is computed from the
+The idle loop's stops (``idle_stop_seconds``) go through `stop_idle`, under
+the same lock, and are recorded as evictions (reason ``idle_stop``) like the
+others. One lock orders all placement decisions, and each is computed from the
 owners' state at that moment, never from a copy. A model waiting for room
 still counts as holding nothing (it is asleep or stopped until it gets it),
 so no decision ever waits on a model that waits for the lock.
@@ -32,11 +34,13 @@ from router.config import ResidencySettings
 from router.server.fleet.costs import Costs
 from router.server.fleet.life import DEEP_LEVEL, ModelLife
 from router.server.fleet.models import Model, ModelTable
-from router.server.fleet.outcome import RETRY_AFTER_SECONDS, ModelUnavailable
+from router.server.fleet.outcome import RETRY_AFTER_SECONDS, ModelUnavailable, Outcome
 from router.util.states import AWAKE, HOLDING_GPU, SLEEPING
 
 #: Evictions remembered for GET /residency.
 RECENT_EVICTIONS = 50
+#: The eviction reason of a stop by ``idle_stop_seconds``.
+IDLE_STOP = "idle_stop"
 #: How often a member of an exclusive group looks again whether it may swap in.
 SWAP_POLL_SECONDS = 0.1
 
@@ -205,16 +209,30 @@ class Residency:
         outcome = await victim.lifecycle.deepen(reason)
         if not outcome.ok:
             raise ModelUnavailable(f"could not make room: {outcome.message}", RETRY_AFTER_SECONDS)
-        self.eviction_counts[reason] += 1
-        self.evictions.append({"time": time.time(), "model": victim.name, "action": "deepen", "reason": reason})
+        self._record(victim, "deepen", reason)
 
     async def _evict(self, victim: Model, stop: bool, reason: str, drain: bool = False) -> None:
         outcome = await victim.lifecycle.evict(stop=stop, reason=reason, drain=drain)
         if not outcome.ok:
             raise ModelUnavailable(f"could not make room: {outcome.message}", RETRY_AFTER_SECONDS)
+        self._record(victim, "stop" if stop else "sleep", reason)
+
+    async def stop_idle(self, model: Model, due: Callable[[], bool]) -> Outcome:
+        """A stop by a policy (the idle loop's ``idle_stop_seconds``), made as every eviction is: under the
+        placement lock, so no decision for room races it, and recorded (reason ``idle_stop``) in the last
+        evictions and their counts. `due` is asked again under the lock: a request that came while it
+        waited keeps the model."""
+        async with self._placement_lock():
+            if not due():
+                return Outcome(False, f"model {model.name!r} is no longer idle", 409)
+            outcome = await model.lifecycle.evict(stop=True, reason=IDLE_STOP)
+            if outcome.ok:
+                self._record(model, "stop", IDLE_STOP)
+            return outcome
+
+    def _record(self, victim: Model, action: str, reason: str) -> None:
         self.eviction_counts[reason] += 1
-        self.evictions.append({"time": time.time(), "model": victim.name, "action": "stop" if stop else "sleep",
-                               "reason": reason})
+        self.evictions.append({"time": time.time(), "model": victim.name, "action": action, "reason": reason})
 
     @staticmethod
     def _why_kept(model: Model) -> str:
