@@ -72,8 +72,8 @@ class Config:
         "how engines take turns at their first start. `healthy`: engines that share a GPU (the same "
         "`CUDA_VISIBLE_DEVICES` device, or none given) start one after another, each once the one before it on that GPU "
         "passes its health check, fails, or is past its `start_timeout_seconds`; engines on different GPUs start "
-        "together. `delay`: by `launch_delay_seconds`. Either way only the first start at supervisord's start waits: "
-        "restarts and engines added by `--apply` start at once"),
+        "together. `delay`: by `launch_delay_seconds`. Either way only a first start in supervisord's first minute waits: "
+        "restarts, and engines that `--apply` adds to a stack running longer, start at once"),
         key="launch_order", shown="`delay` when `launch_delay_seconds` is above 0, else `healthy`")
     #: Start of every tmux session name the renderer makes (`<prefix><name>`).
     tmux_session_prefix: str = setting(TMUX_PREFIX, "kvcached-", (
