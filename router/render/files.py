@@ -67,8 +67,8 @@ BOOT_WINDOW_SECONDS = 60
 WAIT_MODULE = "router.render.wait_healthy"
 #: The launch script's comment on its wait, by launch_order.
 ORDER_WHY = {
-    "delay": "start launch_delay_seconds x the number of engines listed before this one after them, "
-             "so they do not all load weights and allocate GPU memory at the same moment.",
+    "delay": "wait launch_delay_seconds for each engine listed before this one, so they do "
+             "not all load weights and allocate GPU memory at the same moment.",
     "healthy": "start once the engine before this one on each of its GPUs serves (or failed, "
                "or is past its start timeout), so no two profile GPU memory at the same moment.",
 }
@@ -276,8 +276,7 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
         # shows RUNNING during its first-start wait (its log says what it waits for); one that
         # dies right after the wait is restarted at once, without waiting, and a start that
         # keeps failing still ends FATAL.
-        startsecs = STARTSECS
-        programs.append(Program(inst.name, (str(script),), log, startsecs, ENGINE_STOPWAITSECS,
+        programs.append(Program(inst.name, (str(script),), log, STARTSECS, ENGINE_STOPWAITSECS,
                                 autostart=not inst.on_demand))
         sessions.append(Session(session_name(cfg, inst.name), (str(script),), log))
     if cfg.router.enable_router:
