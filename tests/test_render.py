@@ -219,11 +219,11 @@ def test_launch_delay_staggers_engines_in_config_order(short_tmp: str) -> None:
         {"name": f"e{i}", "model": f"m{i}", "engine": "vllm", "engine_args": [f"--port={9001 + i}"]} for i in range(4)
     ]})
     files = rendered(cfg_path, tmp / "out", sim=True)
-    sleeps = [[ln for ln in files[f"engines/e{i}.sh"][0].splitlines() if ln.startswith("sleep ")] for i in range(4)]
+    sleeps = [[ln.strip() for ln in files[f"engines/e{i}.sh"][0].splitlines() if ln.strip().startswith("sleep ")] for i in range(4)]
     assert sleeps == [[], ["sleep 0.1"], ["sleep 0.2"], ["sleep 0.3"]]
-    # the wait is not part of a successful start
+    # startsecs is the same for first starts and restarts: a restart (no wait) shows RUNNING as soon as any start
     progs = supervisor_programs(tmp / "out" / "supervisord.conf")
-    assert [progs[f"e{i}"].startsecs for i in range(4)] == [render.STARTSECS] + [render.STARTSECS + 1] * 3
+    assert [progs[f"e{i}"].startsecs for i in range(4)] == [render.STARTSECS] * 4
 
 
 def test_external_instances_and_a_disabled_router_are_not_rendered(short_tmp: str) -> None:
@@ -336,6 +336,42 @@ def test_launch_delay_outside_supervisord_is_waited_every_time(short_tmp: str) -
     assert not (tmp / "out" / "run" / "e1.launched").exists()
     assert (tmp / "out" / "run" / "e1.script").read_text() == (tmp / "out" / "engines" / "e1.sh").read_text()
 
+
+
+def test_launch_order_healthy_waits_on_a_first_start_at_boot_only(short_tmp: str) -> None:
+    """e1 waits for e0, which never serves here, so until e0's start timeout (2 s): outside
+    supervisord, and on a first start just after supervisord's start; not on a restart, nor on
+    the first start of an engine that `--apply` adds to a supervisord up for minutes."""
+    tmp = Path(short_tmp)
+    echo_venv(tmp)
+    timeout = 2
+    cfg_path = write_config(tmp, {"instances": [
+        {"name": f"e{i}", "model": "m", "engine": "vllm", "using_venv": True, "venv_path": "venv",
+         "engine_args": [f"--port={port}"], "start_timeout_seconds": timeout} for i, port in enumerate((9, 10))]})
+    rendered(cfg_path, tmp / "out")
+    script, pidfile = tmp / "out" / "engines" / "e1.sh", tmp / "out" / "supervisord.pid"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+
+    def took(started: str = "", runs: int = 1) -> tuple[float, str]:
+        """Seconds and output of `runs` starts of the script: alone, or (`started`: when its fake
+        supervisord started) as the children of one supervisord."""
+        if started:
+            argv = ["bash", "-c", 'echo $$ > "$1"; touch -d "$2" "$1"; for _ in $(seq "$4"); do "$3"; done; true',
+                    "-", str(pidfile), started, str(script), str(runs)]
+        else:
+            argv = [str(script)]
+        t0 = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, timeout=30, env=env, text=True)
+        assert done.returncode == 0, done.stderr
+        return time.monotonic() - t0, done.stdout
+
+    alone, said = took()
+    assert alone >= timeout and "launch_order healthy: waiting for e0" in said and "(e0 timeout)" in said
+    at_boot, said = took("now", runs=2)  # a first start, then a restart under the same supervisord
+    assert timeout <= at_boot < 2 * timeout - 0.5 and said.count("waiting for e0") == 1, (at_boot, said)
+    (tmp / "out" / "run" / "e1.launched").unlink()
+    added, said = took("5 minutes ago")  # added to a running stack by --apply: at once
+    assert added < timeout and "waiting" not in said, (added, said)
 
 def test_cli_check_prints_the_table_and_warnings_and_writes_nothing(short_tmp: str) -> None:
     tmp = Path(short_tmp)

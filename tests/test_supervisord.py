@@ -18,6 +18,8 @@ import pytest
 from helpers import PY, distinct_ports, http_status, render, short_tmp, wait_for, wait_http  # noqa: F401  (fixture)
 from supervised import Supervised, alive, render_cli
 
+from router.render.files import STARTSECS
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -269,3 +271,52 @@ def test_two_stacks_share_a_tmux_server_and_never_touch_each_others_sessions(sho
     finally:
         for stack in stacks:
             stack.close()
+
+
+@pytest.mark.slow  # three 2 s loads one after another, then a restart: about 15 s
+def test_launch_order_healthy_starts_engines_on_one_gpu_one_after_another(short_tmp: str) -> None:
+    """Three simulated engines on GPU 0 that each take 2 s to listen: each starts once the one
+    before it serves; one killed afterwards comes back at once, without waiting for the others."""
+    tmp = Path(short_tmp)
+    startup = 2.0
+    ports = distinct_ports(3)
+    names = [f"e{i}" for i in range(3)]
+    out = render(tmp, {"router": {"enable_router": False}, "launch_order": "healthy", "instances": [
+        {"name": name, "model": f"m{i}", "engine": "vllm", "engine_args": [f"--port={port}"], "sim_args": [f"--startup-s {startup:g}"]}
+        for i, (name, port) in enumerate(zip(names, ports))
+    ]}, "--sim")
+    health = {name: f"http://127.0.0.1:{port}/health" for name, port in zip(names, ports)}
+    stack = Supervised(out, tmp / "tmux")
+    serving: dict[str, float] = {}
+
+    def all_serving() -> bool:
+        for name, url in health.items():
+            if name not in serving and http_status(url, timeout=0.2) == 200:
+                serving[name] = time.monotonic()
+        return len(serving) == len(health)
+
+    try:
+        stack.start()
+        wait_for(all_serving, 40, "every engine to serve", interval=0.05)
+        # each engine loaded (2 s) only after the one before it served: not all at once
+        assert serving["e1"] - serving["e0"] >= startup - 0.3, serving
+        assert serving["e2"] - serving["e1"] >= startup - 0.3, serving
+        assert "waiting for" not in stack.log("e0")
+        assert "launch_order healthy: starting after" in stack.log("e1") and "(e0 healthy)" in stack.log("e1")
+        assert "(e1 healthy)" in stack.log("e2")
+        stack.wait_running(["logs", *names])
+
+        # e0 is stopped (a wait on it would last STOPPED_FOR_SECONDS) and e1 dies: e1's restart does not wait
+        stack.ctl("stop", "e0")
+        logged = len((out / "logs" / "e1.log").read_text())
+        os.kill(stack.pid("e1"), signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: http_status(health["e1"], timeout=0.2) == 200, 20, "e1 to serve again", interval=0.05)
+        back = time.monotonic() - killed
+        wait_for(lambda: stack.status().get("e1") == "RUNNING", 20, "e1 RUNNING again", interval=0.1)
+        running = time.monotonic() - killed
+        assert "waiting for" not in (out / "logs" / "e1.log").read_text()[logged:]
+        assert back < startup + 3, back  # its own load only: a wait would add STOPPED_FOR_SECONDS
+        assert running < STARTSECS + 3, running  # RUNNING after startsecs, which holds no wait
+    finally:
+        stack.close()

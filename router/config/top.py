@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 
 from router.config.instance import Instance
 from router.config.instances import Instances
-from router.config.kinds import ENV_NAME, NON_NEGATIVE, Text, env_value
+from router.config.kinds import ENV_NAME, NON_NEGATIVE, Choice, Text, env_value
 from router.config.kubernetes import KubernetesSettings
 from router.config.problems import Reading
 from router.config.residency import ResidencySettings
@@ -15,6 +15,9 @@ from router.config.schema import REQUIRED, Kind, Section, keys_of, setting
 from router.config.sleep import SleepSettings
 
 #: tmux session name prefixes: tmux itself turns '.' into '_' in session names.
+#: How engines that share a GPU take turns at their first start.
+LAUNCH_ORDERS = ("delay", "healthy")
+
 TMUX_PREFIX = Text("1 to 40 letters, digits, `-`, `_`, `.`", r"[A-Za-z0-9._-]{1,40}",
                    "{value!r} is not a usable tmux session prefix: use 1 to 40 letters, digits, '-', '_' or '.' (e.g. 'kvcached-')")
 
@@ -64,7 +67,14 @@ class Config:
         "this many seconds before it starts, so engines do not load weights and allocate GPU memory at the same moment. "
         "Under supervisord the wait is on an engine's first start only: a restart after a crash (or `supervisorctl "
         "restart`, or an `--apply` restart) starts at once; starting supervisord again or `supervisorctl reload` counts "
-        "as a first start. `tmux-launch.sh` waits every time"))
+        "as a first start. `tmux-launch.sh` waits every time. Used when `launch_order` is `delay`"))
+    launch_order_given: Optional[str] = setting(Choice(LAUNCH_ORDERS), None, (
+        "how engines take turns at their first start. `healthy`: engines that share a GPU (the same "
+        "`CUDA_VISIBLE_DEVICES` device, or none given) start one after another, each once the one before it on that GPU "
+        "passes its health check, fails, or is past its `start_timeout_seconds`; engines on different GPUs start "
+        "together. `delay`: by `launch_delay_seconds`. Either way only a first start in supervisord's first minute waits: "
+        "restarts, and engines that `--apply` adds to a stack running longer, start at once"),
+        key="launch_order", shown="`delay` when `launch_delay_seconds` is above 0, else `healthy`")
     #: Start of every tmux session name the renderer makes (`<prefix><name>`).
     tmux_session_prefix: str = setting(TMUX_PREFIX, "kvcached-", (
         "start of every tmux session name: `<prefix><name>` per engine, `<prefix>frontend` for the router (tmux shows "
@@ -109,6 +119,13 @@ class Config:
             for n in inst.served_names:
                 out.setdefault(n, inst.model)
         return out
+
+    @property
+    def launch_order(self) -> str:
+        """`launch_order` as given, else `delay` where a launch delay is set (kvcached's files) and `healthy` otherwise."""
+        if self.launch_order_given:
+            return self.launch_order_given
+        return "delay" if self.launch_delay_seconds > 0 else "healthy"
 
     @property
     def launched(self) -> tuple[Instance, ...]:

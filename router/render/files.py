@@ -16,7 +16,7 @@ The output folder holds everything needed to run the node:
 - ``logs/``, where supervisord writes ``<program>.log`` and its own
   ``supervisord.log``, beside its socket and pidfile;
 - ``run/``, where each launch script notes what it started (see
-  ``engine.sh.j2``), so ``--apply`` and the launch delay can tell a first
+  ``engine.sh.j2``), so ``--apply`` and the first-start wait can tell a first
   start from a restart.
 
 Every tmux session a stack makes carries the stack's identity, its absolute
@@ -45,6 +45,7 @@ import jinja2
 
 from router.config import Config, Instance
 from router.engines import sim_argv
+from router.render.start_order import turns
 from router.supervision.supervisord import SOCKET_NAME
 
 #: supervisord program names that are not engines.
@@ -59,6 +60,18 @@ RUN_DIR = "run"
 #: Engines get this long to shut down cleanly (free GPU memory, finish
 #: in-flight work) before supervisord kills their process group.
 ENGINE_STOPWAITSECS = 60
+#: The first-start wait only happens this soon after supervisord's (re)start: later, a
+#: first start is an engine that `render --apply` added to a running stack.
+BOOT_WINDOW_SECONDS = 60
+#: Runs the `launch_order: healthy` wait (router/render/wait_healthy.py).
+WAIT_MODULE = "router.render.wait_healthy"
+#: The launch script's comment on its wait, by launch_order.
+ORDER_WHY = {
+    "delay": "wait launch_delay_seconds for each engine listed before this one, so they do "
+             "not all load weights and allocate GPU memory at the same moment.",
+    "healthy": "start once the engine before this one on each of its GPUs serves (or failed, "
+               "or is past its start timeout), so no two profile GPU memory at the same moment.",
+}
 #: How long a program must stay up to count as started.
 STARTSECS = 3
 #: Beyond the router's own shutdown grace period, before supervisord kills it.
@@ -238,16 +251,17 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
     files: dict[str, tuple[str, int]] = {}
     programs: list[Program] = []
     sessions: list[Session] = []
-    at_start = [i.name for i in cfg.launched if not i.on_demand]
+    waits = first_start_waits(cfg, python, socket)
     for inst in cfg.launched:
         script = out / "engines" / f"{inst.name}.sh"
-        # Engines started with supervisord wait their turn; one started on demand starts at once.
-        delay = 0.0 if inst.on_demand else at_start.index(inst.name) * cfg.launch_delay_seconds
         files[f"engines/{inst.name}.sh"] = (env.get_template("engine.sh.j2").render(
             inst=inst,
             argv=engine_argv(inst, sim, python),
             venv=None if sim else inst.venv_path,
-            delay=_seconds(delay),
+            wait=waits.get(inst.name, ""),
+            order=cfg.launch_order,
+            why=ORDER_WHY[cfg.launch_order],
+            boot_window=BOOT_WINDOW_SECONDS,
             sim=sim,
             script=str(script),
             run=str(run),
@@ -256,10 +270,13 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
             pidfile=str(out / "supervisord.pid"),
         ), SCRIPT_MODE)
         log = str(logs / f"{inst.name}.log")
-        # The launch delay does not count as having started: an engine that
-        # dies right after it is still a failed start (retried, then FATAL).
-        startsecs = STARTSECS + math.ceil(delay)
-        programs.append(Program(inst.name, (str(script),), log, startsecs, ENGINE_STOPWAITSECS,
+        # startsecs counts from the spawn, wait included, and supervisord has one startsecs for
+        # first starts and restarts alike: were the wait added to it, a restart (which does not
+        # wait) would show STARTING that much longer while it already serves. So an engine
+        # shows RUNNING during its first-start wait (its log says what it waits for); one that
+        # dies right after the wait is restarted at once, without waiting, and a start that
+        # keeps failing still ends FATAL.
+        programs.append(Program(inst.name, (str(script),), log, STARTSECS, ENGINE_STOPWAITSECS,
                                 autostart=not inst.on_demand))
         sessions.append(Session(session_name(cfg, inst.name), (str(script),), log))
     if cfg.router.enable_router:
@@ -286,6 +303,27 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
         stop_seconds=max(p.stopwaitsecs for p in programs) + UNIT_STOP_MARGIN_SECONDS if programs else UNIT_STOP_MARGIN_SECONDS,
     ), FILE_MODE)
     return files
+
+
+def first_start_waits(cfg: Config, python: str, socket: Path) -> dict[str, str]:
+    """Engine -> the shell command its first start runs before the engine (none: no wait).
+
+    `delay`: engine number *i* started with supervisord sleeps *i* x launch_delay_seconds.
+    `healthy`: it polls the health URLs of the engines before it on its GPUs (see
+    `start_order`). The wait never fails the start: were the helper itself to fail, the
+    engine starts at once.
+    """
+    at_start = [i for i in cfg.launched if not i.on_demand]
+    if cfg.launch_order == "delay":
+        delays = {inst.name: n * cfg.launch_delay_seconds for n, inst in enumerate(at_start)}
+        return {name: f"sleep {_seconds(d)}" for name, d in delays.items() if d > 0}
+    out: dict[str, str] = {}
+    for name, turn in turns(cfg).items():
+        if turn.after:
+            urls = [f"{p.name}={p.url}{p.health_path}" for p in turn.after]
+            argv = [python, "-m", WAIT_MODULE, "--timeout", _seconds(turn.timeout), "--socket", str(socket), *urls]
+            out[name] = f"{shell_join(argv)} || true"
+    return out
 
 
 def _seconds(value: float) -> str:
