@@ -525,7 +525,9 @@ def check_rendered(bench: Bench, out: Path, cfg_path: Path, doc: dict, sim: bool
 
     want = {f"kvcached-{i['name']}": expected_engine_argv(i, sim) for i in instances}
     for inst in instances:
-        [got] = bench.run([str(out / "engines" / f"{inst['name']}.sh")])
+        *waits, got = bench.run([str(out / "engines" / f"{inst['name']}.sh")])
+        # Under launch_order healthy an engine after another on its GPU first waits for it (once).
+        assert len(waits) <= 1 and all("router.render.wait_healthy" in w["argv"] for w in waits), waits
         assert got["argv"] == want[f"kvcached-{inst['name']}"]
         env = got["env"]
         assert env["KVCACHED_NOTE"] == doc["kvcached"]["kvcached_note"] and env["KVR_KV"] == inst["kvcached_env"]["KVR_KV"]
