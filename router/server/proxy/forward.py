@@ -24,12 +24,12 @@ from router.observe.traffic import Traffic
 from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.fleet.replica import Replica
-from router.server.fleet.upstream import ConnectFailed, Response, UpstreamError, UpstreamTimeout
+from router.server.fleet.upstream import ConnectFailed, UpstreamError
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
-from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
 from router.server.proxy.exchange import Exchange, traced_admission
 from router.server.proxy.forms import FormError, boundary_of
-from router.server.proxy.reply import STREAM_HEADERS, AsgiReply, EarlyStream, Message, Receive, Reply, Scope, Send, answer_error, retry_after, send_error
+from router.server.proxy.relay import relay_body, relay_stream, upstream_failure
+from router.server.proxy.reply import AsgiReply, EarlyStream, Message, Receive, Reply, Scope, Send, answer_error, retry_after, send_error
 from router.server.proxy.request import (
     API_KEY,
     AUTHORIZATION,
@@ -39,7 +39,7 @@ from router.server.proxy.request import (
     header,
     parse_form,
     parse_json,
-    relay_headers,
+    read_body,
     request_head,
 )
 
@@ -108,7 +108,7 @@ class Proxy:
         start = time.perf_counter()
         path = scope["path"]
         try:
-            body = await self.read_body(scope, receive)
+            body = await read_body(scope, receive, self.max_bytes)
             if body is None:
                 return  # the client left before sending its request
             model, out = await self.route(scope, body, path)
@@ -220,7 +220,7 @@ class Proxy:
         (`resolve` or the body refused: the error is sent) or the client left before its body came."""
         try:
             found = resolve()
-            body = await self.read_body(scope, receive)
+            body = await read_body(scope, receive, self.max_bytes)
         except Reject as r:
             await send_error(send, r.status, r.message, r.param, r.headers)
             return None
@@ -235,38 +235,6 @@ class Proxy:
                 assert model is not None
                 return model, ("/" + rest[len(name) + 1:]).encode()
         raise Reject(404, f"No model is named at the start of '/upstream/{rest}'. Known models: {self.known}.")
-
-    async def read_body(self, scope: Scope, receive: Receive) -> Optional[bytes]:
-        """The request body, refusing (413) as soon as it is known to exceed the limit."""
-        limit = self.max_bytes
-        for k, v in scope["headers"]:
-            if k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    raise Reject(400, "Content-Length is not a number.") from None
-                if declared > limit:
-                    raise Reject(413, f"The request body ({declared} bytes) exceeds the limit of {limit} bytes "
-                                      "(router.max_request_bytes).")
-                break
-        msg = await receive()
-        body = msg.get("body", b"")
-        if not msg.get("more_body"):
-            return body if msg["type"] == "http.request" else None
-        parts = [body]
-        size = len(body)
-        while True:
-            if size > limit:
-                raise Reject(413, f"The request body exceeds the limit of {limit} bytes (router.max_request_bytes).")
-            if not msg.get("more_body"):
-                break
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return None
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            parts.append(chunk)
-        return b"".join(parts)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, model: Model, out: Outgoing, start: float,
                      target: bytes, admit: bool = True) -> None:
@@ -390,7 +358,7 @@ class Proxy:
                     retries = await self.retry(model, ex, e.kind, retries)
                     tried += (replica,)
                     continue
-                raise self.upstream_failure(model, e) from None
+                raise upstream_failure(model, e) from None
             except BaseException:
                 model.release(replica)
                 raise
@@ -406,9 +374,9 @@ class Proxy:
                 replica.succeeded()
             try:
                 if out.stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                    await self.relay_stream(reply, resp, start, ex, model, learn, idle)
+                    await relay_stream(reply, resp, start, ex, model, self.owners, learn, idle, self.settings)
                 else:
-                    await self.relay_body(reply, resp, start, ex, model, learn)
+                    await relay_body(reply, resp, start, ex, model, self.owners, learn)
             finally:
                 resp.close()
                 model.release(replica)
@@ -426,66 +394,6 @@ class Proxy:
         model.metrics.retry(reason)
         await asyncio.sleep(RETRY_BACKOFF_SECONDS * 2 ** (ex.retries - 1))
         return retries - 1
-
-    def upstream_failure(self, model: Model, e: UpstreamError) -> Reject:
-        """A failure before anything reached the client, as the error to answer."""
-        model.metrics.upstream_error(e.kind)
-        if isinstance(e, UpstreamTimeout):
-            return Reject(504, f"The engine of model '{model.name}' timed out: {e}.")
-        return Reject(502, f"The engine of model '{model.name}' failed: {e}.")
-
-    async def relay_body(self, reply: Reply, resp: Response, start: float, ex: Exchange, model: Model,
-                         learn: bool) -> None:
-        try:
-            data = await resp.read()
-        except UpstreamError as e:
-            raise self.upstream_failure(model, e) from None
-        ex.status = resp.status
-        if learn and resp.status == 200 and ex.replica is not None:
-            self.owners.learn_from_body(data, model, ex.replica)
-        await reply.whole(resp.status, relay_headers(resp, []), data)
-        ex.ttfb = time.perf_counter() - start
-        ex.nbytes = len(data)
-
-    async def relay_stream(self, reply: Reply, resp: Response, start: float, ex: Exchange, model: Model,
-                           learn: bool, idle_timeout: float) -> None:
-        resp.stream(idle_timeout)
-        ex.status = resp.status
-        await reply.head(resp.status, relay_headers(resp, [*STREAM_HEADERS]))
-        nbytes = 0
-        tail = b""
-        # A reply on a connection of ours takes the chunks from the engine connection's callback.
-        piped = None if learn else getattr(reply, "pipe_sink", None)
-        try:
-            if piped is not None:
-                try:
-                    await resp.pipe(piped(resp))
-                finally:
-                    nbytes = resp.relayed
-                    if resp.first_relayed_at is not None:
-                        ex.ttfb = resp.first_relayed_at - start
-                if ex.ttfb is None:
-                    ex.ttfb = time.perf_counter() - start
-                ex.nbytes = nbytes
-                return await reply.end()
-            chunk = await resp.next_chunk()
-            ex.ttfb = time.perf_counter() - start
-            while chunk:
-                if learn and ex.replica is not None:
-                    learn = not self.owners.learn_from_stream(chunk, model, ex.replica)
-                nbytes += len(chunk)
-                await reply.chunk(chunk)
-                chunk = await resp.next_chunk()
-        except UpstreamError as e:
-            model.metrics.upstream_error(e.kind)
-            if ex.replica is not None:  # a stream the engine broke counts against its breaker
-                model.failed(ex.replica, time.monotonic(), self.settings)
-            ex.status = 504 if isinstance(e, UpstreamTimeout) else 502
-            message = f"The engine of model '{model.name}' stopped the stream: {e}."
-            event = b"event: error\n" if ex.path in ANTHROPIC_PATHS else b""
-            tail = event + b"data: " + error_body_for(ex.path, ex.status, message) + b"\n\n"
-        ex.nbytes = nbytes
-        await reply.end(tail)
 
     def account(self, model: Model, ex: Exchange, stream: bool, start: float) -> None:
         total = time.perf_counter() - start

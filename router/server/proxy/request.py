@@ -13,7 +13,7 @@ import orjson
 from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import Response
 from router.server.proxy.forms import Field, FormError, read_fields, replace_field
-from router.server.proxy.reply import Scope
+from router.server.proxy.reply import Receive, Scope
 
 #: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones the router sets itself.
 DROP_REQUEST_HEADERS = frozenset({
@@ -145,3 +145,35 @@ def parse_form(body: bytes, boundary: bytes) -> tuple[Optional[str], bool, Optio
     model = fields.get("model")
     stream = fields.get("stream")
     return (model.value or None) if model else None, bool(stream and stream.value.lower() == "true"), model
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> Optional[bytes]:
+    """The request body, refusing (413) as soon as it is known to exceed the limit."""
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            try:
+                declared = int(v)
+            except ValueError:
+                raise Reject(400, "Content-Length is not a number.") from None
+            if declared > limit:
+                raise Reject(413, f"The request body ({declared} bytes) exceeds the limit of {limit} bytes "
+                                  "(router.max_request_bytes).")
+            break
+    msg = await receive()
+    body = msg.get("body", b"")
+    if not msg.get("more_body"):
+        return body if msg["type"] == "http.request" else None
+    parts = [body]
+    size = len(body)
+    while True:
+        if size > limit:
+            raise Reject(413, f"The request body exceeds the limit of {limit} bytes (router.max_request_bytes).")
+        if not msg.get("more_body"):
+            break
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return None
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        parts.append(chunk)
+    return b"".join(parts)

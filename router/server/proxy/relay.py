@@ -1,0 +1,85 @@
+"""Relaying an engine's answer to the client: a body whole, a stream chunk by chunk.
+
+Kept apart from the routing in forward.py because this is the per-chunk path:
+whatever reads an answer as it passes (the Responses API's owners, and
+anything that must see a stream's last event) hooks in here, and nowhere else
+touches the bytes between the engine and the client.
+"""
+from __future__ import annotations
+
+import time
+
+from router.config import RouterSettings
+from router.server.fleet.models import Model
+from router.server.fleet.upstream import Response, UpstreamError, UpstreamTimeout
+from router.server.proxy.affinity import ResponseOwners
+from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
+from router.server.proxy.exchange import Exchange
+from router.server.proxy.reply import STREAM_HEADERS, Reply
+from router.server.proxy.request import Reject, relay_headers
+
+
+def upstream_failure(model: Model, e: UpstreamError) -> Reject:
+    """A failure before anything reached the client, as the error to answer."""
+    model.metrics.upstream_error(e.kind)
+    if isinstance(e, UpstreamTimeout):
+        return Reject(504, f"The engine of model '{model.name}' timed out: {e}.")
+    return Reject(502, f"The engine of model '{model.name}' failed: {e}.")
+
+
+async def relay_body(reply: Reply, resp: Response, start: float, ex: Exchange, model: Model,
+                     owners: ResponseOwners, learn: bool) -> None:
+    """The engine's whole answer to the client; a Responses answer teaches `owners` who holds it."""
+    try:
+        data = await resp.read()
+    except UpstreamError as e:
+        raise upstream_failure(model, e) from None
+    ex.status = resp.status
+    if learn and resp.status == 200 and ex.replica is not None:
+        owners.learn_from_body(data, model, ex.replica)
+    await reply.whole(resp.status, relay_headers(resp, []), data)
+    ex.ttfb = time.perf_counter() - start
+    ex.nbytes = len(data)
+
+
+async def relay_stream(reply: Reply, resp: Response, start: float, ex: Exchange, model: Model,
+                       owners: ResponseOwners, learn: bool, idle_timeout: float, settings: RouterSettings) -> None:
+    """The engine's stream to the client as it comes; a stream the engine breaks ends with an error
+    event in the client's API shape and counts against the replica's breaker."""
+    resp.stream(idle_timeout)
+    ex.status = resp.status
+    await reply.head(resp.status, relay_headers(resp, [*STREAM_HEADERS]))
+    nbytes = 0
+    tail = b""
+    # A reply on a connection of ours takes the chunks from the engine connection's callback.
+    piped = None if learn else getattr(reply, "pipe_sink", None)
+    try:
+        if piped is not None:
+            try:
+                await resp.pipe(piped(resp))
+            finally:
+                nbytes = resp.relayed
+                if resp.first_relayed_at is not None:
+                    ex.ttfb = resp.first_relayed_at - start
+            if ex.ttfb is None:
+                ex.ttfb = time.perf_counter() - start
+            ex.nbytes = nbytes
+            return await reply.end()
+        chunk = await resp.next_chunk()
+        ex.ttfb = time.perf_counter() - start
+        while chunk:
+            if learn and ex.replica is not None:
+                learn = not owners.learn_from_stream(chunk, model, ex.replica)
+            nbytes += len(chunk)
+            await reply.chunk(chunk)
+            chunk = await resp.next_chunk()
+    except UpstreamError as e:
+        model.metrics.upstream_error(e.kind)
+        if ex.replica is not None:  # a stream the engine broke counts against its breaker
+            model.failed(ex.replica, time.monotonic(), settings)
+        ex.status = 504 if isinstance(e, UpstreamTimeout) else 502
+        message = f"The engine of model '{model.name}' stopped the stream: {e}."
+        event = b"event: error\n" if ex.path in ANTHROPIC_PATHS else b""
+        tail = event + b"data: " + error_body_for(ex.path, ex.status, message) + b"\n\n"
+    ex.nbytes = nbytes
+    await reply.end(tail)
