@@ -158,7 +158,7 @@ def test_configmap_config_points_at_the_services(tmp_path: Path) -> None:
         assert container(objs["Deployment", svc])["ports"][0]["containerPort"] == port
     assert by_name["remote"].url == "http://big.example.net:9000"
     assert by_name["gguf"].auth_headers == {"Authorization": "Bearer sk-x"}
-    assert cfg.sleep.auto_sleep_enabled and cfg.router.api_keys == ("k1",)
+    assert cfg.sleep.auto_sleep_enabled and [k.key for k in cfg.router.api_keys] == ["k1"]
     assert [m for m in cfg.models] == ["meta-llama/Llama-3.2-1B", "Qwen/Qwen3-0.6B", "tiny", "big"]
 
 

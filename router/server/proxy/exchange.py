@@ -17,7 +17,8 @@ STARTS = frozenset({STOPPED, FAILED, STARTING, STOPPING})
 class Exchange:
     """What one proxied request did, for metrics, traffic, the access log and its trace."""
 
-    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace")
+    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace", "key", "prompt_tokens",
+                 "completion_tokens")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -28,6 +29,11 @@ class Exchange:
         self.replica: Optional[Replica] = None
         #: Its spans, when tracing is on (router.tracing): the one value the hot path checks for it.
         self.trace: Optional[RequestTrace] = None
+        #: The client key's name (router.api_keys), "anonymous" when none (set by proxy/tenants.py).
+        self.key = "anonymous"
+        #: The engine's `usage`, when counted (by the token accounting); a limited key's `tpm` is charged with them.
+        self.prompt_tokens: Optional[int] = None
+        self.completion_tokens: Optional[int] = None
 
 
 def traced_admission(trace: RequestTrace, lifecycle: Lifecycle, admitting: Awaitable[T]) -> Awaitable[T]:

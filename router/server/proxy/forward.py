@@ -42,6 +42,7 @@ from router.server.proxy.request import (
     read_body,
     request_head,
 )
+from router.server.proxy.tenants import Pass, Tenants
 
 T = TypeVar("T")
 
@@ -102,6 +103,8 @@ class Proxy:
         self.known = ", ".join(table.names)
         #: The model a request without `model` goes to: router.default_model, else the only one.
         self.default_model = settings.default_model or (next(iter(table)).name if len(table) == 1 else None)
+        #: The client keys' scopes, limits and classes (proxy/tenants.py); None when there are no keys.
+        self.tenants: Optional[Tenants] = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A POST to a client path: routed by the model its body names."""
@@ -266,9 +269,15 @@ class Proxy:
         lifecycle = model.lifecycle
         admitted = False
         answer: Reply = reply
+        ticket: Optional[Pass] = None
         try:
+            if self.tenants is not None:
+                entering = self.tenants.enter(scope, model, out, ex)
+                if entering is not None:
+                    ticket = await entering
+                    answer = ticket.reply(reply)
             if admit and out.stream and self.loading_progress and lifecycle.state != AWAKE:
-                answer = early = EarlyStream(reply)
+                answer = early = EarlyStream(answer)
                 await early.open()
                 showing = admit_showing_progress(lifecycle, model.name, early)
                 await (showing if ex.trace is None else traced_admission(ex.trace, lifecycle, showing))
@@ -293,6 +302,8 @@ class Proxy:
         finally:
             if admitted:
                 lifecycle.release()
+            if ticket is not None:
+                ticket.leave(ex)
         self.account(model, ex, out.stream, start)
 
     async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...],
@@ -302,11 +313,12 @@ class Proxy:
             if out.pin is not None:
                 return model.take(out.pin)
             if trace is None:
-                return await model.acquire(time.monotonic(), tried, self.queue_timeout)
+                return await model.acquire(time.monotonic(), tried, self.queue_timeout, out.priority)
             try:  # traced: a wait in the queue is a span of its own
                 return model.pick(time.monotonic(), tried)
             except Overloaded:
-                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout))
+                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout,
+                                                               out.priority))
         except NoReplica as e:
             if tried:
                 raise Reject(502, f"Could not connect to any engine of model '{model.name}' "

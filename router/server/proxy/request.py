@@ -14,6 +14,7 @@ from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import Response
 from router.server.proxy.forms import Field, FormError, read_fields, replace_field
 from router.server.proxy.reply import Receive, Scope
+from router.tenants.classes import NORMAL, VLLM_PRIORITY
 
 #: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones the router sets itself.
 DROP_REQUEST_HEADERS = frozenset({
@@ -94,7 +95,7 @@ class Outgoing:
     re-encoded once, or the one form field replaced).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "priority")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -105,8 +106,12 @@ class Outgoing:
         self.form_model = form_model
         #: The one replica this request must go to (it holds the response the request names).
         self.pin = pin
+        #: Its priority class (router/tenants/classes.py): its key's, or lower if it asked.
+        self.priority = NORMAL
 
     def data_for(self, replica: Replica) -> bytes:
+        if replica.ranks and self.payload is not None:
+            return self.ranked_for(replica)
         if self.name in replica.served:
             return self.body
         if self.payload is not None:
@@ -114,6 +119,20 @@ class Outgoing:
         if self.form_model is not None:
             return replace_field(self.body, self.form_model, replica.served_name)
         return self.body
+
+
+    def ranked_for(self, replica: Replica) -> bytes:
+        """The body for an engine that orders its queue by the body's `priority` (vLLM's
+        ``--scheduling-policy priority``): the request's class as that number, a client's own
+        value kept only where it is lower in rank (a larger number)."""
+        assert self.payload is not None
+        ours = VLLM_PRIORITY[self.priority]
+        theirs = self.payload.get("priority")
+        value = max(theirs, ours) if type(theirs) is int else ours
+        if value == 0 and "priority" not in self.payload and self.name in replica.served:
+            return self.body  # a normal request: vLLM's default
+        return orjson.dumps({**self.payload, "model": replica.served_name if self.name not in replica.served
+                             else self.name, "priority": value})
 
 
 def parse_json(body: bytes) -> tuple[dict[str, Any], Optional[str], bool]:
