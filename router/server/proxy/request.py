@@ -110,7 +110,7 @@ class Outgoing:
         self.priority = NORMAL
 
     def data_for(self, replica: Replica) -> bytes:
-        if replica.ranks and self.payload is not None:
+        if replica.ranks and self.payload is not None and (self.priority != NORMAL or "priority" in self.payload):
             return self.ranked_for(replica)
         if self.name in replica.served:
             return self.body
@@ -128,9 +128,7 @@ class Outgoing:
         assert self.payload is not None
         ours = VLLM_PRIORITY[self.priority]
         theirs = self.payload.get("priority")
-        value = max(theirs, ours) if type(theirs) is int else ours
-        if value == 0 and "priority" not in self.payload and self.name in replica.served:
-            return self.body  # a normal request: vLLM's default
+        value = max(theirs, ours) if type(theirs) is int else ours  # a normal request sends none: vLLM's 0
         return orjson.dumps({**self.payload, "model": replica.served_name if self.name not in replica.served
                              else self.name, "priority": value})
 
