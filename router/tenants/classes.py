@@ -32,20 +32,20 @@ def requested(key_class: int, header: Optional[bytes]) -> int:
 class ClassQueue(Generic[T]):
     """Waiters in classes: `first` is the oldest of the highest class present.
 
-    Shaped like the deque it replaces (append, first, popleft, remove, len), so
-    a queue without classes pays one list index per operation."""
+    Shaped like the deque it replaces (append, first, popleft, remove, len); a hot
+    path that only asks whether anyone waits reads `size` (an attribute, no call)."""
 
-    __slots__ = ("_lanes", "_size")
+    __slots__ = ("_lanes", "size")
 
     def __init__(self) -> None:
         self._lanes: tuple[deque[T], deque[T], deque[T]] = (deque(), deque(), deque())
-        self._size = 0
+        self.size = 0
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def __bool__(self) -> bool:
-        return self._size > 0
+        return self.size > 0
 
     def __iter__(self) -> Iterator[T]:
         for lane in self._lanes:
@@ -53,7 +53,7 @@ class ClassQueue(Generic[T]):
 
     def append(self, item: T, klass: int = NORMAL) -> None:
         self._lanes[klass].append(item)
-        self._size += 1
+        self.size += 1
 
     def first(self) -> T:
         for lane in self._lanes:
@@ -64,7 +64,7 @@ class ClassQueue(Generic[T]):
     def popleft(self) -> T:
         for lane in self._lanes:
             if lane:
-                self._size -= 1
+                self.size -= 1
                 return lane.popleft()
         raise IndexError("empty queue")
 
@@ -75,18 +75,7 @@ class ClassQueue(Generic[T]):
                 lane.remove(item)
             except ValueError:
                 continue
-            self._size -= 1
+            self.size -= 1
             return
         raise ValueError("not queued")
 
-
-def orders_by_priority(engine: str, engine_args: tuple[str, ...]) -> bool:
-    """Whether an engine orders its queue by the request's `priority` field: vLLM started with
-    ``--scheduling-policy priority``; no other engine is sent the field."""
-    if engine != "vllm":
-        return False
-    for i, word in enumerate(engine_args):
-        if word == "--scheduling-policy=priority" or (
-                word == "--scheduling-policy" and i + 1 < len(engine_args) and engine_args[i + 1] == "priority"):
-            return True
-    return False

@@ -8,12 +8,13 @@ from dataclasses import replace
 import orjson
 from fakes import instance
 
+from router.engines import ENGINES
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
 from router.server.fleet.models import Model
 from router.server.fleet.replica import Replica
 from router.server.proxy.request import Outgoing
-from router.tenants.classes import HIGH, LOW, NORMAL, ClassQueue, orders_by_priority, requested
+from router.tenants.classes import HIGH, LOW, NORMAL, ClassQueue, requested
 
 
 def test_the_header_may_lower_the_class_never_raise_it() -> None:
@@ -60,11 +61,13 @@ def test_a_freed_slot_goes_to_the_high_request_that_came_last() -> None:
 
 
 def test_only_vllm_with_the_priority_policy_orders_by_the_field() -> None:
-    assert orders_by_priority("vllm", ("--port", "1", "--scheduling-policy", "priority"))
-    assert orders_by_priority("vllm", ("--scheduling-policy=priority",))
-    assert not orders_by_priority("vllm", ("--scheduling-policy", "fcfs"))
-    assert not orders_by_priority("vllm", ("--scheduling-policy",))
-    assert not orders_by_priority("sglang", ("--scheduling-policy", "priority"))
+    vllm = ENGINES["vllm"]
+    assert vllm.orders_by_priority(("--port", "1", "--scheduling-policy", "priority"))
+    assert vllm.orders_by_priority(("--scheduling-policy=priority",))
+    assert not vllm.orders_by_priority(("--scheduling-policy", "fcfs"))
+    assert not vllm.orders_by_priority(("--scheduling-policy",))
+    assert not any(spec.orders_by_priority(("--scheduling-policy", "priority"))
+                   for name, spec in ENGINES.items() if name != "vllm")
 
 
 def test_the_class_is_forwarded_as_vllms_priority_only_where_it_orders_by_it() -> None:

@@ -143,7 +143,7 @@ class Model:
     def release(self, replica: Replica) -> None:
         """Free a slot; queued requests, if any, take it over."""
         replica.release_slot()
-        if self._waiters:
+        if self._waiters.size:
             self.dispatch()
 
     def failed(self, replica: Replica, now: float, settings: RouterSettings) -> None:

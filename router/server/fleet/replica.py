@@ -23,7 +23,6 @@ from router.config import Instance, RouterSettings, connect_host
 from router.observe.events import Events
 from router.server.fleet.upstream import Pool
 from router.supervision.processes import ProcessState
-from router.tenants.classes import orders_by_priority
 
 #: Health states of a replica; "unknown" (never probed) is routable.
 UNKNOWN, HEALTHY, UNHEALTHY = "unknown", "healthy", "unhealthy"
@@ -101,7 +100,7 @@ class Replica:
         self.served_name = instance.served_names[0] if instance.served_names else instance.model
         self.outstanding = 0
         #: Its engine orders its queue by the body's `priority` (vLLM's --scheduling-policy priority).
-        self.ranks = orders_by_priority(instance.engine, instance.engine_args)
+        self.ranks = instance.spec.orders_by_priority(instance.engine_args)
         self.limit = instance.max_concurrency
         self.max_queue = instance.max_queue if instance.max_concurrency else 0
         self.health = UNKNOWN
