@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+import anthropic
 import openai
 import orjson
 import pytest
@@ -153,3 +154,16 @@ def test_a_reload_with_a_bad_record_changes_nothing(stack: Stack) -> None:
     with pytest.raises(openai.RateLimitError):
         chat(c, "a")
 
+
+
+def test_the_anthropic_sdk_gets_its_own_error_shape(stack: Stack) -> None:
+    a, b = stack.engine(), stack.engine()
+    r = stack.router([instance("a", a.port), instance("b", b.port)],
+                     api_keys=[{"name": "scoped", "key": SCOPED, "models": ["a"]}])
+    claude = anthropic.Anthropic(base_url=r.url, api_key=SCOPED, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError) as denied:
+        claude.messages.create(model="b", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert denied.value.status_code == 403
+    assert denied.value.body == {"type": "error", "error": {
+        "type": "permission_error", "message": "The key 'scoped' may not use model 'b'; it may use: a."}}
+    assert not b.bodies
