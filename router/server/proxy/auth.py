@@ -80,14 +80,17 @@ def matches(token: Optional[bytes], keys: tuple[bytes, ...]) -> bool:
     return found
 
 
-def find(token: Optional[bytes], keys: tuple[bytes, ...]) -> int:
-    """1 + the place of `token` among `keys` (which are unique), 0 when it is none of them, in time
-    independent of the token's content and of which key it is."""
+_compare = hmac.compare_digest
+
+
+def find(token: Optional[bytes], places: tuple[tuple[int, bytes], ...]) -> int:
+    """The place (from 1) of `token` among the (place, key) pairs (keys unique), 0 when it is none
+    of them, in time independent of the token's content and of which key it is."""
     if token is None:
         return 0
     found = 0
-    for place, key in enumerate(keys, 1):
-        found |= place * hmac.compare_digest(token, key)
+    for place, key in places:
+        found |= place * _compare(token, key)
     return found
 
 
@@ -117,7 +120,8 @@ class Guard:
         self.records: tuple[ApiKey, ...] = settings.api_keys
         #: Compared by digest when some key is known only by its digest, else as given.
         self.hashed = any(k.key is None for k in self.records)
-        self.keys = tuple(k.digest if self.hashed or k.key is None else k.key.encode() for k in self.records)
+        self.keys = tuple(enumerate((k.digest if self.hashed or k.key is None else k.key.encode()
+                                     for k in self.records), 1))
         self.admin_key = (settings.admin_api_key.encode(),) if settings.admin_api_key else ()
         self.client_paths = client_paths
 
@@ -138,7 +142,10 @@ class Guard:
         path: str = scope["path"]
         if self.is_client(path):
             if self.keys:
-                place = self.find(bearer_token(scope)) or (path in X_API_KEY_PATHS and self.find(x_api_key(scope)))
+                token = bearer_token(scope)
+                place = find(hashlib.sha256(token).digest() if self.hashed and token else token, self.keys)
+                if not place and path in X_API_KEY_PATHS:
+                    place = self.find(x_api_key(scope))
                 if not place:
                     return MISSING_KEY
                 scope[KEY] = self.records[place - 1]
