@@ -2,6 +2,8 @@
 worker's requests end with its link (over the in-memory link pair of test_link_messages)."""
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 from router_support import instance
@@ -11,6 +13,7 @@ from router.config import Config
 from router.server.state import RouterState
 from router.server.workers.messages import Quota, QuotaDone
 from router.server.workers.worker_end import ControllerGate
+from router.tenants.classes import HIGH, LOW
 from router.tenants.quota import Refusal, Standing
 
 KEYS = [{"name": "k", "key": "sk-kkkkkkkk", "rpm": 3, "max_concurrency": 2}, "sk-plain"]
@@ -44,3 +47,30 @@ def test_one_keys_limits_hold_across_workers_and_end_with_a_worker(tmp_path: Pat
             task.cancel()
 
     run(tmp_path, [instance("m", 1)], scenario, api_keys=KEYS)
+
+
+def test_the_controllers_lease_queue_serves_higher_classes_first(tmp_path: Path) -> None:
+    async def scenario(state: RouterState, config: Config) -> None:
+        assert state.workers is not None
+        a, b = Worker(state.workers, 1), Worker(state.workers, 2)
+        await settle()
+        held = await a.model().acquire(time.monotonic(), (), 30.0)
+        order: list[str] = []
+
+        async def lease(worker: Worker, name: str, klass: int) -> None:
+            model = worker.model()
+            replica = await model.acquire(time.monotonic(), (), 30.0, klass)
+            order.append(name)
+            model.release(replica)
+        waits = [asyncio.ensure_future(lease(a, "low-a", LOW)), asyncio.ensure_future(lease(b, "low-b", LOW))]
+        await settle()
+        waits.append(asyncio.ensure_future(lease(b, "high-b", HIGH)))
+        await settle()
+        assert state.table.get("m").queued == 3  # type: ignore[union-attr]
+        a.model().release(held)
+        await asyncio.gather(*waits)
+        assert order == ["high-b", "low-a", "low-b"]
+        for task in (*a.tasks, *b.tasks):
+            task.cancel()
+
+    run(tmp_path, [instance("m", 1, max_concurrency=1, max_queue=5)], scenario)
