@@ -8,9 +8,9 @@ the proxy already has: the headers and the body it parsed once.
   (``previous_response_id``) is pinned to that response's replica before any key.
 - `prefix`: the first `prefix_chars` characters of the prompt, as JSON text:
   Anthropic's ``system``, then ``messages`` (chat), ``prompt`` (completions)
-  or ``input`` (responses, embeddings). Each message is serialized once, and
-  only until the prefix is full, so a long conversation costs no more than
-  its first messages.
+  or ``input`` (responses, embeddings). Messages are serialized one by one
+  until the prefix is full (a long one's text cut first), so a long
+  conversation costs no more than its first `prefix_chars`.
 
 A request with no key (no session named, a form upload) goes to the least
 loaded replica, as under `least_outstanding`.
@@ -65,6 +65,9 @@ def prefix_key(payload: dict[str, Any], chars: int) -> Optional[int]:
                 left -= len(text)
                 parts.append(text.encode())
             else:
+                content = item.get("content") if isinstance(item, dict) else None
+                if isinstance(content, str) and len(content) > left:  # a long message: only what counts
+                    item = {**item, "content": content[:left]}
                 data = orjson.dumps(item)[:left]
                 left -= len(data)
                 parts.append(data)
