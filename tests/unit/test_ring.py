@@ -10,7 +10,7 @@ KEYS = [key_hash(f"session-{i}".encode()) for i in range(2000)]
 
 
 def owners(ring: Ring, names: list[str]) -> dict[int, str]:
-    return {k: names[ring.choose(k, [0] * len(names), [True] * len(names))] for k in KEYS}  # type: ignore[index]
+    return {k: names[ring.choose(k, [0] * len(names), [True] * len(names))[0]] for k in KEYS}  # type: ignore[index]
 
 
 def test_keys_spread_over_every_member() -> None:
@@ -50,24 +50,24 @@ def test_an_unusable_member_is_passed_over_to_the_next_on_the_ring() -> None:
         assert walk[0] == ring.owner(k) and sorted(walk) == [0, 1, 2]
         usable = [True] * 3
         usable[walk[0]] = False
-        assert ring.choose(k, [0, 0, 0], usable) == walk[1]
+        assert ring.choose(k, [0, 0, 0], usable) == (walk[1], False)
         usable[walk[1]] = False
-        assert ring.choose(k, [0, 0, 0], usable) == walk[2]
-        assert ring.choose(k, [0, 0, 0], [False] * 3) is None
+        assert ring.choose(k, [0, 0, 0], usable)[0] == walk[2]
+        assert ring.choose(k, [0, 0, 0], [False] * 3)[0] is None
 
 
 def test_bounded_load_moves_keys_off_a_member_above_the_bound() -> None:
     ring = Ring(["a", "b"])
     key = next(k for k in KEYS if ring.owner(k) == 0)
     # at or under the floor of 8, skew does not matter: the key stays
-    assert ring.choose(key, [FLOOR, 0], [True, True]) == 0
+    assert ring.choose(key, [FLOOR, 0], [True, True]) == (0, True)
     # 9 against 0: above 8 and above 1.25 x the average (4.5): moved to the next member
-    assert ring.choose(key, [FLOOR + 1, 0], [True, True]) == 1
+    assert ring.choose(key, [FLOOR + 1, 0], [True, True]) == (1, False)
     # 20 against 12: average 16, bound 20: stays; 21 against 12: bound 20.6: moved
-    assert ring.choose(key, [20, 12], [True, True]) == 0
-    assert ring.choose(key, [21, 12], [True, True]) == 1
+    assert ring.choose(key, [20, 12], [True, True])[0] == 0
+    assert ring.choose(key, [21, 12], [True, True])[0] == 1
     # an unusable member's load does not count in the average
-    assert ring.choose(key, [FLOOR + 1, 100], [True, False]) == 0
+    assert ring.choose(key, [FLOOR + 1, 100], [True, False])[0] == 0
 
 
 def test_under_skew_bounded_load_keeps_every_member_near_the_average() -> None:
@@ -77,7 +77,7 @@ def test_under_skew_bounded_load_keeps_every_member_near_the_average() -> None:
     hot = [k for k in KEYS if ring.owner(k) == 0][:300]
     loads = [0, 0, 0]
     for k in hot:
-        m = ring.choose(k, loads, [True] * 3)
+        m, _ = ring.choose(k, loads, [True] * 3)
         assert m is not None
         loads[m] += 1
     assert sum(loads) == 300
@@ -87,4 +87,4 @@ def test_under_skew_bounded_load_keeps_every_member_near_the_average() -> None:
 
 def test_an_empty_ring_owns_nothing() -> None:
     ring = Ring([])
-    assert ring.owner(1) is None and ring.walk(1) == [] and ring.choose(1, [], []) is None
+    assert ring.owner(1) is None and ring.walk(1) == [] and ring.choose(1, [], []) == (None, False)

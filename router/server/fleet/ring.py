@@ -66,9 +66,10 @@ class Ring:
         i = bisect_left(self._points, key)
         return self._owners[i if i < len(self._points) else 0]
 
-    def choose(self, key: int, loads: Sequence[int], usable: Sequence[bool]) -> Optional[int]:
-        """The member `key` goes to now: the first usable one along the ring that is not above the
-        bound (`loads[m]` in flight on member m); None when no member is usable."""
+    def choose(self, key: int, loads: Sequence[int], usable: Sequence[bool]) -> tuple[Optional[int], bool]:
+        """(the member `key` goes to now, or None when no member is usable; whether it is the key's
+        owner): the first usable member along the ring that is not above the bound (`loads[m]` in
+        flight on member m)."""
         count = 0
         total = 0
         for m in range(self.size):
@@ -76,12 +77,12 @@ class Ring:
                 count += 1
                 total += loads[m]
         if not count:
-            return None
+            return None, False
         bound = max(FACTOR * total / count, FLOOR)
         owner = self.owner(key)
         if owner is not None and usable[owner] and loads[owner] <= bound:
-            return owner  # the usual case: no walk
+            return owner, True  # the usual case: no walk
         for m in self.walk(key):
             if usable[m] and loads[m] <= bound:
-                return m
-        return None  # unreachable: the least loaded usable member is never above the bound
+                return m, False
+        return None, False  # unreachable: the least loaded usable member is never above the bound

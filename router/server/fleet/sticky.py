@@ -34,6 +34,7 @@ class Sticky:
         """(the replica for `key`, or None; whether one was passed over for being full; whether it
         is the key's owner). `replicas` are the ones the ring was made of, in that order."""
         usable = []
+        loads = []
         full = False
         for r in replicas:
             ok = r not in exclude and r.routable(now)
@@ -41,10 +42,9 @@ class Sticky:
                 full = True
                 ok = False
             usable.append(ok)
-        chosen = self.ring.choose(key, [r.outstanding for r in replicas], usable)
-        if chosen is None:
-            return None, full, False
-        return replicas[chosen], full, chosen == self.ring.owner(key)
+            loads.append(r.outstanding)
+        chosen, hit = self.ring.choose(key, loads, usable)
+        return (None if chosen is None else replicas[chosen]), full, hit
 
     def owns(self, replicas: tuple[Replica, ...], key: int, replica: Replica) -> bool:
         """Whether `replica` is `key`'s owner (a request that waited for a slot took the first free one)."""
