@@ -30,9 +30,9 @@ LATENCY = ("router_request_duration_seconds", "Time from request to the end of t
 TTFB = ("router_time_to_first_byte_seconds", "Time from request to the first response body byte")
 WAKES = ("router_model_wake_seconds", "Time each successful wake took, from its first call to the engine to its "
          "last, by the sleep tier it woke from (1: weights in host RAM; 2: weights read again from disk)")
-AFFINITY = ("router_affinity", "Requests of a model with routing session or prefix that had a key, by whether they went to "
-            "their key's own replica (hit) or on along the ring (moved: it was unroutable, full, above the bounded "
-            "load, already tried, or the request waited for any free slot)")
+AFFINITY = ("router_affinity", "Replica picks for requests with a key (routing session or prefix; a retry is a pick of "
+            "its own), by whether the pick was the key's own replica (hit) or the next along the ring (moved: it was "
+            "unroutable, full, above the bounded load or already tried, or the request waited for any free slot)")
 RETRIES = ("router_retries", "Requests sent again to another replica before any byte reached the client, by what "
            "the first engine did (502, 503, 504, timeout, disconnect)")
 
