@@ -42,7 +42,8 @@ class Overloaded(Exception):
 
 
 class Model:
-    """A model's replicas, its wait queue, its lifecycle and the least-outstanding pick."""
+    """A model's replicas, its wait queue, its lifecycle and its replica pick (least outstanding, or a
+    request's key on the ring: `Sticky`)."""
 
     __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "sticky", "_waiters", "_retry_after")
 
