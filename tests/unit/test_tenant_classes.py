@@ -45,7 +45,7 @@ def test_a_freed_slot_goes_to_the_high_request_that_came_last() -> None:
         served: list[str] = []
 
         async def wait(name: str, klass: int) -> None:
-            got = await model.acquire(0.0, (), 30.0, klass)
+            got = await model.acquire(0.0, (), 30.0, klass=klass)
             served.append(name)
             await asyncio.sleep(0)
             model.release(got)

@@ -59,7 +59,7 @@ def test_the_controllers_lease_queue_serves_higher_classes_first(tmp_path: Path)
 
         async def lease(worker: Worker, name: str, klass: int) -> None:
             model = worker.model()
-            replica = await model.acquire(time.monotonic(), (), 30.0, klass)
+            replica = await model.acquire(time.monotonic(), (), 30.0, klass=klass)
             order.append(name)
             model.release(replica)
         waits = [asyncio.ensure_future(lease(a, "low-a", LOW)), asyncio.ensure_future(lease(b, "low-b", LOW))]

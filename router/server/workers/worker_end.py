@@ -89,6 +89,7 @@ class ControllerLink:
         self.done: list[Done] = []
         self.retries: list[Note] = []
         self.errors: list[Note] = []
+        self.routed: dict[str, tuple[int, int]] = {}
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
 
@@ -225,12 +226,13 @@ class ControllerLink:
     def quota_done(self, request: int, used: Optional[int]) -> None:
         self.channel.send(QuotaDone(request, used))
 
-    async def lease(self, model: str, exclude: tuple[str, ...], priority: int = NORMAL) -> tuple[int, str]:
+    async def lease(self, model: str, exclude: tuple[str, ...], key: Optional[int] = None,
+                    priority: int = NORMAL) -> tuple[int, str]:
         """A slot from the controller's queue: (lease id, instance); NoReplica or Overloaded if none."""
         request = next(self._ids)
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
-        self.channel.send(Lease(request, model, exclude, None, priority))
+        self.channel.send(Lease(request, model, exclude, None, key, priority))
         try:
             answer = await fut
         except asyncio.CancelledError:
@@ -251,7 +253,7 @@ class ControllerLink:
     def pinned(self, model: str, instance: str) -> int:
         """A slot on one replica for a request bound to it: counted by the controller, not waited for."""
         request = next(self._ids)
-        self.channel.send(Lease(request, model, (), instance, NORMAL))
+        self.channel.send(Lease(request, model, (), instance, None, NORMAL))
         return request
 
     def unlease(self, request: int) -> None:
@@ -282,6 +284,12 @@ class ControllerLink:
         self.errors.append((model, kind))
         self._schedule(REPORT_SECONDS)
 
+    def picked(self, model: str, hit: bool) -> None:
+        """A keyed pick made here: counted with the next report (COUNTS_SECONDS at most)."""
+        hits, moved = self.routed.get(model, (0, 0))
+        self.routed[model] = (hits + 1, moved) if hit else (hits, moved + 1)
+        self._schedule(COUNTS_SECONDS)
+
     def _schedule(self, delay: float) -> None:
         """One report, sent at the earliest time anything pending asks for: under load one message
         carries many requests' counts and records."""
@@ -302,7 +310,7 @@ class ControllerLink:
         if self._report is not None:
             self._report.cancel()
             self._report = None
-        if not (self._dirty or self.done or self.retries or self.errors):
+        if not (self._dirty or self.done or self.retries or self.errors or self.routed):
             return
         counts = {}
         outstanding = {}
@@ -313,8 +321,8 @@ class ControllerLink:
                 for r in members:
                     outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        report = Report(counts, outstanding, self.done, self.retries, self.errors)
-        self.done, self.retries, self.errors = [], [], []
+        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.routed)
+        self.done, self.retries, self.errors, self.routed = [], [], [], {}
         self.channel.send(report)
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
@@ -347,12 +355,15 @@ class LeasedModel(Model):
         self.leased = leased(replicas)
 
     def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
-                klass: int = NORMAL) -> Coroutine[object, object, Replica]:
+                key: Optional[int] = None, klass: int = NORMAL) -> Coroutine[object, object, Replica]:
         # Not a coroutine itself: an unlimited model's request pays no extra frame.
-        return self._leased(exclude, klass) if self.leased else super().acquire(now, exclude, queue_timeout, klass)
+        return self._leased(exclude, key, klass) if self.leased else super().acquire(now, exclude, queue_timeout, key,
+                                                                                      klass)
 
-    async def _leased(self, exclude: tuple[Replica, ...], klass: int) -> Replica:
-        lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude), klass)
+    async def _leased(self, exclude: tuple[Replica, ...], key: Optional[int], klass: int) -> Replica:
+        # The controller picks on the ring with every worker's counts (and counts the hit or move).
+        lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude),
+                                                key if self.sticky is not None else None, klass)
         replica = next((r for r in self.replicas if r.name == instance), None)
         if replica is None:  # a reload replaced it while the answer was on its way
             self.link.unlease(lease)
@@ -424,3 +435,6 @@ class RelayedMetrics(ModelMetrics):
 
     def upstream_error(self, kind: str) -> None:
         self._link.upstream_failed(self.model, kind)
+
+    def routed(self, hit: bool) -> None:
+        self._link.picked(self.model, hit)
