@@ -16,6 +16,7 @@ Parsing only: what a record allows at run time is router/tenants/.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import stat
@@ -218,3 +219,13 @@ def unique(records: list[tuple[str, ApiKey]], reading: Reading) -> None:
         if record.digest in digests:
             reading.error(at, f"the same key as {digests[record.digest]}; each key must be given once")
         digests.setdefault(record.digest, at)
+
+
+def check_scopes(records: tuple[ApiKey, ...], names: dict[str, tuple[str, ...]], reading: Reading) -> None:
+    """A warning for each `models` glob that matches no model (by `names`: model -> its name and
+    aliases): a typo would leave the key without the model it was meant to have."""
+    for record in records:
+        for glob in record.models or ():
+            if not any(fnmatch.fnmatchcase(n, glob) for ns in names.values() for n in ns):
+                reading.warn("router.api_keys", f"key '{record.name}': models glob {glob!r} matches no model name or "
+                                                f"alias, so the key cannot use it; models: {', '.join(names)}")

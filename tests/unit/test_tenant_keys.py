@@ -132,3 +132,12 @@ def test_usage_is_read_from_openai_and_anthropic_answers() -> None:
     assert usage_in(b'{"usage": {"input_tokens": 2, "output_tokens": 5}}') == 7
     assert usage_in(b'{"usage": {"prompt_tokens": 3}}') is None
     assert usage_in(b"[1]") is None and usage_in(b"not json") is None
+
+
+def test_a_glob_that_matches_no_model_is_warned() -> None:
+    doc = {"router": {"api_keys": [{"name": "k", "key": "sk-k", "models": ["alph?", "Qwen/*"]}]}, "instances": [
+        {"model": "a", "engine": "vllm", "engine_args": ["--port=9001"], "aliases": ["alpha"]}]}
+    warnings = parse_config(yaml.safe_dump(doc), "c.yaml").warnings
+    assert [w for w in warnings if "router.api_keys" in w] == [
+        "c.yaml: router.api_keys: key 'k': models glob 'Qwen/*' matches no model name or alias, so the key cannot "
+        "use it; models: a"]

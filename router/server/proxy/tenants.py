@@ -22,7 +22,7 @@ from router.server.proxy.auth import KEY
 from router.server.proxy.exchange import Exchange
 from router.server.proxy.reply import Reply, Scope
 from router.server.proxy.request import Outgoing, Reject, header
-from router.tenants.classes import CLASSES, requested
+from router.tenants.classes import CLASSES, NORMAL, requested
 from router.tenants.quota import Limits, Quotas, Refusal, Standing
 
 #: The header a request lowers its class with.
@@ -141,7 +141,7 @@ class Tenants:
         if allowed is not None and model.name not in allowed:
             raise Reject(403, f"The key '{name}' may not use model '{model.name}'; it may use: "
                               f"{', '.join(sorted(allowed)) or 'none of the models served now'}.", "model")
-        out.priority = requested(self.classes.get(name, 1), header(scope, PRIORITY_HEADER))
+        out.priority = requested(self.classes.get(name, NORMAL), header(scope, PRIORITY_HEADER))
         if not record.limited:
             return None
         return self._admit(name, bound_of(out), record.tpm is not None)
