@@ -167,3 +167,16 @@ def test_the_anthropic_sdk_gets_its_own_error_shape(stack: Stack) -> None:
     assert denied.value.body == {"type": "error", "error": {
         "type": "permission_error", "message": "The key 'scoped' may not use model 'b'; it may use: a."}}
     assert not b.bodies
+
+
+def test_a_limited_keys_stream_carries_the_headers_and_every_chunk(stack: Stack) -> None:
+    e = stack.engine(chunks=4)
+    r = stack.router([instance("a", e.port)], api_keys=[{"name": "metered", "key": SCOPED, "rpm": 10, "tpm": 5000}])
+    raw = client(r.url, SCOPED).chat.completions.with_raw_response.create(model="a", messages=MESSAGES,
+                                                                          max_tokens=10, stream=True)
+    assert raw.headers["x-ratelimit-remaining-requests"] == "9" and "x-ratelimit-remaining-tokens" in raw.headers
+    assert [c.choices[0].delta.content for c in raw.parse()] == ["t0 ", "t1 ", "t2 ", "t3 "]
+    # the stream's bound was charged at its end (its usage is the token accounting's business)
+    bound = len(e.bodies[0]) // 4 + 10
+    after = chat(client(r.url, SCOPED), "a", max_tokens=10)
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(5000 - bound - (len(e.bodies[1]) // 4 + 10))
