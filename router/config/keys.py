@@ -16,7 +16,6 @@ Parsing only: what a record allows at run time is router/tenants/.
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import stat
@@ -27,6 +26,7 @@ from typing import Optional
 from router.config.kinds import COUNT, Choice, Strings, Text
 from router.config.problems import Reading, join
 from router.config.schema import REQUIRED, Key, Kind, keys_of, read_section, setting
+from router.tenants.scope import allows
 
 #: Priority classes, first served first.
 PRIORITIES = ("high", "normal", "low")
@@ -226,6 +226,6 @@ def check_scopes(records: tuple[ApiKey, ...], names: dict[str, tuple[str, ...]],
     aliases): a typo would leave the key without the model it was meant to have."""
     for record in records:
         for glob in record.models or ():
-            if not any(fnmatch.fnmatchcase(n, glob) for ns in names.values() for n in ns):
+            if not any(allows((glob,), ns) for ns in names.values()):
                 reading.warn("router.api_keys", f"key '{record.name}': models glob {glob!r} matches no model name or "
                                                 f"alias, so the key cannot use it; models: {', '.join(names)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fakes import Clock
 
 from router.tenants.quota import KeyQuota, Limits, Quotas, Refusal, Standing
+from router.tenants.scope import allowed
 
 
 def test_the_sixth_request_in_a_minute_waits_for_the_first_to_leave_the_window() -> None:
@@ -94,3 +95,11 @@ def test_rpm_lowered_below_the_window_waits_for_enough_to_leave() -> None:
     q.limits = Limits(rpm=1)
     refused = q.admit(30.0, 0)
     assert isinstance(refused, Refusal) and refused.retry_after == 50  # the request at 20 s must leave too
+
+
+def test_a_scope_is_globs_over_model_names_and_aliases() -> None:
+    models = {"Qwen/Qwen3-8B": ("Qwen/Qwen3-8B", "qwen"), "llama": ("llama",), "m": ("m", "alpha")}
+    assert allowed(None, models) is None
+    assert allowed(("Qwen/*", "llama"), models) == {"Qwen/Qwen3-8B", "llama"}
+    assert allowed(("alph?",), models) == {"m"}  # through an alias
+    assert allowed(("qwen/*",), models) == frozenset()  # case counts

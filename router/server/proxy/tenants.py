@@ -10,7 +10,6 @@ at all: the proxy pays one attribute check.
 """
 from __future__ import annotations
 
-import fnmatch
 import time
 from typing import Any, Awaitable, Callable, Optional, Protocol, Union
 
@@ -24,6 +23,7 @@ from router.server.proxy.reply import Reply, Scope
 from router.server.proxy.request import Outgoing, Reject, header
 from router.tenants.classes import CLASSES, NORMAL, requested
 from router.tenants.quota import Limits, Quotas, Refusal, Standing
+from router.tenants.scope import allowed
 
 #: The header a request lowers its class with.
 PRIORITY_HEADER = b"x-kvrouter-priority"
@@ -109,10 +109,7 @@ def duration(seconds: float) -> bytes:
 
 def allowed_models(record: ApiKey, table: ModelTable) -> Optional[frozenset[str]]:
     """The models `record` may use (a glob matching the model's name or one of its aliases); None: all."""
-    if record.models is None:
-        return None
-    return frozenset(m.name for m in table
-                     if any(fnmatch.fnmatchcase(n, g) for n in (m.name, *table.aliases(m)) for g in record.models))
+    return allowed(record.models, {m.name: (m.name, *table.aliases(m)) for m in table})
 
 
 class Tenants:
