@@ -230,6 +230,8 @@ def test_a_dns_named_instance_is_external(tmp_path: Path) -> None:
     ({"kubernetes": {"namespace": "Not_OK"}}, "kubernetes.namespace"),
     ({"kubernetes": {}}, "kubernetes.images.openai"),
     ({"router": {"api_keys": {"file": "keys.txt"}}}, "{env: VAR}"),
+    ({"router": {"api_keys": ["k0", {"file": "keys.txt"}]}}, "router.api_keys[1]: {file: keys.txt}"),
+    ({"router": {"api_keys": [{"name": "a", "key": {"file": "keys.txt"}}]}}, "router.api_keys[0].key: {file: keys.txt}"),
 ])
 def test_unrenderable_configs_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              change: dict[str, Any], fix: str) -> None:
