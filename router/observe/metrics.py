@@ -32,6 +32,8 @@ WAKES = ("router_model_wake_seconds", "Time each successful wake took, from its 
          "last, by the sleep tier it woke from (1: weights in host RAM; 2: weights read again from disk)")
 RETRIES = ("router_retries", "Requests sent again to another replica before any byte reached the client, by what "
            "the first engine did (502, 503, 504, timeout, disconnect)")
+FALLBACKS = ("router_fallbacks", "Requests a model could not serve (every replica failed before the first byte) sent "
+             "to a model of its fallbacks, by the model asked (from) and the model tried next (to)")
 
 
 class Histogram:
@@ -61,13 +63,15 @@ class Histogram:
 class ModelMetrics:
     """One model's counters, updated by the hot path."""
 
-    __slots__ = ("model", "requests", "errors", "retries", "latency", "ttfb")
+    __slots__ = ("model", "requests", "errors", "retries", "fallbacks", "latency", "ttfb")
 
     def __init__(self, model: str):
         self.model = model
         self.requests: dict[int, int] = {}
         self.errors: dict[str, int] = {}
         self.retries: dict[str, int] = {}
+        #: Requests sent on from this model, by the model they went to.
+        self.fallbacks: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttfb = Histogram(TTFB_BUCKETS)
 
@@ -83,6 +87,9 @@ class ModelMetrics:
 
     def upstream_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def fallback(self, to: str) -> None:
+        self.fallbacks[to] = self.fallbacks.get(to, 0) + 1
 
 
 class Metrics:
@@ -137,6 +144,7 @@ class _Counts(Collector):
         latency = HistogramMetricFamily(*LATENCY, labels=["model"])
         ttfb = HistogramMetricFamily(*TTFB, labels=["model"])
         retries = CounterMetricFamily(*RETRIES, labels=["model", "reason"])
+        fallbacks = CounterMetricFamily(*FALLBACKS, labels=["from", "to"])
         for name, m in list(self._models.items()):
             for status, n in sorted(m.requests.items()):
                 requests.add_metric([name, str(status)], n)
@@ -144,9 +152,11 @@ class _Counts(Collector):
                 errors.add_metric([name, kind], n)
             for reason, n in sorted(m.retries.items()):
                 retries.add_metric([name, reason], n)
+            for to, n in sorted(m.fallbacks.items()):
+                fallbacks.add_metric([name, to], n)
             for family, histogram in ((latency, m.latency), (ttfb, m.ttfb)):
                 family.add_metric([name], histogram.buckets(), histogram.sum)
-        yield from (requests, errors, latency, ttfb, retries)
+        yield from (requests, errors, latency, ttfb, retries, fallbacks)
 
 
 class _Wakes(Collector):

@@ -272,10 +272,15 @@ class ModelTable:
 
 
 def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:
-    """The replica for `instance`: the old one when only its aliases changed (they are the table's
-    business, not the replica's), else a fresh one."""
-    if replica is not None and not replica.retired and replace(replica.instance, aliases=()) == replace(instance, aliases=()):
+    """The replica for `instance`: the old one when only its aliases, shaping or fallbacks changed
+    (read from `replica.instance` per request, not the replica's state), else a fresh one."""
+    if replica is not None and not replica.retired and _engine_part(replica.instance) == _engine_part(instance):
         replica.reconfigure(instance)
         return replica
     # The same supervisord program: its process state carries over.
     return Replica(instance, events, process=replica.process if replica is not None else None)
+
+
+def _engine_part(instance: Instance) -> Instance:
+    """`instance` without what a reload may change under a live replica."""
+    return replace(instance, aliases=(), shaping=None, fallbacks=())

@@ -382,6 +382,10 @@ class WorkerLinks:
             model = table.get(name)
             if model is not None:
                 model.metrics.upstream_error(kind)
+        for name, to in report.fallbacks:
+            model = table.get(name)
+            if model is not None:
+                model.metrics.fallback(to)
 
     def _owner(self, link: WorkerLink, message: Owner) -> None:
         model = self.fleet.table.get(message.model)

@@ -36,7 +36,7 @@ slots of a model with no limit          workers     merged: each worker picks lo
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
 drain)                                              REPORT_SECONDS); a fence (`Fence`/`Fenced`) makes
                                                     them exact before a drain
-finished requests (metrics, traffic)    workers     merged: `Report.done`, `.retries`, `.errors`
+finished requests (metrics, traffic)    workers     merged: `Report.done`, `.retries`, `.errors`, `.fallbacks`
 which replica made a stored response    workers     merged, then pushed: `Owner` up, relayed to the
                                                     others; `Whose` asks after fencing every worker
 ======================================  ==========  ====================================================
@@ -60,13 +60,13 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
-from typing import NamedTuple, Optional, Protocol, Union
+from typing import NamedTuple, Optional, Protocol, Sequence, Union
 
 from router.config import Config
 from router.supervision.processes import ProcessState
 
 #: Bumped whenever a message's fields change: both ends must run the same code.
-PROTOCOL = 2
+PROTOCOL = 3
 
 #: Longest a worker's count leaving or reaching zero, and a finished request's record, wait before
 #: they reach the controller (one message per period carries them all: under load, many requests).
@@ -174,6 +174,8 @@ class Report(NamedTuple):
     done: list[Done]
     retries: list[Note]
     errors: list[Note]
+    #: (from, to): a request one model could not serve went to its fallback.
+    fallbacks: Sequence[Note] = ()
 
 
 class Fenced(NamedTuple):

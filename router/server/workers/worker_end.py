@@ -83,6 +83,7 @@ class ControllerLink:
         self.done: list[Done] = []
         self.retries: list[Note] = []
         self.errors: list[Note] = []
+        self.fallbacks: list[Note] = []
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
 
@@ -255,6 +256,10 @@ class ControllerLink:
         self.errors.append((model, kind))
         self._schedule(REPORT_SECONDS)
 
+    def fell_back(self, model: str, to: str) -> None:
+        self.fallbacks.append((model, to))
+        self._schedule(REPORT_SECONDS)
+
     def _schedule(self, delay: float) -> None:
         """One report, sent at the earliest time anything pending asks for: under load one message
         carries many requests' counts and records."""
@@ -275,7 +280,7 @@ class ControllerLink:
         if self._report is not None:
             self._report.cancel()
             self._report = None
-        if not (self._dirty or self.done or self.retries or self.errors):
+        if not (self._dirty or self.done or self.retries or self.errors or self.fallbacks):
             return
         counts = {}
         outstanding = {}
@@ -286,8 +291,8 @@ class ControllerLink:
                 for r in members:
                     outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        report = Report(counts, outstanding, self.done, self.retries, self.errors)
-        self.done, self.retries, self.errors = [], [], []
+        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.fallbacks)
+        self.done, self.retries, self.errors, self.fallbacks = [], [], [], []
         self.channel.send(report)
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
@@ -365,7 +370,7 @@ class RelayedTraffic(Traffic):
 
 
 class RelayedMetrics(ModelMetrics):
-    """A worker's metrics of one model: retries and engine failures go to the controller; a
+    """A worker's metrics of one model: retries, engine failures and fallbacks go to the controller; a
     request's status and times go there through `RelayedTraffic` (one record per request)."""
 
     __slots__ = ("_link",)
@@ -382,3 +387,6 @@ class RelayedMetrics(ModelMetrics):
 
     def upstream_error(self, kind: str) -> None:
         self._link.upstream_failed(self.model, kind)
+
+    def fallback(self, to: str) -> None:
+        self._link.fell_back(self.model, to)
