@@ -9,8 +9,9 @@ from typing import Any, Optional
 import openai
 import orjson
 import pytest
-from helpers import free_port, metric_value, start_sim, wait_for, wait_http
+from helpers import free_port, metric_value, post_json, start_sim, wait_for, wait_http
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
+from test_reload import rewrite
 from test_router_proxy import post
 
 from router.server.proxy.relay import MODEL_HEADER
@@ -134,3 +135,22 @@ def test_a_model_with_no_room_within_its_wait_is_fallen_back_from(stack: Stack) 
     status, headers, body = post(r.url + "/v1/completions", b'{"model": "m", "prompt": "y"}')
     assert status == 200 and headers[HEADER] == "spare" and orjson.loads(spare.bodies[0])["model"] == "spare"
     assert fallbacks_counted(r.url, "m", "spare") == 1
+
+
+def test_a_reload_changes_shaping_and_fallbacks_on_the_live_replica(stack: Stack) -> None:
+    a, b = stack.engine(), stack.engine()
+    r = stack.router([instance("a", a.port), instance("b", b.port)])
+    replica = r.app.state.table.get("a").replicas[0]
+    raw = b'{"model": "a",  "prompt": "x", "seed": 1}'
+    assert post(r.url + "/v1/completions", raw)[0] == 200 and a.bodies[-1] == raw
+    rewrite(stack.tmp / "config.yaml", [instance("a", a.port, request_strip=["seed"], fallbacks=["b"]),
+                                        instance("b", b.port)])
+    status, change = post_json(f"{r.url}/action/reload", {})
+    assert status == 200 and change["needs_restart"] == [], change
+    assert post(r.url + "/v1/completions", raw)[0] == 200
+    assert orjson.loads(a.bodies[-1]) == {"model": "a", "prompt": "x"}
+    # The same replica (its health, breaker and connections kept) now falls back to b.
+    assert r.app.state.table.get("a").replicas[0] is replica
+    a.behaviour = "error503"
+    status, headers, _ = post(r.url + "/v1/completions", raw)
+    assert status == 200 and headers[HEADER] == "b"

@@ -24,9 +24,12 @@ from router.config.schema import Kind
 
 #: The client paths whose JSON bodies are shaped: chat, completions, responses and messages.
 SHAPED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
-#: Fields the router reads before it routes (`model`, `stream`): shaping them would make the
-#: router and the engine disagree on what was asked (which model, a stream or a body).
-ROUTED_FIELDS = ("model", "stream")
+#: Fields the router reads before it routes, and why: shaping them would make the router and the
+#: engine disagree on what was asked.
+ROUTED_FIELDS = {
+    "model": "the router routes by it and rewrites it to the engine's served name",
+    "stream": "it decides whether the router relays a stream or one body",
+}
 #: The three keys, in the order their messages name them.
 SHAPING_KEYS = ("request_defaults", "request_overrides", "request_strip")
 
@@ -66,8 +69,8 @@ class Fields(Kind[dict[str, Any]]):
                 reading.error(where, f"{k!r} is not a field name; use the body's top-level field names as text")
                 ok = False
             elif k in ROUTED_FIELDS:
-                reading.error(f"{where}.{k}", f"'{k}' is the router's to read, not to shape (the model is the one "
-                                              "the request names, the stream the client's choice); remove it")
+                reading.error(f"{where}.{k}", f"'{k}' is the router's to read, not to shape ({ROUTED_FIELDS[k]}); "
+                                              "remove it")
                 ok = False
             elif not plain_json(v):
                 reading.error(f"{where}.{k}", f"{v!r} is not a JSON value (text, number, true/false, null, list or "
@@ -80,7 +83,8 @@ def refuse_routed(strip: tuple[str, ...], where: str, reading: Reading) -> bool:
     """Whether `request_strip` leaves the routed fields alone (each one it names is an error)."""
     bad = [j for j, k in enumerate(strip) if k in ROUTED_FIELDS]
     for j in bad:
-        reading.error(f"{where}[{j}]", f"'{strip[j]}' is the router's to read, not to strip; remove it")
+        reading.error(f"{where}[{j}]", f"'{strip[j]}' is the router's to read, not to strip "
+                                       f"({ROUTED_FIELDS[strip[j]]}); remove it")
     return not bad
 
 
