@@ -154,3 +154,19 @@ def test_a_reload_changes_shaping_and_fallbacks_on_the_live_replica(stack: Stack
     a.behaviour = "error503"
     status, headers, _ = post(r.url + "/v1/completions", raw)
     assert status == 200 and headers[HEADER] == "b"
+
+
+def test_a_model_whose_wake_fails_is_answered_by_its_fallback(stack: Stack, procs: list[Any]) -> None:
+    big_port, small_port = free_port(), free_port()
+    big = start_sim("vllm", "big", big_port)
+    procs += [big, start_sim("vllm", "small", small_port)]
+    for port in (big_port, small_port):
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    r = stack.router([instance("big", big_port, "--enable-sleep-mode", fallbacks=["small"],
+                               engine_env=["VLLM_SERVER_DEV_MODE=1"]),
+                      instance("small", small_port)])
+    assert post(r.url + "/action/sleep/big", b"")[0] == 200
+    big.stop()  # asleep, and its engine gone: the wake a request needs fails (ModelUnavailable)
+    got = client(r.url).completions.with_raw_response.create(model="big", prompt="hi", max_tokens=2)
+    assert got.headers[HEADER] == "small" and got.parse().model == "small"
+    assert fallbacks_counted(r.url, "big", "small") == 1
