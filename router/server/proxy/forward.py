@@ -270,7 +270,8 @@ class Proxy:
         ex = Exchange(path)
         if self.tracing is not None:
             ex.trace = self.tracing.begin(scope, start, model.name)
-        fallbacks = fallbacks_for(self.fallbacks, model, path) if admit and out.pin is None else ()
+        # (`self.fallbacks` is empty unless some model has fallbacks: then nothing more is looked up.)
+        fallbacks = fallbacks_for(self.fallbacks, model, path) if self.fallbacks and admit and out.pin is None else ()
         answer: Reply = reply
         early: Optional[EarlyStream] = None
         try:
@@ -329,11 +330,11 @@ class Proxy:
         except NoReplica as e:
             if tried:
                 raise Unserved(502, f"Could not connect to any engine of model '{model.name}' "
-                                  f"(tried {', '.join(r.url for r in tried)}).") from None
+                                    f"(tried {', '.join(r.url for r in tried)}).") from None
             raise Unserved(503, e.message, headers=retry_after(e.retry_after)) from None
         except Overloaded:
             raise Unserved(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
-                              "retry later.", headers=retry_after(1)) from None
+                                "retry later.", headers=retry_after(1)) from None
 
     async def forward(self, scope: Scope, reply: Reply, model: Model, out: Outgoing, start: float, ex: Exchange,
                       target: bytes, fallible: bool = False) -> None:
