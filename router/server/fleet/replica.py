@@ -152,7 +152,8 @@ class Replica:
         self.card_at = now
 
     def reconfigure(self, instance: Instance) -> None:
-        """A reload changed only what is the table's business (aliases): keep the state, take the instance."""
+        """A reload changed only what is read per request (aliases, shaping, fallbacks): keep the state,
+        take the instance."""
         self.instance = instance
 
     @property

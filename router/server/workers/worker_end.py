@@ -84,6 +84,7 @@ class ControllerLink:
         self.retries: list[Note] = []
         self.errors: list[Note] = []
         self.routed: dict[str, tuple[int, int]] = {}
+        self.fallbacks: list[Note] = []
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
 
@@ -261,6 +262,9 @@ class ControllerLink:
         hits, moved = self.routed.get(model, (0, 0))
         self.routed[model] = (hits + 1, moved) if hit else (hits, moved + 1)
         self._schedule(COUNTS_SECONDS)
+    def fell_back(self, model: str, to: str) -> None:
+        self.fallbacks.append((model, to))
+        self._schedule(REPORT_SECONDS)
 
     def _schedule(self, delay: float) -> None:
         """One report, sent at the earliest time anything pending asks for: under load one message
@@ -282,7 +286,7 @@ class ControllerLink:
         if self._report is not None:
             self._report.cancel()
             self._report = None
-        if not (self._dirty or self.done or self.retries or self.errors or self.routed):
+        if not (self._dirty or self.done or self.retries or self.errors or self.routed or self.fallbacks):
             return
         counts = {}
         outstanding = {}
@@ -293,8 +297,8 @@ class ControllerLink:
                 for r in members:
                     outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.routed)
-        self.done, self.retries, self.errors, self.routed = [], [], [], {}
+        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.routed, self.fallbacks)
+        self.done, self.retries, self.errors, self.routed, self.fallbacks = [], [], [], {}, []
         self.channel.send(report)
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
@@ -375,7 +379,7 @@ class RelayedTraffic(Traffic):
 
 
 class RelayedMetrics(ModelMetrics):
-    """A worker's metrics of one model: retries and engine failures go to the controller; a
+    """A worker's metrics of one model: retries, engine failures and fallbacks go to the controller; a
     request's status and times go there through `RelayedTraffic` (one record per request)."""
 
     __slots__ = ("_link",)
@@ -395,3 +399,5 @@ class RelayedMetrics(ModelMetrics):
 
     def routed(self, hit: bool) -> None:
         self._link.picked(self.model, hit)
+    def fallback(self, to: str) -> None:
+        self._link.fell_back(self.model, to)
