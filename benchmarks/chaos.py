@@ -479,8 +479,12 @@ class RouterWatch:
                 return
             proc = psutil.Process(info["pid"])
             created = proc.create_time()
-            # With proxy workers, the controller and its workers together (they end with it).
+            # With proxy workers, the controller and its workers together (they end with it), and only
+            # once every worker is up: a worker spawned late on a loaded machine would look like growth.
             tree = [proc, *proc.children(recursive=True)]
+            workers = sum("spawn_main" in " ".join(p.cmdline()) for p in tree)
+            if self.stack.workers > 1 and workers < self.stack.workers:
+                return
             s = Sample(time.monotonic(), sum(p.memory_info().rss for p in tree), sum(p.num_fds() for p in tree))
         except (OSError, psutil.Error):
             return  # between a kill and the restart
