@@ -180,3 +180,13 @@ def test_a_limited_keys_stream_carries_the_headers_and_every_chunk(stack: Stack)
     bound = len(e.bodies[0]) // 4 + 10
     after = chat(client(r.url, SCOPED), "a", max_tokens=10)
     assert after.headers["x-ratelimit-remaining-tokens"] == str(5000 - bound - (len(e.bodies[1]) // 4 + 10))
+
+
+def test_a_key_falls_back_only_to_models_it_may_use(stack: Stack) -> None:
+    a, b = stack.engine(behaviour="error503"), stack.engine()
+    r = stack.router([instance("a", a.port, fallbacks=["b"]), instance("b", b.port)], retries=0, api_keys=[
+        {"name": "scoped", "key": SCOPED, "models": ["a"]}, FREE])
+    with pytest.raises(openai.InternalServerError) as failed:  # b would answer, but the key may not use it
+        chat(client(r.url, SCOPED), "a")
+    assert failed.value.status_code == 503 and not b.bodies
+    assert chat(client(r.url, FREE), "a").http_response.status_code == 200 and len(b.bodies) == 1

@@ -1,7 +1,9 @@
 """One client request as the engines get it: parsed once, forwarded as bytes.
 
 The body is parsed once (orjson, or one walk over a multipart form) for `model`
-and `stream`; the engine gets the client's bytes unless its served name differs.
+and `stream`; the engine gets the client's bytes unless its served name differs
+or its model shapes the request (router/config/shaping.py): then the body is
+encoded once more, with both.
 Which headers are forwarded is decided in `request_head` alone.
 """
 from __future__ import annotations
@@ -38,6 +40,11 @@ class Reject(Exception):
         self.message = message
         self.param = param
         self.headers = headers or []
+
+
+class Unserved(Reject):
+    """The model could not serve the request and nothing reached the client: a model it falls back
+    to may (router/server/proxy/fallback.py); with none, the error is the answer."""
 
 
 def request_head(scope: Scope, target: bytes, authority: bytes, length: int, drop: frozenset[bytes],
@@ -92,10 +99,11 @@ class Outgoing:
     `name` is the model name the client gave (None: the default model);
     the body is forwarded as the client sent it unless the replica serves
     the model under another name, when the model field is rewritten (JSON
-    re-encoded once, or the one form field replaced).
+    re-encoded once, or the one form field replaced), or its model shapes the
+    request (`shaped`: a JSON body on a path that is shaped).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "priority")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "priority")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -108,31 +116,37 @@ class Outgoing:
         self.pin = pin
         #: Its place on the model's ring (`routing: session | prefix`, router/server/proxy/keys.py).
         self.key: Optional[int] = None
+        self.shaped = False
         #: Its priority class (router/tenants/classes.py): its key's, or lower if it asked.
         self.priority = NORMAL
 
     def data_for(self, replica: Replica) -> bytes:
-        if replica.ranks and self.payload is not None and (self.priority != NORMAL or "priority" in self.payload):
-            return self.ranked_for(replica)
-        if self.name in replica.served:
+        served = self.name in replica.served
+        shaping = replica.instance.shaping if self.shaped else None
+        # Only an engine that orders its queue by `priority` looks further (one attribute for the others).
+        ranked = replica.ranks and self.payload is not None and (self.priority != NORMAL or "priority" in self.payload)
+        if served and shaping is None and not ranked:
             return self.body
         if self.payload is not None:
-            return orjson.dumps({**self.payload, "model": replica.served_name})
+            if shaping is None and not ranked:
+                return orjson.dumps({**self.payload, "model": replica.served_name})
+            body = shaping.apply(self.payload) if shaping is not None else dict(self.payload)
+            if not served:
+                body["model"] = replica.served_name
+            if ranked:
+                body["priority"] = self.rank(body.get("priority"))
+            return orjson.dumps(body)
         if self.form_model is not None:
             return replace_field(self.body, self.form_model, replica.served_name)
         return self.body
 
-
-    def ranked_for(self, replica: Replica) -> bytes:
-        """The body for an engine that orders its queue by the body's `priority` (vLLM's
-        ``--scheduling-policy priority``): the request's class as that number, a client's own
-        value kept only where it is lower in rank (a larger number)."""
-        assert self.payload is not None
+    def rank(self, theirs: object) -> int:
+        """The `priority` for an engine that orders its queue by it (vLLM's ``--scheduling-policy
+        priority``, lower first): the request's class as that number; a client's own value counts
+        only where it ranks the request lower (a larger number). A normal request without one is
+        not rewritten for it: vLLM's default is 0."""
         ours = VLLM_PRIORITY[self.priority]
-        theirs = self.payload.get("priority")
-        value = max(theirs, ours) if type(theirs) is int else ours  # a normal request sends none: vLLM's 0
-        return orjson.dumps({**self.payload, "model": replica.served_name if self.name not in replica.served
-                             else self.name, "priority": value})
+        return max(theirs, ours) if type(theirs) is int else ours
 
 
 def parse_json(body: bytes) -> tuple[dict[str, Any], Optional[str], bool]:

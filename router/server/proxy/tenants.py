@@ -127,6 +127,12 @@ class Tenants:
         allowed = self.scopes.get(record.name) if record is not None else None
         return allowed is None or model in allowed
 
+    def within_scope(self, scope: Scope, models: tuple[Model, ...]) -> tuple[Model, ...]:
+        """Those of `models` (a request's fallbacks) the key the request sent may use."""
+        record = scope.get(KEY)
+        allowed = self.scopes.get(record.name) if record is not None else None
+        return models if allowed is None else tuple(m for m in models if m.name in allowed)
+
     def enter(self, scope: Scope, model: Model, out: Outgoing, ex: Exchange) -> Optional[Awaitable["Pass"]]:
         """Name the request's key, refuse a model outside its scope (Reject 403) and set its class;
         for a key with limits, the wait for its counters' decision (a `Pass`, or Reject 429/400)."""

@@ -48,7 +48,7 @@ affinity hits and moves                 whoever     merged: a worker's go up in 
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
 drain)                                              REPORT_SECONDS); a fence (`Fence`/`Fenced`) makes
                                                     them exact before a drain
-finished requests (metrics, traffic)    workers     merged: `Report.done`, `.retries`, `.errors`
+finished requests (metrics, traffic)    workers     merged: `Report.done`, `.retries`, `.errors`, `.fallbacks`
 which replica made a stored response    workers     merged, then pushed: `Owner` up, relayed to the
                                                     others; `Whose` asks after fencing every worker
 a client key's counters (rpm and tpm    controller  asked: a request of a key with a limit asks `Quota`
@@ -79,7 +79,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
-from typing import NamedTuple, Optional, Protocol, Union
+from typing import NamedTuple, Optional, Protocol, Sequence, Union
 
 from router.config import Config
 from router.supervision.processes import ProcessState
@@ -203,6 +203,8 @@ class Report(NamedTuple):
     errors: list[Note]
     #: model -> (hits, moved) of its keyed picks since the last report (router_affinity_total).
     routed: dict[str, tuple[int, int]]
+    #: (from, to): a request one model could not serve went to its fallback.
+    fallbacks: Sequence[Note] = ()
 
 
 class Fenced(NamedTuple):
