@@ -54,6 +54,9 @@ def test_a_scoped_key_with_rpm_5_and_an_unscoped_key(stack: Stack, workers: int)
     assert not b.bodies
     assert [m.id for m in scoped.models.list()] == ["a"]
     assert [m.id for m in free.models.list()] == ["a", "b"]
+    assert scoped.models.retrieve("a").id == "a"
+    with pytest.raises(openai.PermissionDeniedError):
+        scoped.models.retrieve("b")
 
     for i in range(5):  # each on a new connection: with two workers, the kernel spreads them
         raw = chat(client(r.url, SCOPED), "a")
