@@ -193,3 +193,17 @@ def test_a_key_falls_back_only_to_models_it_may_use(stack: Stack) -> None:
         chat(client(r.url, SCOPED), "a")
     assert failed.value.status_code == 503 and not b.bodies
     assert chat(client(r.url, FREE), "a").http_response.status_code == 200 and len(b.bodies) == 1
+
+
+def test_a_request_no_engine_answered_is_charged_no_tokens(stack: Stack) -> None:
+    e = stack.engine()
+    r = stack.router([instance("a", e.port)], retries=0, api_keys=[{"name": "metered", "key": SCOPED, "tpm": 5000}])
+    stack.loop.run(e.stop())  # nothing listens any more: the router answers the error itself
+    remaining = []
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as failed:
+            chat(client(r.url, SCOPED), "a", max_tokens=100)
+        assert failed.value.status_code in (502, 503)
+        remaining.append(int(failed.value.response.headers["x-ratelimit-remaining-tokens"]))
+    # each saw only its own reservation: the first was charged nothing when it ended
+    assert remaining[0] == remaining[1] < 5000

@@ -177,8 +177,9 @@ class Pass:
         return LimitedReply(reply, self)
 
     def leave(self, ex: Exchange) -> None:
-        """The request ended: its reservation becomes the tokens it used."""
-        used = self.seen
+        """The request ended: its reservation becomes the tokens it used (none when no engine answered:
+        the router refused it after all, or the client left first)."""
+        used = self.seen if ex.ttfb is not None else 0
         if ex.prompt_tokens is not None and ex.completion_tokens is not None:
             used = ex.prompt_tokens + ex.completion_tokens
         self.gate.finish(self.ticket, self.key, self.bound, used)
