@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from router.config.adapters import ADAPTERS, LoraAdapter, instance_adapters
 from router.config.instance import RESERVED_NAMES, SAFE_NAME, Instance
 from router.config.kinds import COUNT, HOST, NON_NEGATIVE, PORT, POSITIVE, Choice, EnvList, Flag, Number, Strings, Text, Words
 from router.config.problems import Reading
@@ -112,6 +113,10 @@ INSTANCE: tuple[Key[object], ...] = (
         "`engine-a.default.svc.cluster.local`), on `port:` (or the engine's `--port`). Resolved every "
         "`router.dns_refresh_seconds`; the replicas are named `<name>@<address>`. Such an instance runs elsewhere "
         "(`launch` defaults to `false`; `true` is an error) and has no host (see \"More than one node\")", name="dns_name"),
+    Key(ADAPTERS, (), "LoRA adapters served as models of their own on this instance's engine: `[{name: sql-expert, path: "
+        "/models/loras/sql}]`. Loaded on demand, listed in `/v1/models` with `parent` (see \"LoRA adapters\"); adapters the "
+        "engine's `--lora-modules` (vLLM) or `--lora-paths` (SGLang) name are known too, as loaded at start",
+        name="lora_adapters"),
 )
 #: Keys of engines started by their own `command` only (EngineSpec.launcher is None).
 COMMAND_KEYS = ("command", "host", "port", "health_path")
@@ -222,7 +227,7 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
         on_demand=flag["on_demand"], pin=flag["pin"], node=_text(v, "node"), dns_name=dns_name, position=position,
         sleep_level=_int(v.get("sleep_level", 1)), gpu_sleeping_gb=_float(v.get("gpu_sleeping_gb")) or 0.0,
         engine_package=_text(v, "engine_package"), engine_requirements=requirements,
-        engine_import=_text(v, "engine_import"),
+        engine_import=_text(v, "engine_import"), lora_adapters=_adapters(v, spec, args, where, reading),
         **{key: _float(v.get(key)) for key in SIZES},
     )
 
@@ -241,6 +246,13 @@ def _words(values: dict[str, object], key: str) -> tuple[str, ...]:
 def _env(values: dict[str, object], key: str) -> tuple[tuple[str, str], ...]:
     value = values.get(key, ())
     return tuple((str(k), str(x)) for k, x in value) if isinstance(value, tuple) else ()
+
+
+def _adapters(values: dict[str, object], spec: EngineSpec, args: tuple[str, ...], where: str,
+              reading: Reading) -> tuple[LoraAdapter, ...]:
+    value = values.get("lora_adapters", ())
+    declared = [a for a in value if isinstance(a, LoraAdapter)] if isinstance(value, tuple) else []
+    return instance_adapters(declared, spec, args, where, reading)
 
 
 def _int(value: object) -> int:

@@ -16,6 +16,7 @@ from .core import SimCore
 from .dialects import Dialect
 from .errors import ApiError
 from .http import Request, Responder
+from .lora import lora_routes
 from .paths import PathApis
 
 Route = Callable[[Request, Responder], Awaitable[None]]
@@ -41,6 +42,7 @@ class EngineApi:
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/chat/completions"): self.chat,
             ("GET", STATE_PATH): self.state,
+            **lora_routes(self.core),
         }
 
     def prefixed(self, method: str, path: str) -> Optional[Route]:
@@ -79,7 +81,7 @@ class EngineApi:
         resp.send(200, orjson.dumps({
             "asleep": m.asleep, "sleep_level": m.level, "woken": sorted(m.woken), "weights_lost": m.weights_lost,
             "cache_stale": m.cache_stale, "answers_right": m.answers_right, "calls": c.calls,
-            "counters": asdict(c.counters)}))
+            "counters": asdict(c.counters), "lora": c.adapters.state()}))
 
     # ----------------------------------------------------------------- metrics
     async def metrics(self, req: Request, resp: Responder) -> None:

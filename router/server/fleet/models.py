@@ -17,8 +17,10 @@ from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
 from router.config import Config, Instance, RouterSettings, SleepSettings
+from router.config.adapters import LoraAdapter
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
+from router.server.fleet.adapters import AdapterLoader
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import UNHEALTHY, Replica
 
@@ -43,7 +45,7 @@ class Overloaded(Exception):
 class Model:
     """A model's replicas, its wait queue, its lifecycle and the least-outstanding pick."""
 
-    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "_waiters", "_retry_after")
+    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "adapters", "_waiters", "_retry_after")
 
     def __init__(self, name: str, replicas: tuple[Replica, ...], lifecycles: LifecycleFactory,
                  metrics: ModelMetrics, retry_after: int):
@@ -53,6 +55,8 @@ class Model:
         self.paths = served_paths(replicas)
         self.lifecycle = lifecycles(name, self.members)
         self.metrics = metrics
+        #: Loads its LoRA adapters into its replicas (an adapter lives and sleeps with its base model).
+        self.adapters = AdapterLoader(self.lifecycle.control)
         self._waiters: deque[asyncio.Future[Replica]] = deque()
         self._retry_after = retry_after
 
@@ -76,20 +80,21 @@ class Model:
         if self._waiters:
             self.dispatch()
 
-    def pick(self, now: float, exclude: tuple[Replica, ...] = ()) -> Replica:
-        """Take a slot on the least-loaded routable replica without waiting.
+    def pick(self, now: float, exclude: tuple[Replica, ...] = (), adapter: Optional[str] = None) -> Replica:
+        """Take a slot on the least-loaded routable replica without waiting; for a LoRA `adapter`, one
+        that declares it, preferring those that hold it or are loading it (so one load serves all).
 
         Raises NoReplica when none is routable, Overloaded when all are full.
         """
         best = None
         full = False
         for r in self.replicas:
-            if r in exclude or not r.routable(now):
+            if r in exclude or not r.routable(now) or (adapter is not None and adapter not in r.loras.known):
                 continue
             if r.limit is not None and r.outstanding >= r.limit:
                 full = True
                 continue
-            if best is None or r.outstanding < best.outstanding:
+            if best is None or (r.outstanding < best.outstanding if adapter is None else _lora_rank(r, adapter) < _lora_rank(best, adapter)):
                 best = r
         if best is not None:
             best.take_slot(now)
@@ -108,7 +113,8 @@ class Model:
         replica.take_slot(time.monotonic())
         return replica
 
-    async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Replica:
+    async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
+                      adapter: Optional[str] = None) -> Replica:
         """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full.
 
         A waiter is handed a slot by `dispatch`: when a request ends, when an
@@ -116,7 +122,7 @@ class Model:
         replica is routable any more, and with Overloaded after `queue_timeout`.
         """
         try:
-            return self.pick(now, exclude)
+            return self.pick(now, exclude, adapter)
         except Overloaded:
             cap = sum(r.max_queue for r in self.replicas if r not in exclude and r.routable(now))
             if len(self._waiters) >= cap:
@@ -187,6 +193,11 @@ class Model:
         return max(1, math.ceil(min(ejected))) if ejected else self._retry_after
 
 
+def _lora_rank(replica: Replica, adapter: str) -> tuple[bool, int]:
+    """Replicas holding (or loading) `adapter` first, then the least loaded."""
+    return not replica.loras.holds(adapter), replica.outstanding
+
+
 def served_paths(replicas: tuple[Replica, ...]) -> frozenset[str]:
     return frozenset.intersection(*(frozenset(r.instance.spec.client_paths) for r in replicas)) if replicas else frozenset()
 
@@ -203,9 +214,12 @@ ModelFactory = Callable[[str, "tuple[Replica, ...]", LifecycleFactory, ModelMetr
 class ModelTable:
     """Every routable name -> its Model: one immutable snapshot of the configuration."""
 
-    def __init__(self, models: dict[str, Model], routes: dict[str, str]):
+    def __init__(self, models: dict[str, Model], routes: dict[str, str],
+                 adapters: Optional[dict[str, LoraAdapter]] = None):
         self._models = models
         self._routes: dict[str, Model] = {n: models[m] for n, m in routes.items()}
+        #: LoRA adapter name -> the adapter (routed, in `_routes`, to its base model).
+        self._adapters = adapters or {}
         #: Every client path some model serves: what the app sends to the proxy.
         self.client_paths = frozenset().union(*(m.paths for m in models.values()))
 
@@ -236,11 +250,16 @@ class ModelTable:
         for replica in old_replicas.values():
             if replica not in kept:
                 replica.retire()
-        return cls(models, config.routes)
+        adapters = {a.name: a for i in config.instances for a in i.lora_adapters}
+        return cls(models, config.routes, {n: a for n, a in adapters.items() if config.routes.get(n) in models})
 
     def get(self, name: str) -> Optional[Model]:
         """The model a request names (model, alias or served name), or None."""
         return self._routes.get(name)
+
+    def adapter(self, name: Optional[str]) -> Optional[LoraAdapter]:
+        """The LoRA adapter `name` is, or None (a model, alias or served name; or unknown)."""
+        return self._adapters.get(name) if name is not None else None
 
     def __iter__(self) -> Iterator[Model]:
         return iter(self._models.values())
@@ -254,8 +273,8 @@ class ModelTable:
         return list(self._routes)
 
     def aliases(self, model: Model) -> list[str]:
-        """The names other than its own that lead to `model`."""
-        return [n for n, m in self._routes.items() if m is model and n != model.name]
+        """The names other than its own (and its adapters') that lead to `model`."""
+        return [n for n, m in self._routes.items() if m is model and n != model.name and n not in self._adapters]
 
     def replicas(self) -> Iterator[Replica]:
         for m in self._models.values():

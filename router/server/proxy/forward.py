@@ -25,6 +25,7 @@ from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import ConnectFailed, UpstreamError
+from router.server.proxy.adapters import adapter_done, adapter_ready
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.proxy.exchange import Exchange, traced_admission
 from router.server.proxy.forms import FormError, boundary_of
@@ -135,6 +136,8 @@ class Proxy:
                               "(router.max_request_bytes).")
         out = self.outgoing(scope, body)
         model = self.model_for(out.name, path)
+        if self.table.adapter(out.name) is not None:
+            out.adapter = out.name
         if path == RESPONSES_PATH and out.payload is not None:
             out.pin = await self.previous_response_owner(out.payload, model)
         return model, out
@@ -293,6 +296,7 @@ class Proxy:
         finally:
             if admitted:
                 lifecycle.release()
+            adapter_done(out)
         self.account(model, ex, out.stream, start)
 
     async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...],
@@ -302,11 +306,11 @@ class Proxy:
             if out.pin is not None:
                 return model.take(out.pin)
             if trace is None:
-                return await model.acquire(time.monotonic(), tried, self.queue_timeout)
+                return await model.acquire(time.monotonic(), tried, self.queue_timeout, out.adapter)
             try:  # traced: a wait in the queue is a span of its own
-                return model.pick(time.monotonic(), tried)
+                return model.pick(time.monotonic(), tried, out.adapter)
             except Overloaded:
-                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout))
+                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout, out.adapter))
         except NoReplica as e:
             if tried:
                 raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
@@ -328,6 +332,8 @@ class Proxy:
         while True:
             replica = await self.acquire(model, out, tried, ex.trace)
             ex.replica = replica
+            if out.adapter is not None:
+                await adapter_ready(model, replica, out)
             inst = replica.instance
             # A stream waits at most one idle period for its first byte; an answer, the request timeout.
             idle = inst.stream_idle_timeout_seconds or self.idle_timeout

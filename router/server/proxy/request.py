@@ -94,7 +94,7 @@ class Outgoing:
     re-encoded once, or the one form field replaced).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "adapter", "adapter_on")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -105,9 +105,13 @@ class Outgoing:
         self.form_model = form_model
         #: The one replica this request must go to (it holds the response the request names).
         self.pin = pin
+        #: The LoRA adapter the request names (its `model`, which the engine knows by the same name), and
+        #: the replica whose adapter use it counts now (router/server/proxy/adapters.py).
+        self.adapter: Optional[str] = None
+        self.adapter_on: Optional[Replica] = None
 
     def data_for(self, replica: Replica) -> bytes:
-        if self.name in replica.served:
+        if self.name in replica.served or self.adapter is not None:
             return self.body
         if self.payload is not None:
             return orjson.dumps({**self.payload, "model": replica.served_name})

@@ -319,9 +319,10 @@ class LeasedModel(Model):
         super().reconfigure(replicas, settings, retry_after, start_timeout)
         self.leased = leased(replicas)
 
-    def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Coroutine[object, object, Replica]:
+    def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
+                adapter: Optional[str] = None) -> Coroutine[object, object, Replica]:
         # Not a coroutine itself: an unlimited model's request pays no extra frame.
-        return self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout)
+        return self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout, adapter)
 
     async def _leased(self, exclude: tuple[Replica, ...]) -> Replica:
         lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude))
