@@ -19,7 +19,7 @@ modelled:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 import orjson
 
@@ -27,9 +27,6 @@ from router.engines import ENGINES, has_flag
 
 from .errors import ApiError
 from .http import Request, Responder
-
-if TYPE_CHECKING:
-    from .core import SimCore
 
 Route = Callable[[Request, Responder], Awaitable[None]]
 
@@ -95,12 +92,11 @@ def _text(body: dict[str, object], key: str) -> str:
     return value
 
 
-def lora_routes(core: "SimCore") -> dict[tuple[str, str], Route]:
+def lora_routes(engine: str, adapters: Adapters) -> dict[tuple[str, str], Route]:
     """The engine's load and unload routes (none for an engine without an adapter API)."""
-    lora = ENGINES[core.options.engine].lora
+    lora = ENGINES[engine].lora
     if lora is None:
         return {}
-    adapters = core.adapters
 
     async def load(req: Request, resp: Responder) -> None:
         body = _body(req)

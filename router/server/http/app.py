@@ -146,9 +146,13 @@ def routes(state: RouterState) -> list[BaseRoute]:
     def model_entry(name: str, model: Model) -> dict[str, object]:
         """One name's /v1/models entry: what its engine says of itself, under the name the client uses."""
         card = next((r.card for r in model.replicas if r.card is not None), None) or {}
-        return {**card, "id": name, "object": "model", "created": card.get("created", int(state.started_at)),
-                "owned_by": card.get("owned_by", model.replicas[0].instance.engine),
-                "root": card.get("root", model.name), "residency": model.lifecycle.state}
+        entry = {**card, "id": name, "object": "model", "created": card.get("created", int(state.started_at)),
+                 "owned_by": card.get("owned_by", model.replicas[0].instance.engine),
+                 "root": card.get("root", model.name), "residency": model.lifecycle.state}
+        adapter = state.table.adapter(name)
+        if adapter is not None:  # as vLLM lists its adapters: root is the adapter's path, parent its base
+            entry.update(root=adapter.path, parent=model.name)
+        return entry
 
     async def list_models(request: Request) -> Response:
         table = state.table
