@@ -42,7 +42,7 @@ class EngineApi:
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/chat/completions"): self.chat,
             ("GET", STATE_PATH): self.state,
-            **lora_routes(self.core.options.engine, self.core.adapters),
+            **lora_routes(self.core.options.engine, self.core.adapters, self.core.options.lora_load_s),
         }
 
     def prefixed(self, method: str, path: str) -> Optional[Route]:

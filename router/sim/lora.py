@@ -18,6 +18,7 @@ modelled:
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Awaitable, Callable, Optional
 
@@ -92,7 +93,7 @@ def _text(body: dict[str, object], key: str) -> str:
     return value
 
 
-def lora_routes(engine: str, adapters: Adapters) -> dict[tuple[str, str], Route]:
+def lora_routes(engine: str, adapters: Adapters, load_s: float = 0.0) -> dict[tuple[str, str], Route]:
     """The engine's load and unload routes (none for an engine without an adapter API)."""
     lora = ENGINES[engine].lora
     if lora is None:
@@ -100,6 +101,8 @@ def lora_routes(engine: str, adapters: Adapters) -> dict[tuple[str, str], Route]
 
     async def load(req: Request, resp: Responder) -> None:
         body = _body(req)
+        if load_s:
+            await asyncio.sleep(load_s)
         adapters.load(_text(body, "lora_name"), _text(body, "lora_path"))
         resp.send(200, orjson.dumps({"success": True, "message": f"Success: LoRA adapter '{body['lora_name']}' "
                                                                    "added successfully."}))

@@ -54,6 +54,8 @@ class SimOptions:
     memory_saver: bool = False
     #: SGLang's --enable-weights-cpu-backup: released weights are kept in host RAM and come back on resume.
     weights_cpu_backup: bool = False
+    #: Seconds a LoRA adapter load takes (reading it from disk).
+    lora_load_s: float = 0.0
     #: Every engine flag given, as given: what the engine's LoRA flags say is read from them (router/sim/lora.py).
     argv: tuple[str, ...] = field(default=(), compare=False)
     #: Engine flags given but not understood (logged once, otherwise ignored).
@@ -127,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sleep-s", type=float, default=0.0, help="a level-1 sleep's time (weights to host RAM)")
     g.add_argument("--wake-s", type=float, default=0.0, help="a level-1 wake's time (weights back from host RAM)")
     g.add_argument("--reload-s", type=float, default=0.0, help="a level-2 reload's time (weights from disk)")
+    g.add_argument("--lora-load-s", type=float, default=0.0, help="a LoRA adapter load's time")
     g.add_argument("--seed", type=int, default=0, help="seed of the --fail-rate draws")
     return p
 
@@ -147,7 +150,7 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         problems.append("--max-model-len must be at least 1")
     if not 0.0 <= ns.fail_rate <= 1.0:
         problems.append(f"--fail-rate {ns.fail_rate} must be between 0 and 1")
-    for flag in ("startup_s", "ttft_ms", "itl_ms", "sleep_s", "wake_s", "reload_s"):
+    for flag in ("startup_s", "ttft_ms", "itl_ms", "sleep_s", "wake_s", "reload_s", "lora_load_s"):
         if getattr(ns, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must not be negative")
     for flag in ("die_after", "stall_after", "batch"):
@@ -170,4 +173,5 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed, api_key=api_key,
         sleep_s=ns.sleep_s, wake_s=ns.wake_s, reload_s=ns.reload_s, memory_saver=ns.memory_saver,
         weights_cpu_backup=ns.weights_cpu_backup, ignored_args=tuple(unknown), argv=tuple(argv),
+        lora_load_s=ns.lora_load_s,
     )

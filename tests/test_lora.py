@@ -1,0 +1,129 @@
+"""LoRA adapters through the router over loopback, against the simulated vLLM and SGLang engines
+(their load and unload endpoints and --max-loras bound, router/sim/lora.py)."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Proc, free_port, start_sim, wait_http
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def sims(procs: list[Proc]):
+    """Start simulated engines: sims(engine, model, *args) -> port."""
+    def start(engine: str, model: str, *args: str) -> int:
+        port = free_port()
+        procs.append(start_sim(engine, model, port, *args))
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
+        return port
+    return start
+
+
+def adapters(tmp: Path, *names: str) -> list[dict[str, str]]:
+    """Adapter folders the simulated engine can load (it checks only that they exist)."""
+    out = []
+    for name in names:
+        (tmp / name).mkdir()
+        out.append({"name": name, "path": str(tmp / name)})
+    return out
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def complete(router: str, model: str) -> tuple[int, dict[str, Any]]:
+    return post(router + "/v1/completions", {"model": model, "prompt": "select", "max_tokens": 3})
+
+
+def lora_state(port: int) -> dict[str, Any]:
+    return get(f"http://127.0.0.1:{port}/sim/state")["lora"]
+
+
+def test_an_adapter_is_loaded_on_first_request_listed_with_its_parent_and_swapped_within_max_loras(
+        stack: Stack, sims, tmp_path: Path) -> None:
+    port = sims("vllm", "base", "--enable-lora", "--max-loras", "1")
+    r = stack.router([instance("base", port, "--enable-lora", "--max-loras", "1",
+                               lora_adapters=adapters(tmp_path, "sql", "chat"))])
+    listed = {m["id"]: m for m in get(r.url + "/v1/models")["data"]}
+    assert listed["sql"]["parent"] == "base" and listed["sql"]["root"] == str(tmp_path / "sql")
+    assert listed["base"].get("parent") is None
+    assert lora_state(port)["loaded"] == []
+
+    status, body = complete(r.url, "sql")
+    assert status == 200, body
+    assert body["model"] == "sql" and body["choices"][0]["text"].startswith("[sql] ")
+    assert lora_state(port)["calls"] == ["load sql"]
+    status, body = complete(r.url, "sql")  # held: no second load
+    assert status == 200 and lora_state(port)["calls"] == ["load sql"]
+    status, body = complete(r.url, "base")  # the base model still answers as itself
+    assert status == 200 and not body["choices"][0]["text"].startswith("[")
+
+    status, body = complete(r.url, "chat")  # --max-loras 1: sql is unloaded first
+    assert status == 200 and body["choices"][0]["text"].startswith("[chat] ")
+    state = lora_state(port)
+    assert state["calls"] == ["load sql", "unload sql", "load chat"] and state["loaded"] == ["chat"]
+
+
+def test_thirty_concurrent_first_requests_cause_one_load(stack: Stack, sims, tmp_path: Path) -> None:
+    # Two replicas: the requests that come while the load is under way go to the replica loading it.
+    ports = [sims("vllm", "base", "--enable-lora", "--lora-load-s", "0.5") for _ in range(2)]
+    declared = adapters(tmp_path, "sql")
+    r = stack.router([instance("base", p, "--enable-lora", name=f"base{i}", lora_adapters=declared)
+                      for i, p in enumerate(ports)])
+    with ThreadPoolExecutor(30) as pool:
+        results = list(pool.map(lambda _: complete(r.url, "sql"), range(30)))
+    assert [s for s, _ in results] == [200] * 30
+    assert all(b["choices"][0]["text"].startswith("[sql] ") for _, b in results)
+    assert sum(lora_state(p)["loads"] for p in ports) == 1
+
+
+def test_a_failed_load_is_a_502_naming_the_adapter_and_the_engines_words(stack: Stack, sims, tmp_path: Path) -> None:
+    port = sims("vllm", "base", "--enable-lora")
+    missing = str(tmp_path / "nowhere")
+    r = stack.router([instance("base", port, "--enable-lora", lora_adapters=[{"name": "sql", "path": missing}])])
+    status, body = complete(r.url, "sql")
+    assert status == 502
+    message = body["error"]["message"]
+    assert "'sql'" in message and f"No adapter found for {missing}" in message
+    assert complete(r.url, "base")[0] == 200  # the base model is not harmed
+
+
+def test_sglang_adapters_load_through_its_own_endpoint(stack: Stack, sims, tmp_path: Path) -> None:
+    port = sims("sglang", "base", "--enable-lora")
+    r = stack.router([instance("base", port, "--enable-lora", engine="sglang",
+                               lora_adapters=adapters(tmp_path, "sql"))])
+    status, body = complete(r.url, "sql")
+    assert status == 200 and body["choices"][0]["text"].startswith("[sql] ")
+    assert lora_state(port)["loaded"] == ["sql"]
+
+
+def test_the_simulator_refuses_an_unknown_adapter_and_a_load_beyond_max_loras(sims, tmp_path: Path) -> None:
+    port = sims("vllm", "base", "--enable-lora", "--lora-modules", f"one={tmp_path}")
+    url = f"http://127.0.0.1:{port}"
+    status, body = complete(url, "two")
+    assert status == 404 and "two" in body["error"]["message"]
+    assert complete(url, "one")[0] == 200  # --lora-modules: loaded at start
+    status, body = post(url + "/v1/load_lora_adapter", {"lora_name": "two", "lora_path": str(tmp_path)})
+    assert status == 400 and "unload one first" in body["error"]["message"]
+    assert post(url + "/v1/unload_lora_adapter", {"lora_name": "one"})[0] == 200
+    assert post(url + "/v1/load_lora_adapter", {"lora_name": "two", "lora_path": str(tmp_path)})[0] == 200
+    assert complete(url, "two")[0] == 200
+    status, body = post(url + "/v1/unload_lora_adapter", {"lora_name": "one"})
+    assert status == 404
