@@ -56,11 +56,12 @@ def lora_state(port: int) -> dict[str, Any]:
     return get(f"http://127.0.0.1:{port}/sim/state")["lora"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_an_adapter_is_loaded_on_first_request_listed_with_its_parent_and_swapped_within_max_loras(
-        stack: Stack, sims, tmp_path: Path) -> None:
+        stack: Stack, sims, tmp_path: Path, workers: int) -> None:
     port = sims("vllm", "base", "--enable-lora", "--max-loras", "1")
     r = stack.router([instance("base", port, "--enable-lora", "--max-loras", "1",
-                               lora_adapters=adapters(tmp_path, "sql", "chat"))])
+                               lora_adapters=adapters(tmp_path, "sql", "chat"))], workers=workers)
     listed = {m["id"]: m for m in get(r.url + "/v1/models")["data"]}
     assert listed["sql"]["parent"] == "base" and listed["sql"]["root"] == str(tmp_path / "sql")
     assert listed["base"].get("parent") is None
@@ -81,12 +82,13 @@ def test_an_adapter_is_loaded_on_first_request_listed_with_its_parent_and_swappe
     assert state["calls"] == ["load sql", "unload sql", "load chat"] and state["loaded"] == ["chat"]
 
 
-def test_thirty_concurrent_first_requests_cause_one_load(stack: Stack, sims, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_thirty_concurrent_first_requests_cause_one_load(stack: Stack, sims, tmp_path: Path, workers: int) -> None:
     # Two replicas: the requests that come while the load is under way go to the replica loading it.
     ports = [sims("vllm", "base", "--enable-lora", "--lora-load-s", "0.5") for _ in range(2)]
     declared = adapters(tmp_path, "sql")
     r = stack.router([instance("base", p, "--enable-lora", name=f"base{i}", lora_adapters=declared)
-                      for i, p in enumerate(ports)])
+                      for i, p in enumerate(ports)], workers=workers)
     with ThreadPoolExecutor(30) as pool:
         results = list(pool.map(lambda _: complete(r.url, "sql"), range(30)))
     assert [s for s, _ in results] == [200] * 30

@@ -67,6 +67,7 @@ class AdapterLoader:
         load = self._loads.get(key)
         if load is None:
             replica.loras.load_started(name)
+            _changed(replica, "loading", name)
             load = self._loads[key] = asyncio.ensure_future(self._load(replica, name))
             load.add_done_callback(lambda done: self._finished(key, done))
         await asyncio.shield(load)  # a request that leaves does not cancel the others' load
@@ -87,6 +88,7 @@ class AdapterLoader:
             ok = True
         finally:
             replica.loras.load_ended(name, ok, self.clock())
+            _changed(replica, "loaded" if ok else "failed", name)
 
     async def _make_room(self, replica: Replica, name: str) -> None:
         """Unload least recently used idle adapters until one more fits the engine's bound."""
@@ -106,6 +108,7 @@ class AdapterLoader:
                 # Gone already (or the engine is down, and the load below says so): either way not held.
                 log.warning("unloading LoRA adapter %s from %s failed: %s", victim, replica.name, e)
             replica.loras.unloaded(victim)
+            _changed(replica, "unloaded", victim)
             log.info("unloaded LoRA adapter %s from %s to make room for %s", victim, replica.name, name)
 
     async def _call_load(self, replica: Replica, name: str) -> None:
@@ -121,3 +124,8 @@ class AdapterLoader:
             if lora.already_loaded is None or lora.already_loaded not in str(e):
                 raise AdapterUnavailable(502, f"Could not load LoRA adapter '{name}' ({adapter.path}): {e}") from None
         log.info("loaded LoRA adapter %s into %s in %.3fs", name, replica.name, self.clock() - started)
+
+
+def _changed(replica: Replica, what: str, adapter: str) -> None:
+    """Tell the replica's listeners (a controller pushes it to its proxy workers: `AdapterState`)."""
+    replica.events.publish("lora", what, replica.instance.model, replica.name, adapter=adapter)

@@ -49,6 +49,16 @@ class LoraSlots:
         if name in self.loaded:
             self.loaded[name] = now
 
+    def count_remote(self, name: str, delta: int, now: float) -> None:
+        """`delta` more requests for `name` in flight from a proxy worker (the controller's merged count)."""
+        for _ in range(abs(delta)):
+            (self.begin if delta > 0 else self.end)(name, now)
+
+    def follow(self, loaded: Iterable[str], loading: Iterable[str]) -> None:
+        """Take the controller's word whole (a proxy worker's copy, which never loads itself)."""
+        self.loaded = {n: self.loaded.get(n, 0.0) for n in loaded}
+        self.loading = set(loading)
+
     def load_started(self, name: str) -> None:
         self.loading.add(name)
 

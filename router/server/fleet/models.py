@@ -103,6 +103,18 @@ class Model:
             raise Overloaded()
         raise NoReplica(self._wait_hint(now), self.unavailable_reason())
 
+    async def adapter_ready(self, replica: Replica, adapter: str) -> None:
+        """Return once `replica`'s engine holds LoRA `adapter` (loaded here; a proxy worker asks its
+        controller); raise AdapterUnavailable when it cannot."""
+        await self.adapters.ensure(replica, adapter)
+
+    def adapter_use(self, replica: Replica, adapter: str, begin: bool) -> None:
+        """A request for `adapter` begins or ends on `replica` (one in use is not unloaded)."""
+        if begin:
+            replica.loras.begin(adapter, time.monotonic())
+        else:
+            replica.loras.end(adapter, time.monotonic())
+
     def take(self, replica: Replica) -> Replica:
         """A slot on this very replica (it holds what the request refers to), without waiting."""
         if not replica.routable(time.monotonic()):

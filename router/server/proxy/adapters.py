@@ -7,8 +7,6 @@ moves to another replica on a retry).
 """
 from __future__ import annotations
 
-import time
-
 from router.server.fleet.adapters import AdapterUnavailable
 from router.server.fleet.models import Model
 from router.server.fleet.replica import Replica
@@ -21,12 +19,11 @@ async def adapter_ready(model: Model, replica: Replica, out: Outgoing) -> None:
     given back and the request answered: 502 naming the adapter and the engine's words, or 503."""
     name = out.adapter
     assert name is not None
-    now = time.monotonic()
-    adapter_done(out)
+    adapter_done(out, model)
     out.adapter_on = replica
-    replica.loras.begin(name, now)
+    model.adapter_use(replica, name, True)
     try:
-        await model.adapters.ensure(replica, name)
+        await model.adapter_ready(replica, name)
     except AdapterUnavailable as e:
         model.release(replica)
         raise Reject(e.status, e.message, "model", retry_after(1) if e.status == 503 else None) from None
@@ -35,9 +32,9 @@ async def adapter_ready(model: Model, replica: Replica, out: Outgoing) -> None:
         raise
 
 
-def adapter_done(out: Outgoing) -> None:
+def adapter_done(out: Outgoing, model: Model) -> None:
     """The request no longer uses its adapter on the replica it counted it on."""
     replica = out.adapter_on
     if replica is not None and out.adapter is not None:
-        replica.loras.end(out.adapter, time.monotonic())
+        model.adapter_use(replica, out.adapter, False)
     out.adapter_on = None

@@ -296,7 +296,7 @@ class Proxy:
         finally:
             if admitted:
                 lifecycle.release()
-            adapter_done(out)
+            adapter_done(out, model)
         self.account(model, ex, out.stream, start)
 
     async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...],

@@ -18,6 +18,7 @@ from router.config import SleepSettings
 from router.observe.events import Event
 from router.observe.metrics import ModelMetrics
 from router.observe.traffic import Traffic
+from router.server.fleet.adapters import AdapterUnavailable
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import LifecycleFactory, Model, NoReplica, Overloaded
 from router.server.fleet.outcome import ModelUnavailable
@@ -26,6 +27,9 @@ from router.server.workers.messages import (
     COUNTS_SECONDS,
     PROTOCOL,
     REPORT_SECONDS,
+    AdapterAnswer,
+    AdapterState,
+    AdapterUse,
     Applied,
     BreakerOutcome,
     BreakerState,
@@ -36,6 +40,7 @@ from router.server.workers.messages import (
     Hello,
     Lease,
     Leased,
+    LoadAdapter,
     Message,
     ModelState,
     Note,
@@ -66,7 +71,8 @@ class ControllerLink:
     """A worker's end: applies the controller's changes to its view and reports what it admits."""
 
     def __init__(self, channel: Wire, on_table: Callable[[Table], None],
-                 model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[ReplicaState], None],
+                 model: Callable[[str], Optional[Lifecycle]],
+                 replica_changed: Callable[[ReplicaState | AdapterState], None],
                  breaker_changed: Callable[[BreakerState], None], owner: Callable[[Owner], None]):
         self.channel = channel
         self._on_table = on_table
@@ -88,7 +94,8 @@ class ControllerLink:
 
     @classmethod
     async def connect(cls, path: str, on_table: Callable[[Table], None],
-                      model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[ReplicaState], None],
+                      model: Callable[[str], Optional[Lifecycle]],
+                      replica_changed: Callable[[ReplicaState | AdapterState], None],
                       breaker_changed: Callable[[BreakerState], None], owner: Callable[[Owner], None]) -> ControllerLink:
         reader, writer = await asyncio.open_unix_connection(path)
         channel = Channel(reader, writer)
@@ -121,7 +128,7 @@ class ControllerLink:
                 lc = self._model(message.model)
                 if lc is not None:
                     lc.mirror(message.state)
-            case ReplicaState():
+            case ReplicaState() | AdapterState():
                 self._replica_changed(message)
             case BreakerState():
                 self._breaker_changed(message)
@@ -130,7 +137,7 @@ class ControllerLink:
                 self.channel.send(Fenced(message.n))
             case ReadyAnswer():
                 self._admitted(message)
-            case Synced() | WhoseAnswer():
+            case Synced() | WhoseAnswer() | AdapterAnswer():
                 answer = self._answers.pop(message.request, None)
                 if answer is not None and not answer.done():
                     answer.set_result(message)
@@ -185,6 +192,15 @@ class ControllerLink:
         controller knows it once every worker has told it what they learned."""
         request = next(self._ids)
         return (await self._ask(request, Whose(request, response_id), WhoseAnswer)).found
+
+    async def load_adapter(self, instance: str, adapter: str) -> Optional[tuple[int, str]]:
+        """Have the controller make `instance`'s engine hold `adapter`: None once it does (its
+        `AdapterState` already applied here), else (status, message)."""
+        request = next(self._ids)
+        return (await self._ask(request, LoadAdapter(request, instance, adapter), AdapterAnswer)).refusal
+
+    def adapter_use(self, instance: str, adapter: str, requests: int) -> None:
+        self.channel.send(AdapterUse(instance, adapter, requests))
 
     async def ready(self, lc: RemoteAdmission) -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
@@ -331,6 +347,20 @@ class LeasedModel(Model):
             self.link.unlease(lease)
             raise NoReplica(1, f"Instance {instance} of model '{self.name}' was just reconfigured; retry.")
         return self._hold(replica, lease)
+
+    async def adapter_ready(self, replica: Replica, adapter: str) -> None:
+        """The controller loads adapters (single-flight across workers); this copy only follows."""
+        if adapter in replica.loras.loaded:
+            return
+        refusal = await self.link.load_adapter(replica.name, adapter)
+        if refusal is not None:
+            raise AdapterUnavailable(*refusal)
+
+    def adapter_use(self, replica: Replica, adapter: str, begin: bool) -> None:
+        super().adapter_use(replica, adapter, begin)
+        requests = replica.loras.busy.get(adapter, 0)
+        if requests == (1 if begin else 0):  # busy or idle now: the controller's LRU choice needs it
+            self.link.adapter_use(replica.name, adapter, requests)
 
     def take(self, replica: Replica) -> Replica:
         if not self.leased:
