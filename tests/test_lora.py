@@ -116,16 +116,27 @@ def test_sglang_adapters_load_through_its_own_endpoint(stack: Stack, sims, tmp_p
     assert lora_state(port)["loaded"] == ["sql"]
 
 
-def test_the_simulator_refuses_an_unknown_adapter_and_a_load_beyond_max_loras(sims, tmp_path: Path) -> None:
+def test_the_simulator_refuses_an_unknown_adapter_and_sglang_a_load_beyond_its_bound(sims, tmp_path: Path) -> None:
     port = sims("vllm", "base", "--enable-lora", "--lora-modules", f"one={tmp_path}")
     url = f"http://127.0.0.1:{port}"
     status, body = complete(url, "two")
     assert status == 404 and "two" in body["error"]["message"]
     assert complete(url, "one")[0] == 200  # --lora-modules: loaded at start
-    status, body = post(url + "/v1/load_lora_adapter", {"lora_name": "two", "lora_path": str(tmp_path)})
-    assert status == 400 and "unload one first" in body["error"]["message"]
-    assert post(url + "/v1/unload_lora_adapter", {"lora_name": "one"})[0] == 200
-    assert post(url + "/v1/load_lora_adapter", {"lora_name": "two", "lora_path": str(tmp_path)})[0] == 200
+    listed = {m["id"]: m for m in get(url + "/v1/models")["data"]}
+    assert listed["one"]["parent"] == "base" and listed["one"]["root"] == str(tmp_path)
+    # vLLM 0.32 loads beyond --max-loras (1 by default), answering plain text, as measured on the real engine.
+    req = urllib.request.Request(url + "/v1/load_lora_adapter", json.dumps(
+        {"lora_name": "two", "lora_path": str(tmp_path)}).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.read() == b"Success: LoRA adapter 'two' added successfully."
     assert complete(url, "two")[0] == 200
-    status, body = post(url + "/v1/unload_lora_adapter", {"lora_name": "one"})
-    assert status == 404
+    status, body = post(url + "/v1/load_lora_adapter", {"lora_name": "two", "lora_path": str(tmp_path)})
+    assert status == 400 and "has already been loaded" in body["error"]["message"]
+    status, body = post(url + "/v1/load_lora_adapter", {"lora_name": "three", "lora_path": str(tmp_path / "no")})
+    assert status == 404 and f"No adapter found for {tmp_path / 'no'}" in body["error"]["message"]
+    status, body = post(url + "/v1/unload_lora_adapter", {"lora_name": "nope"})
+    assert status == 404 and "cannot be found" in body["error"]["message"]
+
+    sport = sims("sglang", "base", "--lora-paths", f"one={tmp_path}", "--max-loaded-loras", "1")
+    status, body = post(f"http://127.0.0.1:{sport}/load_lora_adapter", {"lora_name": "two", "lora_path": str(tmp_path)})
+    assert status == 400 and "maximum number of loaded LoRA adapters (1)" in body["error"]["message"]

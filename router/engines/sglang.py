@@ -69,5 +69,6 @@ SPEC = EngineSpec(
     # /unload_lora_adapter with --enable-lora; --max-loaded-loras bounds the adapters held
     # (unbounded by default; --max-loras-per-batch, default 8, only bounds one batch).
     lora=LoraApi(load_path="/load_lora_adapter", unload_path="/unload_lora_adapter", enable_flag="--enable-lora",
-                 max_flag="--max-loaded-loras", max_default=None, static_flag="--lora-paths", static_enables=True),
+                 max_flag="--max-loaded-loras", max_default=None, static_flag="--lora-paths", static_enables=True,
+                 bound_enforced=True),
 )

@@ -80,6 +80,9 @@ class LoraApi:
     max_default: Optional[int]
     #: The flag naming adapters loaded at start: ``name=path`` words, or JSON ``{"name"|"lora_name", "path"|"lora_path"}``.
     static_flag: str
+    #: Whether the engine itself refuses a load beyond its bound (SGLang's --max-loaded-loras); vLLM 0.32
+    #: loads beyond --max-loras (measured: tests/real_vllm/FINDINGS.md), so the router keeps the bound.
+    bound_enforced: bool = False
     #: Whether `static_flag` alone enables adapters (SGLang), rather than needing `enable_flag` too (vLLM).
     static_enables: bool = False
     #: Words of the engine's refusal to load an adapter it already holds (the router then counts it as

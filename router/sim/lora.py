@@ -10,11 +10,15 @@ loaded at start. The simulator's rules, where the engines' differ or are not
 modelled:
 
 - a load needs the adapter's path to exist on disk (a folder; its contents are
-  not read), else 400 as vLLM words a missing adapter;
-- a load beyond the bound is refused (400), so a router must unload first;
-- a name already loaded is refused with vLLM's words ("has already been loaded");
+  not read), else 404 in vLLM's words ("No adapter found for <path>");
+- a name already loaded is refused (400) in vLLM's words ("has already been loaded");
+- SGLang refuses a load beyond its ``--max-loaded-loras``; vLLM 0.32 does not refuse one
+  beyond ``--max-loras`` (measured against the real CPU build), so neither does its
+  simulator: keeping within the bound is the router's work;
+- vLLM answers a load or unload with plain text, SGLang with JSON;
 - a generation for a loaded adapter starts its text with ``[<adapter>]``; one for
-  a name that is neither the model nor a loaded adapter gets the engine's 404.
+  a name that is neither the model nor a loaded adapter gets the engine's 404;
+  ``/v1/models`` lists the loaded adapters with ``parent`` and ``root``, as vLLM does.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class Adapters:
 
     def __init__(self, engine: str, argv: tuple[str, ...]):
         lora = ENGINES[engine].lora
+        self.bound_enforced = lora is not None and lora.bound_enforced
         self.enabled = lora is not None and (has_flag(argv, lora.enable_flag)
                                              or (lora.static_enables and has_flag(argv, lora.static_flag)))
         #: How many it holds at most (None: no bound).
@@ -57,12 +62,13 @@ class Adapters:
         if not self.enabled:
             raise ApiError(400, "LoRA is not enabled on this server; start it with --enable-lora.")
         if name in self.loaded:
-            raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput")
-        if self.bound is not None and len(self.loaded) >= self.bound:
-            raise ApiError(400, f"Cannot load lora adapter '{name}': {len(self.loaded)} adapters are loaded, the most "
-                                f"this server holds (max loras {self.bound}); unload one first.", "InvalidUserInput")
+            raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
+                                "in place, set 'load_inplace' to True.", "InvalidUserInput")
+        if self.bound_enforced and self.bound is not None and len(self.loaded) >= self.bound:
+            raise ApiError(400, f"Failed to load LoRA adapter {name}: the maximum number of loaded LoRA adapters "
+                                f"({self.bound}) is reached; unload one first.")
         if not os.path.isdir(path):
-            raise ApiError(400, f"Loading lora {name} failed: No adapter found for {path}", "InvalidUserInput")
+            raise ApiError(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
         self.loaded[name] = path
 
     def unload(self, name: str) -> None:
@@ -93,22 +99,31 @@ def _text(body: dict[str, object], key: str) -> str:
     return value
 
 
-def lora_routes(engine: str, adapters: Adapters, load_s: float = 0.0) -> dict[tuple[str, str], Route]:
-    """The engine's load and unload routes (none for an engine without an adapter API)."""
+def lora_routes(engine: str, adapters: Adapters, text: bool, load_s: float = 0.0) -> dict[tuple[str, str], Route]:
+    """The engine's load and unload routes (none for an engine without an adapter API); `text`: they
+    answer plain text (vLLM), else JSON."""
     lora = ENGINES[engine].lora
     if lora is None:
         return {}
+
+    def done(resp: Responder, name: str, what: str) -> None:
+        message = f"Success: LoRA adapter '{name}' {what} successfully."
+        if text:
+            resp.send(200, message.encode(), None)
+        else:
+            resp.send(200, orjson.dumps({"success": True, "message": message, "loaded_adapters": adapters.loaded}))
 
     async def load(req: Request, resp: Responder) -> None:
         body = _body(req)
         if load_s:
             await asyncio.sleep(load_s)
-        adapters.load(_text(body, "lora_name"), _text(body, "lora_path"))
-        resp.send(200, orjson.dumps({"success": True, "message": f"Success: LoRA adapter '{body['lora_name']}' "
-                                                                   "added successfully."}))
+        name = _text(body, "lora_name")
+        adapters.load(name, _text(body, "lora_path"))
+        done(resp, name, "added")
 
     async def unload(req: Request, resp: Responder) -> None:
-        adapters.unload(_text(_body(req), "lora_name"))
-        resp.send(200, orjson.dumps({"success": True}))
+        name = _text(_body(req), "lora_name")
+        adapters.unload(name)
+        done(resp, name, "removed")
 
     return {("POST", lora.load_path): load, ("POST", lora.unload_path): unload}

@@ -20,7 +20,7 @@ from router.config import Config, Instance, RouterSettings, SleepSettings
 from router.config.adapters import LoraAdapter
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
-from router.server.fleet.adapters import AdapterLoader
+from router.server.fleet.adapters import AdapterLoader, AdapterUnavailable
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import UNHEALTHY, Replica
 
@@ -107,6 +107,19 @@ class Model:
         """Return once `replica`'s engine holds LoRA `adapter` (loaded here; a proxy worker asks its
         controller); raise AdapterUnavailable when it cannot."""
         await self.adapters.ensure(replica, adapter)
+
+    async def place_adapter(self, adapter: str) -> None:
+        """Have the replica a request for `adapter` would be given hold it: the one holding or loading
+        it, else the least loaded (a proxy worker's requests ask this of the controller before their
+        pick, so requests of several workers share one load). A failure is left to the request's own
+        `adapter_ready`, which reports it."""
+        now = time.monotonic()
+        homes = [r for r in self.replicas if r.routable(now) and adapter in r.loras.known]
+        if homes:
+            try:
+                await self.adapters.ensure(min(homes, key=lambda r: _lora_rank(r, adapter)), adapter)
+            except AdapterUnavailable:
+                pass
 
     def adapter_use(self, replica: Replica, adapter: str, begin: bool) -> None:
         """A request for `adapter` begins or ends on `replica` (one in use is not unloaded)."""

@@ -393,6 +393,12 @@ class WorkerLinks:
 
     async def _load_adapter(self, link: WorkerLink, message: LoadAdapter) -> None:
         """Load for a worker, with the controller's one loader: single-flight across workers."""
+        if message.instance is None:
+            placed = self.fleet.table.get(message.model)
+            if placed is not None:
+                await placed.place_adapter(message.adapter)
+            link.channel.send(AdapterAnswer(message.request, None))
+            return
         found = self.fleet.table.instance(message.instance)
         if found is None:
             link.channel.send(AdapterAnswer(message.request, (503, f"Instance {message.instance} was just "

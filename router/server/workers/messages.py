@@ -243,9 +243,12 @@ class Whose(NamedTuple):
 
 
 class LoadAdapter(NamedTuple):
-    """Make `instance`'s engine hold LoRA adapter `adapter` (joining a load under way)."""
+    """Make `instance`'s engine hold LoRA adapter `adapter` of `model` (joining a load under way); with
+    `instance` None, the engine the controller picks for it: one that holds or is loading it, else the
+    least loaded (so requests of several workers that find no engine holding it share one load)."""
     request: int
-    instance: str
+    model: str
+    instance: Optional[str]
     adapter: str
 
 

@@ -193,11 +193,11 @@ class ControllerLink:
         request = next(self._ids)
         return (await self._ask(request, Whose(request, response_id), WhoseAnswer)).found
 
-    async def load_adapter(self, instance: str, adapter: str) -> Optional[tuple[int, str]]:
-        """Have the controller make `instance`'s engine hold `adapter`: None once it does (its
-        `AdapterState` already applied here), else (status, message)."""
+    async def load_adapter(self, model: str, instance: Optional[str], adapter: str) -> Optional[tuple[int, str]]:
+        """Have the controller make `instance`'s engine (None: the one it picks) hold `adapter`: None
+        once it does (its `AdapterState` already applied here), else (status, message)."""
         request = next(self._ids)
-        return (await self._ask(request, LoadAdapter(request, instance, adapter), AdapterAnswer)).refusal
+        return (await self._ask(request, LoadAdapter(request, model, instance, adapter), AdapterAnswer)).refusal
 
     def adapter_use(self, instance: str, adapter: str, requests: int) -> None:
         self.channel.send(AdapterUse(instance, adapter, requests))
@@ -338,7 +338,15 @@ class LeasedModel(Model):
     def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
                 adapter: Optional[str] = None) -> Coroutine[object, object, Replica]:
         # Not a coroutine itself: an unlimited model's request pays no extra frame.
+        if adapter is not None and not any(r.loras.holds(adapter) for r in self.replicas):
+            return self._placed(now, exclude, queue_timeout, adapter)
         return self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout, adapter)
+
+    async def _placed(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float, adapter: str) -> Replica:
+        """No replica holds `adapter` in this worker's view: the controller loads it where it picks first
+        (its AdapterState arrives before the answer), so this pick prefers that replica."""
+        await self.link.load_adapter(self.name, None, adapter)
+        return await (self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout, adapter))
 
     async def _leased(self, exclude: tuple[Replica, ...]) -> Replica:
         lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude))
@@ -352,7 +360,7 @@ class LeasedModel(Model):
         """The controller loads adapters (single-flight across workers); this copy only follows."""
         if adapter in replica.loras.loaded:
             return
-        refusal = await self.link.load_adapter(replica.name, adapter)
+        refusal = await self.link.load_adapter(self.name, replica.name, adapter)
         if refusal is not None:
             raise AdapterUnavailable(*refusal)
 
