@@ -206,3 +206,16 @@ instances:
         parse_config(clash)
     with pytest.raises(ConfigError, match="lora_adapters\\[0\\].path"):
         parse_config(text.replace("path: /l/sql", "path: ''"))
+
+
+def test_the_render_lets_a_vllm_engine_with_adapters_load_them_at_run_time(tmp_path) -> None:
+    from router.render.files import render_files
+    text = """
+instances:
+  - {model: m, engine: vllm, engine_args: "--port 8001 --enable-lora", lora_adapters: [{name: sql, path: /l/sql}]}
+  - {model: n, engine: vllm, engine_args: "--port 8002", engine_env: ["VLLM_ALLOW_RUNTIME_LORA_UPDATING=False"]}
+"""
+    files = render_files(parse_config(text, str(tmp_path / "c.yaml")), tmp_path / "out")
+    with_adapters, without = files["engines/m.sh"][0], files["engines/n.sh"][0]
+    assert "export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True\n" in with_adapters
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" not in without  # no adapters: the engine's own default
