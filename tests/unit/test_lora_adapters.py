@@ -219,3 +219,24 @@ instances:
     with_adapters, without = files["engines/m.sh"][0], files["engines/n.sh"][0]
     assert "export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True\n" in with_adapters
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" not in without  # no adapters: the engine's own default
+
+
+@pytest.mark.parametrize("level,kept", [(1, ["s", "a"]), (2, ["s"])])
+def test_a_level_2_wake_forgets_the_adapters_the_router_loaded_and_a_level_1_wake_keeps_them(
+        level: int, kept: list[str]) -> None:
+    from fakes import FakeControl
+
+    from router.config import SleepSettings
+    from router.server.fleet.lifecycle import Lifecycle
+    started = LoraAdapter("s", "/loras/s", at_start=True)
+    r = Replica(replace(instance("r1", lora_adapters=(started, *ADAPTERS), sleep_level=level),
+                        engine_args=("--enable-lora", "--max-loras", "2")), Events())
+    r.loras.load_started("a")
+    r.loras.load_ended("a", True, 1.0)
+    lc = Lifecycle("m", lambda: (r,), SleepSettings(), FakeControl(), Events())  # type: ignore[arg-type]
+
+    async def test() -> None:
+        assert (await lc.sleep()).ok
+        assert (await lc.wake()).ok
+    run(test)
+    assert list(r.loras.loaded) == kept
