@@ -240,3 +240,45 @@ def test_a_level_2_wake_forgets_the_adapters_the_router_loaded_and_a_level_1_wak
         assert (await lc.wake()).ok
     run(test)
     assert list(r.loras.loaded) == kept
+
+
+def test_the_table_routes_an_adapter_to_its_base_and_a_pick_prefers_the_replica_holding_it() -> None:
+    from fakes import FakeControl
+
+    from router.config import SleepSettings
+    from router.observe.metrics import ModelMetrics
+    from router.server.fleet.lifecycle import Lifecycle
+    from router.server.fleet.models import ModelTable
+    text = """
+instances:
+  - {name: a, model: m, engine: vllm, engine_args: "--port 8001 --enable-lora", lora_adapters: [{name: sql, path: /l/sql}]}
+  - {name: b, model: m, engine: vllm, engine_args: "--port 8002 --enable-lora", lora_adapters: [{name: sql, path: /l/sql}]}
+  - {name: c, model: m, engine: vllm, engine_args: "--port 8003"}
+"""
+    events = Events()
+
+    def lifecycles(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
+        return Lifecycle(name, members, SleepSettings(), FakeControl(), events)  # type: ignore[arg-type]
+    table = ModelTable.build(parse_config(text), events, ModelMetrics, lifecycles)
+    model = table.get("sql")
+    assert model is not None and model is table.get("m") and table.aliases(model) == []
+    adapter = table.adapter("sql")
+    assert adapter is not None and adapter.path == "/l/sql" and table.adapter("m") is None
+    a, b, c = model.replicas
+    b.loras.load_started("sql")
+    b.take_slot(0.0)  # busier than a, but loading the adapter: requests for it join that load
+    assert model.pick(0.0, adapter="sql") is b
+    assert model.pick(0.0) is a  # a plain request: the least loaded
+    for r in (a, b, c):
+        while r.outstanding:
+            r.release_slot()
+    picked = {model.pick(0.0, adapter="sql").name for _ in range(3)}
+    assert "c" not in picked  # c does not declare the adapter
+
+    b.loras.load_ended("sql", True, 1.0)
+    again = ModelTable.build(parse_config(text.replace("[{name: sql, path: /l/sql}]",
+                                                       "[{name: sql, path: /l/sql}, {name: chat, path: /l/chat}]")),
+                             events, ModelMetrics, lifecycles, previous=table)
+    model2 = again.get("chat")
+    assert model2 is model and model2.replicas[1] is b  # a changed adapter list keeps the replica and its state
+    assert "sql" in b.loras.loaded and "chat" in b.loras.known

@@ -30,6 +30,12 @@ class LoraSlots:
         #: Adapter -> requests in flight for it (an adapter in use is never unloaded).
         self.busy: dict[str, int] = {}
 
+    def reconfigure(self, known: Iterable[str], at_start: Iterable[str]) -> None:
+        """A reload changed the instance's adapters: those still declared and held stay held."""
+        self.known = frozenset(known)
+        self.at_start = frozenset(at_start)
+        self.loaded = {n: t for n, t in self.loaded.items() if n in self.known}
+
     def holds(self, name: str) -> bool:
         """Whether the adapter is loaded here or being loaded (a request for it should come here)."""
         return name in self.loaded or name in self.loading

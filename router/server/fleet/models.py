@@ -315,10 +315,14 @@ class ModelTable:
         return next(((m, r) for m in self._models.values() for r in m.replicas if r.name == name), None)
 
 
+def _same_engine(old: Instance, new: Instance) -> bool:
+    return replace(old, aliases=(), lora_adapters=()) == replace(new, aliases=(), lora_adapters=())
+
+
 def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:
-    """The replica for `instance`: the old one when only its aliases changed (they are the table's
-    business, not the replica's), else a fresh one."""
-    if replica is not None and not replica.retired and replace(replica.instance, aliases=()) == replace(instance, aliases=()):
+    """The replica for `instance`: the old one when only its aliases or LoRA adapters changed (the table's
+    business, and the adapters it already holds stay held), else a fresh one."""
+    if replica is not None and not replica.retired and _same_engine(replica.instance, instance):
         replica.reconfigure(instance)
         return replica
     # The same supervisord program: its process state carries over.
