@@ -350,6 +350,8 @@ INSTANCE_VALUES = {
     "sleep_level": mostly(st.sampled_from([1, 2]), st.sampled_from([0, 3, "2"]) | YAML_VALUES),
     "max_concurrency": mostly(st.integers(1, 8), YAML_VALUES),
     "max_queue": mostly(st.integers(0, 8), YAML_VALUES),
+    "routing": mostly(st.sampled_from(["least_outstanding", "Session", "prefix"]), st.sampled_from(["sticky", ""]) | YAML_VALUES),
+    "routing_prefix_chars": mostly(st.sampled_from([64, 2048]), st.sampled_from([0, -1, 1.5]) | YAML_VALUES),
     "using_venv": mostly(st.booleans(), YAML_VALUES),
     "venv_path": mostly(st.sampled_from(["venv", "/nonexistent/venv"]), YAML_VALUES),
     "engine_package": mostly(st.sampled_from(["six==1.16.0", "vllm[x]==0.11.2", "six>=1", "bad req!!"]), YAML_VALUES),
@@ -363,6 +365,12 @@ INSTANCE_VALUES = {
         "request_timeout_seconds", "stream_idle_timeout_seconds")},
     "node": mostly(st.sampled_from(["gpu-1", "gpu-2"]), YAML_VALUES),
     "dns_name": mostly(st.sampled_from(["pool.test", "engine-a.llm.svc.cluster.local", "10.0.0.5", "a b"]), YAML_VALUES),
+    **{k: mostly(st.dictionaries(st.sampled_from(["temperature", "max_tokens", "seed", "model"]),
+                                 st.integers(0, 5) | st.text(max_size=4) | st.none(), max_size=2), YAML_VALUES)
+       for k in ("request_defaults", "request_overrides")},
+    "request_strip": mostly(st.lists(st.sampled_from(["seed", "logit_bias", "temperature", "stream"]), max_size=2),
+                            YAML_VALUES),
+    "fallbacks": mostly(st.lists(st.sampled_from(["m", "org/m", "org/other", "x", "nope"]), max_size=2), YAML_VALUES),
 }
 INSTANCES = st.lists(st.fixed_dictionaries(
     {k: INSTANCE_VALUES[k] for k in ("model", "engine", "engine_args")},

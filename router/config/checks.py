@@ -7,6 +7,7 @@ They run on what could be read even when some of it could not, so one run of
 from __future__ import annotations
 
 from router.config.instance import WILDCARD_HOSTS, Instance, connect_host, loopback_ip
+from router.config.per_model import check_per_model
 from router.config.problems import Reading
 from router.config.top import Config
 from router.config.venvs import check_venvs
@@ -66,6 +67,7 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
             _tier_check(inst, reading)
         _adapter_checks(inst, route_owner, adapter_owner, reading)
     _residency_checks(cfg, reading, complete)
+    check_per_model(cfg, reading, complete)
     router = cfg.router
     if router.default_model is not None and router.default_model not in routes and complete:
         reading.error("router.default_model", f"{router.default_model!r} is not a model, alias or served name of any "

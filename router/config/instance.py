@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from router.config.adapters import LoraAdapter
+from router.config.shaping import Shaping
 from router.engines import ENGINES, EngineSpec
 
 #: Instance names that would collide with programs, tmux sessions or log files we render.
@@ -15,6 +16,8 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 WILDCARD_HOSTS = {"0.0.0.0", "::", "", "*"}
 #: Environment variables whose values repr() hides (HF_TOKEN, VLLM_API_KEY, ...).
 SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
+#: `routing`: the least loaded replica; the same replica per session key; the same per prompt prefix.
+ROUTINGS = ("least_outstanding", "session", "prefix")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Instance:
     sleep: bool = True
     max_concurrency: Optional[int] = None
     max_queue: int = 0
+    #: Which replica of the model a request goes to (`ROUTINGS`), and how much of the prompt
+    #: `prefix` routing hashes; the same on every instance of a model (router/config/checks.py).
+    routing: str = "least_outstanding"
+    routing_prefix_chars: int = 2048
     sim_args: tuple[str, ...] = ()
     #: The program of an engine started by its own ``command`` (whose other words are
     #: `engine_args`); None for engines launched from a Python module.
@@ -75,6 +82,10 @@ class Instance:
     engine_import: Optional[str] = None
     #: LoRA adapters clients may name as models: the engine flags' (loaded at start), then the declared ones.
     lora_adapters: tuple[LoraAdapter, ...] = ()
+    #: What this model's request bodies get set, forced or lose (None: sent as the client's bytes).
+    shaping: Optional[Shaping] = None
+    #: Models (or their other names) that answer, in this order, what this model could not.
+    fallbacks: tuple[str, ...] = ()
     #: Its place in the YAML's ``instances`` list, which messages name (``instances[2].port``);
     #: not part of what the instance is, so moving it in the file changes nothing.
     position: int = field(default=-1, compare=False, repr=False)

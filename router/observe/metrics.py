@@ -30,8 +30,13 @@ LATENCY = ("router_request_duration_seconds", "Time from request to the end of t
 TTFB = ("router_time_to_first_byte_seconds", "Time from request to the first response body byte")
 WAKES = ("router_model_wake_seconds", "Time each successful wake took, from its first call to the engine to its "
          "last, by the sleep tier it woke from (1: weights in host RAM; 2: weights read again from disk)")
+AFFINITY = ("router_affinity", "Replica picks for requests with a key (routing session or prefix; a retry is a pick of "
+            "its own), by whether the pick was the key's own replica (hit) or the next along the ring (moved: it was "
+            "unroutable, full, above the bounded load or already tried, or the request waited for any free slot)")
 RETRIES = ("router_retries", "Requests sent again to another replica before any byte reached the client, by what "
            "the first engine did (502, 503, 504, timeout, disconnect)")
+FALLBACKS = ("router_fallbacks", "Requests a model could not serve (every replica failed before the first byte) sent "
+             "to a model of its fallbacks, by the model asked (from) and the model tried next (to)")
 
 
 class Histogram:
@@ -61,15 +66,19 @@ class Histogram:
 class ModelMetrics:
     """One model's counters, updated by the hot path."""
 
-    __slots__ = ("model", "requests", "errors", "retries", "latency", "ttfb")
+    __slots__ = ("model", "requests", "errors", "retries", "fallbacks", "latency", "ttfb", "hits", "moved")
 
     def __init__(self, model: str):
         self.model = model
         self.requests: dict[int, int] = {}
         self.errors: dict[str, int] = {}
         self.retries: dict[str, int] = {}
+        #: Requests sent on from this model, by the model they went to.
+        self.fallbacks: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttfb = Histogram(TTFB_BUCKETS)
+        self.hits = 0
+        self.moved = 0
 
     def observe(self, status: int, latency_s: float, ttfb_s: float | None) -> None:
         requests = self.requests
@@ -83,6 +92,15 @@ class ModelMetrics:
 
     def upstream_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def routed(self, hit: bool) -> None:
+        """A request with a key went to its key's replica (`hit`) or on along the ring."""
+        if hit:
+            self.hits += 1
+        else:
+            self.moved += 1
+    def fallback(self, to: str) -> None:
+        self.fallbacks[to] = self.fallbacks.get(to, 0) + 1
 
 
 class Metrics:
@@ -137,6 +155,8 @@ class _Counts(Collector):
         latency = HistogramMetricFamily(*LATENCY, labels=["model"])
         ttfb = HistogramMetricFamily(*TTFB, labels=["model"])
         retries = CounterMetricFamily(*RETRIES, labels=["model", "reason"])
+        affinity = CounterMetricFamily(*AFFINITY, labels=["model", "result"])
+        fallbacks = CounterMetricFamily(*FALLBACKS, labels=["from", "to"])
         for name, m in list(self._models.items()):
             for status, n in sorted(m.requests.items()):
                 requests.add_metric([name, str(status)], n)
@@ -144,9 +164,14 @@ class _Counts(Collector):
                 errors.add_metric([name, kind], n)
             for reason, n in sorted(m.retries.items()):
                 retries.add_metric([name, reason], n)
+            for to, n in sorted(m.fallbacks.items()):
+                fallbacks.add_metric([name, to], n)
             for family, histogram in ((latency, m.latency), (ttfb, m.ttfb)):
                 family.add_metric([name], histogram.buckets(), histogram.sum)
-        yield from (requests, errors, latency, ttfb, retries)
+            if m.hits or m.moved:
+                affinity.add_metric([name, "hit"], m.hits)
+                affinity.add_metric([name, "moved"], m.moved)
+        yield from (requests, errors, latency, ttfb, retries, affinity, fallbacks)
 
 
 class _Wakes(Collector):

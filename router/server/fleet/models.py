@@ -23,6 +23,7 @@ from router.observe.metrics import ModelMetrics
 from router.server.fleet.adapters import AdapterLoader, AdapterUnavailable
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import UNHEALTHY, Replica
+from router.server.fleet.sticky import Sticky, sticky_for
 
 #: Makes a new model's lifecycle from its name and its members (the router's own, or a proxy
 #: worker's view of the controller's, router/server/workers/worker_end.py).
@@ -43,9 +44,10 @@ class Overloaded(Exception):
 
 
 class Model:
-    """A model's replicas, its wait queue, its lifecycle and the least-outstanding pick."""
+    """A model's replicas, its wait queue, its lifecycle and its replica pick (least outstanding, or a
+    request's key on the ring: `Sticky`)."""
 
-    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "adapters", "_waiters", "_retry_after")
+    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "sticky", "adapters", "_waiters", "_retry_after")
 
     def __init__(self, name: str, replicas: tuple[Replica, ...], lifecycles: LifecycleFactory,
                  metrics: ModelMetrics, retry_after: int):
@@ -53,6 +55,8 @@ class Model:
         self.replicas = replicas
         #: The client paths every replica's engine serves (so any replica can take any of them).
         self.paths = served_paths(replicas)
+        #: The ring of `routing: session | prefix` (requests with a key follow it); None: least outstanding.
+        self.sticky: Optional[Sticky] = sticky_for(replicas)
         self.lifecycle = lifecycles(name, self.members)
         self.metrics = metrics
         #: Loads its LoRA adapters into its replicas (an adapter lives and sleeps with its base model).
@@ -74,27 +78,63 @@ class Model:
         """Take a reload's replicas and settings; queued requests may find a slot on the new ones."""
         self.replicas = replicas
         self.paths = served_paths(replicas)
+        self.sticky = sticky_for(replicas)
         self.lifecycle.settings = settings
         self.lifecycle.start_timeout = start_timeout
         self._retry_after = retry_after
         if self._waiters:
             self.dispatch()
 
-    def pick(self, now: float, exclude: tuple[Replica, ...] = (), adapter: Optional[str] = None) -> Replica:
-        """Take a slot on the least-loaded routable replica without waiting; for a LoRA `adapter`, one
-        that declares it, preferring those that hold it or are loading it (so one load serves all).
+    def pick(self, now: float, exclude: tuple[Replica, ...] = (), key: Optional[int] = None,
+             adapter: Optional[str] = None) -> Replica:
+        """Take a slot on the least-loaded routable replica without waiting (a request with a `key`:
+        on the key's replica, `Sticky`; one for a LoRA `adapter`: `_pick_for_adapter`, whatever its key).
 
         Raises NoReplica when none is routable, Overloaded when all are full.
         """
+        if adapter is not None:
+            return self._pick_for_adapter(now, exclude, adapter)
+        if key is not None and self.sticky is not None:
+            return self._pick_by_key(self.sticky, now, exclude, key)
         best = None
         full = False
         for r in self.replicas:
-            if r in exclude or not r.routable(now) or (adapter is not None and adapter not in r.loras.known):
+            if r in exclude or not r.routable(now):
                 continue
             if r.limit is not None and r.outstanding >= r.limit:
                 full = True
                 continue
-            if best is None or (r.outstanding < best.outstanding if adapter is None else _lora_rank(r, adapter) < _lora_rank(best, adapter)):
+            if best is None or r.outstanding < best.outstanding:
+                best = r
+        if best is not None:
+            best.take_slot(now)
+            return best
+        if full:
+            raise Overloaded()
+        raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+
+    def _pick_by_key(self, sticky: Sticky, now: float, exclude: tuple[Replica, ...], key: int) -> Replica:
+        best, full, hit = sticky.choose(self.replicas, now, exclude, key)
+        if best is not None:
+            best.take_slot(now)
+            self.metrics.routed(hit)
+            return best
+        if full:
+            raise Overloaded()
+        raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+
+    def _pick_for_adapter(self, now: float, exclude: tuple[Replica, ...], adapter: str) -> Replica:
+        """A replica that declares `adapter`, those that hold it or are loading it first (so one load
+        serves every request that comes meanwhile), then the least loaded."""
+        best = None
+        full = False
+        for r in self.replicas:
+            if r in exclude or not r.routable(now) or adapter not in r.loras.known:
+                continue
+            if r.limit is not None and r.outstanding >= r.limit:
+                full = True
+                continue
+            if best is None or _lora_rank(r, adapter) < _lora_rank(best, adapter):
                 best = r
         if best is not None:
             best.take_slot(now)
@@ -139,15 +179,16 @@ class Model:
         return replica
 
     async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
-                      adapter: Optional[str] = None) -> Replica:
+                      key: Optional[int] = None, adapter: Optional[str] = None) -> Replica:
         """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full.
 
         A waiter is handed a slot by `dispatch`: when a request ends, when an
         ejection ends, or after a health probe. It fails with NoReplica if no
         replica is routable any more, and with Overloaded after `queue_timeout`.
+        A waiter with a key takes the first free slot too (its own replica was full).
         """
         try:
-            return self.pick(now, exclude, adapter)
+            return self.pick(now, exclude, key, adapter)
         except Overloaded:
             cap = sum(r.max_queue for r in self.replicas if r not in exclude and r.routable(now))
             if len(self._waiters) >= cap:
@@ -155,7 +196,7 @@ class Model:
         fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            return await asyncio.wait_for(fut, queue_timeout)
+            replica = await asyncio.wait_for(fut, queue_timeout)
         except BaseException as e:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())  # handed a slot just as the wait ended: give it back
@@ -168,6 +209,9 @@ class Model:
             if isinstance(e, asyncio.TimeoutError):
                 raise Overloaded() from None
             raise
+        if key is not None and self.sticky is not None:
+            self.metrics.routed(self.sticky.owns(self.replicas, key, replica))
+        return replica
 
     def release(self, replica: Replica) -> None:
         """Free a slot; queued requests, if any, take it over."""
@@ -315,15 +359,17 @@ class ModelTable:
         return next(((m, r) for m in self._models.values() for r in m.replicas if r.name == name), None)
 
 
-def _same_engine(old: Instance, new: Instance) -> bool:
-    return replace(old, aliases=(), lora_adapters=()) == replace(new, aliases=(), lora_adapters=())
-
-
 def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:
-    """The replica for `instance`: the old one when only its aliases or LoRA adapters changed (the table's
-    business, and the adapters it already holds stay held), else a fresh one."""
-    if replica is not None and not replica.retired and _same_engine(replica.instance, instance):
+    """The replica for `instance`: the old one when only its aliases, routing, shaping, fallbacks or LoRA
+    adapters changed (the table's business, or read from `replica.instance` per request; the adapters
+    it holds stay held), else a fresh one."""
+    if replica is not None and not replica.retired and _own(replica.instance) == _own(instance):
         replica.reconfigure(instance)
         return replica
     # The same supervisord program: its process state carries over.
     return Replica(instance, events, process=replica.process if replica is not None else None)
+
+
+def _own(instance: Instance) -> Instance:
+    """What of an instance is its replica's business: not what a reload may change under a live replica."""
+    return replace(instance, aliases=(), routing="", routing_prefix_chars=0, shaping=None, fallbacks=(), lora_adapters=())

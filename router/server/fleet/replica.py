@@ -155,8 +155,8 @@ class Replica:
         self.card_at = now
 
     def reconfigure(self, instance: Instance) -> None:
-        """A reload changed only what is the table's business (aliases, LoRA adapters): keep the state,
-        take the instance (and the adapters it may now serve)."""
+        """A reload changed only what is read per request (aliases, shaping, fallbacks, LoRA adapters): keep
+        the state, take the instance (and the adapters it may now serve)."""
         self.instance = instance
         self.loras.reconfigure(instance.adapter_names, (a.name for a in instance.lora_adapters if a.at_start))
 

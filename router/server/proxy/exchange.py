@@ -17,7 +17,7 @@ STARTS = frozenset({STOPPED, FAILED, STARTING, STOPPING})
 class Exchange:
     """What one proxied request did, for metrics, traffic, the access log and its trace."""
 
-    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace")
+    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace", "model_answered")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -26,6 +26,8 @@ class Exchange:
         self.nbytes = 0
         self.ttfb: Optional[float] = None
         self.replica: Optional[Replica] = None
+        #: The model whose engine answered: the one asked, or a fallback of it (None: no engine answered).
+        self.model_answered: Optional[str] = None
         #: Its spans, when tracing is on (router.tracing): the one value the hot path checks for it.
         self.trace: Optional[RequestTrace] = None
 

@@ -1,7 +1,9 @@
 """One client request as the engines get it: parsed once, forwarded as bytes.
 
 The body is parsed once (orjson, or one walk over a multipart form) for `model`
-and `stream`; the engine gets the client's bytes unless its served name differs.
+and `stream`; the engine gets the client's bytes unless its served name differs
+or its model shapes the request (router/config/shaping.py): then the body is
+encoded once more, with both.
 Which headers are forwarded is decided in `request_head` alone.
 """
 from __future__ import annotations
@@ -37,6 +39,11 @@ class Reject(Exception):
         self.message = message
         self.param = param
         self.headers = headers or []
+
+
+class Unserved(Reject):
+    """The model could not serve the request and nothing reached the client: a model it falls back
+    to may (router/server/proxy/fallback.py); with none, the error is the answer."""
 
 
 def request_head(scope: Scope, target: bytes, authority: bytes, length: int, drop: frozenset[bytes],
@@ -91,10 +98,11 @@ class Outgoing:
     `name` is the model name the client gave (None: the default model);
     the body is forwarded as the client sent it unless the replica serves
     the model under another name, when the model field is rewritten (JSON
-    re-encoded once, or the one form field replaced).
+    re-encoded once, or the one form field replaced), or its model shapes the
+    request (`shaped`: a JSON body on a path that is shaped).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "adapter", "adapter_on")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "adapter", "adapter_on")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -105,16 +113,26 @@ class Outgoing:
         self.form_model = form_model
         #: The one replica this request must go to (it holds the response the request names).
         self.pin = pin
+        #: Its place on the model's ring (`routing: session | prefix`, router/server/proxy/keys.py).
+        self.key: Optional[int] = None
+        self.shaped = False
         #: The LoRA adapter the request names (its `model`, which the engine knows by the same name), and
         #: the replica whose adapter use it counts now (router/server/proxy/adapters.py).
         self.adapter: Optional[str] = None
         self.adapter_on: Optional[Replica] = None
 
     def data_for(self, replica: Replica) -> bytes:
-        if self.name in replica.served or self.adapter is not None:
+        served = self.name in replica.served or self.adapter is not None
+        shaping = replica.instance.shaping if self.shaped else None
+        if served and shaping is None:
             return self.body
         if self.payload is not None:
-            return orjson.dumps({**self.payload, "model": replica.served_name})
+            if shaping is None:
+                return orjson.dumps({**self.payload, "model": replica.served_name})
+            body = shaping.apply(self.payload)
+            if not served:
+                body["model"] = replica.served_name
+            return orjson.dumps(body)
         if self.form_model is not None:
             return replace_field(self.body, self.form_model, replica.served_name)
         return self.body

@@ -89,6 +89,8 @@ class ControllerLink:
         self.done: list[Done] = []
         self.retries: list[Note] = []
         self.errors: list[Note] = []
+        self.routed: dict[str, tuple[int, int]] = {}
+        self.fallbacks: list[Note] = []
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
 
@@ -214,12 +216,12 @@ class ControllerLink:
         finally:
             self._ready.pop(request, None)
 
-    async def lease(self, model: str, exclude: tuple[str, ...]) -> tuple[int, str]:
+    async def lease(self, model: str, exclude: tuple[str, ...], key: Optional[int] = None) -> tuple[int, str]:
         """A slot from the controller's queue: (lease id, instance); NoReplica or Overloaded if none."""
         request = next(self._ids)
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
-        self.channel.send(Lease(request, model, exclude, None))
+        self.channel.send(Lease(request, model, exclude, None, key))
         try:
             answer = await fut
         except asyncio.CancelledError:
@@ -240,7 +242,7 @@ class ControllerLink:
     def pinned(self, model: str, instance: str) -> int:
         """A slot on one replica for a request bound to it: counted by the controller, not waited for."""
         request = next(self._ids)
-        self.channel.send(Lease(request, model, (), instance))
+        self.channel.send(Lease(request, model, (), instance, None))
         return request
 
     def unlease(self, request: int) -> None:
@@ -271,6 +273,15 @@ class ControllerLink:
         self.errors.append((model, kind))
         self._schedule(REPORT_SECONDS)
 
+    def picked(self, model: str, hit: bool) -> None:
+        """A keyed pick made here: counted with the next report (COUNTS_SECONDS at most)."""
+        hits, moved = self.routed.get(model, (0, 0))
+        self.routed[model] = (hits + 1, moved) if hit else (hits, moved + 1)
+        self._schedule(COUNTS_SECONDS)
+    def fell_back(self, model: str, to: str) -> None:
+        self.fallbacks.append((model, to))
+        self._schedule(REPORT_SECONDS)
+
     def _schedule(self, delay: float) -> None:
         """One report, sent at the earliest time anything pending asks for: under load one message
         carries many requests' counts and records."""
@@ -291,7 +302,7 @@ class ControllerLink:
         if self._report is not None:
             self._report.cancel()
             self._report = None
-        if not (self._dirty or self.done or self.retries or self.errors):
+        if not (self._dirty or self.done or self.retries or self.errors or self.routed or self.fallbacks):
             return
         counts = {}
         outstanding = {}
@@ -302,8 +313,8 @@ class ControllerLink:
                 for r in members:
                     outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        report = Report(counts, outstanding, self.done, self.retries, self.errors)
-        self.done, self.retries, self.errors = [], [], []
+        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.routed, self.fallbacks)
+        self.done, self.retries, self.errors, self.routed, self.fallbacks = [], [], [], {}, []
         self.channel.send(report)
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
@@ -336,20 +347,24 @@ class LeasedModel(Model):
         self.leased = leased(replicas)
 
     def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
-                adapter: Optional[str] = None) -> Coroutine[object, object, Replica]:
+                key: Optional[int] = None, adapter: Optional[str] = None) -> Coroutine[object, object, Replica]:
         # Not a coroutine itself: an unlimited model's request pays no extra frame.
         if adapter is not None and not any(r.loras.holds(adapter) for r in self.replicas):
-            return self._placed(now, exclude, queue_timeout, adapter)
-        return self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout, adapter)
+            return self._placed(now, exclude, queue_timeout, key, adapter)
+        return self._leased(exclude, key) if self.leased else super().acquire(now, exclude, queue_timeout, key, adapter)
 
-    async def _placed(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float, adapter: str) -> Replica:
+    async def _placed(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float, key: Optional[int],
+                      adapter: str) -> Replica:
         """No replica holds `adapter` in this worker's view: the controller loads it where it picks first
         (its AdapterState arrives before the answer), so this pick prefers that replica."""
         await self.link.load_adapter(self.name, None, adapter)
-        return await (self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout, adapter))
+        return await (self._leased(exclude, key) if self.leased
+                      else super().acquire(now, exclude, queue_timeout, key, adapter))
 
-    async def _leased(self, exclude: tuple[Replica, ...]) -> Replica:
-        lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude))
+    async def _leased(self, exclude: tuple[Replica, ...], key: Optional[int]) -> Replica:
+        # The controller picks on the ring with every worker's counts (and counts the hit or move).
+        lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude),
+                                                key if self.sticky is not None else None)
         replica = next((r for r in self.replicas if r.name == instance), None)
         if replica is None:  # a reload replaced it while the answer was on its way
             self.link.unlease(lease)
@@ -404,7 +419,7 @@ class RelayedTraffic(Traffic):
 
 
 class RelayedMetrics(ModelMetrics):
-    """A worker's metrics of one model: retries and engine failures go to the controller; a
+    """A worker's metrics of one model: retries, engine failures and fallbacks go to the controller; a
     request's status and times go there through `RelayedTraffic` (one record per request)."""
 
     __slots__ = ("_link",)
@@ -421,3 +436,8 @@ class RelayedMetrics(ModelMetrics):
 
     def upstream_error(self, kind: str) -> None:
         self._link.upstream_failed(self.model, kind)
+
+    def routed(self, hit: bool) -> None:
+        self._link.picked(self.model, hit)
+    def fallback(self, to: str) -> None:
+        self._link.fell_back(self.model, to)
