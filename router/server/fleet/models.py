@@ -59,8 +59,9 @@ class Model:
         self.sticky: Optional[Sticky] = sticky_for(replicas)
         self.lifecycle = lifecycles(name, self.members)
         self.metrics = metrics
-        #: Loads its LoRA adapters into its replicas (an adapter lives and sleeps with its base model).
-        self.adapters = AdapterLoader(self.lifecycle.control)
+        #: Loads its LoRA adapters into its replicas (an adapter lives and sleeps with its base model);
+        #: made by the first adapter request (`loader`).
+        self.adapters: Optional[AdapterLoader] = None
         self._waiters: deque[asyncio.Future[Replica]] = deque()
         self._retry_after = retry_after
 
@@ -143,10 +144,16 @@ class Model:
             raise Overloaded()
         raise NoReplica(self._wait_hint(now), self.unavailable_reason())
 
+    @property
+    def loader(self) -> AdapterLoader:
+        if self.adapters is None:
+            self.adapters = AdapterLoader(self.lifecycle.control)
+        return self.adapters
+
     async def adapter_ready(self, replica: Replica, adapter: str) -> None:
         """Return once `replica`'s engine holds LoRA `adapter` (loaded here; a proxy worker asks its
         controller); raise AdapterUnavailable when it cannot."""
-        await self.adapters.ensure(replica, adapter)
+        await self.loader.ensure(replica, adapter)
 
     async def place_adapter(self, adapter: str) -> None:
         """Have the replica a request for `adapter` would be given hold it: the one holding or loading
@@ -157,7 +164,7 @@ class Model:
         homes = [r for r in self.replicas if r.routable(now) and adapter in r.loras.known]
         if homes:
             try:
-                await self.adapters.ensure(min(homes, key=lambda r: _lora_rank(r, adapter)), adapter)
+                await self.loader.ensure(min(homes, key=lambda r: _lora_rank(r, adapter)), adapter)
             except AdapterUnavailable:
                 pass
 
