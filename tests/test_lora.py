@@ -140,3 +140,12 @@ def test_the_simulator_refuses_an_unknown_adapter_and_sglang_a_load_beyond_its_b
     sport = sims("sglang", "base", "--lora-paths", f"one={tmp_path}", "--max-loaded-loras", "1")
     status, body = post(f"http://127.0.0.1:{sport}/load_lora_adapter", {"lora_name": "two", "lora_path": str(tmp_path)})
     assert status == 400 and "maximum number of loaded LoRA adapters (1)" in body["error"]["message"]
+
+
+def test_the_base_models_shaping_applies_to_its_adapters_requests(stack: Stack, sims, tmp_path: Path) -> None:
+    port = sims("vllm", "base", "--enable-lora")
+    r = stack.router([instance("base", port, "--enable-lora", lora_adapters=adapters(tmp_path, "sql"),
+                               request_overrides={"max_tokens": 2})])
+    status, body = complete(r.url, "sql")  # asks for 3 tokens
+    assert status == 200 and body["model"] == "sql" and body["usage"]["completion_tokens"] == 2
+    assert body["choices"][0]["text"].startswith("[sql] ")
