@@ -80,6 +80,8 @@ def test_an_adapter_is_loaded_on_first_request_listed_with_its_parent_and_swappe
     assert status == 200 and body["choices"][0]["text"].startswith("[chat] ")
     state = lora_state(port)
     assert state["calls"] == ["load sql", "unload sql", "load chat"] and state["loaded"] == ["chat"]
+    health = get(r.url + "/health/base")
+    assert [e["lora_adapters"] for e in health["endpoints"]] == [{"loaded": ["chat"], "loading": []}]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
