@@ -35,12 +35,17 @@ def adapters(tmp: Path, *names: str) -> list[dict[str, str]]:
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(status, the JSON answer; a plain-text one as {"text": ...}: vLLM's LoRA endpoints answer so)."""
     req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
+            status, data = r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        status, data = e.code, e.read()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, {"text": data.decode()}
 
 
 def get(url: str) -> dict[str, Any]:
@@ -151,3 +156,17 @@ def test_the_base_models_shaping_applies_to_its_adapters_requests(stack: Stack, 
     status, body = complete(r.url, "sql")  # asks for 3 tokens
     assert status == 200 and body["model"] == "sql" and body["usage"]["completion_tokens"] == 2
     assert body["choices"][0]["text"].startswith("[sql] ")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_engine_that_lost_a_loaded_adapter_gets_it_loaded_again(stack: Stack, sims, tmp_path: Path,
+                                                                  workers: int) -> None:
+    port = sims("vllm", "base", "--enable-lora")
+    r = stack.router([instance("base", port, "--enable-lora", lora_adapters=adapters(tmp_path, "sql"))],
+                     workers=workers)
+    assert complete(r.url, "sql")[0] == 200
+    # Behind the router's back (as an engine restarted between two looks of supervisord would be):
+    assert post(f"http://127.0.0.1:{port}/v1/unload_lora_adapter", {"lora_name": "sql"})[0] == 200
+    status, body = complete(r.url, "sql")  # the engine's 404 makes the router load it again, once
+    assert status == 200 and body["choices"][0]["text"].startswith("[sql] "), body
+    assert lora_state(port)["calls"] == ["load sql", "unload sql", "load sql"]

@@ -168,6 +168,13 @@ class Model:
             except AdapterUnavailable:
                 pass
 
+    def adapter_lost(self, replica: Replica, adapter: str) -> None:
+        """`replica`'s engine does not hold `adapter` after all (it answered 404: restarted unseen, or
+        unloaded behind the router's back); the next request loads it again."""
+        if adapter in replica.loras.loaded:
+            replica.loras.unloaded(adapter)
+            replica.events.publish("lora", "lost", replica.instance.model, replica.name, adapter=adapter)
+
     def adapter_use(self, replica: Replica, adapter: str, begin: bool) -> None:
         """A request for `adapter` begins or ends on `replica` (one in use is not unloaded)."""
         if begin:

@@ -38,3 +38,13 @@ def adapter_done(out: Outgoing, model: Model) -> None:
     if replica is not None and out.adapter is not None:
         model.adapter_use(replica, out.adapter, False)
     out.adapter_on = None
+
+
+def adapter_missing(model: Model, replica: Replica, out: Outgoing) -> bool:
+    """The engine answered 404 to a request for its adapter: True (once per request) when the router
+    believed it held it, which it then no longer does, so the request is sent again and loads it."""
+    if out.adapter is None or out.adapter_retried or out.adapter not in replica.loras.loaded:
+        return False
+    out.adapter_retried = True
+    model.adapter_lost(replica, out.adapter)
+    return True

@@ -26,7 +26,7 @@ from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import ConnectFailed, UpstreamError
-from router.server.proxy.adapters import adapter_done, adapter_ready
+from router.server.proxy.adapters import adapter_done, adapter_missing, adapter_ready
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.proxy.exchange import Exchange, traced_admission
 from router.server.proxy.fallback import chains, fall_back, fallbacks_for
@@ -394,6 +394,10 @@ class Proxy:
             except BaseException:
                 model.release(replica)
                 raise
+            if resp.status == 404 and adapter_missing(model, replica, out):
+                resp.close()
+                model.release(replica)
+                continue
             if resp.status in RETRY_STATUSES:
                 model.failed(replica, time.monotonic(), self.settings)
                 if retries and self.another(model, tried + (replica,)):

@@ -102,7 +102,8 @@ class Outgoing:
     request (`shaped`: a JSON body on a path that is shaped).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "adapter", "adapter_on")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "adapter", "adapter_on",
+                 "adapter_retried")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -120,6 +121,8 @@ class Outgoing:
         #: the replica whose adapter use it counts now (router/server/proxy/adapters.py).
         self.adapter: Optional[str] = None
         self.adapter_on: Optional[Replica] = None
+        #: Sent again once already because its engine had lost the adapter.
+        self.adapter_retried = False
 
     def data_for(self, replica: Replica) -> bytes:
         served = self.name in replica.served or self.adapter is not None

@@ -28,6 +28,7 @@ from router.server.workers.messages import (
     FENCE_TIMEOUT_SECONDS,
     PROTOCOL,
     AdapterAnswer,
+    AdapterLost,
     AdapterState,
     AdapterUse,
     Applied,
@@ -293,6 +294,10 @@ class WorkerLinks:
                 self._spawn(self._load_adapter(link, message))
             case AdapterUse():
                 self._adapter_use(link, message)
+            case AdapterLost():
+                found = self.fleet.table.instance(message.instance)
+                if found is not None:
+                    found[0].adapter_lost(found[1], message.adapter)
             case _:
                 log.error("a proxy worker sent %s, which a controller does not take", type(message).__name__)
 

@@ -61,7 +61,9 @@ being loaded: Replica.loras)                        unload, a restart, a level-2
 which adapters are in use (one in use   workers     merged: `AdapterUse`, the worker's absolute count,
 is never unloaded)                                  sent when it leaves or reaches zero (the LRU choice
                                                     needs only busy or idle, and the last use); a
-                                                    worker's uses end with its link
+                                                    worker's uses end with its link; a worker whose
+                                                    engine answered 404 for a held adapter says
+                                                    `AdapterLost` before it asks `LoadAdapter`
 ======================================  ==========  ====================================================
 
 Why exact idle detection holds: a worker reports a model's count within
@@ -276,6 +278,12 @@ class AdapterUse(NamedTuple):
     requests: int
 
 
+class AdapterLost(NamedTuple):
+    """`instance`'s engine answered 404 for `adapter`, which it was believed to hold: it holds it no more."""
+    instance: str
+    adapter: str
+
+
 class Owner(NamedTuple):
     """Worker -> controller -> the other workers: a stored response's replica."""
     response_id: str
@@ -286,14 +294,14 @@ class Owner(NamedTuple):
 ToWorker = Union[Refused, Table, ModelState, ReplicaState, BreakerState, Fence, ReadyAnswer, Leased, Synced,
                  WhoseAnswer, Owner, AdapterState, AdapterAnswer]
 ToController = Union[Hello, Applied, Report, Fenced, Ready, Lease, Unlease, BreakerOutcome, Sync, Whose, Owner,
-                     LoadAdapter, AdapterUse]
+                     LoadAdapter, AdapterUse, AdapterLost]
 Message = Union[ToWorker, ToController]
 
 #: Every kind, in the order of its number on the wire (append only; a change bumps PROTOCOL).
 KINDS: tuple[type[Message], ...] = (Hello, Refused, Table, Applied, ModelState, ReplicaState, BreakerState, Fence,
                                     Fenced, Report, Ready, ReadyAnswer, Lease, Leased, Unlease, BreakerOutcome, Sync,
                                     Synced, Whose, WhoseAnswer, Owner, AdapterState, AdapterAnswer, LoadAdapter,
-                                    AdapterUse)
+                                    AdapterUse, AdapterLost)
 _NUMBER = {kind: number for number, kind in enumerate(KINDS)}
 _new = tuple.__new__
 

@@ -28,6 +28,7 @@ from router.server.workers.messages import (
     PROTOCOL,
     REPORT_SECONDS,
     AdapterAnswer,
+    AdapterLost,
     AdapterState,
     AdapterUse,
     Applied,
@@ -204,6 +205,9 @@ class ControllerLink:
     def adapter_use(self, instance: str, adapter: str, requests: int) -> None:
         self.channel.send(AdapterUse(instance, adapter, requests))
 
+    def adapter_lost(self, instance: str, adapter: str) -> None:
+        self.channel.send(AdapterLost(instance, adapter))
+
     async def ready(self, lc: RemoteAdmission) -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
         request = next(self._ids)
@@ -378,6 +382,10 @@ class LeasedModel(Model):
         refusal = await self.link.load_adapter(self.name, replica.name, adapter)
         if refusal is not None:
             raise AdapterUnavailable(*refusal)
+
+    def adapter_lost(self, replica: Replica, adapter: str) -> None:
+        super().adapter_lost(replica, adapter)  # this copy at once; the controller's before the next load
+        self.link.adapter_lost(replica.name, adapter)
 
     def adapter_use(self, replica: Replica, adapter: str, begin: bool) -> None:
         super().adapter_use(replica, adapter, begin)
