@@ -94,6 +94,8 @@ class ControllerLink:
         self.fallbacks: list[Note] = []
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
+        #: The link has ended (the controller went away): nothing asked of it can be answered now.
+        self.gone = False
 
     @classmethod
     async def connect(cls, path: str, on_table: Callable[[Table], None],
@@ -114,6 +116,7 @@ class ControllerLink:
                     return
                 self.take(message)
         finally:
+            self.gone = True
             for fut, _ in self._ready.values():
                 if not fut.done():
                     fut.set_exception(ModelUnavailable("the router's controller went away", 1))
@@ -122,6 +125,12 @@ class ControllerLink:
                 if not answer.done():
                     answer.set_exception(ModelUnavailable("the router's controller went away", 1))
             self._answers.clear()
+
+    def _linked(self) -> None:
+        """Before asking the controller: once it has gone (the worker serves on until it has stopped),
+        the 503 its waiters got, at once, rather than a wait for an answer that cannot come."""
+        if self.gone:
+            raise ModelUnavailable("the router's controller went away", 1)
 
     def take(self, message: Message) -> None:
         match message:
@@ -173,6 +182,7 @@ class ControllerLink:
 
     async def _ask(self, request: int, message: ToController, kind: type[T]) -> T:
         """Send `message` with everything pending before it, and wait for the controller's answer."""
+        self._linked()
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
         self.flush()
@@ -210,6 +220,7 @@ class ControllerLink:
 
     async def ready(self, lc: RemoteAdmission) -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
+        self._linked()
         request = next(self._ids)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ready[request] = (fut, lc)
@@ -222,6 +233,7 @@ class ControllerLink:
 
     async def lease(self, model: str, exclude: tuple[str, ...], key: Optional[int] = None) -> tuple[int, str]:
         """A slot from the controller's queue: (lease id, instance); NoReplica or Overloaded if none."""
+        self._linked()
         request = next(self._ids)
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
