@@ -103,7 +103,8 @@ class Outgoing:
     request (`shaped`: a JSON body on a path that is shaped).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "priority")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "priority", "adapter",
+                 "adapter_on", "adapter_retried")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -119,9 +120,15 @@ class Outgoing:
         self.shaped = False
         #: Its priority class (router/tenants/classes.py): its key's, or lower if it asked.
         self.priority = NORMAL
+        #: The LoRA adapter the request names (its `model`, which the engine knows by the same name), and
+        #: the replica whose adapter use it counts now (router/server/proxy/adapters.py).
+        self.adapter: Optional[str] = None
+        self.adapter_on: Optional[Replica] = None
+        #: Sent again once already because its engine had lost the adapter.
+        self.adapter_retried = False
 
     def data_for(self, replica: Replica) -> bytes:
-        served = self.name in replica.served
+        served = self.name in replica.served or self.adapter is not None
         shaping = replica.instance.shaping if self.shaped else None
         # Only an engine that orders its queue by `priority` looks further (one attribute for the others).
         ranked = replica.ranks and self.payload is not None and (self.priority != NORMAL or "priority" in self.payload)
