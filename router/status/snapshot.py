@@ -122,8 +122,11 @@ class Snapshot:
 
     @property
     def ready(self) -> bool:
-        """Every required instance is up in the router's eyes."""
-        return self.router.up and all(r.ready for r in self.required)
+        """The router answers and supervisord counts its start as done (like an engine's, below), and
+        every required instance is up in the router's eyes."""
+        process = self.router_process
+        return (self.router.up and (process is None or process.running)
+                and all(r.ready for r in self.required))
 
 
 def router_url(config: Config) -> str:
