@@ -17,7 +17,8 @@ STARTS = frozenset({STOPPED, FAILED, STARTING, STOPPING})
 class Exchange:
     """What one proxied request did, for metrics, traffic, the access log and its trace."""
 
-    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace")
+    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace", "key", "prompt_tokens",
+                 "completion_tokens")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -28,6 +29,11 @@ class Exchange:
         self.replica: Optional[Replica] = None
         #: Its spans, when tracing is on (router.tracing): the one value the hot path checks for it.
         self.trace: Optional[RequestTrace] = None
+        #: The client key's name ("anonymous" when none), for metrics, /usage and the logs; never the key.
+        self.key = "anonymous"
+        #: The engine's `usage` of the answer (router/server/proxy/tokens.py); None when it said none.
+        self.prompt_tokens: Optional[int] = None
+        self.completion_tokens: Optional[int] = None
 
 
 def traced_admission(trace: RequestTrace, lifecycle: Lifecycle, admitting: Awaitable[T]) -> Awaitable[T]:

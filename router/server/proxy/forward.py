@@ -149,7 +149,7 @@ class Proxy:
             name, stream, field = parse_form(body, boundary)
             return Outgoing(name, None, body, stream, form_model=field)
         payload, name, stream = parse_json(body)
-        return Outgoing(name, payload, body, stream)
+        return Outgoing(name, payload, body, stream).asking_usage(scope["path"])
 
     def model_for(self, name: Optional[str], path: str) -> Model:
         """The model a request names (or the default), if it serves `path`; else Reject(400/404)."""
@@ -374,7 +374,8 @@ class Proxy:
                 replica.succeeded()
             try:
                 if out.stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                    await relay_stream(reply, resp, start, ex, model, self.owners, learn, idle, self.settings)
+                    await relay_stream(reply, resp, start, ex, model, self.owners, learn, idle, self.settings,
+                                       out.strip_usage)
                 else:
                     await relay_body(reply, resp, start, ex, model, self.owners, learn)
             finally:

@@ -14,6 +14,7 @@ from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import Response
 from router.server.proxy.forms import Field, FormError, read_fields, replace_field
 from router.server.proxy.reply import Receive, Scope
+from router.server.proxy.tokens import USAGE_PATHS, ask_usage
 
 #: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones the router sets itself.
 DROP_REQUEST_HEADERS = frozenset({
@@ -94,7 +95,7 @@ class Outgoing:
     re-encoded once, or the one form field replaced).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "strip_usage")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -105,6 +106,20 @@ class Outgoing:
         self.form_model = form_model
         #: The one replica this request must go to (it holds the response the request names).
         self.pin = pin
+        #: The router asked for the stream's usage chunk: it is removed from the client's stream.
+        self.strip_usage = False
+
+    def asking_usage(self, path: str) -> "Outgoing":
+        """This request, asking the engine for a stream's usage chunk when the client did not (an
+        OpenAI chat or completions stream): the body is re-encoded once, here; other bodies stay
+        the client's bytes."""
+        if self.stream and self.payload is not None and path in USAGE_PATHS:
+            asked = ask_usage(self.payload)
+            if asked is not None:
+                self.payload = asked
+                self.body = orjson.dumps(asked)
+                self.strip_usage = True
+        return self
 
     def data_for(self, replica: Replica) -> bytes:
         if self.name in replica.served:
