@@ -398,10 +398,13 @@ class Proxy:
 
     def account(self, model: Model, ex: Exchange, stream: bool, start: float) -> None:
         total = time.perf_counter() - start
-        model.metrics.observe(ex.status, total, ex.ttfb)
-        self.traffic.record(model.name, ex.status, total, ex.ttfb, stream)
+        instance = ex.replica.name if ex.replica else None
+        model.metrics.observe(ex.status, total, ex.ttfb, ex.key, ex.prompt_tokens, ex.completion_tokens)
+        self.traffic.record(model.name, ex.status, total, ex.ttfb, stream, ex.key, ex.prompt_tokens,
+                            ex.completion_tokens, instance, ex.retries)
         if self.access_log is not None:
-            self.access_log.request(model.name, stream, ex.replica.name if ex.replica else None, ex.status, ex.nbytes,
-                                    ex.ttfb, total, ex.retries)
+            self.access_log.request(model.name, stream, instance, ex.status, ex.nbytes, ex.ttfb, total, ex.retries,
+                                    ex.key, ex.prompt_tokens, ex.completion_tokens)
         if ex.trace is not None:
-            ex.trace.end(ex.replica.name if ex.replica else None, ex.status, ex.retries, stream, ex.ttfb)
+            ex.trace.end(instance, ex.status, ex.retries, stream, ex.ttfb, ex.key, ex.prompt_tokens,
+                         ex.completion_tokens)

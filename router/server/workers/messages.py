@@ -36,7 +36,10 @@ slots of a model with no limit          workers     merged: each worker picks lo
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
 drain)                                              REPORT_SECONDS); a fence (`Fence`/`Fenced`) makes
                                                     them exact before a drain
-finished requests (metrics, traffic)    workers     merged: `Report.done`, `.retries`, `.errors`
+finished requests (metrics, traffic,    workers     merged: `Report.done`, `.retries`, `.errors`; the
+tokens, /usage, the activity log)                   controller alone counts them (router_tokens_total,
+                                                    GET /usage) and alone writes the activity log, so a
+                                                    rotation is never raced by another process
 which replica made a stored response    workers     merged, then pushed: `Owner` up, relayed to the
                                                     others; `Whose` asks after fencing every worker
 ======================================  ==========  ====================================================
@@ -66,7 +69,7 @@ from router.config import Config
 from router.supervision.processes import ProcessState
 
 #: Bumped whenever a message's fields change: both ends must run the same code.
-PROTOCOL = 2
+PROTOCOL = 3
 
 #: Longest a worker's count leaving or reaching zero, and a finished request's record, wait before
 #: they reach the controller (one message per period carries them all: under load, many requests).
@@ -79,9 +82,10 @@ FENCE_TIMEOUT_SECONDS = 10.0
 
 # ----------------------------------------------------------------------------- records
 
-#: A request a worker finished, for the controller's metrics and traffic:
-#: (model, status, seconds, seconds to the first byte, stream).
-Done = tuple[str, int, float, Optional[float], bool]
+#: A request a worker finished, for the controller's metrics, traffic, usage and activity log:
+#: (model, status, seconds, seconds to the first byte, stream, key name, instance, retries,
+#: prompt tokens, completion tokens).
+Done = tuple[str, int, float, Optional[float], bool, str, Optional[str], int, Optional[int], Optional[int]]
 #: (model, why): a retry's reason, or an engine failure's kind.
 Note = tuple[str, str]
 

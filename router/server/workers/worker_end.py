@@ -242,9 +242,11 @@ class ControllerLink:
         self._dirty.add(lc)
         self._schedule(REPORT_SECONDS if (lc.in_flight == 0) != (lc.reported == 0) else COUNTS_SECONDS)
 
-    def finished(self, model: str, status: int, seconds: float, ttfb: Optional[float], stream: bool) -> None:
+    def finished(self, model: str, status: int, seconds: float, ttfb: Optional[float], stream: bool,
+                 key: str = "anonymous", instance: Optional[str] = None, retries: int = 0,
+                 prompt: Optional[int] = None, completion: Optional[int] = None) -> None:
         """Keep what a request did; it reaches the controller within REPORT_SECONDS, with the others."""
-        self.done.append((model, status, seconds, ttfb, stream))
+        self.done.append((model, status, seconds, ttfb, stream, key, instance, retries, prompt, completion))
         self._schedule(REPORT_SECONDS)
 
     def retried(self, model: str, reason: str) -> None:
@@ -360,8 +362,10 @@ class RelayedTraffic(Traffic):
         super().__init__(())
         self._link = link
 
-    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool) -> None:
-        self._link.finished(model, status, latency_s, ttfb_s, stream)
+    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool,
+               key: str = "anonymous", prompt: Optional[int] = None, completion: Optional[int] = None,
+               instance: Optional[str] = None, retries: int = 0) -> None:
+        self._link.finished(model, status, latency_s, ttfb_s, stream, key, instance, retries, prompt, completion)
 
 
 class RelayedMetrics(ModelMetrics):
@@ -374,7 +378,8 @@ class RelayedMetrics(ModelMetrics):
         super().__init__(model)
         self._link = link
 
-    def observe(self, status: int, latency_s: float, ttfb_s: Optional[float]) -> None:
+    def observe(self, status: int, latency_s: float, ttfb_s: Optional[float], key: str = "anonymous",
+                prompt: Optional[int] = None, completion: Optional[int] = None) -> None:
         return None
 
     def retry(self, reason: str) -> None:

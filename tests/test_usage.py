@@ -1,0 +1,160 @@
+"""Token accounting end to end: simulated vLLM and SGLang engines behind the real router (one process,
+and a controller with two proxy workers), driven by the official `openai` and `anthropic` SDKs.
+
+The engines' own counters (``vllm:prompt_tokens_total``...) are the sum of the usage they reported;
+``router_tokens_total``, ``GET /usage`` and the activity log must say the same. A client stream
+that did not ask for usage must be the stream the engine sends to a direct request, byte for byte
+apart from ids and timestamps (the router asked for the usage chunk, and took it out).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from helpers import Proc, free_port, get_json, in_both_modes, metric_value, start_sim, wait_for, wait_http
+from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+SECRET = "sk-do-not-log-me"
+ENGINES = {"llama": ("vllm", "vllm"), "qwen": ("sglang", "sglang")}
+
+
+@pytest.fixture
+def workers(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+@pytest.fixture
+def engines(procs: list[Proc]) -> dict[str, int]:
+    ports = {}
+    for model, (engine, _) in ENGINES.items():
+        ports[model] = free_port()
+        procs.append(start_sim(engine, model, ports[model]))
+    for port in ports.values():
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
+    return ports
+
+
+def engine_tokens(port: int, prefix: str) -> tuple[float, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return (sum(float(v) for v in re.findall(rf"^{prefix}:prompt_tokens_total(?:{{[^}}]*}})? (\S+)$", text, re.M)),
+            sum(float(v) for v in re.findall(rf"^{prefix}:generation_tokens_total(?:{{[^}}]*}})? (\S+)$", text, re.M)))
+
+
+def raw_post(port: int, path: str, body: dict[str, Any]) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        return resp.read()
+    finally:
+        conn.close()
+
+
+def normalized(stream: bytes) -> bytes:
+    """A stream without what differs between two runs of one request: ids and timestamps."""
+    stream = re.sub(rb'"id":"[^"]*"', b'"id":"-"', stream)
+    return re.sub(rb'"created":\d+', b'"created":0', stream)
+
+
+def drive(url: str, model: str) -> None:
+    """Every shape of answer, streamed and not, with and without include_usage."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key=SECRET, max_retries=0, timeout=30)
+    messages = [{"role": "user", "content": PROMPT}]
+    c.chat.completions.create(model=model, messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    c.completions.create(model=model, prompt=PROMPT, max_tokens=4)
+    for options in (None, {"include_usage": True}, {"include_usage": False}):
+        extra = {} if options is None else {"stream_options": options}
+        chunks = list(c.chat.completions.create(model=model, messages=messages, max_tokens=6,  # type: ignore[arg-type]
+                                                stream=True, **extra))  # type: ignore[call-overload]
+        # Only a client that asked sees a usage chunk.
+        assert (chunks[-1].usage is not None) == (options == {"include_usage": True})
+        list(c.completions.create(model=model, prompt=PROMPT, max_tokens=3, stream=True, **extra))  # type: ignore[call-overload]
+    c.responses.create(model=model, input=PROMPT, max_output_tokens=4)
+    list(c.responses.create(model=model, input=PROMPT, max_output_tokens=5, stream=True))
+    if ENGINES[model][0] == "vllm":
+        a = anthropic.Anthropic(base_url=url, api_key=SECRET, max_retries=0, timeout=30)
+        a.messages.create(model=model, max_tokens=4, messages=[{"role": "user", "content": PROMPT}])
+        with a.messages.stream(model=model, max_tokens=7, messages=[{"role": "user", "content": PROMPT}]) as s:
+            s.until_done()
+
+
+@in_both_modes("workers")
+def test_tokens_counted_once_per_answer_and_streams_unchanged(stack: Stack, engines: dict[str, int], workers: int,
+                                                              tmp_path: Path) -> None:
+    activity = tmp_path / "logs" / "activity.jsonl"
+    r = stack.router([instance(m, p, engine=ENGINES[m][0]) for m, p in engines.items()], workers=workers,
+                     activity_log=str(activity))
+    for model in engines:
+        drive(r.url, model)
+
+    # A stream that did not ask for usage is the engine's own stream, without a usage chunk.
+    for model, port in engines.items():
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}),
+                           ("/v1/completions", {"prompt": PROMPT})):
+            request = {"model": model, "max_tokens": 6, "stream": True, **body}
+            direct, routed = raw_post(port, path, request), raw_post(r.port, path, request)
+            assert b'"usage":{' not in routed
+            assert normalized(routed) == normalized(direct), (model, path)
+
+    metrics = urllib.request.urlopen(r.url + "/metrics", timeout=5).read().decode()
+    _, by_model = get_json(r.url + "/usage?by=model&window=3600")
+    _, by_key = get_json(r.url + "/usage?by=key")
+    want_total = {"prompt_tokens": 0, "completion_tokens": 0}
+    for model, port in engines.items():
+        prompt, completion = engine_tokens(port, ENGINES[model][1])
+        # The direct requests above went around the router: the engine counted them, the router did not.
+        direct_prompt, direct_completion = direct_usage(port, model)
+        prompt, completion = prompt - direct_prompt, completion - direct_completion
+        assert prompt > 0 and completion > 0
+        assert metric_value(metrics, "router_tokens_total", model=model, key="anonymous", kind="prompt") == prompt
+        assert metric_value(metrics, "router_tokens_total", model=model, key="anonymous",
+                            kind="completion") == completion
+        row = by_model["usage"][model]
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+        assert row["errors"] == row["rate_limited"] == 0
+        want_total["prompt_tokens"] += int(prompt)
+        want_total["completion_tokens"] += int(completion)
+        assert metric_value(metrics, "router_requests_total", model=model, status="200", key="anonymous") == row["requests"]
+    assert {k: by_key["usage"]["anonymous"][k] for k in want_total} == want_total
+
+    # The activity log: one line per request, the same totals, and neither the key nor any text.
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in activity.read_text().splitlines()] if activity.exists() else []
+    requests = by_key["total"]["requests"]
+    wait_for(lambda: len(lines()) >= requests, 5, "the activity log's lines")
+    logged = lines()
+    assert len(logged) == requests
+    text = activity.read_text()
+    assert SECRET not in text and "quick brown" not in text
+    assert sum(line["prompt_tokens"] or 0 for line in logged) == want_total["prompt_tokens"]
+    assert sum(line["completion_tokens"] or 0 for line in logged) == want_total["completion_tokens"]
+    assert {line["key"] for line in logged} == {"anonymous"} and {line["status"] for line in logged} == {200}
+    assert set(logged[0]) == {"time", "key", "model", "instance", "status", "prompt_tokens", "completion_tokens",
+                              "latency_ms", "ttft_ms", "retries"}
+
+
+def direct_usage(port: int, model: str) -> tuple[int, int]:
+    """What the test's two direct requests per model cost the engine (sent again, asking for usage)."""
+    prompt = completion = 0
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}),
+                       ("/v1/completions", {"prompt": PROMPT})):
+        answer = json.loads(raw_post(port, path, {"model": model, "max_tokens": 6, **body}))
+        prompt += answer["usage"]["prompt_tokens"]
+        completion += answer["usage"]["completion_tokens"]
+    return prompt, completion
+
+
+def test_usage_refuses_a_bad_query(stack: Stack, engines: dict[str, int]) -> None:
+    r = stack.router([instance("llama", engines["llama"])])
+    for query, param in (("by=team", "by"), ("window=0", "window"), ("window=7200", "window"), ("window=x", "window")):
+        status, body = get_json(f"{r.url}/usage?{query}")
+        assert status == 400 and body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
