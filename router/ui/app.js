@@ -30,6 +30,7 @@ const ui = {
   residency: null,
   busy: new Set(),             // models with an action in flight
   log: null,                   // {name, controller}
+  usage: null,                 // {model, key}: the last hour's GET /usage by each, or {error}
 };
 
 // ------------------------------------------------------------------ helpers
@@ -185,7 +186,18 @@ async function refresh() {
   ui.traffic = traffic.traffic_stats || {};
   sample(sent);
   if (ui.caps.residency) ui.residency = await getJSON("/residency").catch(() => null);
+  ui.usage = await fetchUsage();
   renderAll();
+}
+
+/** The last hour's GET /usage by model and by key (an admin endpoint: the typed key is sent). */
+async function fetchUsage() {
+  try {
+    const [model, key] = await Promise.all(["model", "key"].map((by) => getJSON(`/usage?window=3600&by=${by}`, true)));
+    return { model, key };
+  } catch (e) {
+    return { error: e.message };
+  }
 }
 
 /** A model whose state event arrived after this poll was sent keeps the event's state. */
@@ -294,6 +306,30 @@ function renderAll() {
   renderSummary(models);
   renderLogChoices(models);
   renderResidency();
+  renderUsage();
+}
+
+const USAGE_FIELDS = [["requests", "requests"], ["prompt_tokens", "prompt tokens"],
+  ["completion_tokens", "completion tokens"], ["errors", "errors"], ["rate_limited", "429s"]];
+
+/** Tokens per model and per key over the last hour, as GET /usage answers them. */
+function renderUsage() {
+  const body = document.getElementById("usage-body");
+  const usage = ui.usage;
+  renderInto(body, JSON.stringify(usage), () => {
+    if (!usage) return ["loading…"];
+    if (usage.error) return [el("p", {}, `usage unavailable (${usage.error}); GET /usage is an admin endpoint`)];
+    return ["model", "key"].map((by) => {
+      const rows = Object.entries(usage[by].usage);
+      return el("table", { class: "usage-table", dataset: { by } },
+        el("thead", {}, el("tr", {}, el("th", {}, by), ...USAGE_FIELDS.map(([, label]) => el("th", {}, label)))),
+        el("tbody", {}, rows.length ? rows.map(([name, counts]) => el("tr", { dataset: { name } },
+          el("th", {}, name), ...USAGE_FIELDS.map(([f]) => el("td", { dataset: { field: f } }, counts[f]))))
+          : el("tr", {}, el("td", { colspan: USAGE_FIELDS.length + 1 }, "no requests"))),
+        el("tfoot", {}, el("tr", { dataset: { name: "total" } }, el("th", {}, "total"),
+          ...USAGE_FIELDS.map(([f]) => el("td", { dataset: { field: f } }, usage[by].total[f])))));
+    });
+  });
 }
 
 function renderSummary(models) {
