@@ -388,6 +388,8 @@ def test_usage_panel_shows_what_usage_and_the_activity_log_count(make_stack, pag
             assert st.complete(model) == 200
     viewport(browser, LAPTOP)
     browser.get(st.url + "/ui")
+    # The last answer is accounted just after its last byte reached the client.
+    wait_for(lambda: orjson.loads(http(f"{st.url}/usage")[2])["total"]["requests"] == 5, 5, "the last request counted")
     api = {by: orjson.loads(http(f"{st.url}/usage?window=3600&by={by}")[2]) for by in ("model", "key")}
     assert api["model"]["usage"][OTHER]["requests"] == 3 and api["model"]["total"]["completion_tokens"] == 5 * 2
     wait_for(lambda: usage_cells(browser, "model").get(OTHER, {}).get("requests") == 3, 10, "the usage panel")

@@ -48,10 +48,14 @@ def engine_tokens(port: int, prefix: str) -> tuple[float, float]:
             sum(float(v) for v in re.findall(rf"^{prefix}:generation_tokens_total(?:{{[^}}]*}})? (\S+)$", text, re.M)))
 
 
-def raw_post(port: int, path: str, body: dict[str, Any]) -> bytes:
+def raw_post(port: int, path: str, body: dict[str, Any], chunked: bool = False) -> bytes:
+    """The answer's body; `chunked` sends the request chunked, which the router serves through its
+    ASGI path (chunk by chunk) rather than the fast server's piped one."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        data = json.dumps(body).encode()
+        conn.request("POST", path, iter([data]) if chunked else data, {"content-type": "application/json"},
+                     encode_chunked=chunked)
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
         return resp.read()
@@ -101,20 +105,30 @@ def test_tokens_counted_once_per_answer_and_streams_unchanged(stack: Stack, engi
         for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}),
                            ("/v1/completions", {"prompt": PROMPT})):
             request = {"model": model, "max_tokens": 6, "stream": True, **body}
-            direct, routed = raw_post(port, path, request), raw_post(r.port, path, request)
-            assert b'"usage":{' not in routed
-            assert normalized(routed) == normalized(direct), (model, path)
+            direct = raw_post(port, path, request)
+            for chunked in (False, True):
+                routed = raw_post(r.port, path, request, chunked)
+                assert b'"usage":{' not in routed
+                assert normalized(routed) == normalized(direct), (model, path, chunked)
 
-    metrics = urllib.request.urlopen(r.url + "/metrics", timeout=5).read().decode()
-    _, by_model = get_json(r.url + "/usage?by=model&window=3600")
-    _, by_key = get_json(r.url + "/usage?by=key")
-    want_total = {"prompt_tokens": 0, "completion_tokens": 0}
+    want: dict[str, tuple[float, float]] = {}
     for model, port in engines.items():
         prompt, completion = engine_tokens(port, ENGINES[model][1])
         # The direct requests above went around the router: the engine counted them, the router did not.
         direct_prompt, direct_completion = direct_usage(port, model)
-        prompt, completion = prompt - direct_prompt, completion - direct_completion
-        assert prompt > 0 and completion > 0
+        want[model] = prompt - direct_prompt, completion - direct_completion
+        assert want[model][0] > 0 and want[model][1] > 0
+
+    def counted() -> str:
+        """/metrics once the last answer is accounted (its last byte reaches the client just before)."""
+        text = urllib.request.urlopen(r.url + "/metrics", timeout=5).read().decode()
+        return text if all(metric_value(text, "router_tokens_total", model=m, kind="prompt") == p
+                           for m, (p, _) in want.items()) else ""
+    metrics = wait_for(counted, 5, "the router to account the last answer")
+    _, by_model = get_json(r.url + "/usage?by=model&window=3600")
+    _, by_key = get_json(r.url + "/usage?by=key")
+    want_total = {"prompt_tokens": 0, "completion_tokens": 0}
+    for model, (prompt, completion) in want.items():
         assert metric_value(metrics, "router_tokens_total", model=model, key="anonymous", kind="prompt") == prompt
         assert metric_value(metrics, "router_tokens_total", model=model, key="anonymous",
                             kind="completion") == completion

@@ -66,13 +66,47 @@ def usage_in(message: object) -> object:
 
 
 def body_usage(body: bytes) -> Counts:
-    """(prompt, completion) of a whole JSON answer; (None, None) when it has none or is not JSON."""
-    if USAGE not in body:
-        return None, None
-    try:
-        return counts_of(usage_in(orjson.loads(body)))
-    except orjson.JSONDecodeError:
-        return None, None
+    """(prompt, completion) of a whole JSON answer; (None, None) when it has none or is not JSON.
+
+    Only the ``usage`` object is parsed, not the answer (whose text may be
+    long): in JSON the bytes ``"usage"`` followed by a colon can only be a key
+    (a quote inside a string is escaped), and the last one holding an object is
+    the answer's own (a Responses or Anthropic answer nests nothing else under
+    that name). A usage object holds numbers, nulls and objects of numbers, no
+    string with a brace, so its end is found by counting braces.
+    """
+    end = len(body)
+    while True:
+        at = body.rfind(USAGE, 0, end)
+        if at < 0:
+            return None, None
+        start = _object_after_key(body, at + len(USAGE))
+        if start >= 0:
+            close = body.find(b"}", start)
+            inner = body.find(b"{", start + 1, close)
+            while inner >= 0 and close >= 0:  # each object inside needs one more closing brace
+                close = body.find(b"}", close + 1)
+                inner = body.find(b"{", inner + 1, close)
+            if close < 0:
+                return None, None
+            try:
+                return counts_of(orjson.loads(body[start:close + 1]))
+            except orjson.JSONDecodeError:
+                return None, None
+        end = at
+
+
+def _object_after_key(body: bytes, i: int) -> int:
+    """Where the object a key's colon leads to starts (`i`: just after the key), or -1."""
+    n = len(body)
+    while i < n and body[i] in b" \t\r\n":
+        i += 1
+    if i >= n or body[i] != 58:  # ':'
+        return -1
+    i += 1
+    while i < n and body[i] in b" \t\r\n":
+        i += 1
+    return i if i < n and body[i] == 123 else -1  # '{'
 
 
 def event_data(event: bytes) -> Optional[Any]:
@@ -112,8 +146,12 @@ class StreamUsage:
         self.stripped = 0
 
     def feed(self, data: bytes) -> bytes:
-        """Scan `data`; with `strip`, the bytes to relay now (maybe b""); without, `data`."""
+        """Scan `data`; with `strip`, the bytes to relay now (maybe b""); without, b"" (the caller
+        relays `data` itself)."""
         rest = self._rest
+        if (not rest and not self._held and data.endswith(EVENT_END) and USAGE not in data
+                and not (self.completions and FINISHED in data)):
+            return data if self.strip else b""  # whole events, nothing to count or hold: as they came
         if rest:
             data = rest + data
         end = data.rfind(EVENT_END)
