@@ -172,3 +172,10 @@ def test_usage_refuses_a_bad_query(stack: Stack, engines: dict[str, int]) -> Non
     for query, param in (("by=team", "by"), ("window=0", "window"), ("window=7200", "window"), ("window=x", "window")):
         status, body = get_json(f"{r.url}/usage?{query}")
         assert status == 400 and body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+
+
+def test_usage_is_an_admin_endpoint(stack: Stack, engines: dict[str, int]) -> None:
+    r = stack.router([instance("llama", engines["llama"])], admin_api_key="usage-admin")
+    assert get_json(f"{r.url}/usage")[0] == 401
+    status, body = get_json(f"{r.url}/usage", {"Authorization": "Bearer usage-admin"})
+    assert status == 200 and body["by"] == "key" and body["window_seconds"] == 3600

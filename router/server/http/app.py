@@ -27,7 +27,6 @@ from router.server.fleet.report import model_report
 from router.server.http.admin import admin_routes
 from router.server.http.logs import log_routes
 from router.server.http.ui import ui_routes
-from router.server.http.usage import usage_routes
 from router.server.proxy.affinity import RESPONSES_PATH
 from router.server.proxy.auth import Guard
 from router.server.proxy.errors import error_response
@@ -126,8 +125,7 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
             if state.traffic.activity is not None:
                 state.traffic.activity.close()
 
-    web = Starlette(routes=routes(state) + admin_routes(state) + usage_routes(state) + log_routes(state) + ui_routes(state),
-                    lifespan=lifespan,
+    web = Starlette(routes=routes(state) + admin_routes(state) + log_routes(state) + ui_routes(state), lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     return RouterApp(state, web)
 
