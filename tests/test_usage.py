@@ -18,7 +18,8 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from helpers import Proc, free_port, get_json, in_both_modes, metric_value, start_sim, wait_for, wait_http
+import yaml
+from helpers import Proc, free_port, get_json, in_both_modes, metric_value, post_json, start_sim, wait_for, wait_http
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
@@ -179,3 +180,19 @@ def test_usage_is_an_admin_endpoint(stack: Stack, engines: dict[str, int]) -> No
     assert get_json(f"{r.url}/usage")[0] == 401
     status, body = get_json(f"{r.url}/usage", {"Authorization": "Bearer usage-admin"})
     assert status == 200 and body["by"] == "key" and body["window_seconds"] == 3600
+
+
+def test_a_reload_moves_the_activity_log(stack: Stack, engines: dict[str, int], tmp_path: Path) -> None:
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    r = stack.router([instance("llama", engines["llama"])], activity_log=str(first))
+    c = openai.OpenAI(base_url=r.url + "/v1", api_key=SECRET, max_retries=0, timeout=30)
+    c.completions.create(model="llama", prompt=PROMPT, max_tokens=2)
+    config = Path(r.config.path)
+    doc = yaml.safe_load(config.read_text())
+    doc["router"]["activity_log"] = "second.jsonl"  # relative: from the config file's folder
+    config.write_text(yaml.safe_dump(doc))
+    assert post_json(r.url + "/action/reload", {})[0] == 200
+    c.completions.create(model="llama", prompt=PROMPT, max_tokens=3)
+    wait_for(lambda: second.exists() and second.read_text().count("\n") == 1, 5, "the line in the new log")
+    assert [json.loads(line)["completion_tokens"] for line in first.read_text().splitlines()] == [2]
+    assert json.loads(second.read_text())["completion_tokens"] == 3
