@@ -350,6 +350,8 @@ INSTANCE_VALUES = {
     "sleep_level": mostly(st.sampled_from([1, 2]), st.sampled_from([0, 3, "2"]) | YAML_VALUES),
     "max_concurrency": mostly(st.integers(1, 8), YAML_VALUES),
     "max_queue": mostly(st.integers(0, 8), YAML_VALUES),
+    "routing": mostly(st.sampled_from(["least_outstanding", "Session", "prefix"]), st.sampled_from(["sticky", ""]) | YAML_VALUES),
+    "routing_prefix_chars": mostly(st.sampled_from([64, 2048]), st.sampled_from([0, -1, 1.5]) | YAML_VALUES),
     "using_venv": mostly(st.booleans(), YAML_VALUES),
     "venv_path": mostly(st.sampled_from(["venv", "/nonexistent/venv"]), YAML_VALUES),
     "engine_package": mostly(st.sampled_from(["six==1.16.0", "vllm[x]==0.11.2", "six>=1", "bad req!!"]), YAML_VALUES),

@@ -223,7 +223,7 @@ def test_launch_delay_staggers_engines_in_config_order(short_tmp: str) -> None:
     assert sleeps == [[], ["sleep 0.1"], ["sleep 0.2"], ["sleep 0.3"]]
     # startsecs is the same for first starts and restarts: a restart (no wait) shows RUNNING as soon as any start
     progs = supervisor_programs(tmp / "out" / "supervisord.conf")
-    assert [progs[f"e{i}"].startsecs for i in range(4)] == [render.STARTSECS] * 4
+    assert [progs[f"e{i}"].startsecs for i in range(4)] == [render.ENGINE_STARTSECS] * 4
 
 
 def test_external_instances_and_a_disabled_router_are_not_rendered(short_tmp: str) -> None:

@@ -14,6 +14,8 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 WILDCARD_HOSTS = {"0.0.0.0", "::", "", "*"}
 #: Environment variables whose values repr() hides (HF_TOKEN, VLLM_API_KEY, ...).
 SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
+#: `routing`: the least loaded replica; the same replica per session key; the same per prompt prefix.
+ROUTINGS = ("least_outstanding", "session", "prefix")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class Instance:
     sleep: bool = True
     max_concurrency: Optional[int] = None
     max_queue: int = 0
+    #: Which replica of the model a request goes to (`ROUTINGS`), and how much of the prompt
+    #: `prefix` routing hashes; the same on every instance of a model (router/config/checks.py).
+    routing: str = "least_outstanding"
+    routing_prefix_chars: int = 2048
     sim_args: tuple[str, ...] = ()
     #: The program of an engine started by its own ``command`` (whose other words are
     #: `engine_args`); None for engines launched from a Python module.

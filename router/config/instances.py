@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from router.config.instance import RESERVED_NAMES, SAFE_NAME, Instance
+from router.config.instance import RESERVED_NAMES, ROUTINGS, SAFE_NAME, Instance
 from router.config.kinds import COUNT, HOST, NON_NEGATIVE, PORT, POSITIVE, Choice, EnvList, Flag, Number, Strings, Text, Words
 from router.config.problems import Reading
 from router.config.schema import REQUIRED, Key, Kind, read_keys
@@ -84,6 +84,11 @@ INSTANCE: tuple[Key[object], ...] = (
         shown="none (no limit)"),
     Key(Number(0, whole=True), None, "how many may wait; beyond it the router answers 429", name="max_queue",
         shown="`max_concurrency`"),
+    Key(Choice(ROUTINGS), "least_outstanding", "which replica of the model takes a request: the least loaded, the same "
+        "one per session (`x-session-id` header, else the body's `user`) or per prompt prefix, with bounded load. "
+        "The same on every instance of a model (see \"Replica routing\")", name="routing"),
+    Key(COUNT, 2048, "`prefix` routing: how many characters of the prompt or messages (their JSON text) make the key",
+        name="routing_prefix_chars"),
     Key(Words(), (), "extra flags for the simulated engine under `--sim` only: `[\"--ttft-ms 50 --itl-ms 20\"]`",
         name="sim_args"),
     Key(Flag(), False, "rendered `autostart=false`: the first request for the model starts it through supervisord and "
@@ -222,7 +227,8 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
         on_demand=flag["on_demand"], pin=flag["pin"], node=_text(v, "node"), dns_name=dns_name, position=position,
         sleep_level=_int(v.get("sleep_level", 1)), gpu_sleeping_gb=_float(v.get("gpu_sleeping_gb")) or 0.0,
         engine_package=_text(v, "engine_package"), engine_requirements=requirements,
-        engine_import=_text(v, "engine_import"),
+        engine_import=_text(v, "engine_import"), routing=_text(v, "routing") or "least_outstanding",
+        routing_prefix_chars=_int(v.get("routing_prefix_chars", 2048)),
         **{key: _float(v.get(key)) for key in SIZES},
     )
 

@@ -32,6 +32,9 @@ LATENCY = ("router_request_duration_seconds", "Time from request to the end of t
 TTFB = ("router_time_to_first_byte_seconds", "Time from request to the first response body byte")
 WAKES = ("router_model_wake_seconds", "Time each successful wake took, from its first call to the engine to its "
          "last, by the sleep tier it woke from (1: weights in host RAM; 2: weights read again from disk)")
+AFFINITY = ("router_affinity", "Replica picks for requests with a key (routing session or prefix; a retry is a pick of "
+            "its own), by whether the pick was the key's own replica (hit) or the next along the ring (moved: it was "
+            "unroutable, full, above the bounded load or already tried, or the request waited for any free slot)")
 RETRIES = ("router_retries", "Requests sent again to another replica before any byte reached the client, by what "
            "the first engine did (502, 503, 504, timeout, disconnect)")
 
@@ -63,7 +66,7 @@ class Histogram:
 class ModelMetrics:
     """One model's counters, updated by the hot path."""
 
-    __slots__ = ("model", "requests", "tokens", "errors", "retries", "latency", "ttfb")
+    __slots__ = ("model", "requests", "tokens", "errors", "retries", "latency", "ttfb", "hits", "moved")
 
     def __init__(self, model: str):
         self.model = model
@@ -75,6 +78,8 @@ class ModelMetrics:
         self.retries: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttfb = Histogram(TTFB_BUCKETS)
+        self.hits = 0
+        self.moved = 0
 
     def observe(self, status: int, latency_s: float, ttfb_s: float | None, key: str = "anonymous",
                 prompt: int | None = None, completion: int | None = None) -> None:
@@ -95,6 +100,13 @@ class ModelMetrics:
 
     def upstream_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def routed(self, hit: bool) -> None:
+        """A request with a key went to its key's replica (`hit`) or on along the ring."""
+        if hit:
+            self.hits += 1
+        else:
+            self.moved += 1
 
 
 class Metrics:
@@ -150,6 +162,7 @@ class _Counts(Collector):
         latency = HistogramMetricFamily(*LATENCY, labels=["model"])
         ttfb = HistogramMetricFamily(*TTFB, labels=["model"])
         retries = CounterMetricFamily(*RETRIES, labels=["model", "reason"])
+        affinity = CounterMetricFamily(*AFFINITY, labels=["model", "result"])
         for name, m in list(self._models.items()):
             for (status, key), n in sorted(m.requests.items()):
                 requests.add_metric([name, str(status), key], n)
@@ -162,7 +175,10 @@ class _Counts(Collector):
                 retries.add_metric([name, reason], n)
             for family, histogram in ((latency, m.latency), (ttfb, m.ttfb)):
                 family.add_metric([name], histogram.buckets(), histogram.sum)
-        yield from (requests, tokens, errors, latency, ttfb, retries)
+            if m.hits or m.moved:
+                affinity.add_metric([name, "hit"], m.hits)
+                affinity.add_metric([name, "moved"], m.moved)
+        yield from (requests, tokens, errors, latency, ttfb, retries, affinity)
 
 
 class _Wakes(Collector):

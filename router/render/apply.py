@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from router.config import Config, connect_host
-from router.render.files import ROUTER_PROGRAM, Files, started_copy
+from router.render.files import ROUTER_PROGRAM, Files, applied_marker, started_copy
 from router.supervision.supervisord import SOCKET_NAME, connect
 
 #: States in which a program is not running and was left so on purpose.
@@ -123,14 +123,23 @@ def running_programs(proxy: Any) -> dict[str, str]:
     return {p["name"]: p["statename"] for p in _call(proxy, "getAllProcessInfo")}
 
 
-def apply(proxy: Any, plan: Plan, say: Callable[[str], None]) -> set[str]:
+def apply(proxy: Any, out: Path, plan: Plan, say: Callable[[str], None]) -> set[str]:
     """Have supervisord load the new supervisord.conf (already written) and carry it
     out: stop everything that goes or changes first (freeing GPU memory), then
     add and start. supervisord's own diff decides the groups; `plan` adds the
     launch-script restarts. An on-demand engine (``autostart=false``) that is added
-    or whose program changes is left stopped, and said so. Returns the programs (re)started."""
+    or whose program changes is left stopped, and said so. Returns the programs (re)started.
+
+    Each program it adds or restarts is marked as applied first (supervisord's pid in
+    `applied_marker`), so its launch script does not wait its launch_order turn: that
+    wait is for a node booting, not for one engine joining a stack that already runs."""
     added, changed, removed = _call(proxy, "reloadConfig")[0]
     scripts = [n for n, why in plan.restart.items() if why == SCRIPT_CHANGED and n not in added + changed]
+    pid = str(_call(proxy, "getPID"))
+    for name in added + changed + scripts:
+        marker = applied_marker(out, name)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(pid)
     for name in removed + changed + scripts:
         _call(proxy, "stopProcessGroup", name, True)
     for name in removed:

@@ -85,7 +85,7 @@ def apply_to_stack(cfg: Config, out: Path, old: Mapping[str, str], new: Files, d
             restarted = {*plan.start, *plan.restart}
         else:
             print("Plan:", *plan.lines(), "Applying:", sep="\n")
-            restarted = apply(proxy, plan, print)
+            restarted = apply(proxy, out, plan, print)
     except ApplyError as e:
         report([], [str(e)])
         return 1

@@ -74,6 +74,10 @@ ORDER_WHY = {
 }
 #: How long a program must stay up to count as started.
 STARTSECS = 3
+#: The same for an engine: short, so a restarted engine shows RUNNING about when it serves again. A
+#: longer one buys nothing: an engine that cannot start (a bad flag, no memory) dies after its imports,
+#: seconds later, so it is counted as started under either value and supervisord restarts it alike.
+ENGINE_STARTSECS = 1
 #: Beyond the router's own shutdown grace period, before supervisord kills it.
 ROUTER_STOP_MARGIN_SECONDS = 10
 #: Linux's limit for a unix socket path (sun_path), less its NUL.
@@ -142,6 +146,12 @@ def started_copy(out: Path, program: str) -> Path:
     """Where a script-run program's script copies itself when it starts: what runs now,
     which ``render --apply`` compares with a new rendering."""
     return out / RUN_DIR / f"{program}.script"
+
+
+def applied_marker(out: Path, program: str) -> Path:
+    """Where ``render --apply`` writes supervisord's pid before it adds or restarts an engine:
+    a start that finds it is not a boot, so it does not wait its launch_order turn."""
+    return out / RUN_DIR / f"{program}.applied"
 
 
 def shell_join(argv: Sequence[str]) -> str:
@@ -267,6 +277,7 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
             run=str(run),
             copy=str(started_copy(out, inst.name)),
             marker=str(run / f"{inst.name}.launched"),
+            applied=str(applied_marker(out, inst.name)),
             pidfile=str(out / "supervisord.pid"),
         ), SCRIPT_MODE)
         log = str(logs / f"{inst.name}.log")
@@ -276,7 +287,7 @@ def render_files(cfg: Config, out: Path, sim: bool = False, python: str = sys.ex
         # shows RUNNING during its first-start wait (its log says what it waits for); one that
         # dies right after the wait is restarted at once, without waiting, and a start that
         # keeps failing still ends FATAL.
-        programs.append(Program(inst.name, (str(script),), log, STARTSECS, ENGINE_STOPWAITSECS,
+        programs.append(Program(inst.name, (str(script),), log, ENGINE_STARTSECS, ENGINE_STOPWAITSECS,
                                 autostart=not inst.on_demand))
         sessions.append(Session(session_name(cfg, inst.name), (str(script),), log))
     if cfg.router.enable_router:

@@ -21,6 +21,7 @@ from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import UNHEALTHY, Replica
+from router.server.fleet.sticky import Sticky, sticky_for
 
 #: Makes a new model's lifecycle from its name and its members (the router's own, or a proxy
 #: worker's view of the controller's, router/server/workers/worker_end.py).
@@ -41,9 +42,10 @@ class Overloaded(Exception):
 
 
 class Model:
-    """A model's replicas, its wait queue, its lifecycle and the least-outstanding pick."""
+    """A model's replicas, its wait queue, its lifecycle and its replica pick (least outstanding, or a
+    request's key on the ring: `Sticky`)."""
 
-    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "_waiters", "_retry_after")
+    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "sticky", "_waiters", "_retry_after")
 
     def __init__(self, name: str, replicas: tuple[Replica, ...], lifecycles: LifecycleFactory,
                  metrics: ModelMetrics, retry_after: int):
@@ -51,6 +53,8 @@ class Model:
         self.replicas = replicas
         #: The client paths every replica's engine serves (so any replica can take any of them).
         self.paths = served_paths(replicas)
+        #: The ring of `routing: session | prefix` (requests with a key follow it); None: least outstanding.
+        self.sticky: Optional[Sticky] = sticky_for(replicas)
         self.lifecycle = lifecycles(name, self.members)
         self.metrics = metrics
         self._waiters: deque[asyncio.Future[Replica]] = deque()
@@ -70,17 +74,21 @@ class Model:
         """Take a reload's replicas and settings; queued requests may find a slot on the new ones."""
         self.replicas = replicas
         self.paths = served_paths(replicas)
+        self.sticky = sticky_for(replicas)
         self.lifecycle.settings = settings
         self.lifecycle.start_timeout = start_timeout
         self._retry_after = retry_after
         if self._waiters:
             self.dispatch()
 
-    def pick(self, now: float, exclude: tuple[Replica, ...] = ()) -> Replica:
-        """Take a slot on the least-loaded routable replica without waiting.
+    def pick(self, now: float, exclude: tuple[Replica, ...] = (), key: Optional[int] = None) -> Replica:
+        """Take a slot on the least-loaded routable replica without waiting (a request with a `key`:
+        on the key's replica, `Sticky`).
 
         Raises NoReplica when none is routable, Overloaded when all are full.
         """
+        if key is not None and self.sticky is not None:
+            return self._pick_by_key(self.sticky, now, exclude, key)
         best = None
         full = False
         for r in self.replicas:
@@ -98,6 +106,16 @@ class Model:
             raise Overloaded()
         raise NoReplica(self._wait_hint(now), self.unavailable_reason())
 
+    def _pick_by_key(self, sticky: Sticky, now: float, exclude: tuple[Replica, ...], key: int) -> Replica:
+        best, full, hit = sticky.choose(self.replicas, now, exclude, key)
+        if best is not None:
+            best.take_slot(now)
+            self.metrics.routed(hit)
+            return best
+        if full:
+            raise Overloaded()
+        raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+
     def take(self, replica: Replica) -> Replica:
         """A slot on this very replica (it holds what the request refers to), without waiting."""
         if not replica.routable(time.monotonic()):
@@ -108,15 +126,17 @@ class Model:
         replica.take_slot(time.monotonic())
         return replica
 
-    async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Replica:
+    async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
+                      key: Optional[int] = None) -> Replica:
         """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full.
 
         A waiter is handed a slot by `dispatch`: when a request ends, when an
         ejection ends, or after a health probe. It fails with NoReplica if no
         replica is routable any more, and with Overloaded after `queue_timeout`.
+        A waiter with a key takes the first free slot too (its own replica was full).
         """
         try:
-            return self.pick(now, exclude)
+            return self.pick(now, exclude, key)
         except Overloaded:
             cap = sum(r.max_queue for r in self.replicas if r not in exclude and r.routable(now))
             if len(self._waiters) >= cap:
@@ -124,7 +144,7 @@ class Model:
         fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            return await asyncio.wait_for(fut, queue_timeout)
+            replica = await asyncio.wait_for(fut, queue_timeout)
         except BaseException as e:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())  # handed a slot just as the wait ended: give it back
@@ -137,6 +157,9 @@ class Model:
             if isinstance(e, asyncio.TimeoutError):
                 raise Overloaded() from None
             raise
+        if key is not None and self.sticky is not None:
+            self.metrics.routed(self.sticky.owns(self.replicas, key, replica))
+        return replica
 
     def release(self, replica: Replica) -> None:
         """Free a slot; queued requests, if any, take it over."""
@@ -272,10 +295,15 @@ class ModelTable:
 
 
 def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:
-    """The replica for `instance`: the old one when only its aliases changed (they are the table's
-    business, not the replica's), else a fresh one."""
-    if replica is not None and not replica.retired and replace(replica.instance, aliases=()) == replace(instance, aliases=()):
+    """The replica for `instance`: the old one when only its aliases or routing changed (they are the
+    table's business, not the replica's), else a fresh one."""
+    if replica is not None and not replica.retired and _own(replica.instance) == _own(instance):
         replica.reconfigure(instance)
         return replica
     # The same supervisord program: its process state carries over.
     return Replica(instance, events, process=replica.process if replica is not None else None)
+
+
+def _own(instance: Instance) -> Instance:
+    """What of an instance is its replica's business (aliases and routing are the model's)."""
+    return replace(instance, aliases=(), routing="", routing_prefix_chars=0)

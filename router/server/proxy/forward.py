@@ -28,6 +28,7 @@ from router.server.fleet.upstream import ConnectFailed, UpstreamError
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.proxy.exchange import Exchange, traced_admission
 from router.server.proxy.forms import FormError, boundary_of
+from router.server.proxy.keys import request_key
 from router.server.proxy.relay import relay_body, relay_stream, upstream_failure
 from router.server.proxy.reply import AsgiReply, EarlyStream, Message, Receive, Reply, Scope, Send, answer_error, retry_after, send_error
 from router.server.proxy.request import (
@@ -137,6 +138,8 @@ class Proxy:
         model = self.model_for(out.name, path)
         if path == RESPONSES_PATH and out.payload is not None:
             out.pin = await self.previous_response_owner(out.payload, model)
+        if model.sticky is not None and out.pin is None:
+            out.key = request_key(model.sticky, scope, out.payload)
         return model, out
 
     def outgoing(self, scope: Scope, body: bytes) -> Outgoing:
@@ -302,11 +305,11 @@ class Proxy:
             if out.pin is not None:
                 return model.take(out.pin)
             if trace is None:
-                return await model.acquire(time.monotonic(), tried, self.queue_timeout)
+                return await model.acquire(time.monotonic(), tried, self.queue_timeout, out.key)
             try:  # traced: a wait in the queue is a span of its own
-                return model.pick(time.monotonic(), tried)
+                return model.pick(time.monotonic(), tried, out.key)
             except Overloaded:
-                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout))
+                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout, out.key))
         except NoReplica as e:
             if tried:
                 raise Reject(502, f"Could not connect to any engine of model '{model.name}' "

@@ -95,7 +95,7 @@ class Outgoing:
     re-encoded once, or the one form field replaced).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "strip_usage")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "strip_usage")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -106,6 +106,8 @@ class Outgoing:
         self.form_model = form_model
         #: The one replica this request must go to (it holds the response the request names).
         self.pin = pin
+        #: Its place on the model's ring (`routing: session | prefix`, router/server/proxy/keys.py).
+        self.key: Optional[int] = None
         #: The router asked for the stream's usage chunk: it is removed from the client's stream.
         self.strip_usage = False
 

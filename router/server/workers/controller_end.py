@@ -308,7 +308,8 @@ class WorkerLinks:
                 link.leases[message.request] = (model, pinned)
             return
         try:
-            replica = model.pick(time.monotonic(), tuple(r for r in model.replicas if r.name in message.exclude))
+            replica = model.pick(time.monotonic(), tuple(r for r in model.replicas if r.name in message.exclude),
+                                 message.key)
         except Overloaded:
             task = self._spawn(self._queued_lease(link, model, message))
             link.waiting.add(task)
@@ -324,7 +325,8 @@ class WorkerLinks:
         """Every replica is full: the lease waits in the model's one queue, behind every worker's."""
         exclude = tuple(r for r in model.replicas if r.name in message.exclude)
         try:
-            replica = await model.acquire(time.monotonic(), exclude, self.fleet.config.router.queue_timeout_seconds)
+            replica = await model.acquire(time.monotonic(), exclude, self.fleet.config.router.queue_timeout_seconds,
+                                          message.key)
         except Overloaded:
             link.channel.send(Leased(message.request, None, (429, "", 1)))
             return
@@ -382,6 +384,11 @@ class WorkerLinks:
             model = table.get(name)
             if model is not None:
                 model.metrics.upstream_error(kind)
+        for name, (hits, moved) in report.routed.items():
+            model = table.get(name)
+            if model is not None:
+                model.metrics.hits += hits
+                model.metrics.moved += moved
 
     def _owner(self, link: WorkerLink, message: Owner) -> None:
         model = self.fleet.table.get(message.model)

@@ -33,6 +33,17 @@ a max_concurrency (every replica)                   controller picks from its on
                                                     and is counted without an answer
 slots of a model with no limit          workers     merged: each worker picks locally (no message) and
 (`outstanding`)                                     reports its counts (`Report`); the controller sums
+the ring of a model routed by session   each        derived: every process builds it from the table's
+or prefix (which replica owns a key)    process     replica names (blake2b, not Python's salted hash),
+                                                    so all agree on each key's owner with no message.
+                                                    The bounded load weighs the counts of the one who
+                                                    picks: a worker's own in flight for a model with no
+                                                    limit (so under N workers a replica turns keys away
+                                                    once past 8 of that worker's requests and 1.25x its
+                                                    average), the controller's exact sum for a leased
+                                                    model (the key travels in `Lease`)
+affinity hits and moves                 whoever     merged: a worker's go up in `Report.routed`; a
+                                        picks       leased pick is counted by the controller itself
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
 drain)                                              REPORT_SECONDS); a fence (`Fence`/`Fenced`) makes
                                                     them exact before a drain
@@ -69,7 +80,7 @@ from router.config import Config
 from router.supervision.processes import ProcessState
 
 #: Bumped whenever a message's fields change: both ends must run the same code.
-PROTOCOL = 3
+PROTOCOL = 4
 
 #: Longest a worker's count leaving or reaching zero, and a finished request's record, wait before
 #: they reach the controller (one message per period carries them all: under load, many requests).
@@ -178,6 +189,8 @@ class Report(NamedTuple):
     done: list[Done]
     retries: list[Note]
     errors: list[Note]
+    #: model -> (hits, moved) of its keyed picks since the last report (router_affinity_total).
+    routed: dict[str, tuple[int, int]]
 
 
 class Fenced(NamedTuple):
@@ -192,11 +205,13 @@ class Ready(NamedTuple):
 
 class Lease(NamedTuple):
     """A slot on a replica of `model` (not one of `exclude`, already tried), from the one queue;
-    with `pin`, on that replica only, without waiting."""
+    with `pin`, on that replica only, without waiting; with `key`, the key's replica on the
+    model's ring first (`routing: session | prefix`)."""
     request: int
     model: str
     exclude: tuple[str, ...]
     pin: Optional[str]
+    key: Optional[int]
 
 
 class Unlease(NamedTuple):

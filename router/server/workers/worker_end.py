@@ -83,6 +83,7 @@ class ControllerLink:
         self.done: list[Done] = []
         self.retries: list[Note] = []
         self.errors: list[Note] = []
+        self.routed: dict[str, tuple[int, int]] = {}
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
 
@@ -198,12 +199,12 @@ class ControllerLink:
         finally:
             self._ready.pop(request, None)
 
-    async def lease(self, model: str, exclude: tuple[str, ...]) -> tuple[int, str]:
+    async def lease(self, model: str, exclude: tuple[str, ...], key: Optional[int] = None) -> tuple[int, str]:
         """A slot from the controller's queue: (lease id, instance); NoReplica or Overloaded if none."""
         request = next(self._ids)
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
-        self.channel.send(Lease(request, model, exclude, None))
+        self.channel.send(Lease(request, model, exclude, None, key))
         try:
             answer = await fut
         except asyncio.CancelledError:
@@ -224,7 +225,7 @@ class ControllerLink:
     def pinned(self, model: str, instance: str) -> int:
         """A slot on one replica for a request bound to it: counted by the controller, not waited for."""
         request = next(self._ids)
-        self.channel.send(Lease(request, model, (), instance))
+        self.channel.send(Lease(request, model, (), instance, None))
         return request
 
     def unlease(self, request: int) -> None:
@@ -257,6 +258,12 @@ class ControllerLink:
         self.errors.append((model, kind))
         self._schedule(REPORT_SECONDS)
 
+    def picked(self, model: str, hit: bool) -> None:
+        """A keyed pick made here: counted with the next report (COUNTS_SECONDS at most)."""
+        hits, moved = self.routed.get(model, (0, 0))
+        self.routed[model] = (hits + 1, moved) if hit else (hits, moved + 1)
+        self._schedule(COUNTS_SECONDS)
+
     def _schedule(self, delay: float) -> None:
         """One report, sent at the earliest time anything pending asks for: under load one message
         carries many requests' counts and records."""
@@ -277,7 +284,7 @@ class ControllerLink:
         if self._report is not None:
             self._report.cancel()
             self._report = None
-        if not (self._dirty or self.done or self.retries or self.errors):
+        if not (self._dirty or self.done or self.retries or self.errors or self.routed):
             return
         counts = {}
         outstanding = {}
@@ -288,8 +295,8 @@ class ControllerLink:
                 for r in members:
                     outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        report = Report(counts, outstanding, self.done, self.retries, self.errors)
-        self.done, self.retries, self.errors = [], [], []
+        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.routed)
+        self.done, self.retries, self.errors, self.routed = [], [], [], {}
         self.channel.send(report)
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
@@ -321,12 +328,15 @@ class LeasedModel(Model):
         super().reconfigure(replicas, settings, retry_after, start_timeout)
         self.leased = leased(replicas)
 
-    def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float) -> Coroutine[object, object, Replica]:
+    def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
+                key: Optional[int] = None) -> Coroutine[object, object, Replica]:
         # Not a coroutine itself: an unlimited model's request pays no extra frame.
-        return self._leased(exclude) if self.leased else super().acquire(now, exclude, queue_timeout)
+        return self._leased(exclude, key) if self.leased else super().acquire(now, exclude, queue_timeout, key)
 
-    async def _leased(self, exclude: tuple[Replica, ...]) -> Replica:
-        lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude))
+    async def _leased(self, exclude: tuple[Replica, ...], key: Optional[int]) -> Replica:
+        # The controller picks on the ring with every worker's counts (and counts the hit or move).
+        lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude),
+                                                key if self.sticky is not None else None)
         replica = next((r for r in self.replicas if r.name == instance), None)
         if replica is None:  # a reload replaced it while the answer was on its way
             self.link.unlease(lease)
@@ -387,3 +397,6 @@ class RelayedMetrics(ModelMetrics):
 
     def upstream_error(self, kind: str) -> None:
         self._link.upstream_failed(self.model, kind)
+
+    def routed(self, hit: bool) -> None:
+        self._link.picked(self.model, hit)
