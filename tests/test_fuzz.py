@@ -302,6 +302,7 @@ TEXT_VALUES = {
     "Text": st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "localhost", "m", "org/model", "alias", "no-such-model"]),
     "Keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2) | KEY_SOURCES,
     "OneKey": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
+    "LogPath": st.sampled_from(["activity.jsonl", "logs/activity.jsonl", ".", " "]),
     "Nameservers": st.lists(st.sampled_from(["127.0.0.1:5353", "10.96.0.10", "[::1]:53", "dns.local", "1.2.3.4:0"]),
                             max_size=2),
 }
