@@ -25,6 +25,20 @@ classified by what it was; anything else, any corrupted answer, or the
 router's descriptors growing across the life of one router process fails the
 run (exit status 1). The router's RSS and descriptors are sampled throughout,
 per router process (its pid from supervisord, which changes after each kill).
+
+With ``--workers N`` one answer needs its own rule: a proxy worker's 503 "the
+router's controller went away". A worker gives it to the requests waiting on
+its controller (for a slot, a start, a wake, an answer) when its link to the
+controller closes, and only then; the worker then stops. Since the link closes
+when the controller's process ends, it is the answer to a request in flight at
+a SIGKILL of the router (class "in flight at a kill"; or "refused ... while the
+router was down" for one that reached the worker after the kill, before the
+worker saw it). It is counted so only when it came within
+CONTROLLER_GONE_WITHIN seconds of a SIGKILL of the router: the dying worker
+answers at once and is gone after its shutdown grace, so a later one, one in a
+SIGTERM's window (a graceful stop keeps the controller until its workers have
+drained), in an engine kill's window or outside every window means the link
+broke with the controller alive (a protocol error, a crash) and fails the run.
 """
 from __future__ import annotations
 
@@ -88,6 +102,11 @@ FD_WARMUP = 3.0
 
 #: What a proxy worker answers (503) to a request that was waiting on its controller when the controller died.
 CONTROLLER_GONE = "the router's controller went away"
+#: The router's shutdown_grace_seconds in this stack (stack_config).
+SHUTDOWN_GRACE = 5
+#: Latest a CONTROLLER_GONE answer may come after a SIGKILL of the router and still be the kill's: a worker
+#: answers so when it reads the end of its controller's link, then stops within its shutdown grace.
+CONTROLLER_GONE_WITHIN = SHUTDOWN_GRACE + 1.0
 CLASS_KILL = "in flight at a kill"
 CLASS_DOWN = "refused/connection error while the router was down"
 CLASS_OTHER = "other"
@@ -116,7 +135,7 @@ def stack_config(router_port: int, ports: dict[str, int], variant: int = 0, work
     return {
         "router": {"router_port": router_port, "health_check_interval_seconds": 0.5, "eject_seconds": 1,
                    "connect_timeout_seconds": 2, "request_timeout_seconds": 30, "stream_idle_timeout_seconds": 10,
-                   "shutdown_grace_seconds": 5, "workers": workers},
+                   "shutdown_grace_seconds": SHUTDOWN_GRACE, "workers": workers},
         "sleep_manager": {"auto_sleep_enabled": True, "idle_threshold_seconds": 2, "check_interval_seconds": 0.5,
                           "min_sleep_duration": 3, "wake_timeout_seconds": 20, "drain_timeout_seconds": 10},
         "instances": instances,
@@ -460,8 +479,12 @@ class RouterWatch:
                 return
             proc = psutil.Process(info["pid"])
             created = proc.create_time()
-            # With proxy workers, the controller and its workers together (they end with it).
+            # With proxy workers, the controller and its workers together (they end with it), and only
+            # once every worker is up: a worker spawned late on a loaded machine would look like growth.
             tree = [proc, *proc.children(recursive=True)]
+            workers = sum("spawn_main" in " ".join(p.cmdline()) for p in tree)
+            if self.stack.workers > 1 and workers < self.stack.workers:
+                return
             s = Sample(time.monotonic(), sum(p.memory_info().rss for p in tree), sum(p.num_fds() for p in tree))
         except (OSError, psutil.Error):
             return  # between a kill and the restart
@@ -507,6 +530,8 @@ def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> 
     """Which failure class `r` is in, and the kill that explains it (None for CLASS_OTHER and CLASS_CORRUPT)."""
     if r.what == "corrupt":
         return CLASS_CORRUPT, None
+    if r.what == "503" and CONTROLLER_GONE in r.detail:
+        return controller_gone(r, faults)
     for f in faults:
         if f.kind not in KILLS or not overlaps(r, f, margin, run_end):
             continue
@@ -514,10 +539,6 @@ def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> 
             if ENGINES[f.target][0] == r.model and r.got_status:
                 return CLASS_KILL, f  # the router answered: the engine it was sent to died under it
             continue
-        if f.kind == "router_kill" and r.what == "503" and CONTROLLER_GONE in r.detail:
-            # With --workers: a proxy worker answered for its killed controller, which the request
-            # was waiting on (a start, a wake, a slot), or which was already down when it came.
-            return (CLASS_KILL if r.start <= f.injected else CLASS_DOWN), f
         if r.got_status and r.what.isdigit():
             continue  # a router that answers with an HTTP error is no gap of the router's
         if f.kind == "router_kill" and r.start <= f.injected:
@@ -525,6 +546,16 @@ def classify(r: Request, faults: list[Fault], margin: float, run_end: float) -> 
         if r.start > f.injected or (not r.got_status and r.end - f.injected < 1.0):
             # Sent while it was down, or (SIGTERM) a request racing the close of an idle keep-alive connection.
             return CLASS_DOWN, f
+    return CLASS_OTHER, None
+
+
+def controller_gone(r: Request, faults: list[Fault]) -> tuple[str, Optional[Fault]]:
+    """A proxy worker's 503 for its lost controller (module docstring): the request was waiting on the
+    controller a SIGKILL of the router ended (in flight at the kill), or reached the worker after the kill
+    and before the worker read the end of the link (the router was down); anything else is unexplained."""
+    for f in faults:
+        if f.kind == "router_kill" and f.injected <= r.end <= f.injected + CONTROLLER_GONE_WITHIN:
+            return (CLASS_KILL if r.start <= f.injected else CLASS_DOWN), f
     return CLASS_OTHER, None
 
 
@@ -545,18 +576,23 @@ class Report:
     fd_growth: list[tuple[int, int, int]]
     unexplained: list[dict[str, Any]]
     problems: list[str]
+    #: seconds from the SIGKILL of the router to each CONTROLLER_GONE answer it explains (workers only)
+    controller_gone_after: list[float] = field(default_factory=list)
 
 
 def verdict(log: list[Request], faults: list[Fault], watch: RouterWatch, margin: float, fd_bound: int,
             started: float, run_end: float) -> Report:
     by_class: Counter[str] = Counter()
     by_what: dict[str, Counter[str]] = {}
+    gone_after: list[float] = []
     for r in log:
         if r.ok:
             continue
         r.klass, cause = classify(r, faults, margin, run_end)
         if cause is not None:
             cause.failures += 1
+            if CONTROLLER_GONE in r.detail:
+                gone_after.append(round(r.end - cause.injected, 3))
         else:  # what was going on, for whoever reads the report
             r.faults = ", ".join(f"{f.kind} {f.target} +{f.injected - started:.1f}s" for f in faults
                                  if overlaps(r, f, margin, run_end))
@@ -588,7 +624,7 @@ def verdict(log: list[Request], faults: list[Fault], watch: RouterWatch, margin:
         peak_fds=max((s.fds for s in samples), default=0), fd_growth=growth,
         unexplained=[{**asdict(r), "start": round(r.start - started, 2), "end": round(r.end - started, 2)}
                      for r in bad[:50]],
-        problems=problems)
+        problems=problems, controller_gone_after=sorted(gone_after))
 
 
 def table(rep: Report) -> str:
@@ -604,6 +640,9 @@ def table(rep: Report) -> str:
              ("final router RSS MB start -> end", " -> ".join(map(str, rep.final_router["rss_mb"]))),
              ("final router descriptors start -> end", " -> ".join(map(str, rep.final_router["fds"]))),
              ("peak router RSS MB / descriptors", f"{rep.peak_rss_mb} / {rep.peak_fds}"),
+             ("controller-gone 503s explained / latest after its kill",
+              f"{len(rep.controller_gone_after)} / "
+              f"{max(rep.controller_gone_after, default=0):.2f}s (at most {CONTROLLER_GONE_WITHIN:g}s)"),
              ("descriptors early -> late per process", ", ".join(f"{a}->{b}" for _, a, b in rep.fd_growth) or "-"),
              ("verdict", "PASS" if not rep.problems else "FAIL")]
     width = max(len(k) for k, _ in rows)

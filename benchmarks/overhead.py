@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,28 +48,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import rust_router  # noqa: E402  (benchmarks/rust_router.py, next to this file)
+from routers import API_KEY, SIMS, CheckoutFailed, checkout, config_text, free_port, router_argv, start_router, stop_processes  # noqa: E402
 
 from router.bench.loadgen import Recorder, Span, Target, Workload, new_session, run_model  # noqa: E402
 from router.bench.report import distribution_ms  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-API_KEY = "overhead-bench-key"
-#: name -> simulator knobs; one router model per simulated engine.
-SIMS = {
-    "fast": ["--ttft-ms", "0", "--itl-ms", "0"],
-    "stream": ["--ttft-ms", "20", "--itl-ms", "20"],
-    "idle": ["--ttft-ms", "0", "--itl-ms", "3000"],
-}
 
 
 # --------------------------------------------------------------------------
 # Processes and their /proc figures
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` (fields 14 and 15 of /proc/<pid>/stat)."""
@@ -120,34 +107,21 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
     with `rust` also the Rust vllm-router, with `old` also the router found in that directory."""
     ports = {name: free_port() for name in SIMS}
     router_port, baseline_port = free_port(), free_port()
-    instances = "\n".join(f"  - {{name: {n}, model: {n}, engine: vllm, launch: false, engine_env: ['VLLM_SERVER_DEV_MODE=1'], "
-                          f"engine_args: ['--port {p} --enable-sleep-mode']}}" for n, p in ports.items())
     config = tmp / "overhead.yaml"
-    # Every feature on: access log, health checks, API key, the sleep manager's idle loop (with a
-    # threshold no phase reaches); metrics and traffic stats are always on.
-    config.write_text(f"router:\n  router_port: {router_port}\n  access_log: true\n  api_keys: [{API_KEY}]\n"
-                      f"  health_check_interval_seconds: 5\n"
-                      f"sleep_manager:\n  auto_sleep_enabled: true\n  idle_threshold_seconds: 3600\n"
-                      f"  check_interval_seconds: 5\ninstances:\n{instances}\n")
-    if old is not None:
-        old_port = free_port()
-        (tmp / "overhead-old.yaml").write_text(config.read_text().replace(f"router_port: {router_port}\n",
-                                                                           f"router_port: {old_port}\n"))
+    config.write_text(config_text(router_port, ports))
     procs: list[subprocess.Popen] = []
 
-    def start(argv: list[str], log: str, cwd: Path = ROOT) -> subprocess.Popen:
+    def start(argv: list[str], log: str) -> subprocess.Popen:
         with open(tmp / log, "wb") as out:
-            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         procs.append(p)
         return p
 
     try:
         sims = {n: start([sys.executable, "-m", "router.sim", "--engine", "vllm", "--model", n, "--host", "127.0.0.1",
                           "--port", str(p), *SIMS[n]], f"sim-{n}.log") for n, p in ports.items()}
-        # `python -m router.serve` on router/server/http/fastserver.py's protocol ("fast") or on uvicorn's own
-        # ("uvicorn", through benchmarks/serve_uvicorn.py).
-        entry = ["-m", "router.serve"] if server == "fast" else [str(ROOT / "benchmarks" / "serve_uvicorn.py")]
-        router = start([sys.executable, *entry, "--config", str(config)], "router.log")
+        router = start_router(ROOT, router_argv(ROOT, config, server), tmp / "router.log")
+        procs.append(router)
         baseline = start([sys.executable, str(ROOT / "benchmarks" / "passthrough.py"), "--port", str(baseline_port),
                           *(f"--upstream={n}=http://127.0.0.1:{p}" for n, p in ports.items())], "passthrough.log")
         urls = {"router": f"http://127.0.0.1:{router_port}", "baseline": f"http://127.0.0.1:{baseline_port}"}
@@ -157,30 +131,15 @@ def stack(tmp: Path, rust: bool = False, old: Optional[Path] = None, server: str
             extra["rust"] = start(rust_router.argv(rust_port, free_port()), "rust-router.log").pid
             urls["rust"] = f"http://127.0.0.1:{rust_port}"
         if old is not None:
-            # A commit with router/server/fastserver.py ran router.serve on it through that module's main
-            # (router.serve itself chose uvicorn's protocol then); later ones serve on it from router.serve.
-            fast = (old / "router/server/fastserver.py").exists()
-            old_entry = ["router.server.fastserver"] if fast and server == "fast" else ["router.serve"]
-            extra["old"] = start([sys.executable, "-m", *old_entry, "--config", str(tmp / "overhead-old.yaml")],
-                                 "old-router.log", cwd=old).pid
+            old_port = free_port()
+            (tmp / "overhead-old.yaml").write_text(config_text(old_port, ports))
+            procs.append(start_router(old, router_argv(old, tmp / "overhead-old.yaml", server), tmp / "old-router.log"))
+            extra["old"] = procs[-1].pid
             urls["old"] = f"http://127.0.0.1:{old_port}"
         yield Stack(router.pid, baseline.pid, urls,
                     {n: s.pid for n, s in sims.items()}, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}, extra)
     finally:
         stop_processes(procs)
-
-
-def stop_processes(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each process group, last started first; SIGKILL any still there after 15 s."""
-    for p in reversed(procs):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 @contextlib.contextmanager
@@ -508,14 +467,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="router-overhead-"))
     old = None
     if args.old_router:
-        old = tmp / "old"
-        old.mkdir()
         try:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_router, "router"],
-                                     check=True, capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        except subprocess.CalledProcessError as e:
-            p.error(f"--old-router {args.old_router}: {(e.stderr or b'').decode(errors='replace').strip()}")
+            old = checkout(args.old_router, tmp / "old")
+        except CheckoutFailed as e:
+            p.error(f"--old-router {args.old_router}: {e}")
     print(f"machine: {machine()}", flush=True)
     if args.rust_router:
         print(f"yardstick: Rust vllm-router {rust_router.version()} ({' '.join(rust_router.argv(0, 0)[1:])})",

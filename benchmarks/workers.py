@@ -1,4 +1,5 @@
-"""What proxy workers cost: ``python benchmarks/workers.py [--workers N] [--quick] [--max-concurrency N]``.
+"""What proxy workers cost: ``python benchmarks/workers.py [--workers N] [--quick] [--max-concurrency N]
+[--old-router COMMIT]``.
 
 Runs the router twice side by side on the same simulated engines: one process
 (``router.workers: 1``) and a controller with N proxy workers (``router.workers:
@@ -13,6 +14,14 @@ wall-clock scaling, so the figures are CPU per unit of work:
   over them; with an even share, each worker costs the figure above per unit);
 - the controller's CPU per request and per chunk: what the workers' reports
   (counts, records) cost the owner. It must stay small.
+
+``--old-router COMMIT`` also runs the router of COMMIT (its router/ from ``git
+archive``, as benchmarks/overhead.py does) in both modes on the same engines,
+in the same alternating phases (four routers, the order reversed every other
+round), and prints this tree's CPU per request and per chunk over that commit's,
+for one process and for N workers (workers + controller): a ratio above 1 is
+this tree costing more. The machine's other load falls on all four alike, which
+is why the comparison is made within one run and not between two runs.
 """
 from __future__ import annotations
 
@@ -24,8 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import psutil
 import uvloop
@@ -33,9 +43,10 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from overhead import API_KEY, SIMS, free_port, phase, relayed_chunks, stop_processes, wait_ready  # noqa: E402
+from overhead import phase, relayed_chunks, wait_ready  # noqa: E402
+from routers import API_KEY, SIMS, CheckoutFailed, checkout, config_text, free_port, router_argv, start_router, stop_processes  # noqa: E402
 
-from router.bench.loadgen import Span, Target, Workload, new_session  # noqa: E402
+from router.bench.loadgen import Recorder, Span, Target, Workload, new_session  # noqa: E402
 
 
 def cpu(p: psutil.Process) -> float:
@@ -43,97 +54,127 @@ def cpu(p: psutil.Process) -> float:
     return t.user + t.system
 
 
-class Routers:
-    """The one-process router and the controller with its workers, on the same engines."""
+@dataclass
+class Router:
+    """One router under measure: one process, or a controller and its proxy workers."""
 
-    def __init__(self, single: psutil.Process, controller: psutil.Process, urls: dict[str, str], sims: dict[str, str]):
-        self.single = single
-        self.controller = controller
-        self.urls = urls
-        self.sims = sims
+    process: psutil.Process
+    workers: int
+    url: str
 
-    def workers(self) -> list[psutil.Process]:
+    def proxy_workers(self) -> list[psutil.Process]:
         """The proxy workers: the controller's children that serve (not multiprocessing's resource tracker)."""
-        return [c for c in self.controller.children() if "spawn_main" in " ".join(c.cmdline())]
+        if self.workers == 1:
+            return []
+        return sorted((c for c in self.process.children() if "spawn_main" in " ".join(c.cmdline())),
+                      key=lambda c: c.pid)
 
     def sample(self) -> dict[str, float]:
-        out = {"single": cpu(self.single), "controller": cpu(self.controller)}
-        for i, w in enumerate(sorted(self.workers(), key=lambda p: p.pid)):
+        """CPU seconds so far: "controller" (the one process, or the controller) and each "workerI"."""
+        out = {"controller": cpu(self.process)}
+        for i, w in enumerate(self.proxy_workers()):
             out[f"worker{i}"] = cpu(w)
         return out
 
 
+#: the routers by name: this tree's and, with --old-router, the commit's, each as one process and with workers
+NAMES = ("single", "workers", "old single", "old workers")
+
+
 @contextlib.contextmanager
-def routers(tmp: Path, workers: int, limit: int = 0) -> Iterator[Routers]:
+def routers(tmp: Path, workers: int, limit: int = 0, old: Optional[Path] = None) -> Iterator[tuple[dict[str, Router],
+                                                                                                  dict[str, str]]]:
+    """The routers (this tree's, and `old`'s when given, each with 1 and `workers` processes) on the
+    same simulated engines; yields them by name and the engines' URLs."""
     ports = {name: free_port() for name in SIMS}
-    # A limit, even one never reached, makes the workers lease every slot from the controller.
-    cap = f"max_concurrency: {limit}, max_queue: {limit}, " if limit else ""
-    instances = "\n".join(f"  - {{name: {n}, model: {n}, engine: vllm, launch: false, engine_env: ['VLLM_SERVER_DEV_MODE=1'], "
-                          f"{cap}engine_args: ['--port {p} --enable-sleep-mode']}}" for n, p in ports.items())
     procs: list[subprocess.Popen] = []
-    urls = {}
+    out: dict[str, Router] = {}
+    trees = {"": ROOT, **({"old ": old} if old is not None else {})}
     try:
-        for name, n in (("single", 1), ("workers", workers)):
-            port = free_port()
-            config = tmp / f"{name}.yaml"
-            config.write_text(f"router:\n  router_port: {port}\n  workers: {n}\n  access_log: true\n"
-                              f"  api_keys: [{API_KEY}]\n  health_check_interval_seconds: 5\n"
-                              f"sleep_manager:\n  auto_sleep_enabled: true\n  idle_threshold_seconds: 3600\n"
-                              f"  check_interval_seconds: 5\ninstances:\n{instances}\n")
-            with open(tmp / f"{name}.log", "wb") as out:
-                procs.append(subprocess.Popen([sys.executable, "-m", "router.serve", "--config", str(config)],
-                                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
-            urls[name] = f"http://127.0.0.1:{port}"
-        for n, p in ports.items():
-            with open(tmp / f"sim-{n}.log", "wb") as out:
-                procs.append(subprocess.Popen([sys.executable, "-m", "router.sim", "--engine", "vllm", "--model", n,
-                                               "--port", str(p), *SIMS[n]], stdout=out, stderr=subprocess.STDOUT,
+        for prefix, tree in trees.items():
+            for mode, n in (("single", 1), ("workers", workers)):
+                name, port = prefix + mode, free_port()
+                config = tmp / f"{name.replace(' ', '-')}.yaml"
+                config.write_text(config_text(port, ports, n, limit))
+                procs.append(start_router(tree, router_argv(tree, config), tmp / f"{name.replace(' ', '-')}.log"))
+                out[name] = Router(psutil.Process(procs[-1].pid), n, f"http://127.0.0.1:{port}")
+        for sim, port in ports.items():
+            with open(tmp / f"sim-{sim}.log", "wb") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "router.sim", "--engine", "vllm", "--model", sim,
+                                               "--port", str(port), *SIMS[sim]], stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True, cwd=ROOT))
-        yield Routers(psutil.Process(procs[0].pid), psutil.Process(procs[1].pid), urls,
-                      {n: f"http://127.0.0.1:{p}" for n, p in ports.items()})
+        yield out, {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     finally:
         stop_processes(procs)
 
 
-async def measure(rt: Routers, quick: bool, workers: int) -> list[tuple[str, float, str]]:
-    rows: list[tuple[str, float, str]] = []
+Row = tuple[str, float, str]
+
+
+def mode_rows(label: str, unit: str, workers: int, cpu_used: dict[str, dict[str, float]], done: dict[str, int],
+              prefix: str) -> tuple[list[Row], dict[str, float]]:
+    """The rows of one tree (prefix "" or "old "): one process against N workers; and its CPU per unit
+    ("single", "workers": workers + controller) for the ratios between trees."""
+    single_used, with_workers = cpu_used[prefix + "single"], cpu_used[prefix + "workers"]
+    single = single_used["controller"] / done[prefix + "single"] * 1e6
+    worker_keys = sorted(k for k in with_workers if k.startswith("worker"))
+    in_workers = sum(with_workers[k] for k in worker_keys) / done[prefix + "workers"] * 1e6
+    controller = with_workers["controller"] / done[prefix + "workers"] * 1e6
+    rows: list[Row] = [
+        (f"{label}{unit}s relayed: one process / {workers} workers", done[prefix + "single"],
+         f"/ {done[prefix + 'workers']}"),
+        (f"{label}one-process router: CPU per {unit}", single, "us"),
+        (f"{label}{workers} workers: worker CPU per {unit} (all workers)", in_workers, "us"),
+        (f"{label}{workers} workers: controller CPU per {unit}", controller, "us"),
+        (f"{label}{workers} workers: (workers + controller) / one process, per {unit}",
+         (in_workers + controller) / single, "x"),
+        (f"{label}{workers} workers: controller / one process, per {unit}", controller / single, "x")]
+    total = sum(with_workers[k] for k in worker_keys)
+    for k in worker_keys:
+        rows.append((f"{label}{workers} workers: {k}'s share of worker CPU ({unit}s)",
+                     with_workers[k] / total * 100, "%"))
+    return rows, {"single": single, "workers": in_workers + controller, "controller": controller}
+
+
+async def measure(rt: dict[str, Router], sims: dict[str, str], quick: bool, workers: int,
+                  old: Optional[str] = None) -> list[Row]:
+    rows: list[Row] = []
     scale = 0.5 if quick else 1.0
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with new_session(120.0) as session:
-        await wait_ready(session, [u + "/health" for u in rt.urls.values()] + [u + "/health" for u in rt.sims.values()])
+        await wait_ready(session, [r.url + "/health" for r in rt.values()] + [u + "/health" for u in sims.values()])
         deadline = time.monotonic() + 30
-        while len(rt.workers()) < workers and time.monotonic() < deadline:
+        while any(len(r.proxy_workers()) < r.workers for r in rt.values() if r.workers > 1) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        cases = [("request", "fast", Workload(stream=False, input_len=Span(32, 32), output_len=Span(16, 16),
-                                              concurrency=64, duration=4.0 * scale), lambda rec: rec.ok),
-                 ("chunk", "stream", Workload(stream=True, input_len=Span(32, 32), output_len=Span(50, 50),
-                                              concurrency=500, duration=4.0 * scale), relayed_chunks)]
+        cases: list[tuple[str, str, Workload, Callable[[Recorder], int]]] = [
+            ("request", "fast", Workload(stream=False, input_len=Span(32, 32), output_len=Span(16, 16),
+                                         concurrency=64, duration=4.0 * scale), lambda rec: rec.ok),
+            ("chunk", "stream", Workload(stream=True, input_len=Span(32, 32), output_len=Span(50, 50),
+                                         concurrency=500, duration=4.0 * scale), relayed_chunks)]
+        order = tuple(name for name in NAMES if name in rt)
         for unit, model, work, count in cases:
-            cpu_used: dict[str, float] = {}
-            done = {"single": 0, "workers": 0}
+            cpu_used: dict[str, dict[str, float]] = {name: {} for name in order}
+            done = dict.fromkeys(order, 0)
             for n in range(4):  # alternating, every other round reversed
-                for via in ("single", "workers") if n % 2 == 0 else ("workers", "single"):
-                    before = rt.sample()
-                    rec = await phase(session, Target(model, ((rt.urls[via], model),), headers), work)
-                    after = rt.sample()
+                for via in order if n % 2 == 0 else order[::-1]:
+                    before = rt[via].sample()
+                    rec = await phase(session, Target(model, ((rt[via].url, model),), headers), work)
+                    after = rt[via].sample()
                     done[via] += count(rec)
-                    keys = ["single"] if via == "single" else [k for k in after if k != "single"]
-                    for k in keys:
-                        cpu_used[k] = cpu_used.get(k, 0.0) + after[k] - before.get(k, after[k])
-            worker_keys = sorted(k for k in cpu_used if k.startswith("worker"))
-            single = cpu_used["single"] / done["single"] * 1e6
-            in_workers = sum(cpu_used[k] for k in worker_keys) / done["workers"] * 1e6
-            controller = cpu_used["controller"] / done["workers"] * 1e6
-            rows.append((f"{unit}s relayed: one process / {workers} workers", done["single"], f"/ {done['workers']}"))
-            rows.append((f"one-process router: CPU per {unit}", single, "us"))
-            rows.append((f"{workers} workers: worker CPU per {unit} (all workers)", in_workers, "us"))
-            rows.append((f"{workers} workers: controller CPU per {unit}", controller, "us"))
-            rows.append((f"{workers} workers: (workers + controller) / one process, per {unit}",
-                         (in_workers + controller) / single, "x"))
-            rows.append((f"{workers} workers: controller / one process, per {unit}", controller / single, "x"))
-            total = sum(cpu_used[k] for k in worker_keys)
-            for k in worker_keys:
-                rows.append((f"{workers} workers: {k}'s share of worker CPU ({unit}s)", cpu_used[k] / total * 100, "%"))
+                    for k, t in after.items():
+                        cpu_used[via][k] = cpu_used[via].get(k, 0.0) + t - before.get(k, t)
+            new_rows, new = mode_rows("", unit, workers, cpu_used, done, "")
+            rows += new_rows
+            if old is None:
+                continue
+            old_rows, was = mode_rows(f"[{old}] ", unit, workers, cpu_used, done, "old ")
+            rows += old_rows
+            rows.append((f"this tree / {old}: one process, CPU per {unit}", new["single"] / was["single"], "x"))
+            rows.append((f"this tree / {old}: {workers} workers (workers + controller), CPU per {unit}",
+                         new["workers"] / was["workers"], "x"))
+            rows.append((f"this tree / {old}: {workers} workers, controller CPU per {unit}",
+                         new["controller"] / was["controller"], "x"))
     return rows
 
 
@@ -144,11 +185,22 @@ def main() -> int:
     p.add_argument("--max-concurrency", type=int, default=0,
                    help="give every instance this max_concurrency (and max_queue): the workers then lease each "
                         "slot from the controller; above the load's concurrency (500) it never binds")
+    p.add_argument("--old-router", metavar="COMMIT",
+                   help="also measure the router of COMMIT (its router/ from git archive), one process and with "
+                        "workers, in the same phases, and print this tree's CPU per request and per chunk over its")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kvr-workers-") as d, \
-            routers(Path(d), args.workers, args.max_concurrency) as rt:
-        rows = uvloop.run(measure(rt, args.quick, args.workers))
-    print(f"proxy workers: CPU per unit of work, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="kvr-workers-") as d:
+        old = None
+        if args.old_router:
+            try:
+                old = checkout(args.old_router, Path(d) / "old")
+            except CheckoutFailed as e:
+                p.error(f"--old-router {args.old_router}: {e}")
+        load0 = os.getloadavg()[0]
+        with routers(Path(d), args.workers, args.max_concurrency, old) as (rt, sims):
+            rows = uvloop.run(measure(rt, sims, args.quick, args.workers, args.old_router))
+    print(f"proxy workers: CPU per unit of work, {os.cpu_count()} cores, load average before/after "
+          f"{load0:.2f}/{os.getloadavg()[0]:.2f}")
     for label, value, unit in rows:
         print(f"{label:<92} {value:>12,.2f} {unit}")
     return 0

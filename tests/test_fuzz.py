@@ -366,6 +366,12 @@ INSTANCE_VALUES = {
         "request_timeout_seconds", "stream_idle_timeout_seconds")},
     "node": mostly(st.sampled_from(["gpu-1", "gpu-2"]), YAML_VALUES),
     "dns_name": mostly(st.sampled_from(["pool.test", "engine-a.llm.svc.cluster.local", "10.0.0.5", "a b"]), YAML_VALUES),
+    **{k: mostly(st.dictionaries(st.sampled_from(["temperature", "max_tokens", "seed", "model"]),
+                                 st.integers(0, 5) | st.text(max_size=4) | st.none(), max_size=2), YAML_VALUES)
+       for k in ("request_defaults", "request_overrides")},
+    "request_strip": mostly(st.lists(st.sampled_from(["seed", "logit_bias", "temperature", "stream"]), max_size=2),
+                            YAML_VALUES),
+    "fallbacks": mostly(st.lists(st.sampled_from(["m", "org/m", "org/other", "x", "nope"]), max_size=2), YAML_VALUES),
 }
 INSTANCES = st.lists(st.fixed_dictionaries(
     {k: INSTANCE_VALUES[k] for k in ("model", "engine", "engine_args")},

@@ -7,6 +7,7 @@ They run on what could be read even when some of it could not, so one run of
 from __future__ import annotations
 
 from router.config.instance import WILDCARD_HOSTS, Instance, connect_host, loopback_ip
+from router.config.per_model import check_per_model
 from router.config.problems import Reading
 from router.config.top import Config
 from router.config.venvs import check_venvs
@@ -64,7 +65,7 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
         if inst.sleep:
             _tier_check(inst, reading)
     _residency_checks(cfg, reading, complete)
-    _model_checks(cfg, reading)
+    check_per_model(cfg, reading, complete)
     router = cfg.router
     if router.default_model is not None and router.default_model not in routes and complete:
         reading.error("router.default_model", f"{router.default_model!r} is not a model, alias or served name of any "
@@ -74,19 +75,6 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
                                      "set, so anyone who can connect may use every model; set api_keys")
     _gpu_checks(cfg, reading)
     check_venvs(cfg.instances, reading)
-
-
-def _model_checks(cfg: Config, reading: Reading) -> None:
-    """What a model decides once for all its replicas is given the same on every instance of it."""
-    first: dict[str, Instance] = {}
-    for inst in cfg.instances:
-        head = first.setdefault(inst.model, inst)
-        for key in ("routing", "routing_prefix_chars"):
-            mine, theirs = getattr(inst, key), getattr(head, key)
-            if mine != theirs:
-                reading.error(f"instances[{inst.position}].{key}", f"{key} {mine!r} differs from {theirs!r} on "
-                              f"instances[{head.position}] ({head.name}), another instance of model {inst.model!r}; a "
-                              f"model routes one way: give every instance of it the same {key}")
 
 
 def _tier_check(inst: Instance, reading: Reading) -> None:

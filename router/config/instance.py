@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from router.config.shaping import Shaping
 from router.engines import ENGINES, EngineSpec
 
 #: Instance names that would collide with programs, tmux sessions or log files we render.
@@ -78,6 +79,10 @@ class Instance:
     engine_package: Optional[str] = None
     engine_requirements: Optional[str] = None
     engine_import: Optional[str] = None
+    #: What this model's request bodies get set, forced or lose (None: sent as the client's bytes).
+    shaping: Optional[Shaping] = None
+    #: Models (or their other names) that answer, in this order, what this model could not.
+    fallbacks: tuple[str, ...] = ()
     #: Its place in the YAML's ``instances`` list, which messages name (``instances[2].port``);
     #: not part of what the instance is, so moving it in the file changes nothing.
     position: int = field(default=-1, compare=False, repr=False)

@@ -19,6 +19,7 @@ from router.config.instance import RESERVED_NAMES, ROUTINGS, SAFE_NAME, Instance
 from router.config.kinds import COUNT, HOST, NON_NEGATIVE, PORT, POSITIVE, Choice, EnvList, Flag, Number, Strings, Text, Words
 from router.config.problems import Reading
 from router.config.schema import REQUIRED, Key, Kind, read_keys
+from router.config.shaping import Fields, read_shaping
 from router.config.venvs import SETUP_HINT, PinnedRequirement
 from router.engines import ENGINE_ALIASES, ENGINES, EngineSpec, flag_values, last_flag_value
 
@@ -117,6 +118,15 @@ INSTANCE: tuple[Key[object], ...] = (
         "`engine-a.default.svc.cluster.local`), on `port:` (or the engine's `--port`). Resolved every "
         "`router.dns_refresh_seconds`; the replicas are named `<name>@<address>`. Such an instance runs elsewhere "
         "(`launch` defaults to `false`; `true` is an error) and has no host (see \"More than one node\")", name="dns_name"),
+    Key(Fields(), {}, "fields set in the model's chat, completions, responses and messages bodies when the client gave "
+        "none (missing or null): `{temperature: 0.2}`. Top-level only: a value replaces the client's whole field. Not "
+        "`model` or `stream` (see \"Shaping and fallbacks\")", name="request_defaults", shown="none"),
+    Key(Fields(), {}, "fields always set in those bodies, replacing the client's: `{max_tokens: 512}`",
+        name="request_overrides", shown="none"),
+    Key(Strings(named=True), (), "top-level fields removed from those bodies: `[logit_bias, seed]`", name="request_strip"),
+    Key(Strings(named=True), (), "models (or aliases) that answer, first that can, a request every replica of this "
+        "model failed before its first byte: `[llama-small]`. Every replica of a model declares the same",
+        name="fallbacks"),
 )
 #: Keys of engines started by their own `command` only (EngineSpec.launcher is None).
 COMMAND_KEYS = ("command", "host", "port", "health_path")
@@ -213,6 +223,7 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
     venv_path = _venv_path(raw.get("venv_path"), flag["using_venv"], flag["launch"], installs, where, reading)
     ok = ok and not (flag["using_venv"] and venv_path is None)
     requirements = _requirements(v, flag["using_venv"], where, reading)
+    shaping = read_shaping(v, where, reading)
 
     if not ok or model is None or engine is None or name is None or spec is None or address is None:
         return None
@@ -228,7 +239,7 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
         sleep_level=_int(v.get("sleep_level", 1)), gpu_sleeping_gb=_float(v.get("gpu_sleeping_gb")) or 0.0,
         engine_package=_text(v, "engine_package"), engine_requirements=requirements,
         engine_import=_text(v, "engine_import"), routing=_text(v, "routing") or "least_outstanding",
-        routing_prefix_chars=_int(v.get("routing_prefix_chars", 2048)),
+        routing_prefix_chars=_int(v.get("routing_prefix_chars", 2048)), shaping=shaping, fallbacks=_words(v, "fallbacks"),
         **{key: _float(v.get(key)) for key in SIZES},
     )
 

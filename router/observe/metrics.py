@@ -37,6 +37,8 @@ AFFINITY = ("router_affinity", "Replica picks for requests with a key (routing s
             "unroutable, full, above the bounded load or already tried, or the request waited for any free slot)")
 RETRIES = ("router_retries", "Requests sent again to another replica before any byte reached the client, by what "
            "the first engine did (502, 503, 504, timeout, disconnect)")
+FALLBACKS = ("router_fallbacks", "Requests a model could not serve (every replica failed before the first byte) sent "
+             "to a model of its fallbacks, by the model asked (from) and the model tried next (to)")
 
 
 class Histogram:
@@ -66,7 +68,7 @@ class Histogram:
 class ModelMetrics:
     """One model's counters, updated by the hot path."""
 
-    __slots__ = ("model", "requests", "tokens", "errors", "retries", "latency", "ttfb", "hits", "moved")
+    __slots__ = ("model", "requests", "tokens", "errors", "retries", "fallbacks", "latency", "ttfb", "hits", "moved")
 
     def __init__(self, model: str):
         self.model = model
@@ -76,6 +78,8 @@ class ModelMetrics:
         self.tokens: dict[str, list[int]] = {}
         self.errors: dict[str, int] = {}
         self.retries: dict[str, int] = {}
+        #: Requests sent on from this model, by the model they went to.
+        self.fallbacks: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttfb = Histogram(TTFB_BUCKETS)
         self.hits = 0
@@ -107,6 +111,8 @@ class ModelMetrics:
             self.hits += 1
         else:
             self.moved += 1
+    def fallback(self, to: str) -> None:
+        self.fallbacks[to] = self.fallbacks.get(to, 0) + 1
 
 
 class Metrics:
@@ -163,6 +169,7 @@ class _Counts(Collector):
         ttfb = HistogramMetricFamily(*TTFB, labels=["model"])
         retries = CounterMetricFamily(*RETRIES, labels=["model", "reason"])
         affinity = CounterMetricFamily(*AFFINITY, labels=["model", "result"])
+        fallbacks = CounterMetricFamily(*FALLBACKS, labels=["from", "to"])
         for name, m in list(self._models.items()):
             for (status, key), n in sorted(m.requests.items()):
                 requests.add_metric([name, str(status), key], n)
@@ -173,12 +180,14 @@ class _Counts(Collector):
                 errors.add_metric([name, kind], n)
             for reason, n in sorted(m.retries.items()):
                 retries.add_metric([name, reason], n)
+            for to, n in sorted(m.fallbacks.items()):
+                fallbacks.add_metric([name, to], n)
             for family, histogram in ((latency, m.latency), (ttfb, m.ttfb)):
                 family.add_metric([name], histogram.buckets(), histogram.sum)
             if m.hits or m.moved:
                 affinity.add_metric([name, "hit"], m.hits)
                 affinity.add_metric([name, "moved"], m.moved)
-        yield from (requests, tokens, errors, latency, ttfb, retries, affinity)
+        yield from (requests, tokens, errors, latency, ttfb, retries, affinity, fallbacks)
 
 
 class _Wakes(Collector):

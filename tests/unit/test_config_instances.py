@@ -7,8 +7,10 @@ import yaml
 
 from router.config import INSTANCE_KEYS, ConfigError, parse_config
 from router.config.instances import COMMAND_KEYS, INSTANCE
+from router.config.shaping import Fields
 
 BASE = {"model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}
+INSTANCE_BY_NAME = {k.name: k for k in INSTANCE}
 
 
 def problems(instance: dict[str, object]) -> list[str]:
@@ -19,7 +21,8 @@ def problems(instance: dict[str, object]) -> list[str]:
 
 @pytest.mark.parametrize("key", [k.name for k in INSTANCE])
 def test_every_instance_key_refuses_a_value_of_no_kind_at_its_own_path(key: str) -> None:
-    found = problems({**BASE, key: {"not": ["a value"]}})
+    # A mapping of request fields takes any mapping of JSON values: a list is what it refuses.
+    found = problems({**BASE, key: ["a value"] if isinstance(INSTANCE_BY_NAME[key].kind, Fields) else {"not": ["a value"]}})
     assert any(p.startswith((f"instances[0].{key}:", f"instances[0].{key}.")) for p in found), found
 
 

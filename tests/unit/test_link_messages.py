@@ -17,10 +17,12 @@ from router_support import config_from, instance
 
 from router.config import Config
 from router.server.fleet.models import NoReplica, Overloaded
+from router.server.fleet.outcome import ModelUnavailable
 from router.server.fleet.replica import Replica
 from router.server.state import RouterState
 from router.server.workers.controller_end import WorkerLinks
 from router.server.workers.messages import KINDS, PROTOCOL, Hello, Lease, Message, Refused, Report, Unlease, decode, encode
+from router.server.workers.remote import RemoteAdmission
 from router.server.workers.worker import WorkerState
 from router.server.workers.worker_end import ControllerLink, LeasedModel
 
@@ -288,3 +290,27 @@ def test_every_kind_crosses_the_wire_whole_as_a_plain_tuple() -> None:
     report = Report({"m": 1}, {"m-1": 1}, [("m", 200, 0.5, 0.1, True, "anonymous", "m-1", 0, 7, 4)], [("m", "503")], [],
                     {"m": (3, 1)})
     assert decode(encode(report)) == report and b"Report" not in encode(report)
+
+
+def test_a_request_that_needs_the_controller_after_it_went_away_is_answered_at_once(tmp_path: Path) -> None:
+    """A worker goes on serving for a moment after its controller died (until it has stopped): what it
+    would ask the controller for (a slot of a limited model, a wake, an answer) fails at once with
+    the 503 "the router's controller went away" rather than waiting for an answer that cannot come."""
+    async def scenario(state: RouterState, config: Config) -> None:
+        assert state.workers is not None
+        a = Worker(state.workers, 1)
+        await settle()
+        a.die()  # the controller's end of the link is gone
+        await settle()
+        admission = a.model().lifecycle.admission
+        assert isinstance(admission, RemoteAdmission)
+        asking = [acquiring(a.model()), asyncio.ensure_future(a.link.sync()),
+                  asyncio.ensure_future(a.link.whose("resp_1")), asyncio.ensure_future(a.link.ready(admission))]
+        await settle()
+        assert all(t.done() for t in asking)
+        assert all(isinstance(t.exception(), ModelUnavailable) and "controller went away" in str(t.exception())
+                   for t in asking)
+        for task in a.tasks:
+            task.cancel()
+
+    run(tmp_path, [instance("m", 1, max_concurrency=2, max_queue=3)], scenario)

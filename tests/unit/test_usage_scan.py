@@ -2,6 +2,8 @@
 every byte boundary, and the include_usage chunk the router asked for removed byte for byte."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import orjson
 import pytest
 
@@ -131,8 +133,18 @@ def test_the_question_is_asked_once_and_only_when_the_client_did_not() -> None:
     assert ask_usage({"stream": True, "stream_options": {"include_usage": True}}) is None
     assert ask_usage({"stream": True, "stream_options": {"continuous_usage_stats": True}}) is None
     body = b'{"model":"m","stream":true,"messages":[]}'
+    same, renamed = Served(frozenset({"m"}), "m"), Served(frozenset({"org/m"}), "org/m")
     out = Outgoing("m", orjson.loads(body), body, True).asking_usage("/v1/chat/completions")
-    assert out.strip_usage and orjson.loads(out.body)["stream_options"] == {"include_usage": True}
+    assert out.strip_usage and out.body is body  # encoded once, when sent, with whatever else changes
+    for replica, model in ((same, "m"), (renamed, "org/m")):
+        sent = orjson.loads(out.data_for(replica))  # type: ignore[arg-type]
+        assert sent == {"model": model, "stream": True, "messages": [], "stream_options": {"include_usage": True}}
     for path, stream in (("/v1/chat/completions", False), ("/v1/responses", True), ("/v1/messages", True)):
         kept = Outgoing("m", orjson.loads(body), body, stream).asking_usage(path)
-        assert kept.body is body and not kept.strip_usage
+        assert kept.data_for(same) is body and not kept.strip_usage  # type: ignore[arg-type]
+
+
+class Served(NamedTuple):
+    """What `Outgoing.data_for` reads of a replica (shaping is not asked for: `shaped` is False)."""
+    served: frozenset[str]
+    served_name: str

@@ -295,8 +295,8 @@ class ModelTable:
 
 
 def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:
-    """The replica for `instance`: the old one when only its aliases or routing changed (they are the
-    table's business, not the replica's), else a fresh one."""
+    """The replica for `instance`: the old one when only its aliases, routing, shaping or fallbacks
+    changed (the table's business, or read from `replica.instance` per request), else a fresh one."""
     if replica is not None and not replica.retired and _own(replica.instance) == _own(instance):
         replica.reconfigure(instance)
         return replica
@@ -305,5 +305,5 @@ def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Re
 
 
 def _own(instance: Instance) -> Instance:
-    """What of an instance is its replica's business (aliases and routing are the model's)."""
-    return replace(instance, aliases=(), routing="", routing_prefix_chars=0)
+    """What of an instance is its replica's business: not what a reload may change under a live replica."""
+    return replace(instance, aliases=(), routing="", routing_prefix_chars=0, shaping=None, fallbacks=())

@@ -81,6 +81,13 @@ class Breaker:
         self.open_until = self.opened_for = 0.0
         self.trial = False
 
+    def ended(self) -> None:
+        """A request sent here has ended. A trial still out ended without a verdict (its client left,
+        or the engine answered a status that is neither, such as 500): the next request is the trial,
+        else the replica would take nothing for ever. (A request sent before the breaker opened that
+        ends while a trial is out ends that trial's turn too: one more trial may then go.)"""
+        self.trial = False
+
 
 class Replica:
     """One engine instance, with the router's view of its process, health, sleep and load."""
@@ -130,6 +137,8 @@ class Replica:
     def release_slot(self) -> None:
         """A request sent here has ended; a retired replica lets go of its connections after its last."""
         self.outstanding -= 1
+        if self.breaker.trial:  # ended without a verdict (a verdict clears it first)
+            self.breaker.ended()
         if self.retired and self.outstanding == 0:
             self.pool.close()
 
@@ -152,7 +161,8 @@ class Replica:
         self.card_at = now
 
     def reconfigure(self, instance: Instance) -> None:
-        """A reload changed only what is the table's business (aliases): keep the state, take the instance."""
+        """A reload changed only what is read per request (aliases, shaping, fallbacks): keep the state,
+        take the instance."""
         self.instance = instance
 
     @property

@@ -17,8 +17,8 @@ STARTS = frozenset({STOPPED, FAILED, STARTING, STOPPING})
 class Exchange:
     """What one proxied request did, for metrics, traffic, the access log and its trace."""
 
-    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace", "key", "prompt_tokens",
-                 "completion_tokens")
+    __slots__ = ("path", "status", "nbytes", "ttfb", "replica", "retries", "trace", "model_answered", "key",
+                 "prompt_tokens", "completion_tokens")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -27,6 +27,8 @@ class Exchange:
         self.nbytes = 0
         self.ttfb: Optional[float] = None
         self.replica: Optional[Replica] = None
+        #: The model whose engine answered: the one asked, or a fallback of it (None: no engine answered).
+        self.model_answered: Optional[str] = None
         #: Its spans, when tracing is on (router.tracing): the one value the hot path checks for it.
         self.trace: Optional[RequestTrace] = None
         #: The client key's name ("anonymous" when none), for metrics, /usage and the logs; never the key.

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Optional, TypeVar
 
 from router.config import RouterSettings
+from router.config.shaping import SHAPED_PATHS
 from router.observe.accesslog import AccessLog
 from router.observe.tracing import QUEUE, RequestTrace, tracing_for
 from router.observe.traffic import Traffic
@@ -27,6 +28,7 @@ from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import ConnectFailed, UpstreamError
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.proxy.exchange import Exchange, traced_admission
+from router.server.proxy.fallback import chains, fall_back, fallbacks_for
 from router.server.proxy.forms import FormError, boundary_of
 from router.server.proxy.keys import request_key
 from router.server.proxy.relay import relay_body, relay_stream, upstream_failure
@@ -37,6 +39,7 @@ from router.server.proxy.request import (
     DROP_REQUEST_HEADERS,
     Outgoing,
     Reject,
+    Unserved,
     header,
     parse_form,
     parse_json,
@@ -103,6 +106,8 @@ class Proxy:
         self.known = ", ".join(table.names)
         #: The model a request without `model` goes to: router.default_model, else the only one.
         self.default_model = settings.default_model or (next(iter(table)).name if len(table) == 1 else None)
+        #: Each model with fallbacks -> the models that answer what it cannot, in order.
+        self.fallbacks = chains(table)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A POST to a client path: routed by the model its body names."""
@@ -135,6 +140,7 @@ class Proxy:
             raise Reject(413, f"The request body ({len(body)} bytes) exceeds the limit of {self.max_bytes} bytes "
                               "(router.max_request_bytes).")
         out = self.outgoing(scope, body)
+        out.shaped = out.payload is not None and path in SHAPED_PATHS
         model = self.model_for(out.name, path)
         if path == RESPONSES_PATH and out.payload is not None:
             out.pin = await self.previous_response_owner(out.payload, model)
@@ -261,25 +267,29 @@ class Proxy:
 
     async def run(self, scope: Scope, reply: Reply, model: Model, out: Outgoing, start: float, target: bytes,
                   admit: bool) -> None:
-        """Admit, forward, relay and account one request; a cancel once `reply.gone` is the client leaving."""
+        """Admit, forward, relay and account one request; a cancel once `reply.gone` is the client leaving.
+        A model that cannot serve it before a byte reached the client leaves it to its next fallback."""
         path = scope["path"]
         ex = Exchange(path)
         if self.tracing is not None:
             ex.trace = self.tracing.begin(scope, start, model.name)
-        lifecycle = model.lifecycle
-        admitted = False
+        # (`self.fallbacks` is empty unless some model has fallbacks: then nothing more is looked up.)
+        fallbacks = fallbacks_for(self.fallbacks, model, path) if self.fallbacks and admit and out.pin is None else ()
         answer: Reply = reply
+        early: Optional[EarlyStream] = None
         try:
-            if admit and out.stream and self.loading_progress and lifecycle.state != AWAKE:
+            if admit and out.stream and self.loading_progress and model.lifecycle.state != AWAKE:
                 answer = early = EarlyStream(reply)
                 await early.open()
-                showing = admit_showing_progress(lifecycle, model.name, early)
-                await (showing if ex.trace is None else traced_admission(ex.trace, lifecycle, showing))
-                admitted = True
-            elif admit:
-                await (lifecycle.admit() if ex.trace is None else traced_admission(ex.trace, lifecycle, lifecycle.admit()))
-                admitted = True
-            await self.forward(scope, answer, model, out, start, ex, target)
+                fallbacks = ()  # the client has had bytes: no other model may answer now
+            while True:
+                try:
+                    await self.attempt(scope, answer, early, model, out, start, ex, target, admit, bool(fallbacks))
+                    break
+                except (Unserved, ModelUnavailable):
+                    if not fallbacks:
+                        raise
+                    model, fallbacks = fall_back(model, fallbacks)
         except asyncio.CancelledError:
             if not reply.gone:
                 raise
@@ -293,10 +303,20 @@ class Proxy:
         except Reject as r:
             ex.status = r.status
             await answer_error(answer, r.status, r.message, r.param, r.headers, path)
-        finally:
-            if admitted:
-                lifecycle.release()
         self.account(model, ex, out.stream, start)
+
+    async def attempt(self, scope: Scope, answer: Reply, early: Optional[EarlyStream], model: Model, out: Outgoing,
+                      start: float, ex: Exchange, target: bytes, admit: bool, fallible: bool) -> None:
+        """One model's try: its admission (a start or wake, shown on `early`), then `forward`."""
+        lifecycle = model.lifecycle
+        if admit:
+            admitting = lifecycle.admit() if early is None else admit_showing_progress(lifecycle, model.name, early)
+            await (admitting if ex.trace is None else traced_admission(ex.trace, lifecycle, admitting))
+        try:
+            await self.forward(scope, answer, model, out, start, ex, target, fallible)
+        finally:
+            if admit:
+                lifecycle.release()
 
     async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...],
                       trace: Optional[RequestTrace]) -> Replica:
@@ -312,19 +332,20 @@ class Proxy:
                 return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout, out.key))
         except NoReplica as e:
             if tried:
-                raise Reject(502, f"Could not connect to any engine of model '{model.name}' "
-                                  f"(tried {', '.join(r.url for r in tried)}).") from None
-            raise Reject(503, e.message, headers=retry_after(e.retry_after)) from None
+                raise Unserved(502, f"Could not connect to any engine of model '{model.name}' "
+                                    f"(tried {', '.join(r.url for r in tried)}).") from None
+            raise Unserved(503, e.message, headers=retry_after(e.retry_after)) from None
         except Overloaded:
-            raise Reject(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
-                              "retry later.", headers=retry_after(1)) from None
+            raise Unserved(429, f"Model '{model.name}' is at its concurrency limit and its queue is full; "
+                                "retry later.", headers=retry_after(1)) from None
 
     async def forward(self, scope: Scope, reply: Reply, model: Model, out: Outgoing, start: float, ex: Exchange,
-                      target: bytes) -> None:
+                      target: bytes, fallible: bool = False) -> None:
         """Send to a replica and relay its answer; before any byte reached the client, a failed engine
         (connect refused or reset, no status in time, 502/503/504) is left for another replica: connect
         failures on every usable one, the others up to `router.retries` times, with a short back-off.
-        A request pinned to one replica, or to a model with one replica, is never retried elsewhere."""
+        A request pinned to one replica, or to a model with one replica, is never retried elsewhere.
+        When `fallible` (a fallback model is left), an engine's last 502/503/504 is Unserved, not relayed."""
         tried: tuple[Replica, ...] = ()
         retries = self.retries if out.pin is None else 0
         learn = target == RESPONSES_PATH_BYTES
@@ -373,6 +394,10 @@ class Proxy:
                     retries = await self.retry(model, ex, str(resp.status), retries)
                     tried += (replica,)
                     continue
+                if fallible:
+                    resp.close()
+                    model.release(replica)
+                    raise Unserved(resp.status, f"The engine of model '{model.name}' answered {resp.status}.")
             elif resp.status < 500:
                 replica.succeeded()
             try:

@@ -17,16 +17,19 @@ from router.server.proxy.affinity import ResponseOwners
 from router.server.proxy.errors import ANTHROPIC_PATHS, error_body_for
 from router.server.proxy.exchange import Exchange
 from router.server.proxy.reply import STREAM_HEADERS, Reply
-from router.server.proxy.request import Reject, relay_headers
+from router.server.proxy.request import Unserved, relay_headers
 from router.server.proxy.tokens import COMPLETIONS_PATH, StreamUsage, body_usage
 
+#: On every answer an engine gave: the model that answered (the one asked, or its fallback).
+MODEL_HEADER = b"x-kvrouter-model"
 
-def upstream_failure(model: Model, e: UpstreamError) -> Reject:
-    """A failure before anything reached the client, as the error to answer."""
+
+def upstream_failure(model: Model, e: UpstreamError) -> Unserved:
+    """A failure before anything reached the client, as the error to answer (or to fall back from)."""
     model.metrics.upstream_error(e.kind)
     if isinstance(e, UpstreamTimeout):
-        return Reject(504, f"The engine of model '{model.name}' timed out: {e}.")
-    return Reject(502, f"The engine of model '{model.name}' failed: {e}.")
+        return Unserved(504, f"The engine of model '{model.name}' timed out: {e}.")
+    return Unserved(502, f"The engine of model '{model.name}' failed: {e}.")
 
 
 async def relay_body(reply: Reply, resp: Response, start: float, ex: Exchange, model: Model,
@@ -37,11 +40,12 @@ async def relay_body(reply: Reply, resp: Response, start: float, ex: Exchange, m
     except UpstreamError as e:
         raise upstream_failure(model, e) from None
     ex.status = resp.status
+    ex.model_answered = model.name
     if learn and resp.status == 200 and ex.replica is not None:
         owners.learn_from_body(data, model, ex.replica)
     if resp.status == 200:
         ex.prompt_tokens, ex.completion_tokens = body_usage(data)
-    await reply.whole(resp.status, relay_headers(resp, []), data)
+    await reply.whole(resp.status, relay_headers(resp, [(MODEL_HEADER, model.name.encode())]), data)
     ex.ttfb = time.perf_counter() - start
     ex.nbytes = len(data)
 
@@ -54,7 +58,8 @@ async def relay_stream(reply: Reply, resp: Response, start: float, ex: Exchange,
     event in the client's API shape and counts against the replica's breaker."""
     resp.stream(idle_timeout)
     ex.status = resp.status
-    await reply.head(resp.status, relay_headers(resp, [*STREAM_HEADERS]))
+    ex.model_answered = model.name
+    await reply.head(resp.status, relay_headers(resp, [*STREAM_HEADERS, (MODEL_HEADER, model.name.encode())]))
     usage = StreamUsage(strip_usage, ex.path == COMPLETIONS_PATH)
     nbytes = 0
     tail = b""

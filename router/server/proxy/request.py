@@ -1,7 +1,9 @@
 """One client request as the engines get it: parsed once, forwarded as bytes.
 
 The body is parsed once (orjson, or one walk over a multipart form) for `model`
-and `stream`; the engine gets the client's bytes unless its served name differs.
+and `stream`; the engine gets the client's bytes unless its served name differs
+or its model shapes the request (router/config/shaping.py): then the body is
+encoded once more, with both.
 Which headers are forwarded is decided in `request_head` alone.
 """
 from __future__ import annotations
@@ -38,6 +40,11 @@ class Reject(Exception):
         self.message = message
         self.param = param
         self.headers = headers or []
+
+
+class Unserved(Reject):
+    """The model could not serve the request and nothing reached the client: a model it falls back
+    to may (router/server/proxy/fallback.py); with none, the error is the answer."""
 
 
 def request_head(scope: Scope, target: bytes, authority: bytes, length: int, drop: frozenset[bytes],
@@ -92,10 +99,12 @@ class Outgoing:
     `name` is the model name the client gave (None: the default model);
     the body is forwarded as the client sent it unless the replica serves
     the model under another name, when the model field is rewritten (JSON
-    re-encoded once, or the one form field replaced).
+    re-encoded once, or the one form field replaced), or its model shapes the
+    request (`shaped`: a JSON body on a path that is shaped), or the router asks
+    for a stream's usage (`strip_usage`, router/server/proxy/tokens.py).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "strip_usage")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "strip_usage")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -108,26 +117,33 @@ class Outgoing:
         self.pin = pin
         #: Its place on the model's ring (`routing: session | prefix`, router/server/proxy/keys.py).
         self.key: Optional[int] = None
+        self.shaped = False
         #: The router asked for the stream's usage chunk: it is removed from the client's stream.
         self.strip_usage = False
 
     def asking_usage(self, path: str) -> "Outgoing":
         """This request, asking the engine for a stream's usage chunk when the client did not (an
-        OpenAI chat or completions stream): the body is re-encoded once, here; other bodies stay
-        the client's bytes."""
+        OpenAI chat or completions stream). The body is re-encoded once, by `data_for`, with the
+        model rewrite and the shaping; other bodies stay the client's bytes."""
         if self.stream and self.payload is not None and path in USAGE_PATHS:
             asked = ask_usage(self.payload)
             if asked is not None:
                 self.payload = asked
-                self.body = orjson.dumps(asked)
                 self.strip_usage = True
         return self
 
     def data_for(self, replica: Replica) -> bytes:
-        if self.name in replica.served:
+        served = self.name in replica.served
+        shaping = replica.instance.shaping if self.shaped else None
+        if served and shaping is None and not self.strip_usage:
             return self.body
         if self.payload is not None:
-            return orjson.dumps({**self.payload, "model": replica.served_name})
+            if shaping is None:
+                return orjson.dumps(self.payload if served else {**self.payload, "model": replica.served_name})
+            body = shaping.apply(self.payload)
+            if not served:
+                body["model"] = replica.served_name
+            return orjson.dumps(body)
         if self.form_model is not None:
             return replace_field(self.body, self.form_model, replica.served_name)
         return self.body

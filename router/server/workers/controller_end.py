@@ -389,6 +389,10 @@ class WorkerLinks:
             if model is not None:
                 model.metrics.hits += hits
                 model.metrics.moved += moved
+        for name, to in report.fallbacks:
+            model = table.get(name)
+            if model is not None:
+                model.metrics.fallback(to)
 
     def _owner(self, link: WorkerLink, message: Owner) -> None:
         model = self.fleet.table.get(message.model)

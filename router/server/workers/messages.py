@@ -47,8 +47,8 @@ affinity hits and moves                 whoever     merged: a worker's go up in 
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
 drain)                                              REPORT_SECONDS); a fence (`Fence`/`Fenced`) makes
                                                     them exact before a drain
-finished requests (metrics, traffic,    workers     merged: `Report.done`, `.retries`, `.errors`; the
-tokens, /usage, the activity log)                   controller alone counts them (router_tokens_total,
+finished requests (metrics, traffic,    workers     merged: `Report.done`, `.retries`, `.errors`, `.fallbacks`;
+tokens, /usage, the activity log)                   the controller alone counts tokens (router_tokens_total,
                                                     GET /usage) and alone writes the activity log, so a
                                                     rotation is never raced by another process
 which replica made a stored response    workers     merged, then pushed: `Owner` up, relayed to the
@@ -74,7 +74,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
-from typing import NamedTuple, Optional, Protocol, Union
+from typing import NamedTuple, Optional, Protocol, Sequence, Union
 
 from router.config import Config
 from router.supervision.processes import ProcessState
@@ -191,6 +191,8 @@ class Report(NamedTuple):
     errors: list[Note]
     #: model -> (hits, moved) of its keyed picks since the last report (router_affinity_total).
     routed: dict[str, tuple[int, int]]
+    #: (from, to): a request one model could not serve went to its fallback.
+    fallbacks: Sequence[Note] = ()
 
 
 class Fenced(NamedTuple):

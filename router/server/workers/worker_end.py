@@ -84,8 +84,11 @@ class ControllerLink:
         self.retries: list[Note] = []
         self.errors: list[Note] = []
         self.routed: dict[str, tuple[int, int]] = {}
+        self.fallbacks: list[Note] = []
         #: Why the controller refused this worker, if it did.
         self.refused: Optional[str] = None
+        #: The link has ended (the controller went away): nothing asked of it can be answered now.
+        self.gone = False
 
     @classmethod
     async def connect(cls, path: str, on_table: Callable[[Table], None],
@@ -105,6 +108,7 @@ class ControllerLink:
                     return
                 self.take(message)
         finally:
+            self.gone = True
             for fut, _ in self._ready.values():
                 if not fut.done():
                     fut.set_exception(ModelUnavailable("the router's controller went away", 1))
@@ -113,6 +117,12 @@ class ControllerLink:
                 if not answer.done():
                     answer.set_exception(ModelUnavailable("the router's controller went away", 1))
             self._answers.clear()
+
+    def _linked(self) -> None:
+        """Before asking the controller: once it has gone (the worker serves on until it has stopped),
+        the 503 its waiters got, at once, rather than a wait for an answer that cannot come."""
+        if self.gone:
+            raise ModelUnavailable("the router's controller went away", 1)
 
     def take(self, message: Message) -> None:
         match message:
@@ -164,6 +174,7 @@ class ControllerLink:
 
     async def _ask(self, request: int, message: ToController, kind: type[T]) -> T:
         """Send `message` with everything pending before it, and wait for the controller's answer."""
+        self._linked()
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
         self.flush()
@@ -189,6 +200,7 @@ class ControllerLink:
 
     async def ready(self, lc: RemoteAdmission) -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
+        self._linked()
         request = next(self._ids)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ready[request] = (fut, lc)
@@ -201,6 +213,7 @@ class ControllerLink:
 
     async def lease(self, model: str, exclude: tuple[str, ...], key: Optional[int] = None) -> tuple[int, str]:
         """A slot from the controller's queue: (lease id, instance); NoReplica or Overloaded if none."""
+        self._linked()
         request = next(self._ids)
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
@@ -263,6 +276,9 @@ class ControllerLink:
         hits, moved = self.routed.get(model, (0, 0))
         self.routed[model] = (hits + 1, moved) if hit else (hits, moved + 1)
         self._schedule(COUNTS_SECONDS)
+    def fell_back(self, model: str, to: str) -> None:
+        self.fallbacks.append((model, to))
+        self._schedule(REPORT_SECONDS)
 
     def _schedule(self, delay: float) -> None:
         """One report, sent at the earliest time anything pending asks for: under load one message
@@ -284,7 +300,7 @@ class ControllerLink:
         if self._report is not None:
             self._report.cancel()
             self._report = None
-        if not (self._dirty or self.done or self.retries or self.errors or self.routed):
+        if not (self._dirty or self.done or self.retries or self.errors or self.routed or self.fallbacks):
             return
         counts = {}
         outstanding = {}
@@ -295,8 +311,8 @@ class ControllerLink:
                 for r in members:
                     outstanding[r.name] = r.outstanding
         self._dirty.clear()
-        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.routed)
-        self.done, self.retries, self.errors, self.routed = [], [], [], {}
+        report = Report(counts, outstanding, self.done, self.retries, self.errors, self.routed, self.fallbacks)
+        self.done, self.retries, self.errors, self.routed, self.fallbacks = [], [], [], {}, []
         self.channel.send(report)
 
     def learned(self, response_id: str, model: str, instance: str) -> None:
@@ -379,7 +395,7 @@ class RelayedTraffic(Traffic):
 
 
 class RelayedMetrics(ModelMetrics):
-    """A worker's metrics of one model: retries and engine failures go to the controller; a
+    """A worker's metrics of one model: retries, engine failures and fallbacks go to the controller; a
     request's status and times go there through `RelayedTraffic` (one record per request)."""
 
     __slots__ = ("_link",)
@@ -400,3 +416,5 @@ class RelayedMetrics(ModelMetrics):
 
     def routed(self, hit: bool) -> None:
         self._link.picked(self.model, hit)
+    def fallback(self, to: str) -> None:
+        self._link.fell_back(self.model, to)
