@@ -11,6 +11,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const USAGE_MS = 10000;        // the usage panel's hour changes slowly: GET /usage every 10 s
 const HISTORY = 90;            // chart samples kept per model (3 minutes at POLL_MS)
 const MAX_EVENTS = 60;         // event list length
 const MAX_LOG_LINES = 2000;    // log pane length
@@ -31,6 +32,7 @@ const ui = {
   busy: new Set(),             // models with an action in flight
   log: null,                   // {name, controller}
   usage: null,                 // {model, key}: the last hour's GET /usage by each, or {error}
+  usageAt: -Infinity,          // performance.now() of the last /usage fetch
 };
 
 // ------------------------------------------------------------------ helpers
@@ -146,10 +148,12 @@ function setupAdminForm() {
     if (!key) return;
     sessionStorage.setItem(KEY_STORE, key);
     notice("");
+    ui.usageAt = -Infinity;  // the usage panel asks again at the next poll, with the key
     whoami();
   });
   document.getElementById("key-forget").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORE);
+    ui.usageAt = -Infinity;
     whoami();
   });
 }
@@ -186,7 +190,10 @@ async function refresh() {
   ui.traffic = traffic.traffic_stats || {};
   sample(sent);
   if (ui.caps.residency) ui.residency = await getJSON("/residency").catch(() => null);
-  ui.usage = await fetchUsage();
+  if (performance.now() - ui.usageAt >= USAGE_MS) {
+    ui.usageAt = performance.now();
+    ui.usage = await fetchUsage();
+  }
   renderAll();
 }
 
