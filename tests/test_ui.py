@@ -332,6 +332,8 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     wait_for(lambda: browser.find_element(By.ID, "key").is_displayed(), 5)
     assert browser.find_element(By.ID, "role").text == "viewer"
     assert buttons(browser, SLEEPY) == [] and buttons(browser, OTHER) == []
+    usage = browser.find_element(By.ID, "usage-body")
+    wait_for(lambda: "usage unavailable" in usage.text and "HTTP 401" in usage.text, 5, "the usage panel's refusal")
 
     key = browser.find_element(By.ID, "key")
     key.send_keys("wrong-key")
@@ -343,6 +345,8 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser.find_element(By.ID, "key-use").click()
     wait_for(lambda: browser.find_element(By.ID, "role").text == "admin", 5)
     wait_for(lambda: buttons(browser, OTHER) == ["sleep"], 5)
+    # The key opens the usage panel at the next poll, not ten seconds later.
+    wait_for(lambda: usage_cells(browser, "model").get("total", {}).get("requests") == 0, 5, "the usage panel")
     card(browser, OTHER).find_element(By.CSS_SELECTOR, 'button[data-action="sleep"]').click()
     wait_for(lambda: st.engine_sleeping(OTHER), 10, what="the admin's click to sleep the engine")
     wait_for(lambda: card_state(browser, OTHER) == "sleeping", 2)
