@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from router.server.proxy.request import Outgoing
-from router.server.proxy.tokens import StreamUsage, ask_usage, body_usage
+from router.server.proxy.tokens import MAX_PENDING, StreamUsage, ask_usage, body_usage
 
 FP = "vllm-0.32.0-abcd"
 
@@ -70,6 +70,24 @@ def test_the_usage_chunk_the_router_asked_for_is_removed_byte_for_byte(usage_nul
         assert run(usage, cuts(asked, step)) == plain, step
         assert usage.counts == (7, 4)
         assert usage.stripped == len(asked) - len(plain)
+
+
+def test_a_stream_on_crlf_lines_is_read_and_stripped_the_same() -> None:
+    asked, plain = (chat_stream(usage)[0].replace(b"\n", b"\r\n") for usage in (True, False))
+    for step in range(1, len(asked) + 1, 3):
+        usage = StreamUsage(strip=True)
+        assert run(usage, cuts(asked, step)) == plain, step
+        assert usage.counts == (7, 4)
+        scanned = StreamUsage()
+        assert run(scanned, cuts(asked, step)) == asked and scanned.counts == (7, 4)
+
+
+def test_a_stream_that_is_not_sse_is_not_held_back() -> None:
+    usage = StreamUsage(strip=True)
+    assert usage.feed(b"x" * 1000) == b""  # an event's start waits for its end...
+    big = b"y" * MAX_PENDING
+    assert usage.feed(big) == b"x" * 1000 + big  # ...but not forever
+    assert usage.feed(b"z\n\n") == b"z\n\n" and usage.end() == b""
 
 
 def test_a_stream_without_usage_counts_nothing_and_passes_untouched() -> None:

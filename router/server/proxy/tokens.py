@@ -10,7 +10,7 @@ embeddings) or the Anthropic and Responses ones (``input_tokens``,
 ``message_delta`` (``usage``). The last count seen wins: each is cumulative.
 
 `StreamUsage` scans a stream cut anywhere into pieces: only complete events
-(``\\n\\n``-terminated) are looked at, and only those holding ``"usage"`` are
+(ended by a blank line, ``\\n\\n`` or ``\\r\\n\\r\\n``) are looked at, and only those holding ``"usage"`` are
 parsed. When the router asked for the usage chunk itself (the client did not),
 `StreamUsage` also removes that chunk, so the client gets the stream it would
 have got without the router's question (on a completions stream, vLLM moves the
@@ -19,6 +19,7 @@ back).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import orjson
@@ -28,6 +29,12 @@ USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 COMPLETIONS_PATH = "/v1/completions"
 
 EVENT_END = b"\n\n"
+#: An event's end as servers on CRLF lines write it (SSE allows both).
+CRLF_EVENT_END = b"\r\n\r\n"
+#: An unfinished event longer than this is not waited for any more (a stream that is not SSE).
+MAX_PENDING = 1 << 20
+#: One whole event, ended either way.
+EVENT = re.compile(rb".*?(?:\n\n|\r\n\r\n)", re.S)
 USAGE = b'"usage"'
 NO_USAGE = b'"usage":null'
 FINISHED = b'"finish_reason":"'
@@ -154,11 +161,13 @@ class StreamUsage:
             return data if self.strip else b""  # whole events, nothing to count or hold: as they came
         if rest:
             data = rest + data
-        end = data.rfind(EVENT_END)
+        end = _events_end(data)
         if end < 0:
+            if self.strip and len(data) > MAX_PENDING:  # not SSE after all: relayed as it comes, unread
+                self._rest = b""
+                return data
             self._rest = data
             return b""
-        end += 2
         whole = data[:end]
         self._rest = data[end:]
         if USAGE in whole:
@@ -171,7 +180,7 @@ class StreamUsage:
         if self.completions:
             whole = self._held + whole
             self._held = b""
-            last = whole.rfind(EVENT_END, 0, len(whole) - 2) + 2
+            last = max(0, _events_end(whole[:-2]))
             if FINISHED in whole[last:]:
                 self._held = whole[last:]
                 whole = whole[:last]
@@ -197,8 +206,7 @@ class StreamUsage:
     def _read(self, whole: bytes, strip: bool) -> bytes:
         """Count the usage events of `whole`; with `strip`, `whole` without the OpenAI usage chunk."""
         kept: list[bytes] = []
-        for event in whole.split(EVENT_END)[:-1]:
-            event += EVENT_END
+        for event in EVENT.findall(whole):
             if USAGE in event and not (NO_USAGE in event and event.count(USAGE) == 1):
                 message = event_data(event)
                 prompt, completion = counts_of(usage_in(message))
@@ -231,6 +239,15 @@ class StreamUsage:
                 kept[-1] = last
             else:
                 self._held = last
+
+
+def _events_end(data: bytes) -> int:
+    """Where the last whole event of `data` ends (just past its blank line), or -1."""
+    end = data.rfind(EVENT_END)
+    crlf = data.rfind(CRLF_EVENT_END)
+    if end < 0 and crlf < 0:
+        return -1
+    return max(end + 2 if end >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
 
 
 def ask_usage(payload: dict[str, Any]) -> Optional[dict[str, Any]]:
