@@ -50,6 +50,7 @@ from router.config import (
     load_config,
     parse_config,
 )
+from router.config.keys import ApiKey
 from router.config.kinds import Choice, Flag, Number
 from router.config.schema import Kind, Section, keys_of
 from router.engines import ENGINES
@@ -300,7 +301,11 @@ KEY_SOURCES = st.dictionaries(st.sampled_from(["env", "file"]), st.sampled_from(
 #: Valid values of the kinds a settings block declares, where the kind alone does not say what one is.
 TEXT_VALUES = {
     "Text": st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "localhost", "m", "org/model", "alias", "no-such-model"]),
-    "Keys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=2) | KEY_SOURCES,
+    # router.api_keys: keys, key sources and records (router/config/keys.py), mixed
+    "ApiKeys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES
+                        | st.deferred(lambda: block(ApiKey)), min_size=1, max_size=3) | KEY_SOURCES,
+    "KeyValue": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
+    "Globs": st.lists(st.sampled_from(["m", "*", "org/*", "alias", "no-such-model", "[a-"]), max_size=2),
     "OneKey": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
     "LogPath": st.sampled_from(["activity.jsonl", "logs/activity.jsonl", ".", " "]),
     "Nameservers": st.lists(st.sampled_from(["127.0.0.1:5353", "10.96.0.10", "[::1]:53", "dns.local", "1.2.3.4:0"]),

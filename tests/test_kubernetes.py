@@ -158,7 +158,7 @@ def test_configmap_config_points_at_the_services(tmp_path: Path) -> None:
         assert container(objs["Deployment", svc])["ports"][0]["containerPort"] == port
     assert by_name["remote"].url == "http://big.example.net:9000"
     assert by_name["gguf"].auth_headers == {"Authorization": "Bearer sk-x"}
-    assert cfg.sleep.auto_sleep_enabled and cfg.router.api_keys == ("k1",)
+    assert cfg.sleep.auto_sleep_enabled and [k.key for k in cfg.router.api_keys] == ["k1"]
     assert [m for m in cfg.models] == ["meta-llama/Llama-3.2-1B", "Qwen/Qwen3-0.6B", "tiny", "big"]
 
 
@@ -230,6 +230,8 @@ def test_a_dns_named_instance_is_external(tmp_path: Path) -> None:
     ({"kubernetes": {"namespace": "Not_OK"}}, "kubernetes.namespace"),
     ({"kubernetes": {}}, "kubernetes.images.openai"),
     ({"router": {"api_keys": {"file": "keys.txt"}}}, "{env: VAR}"),
+    ({"router": {"api_keys": ["k0", {"file": "keys.txt"}]}}, "router.api_keys[1]: {file: keys.txt}"),
+    ({"router": {"api_keys": [{"name": "a", "key": {"file": "keys.txt"}}]}}, "router.api_keys[0].key: {file: keys.txt}"),
 ])
 def test_unrenderable_configs_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              change: dict[str, Any], fix: str) -> None:

@@ -284,7 +284,7 @@ def test_key_files_must_be_private_regular_text_files(tmp_path: Path) -> None:
             {"model": "m", "engine": "vllm", "engine_args": ["--port=9001"]}]}
         (tmp_path / "c.yaml").write_text(json.dumps(doc))
         cfg = load_config(tmp_path / "c.yaml")
-        assert cfg.router.api_keys == (CLIENT_KEYS[0],)
+        assert [k.key for k in cfg.router.api_keys] == [CLIENT_KEYS[0]]
         return cfg.warnings
 
     key = tmp_path / "keys"

@@ -246,7 +246,7 @@ async def _swap(args: argparse.Namespace, cfg: Config, models: list[str], stop: 
 
 
 def _api_key(args: argparse.Namespace, cfg: Config) -> Optional[str]:
-    return args.api_key or (cfg.router.api_keys[0] if cfg.router.api_keys else None)
+    return args.api_key or next((k.key for k in cfg.router.api_keys if k.key is not None), None)
 
 
 def report(doc: dict, out: TextIO) -> None:

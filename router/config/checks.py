@@ -7,6 +7,7 @@ They run on what could be read even when some of it could not, so one run of
 from __future__ import annotations
 
 from router.config.instance import WILDCARD_HOSTS, Instance, connect_host, loopback_ip
+from router.config.keys import check_scopes
 from router.config.per_model import check_per_model
 from router.config.problems import Reading
 from router.config.top import Config
@@ -48,6 +49,10 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
                 key = "model" if n == inst.model else "aliases"
                 reading.error(f"{where}.{key}", f"model name {n!r} would route to both {owner!r} and {inst.model!r}; rename the alias")
     routes = cfg.routes
+    aliases: dict[str, tuple[str, ...]] = {}
+    for inst in cfg.instances:
+        aliases[inst.model] = (*aliases.get(inst.model, (inst.model,)), *inst.aliases)
+    check_scopes(cfg.router.api_keys, aliases, reading)
     for inst in cfg.instances:
         where = f"instances[{inst.position}]"
         for n in inst.served_names:

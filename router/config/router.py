@@ -3,72 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
+from router.config.keys import ApiKey, ApiKeys, read_keys_from
 from router.config.kinds import COUNT, HOST, NON_NEGATIVE, POSITIVE, Choice, Flag, Number, Text
 from router.config.problems import Reading
 from router.config.schema import Kind, Section, setting
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
-
-
-def read_keys_from(value: object, where: str, reading: Reading, many: bool) -> tuple[str, ...]:
-    """Keys inline, or ``{env: NAME}`` / ``{file: PATH}`` so they need not sit in the YAML."""
-    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("env", "file"):
-        (src, ref), = value.items()
-        if not isinstance(ref, str) or not ref:
-            reading.error(where, f"'{src}:' needs a name")
-            return ()
-        if src == "env":
-            text = os.environ.get(ref)
-            if text is None:
-                reading.error(where, f"environment variable {ref} is not set")
-                return ()
-            items = text.split(",")
-        else:
-            fp = Path(ref) if Path(ref).is_absolute() else reading.base / ref
-            try:
-                mode = fp.stat().st_mode
-                if not stat.S_ISREG(mode):  # a FIFO or device could block or never end
-                    reading.error(where, f"key file {fp} is not a regular file")
-                    return ()
-                items = fp.read_text(encoding="utf-8").splitlines()
-            except OSError as e:
-                reading.error(where, f"cannot read key file {fp}: {e.strerror or e}")
-                return ()
-            except UnicodeDecodeError:
-                reading.error(where, f"key file {fp} is not UTF-8 text")
-                return ()
-            if mode & 0o077:
-                reading.warn(where, f"key file {fp} is open to other users (mode {mode & 0o777:o}); run chmod 600 on it")
-        keys = tuple(k.strip() for k in items if k.strip())
-        if not keys:
-            reading.error(where, f"no key found in {src} {ref}")
-        return keys if many else keys[:1]
-    if many and isinstance(value, list) and all(isinstance(k, str) and k.strip() for k in value):
-        return tuple(k.strip() for k in value)
-    if not many and isinstance(value, str) and value.strip():
-        return (value.strip(),)
-    reading.error(where, f"must be {'a list of keys' if many else 'a key'}, or {{env: VAR}} or {{file: PATH}}")
-    return ()
-
-
-@dataclass(frozen=True)
-class Keys(Kind[tuple[str, ...]]):
-    """API keys: a list, ``{env: VAR}`` (comma-separated) or ``{file: PATH}`` (one per line)."""
-
-    @property
-    def label(self) -> str:
-        return "list of keys, `{env: VAR}` or `{file: PATH}`"
-
-    def read(self, value: object, where: str, reading: Reading) -> Optional[tuple[str, ...]]:
-        return read_keys_from(value, where, reading, many=True) or None
 
 
 @dataclass(frozen=True)
@@ -196,9 +141,10 @@ class RouterSettings:
         "(see \"Every core: proxy workers\"); changing it needs a restart"))
     node: Optional[str] = setting(HOST, None, "the node whose `render --node` renders the router; none: every node's "
                                               "(see \"More than one node\")")
-    api_keys: tuple[str, ...] = setting(Keys(), (), (
-        "keys clients must send as `Authorization: Bearer <key>`: a list, `{env: VAR}` (comma-separated) or "
-        "`{file: PATH}` (one per line)"), secret=True)
+    api_keys: tuple[ApiKey, ...] = setting(ApiKeys(), (), (
+        "keys clients must send as `Authorization: Bearer <key>`: a list of keys (full access), `{env: VAR}` "
+        "(comma-separated) or `{file: PATH}` (one per line), and records that scope, limit and rank a key (see "
+        "\"Tenants\")"), secret=True)
     admin_api_key: Optional[str] = setting(OneKey(), None, (
         "key for the admin endpoints (`/action/*`, `/upstream/*`, `/logs/*`); without it they answer loopback clients "
         "only. Same forms"), secret=True)

@@ -147,6 +147,9 @@ class EngineSpec:
     api_key_flag: str = "--api-key"
     #: The environment variable the engine takes its key from when the flag is not given.
     api_key_env: Optional[str] = None
+    #: (flag, value) under which the engine orders its queue by the request body's integer `priority`,
+    #: lower first (vLLM's ``--scheduling-policy priority``); the router then sends a key's class there.
+    priority_policy: Optional[tuple[str, str]] = None
 
     @property
     def has_sleep_api(self) -> bool:
@@ -205,6 +208,11 @@ class EngineSpec:
         if not key and self.api_key_env:
             key = env.get(self.api_key_env)
         return key or None
+
+    def orders_by_priority(self, args: Sequence[str]) -> bool:
+        """Whether an engine started with `args` orders its queue by the body's `priority`."""
+        return self.priority_policy is not None and last_flag_value(args, self.priority_policy[0]) == \
+            self.priority_policy[1]
 
     def redacted(self, args: Sequence[str]) -> tuple[str, ...]:
         """`args` with every value of `api_key_flag` masked, for repr: the words after the

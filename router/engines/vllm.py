@@ -58,6 +58,7 @@ SPEC = EngineSpec(
     sim_dialect="vllm",
     default_port=8000,
     served_name_flag="--served-model-name",
+    priority_policy=("--scheduling-policy", "priority"),
     gpu_fraction_flag="--gpu-memory-utilization",
     gpu_fraction_default=0.9,
     # Level 1 offloads the weights to CPU RAM and /wake_up restores them. Level 2

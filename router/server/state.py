@@ -33,8 +33,10 @@ from router.server.fleet.residency import Residency
 from router.server.proxy.affinity import Owner, ResponseOwners
 from router.server.proxy.auth import Guard
 from router.server.proxy.forward import Proxy
+from router.server.proxy.tenants import LocalGate, limits_of, tenants_for
 from router.server.workers.controller_end import WorkerLinks
 from router.supervision.processes import ProcessState, ProcessWatcher
+from router.tenants.quota import Quotas
 
 log = logging.getLogger("router.state")
 
@@ -72,7 +74,11 @@ class RouterState:
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
         #: Which replica made each stored response; outlives reloads, as the replicas do.
         self.owners = ResponseOwners(elsewhere=self.owner_in_workers if self.workers is not None else None)
-        self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
+        #: Every limited client key's counters (rpm, tpm, in flight): this process owns them, and its
+        #: proxy workers ask it (router/server/workers/messages.py). They outlive reloads.
+        self.quotas = Quotas()
+        self.quotas.update(limits_of(config.router.api_keys))
+        self.proxy = self.make_proxy(config)
         self.guard = Guard(config.router, self.table.client_paths)
         #: supervisord's view of every engine process, where the stack runs under supervisord.
         self.processes = ProcessWatcher(supervisor_socket, self.on_process) if supervisor_socket else None
@@ -81,6 +87,11 @@ class RouterState:
         self._reloading: Optional[asyncio.Lock] = None
         #: Resolves instances' dns_name each router.dns_refresh_seconds (started by the app).
         self.dns = DnsWatcher(lambda: self.config, self.apply_addresses)
+
+    def make_proxy(self, config: Config) -> Proxy:
+        proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
+        proxy.tenants = tenants_for(config.router.api_keys, self.table, LocalGate(self.quotas))
+        return proxy
 
     def begin_serving(self) -> None:
         """Clients reach the models from now (with proxy workers, once they are connected): idle
@@ -154,7 +165,8 @@ class RouterState:
                 self.traffic.activity = ActivityLog(new.router.activity_log) if new.router.activity_log else None
             self.config = new
             self.table = table
-            self.proxy = Proxy(table, new.router, self.traffic, self.access_log, self.owners)
+            self.quotas.update(limits_of(new.router.api_keys))
+            self.proxy = self.make_proxy(new)
             self.guard = Guard(new.router, table.client_paths)
             if self.workers is not None:
                 self.workers.table_changed()

@@ -166,3 +166,4 @@ class Served(NamedTuple):
     """What `Outgoing.data_for` reads of a replica (shaping is not asked for: `shaped` is False)."""
     served: frozenset[str]
     served_name: str
+    ranks: bool = False

@@ -54,12 +54,24 @@ def _as_external(inst: Instance, entry: dict[str, Any], host: str) -> None:
         entry.pop(key, None)
 
 
+def _key_values(router: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Every place a key may be given, with its field: the two settings, each item of the list,
+    and each record's `key` (router/config/keys.py)."""
+    found: list[tuple[str, Any]] = [("router.admin_api_key", router.get("admin_api_key")),
+                                    ("router.api_keys", router.get("api_keys"))]
+    items = router.get("api_keys")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        found.append((f"router.api_keys[{i}]", item))
+        if isinstance(item, dict):
+            found.append((f"router.api_keys[{i}].key", item.get("key")))
+    return found
+
+
 def _refuse_key_files(cfg: Config, router: dict[str, Any]) -> None:
     """Keys read from a file on this machine would not be found in the router's pod."""
-    for key in ("api_keys", "admin_api_key"):
-        value = router.get(key)
+    for where, value in _key_values(router):
         if isinstance(value, dict) and "file" in value:
-            raise RenderError(f"{cfg.path}: router.{key}: {{file: {value['file']}}} is a file on this machine, which "
+            raise RenderError(f"{cfg.path}: {where}: {{file: {value['file']}}} is a file on this machine, which "
                               "the router's pod does not have; use {env: VAR} and put VAR in the Secret "
                               f"'{SECRET_NAME}' (kubectl create secret generic {SECRET_NAME} -n NAMESPACE "
                               "--from-literal=VAR=...), which every pod reads when it exists")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
@@ -22,6 +21,7 @@ from router.observe.metrics import ModelMetrics
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import UNHEALTHY, Replica
 from router.server.fleet.sticky import Sticky, sticky_for
+from router.tenants.classes import NORMAL, ClassQueue
 
 #: Makes a new model's lifecycle from its name and its members (the router's own, or a proxy
 #: worker's view of the controller's, router/server/workers/worker_end.py).
@@ -57,7 +57,7 @@ class Model:
         self.sticky: Optional[Sticky] = sticky_for(replicas)
         self.lifecycle = lifecycles(name, self.members)
         self.metrics = metrics
-        self._waiters: deque[asyncio.Future[Replica]] = deque()
+        self._waiters: ClassQueue[asyncio.Future[Replica]] = ClassQueue()
         self._retry_after = retry_after
 
     @property
@@ -127,8 +127,9 @@ class Model:
         return replica
 
     async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
-                      key: Optional[int] = None) -> Replica:
-        """Like `pick`, but waits (FIFO, bounded by the replicas' max_queue) while all are full.
+                      key: Optional[int] = None, klass: int = NORMAL) -> Replica:
+        """Like `pick`, but waits (bounded by the replicas' max_queue) while all are full: higher
+        priority classes first (router/tenants/classes.py), first come first served within one.
 
         A waiter is handed a slot by `dispatch`: when a request ends, when an
         ejection ends, or after a health probe. It fails with NoReplica if no
@@ -142,7 +143,7 @@ class Model:
             if len(self._waiters) >= cap:
                 raise
         fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._waiters.append(fut, klass)
         try:
             replica = await asyncio.wait_for(fut, queue_timeout)
         except BaseException as e:
@@ -164,7 +165,7 @@ class Model:
     def release(self, replica: Replica) -> None:
         """Free a slot; queued requests, if any, take it over."""
         replica.release_slot()
-        if self._waiters:
+        if self._waiters.size:
             self.dispatch()
 
     def failed(self, replica: Replica, now: float, settings: RouterSettings) -> None:
@@ -172,7 +173,8 @@ class Model:
         replica.failed(now, settings, self.dispatch)
 
     def dispatch(self) -> None:
-        """Hand free slots of routable replicas to queued requests, first come first served.
+        """Hand free slots of routable replicas to queued requests, higher classes first, then
+        first come first served.
 
         When no replica is routable at all, the queued requests fail with
         NoReplica at once (503), as new ones do, rather than waiting out
@@ -181,7 +183,7 @@ class Model:
         waiters = self._waiters
         now = time.monotonic()
         while waiters:
-            fut = waiters[0]
+            fut = waiters.first()
             if fut.done():
                 waiters.popleft()
                 continue

@@ -94,7 +94,8 @@ class Replica:
 
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
                  "health", "ok_streak", "fail_streak", "eject_timer", "pool", "authority",
-                 "auth_line", "asleep", "process", "retired", "events", "card", "card_at", "breaker")
+                 "auth_line", "asleep", "process", "retired", "events", "card", "card_at", "breaker",
+                 "ranks")
 
     def __init__(self, instance: Instance, events: Events, process: Optional[ProcessState] = None):
         self.instance = instance
@@ -105,6 +106,8 @@ class Replica:
         #: The name written into a request whose model the engine does not serve.
         self.served_name = instance.served_names[0] if instance.served_names else instance.model
         self.outstanding = 0
+        #: Its engine orders its queue by the body's `priority` (vLLM's --scheduling-policy priority).
+        self.ranks = instance.spec.orders_by_priority(instance.engine_args)
         self.limit = instance.max_concurrency
         self.max_queue = instance.max_queue if instance.max_concurrency else 0
         self.health = UNKNOWN

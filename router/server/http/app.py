@@ -154,11 +154,13 @@ def routes(state: RouterState) -> list[BaseRoute]:
 
     async def list_models(request: Request) -> Response:
         table = state.table
+        tenants = state.proxy.tenants
         data = []
         for name in table.names:
             model = table.get(name)
             assert model is not None
-            data.append(model_entry(name, model))
+            if tenants is None or tenants.may_use(request.scope, model.name):  # only what the key may use
+                data.append(model_entry(name, model))
         return JSONResponse({"object": "list", "data": data})
 
     async def retrieve_model(request: Request) -> Response:
@@ -167,6 +169,9 @@ def routes(state: RouterState) -> list[BaseRoute]:
         if model is None:
             return error_response(404, f"The model '{name}' does not exist. Known models: "
                                        f"{', '.join(state.table.names)}.", param="model")
+        tenants = state.proxy.tenants
+        if tenants is not None and not tenants.may_use(request.scope, model.name):
+            return error_response(403, f"This key may not use model '{model.name}'.", param="model")
         return JSONResponse(model_entry(name, model))
 
     async def kvcached_models(request: Request) -> Response:

@@ -3,9 +3,14 @@
 The check runs on every request before any route, so it is built once from
 the settings: keys are encoded up front and a request with no key configured
 costs a prefix test. Keys are compared with `hmac.compare_digest` against
-every configured key (no early exit), so the time taken says nothing about
-how much of a guess was right or which key it was close to. No key ever
-appears in an answer or a log line: messages name the setting, never the value.
+every configured key (no early exit, and the matching key's place taken by
+arithmetic, not a branch), so the time taken says nothing about how much of a
+guess was right or which key it was close to. When some key is given only as
+its SHA-256 (``key_sha256``), the token is hashed once and every key's digest is
+compared instead. No key ever appears in an answer or a log line: messages
+name the setting, never the value. The matching key's record (its name, scope,
+limits and class: router/config/keys.py) goes with the request as
+``scope[KEY]``, for router/server/proxy/tenants.py.
 
 Client paths are ``/v1/*`` and every other path a configured engine serves
 to clients (``/tokenize``, ``/rerank``...). The Anthropic SDK sends its key
@@ -19,10 +24,12 @@ header a client could forge.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Any, MutableMapping, NamedTuple, Optional
 
 from router.config import RouterSettings, loopback_ip
+from router.config.keys import ApiKey
 
 Scope = MutableMapping[str, Any]
 
@@ -32,6 +39,8 @@ ADMIN_PREFIXES = ("/action/", "/upstream/", "/logs/", "/usage")
 X_API_KEY_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CHALLENGE = [(b"www-authenticate", b"Bearer")]
+#: The scope entry holding the record of the client key a request sent.
+KEY = "kvrouter.key"
 
 
 class Denied(NamedTuple):
@@ -71,6 +80,20 @@ def matches(token: Optional[bytes], keys: tuple[bytes, ...]) -> bool:
     return found
 
 
+_compare = hmac.compare_digest
+
+
+def find(token: Optional[bytes], places: tuple[tuple[int, bytes], ...]) -> int:
+    """The place (from 1) of `token` among the (place, key) pairs (keys unique), 0 when it is none
+    of them, in time independent of the token's content and of which key it is."""
+    if token is None:
+        return 0
+    found = 0
+    for place, key in places:
+        found |= place * _compare(token, key)
+    return found
+
+
 def is_loopback(client: Optional[tuple[str, int]]) -> bool:
     """Whether the peer (the ASGI scope's ``client``) is on this machine's loopback."""
     return client is not None and loopback_ip(client[0])
@@ -94,9 +117,18 @@ class Guard:
     """The access rules of one router, from its settings."""
 
     def __init__(self, settings: RouterSettings, client_paths: frozenset[str]):
-        self.keys = tuple(k.encode() for k in settings.api_keys)
+        self.records: tuple[ApiKey, ...] = settings.api_keys
+        #: Compared by digest when some key is known only by its digest, else as given.
+        self.hashed = any(k.key is None for k in self.records)
+        self.keys = tuple(enumerate((k.digest if self.hashed or k.key is None else k.key.encode()
+                                     for k in self.records), 1))
         self.admin_key = (settings.admin_api_key.encode(),) if settings.admin_api_key else ()
         self.client_paths = client_paths
+
+    def find(self, token: Optional[bytes]) -> int:
+        if self.hashed and token is not None:
+            token = hashlib.sha256(token).digest()
+        return find(token, self.keys)
 
     def is_client(self, path: str) -> bool:
         return path.startswith(CLIENT_PREFIX) or path in self.client_paths
@@ -109,9 +141,14 @@ class Guard:
         """None when the request may proceed, else the error to answer with."""
         path: str = scope["path"]
         if self.is_client(path):
-            if self.keys and not (matches(bearer_token(scope), self.keys)
-                                  or (path in X_API_KEY_PATHS and matches(x_api_key(scope), self.keys))):
-                return MISSING_KEY
+            if self.keys:
+                token = bearer_token(scope)
+                place = find(hashlib.sha256(token).digest() if self.hashed and token else token, self.keys)
+                if not place and path in X_API_KEY_PATHS:
+                    place = self.find(x_api_key(scope))
+                if not place:
+                    return MISSING_KEY
+                scope[KEY] = self.records[place - 1]
             return None
         if not self.is_admin(scope):
             return None

@@ -46,6 +46,7 @@ from router.server.proxy.request import (
     read_body,
     request_head,
 )
+from router.server.proxy.tenants import Pass, Tenants
 
 T = TypeVar("T")
 
@@ -108,6 +109,8 @@ class Proxy:
         self.default_model = settings.default_model or (next(iter(table)).name if len(table) == 1 else None)
         #: Each model with fallbacks -> the models that answer what it cannot, in order.
         self.fallbacks = chains(table)
+        #: The client keys' scopes, limits and classes (proxy/tenants.py); None when there are no keys.
+        self.tenants: Optional[Tenants] = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A POST to a client path: routed by the model its body names."""
@@ -277,9 +280,17 @@ class Proxy:
         fallbacks = fallbacks_for(self.fallbacks, model, path) if self.fallbacks and admit and out.pin is None else ()
         answer: Reply = reply
         early: Optional[EarlyStream] = None
+        ticket: Optional[Pass] = None
         try:
+            if self.tenants is not None:
+                entering = self.tenants.enter(scope, model, out, ex)
+                if entering is not None:
+                    ticket = await entering
+                    answer = ticket.reply(reply)
+                if fallbacks:  # a key falls back only to models it may use
+                    fallbacks = self.tenants.within_scope(scope, fallbacks)
             if admit and out.stream and self.loading_progress and model.lifecycle.state != AWAKE:
-                answer = early = EarlyStream(reply)
+                answer = early = EarlyStream(answer)
                 await early.open()
                 fallbacks = ()  # the client has had bytes: no other model may answer now
             while True:
@@ -303,6 +314,9 @@ class Proxy:
         except Reject as r:
             ex.status = r.status
             await answer_error(answer, r.status, r.message, r.param, r.headers, path)
+        finally:
+            if ticket is not None:
+                ticket.leave(ex)
         self.account(model, ex, out.stream, start)
 
     async def attempt(self, scope: Scope, answer: Reply, early: Optional[EarlyStream], model: Model, out: Outgoing,
@@ -325,11 +339,12 @@ class Proxy:
             if out.pin is not None:
                 return model.take(out.pin)
             if trace is None:
-                return await model.acquire(time.monotonic(), tried, self.queue_timeout, out.key)
+                return await model.acquire(time.monotonic(), tried, self.queue_timeout, out.key, out.priority)
             try:  # traced: a wait in the queue is a span of its own
                 return model.pick(time.monotonic(), tried, out.key)
             except Overloaded:
-                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout, out.key))
+                return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout, out.key,
+                                                               out.priority))
         except NoReplica as e:
             if tried:
                 raise Unserved(502, f"Could not connect to any engine of model '{model.name}' "

@@ -17,6 +17,7 @@ from router.server.fleet.upstream import Response
 from router.server.proxy.forms import Field, FormError, read_fields, replace_field
 from router.server.proxy.reply import Receive, Scope
 from router.server.proxy.tokens import USAGE_PATHS, ask_usage
+from router.tenants.classes import NORMAL, VLLM_PRIORITY
 
 #: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones the router sets itself.
 DROP_REQUEST_HEADERS = frozenset({
@@ -104,7 +105,7 @@ class Outgoing:
     for a stream's usage (`strip_usage`, router/server/proxy/tokens.py).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "strip_usage")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "priority", "strip_usage")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -118,6 +119,8 @@ class Outgoing:
         #: Its place on the model's ring (`routing: session | prefix`, router/server/proxy/keys.py).
         self.key: Optional[int] = None
         self.shaped = False
+        #: Its priority class (router/tenants/classes.py): its key's, or lower if it asked.
+        self.priority = NORMAL
         #: The router asked for the stream's usage chunk: it is removed from the client's stream.
         self.strip_usage = False
 
@@ -135,18 +138,30 @@ class Outgoing:
     def data_for(self, replica: Replica) -> bytes:
         served = self.name in replica.served
         shaping = replica.instance.shaping if self.shaped else None
-        if served and shaping is None and not self.strip_usage:
+        # Only an engine that orders its queue by `priority` looks further (one attribute for the others).
+        ranked = replica.ranks and self.payload is not None and (self.priority != NORMAL or "priority" in self.payload)
+        if served and shaping is None and not ranked and not self.strip_usage:
             return self.body
         if self.payload is not None:
-            if shaping is None:
+            if shaping is None and not ranked:
                 return orjson.dumps(self.payload if served else {**self.payload, "model": replica.served_name})
-            body = shaping.apply(self.payload)
+            body = shaping.apply(self.payload) if shaping is not None else dict(self.payload)
             if not served:
                 body["model"] = replica.served_name
+            if ranked:
+                body["priority"] = self.rank(body.get("priority"))
             return orjson.dumps(body)
         if self.form_model is not None:
             return replace_field(self.body, self.form_model, replica.served_name)
         return self.body
+
+    def rank(self, theirs: object) -> int:
+        """The `priority` for an engine that orders its queue by it (vLLM's ``--scheduling-policy
+        priority``, lower first): the request's class as that number; a client's own value counts
+        only where it ranks the request lower (a larger number). A normal request without one is
+        not rewritten for it: vLLM's default is 0."""
+        ours = VLLM_PRIORITY[self.priority]
+        return max(theirs, ours) if type(theirs) is int else ours
 
 
 def parse_json(body: bytes) -> tuple[dict[str, Any], Optional[str], bool]:

@@ -38,6 +38,9 @@ from router.server.workers.messages import (
     Message,
     ModelState,
     Owner,
+    Quota,
+    QuotaAnswer,
+    QuotaDone,
     Ready,
     ReadyAnswer,
     Refused,
@@ -51,6 +54,7 @@ from router.server.workers.messages import (
     WhoseAnswer,
     Wire,
 )
+from router.tenants.quota import Quotas, Refusal
 
 log = logging.getLogger("router.link")
 
@@ -79,6 +83,9 @@ class Fleet(Protocol):
     @property
     def traffic(self) -> Traffic: ...
 
+    @property
+    def quotas(self) -> Quotas: ...
+
 
 class WorkerLink:
     """The controller's end of one worker's link: what that worker has in flight and leased."""
@@ -90,6 +97,8 @@ class WorkerLink:
         self.outstanding: dict[str, int] = {}
         #: The worker's lease id -> the model and replica whose slot it holds.
         self.leases: dict[int, tuple[Model, Replica]] = {}
+        #: The worker's quota id -> the key and token bound of a request it let in (router/tenants/quota.py).
+        self.quotas: dict[int, tuple[str, int]] = {}
         #: Leases waiting in a model's queue for this worker.
         self.waiting: set[asyncio.Task[None]] = set()
         #: The table generation the worker serves (0: none yet).
@@ -234,6 +243,9 @@ class WorkerLinks:
         leases, link.leases = link.leases, {}
         for model, replica in leases.values():
             model.release(replica)
+        quotas, link.quotas = link.quotas, {}
+        for key, bound in quotas.values():  # ended with the worker: charged their bound
+            self.fleet.quotas.finish(key, time.monotonic(), bound, None)
         if link.fence_waiter is not None and not link.fence_waiter.done():
             link.fence_waiter.set_result(None)
 
@@ -248,6 +260,12 @@ class WorkerLinks:
                     lease[0].release(lease[1])
             case Lease():
                 self._lease(link, message)
+            case Quota():
+                self._quota(link, message)
+            case QuotaDone():
+                quota = link.quotas.pop(message.request, None)
+                if quota is not None:
+                    self.fleet.quotas.finish(quota[0], time.monotonic(), quota[1], message.used)
             case BreakerOutcome():
                 self._breaker(message)
             case Fenced():
@@ -326,7 +344,7 @@ class WorkerLinks:
         exclude = tuple(r for r in model.replicas if r.name in message.exclude)
         try:
             replica = await model.acquire(time.monotonic(), exclude, self.fleet.config.router.queue_timeout_seconds,
-                                          message.key)
+                                          message.key, message.priority)
         except Overloaded:
             link.channel.send(Leased(message.request, None, (429, "", 1)))
             return
@@ -338,6 +356,17 @@ class WorkerLinks:
             return
         link.leases[message.request] = (model, replica)
         link.channel.send(Leased(message.request, replica.name, None))
+
+    def _quota(self, link: WorkerLink, message: Quota) -> None:
+        """Decide on the controller's counters, which every worker's requests of the key share."""
+        got = self.fleet.quotas.admit(message.key, time.monotonic(), message.bound)
+        if isinstance(got, Refusal):
+            link.channel.send(QuotaAnswer(message.request, None, (got.status, got.message, got.retry_after,
+                                                                  tuple(got.standing))))  # type: ignore[arg-type]
+            return
+        if got is not None:
+            link.quotas[message.request] = (message.key, message.bound)
+        link.channel.send(QuotaAnswer(message.request, None if got is None else tuple(got), None))  # type: ignore[arg-type]
 
     def _breaker(self, message: BreakerOutcome) -> None:
         """A worker's request failed (or a half-open one succeeded): the controller's breaker takes

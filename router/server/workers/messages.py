@@ -24,8 +24,9 @@ replica breaker                         controller  merged, then pushed: a worke
                                                     milliseconds. Past its open time each worker's
                                                     copy lets one half-open trial go (N at most)
 slots and wait queue of a model with    controller  leased: a worker asks `Lease` per request, the
-a max_concurrency (every replica)                   controller picks from its one FIFO queue (bounded
-                                                    by max_queue) and answers `Leased`; the worker
+a max_concurrency (every replica)                   controller picks from its one queue (bounded by
+                                                    max_queue; higher priority classes first, FIFO
+                                                    within one) and answers `Leased`; the worker
                                                     gives the slot back with `Unlease`. A worker's
                                                     leases end with its link. A request bound to one
                                                     replica (a stored response's follow-up) cannot
@@ -53,6 +54,13 @@ tokens, /usage, the activity log)                   the controller alone counts 
                                                     rotation is never raced by another process
 which replica made a stored response    workers     merged, then pushed: `Owner` up, relayed to the
                                                     others; `Whose` asks after fencing every worker
+a client key's counters (rpm and tpm    controller  asked: a request of a key with a limit asks `Quota`
+windows, requests in flight)                        before it is admitted; the controller decides on its
+                                                    counters (router/tenants/quota.py) and answers
+                                                    `QuotaAnswer`; the request's end sends `QuotaDone`
+                                                    with the tokens it used. A worker's open quotas end
+                                                    with its link (charged their bound). A key without
+                                                    limits sends nothing
 ======================================  ==========  ====================================================
 
 Why exact idle detection holds: a worker reports a model's count within
@@ -157,6 +165,14 @@ class Leased(NamedTuple):
     refusal: Optional[tuple[int, str, int]]
 
 
+class QuotaAnswer(NamedTuple):
+    """The answer to `Quota`: `standing` (a `Standing` as a plain tuple) when admitted, else
+    `refusal` (status, message, retry_after, standing); both None when the key has no limit."""
+    request: int
+    standing: Optional[tuple[Optional[int], int, float, Optional[int], int, float]]
+    refusal: Optional[tuple[int, str, int, tuple[Optional[int], int, float, Optional[int], int, float]]]
+
+
 class Synced(NamedTuple):
     """Everything the worker sent before `Sync(request)` is applied."""
     request: int
@@ -206,14 +222,29 @@ class Ready(NamedTuple):
 
 
 class Lease(NamedTuple):
-    """A slot on a replica of `model` (not one of `exclude`, already tried), from the one queue;
-    with `pin`, on that replica only, without waiting; with `key`, the key's replica on the
-    model's ring first (`routing: session | prefix`)."""
+    """A slot on a replica of `model` (not one of `exclude`, already tried), from the one queue, in
+    the request's priority class (router/tenants/classes.py); with `pin`, on that replica only,
+    without waiting; with `key`, the key's replica on the model's ring first (`routing: session |
+    prefix`)."""
     request: int
     model: str
     exclude: tuple[str, ...]
     pin: Optional[str]
     key: Optional[int]
+    priority: int
+
+
+class Quota(NamedTuple):
+    """May a request of key `key`, which may use up to `bound` tokens, go now? (Its key has a limit.)"""
+    request: int
+    key: str
+    bound: int
+
+
+class QuotaDone(NamedTuple):
+    """The request of quota `request` ended, having used `used` tokens (None: not known, its bound counts)."""
+    request: int
+    used: Optional[int]
 
 
 class Unlease(NamedTuple):
@@ -246,14 +277,15 @@ class Owner(NamedTuple):
 
 
 ToWorker = Union[Refused, Table, ModelState, ReplicaState, BreakerState, Fence, ReadyAnswer, Leased, Synced,
-                 WhoseAnswer, Owner]
-ToController = Union[Hello, Applied, Report, Fenced, Ready, Lease, Unlease, BreakerOutcome, Sync, Whose, Owner]
+                 WhoseAnswer, Owner, QuotaAnswer]
+ToController = Union[Hello, Applied, Report, Fenced, Ready, Lease, Unlease, BreakerOutcome, Sync, Whose, Owner,
+                     Quota, QuotaDone]
 Message = Union[ToWorker, ToController]
 
 #: Every kind, in the order of its number on the wire (append only; a change bumps PROTOCOL).
 KINDS: tuple[type[Message], ...] = (Hello, Refused, Table, Applied, ModelState, ReplicaState, BreakerState, Fence,
                                     Fenced, Report, Ready, ReadyAnswer, Lease, Leased, Unlease, BreakerOutcome, Sync,
-                                    Synced, Whose, WhoseAnswer, Owner)
+                                    Synced, Whose, WhoseAnswer, Owner, Quota, QuotaAnswer, QuotaDone)
 _NUMBER = {kind: number for number, kind in enumerate(KINDS)}
 _new = tuple.__new__
 

@@ -45,10 +45,11 @@ from router.server.proxy.auth import Guard
 from router.server.proxy.forward import Proxy
 from router.server.proxy.reply import Receive, Scope, Send
 from router.server.proxy.request import DROP_REQUEST_HEADERS
+from router.server.proxy.tenants import tenants_for
 from router.server.workers.messages import BreakerState, ReplicaState, Table
 from router.server.workers.messages import Owner as OwnerMessage
 from router.server.workers.remote import RemoteAdmission
-from router.server.workers.worker_end import ControllerLink, LeasedModel, RelayedMetrics, RelayedTraffic
+from router.server.workers.worker_end import ControllerGate, ControllerLink, LeasedModel, RelayedMetrics, RelayedTraffic
 
 log = logging.getLogger("router.worker")
 
@@ -73,8 +74,14 @@ class WorkerState:
                                      elsewhere=self.owner_from_controller)
         self.table = self.build(config)
         self.access_log: Optional[AccessLog] = AccessLog() if config.router.access_log else None
-        self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
+        self.proxy = self.make_proxy(config)
         self.guard = Guard(config.router, self.table.client_paths)
+
+    def make_proxy(self, config: Config) -> Proxy:
+        """This worker's proxy; limited keys are counted by the controller."""
+        proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
+        proxy.tenants = tenants_for(config.router.api_keys, self.table, ControllerGate(self.link))
+        return proxy
 
     def build(self, config: Config, previous: Optional[ModelTable] = None) -> ModelTable:
         """The table for `config`: lifecycle views, metrics relayed to the controller."""
@@ -95,7 +102,7 @@ class WorkerState:
             self.table = self.build(config, previous=self.table)
             if config.router.access_log != (self.access_log is not None):
                 self.access_log = AccessLog() if config.router.access_log else None
-            self.proxy = Proxy(self.table, config.router, self.traffic, self.access_log, self.owners)
+            self.proxy = self.make_proxy(config)
             self.guard = Guard(config.router, self.table.client_paths)
         for model in self.table:
             if model.name in models:

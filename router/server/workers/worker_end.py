@@ -22,6 +22,7 @@ from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import LifecycleFactory, Model, NoReplica, Overloaded
 from router.server.fleet.outcome import ModelUnavailable
 from router.server.fleet.replica import Replica
+from router.server.proxy.tenants import Decision
 from router.server.workers.messages import (
     COUNTS_SECONDS,
     PROTOCOL,
@@ -40,6 +41,9 @@ from router.server.workers.messages import (
     ModelState,
     Note,
     Owner,
+    Quota,
+    QuotaAnswer,
+    QuotaDone,
     Ready,
     ReadyAnswer,
     Refused,
@@ -56,6 +60,8 @@ from router.server.workers.messages import (
     Wire,
 )
 from router.server.workers.remote import RemoteAdmission
+from router.tenants.classes import NORMAL
+from router.tenants.quota import Refusal, Standing
 
 log = logging.getLogger("router.link")
 
@@ -128,6 +134,8 @@ class ControllerLink:
         match message:
             case Leased():
                 self._leased(message)
+            case QuotaAnswer():
+                self._quota_answered(message)
             case ModelState():
                 lc = self._model(message.model)
                 if lc is not None:
@@ -172,6 +180,13 @@ class ControllerLink:
         elif message.instance is not None:  # the request gave up waiting: the slot goes back
             self.channel.send(Unlease(message.request))
 
+    def _quota_answered(self, message: QuotaAnswer) -> None:
+        answer = self._answers.pop(message.request, None)
+        if answer is not None and not answer.done():
+            answer.set_result(message)
+        elif message.standing is not None:  # the request left while it was decided: it ends now
+            self.channel.send(QuotaDone(message.request, None))
+
     async def _ask(self, request: int, message: ToController, kind: type[T]) -> T:
         """Send `message` with everything pending before it, and wait for the controller's answer."""
         self._linked()
@@ -211,13 +226,26 @@ class ControllerLink:
         finally:
             self._ready.pop(request, None)
 
-    async def lease(self, model: str, exclude: tuple[str, ...], key: Optional[int] = None) -> tuple[int, str]:
+    async def quota(self, key: str, bound: int) -> Decision:
+        """The controller's decision on a request of a key with limits (it owns the counters)."""
+        request = next(self._ids)
+        answer = await self._ask(request, Quota(request, key, bound), QuotaAnswer)
+        if answer.refusal is not None:
+            status, text, retry_after, standing = answer.refusal
+            return request, Refusal(status, text, retry_after, Standing(*standing))
+        return request, None if answer.standing is None else Standing(*answer.standing)
+
+    def quota_done(self, request: int, used: Optional[int]) -> None:
+        self.channel.send(QuotaDone(request, used))
+
+    async def lease(self, model: str, exclude: tuple[str, ...], key: Optional[int] = None,
+                    priority: int = NORMAL) -> tuple[int, str]:
         """A slot from the controller's queue: (lease id, instance); NoReplica or Overloaded if none."""
         self._linked()
         request = next(self._ids)
         fut: asyncio.Future[ToWorker] = asyncio.get_running_loop().create_future()
         self._answers[request] = fut
-        self.channel.send(Lease(request, model, exclude, None, key))
+        self.channel.send(Lease(request, model, exclude, None, key, priority))
         try:
             answer = await fut
         except asyncio.CancelledError:
@@ -238,7 +266,7 @@ class ControllerLink:
     def pinned(self, model: str, instance: str) -> int:
         """A slot on one replica for a request bound to it: counted by the controller, not waited for."""
         request = next(self._ids)
-        self.channel.send(Lease(request, model, (), instance, None))
+        self.channel.send(Lease(request, model, (), instance, None, NORMAL))
         return request
 
     def unlease(self, request: int) -> None:
@@ -345,14 +373,15 @@ class LeasedModel(Model):
         self.leased = leased(replicas)
 
     def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
-                key: Optional[int] = None) -> Coroutine[object, object, Replica]:
+                key: Optional[int] = None, klass: int = NORMAL) -> Coroutine[object, object, Replica]:
         # Not a coroutine itself: an unlimited model's request pays no extra frame.
-        return self._leased(exclude, key) if self.leased else super().acquire(now, exclude, queue_timeout, key)
+        return self._leased(exclude, key, klass) if self.leased else super().acquire(now, exclude, queue_timeout, key,
+                                                                                      klass)
 
-    async def _leased(self, exclude: tuple[Replica, ...], key: Optional[int]) -> Replica:
+    async def _leased(self, exclude: tuple[Replica, ...], key: Optional[int], klass: int) -> Replica:
         # The controller picks on the ring with every worker's counts (and counts the hit or move).
         lease, instance = await self.link.lease(self.name, tuple(r.name for r in exclude),
-                                                key if self.sticky is not None else None)
+                                                key if self.sticky is not None else None, klass)
         replica = next((r for r in self.replicas if r.name == instance), None)
         if replica is None:  # a reload replaced it while the answer was on its way
             self.link.unlease(lease)
@@ -378,6 +407,20 @@ class LeasedModel(Model):
             if not leases:
                 del self._leases[replica]
         super().release(replica)
+
+
+class ControllerGate:
+    """A worker's `Gate` (router/server/proxy/tenants.py): the controller keeps every key's counters,
+    so a key's limits hold across workers."""
+
+    def __init__(self, link: ControllerLink):
+        self.link = link
+
+    def admit(self, key: str, bound: int) -> Coroutine[object, object, Decision]:
+        return self.link.quota(key, bound)
+
+    def finish(self, ticket: int, key: str, bound: int, used: Optional[int]) -> None:
+        self.link.quota_done(ticket, used)
 
 
 class RelayedTraffic(Traffic):
