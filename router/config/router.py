@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from router.config.keys import ApiKey, ApiKeys, read_keys_from
