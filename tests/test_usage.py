@@ -23,7 +23,9 @@ from helpers import Proc, free_port, get_json, in_both_modes, metric_value, post
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
-SECRET = "sk-do-not-log-me"
+#: Two client keys, by name (router.api_keys records): the names are counted, the keys never shown.
+KEYS = {"chat-ui": "sk-chat-do-not-log-me", "batch": "sk-batch-do-not-log-me"}
+SECRET = KEYS["chat-ui"]
 ENGINES = {"llama": ("vllm", "vllm"), "qwen": ("sglang", "sglang")}
 
 
@@ -55,8 +57,8 @@ def raw_post(port: int, path: str, body: dict[str, Any], chunked: bool = False) 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         data = json.dumps(body).encode()
-        conn.request("POST", path, iter([data]) if chunked else data, {"content-type": "application/json"},
-                     encode_chunked=chunked)
+        conn.request("POST", path, iter([data]) if chunked else data,
+                     {"content-type": "application/json", "authorization": f"Bearer {SECRET}"}, encode_chunked=chunked)
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
         return resp.read()
@@ -70,9 +72,9 @@ def normalized(stream: bytes) -> bytes:
     return re.sub(rb'"(created|created_at|completed_at)":\d+(\.\d+)?', rb'"\1":0', stream)
 
 
-def drive(url: str, model: str) -> None:
+def drive(url: str, model: str, key: str) -> None:
     """Every shape of answer, streamed and not, with and without include_usage."""
-    c = openai.OpenAI(base_url=url + "/v1", api_key=SECRET, max_retries=0, timeout=30)
+    c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
     messages = [{"role": "user", "content": PROMPT}]
     c.chat.completions.create(model=model, messages=messages, max_tokens=5)  # type: ignore[arg-type]
     c.completions.create(model=model, prompt=PROMPT, max_tokens=4)
@@ -86,7 +88,7 @@ def drive(url: str, model: str) -> None:
     c.responses.create(model=model, input=PROMPT, max_output_tokens=4)
     list(c.responses.create(model=model, input=PROMPT, max_output_tokens=5, stream=True))
     if ENGINES[model][0] == "vllm":
-        a = anthropic.Anthropic(base_url=url, api_key=SECRET, max_retries=0, timeout=30)
+        a = anthropic.Anthropic(base_url=url, api_key=key, max_retries=0, timeout=30)
         a.messages.create(model=model, max_tokens=4, messages=[{"role": "user", "content": PROMPT}])
         with a.messages.stream(model=model, max_tokens=7, messages=[{"role": "user", "content": PROMPT}]) as s:
             s.until_done()
@@ -97,35 +99,45 @@ def test_tokens_counted_once_per_answer_and_streams_unchanged(stack: Stack, engi
                                                               tmp_path: Path) -> None:
     activity = tmp_path / "logs" / "activity.jsonl"
     r = stack.router([instance(m, p, engine=ENGINES[m][0]) for m, p in engines.items()], workers=workers,
-                     activity_log=str(activity))
-    for model in engines:
-        drive(r.url, model)
-
-    want: dict[str, tuple[float, float]] = {}
-    for model, port in engines.items():
-        want[model] = engine_tokens(port, ENGINES[model][1])
-        assert want[model][0] > 0 and want[model][1] > 0
+                     activity_log=str(activity), api_keys=[{"name": n, "key": k} for n, k in KEYS.items()])
+    # chat-ui on both models, then batch on llama: each phase's tokens are the engines' counters' growth.
+    want: dict[tuple[str, str], tuple[float, float]] = {}
+    for key, models in (("chat-ui", list(engines)), ("batch", ["llama"])):
+        before = {m: engine_tokens(p, ENGINES[m][1]) for m, p in engines.items()}
+        for model in models:
+            drive(r.url, model, KEYS[key])
+        for m, p in engines.items():
+            prompt, completion = engine_tokens(p, ENGINES[m][1])
+            if m in models:
+                want[(m, key)] = prompt - before[m][0], completion - before[m][1]
+                assert want[(m, key)][0] > 0 and want[(m, key)][1] > 0
+            else:
+                assert (prompt, completion) == before[m]
 
     def counted() -> str:
         """/metrics once the last answer is accounted (its last byte reaches the client just before)."""
         text = urllib.request.urlopen(r.url + "/metrics", timeout=5).read().decode()
-        return text if all(metric_value(text, "router_tokens_total", model=m, kind="prompt") == p
-                           for m, (p, _) in want.items()) else ""
+        return text if all(metric_value(text, "router_tokens_total", model=m, key=k, kind="prompt") == p
+                           for (m, k), (p, _) in want.items()) else ""
     metrics = wait_for(counted, 5, "the router to account the last answer")
     _, by_model = get_json(r.url + "/usage?by=model&window=3600")
     _, by_key = get_json(r.url + "/usage?by=key")
-    want_total = {"prompt_tokens": 0, "completion_tokens": 0}
-    for model, (prompt, completion) in want.items():
-        assert metric_value(metrics, "router_tokens_total", model=model, key="anonymous", kind="prompt") == prompt
-        assert metric_value(metrics, "router_tokens_total", model=model, key="anonymous",
-                            kind="completion") == completion
-        row = by_model["usage"][model]
-        assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
-        assert row["errors"] == row["rate_limited"] == 0
-        want_total["prompt_tokens"] += int(prompt)
-        want_total["completion_tokens"] += int(completion)
-        assert metric_value(metrics, "router_requests_total", model=model, status="200", key="anonymous") == row["requests"]
-    assert {k: by_key["usage"]["anonymous"][k] for k in want_total} == want_total
+    for (model, key), (prompt, completion) in want.items():
+        assert metric_value(metrics, "router_tokens_total", model=model, key=key, kind="prompt") == prompt
+        assert metric_value(metrics, "router_tokens_total", model=model, key=key, kind="completion") == completion
+    assert metric_value(metrics, "router_tokens_total", key="anonymous") == 0
+    for name, group in ((0, by_model), (1, by_key)):
+        for label in {pair[name] for pair in want}:
+            row = group["usage"][label]
+            assert row["prompt_tokens"] == sum(p for pair, (p, _) in want.items() if pair[name] == label)
+            assert row["completion_tokens"] == sum(c for pair, (_, c) in want.items() if pair[name] == label)
+            assert row["errors"] == row["rate_limited"] == 0
+        assert set(group["usage"]) == {pair[name] for pair in want}
+    for model, row in by_model["usage"].items():
+        assert metric_value(metrics, "router_requests_total", model=model, status="200") == row["requests"]
+    want_total = {"prompt_tokens": sum(p for p, _ in want.values()),
+                  "completion_tokens": sum(c for _, c in want.values())}
+    assert {k: by_key["total"][k] for k in want_total} == want_total
 
     # The activity log: one line per request, the same totals, and neither the key nor any text.
     def lines() -> list[dict[str, Any]]:
@@ -135,10 +147,13 @@ def test_tokens_counted_once_per_answer_and_streams_unchanged(stack: Stack, engi
     logged = lines()
     assert len(logged) == requests
     text = activity.read_text()
-    assert SECRET not in text and "quick brown" not in text
+    assert not any(k in text for k in KEYS.values()) and "quick brown" not in text
     assert sum(line["prompt_tokens"] or 0 for line in logged) == want_total["prompt_tokens"]
     assert sum(line["completion_tokens"] or 0 for line in logged) == want_total["completion_tokens"]
-    assert {line["key"] for line in logged} == {"anonymous"} and {line["status"] for line in logged} == {200}
+    assert {line["key"] for line in logged} == set(KEYS) and {line["status"] for line in logged} == {200}
+    for key in KEYS:
+        assert sum(line["completion_tokens"] or 0 for line in logged if line["key"] == key) == \
+            by_key["usage"][key]["completion_tokens"]
     assert set(logged[0]) == {"time", "key", "model", "instance", "status", "prompt_tokens", "completion_tokens",
                               "latency_ms", "ttft_ms", "retries"}
 
