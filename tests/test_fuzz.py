@@ -377,6 +377,10 @@ INSTANCE_VALUES = {
     "request_strip": mostly(st.lists(st.sampled_from(["seed", "logit_bias", "temperature", "stream"]), max_size=2),
                             YAML_VALUES),
     "fallbacks": mostly(st.lists(st.sampled_from(["m", "org/m", "org/other", "x", "nope"]), max_size=2), YAML_VALUES),
+    "lora_adapters": mostly(st.lists(st.fixed_dictionaries(
+        {"name": mostly(st.sampled_from(["sql", "chat", "m", "a b"]), YAML_VALUES),
+         "path": mostly(st.sampled_from(["/l/sql", "loras/chat"]), st.sampled_from(["", " "]) | YAML_VALUES)},
+        optional={"unknown": YAML_VALUES}), max_size=2), YAML_VALUES),
 }
 INSTANCES = st.lists(st.fixed_dictionaries(
     {k: INSTANCE_VALUES[k] for k in ("model", "engine", "engine_args")},

@@ -12,7 +12,7 @@ from router.config.per_model import check_per_model
 from router.config.problems import Reading
 from router.config.top import Config
 from router.config.venvs import check_venvs
-from router.engines import last_flag_value
+from router.engines import has_flag, last_flag_value
 
 
 def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
@@ -52,7 +52,9 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
     aliases: dict[str, tuple[str, ...]] = {}
     for inst in cfg.instances:
         aliases[inst.model] = (*aliases.get(inst.model, (inst.model,)), *inst.aliases)
+        aliases.update((a.name, (a.name,)) for a in inst.lora_adapters)  # an adapter is a model to clients
     check_scopes(cfg.router.api_keys, aliases, reading)
+    adapter_owner: dict[str, str] = {}
     for inst in cfg.instances:
         where = f"instances[{inst.position}]"
         for n in inst.served_names:
@@ -69,6 +71,7 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
                               f"{', '.join(missing)}; add them or set 'sleep: false'")
         if inst.sleep:
             _tier_check(inst, reading)
+        _adapter_checks(inst, route_owner, adapter_owner, reading)
     _residency_checks(cfg, reading, complete)
     check_per_model(cfg, reading, complete)
     router = cfg.router
@@ -80,6 +83,24 @@ def check(cfg: Config, reading: Reading, complete: bool = True) -> None:
                                      "set, so anyone who can connect may use every model; set api_keys")
     _gpu_checks(cfg, reading)
     check_venvs(cfg.instances, reading)
+
+
+def _adapter_checks(inst: Instance, route_owner: dict[str, str], adapter_owner: dict[str, str], reading: Reading) -> None:
+    """An adapter name is a model name of its own (of one base model), and the engine must be started
+    with its adapter support to load any."""
+    lora = inst.spec.lora
+    where = f"instances[{inst.position}]"
+    for adapter in inst.lora_adapters:
+        owner = route_owner.get(adapter.name)
+        base = adapter_owner.setdefault(adapter.name, inst.model)
+        if owner is not None or base != inst.model:
+            reading.error(f"{where}.lora_adapters", f"adapter name {adapter.name!r} is already a name of model "
+                                                    f"{owner or base!r}; rename the adapter")
+    if lora is not None and inst.lora_adapters and not has_flag(inst.engine_args, lora.enable_flag) \
+            and not (lora.static_enables and has_flag(inst.engine_args, lora.static_flag)):
+        reading.warn(f"{where}.engine_args", f"lora_adapters is set but the engine is not started with {lora.enable_flag}, "
+                                             f"so it cannot load them; add {lora.enable_flag}"
+                                             f"{f' (and {lora.max_flag} N to hold N at once)' if lora.max_default == 1 else ''}")
 
 
 def _tier_check(inst: Instance, reading: Reading) -> None:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from router.config.adapters import LoraAdapter
 from router.config.shaping import Shaping
 from router.engines import ENGINES, EngineSpec
 
@@ -79,6 +80,8 @@ class Instance:
     engine_package: Optional[str] = None
     engine_requirements: Optional[str] = None
     engine_import: Optional[str] = None
+    #: LoRA adapters clients may name as models: the engine flags' (loaded at start), then the declared ones.
+    lora_adapters: tuple[LoraAdapter, ...] = ()
     #: What this model's request bodies get set, forced or lose (None: sent as the client's bytes).
     shaping: Optional[Shaping] = None
     #: Models (or their other names) that answer, in this order, what this model could not.
@@ -90,6 +93,17 @@ class Instance:
     @property
     def spec(self) -> EngineSpec:
         return ENGINES[self.engine]
+
+    @property
+    def adapter_names(self) -> frozenset[str]:
+        return frozenset(a.name for a in self.lora_adapters)
+
+    @property
+    def lora_env(self) -> tuple[tuple[str, str], ...]:
+        """What the engine's adapter endpoints need in its environment, when it has adapters (set by the
+        render before the instance's own env, which may override it)."""
+        lora = self.spec.lora
+        return tuple(lora.needs_env.items()) if lora is not None and self.lora_adapters else ()
 
     @property
     def gpus(self) -> tuple[str, ...]:

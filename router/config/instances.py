@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from router.config.adapters import ADAPTERS, LoraAdapter, instance_adapters
 from router.config.instance import RESERVED_NAMES, ROUTINGS, SAFE_NAME, Instance
 from router.config.kinds import COUNT, HOST, NON_NEGATIVE, PORT, POSITIVE, Choice, EnvList, Flag, Number, Strings, Text, Words
 from router.config.problems import Reading
@@ -118,6 +119,10 @@ INSTANCE: tuple[Key[object], ...] = (
         "`engine-a.default.svc.cluster.local`), on `port:` (or the engine's `--port`). Resolved every "
         "`router.dns_refresh_seconds`; the replicas are named `<name>@<address>`. Such an instance runs elsewhere "
         "(`launch` defaults to `false`; `true` is an error) and has no host (see \"More than one node\")", name="dns_name"),
+    Key(ADAPTERS, (), "LoRA adapters served as models of their own on this instance's engine: `[{name: sql-expert, path: "
+        "/models/loras/sql}]`. Loaded on demand, listed in `/v1/models` with `parent` (see \"LoRA adapters\"); adapters the "
+        "engine's `--lora-modules` (vLLM) or `--lora-paths` (SGLang) name are known too, as loaded at start",
+        name="lora_adapters"),
     Key(Fields(), {}, "fields set in the model's chat, completions, responses and messages bodies when the client gave "
         "none (missing or null): `{temperature: 0.2}`. Top-level only: a value replaces the client's whole field. Not "
         "`model` or `stream` (see \"Shaping and fallbacks\")", name="request_defaults", shown="none"),
@@ -240,6 +245,7 @@ def read_instance(raw: dict[object, object], where: str, position: int, reading:
         engine_package=_text(v, "engine_package"), engine_requirements=requirements,
         engine_import=_text(v, "engine_import"), routing=_text(v, "routing") or "least_outstanding",
         routing_prefix_chars=_int(v.get("routing_prefix_chars", 2048)), shaping=shaping, fallbacks=_words(v, "fallbacks"),
+        lora_adapters=_adapters(v, spec, args, where, reading),
         **{key: _float(v.get(key)) for key in SIZES},
     )
 
@@ -258,6 +264,13 @@ def _words(values: dict[str, object], key: str) -> tuple[str, ...]:
 def _env(values: dict[str, object], key: str) -> tuple[tuple[str, str], ...]:
     value = values.get(key, ())
     return tuple((str(k), str(x)) for k, x in value) if isinstance(value, tuple) else ()
+
+
+def _adapters(values: dict[str, object], spec: EngineSpec, args: tuple[str, ...], where: str,
+              reading: Reading) -> tuple[LoraAdapter, ...]:
+    value = values.get("lora_adapters", ())
+    declared = [a for a in value if isinstance(a, LoraAdapter)] if isinstance(value, tuple) else []
+    return instance_adapters(declared, spec, args, where, reading)
 
 
 def _int(value: object) -> int:

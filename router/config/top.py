@@ -110,11 +110,14 @@ class Config:
 
     @property
     def routes(self) -> dict[str, str]:
-        """Every routable name (model, alias, served name) -> its model."""
+        """Every routable name (model, alias, LoRA adapter, served name) -> its model (an adapter's is its base)."""
         out: dict[str, str] = {}
         for inst in self.instances:  # names the config gives win over engine-served ones
             for n in (inst.model, *inst.aliases):
                 out.setdefault(n, inst.model)
+        for inst in self.instances:
+            for adapter in inst.lora_adapters:
+                out.setdefault(adapter.name, inst.model)
         for inst in self.instances:
             for n in inst.served_names:
                 out.setdefault(n, inst.model)

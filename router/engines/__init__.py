@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import Mapping
 
-from router.engines.spec import MODEL_PATH, Call, EngineInstance, EngineSpec, PythonModule, Tier, flag_values, has_flag, last_flag_value, split_args
+from router.engines.spec import MODEL_PATH, Call, EngineInstance, EngineSpec, LoraApi, PythonModule, Tier, flag_values, has_flag, last_flag_value, split_args
 
 #: Modules of this package that are not engines: the spec, and the engines' environments
 #: (``python -m router.engines setup``).
@@ -56,5 +56,5 @@ def sim_argv(python: str, inst: EngineInstance) -> list[str]:
 
 
 __all__ = ["ENGINE_ALIASES", "ENGINES", "MODEL_PATH", "NOT_ENGINES", "SIM_MODULE", "Call", "EngineInstance", "EngineSpec",
-           "PythonModule", "Tier", "engine_modules", "flag_values", "has_flag", "last_flag_value", "sim_argv",
+           "LoraApi", "PythonModule", "Tier", "engine_modules", "flag_values", "has_flag", "last_flag_value", "sim_argv",
            "split_args"]

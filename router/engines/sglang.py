@@ -16,7 +16,7 @@ http_server.py``, ``managers/io_struct.py`` and the scheduler's
   router's own memory is the state: a router restarted while an SGLang engine
   was released believes it awake (README "Sleep and wake").
 """
-from router.engines.spec import MODEL_PATH, Call, EngineSpec, PythonModule, Tier
+from router.engines.spec import MODEL_PATH, Call, EngineSpec, LoraApi, PythonModule, Tier
 
 #: Tags absent: the weights and the KV cache; ``{}`` is what every version accepts.
 RELEASE = Call("POST", "/release_memory_occupation", json={})
@@ -65,4 +65,10 @@ SPEC = EngineSpec(
         )),
     },
     sleep_needs_args={"--enable-memory-saver": ""},
+    # Run-time adapters (SGLang docs advanced_features/lora): /load_lora_adapter and
+    # /unload_lora_adapter with --enable-lora; --max-loaded-loras bounds the adapters held
+    # (unbounded by default; --max-loras-per-batch, default 8, only bounds one batch).
+    lora=LoraApi(load_path="/load_lora_adapter", unload_path="/unload_lora_adapter", enable_flag="--enable-lora",
+                 max_flag="--max-loaded-loras", max_default=None, static_flag="--lora-paths", static_enables=True,
+                 bound_enforced=True),
 )

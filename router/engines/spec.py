@@ -10,6 +10,7 @@ engine is one new module.
 """
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Protocol, Sequence
@@ -59,6 +60,67 @@ class Tier:
     #: Whether its sleep call, sent to an engine asleep at a lighter level, deepens that sleep
     #: (vLLM drops the weights it had offloaded; SGLang's host backup is a launch flag and stays).
     deepens: bool = False
+
+
+@dataclass(frozen=True)
+class LoraApi:
+    """An engine's run-time LoRA adapter API: where adapters are loaded and unloaded, and the
+    launch flags that enable it, bound how many it holds and name the ones loaded at start.
+
+    Both vLLM and SGLang take ``{"lora_name", "lora_path"}`` to load and ``{"lora_name"}`` to
+    unload; a request then names the adapter as its ``model``.
+    """
+
+    load_path: str
+    unload_path: str
+    #: The flag without which the engine serves no adapter at all.
+    enable_flag: str
+    #: The flag bounding how many adapters the engine holds at once, and its default (None: no bound).
+    max_flag: str
+    max_default: Optional[int]
+    #: The flag naming adapters loaded at start: ``name=path`` words, or JSON ``{"name"|"lora_name", "path"|"lora_path"}``.
+    static_flag: str
+    #: Whether the engine itself refuses a load beyond its bound (SGLang's --max-loaded-loras); vLLM 0.32
+    #: loads beyond --max-loras (measured: tests/real_vllm/FINDINGS.md), so the router keeps the bound.
+    bound_enforced: bool = False
+    #: Whether `static_flag` alone enables adapters (SGLang), rather than needing `enable_flag` too (vLLM).
+    static_enables: bool = False
+    #: Words of the engine's refusal to load an adapter it already holds (the router then counts it as
+    #: loaded: an engine that kept its adapters over a restart the router did not see).
+    already_loaded: Optional[str] = None
+    #: Environment the load and unload endpoints need (vLLM's runtime-updating switch).
+    needs_env: Mapping[str, str] = field(default_factory=dict)
+
+    def load(self, name: str, path: str) -> Call:
+        return Call("POST", self.load_path, json={"lora_name": name, "lora_path": path})
+
+    def unload(self, name: str) -> Call:
+        return Call("POST", self.unload_path, json={"lora_name": name})
+
+    def capacity(self, args: Sequence[str]) -> Optional[int]:
+        """How many adapters the engine launched with `args` holds at once (None: no bound)."""
+        text = last_flag_value(args, self.max_flag)
+        return int(text) if text is not None and text.isdigit() and int(text) > 0 else self.max_default
+
+    def preloaded(self, args: Sequence[str]) -> list[tuple[str, str]]:
+        """(name, path) of each adapter `args` loads at start; a bare path is its own name."""
+        out = []
+        for word in flag_values(args, self.static_flag):
+            if word.startswith("{"):
+                try:
+                    entry = json.loads(word)
+                except ValueError:
+                    continue
+                name = entry.get("name", entry.get("lora_name")) if isinstance(entry, dict) else None
+                path = entry.get("path", entry.get("lora_path")) if isinstance(entry, dict) else None
+                if isinstance(name, str) and isinstance(path, str):
+                    out.append((name, path))
+            elif "=" in word:
+                name, path = word.split("=", 1)
+                out.append((name, path))
+            elif word:
+                out.append((word, word))
+        return out
 
 
 @dataclass(frozen=True)
@@ -150,6 +212,8 @@ class EngineSpec:
     #: (flag, value) under which the engine orders its queue by the request body's integer `priority`,
     #: lower first (vLLM's ``--scheduling-policy priority``); the router then sends a key's class there.
     priority_policy: Optional[tuple[str, str]] = None
+    #: Its run-time LoRA adapter API (None: the router cannot load adapters into it).
+    lora: Optional[LoraApi] = None
 
     @property
     def has_sleep_api(self) -> bool:

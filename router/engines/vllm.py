@@ -25,7 +25,7 @@ All three exist only with ``VLLM_SERVER_DEV_MODE=1`` (and
 ``/health`` 200 and holds (neither answers nor refuses) generation requests
 until ``/wake_up``, so the router must know the state and wake the engine itself.
 """
-from router.engines.spec import Call, EngineSpec, PythonModule, Tier
+from router.engines.spec import Call, EngineSpec, LoraApi, PythonModule, Tier
 
 SPEC = EngineSpec(
     name="vllm",
@@ -85,4 +85,10 @@ SPEC = EngineSpec(
     # CPU builds refuse --enable-sleep-mode yet serve the sleep API in dev mode.
     sleep_needs_args={"--enable-sleep-mode": "GPU builds only; CPU builds refuse it and need just VLLM_SERVER_DEV_MODE=1"},
     api_key_env="VLLM_API_KEY",  # vLLM 0.32: --api-key wins over it
+    # Run-time adapters (vLLM docs features/lora): the endpoints exist only with
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; --max-loras (default 1) bounds the adapters
+    # in one batch, and the router holds no more than that on one engine.
+    lora=LoraApi(load_path="/v1/load_lora_adapter", unload_path="/v1/unload_lora_adapter", enable_flag="--enable-lora",
+                 max_flag="--max-loras", max_default=1, static_flag="--lora-modules", already_loaded="has already been loaded",
+                 needs_env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}),
 )

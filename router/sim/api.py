@@ -16,6 +16,7 @@ from .core import SimCore
 from .dialects import Dialect
 from .errors import ApiError
 from .http import Request, Responder
+from .lora import lora_routes
 from .paths import PathApis
 
 Route = Callable[[Request, Responder], Awaitable[None]]
@@ -41,6 +42,7 @@ class EngineApi:
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/chat/completions"): self.chat,
             ("GET", STATE_PATH): self.state,
+            **lora_routes(self.core.options.engine, self.core.adapters, self.wording.lora_text, self.core.options.lora_load_s),
         }
 
     def prefixed(self, method: str, path: str) -> Optional[Route]:
@@ -52,7 +54,14 @@ class EngineApi:
         resp.send(200, b"", None)
 
     async def models(self, req: Request, resp: Responder) -> None:
-        resp.send(200, self.core.dialect.models(self.core.created))
+        c = self.core
+        listed = c.dialect.models(c.created)
+        if c.adapters.loaded:  # each loaded LoRA adapter too, under its base's name
+            body = orjson.loads(listed)
+            body["data"] += [{**c.dialect.model_card(name, c.created), "root": path, "parent": c.options.public_name}
+                             for name, path in c.adapters.loaded.items()]
+            listed = orjson.dumps(body)
+        resp.send(200, listed)
 
     async def completions(self, req: Request, resp: Responder) -> None:
         await self.core.generate(req, resp, chat=False)
@@ -79,7 +88,7 @@ class EngineApi:
         resp.send(200, orjson.dumps({
             "asleep": m.asleep, "sleep_level": m.level, "woken": sorted(m.woken), "weights_lost": m.weights_lost,
             "cache_stale": m.cache_stale, "answers_right": m.answers_right, "calls": c.calls,
-            "counters": asdict(c.counters)}))
+            "counters": asdict(c.counters), "lora": c.adapters.state()}))
 
     # ----------------------------------------------------------------- metrics
     async def metrics(self, req: Request, resp: Responder) -> None:

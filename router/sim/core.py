@@ -19,6 +19,7 @@ from . import textgen
 from .dialects import Choice, CompletionShape, Dialect, Shape
 from .errors import ApiError
 from .http import Request, Responder
+from .lora import Adapters
 from .memory import Memory
 from .options import SimOptions
 from .validation import Generation, RequestReader
@@ -53,7 +54,9 @@ class SimCore:
     def __init__(self, options: SimOptions, dialect: Dialect):
         self.options = options
         self.dialect = dialect
-        self.reader = RequestReader(options, dialect)
+        #: The LoRA adapters it holds (router/sim/lora.py); a loaded one is a model name too.
+        self.adapters = Adapters(options.engine, options.argv)
+        self.reader = RequestReader(options, dialect, self.adapters.loaded)
         self.counters = Counters()
         self.memory = Memory()
         #: The sleep-API calls received, in order (``"sleep level=2"``, ``"wake_up tags=weights"``...).
@@ -136,8 +139,9 @@ class SimCore:
         weights or cache are lost, router.sim.memory), cut at the first stop string."""
         word = textgen.token if self.memory.answers_right else textgen.garbage
         self.memory.generated()
+        mark = self.adapters.mark(gen.model)
         for prompt in gen.prompts:
-            seed = textgen.prompt_seed(prompt)
+            seed = textgen.prompt_seed(mark + prompt)
             for j in range(gen.n):
                 pieces: list[str] = []
                 text = ""
@@ -154,6 +158,8 @@ class SimCore:
                     text += tok
                 if gen.echo:
                     pieces[0] = prompt + pieces[0]
+                if mark and pieces:
+                    pieces[0] = mark + pieces[0]
                 gen.choices.append(pieces)
                 gen.finish.append(finish)
                 gen.stop_reason.append(matched)

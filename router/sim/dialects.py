@@ -107,6 +107,9 @@ class Dialect:
     name = ""
     #: A request for a model the engine does not serve gets 404 (vLLM) rather than an answer.
     checks_model = False
+    #: Whether LoRA load and unload answer plain text (vLLM 0.32: ``Success: LoRA adapter 'x' added
+    #: successfully.``, no content type) rather than JSON.
+    lora_text = False
     #: A generation arriving asleep waits for the wake (vLLM) rather than failing (SGLang).
     holds_while_asleep = True
     owned_by = ""
@@ -195,6 +198,7 @@ class Dialect:
 class VllmDialect(Dialect):
     name = "vllm"
     checks_model = True
+    lora_text = True
     owned_by = "vllm"
     metric_running = "vllm:num_requests_running"
     metric_waiting = "vllm:num_requests_waiting"

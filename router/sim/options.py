@@ -54,6 +54,10 @@ class SimOptions:
     memory_saver: bool = False
     #: SGLang's --enable-weights-cpu-backup: released weights are kept in host RAM and come back on resume.
     weights_cpu_backup: bool = False
+    #: Seconds a LoRA adapter load takes (reading it from disk).
+    lora_load_s: float = 0.0
+    #: Every engine flag given, as given: what the engine's LoRA flags say is read from them (router/sim/lora.py).
+    argv: tuple[str, ...] = field(default=(), compare=False)
     #: Engine flags given but not understood (logged once, otherwise ignored).
     ignored_args: tuple[str, ...] = field(default=(), compare=False)
 
@@ -107,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="SGLang: released weights are kept in host RAM and restored on resume")
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="batch", type=int, default=0,
                    help="the engine's batch size; used as --max-concurrency when that is not given")
+    # LoRA flags, read from argv by router/sim/lora.py with the engine's own rules.
+    for flag in ("--max-loras", "--max-loaded-loras"):
+        p.add_argument(flag, type=int, default=None)
+    for flag in ("--lora-modules", "--lora-paths"):
+        p.add_argument(flag, nargs="+", default=None)
+    p.add_argument("--enable-lora", action="store_true")
     g = p.add_argument_group("simulation knobs")
     g.add_argument("--startup-s", type=float, default=0.0, help="seconds before the server listens (model load)")
     g.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
@@ -119,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sleep-s", type=float, default=0.0, help="a level-1 sleep's time (weights to host RAM)")
     g.add_argument("--wake-s", type=float, default=0.0, help="a level-1 wake's time (weights back from host RAM)")
     g.add_argument("--reload-s", type=float, default=0.0, help="a level-2 reload's time (weights from disk)")
+    g.add_argument("--lora-load-s", type=float, default=0.0, help="a LoRA adapter load's time")
     g.add_argument("--seed", type=int, default=0, help="seed of the --fail-rate draws")
     return p
 
@@ -139,7 +150,7 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         problems.append("--max-model-len must be at least 1")
     if not 0.0 <= ns.fail_rate <= 1.0:
         problems.append(f"--fail-rate {ns.fail_rate} must be between 0 and 1")
-    for flag in ("startup_s", "ttft_ms", "itl_ms", "sleep_s", "wake_s", "reload_s"):
+    for flag in ("startup_s", "ttft_ms", "itl_ms", "sleep_s", "wake_s", "reload_s", "lora_load_s"):
         if getattr(ns, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must not be negative")
     for flag in ("die_after", "stall_after", "batch"):
@@ -161,5 +172,6 @@ def parse_options(argv: Sequence[str]) -> SimOptions:
         startup_s=ns.startup_s, ttft_ms=ns.ttft_ms, itl_ms=ns.itl_ms, fail_rate=ns.fail_rate,
         die_after=ns.die_after, stall_after=ns.stall_after, hang=ns.hang, seed=ns.seed, api_key=api_key,
         sleep_s=ns.sleep_s, wake_s=ns.wake_s, reload_s=ns.reload_s, memory_saver=ns.memory_saver,
-        weights_cpu_backup=ns.weights_cpu_backup, ignored_args=tuple(unknown),
+        weights_cpu_backup=ns.weights_cpu_backup, ignored_args=tuple(unknown), argv=tuple(argv),
+        lora_load_s=ns.lora_load_s,
     )

@@ -7,7 +7,7 @@ are the same wherever a request comes in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import orjson
 
@@ -42,9 +42,11 @@ class Generation:
 class RequestReader:
     """Validation of request bodies as one engine (its options, its dialect's error words) does it."""
 
-    def __init__(self, options: SimOptions, dialect: Dialect):
+    def __init__(self, options: SimOptions, dialect: Dialect, adapters: Optional[Mapping[str, str]] = None):
         self.options = options
         self.dialect = dialect
+        #: The LoRA adapters loaded now (the engine's, router/sim/lora.py): model names too.
+        self.adapters: Mapping[str, str] = adapters if adapters is not None else {}
 
     def invalid(self, loc: str, kind: str, msg: str, value: Any, ctx: str = "") -> ApiError:
         """A request-validation error worded as FastAPI/pydantic word it in the engines."""
@@ -75,7 +77,7 @@ class RequestReader:
             return o.public_name
         if not isinstance(model, str):
             raise self.invalid("body.model", "string_type", "Input should be a valid string", model)
-        if self.dialect.checks_model and model not in o.names:
+        if self.dialect.checks_model and model not in o.names and model not in self.adapters:
             raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(o.names)}.",
                            "NotFoundError", "model")
         return model

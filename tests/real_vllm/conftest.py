@@ -3,8 +3,9 @@
 The stack (one real vLLM under real supervisord, with the router in front) is
 defined once here for every real-engine module: each module gets its own
 (module scope), started from the same config, with the module's
-``ROUTER_SETTINGS`` dict (if any) merged into the ``router`` section; so a
-module that needs client keys gets them without copying the stack.
+``ROUTER_SETTINGS`` dict (if any) merged into the ``router`` section and its
+``INSTANCE_SETTINGS`` (if any) into the engine's instance; so a module that
+needs client keys or LoRA adapters gets them without copying the stack.
 Test modules import the helpers below (``from conftest import ...``), as the
 suite imports ``helpers``: pytest puts this directory on ``sys.path``.
 
@@ -117,9 +118,12 @@ class Stack(Supervised):
     tree twice a second, so cleanup finds any orphan of a slow vLLM.
     """
 
-    def __init__(self, root: Path, router_settings: Optional[dict[str, Any]] = None):
+    def __init__(self, root: Path, router_settings: Optional[dict[str, Any]] = None,
+                 instance_settings: Optional[dict[str, Any]] = None):
         self.root = root
         self.router_settings = router_settings or {}
+        #: More keys of the engine's instance; its ``engine_args`` are added to the stack's own.
+        self.instance_settings = instance_settings or {}
         self.engine_port, self.router_port = distinct_ports(2)
         self.router = f"http://127.0.0.1:{self.router_port}"
         self.engine = f"http://127.0.0.1:{self.engine_port}"
@@ -154,8 +158,10 @@ class Stack(Supervised):
                 "using_venv": True,
                 "venv_path": str(VENV),
                 "engine_env": ENGINE_ENV,
+                **{k: v for k, v in self.instance_settings.items() if k != "engine_args"},
                 "engine_args": [f"--served-model-name {SERVED}", "--host 127.0.0.1", f"--port {self.engine_port}",
-                                f"--max-model-len {MAX_MODEL_LEN}", "--max-num-seqs 8", "--enforce-eager"],
+                                f"--max-model-len {MAX_MODEL_LEN}", "--max-num-seqs 8", "--enforce-eager",
+                                *self.instance_settings.get("engine_args", [])],
             }],
         }
         path = self.root / "config.yaml"
@@ -218,7 +224,8 @@ def require_prepared() -> None:
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The module's own stack, its router configured with the module's ``ROUTER_SETTINGS``."""
     require_prepared()
-    s = Stack(tmp_path_factory.mktemp("realvllm"), getattr(request.module, "ROUTER_SETTINGS", None))
+    s = Stack(tmp_path_factory.mktemp("realvllm"), getattr(request.module, "ROUTER_SETTINGS", None),
+              getattr(request.module, "INSTANCE_SETTINGS", None))
     try:
         s.render(s.write_config())
         t0 = time.monotonic()

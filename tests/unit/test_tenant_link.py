@@ -12,7 +12,7 @@ from test_link_messages import Worker, run, settle
 from router.config import Config
 from router.server.state import RouterState
 from router.server.workers.messages import Quota, QuotaDone
-from router.server.workers.worker_end import ControllerGate
+from router.server.workers.relayed import ControllerGate
 from router.tenants.classes import HIGH, LOW
 from router.tenants.quota import Refusal, Standing
 

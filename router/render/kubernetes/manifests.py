@@ -229,7 +229,7 @@ def _engine_container(cfg: Config, inst: Instance, pod: GpuPod, port: str, sim: 
     timeout = inst.start_timeout_seconds or cfg.residency.start_timeout_seconds
     # The device plugin hands the pod its GPUs as devices 0..n-1; the node's numbering means nothing there,
     # and in a Pod of several GPUs each engine is told which of them are its own.
-    env = [("PYTHONUNBUFFERED", "1"), *((k, v) for k, v in inst.env if k != "CUDA_VISIBLE_DEVICES")]
+    env = [("PYTHONUNBUFFERED", "1"), *inst.lora_env, *((k, v) for k, v in inst.env if k != "CUDA_VISIBLE_DEVICES")]
     if set(inst.gpus) != set(pod.gpus) and not sim:
         env.append(("CUDA_VISIBLE_DEVICES", pod.devices(inst)))
     return {

@@ -16,8 +16,10 @@ from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
 from router.config import Config, Instance, RouterSettings, SleepSettings
+from router.config.adapters import LoraAdapter
 from router.observe.events import Events
 from router.observe.metrics import ModelMetrics
+from router.server.fleet.adapters import AdapterLoader, AdapterUnavailable
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.replica import UNHEALTHY, Replica
 from router.server.fleet.sticky import Sticky, sticky_for
@@ -45,7 +47,7 @@ class Model:
     """A model's replicas, its wait queue, its lifecycle and its replica pick (least outstanding, or a
     request's key on the ring: `Sticky`)."""
 
-    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "sticky", "_waiters", "_retry_after")
+    __slots__ = ("name", "replicas", "paths", "lifecycle", "metrics", "sticky", "adapters", "_waiters", "_retry_after")
 
     def __init__(self, name: str, replicas: tuple[Replica, ...], lifecycles: LifecycleFactory,
                  metrics: ModelMetrics, retry_after: int):
@@ -57,6 +59,9 @@ class Model:
         self.sticky: Optional[Sticky] = sticky_for(replicas)
         self.lifecycle = lifecycles(name, self.members)
         self.metrics = metrics
+        #: Loads its LoRA adapters into its replicas (an adapter lives and sleeps with its base model);
+        #: made by the first adapter request (`loader`).
+        self.adapters: Optional[AdapterLoader] = None
         self._waiters: ClassQueue[asyncio.Future[Replica]] = ClassQueue()
         self._retry_after = retry_after
 
@@ -81,12 +86,15 @@ class Model:
         if self._waiters:
             self.dispatch()
 
-    def pick(self, now: float, exclude: tuple[Replica, ...] = (), key: Optional[int] = None) -> Replica:
+    def pick(self, now: float, exclude: tuple[Replica, ...] = (), key: Optional[int] = None,
+             adapter: Optional[str] = None) -> Replica:
         """Take a slot on the least-loaded routable replica without waiting (a request with a `key`:
-        on the key's replica, `Sticky`).
+        on the key's replica, `Sticky`; one for a LoRA `adapter`: `_pick_for_adapter`, whatever its key).
 
         Raises NoReplica when none is routable, Overloaded when all are full.
         """
+        if adapter is not None:
+            return self._pick_for_adapter(now, exclude, adapter)
         if key is not None and self.sticky is not None:
             return self._pick_by_key(self.sticky, now, exclude, key)
         best = None
@@ -116,6 +124,64 @@ class Model:
             raise Overloaded()
         raise NoReplica(self._wait_hint(now), self.unavailable_reason())
 
+    def _pick_for_adapter(self, now: float, exclude: tuple[Replica, ...], adapter: str) -> Replica:
+        """A replica that declares `adapter`, those that hold it or are loading it first (so one load
+        serves every request that comes meanwhile), then the least loaded."""
+        best = None
+        full = False
+        for r in self.replicas:
+            if r in exclude or not r.routable(now) or adapter not in r.loras.known:
+                continue
+            if r.limit is not None and r.outstanding >= r.limit:
+                full = True
+                continue
+            if best is None or _lora_rank(r, adapter) < _lora_rank(best, adapter):
+                best = r
+        if best is not None:
+            best.take_slot(now)
+            return best
+        if full:
+            raise Overloaded()
+        raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+
+    @property
+    def loader(self) -> AdapterLoader:
+        if self.adapters is None:
+            self.adapters = AdapterLoader(self.lifecycle.control)
+        return self.adapters
+
+    async def adapter_ready(self, replica: Replica, adapter: str) -> None:
+        """Return once `replica`'s engine holds LoRA `adapter` (loaded here; a proxy worker asks its
+        controller); raise AdapterUnavailable when it cannot."""
+        await self.loader.ensure(replica, adapter)
+
+    async def place_adapter(self, adapter: str) -> None:
+        """Have the replica a request for `adapter` would be given hold it: the one holding or loading
+        it, else the least loaded (a proxy worker's requests ask this of the controller before their
+        pick, so requests of several workers share one load). A failure is left to the request's own
+        `adapter_ready`, which reports it."""
+        now = time.monotonic()
+        homes = [r for r in self.replicas if r.routable(now) and adapter in r.loras.known]
+        if homes:
+            try:
+                await self.loader.ensure(min(homes, key=lambda r: _lora_rank(r, adapter)), adapter)
+            except AdapterUnavailable:
+                pass
+
+    def adapter_lost(self, replica: Replica, adapter: str) -> None:
+        """`replica`'s engine does not hold `adapter` after all (it answered 404: restarted unseen, or
+        unloaded behind the router's back); the next request loads it again."""
+        if adapter in replica.loras.loaded:
+            replica.loras.unloaded(adapter)
+            replica.events.publish("lora", "lost", replica.instance.model, replica.name, adapter=adapter)
+
+    def adapter_use(self, replica: Replica, adapter: str, begin: bool) -> None:
+        """A request for `adapter` begins or ends on `replica` (one in use is not unloaded)."""
+        if begin:
+            replica.loras.begin(adapter, time.monotonic())
+        else:
+            replica.loras.end(adapter, time.monotonic())
+
     def take(self, replica: Replica) -> Replica:
         """A slot on this very replica (it holds what the request refers to), without waiting."""
         if not replica.routable(time.monotonic()):
@@ -127,7 +193,7 @@ class Model:
         return replica
 
     async def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
-                      key: Optional[int] = None, klass: int = NORMAL) -> Replica:
+                      key: Optional[int] = None, klass: int = NORMAL, adapter: Optional[str] = None) -> Replica:
         """Like `pick`, but waits (bounded by the replicas' max_queue) while all are full: higher
         priority classes first (router/tenants/classes.py), first come first served within one.
 
@@ -137,7 +203,7 @@ class Model:
         A waiter with a key takes the first free slot too (its own replica was full).
         """
         try:
-            return self.pick(now, exclude, key)
+            return self.pick(now, exclude, key, adapter)
         except Overloaded:
             cap = sum(r.max_queue for r in self.replicas if r not in exclude and r.routable(now))
             if len(self._waiters) >= cap:
@@ -212,6 +278,11 @@ class Model:
         return max(1, math.ceil(min(ejected))) if ejected else self._retry_after
 
 
+def _lora_rank(replica: Replica, adapter: str) -> tuple[bool, int]:
+    """Replicas holding (or loading) `adapter` first, then the least loaded."""
+    return not replica.loras.holds(adapter), replica.outstanding
+
+
 def served_paths(replicas: tuple[Replica, ...]) -> frozenset[str]:
     return frozenset.intersection(*(frozenset(r.instance.spec.client_paths) for r in replicas)) if replicas else frozenset()
 
@@ -228,9 +299,12 @@ ModelFactory = Callable[[str, "tuple[Replica, ...]", LifecycleFactory, ModelMetr
 class ModelTable:
     """Every routable name -> its Model: one immutable snapshot of the configuration."""
 
-    def __init__(self, models: dict[str, Model], routes: dict[str, str]):
+    def __init__(self, models: dict[str, Model], routes: dict[str, str],
+                 adapters: Optional[dict[str, LoraAdapter]] = None):
         self._models = models
         self._routes: dict[str, Model] = {n: models[m] for n, m in routes.items()}
+        #: LoRA adapter name -> the adapter (routed, in `_routes`, to its base model).
+        self._adapters = adapters or {}
         #: Every client path some model serves: what the app sends to the proxy.
         self.client_paths = frozenset().union(*(m.paths for m in models.values()))
 
@@ -261,11 +335,21 @@ class ModelTable:
         for replica in old_replicas.values():
             if replica not in kept:
                 replica.retire()
-        return cls(models, config.routes)
+        adapters = {a.name: a for i in config.instances for a in i.lora_adapters}
+        return cls(models, config.routes, {n: a for n, a in adapters.items() if config.routes.get(n) in models})
 
     def get(self, name: str) -> Optional[Model]:
         """The model a request names (model, alias or served name), or None."""
         return self._routes.get(name)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters clients may name, each a model of its own to them (and to key scopes)."""
+        return tuple(self._adapters)
+
+    def adapter(self, name: Optional[str]) -> Optional[LoraAdapter]:
+        """The LoRA adapter `name` is, or None (a model, alias or served name; or unknown)."""
+        return self._adapters.get(name) if name is not None else None
 
     def __iter__(self) -> Iterator[Model]:
         return iter(self._models.values())
@@ -279,8 +363,8 @@ class ModelTable:
         return list(self._routes)
 
     def aliases(self, model: Model) -> list[str]:
-        """The names other than its own that lead to `model`."""
-        return [n for n, m in self._routes.items() if m is model and n != model.name]
+        """The names other than its own (and its adapters') that lead to `model`."""
+        return [n for n, m in self._routes.items() if m is model and n != model.name and n not in self._adapters]
 
     def replicas(self) -> Iterator[Replica]:
         for m in self._models.values():
@@ -297,8 +381,9 @@ class ModelTable:
 
 
 def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Replica:
-    """The replica for `instance`: the old one when only its aliases, routing, shaping or fallbacks
-    changed (the table's business, or read from `replica.instance` per request), else a fresh one."""
+    """The replica for `instance`: the old one when only its aliases, routing, shaping, fallbacks or LoRA
+    adapters changed (the table's business, or read from `replica.instance` per request; the adapters
+    it holds stay held), else a fresh one."""
     if replica is not None and not replica.retired and _own(replica.instance) == _own(instance):
         replica.reconfigure(instance)
         return replica
@@ -308,4 +393,4 @@ def _reuse(replica: Optional[Replica], instance: Instance, events: Events) -> Re
 
 def _own(instance: Instance) -> Instance:
     """What of an instance is its replica's business: not what a reload may change under a live replica."""
-    return replace(instance, aliases=(), routing="", routing_prefix_chars=0, shaping=None, fallbacks=())
+    return replace(instance, aliases=(), routing="", routing_prefix_chars=0, shaping=None, fallbacks=(), lora_adapters=())

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from router.config import Instance, RouterSettings, connect_host
 from router.observe.events import Events
+from router.server.fleet.loras import LoraSlots
 from router.server.fleet.upstream import Pool
 from router.supervision.processes import ProcessState
 
@@ -95,7 +96,7 @@ class Replica:
     __slots__ = ("instance", "name", "url", "served", "served_name", "outstanding", "limit", "max_queue",
                  "health", "ok_streak", "fail_streak", "eject_timer", "pool", "authority",
                  "auth_line", "asleep", "process", "retired", "events", "card", "card_at", "breaker",
-                 "ranks")
+                 "ranks", "loras")
 
     def __init__(self, instance: Instance, events: Events, process: Optional[ProcessState] = None):
         self.instance = instance
@@ -130,6 +131,8 @@ class Replica:
         #: The engine's own /v1/models entry for this model (max_model_len...), and when it was read.
         self.card: Optional[dict[str, object]] = None
         self.card_at = 0.0
+        #: The LoRA adapters its engine holds (changed through their own methods; see fleet/loras.py).
+        self.loras = LoraSlots(instance.adapter_names, (a.name for a in instance.lora_adapters if a.at_start))
 
     def take_slot(self, now: float) -> None:
         """A request was sent here (a half-open breaker's trial, if the open time is over)."""
@@ -164,9 +167,10 @@ class Replica:
         self.card_at = now
 
     def reconfigure(self, instance: Instance) -> None:
-        """A reload changed only what is read per request (aliases, shaping, fallbacks): keep the state,
-        take the instance."""
+        """A reload changed only what is read per request (aliases, shaping, fallbacks, LoRA adapters): keep
+        the state, take the instance (and the adapters it may now serve)."""
         self.instance = instance
+        self.loras.reconfigure(instance.adapter_names, (a.name for a in instance.lora_adapters if a.at_start))
 
     @property
     def running(self) -> bool:
@@ -225,6 +229,7 @@ class Replica:
         if not self.running:
             self._set_health(UNKNOWN)
             self.ok_streak = self.fail_streak = 0
+            self.loras.lost()  # a restarted engine holds only the adapters its flags load
         return was != self.running
 
     def failed(self, now: float, settings: RouterSettings, on_over: Callable[[], None]) -> None:

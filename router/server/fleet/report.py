@@ -62,6 +62,8 @@ def replica_report(r: Replica, status: str, residency: str, detail: Optional[str
                  "outstanding": r.outstanding, "ejected": r.ejected_until > time.monotonic()}
     if detail is not None:
         out["detail"] = detail
+    if r.loras.known:  # the LoRA adapters its engine holds now, and those being loaded
+        out["lora_adapters"] = {"loaded": sorted(r.loras.loaded), "loading": sorted(r.loras.loading)}
     if r.process is not None:
         out["process"] = r.process.report(time.time())
     return out

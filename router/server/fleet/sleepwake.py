@@ -178,6 +178,9 @@ async def _do_wake(lc: ModelLife) -> Outcome:
         lc.wake_count += 1
         lc.measured(wake_kind(tier), now - waking_from, targets)
         for replica in targets:  # awake: a sleep found later by reconcile is at the configured level
+            if lc.wake_level(replica) >= 2:
+                replica.loras.lost()  # the weights were read again; adapters are loaded again on demand
+                replica.events.publish("lora", "lost", replica.instance.model, replica.name)
             lc.slept_levels.pop(replica.name, None)
         log.info("model %s is awake after %.3fs", lc.model, now - started)
         return Outcome(True, f"model {lc.model!r} is awake after {now - started:.3f}s")

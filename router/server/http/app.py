@@ -148,9 +148,13 @@ def routes(state: RouterState) -> list[BaseRoute]:
     def model_entry(name: str, model: Model) -> dict[str, object]:
         """One name's /v1/models entry: what its engine says of itself, under the name the client uses."""
         card = next((r.card for r in model.replicas if r.card is not None), None) or {}
-        return {**card, "id": name, "object": "model", "created": card.get("created", int(state.started_at)),
-                "owned_by": card.get("owned_by", model.replicas[0].instance.engine),
-                "root": card.get("root", model.name), "residency": model.lifecycle.state}
+        entry = {**card, "id": name, "object": "model", "created": card.get("created", int(state.started_at)),
+                 "owned_by": card.get("owned_by", model.replicas[0].instance.engine),
+                 "root": card.get("root", model.name), "residency": model.lifecycle.state}
+        adapter = state.table.adapter(name)
+        if adapter is not None:  # as vLLM lists its adapters: root is the adapter's path, parent its base
+            entry.update(root=adapter.path, parent=model.name)
+        return entry
 
     async def list_models(request: Request) -> Response:
         table = state.table
@@ -159,7 +163,8 @@ def routes(state: RouterState) -> list[BaseRoute]:
         for name in table.names:
             model = table.get(name)
             assert model is not None
-            if tenants is None or tenants.may_use(request.scope, model.name):  # only what the key may use
+            adapter = table.adapter(name)
+            if tenants is None or tenants.may_use(request.scope, adapter.name if adapter else model.name):
                 data.append(model_entry(name, model))
         return JSONResponse({"object": "list", "data": data})
 
@@ -170,8 +175,10 @@ def routes(state: RouterState) -> list[BaseRoute]:
             return error_response(404, f"The model '{name}' does not exist. Known models: "
                                        f"{', '.join(state.table.names)}.", param="model")
         tenants = state.proxy.tenants
-        if tenants is not None and not tenants.may_use(request.scope, model.name):
-            return error_response(403, f"This key may not use model '{model.name}'.", param="model")
+        adapter = state.table.adapter(name)
+        asked = adapter.name if adapter else model.name
+        if tenants is not None and not tenants.may_use(request.scope, asked):
+            return error_response(403, f"This key may not use model '{asked}'.", param="model")
         return JSONResponse(model_entry(name, model))
 
     async def kvcached_models(request: Request) -> Response:

@@ -26,6 +26,7 @@ from router.server.fleet.lifecycle import AWAKE, Lifecycle, ModelUnavailable
 from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import ConnectFailed, UpstreamError
+from router.server.proxy.adapters import adapter_done, adapter_missing, adapter_ready
 from router.server.proxy.affinity import RESPONSES_PATH, Owner, ResponseOwners
 from router.server.proxy.exchange import Exchange, traced_admission
 from router.server.proxy.fallback import chains, fall_back, fallbacks_for
@@ -145,6 +146,8 @@ class Proxy:
         out = self.outgoing(scope, body)
         out.shaped = out.payload is not None and path in SHAPED_PATHS
         model = self.model_for(out.name, path)
+        if self.table.adapter(out.name) is not None:
+            out.adapter = out.name
         if path == RESPONSES_PATH and out.payload is not None:
             out.pin = await self.previous_response_owner(out.payload, model)
         if model.sticky is not None and out.pin is None:
@@ -301,6 +304,7 @@ class Proxy:
                     if not fallbacks:
                         raise
                     model, fallbacks = fall_back(model, fallbacks)
+                    out.adapter = None  # the fallback answers as itself, not as the LoRA adapter
         except asyncio.CancelledError:
             if not reply.gone:
                 raise
@@ -331,6 +335,7 @@ class Proxy:
         finally:
             if admit:
                 lifecycle.release()
+            adapter_done(out, model)
 
     async def acquire(self, model: Model, out: Outgoing, tried: tuple[Replica, ...],
                       trace: Optional[RequestTrace]) -> Replica:
@@ -339,12 +344,13 @@ class Proxy:
             if out.pin is not None:
                 return model.take(out.pin)
             if trace is None:
-                return await model.acquire(time.monotonic(), tried, self.queue_timeout, out.key, out.priority)
+                return await model.acquire(time.monotonic(), tried, self.queue_timeout, out.key, out.priority,
+                                           out.adapter)
             try:  # traced: a wait in the queue is a span of its own
-                return model.pick(time.monotonic(), tried, out.key)
+                return model.pick(time.monotonic(), tried, out.key, out.adapter)
             except Overloaded:
                 return await trace.waited(QUEUE, model.acquire(time.monotonic(), tried, self.queue_timeout, out.key,
-                                                               out.priority))
+                                                               out.priority, out.adapter))
         except NoReplica as e:
             if tried:
                 raise Unserved(502, f"Could not connect to any engine of model '{model.name}' "
@@ -367,6 +373,8 @@ class Proxy:
         while True:
             replica = await self.acquire(model, out, tried, ex.trace)
             ex.replica = replica
+            if out.adapter is not None:
+                await adapter_ready(model, replica, out)
             inst = replica.instance
             # A stream waits at most one idle period for its first byte; an answer, the request timeout.
             idle = inst.stream_idle_timeout_seconds or self.idle_timeout
@@ -401,6 +409,10 @@ class Proxy:
             except BaseException:
                 model.release(replica)
                 raise
+            if resp.status == 404 and adapter_missing(model, replica, out):
+                resp.close()
+                model.release(replica)
+                continue
             if resp.status in RETRY_STATUSES:
                 model.failed(replica, time.monotonic(), self.settings)
                 if retries and self.another(model, tried + (replica,)):

@@ -105,7 +105,8 @@ class Outgoing:
     for a stream's usage (`strip_usage`, router/server/proxy/tokens.py).
     """
 
-    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "priority", "strip_usage")
+    __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "priority", "adapter",
+                 "adapter_on", "adapter_retried", "strip_usage")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -121,6 +122,12 @@ class Outgoing:
         self.shaped = False
         #: Its priority class (router/tenants/classes.py): its key's, or lower if it asked.
         self.priority = NORMAL
+        #: The LoRA adapter the request names (its `model`, which the engine knows by the same name), and
+        #: the replica whose adapter use it counts now (router/server/proxy/adapters.py).
+        self.adapter: Optional[str] = None
+        self.adapter_on: Optional[Replica] = None
+        #: Sent again once already because its engine had lost the adapter.
+        self.adapter_retried = False
         #: The router asked for the stream's usage chunk: it is removed from the client's stream.
         self.strip_usage = False
 
@@ -136,7 +143,7 @@ class Outgoing:
         return self
 
     def data_for(self, replica: Replica) -> bytes:
-        served = self.name in replica.served
+        served = self.name in replica.served or self.adapter is not None
         shaping = replica.instance.shaping if self.shaped else None
         # Only an engine that orders its queue by `priority` looks further (one attribute for the others).
         ranked = replica.ranks and self.payload is not None and (self.priority != NORMAL or "priority" in self.payload)

@@ -108,8 +108,12 @@ def duration(seconds: float) -> bytes:
 
 
 def allowed_models(record: ApiKey, table: ModelTable) -> Optional[frozenset[str]]:
-    """The models `record` may use (a glob matching the model's name or one of its aliases); None: all."""
-    return allowed(record.models, {m.name: (m.name, *table.aliases(m)) for m in table})
+    """The models `record` may use (a glob matching the model's name or one of its aliases, or a LoRA
+    adapter's own name: an adapter is a model to clients, so its base model's scope does not cover it);
+    None: all."""
+    names = {m.name: (m.name, *table.aliases(m)) for m in table}
+    names.update((a, (a,)) for a in table.adapter_names)
+    return allowed(record.models, names)
 
 
 class Tenants:
@@ -141,8 +145,9 @@ class Tenants:
             return None
         ex.key = name = record.name
         allowed = self.scopes.get(name)
-        if allowed is not None and model.name not in allowed:
-            raise Reject(403, f"The key '{name}' may not use model '{model.name}'; it may use: "
+        asked = out.adapter or model.name
+        if allowed is not None and asked not in allowed:
+            raise Reject(403, f"The key '{name}' may not use model '{asked}'; it may use: "
                               f"{', '.join(sorted(allowed)) or 'none of the models served now'}.", "model")
         out.priority = requested(self.classes.get(name, NORMAL), header(scope, PRIORITY_HEADER))
         if not record.limited:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Coroutine, Optional, Protocol
 from router.config import Config
 from router.observe.events import Event, Events
 from router.observe.traffic import Traffic
+from router.server.fleet.adapters import AdapterUnavailable
 from router.server.fleet.lifecycle import ModelUnavailable
 from router.server.fleet.models import Model, ModelTable, NoReplica, Overloaded
 from router.server.fleet.replica import Replica
@@ -26,6 +27,10 @@ from router.server.proxy.affinity import Owner as StoredOwner
 from router.server.workers.messages import (
     FENCE_TIMEOUT_SECONDS,
     PROTOCOL,
+    AdapterAnswer,
+    AdapterLost,
+    AdapterState,
+    AdapterUse,
     Applied,
     BreakerOutcome,
     BreakerState,
@@ -35,6 +40,7 @@ from router.server.workers.messages import (
     Hello,
     Lease,
     Leased,
+    LoadAdapter,
     Message,
     ModelState,
     Owner,
@@ -87,6 +93,10 @@ class Fleet(Protocol):
     def quotas(self) -> Quotas: ...
 
 
+def adapter_state(replica: Replica) -> AdapterState:
+    return AdapterState(replica.name, tuple(replica.loras.loaded), tuple(replica.loras.loading))
+
+
 class WorkerLink:
     """The controller's end of one worker's link: what that worker has in flight and leased."""
 
@@ -105,6 +115,8 @@ class WorkerLink:
         self.generation = 0
         self.fenced = 0
         self.fence_waiter: Optional[asyncio.Future[None]] = None
+        #: (instance, adapter) -> this worker's requests using that adapter there.
+        self.adapter_uses: dict[tuple[str, str], int] = {}
 
 
 class WorkerLinks:
@@ -150,6 +162,12 @@ class WorkerLinks:
         """A reload swapped the table: every worker builds the new one, and acknowledges it."""
         self.generation += 1
         self.broadcast(self.table_message())
+        for message in self.adapter_states():
+            self.broadcast(message)
+
+    def adapter_states(self) -> list[AdapterState]:
+        """What every engine that may serve LoRA adapters holds now (sent after each `Table`)."""
+        return [adapter_state(r) for r in self.fleet.table.replicas() if r.loras.known]
 
     def broadcast(self, message: Message, but: Optional[WorkerLink] = None) -> None:
         for link in self.links:
@@ -162,10 +180,14 @@ class WorkerLinks:
             model = self.fleet.table.get(event.model)
             if model is not None and model.lifecycle.state == event.state:
                 self.broadcast(ModelState(event.model, event.state))
-        elif event.kind in ("health", "process", "breaker") and event.instance is not None:
+        elif event.kind in ("health", "process", "breaker", "lora") and event.instance is not None:
             replica = self.fleet.table.replica(event.instance)
             if replica is None:
                 return
+            if event.kind in ("process", "lora") and replica.loras.known:  # a restart forgets them too
+                self.broadcast(adapter_state(replica))
+                if event.kind == "lora":
+                    return
             if event.kind != "breaker":
                 self.broadcast(ReplicaState(replica.name, replica.health, replica.process))
             if event.kind != "process":  # a probe that finds it healthy again closes its breaker
@@ -220,6 +242,8 @@ class WorkerLinks:
             self.begin_serving()
         self.links.append(link)
         link.channel.send(self.table_message())
+        for state in self.adapter_states():
+            link.channel.send(state)
         try:
             while True:
                 message = await link.channel.receive()
@@ -248,6 +272,8 @@ class WorkerLinks:
             self.fleet.quotas.finish(key, time.monotonic(), bound, None)
         if link.fence_waiter is not None and not link.fence_waiter.done():
             link.fence_waiter.set_result(None)
+        for instance, adapter in list(link.adapter_uses):
+            self._adapter_use(link, AdapterUse(instance, adapter, 0))
 
     def take(self, link: WorkerLink, message: Message) -> None:
         match message:
@@ -282,6 +308,14 @@ class WorkerLinks:
                 self._spawn(self._whose(link, message))
             case Owner():
                 self._owner(link, message)
+            case LoadAdapter():
+                self._spawn(self._load_adapter(link, message))
+            case AdapterUse():
+                self._adapter_use(link, message)
+            case AdapterLost():
+                found = self.fleet.table.instance(message.instance)
+                if found is not None:
+                    found[0].adapter_lost(found[1], message.adapter)
             case _:
                 log.error("a proxy worker sent %s, which a controller does not take", type(message).__name__)
 
@@ -392,6 +426,36 @@ class WorkerLinks:
             return
         # No await since ready() saw AWAKE: any later state change is sent after this answer.
         link.channel.send(ReadyAnswer(message.request, None))
+
+    async def _load_adapter(self, link: WorkerLink, message: LoadAdapter) -> None:
+        """Load for a worker, with the controller's one loader: single-flight across workers."""
+        if message.instance is None:
+            placed = self.fleet.table.get(message.model)
+            if placed is not None:
+                await placed.place_adapter(message.adapter)
+            link.channel.send(AdapterAnswer(message.request, None))
+            return
+        found = self.fleet.table.instance(message.instance)
+        if found is None:
+            link.channel.send(AdapterAnswer(message.request, (503, f"Instance {message.instance} was just "
+                                                                    "reconfigured; retry.")))
+            return
+        model, replica = found
+        try:
+            await model.adapter_ready(replica, message.adapter)
+        except AdapterUnavailable as e:
+            link.channel.send(AdapterAnswer(message.request, (e.status, e.message)))
+            return
+        link.channel.send(AdapterAnswer(message.request, None))  # after the `lora` event's AdapterState
+
+    def _adapter_use(self, link: WorkerLink, message: AdapterUse) -> None:
+        key = (message.instance, message.adapter)
+        delta = message.requests - link.adapter_uses.pop(key, 0)
+        if message.requests:
+            link.adapter_uses[key] = message.requests
+        replica = self.fleet.table.replica(message.instance)
+        if replica is not None and delta:
+            replica.loras.count_remote(message.adapter, delta, time.monotonic())
 
     async def _whose(self, link: WorkerLink, message: Whose) -> None:
         found = await self.fleet.owners.find(message.response_id)

@@ -61,6 +61,20 @@ windows, requests in flight)                        before it is admitted; the c
                                                     with the tokens it used. A worker's open quotas end
                                                     with its link (charged their bound). A key without
                                                     limits sends nothing
+LoRA adapters an engine holds (loaded,  controller  pushed: `AdapterState` after each change (a load, an
+being loaded: Replica.loras)                        unload, a restart, a level-2 wake) and after each
+                                                    `Table`. A worker whose copy does not show the
+                                                    adapter loaded asks `LoadAdapter` and waits for
+                                                    `AdapterAnswer`: the controller runs the load, so
+                                                    it is single-flight across workers and within the
+                                                    engine's --max-loras. AdapterState comes before
+                                                    the answer, so the worker then sees it loaded
+which adapters are in use (one in use   workers     merged: `AdapterUse`, the worker's absolute count,
+is never unloaded)                                  sent when it leaves or reaches zero (the LRU choice
+                                                    needs only busy or idle, and the last use); a
+                                                    worker's uses end with its link; a worker whose
+                                                    engine answered 404 for a held adapter says
+                                                    `AdapterLost` before it asks `LoadAdapter`
 ======================================  ==========  ====================================================
 
 Why exact idle detection holds: a worker reports a model's count within
@@ -88,7 +102,7 @@ from router.config import Config
 from router.supervision.processes import ProcessState
 
 #: Bumped whenever a message's fields change: both ends must run the same code.
-PROTOCOL = 4
+PROTOCOL = 5
 
 #: Longest a worker's count leaving or reaching zero, and a finished request's record, wait before
 #: they reach the controller (one message per period carries them all: under load, many requests).
@@ -183,6 +197,19 @@ class WhoseAnswer(NamedTuple):
     found: Optional[tuple[str, str]]
 
 
+class AdapterState(NamedTuple):
+    """The LoRA adapters `instance`'s engine holds and is loading (the controller's `Replica.loras`)."""
+    instance: str
+    loaded: tuple[str, ...]
+    loading: tuple[str, ...]
+
+
+class AdapterAnswer(NamedTuple):
+    """The answer to `LoadAdapter`: loaded (`refusal` None), or (status 502 or 503, message)."""
+    request: int
+    refusal: Optional[tuple[int, str]]
+
+
 # ----------------------------------------------------------------------------- worker -> controller
 
 
@@ -269,6 +296,29 @@ class Whose(NamedTuple):
     response_id: str
 
 
+class LoadAdapter(NamedTuple):
+    """Make `instance`'s engine hold LoRA adapter `adapter` of `model` (joining a load under way); with
+    `instance` None, the engine the controller picks for it: one that holds or is loading it, else the
+    least loaded (so requests of several workers that find no engine holding it share one load)."""
+    request: int
+    model: str
+    instance: Optional[str]
+    adapter: str
+
+
+class AdapterUse(NamedTuple):
+    """This worker's requests for `adapter` on `instance` now (sent when the count leaves or reaches zero)."""
+    instance: str
+    adapter: str
+    requests: int
+
+
+class AdapterLost(NamedTuple):
+    """`instance`'s engine answered 404 for `adapter`, which it was believed to hold: it holds it no more."""
+    instance: str
+    adapter: str
+
+
 class Owner(NamedTuple):
     """Worker -> controller -> the other workers: a stored response's replica."""
     response_id: str
@@ -277,15 +327,16 @@ class Owner(NamedTuple):
 
 
 ToWorker = Union[Refused, Table, ModelState, ReplicaState, BreakerState, Fence, ReadyAnswer, Leased, Synced,
-                 WhoseAnswer, Owner, QuotaAnswer]
+                 WhoseAnswer, Owner, QuotaAnswer, AdapterState, AdapterAnswer]
 ToController = Union[Hello, Applied, Report, Fenced, Ready, Lease, Unlease, BreakerOutcome, Sync, Whose, Owner,
-                     Quota, QuotaDone]
+                     Quota, QuotaDone, LoadAdapter, AdapterUse, AdapterLost]
 Message = Union[ToWorker, ToController]
 
 #: Every kind, in the order of its number on the wire (append only; a change bumps PROTOCOL).
 KINDS: tuple[type[Message], ...] = (Hello, Refused, Table, Applied, ModelState, ReplicaState, BreakerState, Fence,
                                     Fenced, Report, Ready, ReadyAnswer, Lease, Leased, Unlease, BreakerOutcome, Sync,
-                                    Synced, Whose, WhoseAnswer, Owner, Quota, QuotaAnswer, QuotaDone)
+                                    Synced, Whose, WhoseAnswer, Owner, Quota, QuotaAnswer, QuotaDone, AdapterState,
+                                    AdapterAnswer, LoadAdapter, AdapterUse, AdapterLost)
 _NUMBER = {kind: number for number, kind in enumerate(KINDS)}
 _new = tuple.__new__
 

@@ -46,10 +46,11 @@ from router.server.proxy.forward import Proxy
 from router.server.proxy.reply import Receive, Scope, Send
 from router.server.proxy.request import DROP_REQUEST_HEADERS
 from router.server.proxy.tenants import tenants_for
-from router.server.workers.messages import BreakerState, ReplicaState, Table
+from router.server.workers.messages import AdapterState, BreakerState, ReplicaState, Table
 from router.server.workers.messages import Owner as OwnerMessage
+from router.server.workers.relayed import ControllerGate, RelayedMetrics, RelayedTraffic
 from router.server.workers.remote import RemoteAdmission
-from router.server.workers.worker_end import ControllerGate, ControllerLink, LeasedModel, RelayedMetrics, RelayedTraffic
+from router.server.workers.worker_end import ControllerLink, LeasedModel
 
 log = logging.getLogger("router.worker")
 
@@ -115,12 +116,16 @@ class WorkerState:
         model = self.table.get(name)
         return model.lifecycle if model is not None else None
 
-    def replica_changed(self, message: ReplicaState) -> None:
+    def replica_changed(self, message: ReplicaState | AdapterState) -> None:
         found = self.table.instance(message.instance)
-        if found is not None:
-            model, replica = found
-            replica.apply_report(message.health, message.process)
-            model.dispatch()
+        if found is None:
+            return
+        model, replica = found
+        if isinstance(message, AdapterState):
+            replica.loras.follow(message.loaded, message.loading)
+            return
+        replica.apply_report(message.health, message.process)
+        model.dispatch()
 
     def breaker_changed(self, message: BreakerState) -> None:
         replica = self.table.replica(message.instance)

@@ -17,7 +17,7 @@ from typing import Callable, Coroutine, Optional, TypeVar
 from router.config import SleepSettings
 from router.observe.events import Event
 from router.observe.metrics import ModelMetrics
-from router.observe.traffic import Traffic
+from router.server.fleet.adapters import AdapterUnavailable
 from router.server.fleet.lifecycle import Lifecycle
 from router.server.fleet.models import LifecycleFactory, Model, NoReplica, Overloaded
 from router.server.fleet.outcome import ModelUnavailable
@@ -27,6 +27,10 @@ from router.server.workers.messages import (
     COUNTS_SECONDS,
     PROTOCOL,
     REPORT_SECONDS,
+    AdapterAnswer,
+    AdapterLost,
+    AdapterState,
+    AdapterUse,
     Applied,
     BreakerOutcome,
     BreakerState,
@@ -37,6 +41,7 @@ from router.server.workers.messages import (
     Hello,
     Lease,
     Leased,
+    LoadAdapter,
     Message,
     ModelState,
     Note,
@@ -72,7 +77,8 @@ class ControllerLink:
     """A worker's end: applies the controller's changes to its view and reports what it admits."""
 
     def __init__(self, channel: Wire, on_table: Callable[[Table], None],
-                 model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[ReplicaState], None],
+                 model: Callable[[str], Optional[Lifecycle]],
+                 replica_changed: Callable[[ReplicaState | AdapterState], None],
                  breaker_changed: Callable[[BreakerState], None], owner: Callable[[Owner], None]):
         self.channel = channel
         self._on_table = on_table
@@ -98,7 +104,8 @@ class ControllerLink:
 
     @classmethod
     async def connect(cls, path: str, on_table: Callable[[Table], None],
-                      model: Callable[[str], Optional[Lifecycle]], replica_changed: Callable[[ReplicaState], None],
+                      model: Callable[[str], Optional[Lifecycle]],
+                      replica_changed: Callable[[ReplicaState | AdapterState], None],
                       breaker_changed: Callable[[BreakerState], None], owner: Callable[[Owner], None]) -> ControllerLink:
         reader, writer = await asyncio.open_unix_connection(path)
         channel = Channel(reader, writer)
@@ -140,7 +147,7 @@ class ControllerLink:
                 lc = self._model(message.model)
                 if lc is not None:
                     lc.mirror(message.state)
-            case ReplicaState():
+            case ReplicaState() | AdapterState():
                 self._replica_changed(message)
             case BreakerState():
                 self._breaker_changed(message)
@@ -149,7 +156,7 @@ class ControllerLink:
                 self.channel.send(Fenced(message.n))
             case ReadyAnswer():
                 self._admitted(message)
-            case Synced() | WhoseAnswer():
+            case Synced() | WhoseAnswer() | AdapterAnswer():
                 answer = self._answers.pop(message.request, None)
                 if answer is not None and not answer.done():
                     answer.set_result(message)
@@ -212,6 +219,18 @@ class ControllerLink:
         controller knows it once every worker has told it what they learned."""
         request = next(self._ids)
         return (await self._ask(request, Whose(request, response_id), WhoseAnswer)).found
+
+    async def load_adapter(self, model: str, instance: Optional[str], adapter: str) -> Optional[tuple[int, str]]:
+        """Have the controller make `instance`'s engine (None: the one it picks) hold `adapter`: None
+        once it does (its `AdapterState` already applied here), else (status, message)."""
+        request = next(self._ids)
+        return (await self._ask(request, LoadAdapter(request, model, instance, adapter), AdapterAnswer)).refusal
+
+    def adapter_use(self, instance: str, adapter: str, requests: int) -> None:
+        self.channel.send(AdapterUse(instance, adapter, requests))
+
+    def adapter_lost(self, instance: str, adapter: str) -> None:
+        self.channel.send(AdapterLost(instance, adapter))
 
     async def ready(self, lc: RemoteAdmission) -> None:
         """Ask the controller to make the model ready; on success the request is already counted."""
@@ -373,10 +392,21 @@ class LeasedModel(Model):
         self.leased = leased(replicas)
 
     def acquire(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float,
-                key: Optional[int] = None, klass: int = NORMAL) -> Coroutine[object, object, Replica]:
+                key: Optional[int] = None, klass: int = NORMAL,
+                adapter: Optional[str] = None) -> Coroutine[object, object, Replica]:
         # Not a coroutine itself: an unlimited model's request pays no extra frame.
-        return self._leased(exclude, key, klass) if self.leased else super().acquire(now, exclude, queue_timeout, key,
-                                                                                      klass)
+        if adapter is not None and not any(r.loras.holds(adapter) for r in self.replicas):
+            return self._placed(now, exclude, queue_timeout, key, klass, adapter)
+        return (self._leased(exclude, key, klass) if self.leased
+                else super().acquire(now, exclude, queue_timeout, key, klass, adapter))
+
+    async def _placed(self, now: float, exclude: tuple[Replica, ...], queue_timeout: float, key: Optional[int],
+                      klass: int, adapter: str) -> Replica:
+        """No replica holds `adapter` in this worker's view: the controller loads it where it picks first
+        (its AdapterState arrives before the answer), so this pick prefers that replica."""
+        await self.link.load_adapter(self.name, None, adapter)
+        return await (self._leased(exclude, key, klass) if self.leased
+                      else super().acquire(now, exclude, queue_timeout, key, klass, adapter))
 
     async def _leased(self, exclude: tuple[Replica, ...], key: Optional[int], klass: int) -> Replica:
         # The controller picks on the ring with every worker's counts (and counts the hit or move).
@@ -387,6 +417,24 @@ class LeasedModel(Model):
             self.link.unlease(lease)
             raise NoReplica(1, f"Instance {instance} of model '{self.name}' was just reconfigured; retry.")
         return self._hold(replica, lease)
+
+    async def adapter_ready(self, replica: Replica, adapter: str) -> None:
+        """The controller loads adapters (single-flight across workers); this copy only follows."""
+        if adapter in replica.loras.loaded:
+            return
+        refusal = await self.link.load_adapter(self.name, replica.name, adapter)
+        if refusal is not None:
+            raise AdapterUnavailable(*refusal)
+
+    def adapter_lost(self, replica: Replica, adapter: str) -> None:
+        super().adapter_lost(replica, adapter)  # this copy at once; the controller's before the next load
+        self.link.adapter_lost(replica.name, adapter)
+
+    def adapter_use(self, replica: Replica, adapter: str, begin: bool) -> None:
+        super().adapter_use(replica, adapter, begin)
+        requests = replica.loras.busy.get(adapter, 0)
+        if requests == (1 if begin else 0):  # busy or idle now: the controller's LRU choice needs it
+            self.link.adapter_use(replica.name, adapter, requests)
 
     def take(self, replica: Replica) -> Replica:
         if not self.leased:
@@ -407,57 +455,3 @@ class LeasedModel(Model):
             if not leases:
                 del self._leases[replica]
         super().release(replica)
-
-
-class ControllerGate:
-    """A worker's `Gate` (router/server/proxy/tenants.py): the controller keeps every key's counters,
-    so a key's limits hold across workers."""
-
-    def __init__(self, link: ControllerLink):
-        self.link = link
-
-    def admit(self, key: str, bound: int) -> Coroutine[object, object, Decision]:
-        return self.link.quota(key, bound)
-
-    def finish(self, ticket: int, key: str, bound: int, used: Optional[int]) -> None:
-        self.link.quota_done(ticket, used)
-
-
-class RelayedTraffic(Traffic):
-    """A worker's traffic: each finished request goes to the controller, which owns the figures
-    (its metrics too: the controller observes the request there)."""
-
-    def __init__(self, link: ControllerLink):
-        super().__init__(())
-        self._link = link
-
-    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool,
-               key: str = "anonymous", prompt: Optional[int] = None, completion: Optional[int] = None,
-               instance: Optional[str] = None, retries: int = 0) -> None:
-        self._link.finished(model, status, latency_s, ttfb_s, stream, key, instance, retries, prompt, completion)
-
-
-class RelayedMetrics(ModelMetrics):
-    """A worker's metrics of one model: retries, engine failures and fallbacks go to the controller; a
-    request's status and times go there through `RelayedTraffic` (one record per request)."""
-
-    __slots__ = ("_link",)
-
-    def __init__(self, model: str, link: ControllerLink):
-        super().__init__(model)
-        self._link = link
-
-    def observe(self, status: int, latency_s: float, ttfb_s: Optional[float], key: str = "anonymous",
-                prompt: Optional[int] = None, completion: Optional[int] = None) -> None:
-        return None
-
-    def retry(self, reason: str) -> None:
-        self._link.retried(self.model, reason)
-
-    def upstream_error(self, kind: str) -> None:
-        self._link.upstream_failed(self.model, kind)
-
-    def routed(self, hit: bool) -> None:
-        self._link.picked(self.model, hit)
-    def fallback(self, to: str) -> None:
-        self._link.fell_back(self.model, to)
