@@ -147,6 +147,9 @@ class Engine:
                     await asyncio.sleep(3600)
                 self.chunk_times.append(time.monotonic())
                 await resp.write(b"data: " + orjson.dumps(chunk(payload, request.path, i)) + b"\n\n")
+            options = payload.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage") is True:  # as vLLM: a last chunk
+                await resp.write(b"data: " + orjson.dumps(usage_chunk(payload, request.path, self.chunks)) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except asyncio.CancelledError:
@@ -288,3 +291,11 @@ class Stack:
             r.stop()
         for e in self.engines:
             self.loop.run(e.stop())
+
+
+def usage_chunk(payload: dict[str, Any], path: str, chunks: int) -> dict[str, Any]:
+    """The last chunk of a stream that asked `stream_options.include_usage`: one prompt token, a
+    completion token per chunk."""
+    return {"id": "cmpl-1", "object": "chat.completion.chunk" if "chat" in path else "text_completion", "created": 1,
+            "model": payload["model"], "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": chunks, "total_tokens": 1 + chunks}}

@@ -307,6 +307,7 @@ TEXT_VALUES = {
     "KeyValue": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
     "Globs": st.lists(st.sampled_from(["m", "*", "org/*", "alias", "no-such-model", "[a-"]), max_size=2),
     "OneKey": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
+    "LogPath": st.sampled_from(["activity.jsonl", "logs/activity.jsonl", ".", " "]),
     "Nameservers": st.lists(st.sampled_from(["127.0.0.1:5353", "10.96.0.10", "[::1]:53", "dns.local", "1.2.3.4:0"]),
                             max_size=2),
 }

@@ -19,7 +19,8 @@ from test_security import ADMIN_KEY, BODY, CLIENT_KEYS, GUESS, MODEL, bearer, ca
 
 pytestmark = pytest.mark.timeout(120)
 
-ACCESS = {"model", "stream", "instance", "status", "bytes", "ttft_ms", "latency_ms", "retries"}
+ACCESS = {"model", "stream", "instance", "status", "bytes", "ttft_ms", "latency_ms", "retries", "key", "prompt_tokens",
+          "completion_tokens"}
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
@@ -61,6 +62,9 @@ def test_every_line_of_the_router_log_is_json_and_no_key_is_in_it(tmp_path: Path
     assert sorted((a["status"], a["stream"]) for a in access) == [(200, False), (200, False), (200, True)], access
     assert all(set(a) >= ACCESS and a["model"] == MODEL and a["instance"] and a["latency_ms"] >= a["ttft_ms"] > 0
                for a in access)
+    # The engine's usage, streamed (the router asked for it) or not; the key's name, never the key.
+    assert all(a["prompt_tokens"] > 0 and a["completion_tokens"] > 0 and a["key"] not in CLIENT_KEYS for a in access)
+    assert [a["completion_tokens"] for a in access if a["stream"]] == [2]
     said = [line["message"] for line in lines if line["logger"] == "router.lifecycle"]
     assert any("is asleep" in m for m in said) and any("is awake" in m for m in said), said
     # The state changes, each a line with its fields: the model slept and woke, the engine was found healthy.

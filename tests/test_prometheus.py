@@ -186,6 +186,9 @@ def test_the_dashboard_shows_what_the_traffic_did(scraped: tuple[Prometheus, Sta
     per_model = {s["metric"]["model"]: float(s["value"][1])
                  for s in prometheus.query('sum by (model) (router_requests_total{status="200"})')["result"]}
     assert per_model == {"m/a": 4.0, "m/b": 2.0}
+    completion = {s["metric"]["model"]: float(s["value"][1])
+                  for s in prometheus.query('sum by (model) (router_tokens_total{kind="completion"})')["result"]}
+    assert completion == {"m/a": 4.0 * 2, "m/b": 2.0 * 2}  # max_tokens 2, each answer says so in its usage
     states = {s["metric"]["model"]: s["metric"]["state"]
               for s in prometheus.query('max by (model, state) (router_model_state) == 1')["result"]}
     assert states == {m: v["state"] for m, v in stack.residency()["models"].items()}

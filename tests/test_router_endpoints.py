@@ -87,7 +87,7 @@ def test_metrics_count_requests_and_state(stack: Stack) -> None:
     status, headers, data = get(r.url + "/metrics")
     text = data.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    assert 'router_requests_total{model="m",status="200"} 2.0' in text
+    assert 'router_requests_total{key="anonymous",model="m",status="200"} 2.0' in text
     assert 'router_request_duration_seconds_count{model="m"} 2.0' in text
     assert 'router_time_to_first_byte_seconds_count{model="m"} 2.0' in text
     assert 'router_in_flight_requests{model="m"} 0.0' in text

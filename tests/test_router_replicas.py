@@ -97,7 +97,7 @@ def test_queue_timeout_is_429(stack: Stack) -> None:
         assert first.result()[0] == 200
     assert len(e.bodies) == 1
     status, _, data = post(r.url + "/metrics", None, method="GET")  # type: ignore[arg-type]
-    assert 'router_requests_total{model="m",status="429"} 1.0' in data.decode()
+    assert 'router_requests_total{key="anonymous",model="m",status="429"} 1.0' in data.decode()
     assert json.loads(post(r.url + "/v1/completions", b'{"model": "m"}')[2])["choices"]
 
 

@@ -49,7 +49,8 @@ def test_the_engine_gets_the_defaults_the_overrides_and_not_the_stripped_fields(
     assert text == "t0 t1 t2 t3 t4 "
     assert orjson.loads(shaped.bodies[-1]) == {
         "model": "shaped", "prompt": "x", "stream": True, "top_p": 0.5, "temperature": 0.2, "stop": ["\n"],
-        "max_tokens": 7, "chat_template_kwargs": {"enable_thinking": False}}
+        "max_tokens": 7, "chat_template_kwargs": {"enable_thinking": False},
+        "stream_options": {"include_usage": True}}  # the router's question for the stream's usage (docs/usage.md)
     # Embeddings are not shaped: the client's bytes.
     raw = b'{"model": "shaped",  "input": "x", "seed": 9}'
     assert post(r.url + "/v1/embeddings", raw)[0] == 200 and shaped.bodies[-1] == raw

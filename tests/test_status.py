@@ -122,10 +122,11 @@ def test_json_shape(healthy: Stack) -> None:
     assert [i["name"] for i in doc["instances"]] == ["alpha", "beta"]
     for inst in doc["instances"]:
         assert set(inst) == {"name", "model", "launched", "on_demand", "ready", "process", "health", "health_detail",
-                             "residency", "in_flight", "requests_per_second", "last_activity", "uptime_seconds"}
+                             "residency", "in_flight", "requests_per_second", "tokens_per_second", "last_activity",
+                             "uptime_seconds"}
         assert inst["process"]["state"] == "RUNNING" and inst["process"]["log"].endswith(f"{inst['name']}.log")
         assert inst["health"] == "healthy" and inst["residency"] == "awake" and inst["in_flight"] == 0
-        assert inst["requests_per_second"] == 0 and inst["uptime_seconds"] >= 0
+        assert inst["requests_per_second"] == 0 and inst["tokens_per_second"] == 0 and inst["uptime_seconds"] >= 0
     # The table, piped: plain text naming every instance and state.
     table = healthy.status()
     assert table.returncode == 0 and "\x1b" not in table.stdout
@@ -200,6 +201,22 @@ def test_router_views_read_what_is_there_and_show_residency() -> None:
     text = captured.get()
     assert "residency" in text and "resident" in text and "evicted" in text and "1m00s ago" in text
     assert "supervisord not reachable at s: down" in text
+
+
+def test_status_shows_tokens_per_second_per_model_from_usage() -> None:
+    health = {"models": {m: {"status": "healthy", "endpoints": [{"instance": m[-1], "status": "healthy"}]}
+                         for m in ("m/a", "m/b")}}
+    usage = {"window_seconds": 10, "by": "model",
+             "usage": {"m/a": {"requests": 3, "prompt_tokens": 30, "completion_tokens": 95}}}
+    views = router_views(health, {}, usage)
+    assert views["a"].tokens_rate == 12.5 and views["b"].tokens_rate == 0.0
+    assert router_views(health, {})["a"].tokens_rate is None  # no /usage for this reader: unknown, not zero
+    snapshot = Snapshot(taken_at=time.time(), supervisord=Source("s"), router=Source("r"),
+                        rows=(Row("a", "m/a", True, None, views["a"]),))
+    console = Console(width=200, force_terminal=False)
+    with console.capture() as captured:
+        console.print(status_table(snapshot))
+    assert "tok/s (10s)" in captured.get() and "12.5" in captured.get()
 
 
 def test_progress_shows_a_log_line_as_a_terminal_would(tmp_path: Path) -> None:

@@ -156,7 +156,8 @@ def test_a_request_is_one_trace_whose_upstream_span_the_engine_continues(stack: 
     assert root.name == "POST /v1/chat/completions" and root.parent_id == "" and root.service == "kvrouter"
     assert root.attributes == {"http.request.method": "POST", "url.path": "/v1/chat/completions", "kvrouter.model": "m",
                                "kvrouter.instance": "m-0", "http.response.status_code": 200, "kvrouter.retries": 0,
-                               "kvrouter.stream": False}
+                               "kvrouter.stream": False, "kvrouter.key": "anonymous", "gen_ai.usage.input_tokens": 1,
+                               "gen_ai.usage.output_tokens": 2}
     assert not root.error
     # Nothing was waited for: the one child is the exchange with the engine, whose span the engine was told.
     upstream, = children(spans, root)

@@ -332,6 +332,8 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     wait_for(lambda: browser.find_element(By.ID, "key").is_displayed(), 5)
     assert browser.find_element(By.ID, "role").text == "viewer"
     assert buttons(browser, SLEEPY) == [] and buttons(browser, OTHER) == []
+    usage = browser.find_element(By.ID, "usage-body")
+    wait_for(lambda: "usage unavailable" in usage.text and "HTTP 401" in usage.text, 5, "the usage panel's refusal")
 
     key = browser.find_element(By.ID, "key")
     key.send_keys("wrong-key")
@@ -343,6 +345,8 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser.find_element(By.ID, "key-use").click()
     wait_for(lambda: browser.find_element(By.ID, "role").text == "admin", 5)
     wait_for(lambda: buttons(browser, OTHER) == ["sleep"], 5)
+    # The key opens the usage panel at the next poll, not ten seconds later.
+    wait_for(lambda: usage_cells(browser, "model").get("total", {}).get("requests") == 0, 5, "the usage panel")
     card(browser, OTHER).find_element(By.CSS_SELECTOR, 'button[data-action="sleep"]').click()
     wait_for(lambda: st.engine_sleeping(OTHER), 10, what="the admin's click to sleep the engine")
     wait_for(lambda: card_state(browser, OTHER) == "sleeping", 2)
@@ -361,4 +365,46 @@ def test_actions_need_the_admin_key(make_stack, page, tmp_path):
     browser.find_element(By.ID, "key-forget").click()
     wait_for(lambda: browser.find_element(By.ID, "role").text == "viewer", 5)
     wait_for(lambda: buttons(browser, OTHER) == [], 5)
+    assert page_errors(browser) == []
+
+
+def usage_cells(driver: Any, by: str) -> dict[str, dict[str, int]]:
+    """The usage panel's table grouped `by` ("model" or "key"): row name -> field -> number shown."""
+    return driver.execute_script(
+        "const out = {};"
+        "for (const tr of document.querySelectorAll(`#usage table[data-by=\"${arguments[0]}\"] tr[data-name]`)) {"
+        "  out[tr.dataset.name] = Object.fromEntries([...tr.querySelectorAll('td[data-field]')]"
+        "    .map((td) => [td.dataset.field, Number(td.textContent)]));"
+        "}"
+        "return out;", by)
+
+
+@needs_browser
+@pytest.mark.slow  # a real headless browser
+def test_usage_panel_shows_what_usage_and_the_activity_log_count(make_stack, page, tmp_path):
+    """The page's usage panel, GET /usage and the activity log agree on the last hour's requests and
+    tokens; the log holds neither a key nor any prompt text."""
+    browser = page
+    activity = tmp_path / "activity.jsonl"
+    st = make_stack(activity_log=str(activity))
+    for model, n in ((SLEEPY, 2), (OTHER, 3)):
+        for _ in range(n):
+            assert st.complete(model) == 200
+    viewport(browser, LAPTOP)
+    browser.get(st.url + "/ui")
+    # The last answer is accounted just after its last byte reached the client.
+    wait_for(lambda: orjson.loads(http(f"{st.url}/usage")[2])["total"]["requests"] == 5, 5, "the last request counted")
+    api = {by: orjson.loads(http(f"{st.url}/usage?window=3600&by={by}")[2]) for by in ("model", "key")}
+    assert api["model"]["usage"][OTHER]["requests"] == 3 and api["model"]["total"]["completion_tokens"] == 5 * 2
+    wait_for(lambda: usage_cells(browser, "model").get(OTHER, {}).get("requests") == 3, 10, "the usage panel")
+    for by in ("model", "key"):
+        shown = usage_cells(browser, by)
+        assert shown == {**api[by]["usage"], "total": api[by]["total"]}
+    wait_for(lambda: activity.exists() and len(activity.read_text().splitlines()) == 5, 5, "the activity log")
+    lines = [orjson.loads(line) for line in activity.read_text().splitlines()]
+    total = api["key"]["total"]
+    assert sum(line["prompt_tokens"] for line in lines) == total["prompt_tokens"] > 0
+    assert sum(line["completion_tokens"] for line in lines) == total["completion_tokens"]
+    assert {line["key"] for line in lines} == {"anonymous"} and '"hi"' not in activity.read_text()
+    screenshot(browser, tmp_path, "usage-panel.png")
     assert page_errors(browser) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from router.config.keys import ApiKey, ApiKeys, read_keys_from
@@ -63,6 +64,26 @@ class Nameservers(Kind[tuple[tuple[str, int], ...]]):
         return tuple(out) if len(out) == len(items) else None
 
 
+@dataclass(frozen=True)
+class LogPath(Kind[str]):
+    """A file the router writes; a relative path is from the config file's folder."""
+
+    @property
+    def label(self) -> str:
+        return "a file path"
+
+    def read(self, value: object, where: str, reading: Reading) -> Optional[str]:
+        if not isinstance(value, str) or not value.strip():
+            reading.error(where, f"must be the path of a file to write, not {value!r}")
+            return None
+        path = Path(value.strip()).expanduser()
+        path = path if path.is_absolute() else reading.base / path
+        if path.is_dir():
+            reading.error(where, f"{path} is a folder; give the path of a file in it (`{path}/activity.jsonl`)")
+            return None
+        return str(path)
+
+
 #: An OTLP/HTTP receiver: a collector's base URL or its full traces URL.
 OTLP_URL = Text("an http:// or https:// URL", r"https?://[^\s/?#]+(/\S*)?", strip=True,
                 problem="must be {what} of an OTLP/HTTP receiver (`http://collector:4318`), not {value!r}")
@@ -107,6 +128,10 @@ class RouterSettings:
     shutdown_grace_seconds: float = setting(NON_NEGATIVE, 30.0, (
         "on SIGTERM, in-flight requests get this long to finish; supervisord waits this plus 10 s before killing the router"))
     access_log: bool = setting(Flag(), True, "one line per request in the router's log")
+    activity_log: Optional[str] = setting(LogPath(), None, (
+        "a file that gets one JSON line per request (time, key name, model, instance, status, tokens, latency, TTFT, "
+        "retries; never a key or text), rotated at 100 MB, 5 kept (see \"Usage and tokens\"); relative to the "
+        "config file"))
     log_level: str = setting(Choice(LOG_LEVELS), "info", "how much the router logs")
     log_format: str = setting(Choice(LOG_FORMATS), "text", (
         "`json`: every line of the router's log is one JSON object with stable field names (see \"Monitoring\"); "

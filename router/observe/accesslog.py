@@ -34,14 +34,17 @@ class AccessLog:
         self._stamp = ""
 
     def request(self, model: str, stream: bool, instance: Optional[str], status: int, nbytes: int,
-                ttft: Optional[float], latency: float, retries: int) -> None:
-        """One finished request; `ttft` and `latency` in seconds (`ttft` None: no byte came)."""
+                ttft: Optional[float], latency: float, retries: int, key: str = "anonymous",
+                prompt: Optional[int] = None, completion: Optional[int] = None) -> None:
+        """One finished request; `ttft` and `latency` in seconds (`ttft` None: no byte came); `key` the
+        client key's name (never the key), `prompt` and `completion` the engine's usage (None: not given)."""
         now = time.time()
         if self.json:
             line = orjson.dumps({"time": utc_stamp(now), "level": "INFO", "logger": NAME, "message": "request",
                                  "model": model, "stream": stream, "instance": instance, "status": status,
                                  "bytes": nbytes, "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
-                                 "latency_ms": round(latency * 1000, 1), "retries": retries}).decode()
+                                 "latency_ms": round(latency * 1000, 1), "retries": retries, "key": key,
+                                 "prompt_tokens": prompt, "completion_tokens": completion}).decode()
         else:
             second = int(now)
             if second != self._second:
@@ -49,6 +52,10 @@ class AccessLog:
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             first = f"{ttft * 1000:.1f}ms" if ttft is not None else "-"
             retried = f" retries={retries}" if retries else ""
+            if prompt is not None or completion is not None:
+                retried += f" tokens={prompt if prompt is not None else '-'}+{completion if completion is not None else '-'}"
+            if key != "anonymous":
+                retried += f" key={key}"
             line = (f"{self._stamp},{int(now % 1 * 1000):03d} INFO {NAME}: {model} {'stream' if stream else 'single'} "
                     f"-> {instance or '-'} {status} {nbytes}B ttfb={first} total={latency * 1000:.1f}ms{retried}")
         self._lines.append(line + "\n")

@@ -9,7 +9,9 @@ names are stable (docs/monitoring.md, "Logs as JSON"):
   ``exc`` (the traceback) when an exception is logged;
 - access lines (``logger`` ``router.access``, ``message`` ``request``): ``model``,
   ``stream``, ``instance`` (null when none was reached), ``status``, ``bytes``,
-  ``ttft_ms`` (first byte; null when none came), ``latency_ms``, ``retries``.
+  ``ttft_ms`` (first byte; null when none came), ``latency_ms``, ``retries``, ``key``
+  (the client key's name, "anonymous" without one; never the key), ``prompt_tokens``
+  and ``completion_tokens`` (the engine's usage; null when it gave none).
 - state changes (``logger`` ``router.events``, as ``GET /events`` has them): ``kind``
   (model, process, health, breaker, reload, dns, leader), ``state``, ``model``,
   ``instance``, and the event's own detail.

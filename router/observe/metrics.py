@@ -23,8 +23,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 WAKE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
-REQUESTS = ("router_requests", "Proxied requests by model and final status (499: client went away; a stream that "
-            "failed midway counts as 502/504)")
+REQUESTS = ("router_requests", "Proxied requests by model, final status and client key name (499: client went "
+            "away; a stream that failed midway counts as 502/504)")
+TOKENS = ("router_tokens", "Tokens of the engines' answers (their usage) by model, client key name and kind "
+          "(prompt, completion)")
 ERRORS = ("router_upstream_errors", "Failures talking to engines, by kind (connect, timeout, disconnect)")
 LATENCY = ("router_request_duration_seconds", "Time from request to the end of the response")
 TTFB = ("router_time_to_first_byte_seconds", "Time from request to the first response body byte")
@@ -66,11 +68,14 @@ class Histogram:
 class ModelMetrics:
     """One model's counters, updated by the hot path."""
 
-    __slots__ = ("model", "requests", "errors", "retries", "fallbacks", "latency", "ttfb", "hits", "moved")
+    __slots__ = ("model", "requests", "tokens", "errors", "retries", "fallbacks", "latency", "ttfb", "hits", "moved")
 
     def __init__(self, model: str):
         self.model = model
-        self.requests: dict[int, int] = {}
+        #: (status, key name) -> requests
+        self.requests: dict[tuple[int, str], int] = {}
+        #: key name -> [prompt tokens, completion tokens]
+        self.tokens: dict[str, list[int]] = {}
         self.errors: dict[str, int] = {}
         self.retries: dict[str, int] = {}
         #: Requests sent on from this model, by the model they went to.
@@ -80,9 +85,16 @@ class ModelMetrics:
         self.hits = 0
         self.moved = 0
 
-    def observe(self, status: int, latency_s: float, ttfb_s: float | None) -> None:
+    def observe(self, status: int, latency_s: float, ttfb_s: float | None, key: str = "anonymous",
+                prompt: int | None = None, completion: int | None = None) -> None:
         requests = self.requests
-        requests[status] = requests.get(status, 0) + 1
+        requests[(status, key)] = requests.get((status, key), 0) + 1
+        if prompt is not None or completion is not None:
+            tokens = self.tokens.get(key)
+            if tokens is None:
+                tokens = self.tokens[key] = [0, 0]
+            tokens[0] += prompt or 0
+            tokens[1] += completion or 0
         self.latency.observe(latency_s)
         if ttfb_s is not None:
             self.ttfb.observe(ttfb_s)
@@ -150,7 +162,8 @@ class _Counts(Collector):
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(*REQUESTS, labels=["model", "status"])
+        requests = CounterMetricFamily(*REQUESTS, labels=["model", "status", "key"])
+        tokens = CounterMetricFamily(*TOKENS, labels=["model", "key", "kind"])
         errors = CounterMetricFamily(*ERRORS, labels=["model", "kind"])
         latency = HistogramMetricFamily(*LATENCY, labels=["model"])
         ttfb = HistogramMetricFamily(*TTFB, labels=["model"])
@@ -158,8 +171,11 @@ class _Counts(Collector):
         affinity = CounterMetricFamily(*AFFINITY, labels=["model", "result"])
         fallbacks = CounterMetricFamily(*FALLBACKS, labels=["from", "to"])
         for name, m in list(self._models.items()):
-            for status, n in sorted(m.requests.items()):
-                requests.add_metric([name, str(status)], n)
+            for (status, key), n in sorted(m.requests.items()):
+                requests.add_metric([name, str(status), key], n)
+            for key, (prompt, completion) in sorted(m.tokens.items()):
+                tokens.add_metric([name, key, "prompt"], prompt)
+                tokens.add_metric([name, key, "completion"], completion)
             for kind, n in sorted(m.errors.items()):
                 errors.add_metric([name, kind], n)
             for reason, n in sorted(m.retries.items()):
@@ -171,7 +187,7 @@ class _Counts(Collector):
             if m.hits or m.moved:
                 affinity.add_metric([name, "hit"], m.hits)
                 affinity.add_metric([name, "moved"], m.moved)
-        yield from (requests, errors, latency, ttfb, retries, affinity, fallbacks)
+        yield from (requests, tokens, errors, latency, ttfb, retries, affinity, fallbacks)
 
 
 class _Wakes(Collector):

@@ -8,8 +8,10 @@ the retries; children for what it waited for (``queue wait`` for a
 byte`` child up to the engine's first byte (a stream's first chunk, an
 answer's status line). The engine gets a ``traceparent`` naming its
 ``upstream`` span, so vLLM's own spans (``--otlp-traces-endpoint``) join the
-trace; an incoming ``traceparent`` is continued. The router knows no key names
-(keys are a plain list) and counts no tokens, so neither is an attribute.
+trace; an incoming ``traceparent`` is continued. The root span also carries the
+client key's name (``kvrouter.key``, never the key) and the engine's token
+usage (``gen_ai.usage.input_tokens``, ``gen_ai.usage.output_tokens``, the
+OpenTelemetry GenAI names) when the answer reported it.
 
 The SDK and its exporter are an extra (``pip install 'kvrouter[tracing]'``),
 imported only when tracing is on. Spans are handed to a `BatchSpanProcessor`,
@@ -272,8 +274,10 @@ class RequestTrace:
         end = ended if ended is not None else self.answered
         span.end(self.ns(end if end is not None else time.perf_counter()))
 
-    def end(self, instance: Optional[str], status: int, retries: int, stream: bool, ttfb: Optional[float]) -> None:
-        """The request is over: `status` as the client got it, `ttfb` (seconds after the start) its first byte."""
+    def end(self, instance: Optional[str], status: int, retries: int, stream: bool, ttfb: Optional[float],
+            key: str = "anonymous", prompt: Optional[int] = None, completion: Optional[int] = None) -> None:
+        """The request is over: `status` as the client got it, `ttfb` (seconds after the start) its first
+        byte, `key` the client key's name, `prompt` and `completion` the engine's usage."""
         now = time.perf_counter()
         self.close_attempt(self.start + ttfb if stream and ttfb is not None else None, now)
         root = self.root
@@ -282,6 +286,11 @@ class RequestTrace:
         root.set_attribute("http.response.status_code", status)
         root.set_attribute("kvrouter.retries", retries)
         root.set_attribute("kvrouter.stream", stream)
+        root.set_attribute("kvrouter.key", key)
+        if prompt is not None:
+            root.set_attribute("gen_ai.usage.input_tokens", prompt)
+        if completion is not None:
+            root.set_attribute("gen_ai.usage.output_tokens", completion)
         if status >= 500:
             self.tracing.failed(root)
         root.end(self.ns(now))

@@ -7,6 +7,12 @@ a ring of the most recent `SAMPLE_SIZE` requests (latency and time-to-first-
 byte percentiles over the window, from at most that many requests). Reading
 the numbers (`summary`) does the work instead, since it runs rarely.
 
+`Traffic` is also where every finished request is accounted for the operator:
+its tokens and errors per model and key (`usage`, ``GET /usage``) and its line
+in the activity log (`activity`, ``router.activity_log``). Under
+``router.workers`` only the controller's `Traffic` records (the workers relay
+each request to it), so these have one writer.
+
 In-flight requests and the time the last request ended belong to the model's
 `Lifecycle` (it must know them to decide sleep safely); the admin endpoints
 join the two.
@@ -17,6 +23,9 @@ import math
 import time
 from array import array
 from typing import Callable, Iterable, Optional
+
+from router.observe.activity import ActivityLog
+from router.observe.usage import UsageWindows
 
 #: Longest window a query may ask for (one bucket per second).
 MAX_WINDOW_SECONDS = 3600
@@ -118,6 +127,10 @@ class Traffic:
         self._models = {m: ModelTraffic() for m in models}
         #: Offset turning the traffic clock into Unix time, for reports.
         self.wall_offset = time.time() - clock()
+        #: Requests, tokens, errors and 429s per model and key (GET /usage).
+        self.usage = UsageWindows()
+        #: The activity log (router.activity_log), when configured; set by the router's state.
+        self.activity: Optional[ActivityLog] = None
 
     def follow(self, models: Iterable[str]) -> None:
         """Track exactly `models` after a reload: new ones start empty, removed ones are forgotten,
@@ -127,15 +140,26 @@ class Traffic:
     def __contains__(self, model: str) -> bool:
         return model in self._models
 
-    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool) -> None:
+    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool,
+               key: str = "anonymous", prompt: Optional[int] = None, completion: Optional[int] = None,
+               instance: Optional[str] = None, retries: int = 0) -> None:
         """Count one finished request; `status` < 400 is a success.
 
         `ttfb_s` is kept for streams only (for a non-streaming answer the
-        first byte is the whole answer, already in the latency).
+        first byte is the whole answer, already in the latency). `key` is
+        the client key's name; `prompt` and `completion` the engine's usage.
         """
         m = self._models.get(model)
         if m is not None:
-            m.add(self._clock(), 0 < status < 400, latency_s, ttfb_s if stream else None)
+            now = self._clock()
+            m.add(now, 0 < status < 400, latency_s, ttfb_s if stream else None)
+            self.usage.add(now, model, key, status, prompt, completion)
+        if self.activity is not None:
+            self.activity.request(key, model, instance, status, prompt, completion, latency_s, ttfb_s, retries)
+
+    def usage_window(self, window: float, by: str) -> dict[str, dict[str, int]]:
+        """The counts of the last `window` seconds by "key" or "model" (router/observe/usage.py)."""
+        return self.usage.window(self._clock(), window, by)
 
     def total(self, model: str) -> int:
         return self._models[model].total

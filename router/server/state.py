@@ -16,6 +16,7 @@ from router.cluster.dns import Addresses, DnsWatcher, changed
 from router.config import Config, ConfigError, load_config
 from router.config.diff import ConfigChange, diff
 from router.observe.accesslog import AccessLog
+from router.observe.activity import ActivityLog
 from router.observe.events import Events
 from router.observe.metrics import Metrics
 from router.observe.traffic import Traffic
@@ -66,6 +67,7 @@ class RouterState:
         self.workers: Optional[WorkerLinks] = WorkerLinks(self, self.begin_serving) if config.router.workers > 1 else None
         self.table = ModelTable.build(config, self.events, self.metrics.for_model, self.lifecycles(config))
         self.traffic = Traffic([m.name for m in self.table])
+        self.traffic.activity = ActivityLog(config.router.activity_log) if config.router.activity_log else None
         self.health = HealthChecker(self.control, lambda: self.table, lambda: self.config.router)
         self.idle = IdleSleeper(lambda: self.table, lambda: self.config.sleep, self.residency, self.decides,
                                 self.events)
@@ -157,6 +159,10 @@ class RouterState:
             if new.router.access_log != self.config.router.access_log:
                 self.access_log = AccessLog() if new.router.access_log else None
             self.traffic.follow(m.name for m in table)
+            if new.router.activity_log != self.config.router.activity_log:
+                if self.traffic.activity is not None:
+                    self.traffic.activity.close()
+                self.traffic.activity = ActivityLog(new.router.activity_log) if new.router.activity_log else None
             self.config = new
             self.table = table
             self.quotas.update(limits_of(new.router.api_keys))

@@ -57,6 +57,9 @@ class RouterView:
     in_flight: Optional[int] = None
     rate: Optional[float] = None
     last_activity: Optional[float] = None
+    #: The model's prompt + completion tokens per second over the window (GET /usage), when the router
+    #: lets this reader see them (an admin endpoint).
+    tokens_rate: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -161,13 +164,19 @@ def _residency(value: object) -> Optional[str]:
     return _str(value)
 
 
-def router_views(health: object, traffic: object) -> dict[str, RouterView]:
-    """Instance name -> the router's view of it, from the bodies of /health/all and /traffic/stats."""
+def router_views(health: object, traffic: object, usage: object = None) -> dict[str, RouterView]:
+    """Instance name -> the router's view of it, from the bodies of /health/all, /traffic/stats and
+    /usage (by model, over `RATE_WINDOW_SECONDS`)."""
     stats = _obj(_obj(traffic).get("traffic_stats"))
+    tokens = _obj(_obj(usage).get("usage"))
+    window = _num(_obj(usage).get("window_seconds"))
     views: dict[str, RouterView] = {}
     for model_name, report_value in _obj(_obj(health).get("models")).items():
         report = _obj(report_value)
         model_stats = _obj(stats.get(model_name))
+        counted = _obj(tokens.get(model_name))
+        prompt, completion = _num(counted.get("prompt_tokens")), _num(counted.get("completion_tokens"))
+        tokens_rate = ((prompt or 0) + (completion or 0)) / window if window and usage is not None else None
         # The model's lifecycle state: the same word the endpoints carry as their residency.
         state = _residency(report.get("residency")) or _str(_obj(report.get("sleep")).get("state"))
         endpoints = report.get("endpoints")
@@ -181,7 +190,8 @@ def router_views(health: object, traffic: object) -> dict[str, RouterView]:
                 health=_str(endpoint.get("status")), detail=_str(endpoint.get("detail")),
                 residency=_residency(endpoint.get("residency")) or state,
                 in_flight=int(outstanding) if outstanding is not None else None,
-                rate=_num(model_stats.get("request_rate")), last_activity=_num(model_stats.get("last_activity_time")))
+                rate=_num(model_stats.get("request_rate")), last_activity=_num(model_stats.get("last_activity_time")),
+                tokens_rate=tokens_rate)
     return views
 
 
@@ -233,4 +243,8 @@ class Reader:
             traffic = self._get(f"/traffic/stats?window={RATE_WINDOW_SECONDS}")
         except Exception as e:  # refused, timed out, an error status, not JSON: the router is not there for us
             return {}, Source(self.url, _error_text(e))
-        return router_views(health, traffic), Source(self.url)
+        try:
+            usage = self._get(f"/usage?by=model&window={RATE_WINDOW_SECONDS}")
+        except Exception:  # an admin endpoint this reader may not see, or an older router: no token rates
+            usage = None
+        return router_views(health, traffic, usage), Source(self.url)

@@ -86,9 +86,9 @@ def status_table(snapshot: Snapshot) -> Table:
     sleeping, stopped...: one column, the router's one word for it), load, last activity, uptime."""
     table = Table(title="kvrouter instances", caption=_caption(snapshot), caption_justify="left")
     headers = ["instance", "model", "process", "health", "residency",
-               "in-flight", f"req/s ({RATE_WINDOW_SECONDS}s)", "last activity", "uptime"]
+               "in-flight", f"req/s ({RATE_WINDOW_SECONDS}s)", f"tok/s ({RATE_WINDOW_SECONDS}s)", "last activity", "uptime"]
     for header in headers:
-        table.add_column(header, justify="right" if header in ("in-flight", "uptime") or "req/s" in header else "left")
+        table.add_column(header, justify="right" if header in ("in-flight", "uptime") or "/s" in header else "left")
     now = snapshot.taken_at
     for row in snapshot.rows:
         v = row.view
@@ -97,6 +97,7 @@ def status_table(snapshot: Snapshot) -> Table:
         uptime = row.process.uptime_seconds(now) if row.process else None
         cells += [Text(NONE if v.in_flight is None else str(v.in_flight)),
                   Text(NONE if v.rate is None else f"{v.rate:.2f}"),
+                  Text(NONE if v.tokens_rate is None else f"{v.tokens_rate:.1f}"),
                   Text(NONE if v.last_activity is None else f"{duration(now - v.last_activity)} ago"),
                   Text(duration(uptime))]
         table.add_row(*cells)
@@ -134,6 +135,7 @@ def to_json(snapshot: Snapshot) -> dict[str, object]:
             "process": process_json(r.process, now),
             "health": r.view.health, "health_detail": r.view.detail,
             "residency": r.view.residency, "in_flight": r.view.in_flight, "requests_per_second": r.view.rate,
+            "tokens_per_second": r.view.tokens_rate,
             "last_activity": r.view.last_activity,
             "uptime_seconds": r.process.uptime_seconds(now) if r.process else None,
         } for r in snapshot.rows],

@@ -11,6 +11,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const USAGE_MS = 10000;        // the usage panel's hour changes slowly: GET /usage every 10 s
 const HISTORY = 90;            // chart samples kept per model (3 minutes at POLL_MS)
 const MAX_EVENTS = 60;         // event list length
 const MAX_LOG_LINES = 2000;    // log pane length
@@ -30,6 +31,8 @@ const ui = {
   residency: null,
   busy: new Set(),             // models with an action in flight
   log: null,                   // {name, controller}
+  usage: null,                 // {model, key}: the last hour's GET /usage by each, or {error}
+  usageAt: -Infinity,          // performance.now() of the last /usage fetch
 };
 
 // ------------------------------------------------------------------ helpers
@@ -145,10 +148,12 @@ function setupAdminForm() {
     if (!key) return;
     sessionStorage.setItem(KEY_STORE, key);
     notice("");
+    ui.usageAt = -Infinity;  // the usage panel asks again at the next poll, with the key
     whoami();
   });
   document.getElementById("key-forget").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORE);
+    ui.usageAt = -Infinity;
     whoami();
   });
 }
@@ -185,7 +190,21 @@ async function refresh() {
   ui.traffic = traffic.traffic_stats || {};
   sample(sent);
   if (ui.caps.residency) ui.residency = await getJSON("/residency").catch(() => null);
+  if (performance.now() - ui.usageAt >= USAGE_MS) {
+    ui.usageAt = performance.now();
+    ui.usage = await fetchUsage();
+  }
   renderAll();
+}
+
+/** The last hour's GET /usage by model and by key (an admin endpoint: the typed key is sent). */
+async function fetchUsage() {
+  try {
+    const [model, key] = await Promise.all(["model", "key"].map((by) => getJSON(`/usage?window=3600&by=${by}`, true)));
+    return { model, key };
+  } catch (e) {
+    return { error: e.message };
+  }
 }
 
 /** A model whose state event arrived after this poll was sent keeps the event's state. */
@@ -294,6 +313,30 @@ function renderAll() {
   renderSummary(models);
   renderLogChoices(models);
   renderResidency();
+  renderUsage();
+}
+
+const USAGE_FIELDS = [["requests", "requests"], ["prompt_tokens", "prompt tokens"],
+  ["completion_tokens", "completion tokens"], ["errors", "errors"], ["rate_limited", "429s"]];
+
+/** Tokens per model and per key over the last hour, as GET /usage answers them. */
+function renderUsage() {
+  const body = document.getElementById("usage-body");
+  const usage = ui.usage;
+  renderInto(body, JSON.stringify(usage), () => {
+    if (!usage) return ["loading…"];
+    if (usage.error) return [el("p", {}, `usage unavailable (${usage.error}); GET /usage is an admin endpoint`)];
+    return ["model", "key"].map((by) => {
+      const rows = Object.entries(usage[by].usage);
+      return el("table", { class: "usage-table", dataset: { by } },
+        el("thead", {}, el("tr", {}, el("th", {}, by), ...USAGE_FIELDS.map(([, label]) => el("th", {}, label)))),
+        el("tbody", {}, rows.length ? rows.map(([name, counts]) => el("tr", { dataset: { name } },
+          el("th", {}, name), ...USAGE_FIELDS.map(([f]) => el("td", { dataset: { field: f } }, counts[f]))))
+          : el("tr", {}, el("td", { colspan: USAGE_FIELDS.length + 1 }, "no requests"))),
+        el("tfoot", {}, el("tr", { dataset: { name: "total" } }, el("th", {}, "total"),
+          ...USAGE_FIELDS.map(([f]) => el("td", { dataset: { field: f } }, usage[by].total[f])))));
+    });
+  });
 }
 
 function renderSummary(models) {

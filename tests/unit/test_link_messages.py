@@ -287,7 +287,8 @@ def test_every_kind_crosses_the_wire_whole_as_a_plain_tuple() -> None:
         assert kind.__name__.encode() not in data
         back = decode(data)
         assert type(back) is kind and back == message
-    report = Report({"m": 1}, {"m-1": 1}, [("m", 200, 0.5, 0.1, True)], [("m", "503")], [], {"m": (3, 1)})
+    report = Report({"m": 1}, {"m-1": 1}, [("m", 200, 0.5, 0.1, True, "anonymous", "m-1", 0, 7, 4)], [("m", "503")], [],
+                    {"m": (3, 1)})
     assert decode(encode(report)) == report and b"Report" not in encode(report)
 
 

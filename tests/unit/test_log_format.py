@@ -14,7 +14,7 @@ from router.observe.events import Event, log_event
 from router.observe.logs import JsonFormatter, json_config, utc_stamp
 
 ACCESS_FIELDS = {"time", "level", "logger", "message", "model", "stream", "instance", "status", "bytes", "ttft_ms",
-                 "latency_ms", "retries"}
+                 "latency_ms", "retries", "key", "prompt_tokens", "completion_tokens"}
 
 
 def access_lines(log: AccessLog, *requests: tuple) -> list[str]:
@@ -28,21 +28,26 @@ def access_lines(log: AccessLog, *requests: tuple) -> list[str]:
 
 def test_a_json_access_line_has_every_documented_field() -> None:
     lines = access_lines(AccessLog(io.StringIO(), json=True),
-                         ("org/m", True, "m-0", 200, 512, 0.01234, 0.5, 1),
+                         ("org/m", True, "m-0", 200, 512, 0.01234, 0.5, 1, "chat-ui", 31, 120),
                          ("org/m", False, None, 503, 90, None, 0.002, 0))
     first, second = (json.loads(line) for line in lines)
     assert set(first) == ACCESS_FIELDS
     assert first | {"time": None} == {"time": None, "level": "INFO", "logger": "router.access", "message": "request",
                                       "model": "org/m", "stream": True, "instance": "m-0", "status": 200, "bytes": 512,
-                                      "ttft_ms": 12.3, "latency_ms": 500.0, "retries": 1}
+                                      "ttft_ms": 12.3, "latency_ms": 500.0, "retries": 1, "key": "chat-ui",
+                                      "prompt_tokens": 31, "completion_tokens": 120}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
     assert (second["instance"], second["ttft_ms"], second["status"]) == (None, None, 503)
+    assert (second["key"], second["prompt_tokens"], second["completion_tokens"]) == ("anonymous", None, None)
 
 
 def test_the_text_access_line_keeps_its_layout() -> None:
     (line,) = access_lines(AccessLog(io.StringIO(), json=False), ("org/m", False, "m-0", 200, 512, 0.01234, 0.5, 2))
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO router.access: org/m single -> m-0 200 512B "
                         r"ttfb=12\.3ms total=500\.0ms retries=2", line), line
+    (line,) = access_lines(AccessLog(io.StringIO(), json=False),
+                           ("org/m", True, "m-0", 200, 512, 0.01, 0.5, 0, "chat-ui", 31, 120))
+    assert line.endswith(" total=500.0ms tokens=31+120 key=chat-ui"), line
 
 
 def test_a_log_record_is_one_json_object_with_its_traceback() -> None:

@@ -1,4 +1,4 @@
-"""Traffic and sleep endpoints, with the kvcached controller's names and shapes.
+"""Traffic, usage and sleep endpoints, with the kvcached controller's names and shapes.
 
 Answers keep the kvcached field names (``traffic_stats``, ``idle_models``,
 ``sleep_candidates``...) so its clients and scripts work unchanged, and add
@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from router.config import ConfigError
 from router.observe.traffic import MAX_WINDOW_SECONDS
+from router.observe.usage import FIELDS, GROUPS
 from router.server.fleet.lifecycle import SLEEPING, Lifecycle, ModelUnavailable, Outcome
 from router.server.fleet.models import Model
 from router.server.fleet.report import lifecycle_status
@@ -61,6 +62,10 @@ def _query_number(request: Request, name: str, default: float, minimum: float, m
         high = f" and <= {maximum:g}" if math.isfinite(maximum) else ""
         raise BadQuery(name, f"query parameter '{name}' must be a number {low}{high} (seconds), not {raw!r}")
     return value
+
+
+#: The window of GET /usage when the query names none: the last hour, as the page's panel shows.
+USAGE_WINDOW_SECONDS = 3600.0
 
 
 def _window(request: Request) -> float:
@@ -210,6 +215,18 @@ class Admin:
         model = self._model(request)
         return self._outcome(model, await model.lifecycle.stop())
 
+    async def usage(self, request: Request) -> Response:
+        """GET /usage: requests, tokens, errors and 429s over `window` seconds (default the last
+        hour), by client key name or by model (docs/usage.md). Under router.workers a worker passes
+        it here once this process has applied every request the worker finished."""
+        window = _query_number(request, "window", USAGE_WINDOW_SECONDS, 0.0, MAX_WINDOW_SECONDS, strict_min=True)
+        by = request.query_params.get("by", "key")
+        if by not in GROUPS:
+            raise BadQuery("by", f"query parameter 'by' must be one of {', '.join(GROUPS)}, not {by!r}")
+        rows = self.state.traffic.usage_window(window, by)
+        total = {field: sum(row[field] for row in rows.values()) for field in FIELDS}
+        return _json({"window_seconds": window, "by": by, "usage": rows, "total": total})
+
     async def residency(self, request: Request) -> Response:
         return _json(self.state.residency.report())
 
@@ -278,6 +295,7 @@ def admin_routes(state: RouterState) -> list[BaseRoute]:
         ("/action/start/{model:path}", a.action_start, "POST"),
         ("/action/stop/{model:path}", a.action_stop, "POST"),
         ("/residency", a.residency, "GET"),
+        ("/usage", a.usage, "GET"),
         ("/action/reload", a.action_reload, "POST"),
         ("/cluster/activity", a.cluster_activity, "POST"),
     ]

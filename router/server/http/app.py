@@ -122,6 +122,8 @@ def create_app(config: Config, supervisor_socket: Optional[str] = None) -> Route
                 replica.pool.close()
             if state.access_log is not None:
                 state.access_log.flush()
+            if state.traffic.activity is not None:
+                state.traffic.activity.close()
 
     web = Starlette(routes=routes(state) + admin_routes(state) + log_routes(state) + ui_routes(state), lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})

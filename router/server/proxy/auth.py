@@ -15,7 +15,7 @@ limits and class: router/config/keys.py) goes with the request as
 Client paths are ``/v1/*`` and every other path a configured engine serves
 to clients (``/tokenize``, ``/rerank``...). The Anthropic SDK sends its key
 as ``x-api-key``; that header counts as a client key on the Messages paths.
-Admin endpoints are ``/action/*``, ``/upstream/*`` and every other request
+Admin endpoints are ``/action/*``, ``/upstream/*``, ``/logs/*``, ``/usage`` and every other request
 that may change state (any method but GET, HEAD and OPTIONS), so a
 state-changing endpoint added later is guarded without being listed here. With no
 ``router.admin_api_key`` they are served only to loopback clients, judged by
@@ -34,7 +34,7 @@ from router.config.keys import ApiKey
 Scope = MutableMapping[str, Any]
 
 CLIENT_PREFIX = "/v1/"
-ADMIN_PREFIXES = ("/action/", "/upstream/", "/logs/")
+ADMIN_PREFIXES = ("/action/", "/upstream/", "/logs/", "/usage")
 #: Paths whose clients (the Anthropic SDK) send their key as ``x-api-key``.
 X_API_KEY_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -31,9 +31,11 @@ class Exchange:
         self.model_answered: Optional[str] = None
         #: Its spans, when tracing is on (router.tracing): the one value the hot path checks for it.
         self.trace: Optional[RequestTrace] = None
-        #: The client key's name (router.api_keys), "anonymous" when none (set by proxy/tenants.py).
+        #: The client key's name (router.api_keys), "anonymous" when none (set by proxy/tenants.py): for
+        #: metrics, /usage and the logs; never the key.
         self.key = "anonymous"
-        #: The engine's `usage`, when counted (by the token accounting); a limited key's `tpm` is charged with them.
+        #: The engine's `usage` of the answer (router/server/proxy/tokens.py), None when it said none; a
+        #: limited key's `tpm` is charged with them.
         self.prompt_tokens: Optional[int] = None
         self.completion_tokens: Optional[int] = None
 

@@ -164,7 +164,7 @@ class Proxy:
             name, stream, field = parse_form(body, boundary)
             return Outgoing(name, None, body, stream, form_model=field)
         payload, name, stream = parse_json(body)
-        return Outgoing(name, payload, body, stream)
+        return Outgoing(name, payload, body, stream).asking_usage(scope["path"])
 
     def model_for(self, name: Optional[str], path: str) -> Model:
         """The model a request names (or the default), if it serves `path`; else Reject(400/404)."""
@@ -429,7 +429,8 @@ class Proxy:
                 replica.succeeded()
             try:
                 if out.stream and (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                    await relay_stream(reply, resp, start, ex, model, self.owners, learn, idle, self.settings)
+                    await relay_stream(reply, resp, start, ex, model, self.owners, learn, idle, self.settings,
+                                       out.strip_usage)
                 else:
                     await relay_body(reply, resp, start, ex, model, self.owners, learn)
             finally:
@@ -452,10 +453,13 @@ class Proxy:
 
     def account(self, model: Model, ex: Exchange, stream: bool, start: float) -> None:
         total = time.perf_counter() - start
-        model.metrics.observe(ex.status, total, ex.ttfb)
-        self.traffic.record(model.name, ex.status, total, ex.ttfb, stream)
+        instance = ex.replica.name if ex.replica else None
+        model.metrics.observe(ex.status, total, ex.ttfb, ex.key, ex.prompt_tokens, ex.completion_tokens)
+        self.traffic.record(model.name, ex.status, total, ex.ttfb, stream, ex.key, ex.prompt_tokens,
+                            ex.completion_tokens, instance, ex.retries)
         if self.access_log is not None:
-            self.access_log.request(model.name, stream, ex.replica.name if ex.replica else None, ex.status, ex.nbytes,
-                                    ex.ttfb, total, ex.retries)
+            self.access_log.request(model.name, stream, instance, ex.status, ex.nbytes, ex.ttfb, total, ex.retries,
+                                    ex.key, ex.prompt_tokens, ex.completion_tokens)
         if ex.trace is not None:
-            ex.trace.end(ex.replica.name if ex.replica else None, ex.status, ex.retries, stream, ex.ttfb)
+            ex.trace.end(instance, ex.status, ex.retries, stream, ex.ttfb, ex.key, ex.prompt_tokens,
+                         ex.completion_tokens)

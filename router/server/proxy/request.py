@@ -16,6 +16,7 @@ from router.server.fleet.replica import Replica
 from router.server.fleet.upstream import Response
 from router.server.proxy.forms import Field, FormError, read_fields, replace_field
 from router.server.proxy.reply import Receive, Scope
+from router.server.proxy.tokens import USAGE_PATHS, ask_usage
 from router.tenants.classes import NORMAL, VLLM_PRIORITY
 
 #: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and the ones the router sets itself.
@@ -100,11 +101,12 @@ class Outgoing:
     the body is forwarded as the client sent it unless the replica serves
     the model under another name, when the model field is rewritten (JSON
     re-encoded once, or the one form field replaced), or its model shapes the
-    request (`shaped`: a JSON body on a path that is shaped).
+    request (`shaped`: a JSON body on a path that is shaped), or the router asks
+    for a stream's usage (`strip_usage`, router/server/proxy/tokens.py).
     """
 
     __slots__ = ("name", "payload", "body", "stream", "form_model", "pin", "key", "shaped", "priority", "adapter",
-                 "adapter_on", "adapter_retried")
+                 "adapter_on", "adapter_retried", "strip_usage")
 
     def __init__(self, name: Optional[str], payload: Optional[dict[str, Any]], body: bytes, stream: bool,
                  form_model: Optional[Field] = None, pin: Optional[Replica] = None):
@@ -126,17 +128,30 @@ class Outgoing:
         self.adapter_on: Optional[Replica] = None
         #: Sent again once already because its engine had lost the adapter.
         self.adapter_retried = False
+        #: The router asked for the stream's usage chunk: it is removed from the client's stream.
+        self.strip_usage = False
+
+    def asking_usage(self, path: str) -> "Outgoing":
+        """This request, asking the engine for a stream's usage chunk when the client did not (an
+        OpenAI chat or completions stream). The body is re-encoded once, by `data_for`, with the
+        model rewrite and the shaping; other bodies stay the client's bytes."""
+        if self.stream and self.payload is not None and path in USAGE_PATHS:
+            asked = ask_usage(self.payload)
+            if asked is not None:
+                self.payload = asked
+                self.strip_usage = True
+        return self
 
     def data_for(self, replica: Replica) -> bytes:
         served = self.name in replica.served or self.adapter is not None
         shaping = replica.instance.shaping if self.shaped else None
         # Only an engine that orders its queue by `priority` looks further (one attribute for the others).
         ranked = replica.ranks and self.payload is not None and (self.priority != NORMAL or "priority" in self.payload)
-        if served and shaping is None and not ranked:
+        if served and shaping is None and not ranked and not self.strip_usage:
             return self.body
         if self.payload is not None:
             if shaping is None and not ranked:
-                return orjson.dumps({**self.payload, "model": replica.served_name})
+                return orjson.dumps(self.payload if served else {**self.payload, "model": replica.served_name})
             body = shaping.apply(self.payload) if shaping is not None else dict(self.payload)
             if not served:
                 body["model"] = replica.served_name

@@ -464,11 +464,11 @@ class WorkerLinks:
     def _records(self, report: Report) -> None:
         table = self.fleet.table
         traffic = self.fleet.traffic
-        for name, status, seconds, ttfb, stream in report.done:
+        for name, status, seconds, ttfb, stream, key, instance, retries, prompt, completion in report.done:
             model = table.get(name)
             if model is not None:
-                model.metrics.observe(status, seconds, ttfb)
-                traffic.record(name, status, seconds, ttfb, stream)
+                model.metrics.observe(status, seconds, ttfb, key, prompt, completion)
+                traffic.record(name, status, seconds, ttfb, stream, key, prompt, completion, instance, retries)
         for name, reason in report.retries:
             model = table.get(name)
             if model is not None:

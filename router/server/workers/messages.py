@@ -48,7 +48,10 @@ affinity hits and moves                 whoever     merged: a worker's go up in 
 model in-flight count (idle clock,      workers     merged: `Report` (to or from zero within
 drain)                                              REPORT_SECONDS); a fence (`Fence`/`Fenced`) makes
                                                     them exact before a drain
-finished requests (metrics, traffic)    workers     merged: `Report.done`, `.retries`, `.errors`, `.fallbacks`
+finished requests (metrics, traffic,    workers     merged: `Report.done`, `.retries`, `.errors`, `.fallbacks`;
+tokens, /usage, the activity log)                   the controller alone counts tokens (router_tokens_total,
+                                                    GET /usage) and alone writes the activity log, so a
+                                                    rotation is never raced by another process
 which replica made a stored response    workers     merged, then pushed: `Owner` up, relayed to the
                                                     others; `Whose` asks after fencing every worker
 a client key's counters (rpm and tpm    controller  asked: a request of a key with a limit asks `Quota`
@@ -99,7 +102,7 @@ from router.config import Config
 from router.supervision.processes import ProcessState
 
 #: Bumped whenever a message's fields change: both ends must run the same code.
-PROTOCOL = 4
+PROTOCOL = 5
 
 #: Longest a worker's count leaving or reaching zero, and a finished request's record, wait before
 #: they reach the controller (one message per period carries them all: under load, many requests).
@@ -112,9 +115,10 @@ FENCE_TIMEOUT_SECONDS = 10.0
 
 # ----------------------------------------------------------------------------- records
 
-#: A request a worker finished, for the controller's metrics and traffic:
-#: (model, status, seconds, seconds to the first byte, stream).
-Done = tuple[str, int, float, Optional[float], bool]
+#: A request a worker finished, for the controller's metrics, traffic, usage and activity log:
+#: (model, status, seconds, seconds to the first byte, stream, key name, instance, retries,
+#: prompt tokens, completion tokens).
+Done = tuple[str, int, float, Optional[float], bool, str, Optional[str], int, Optional[int], Optional[int]]
 #: (model, why): a retry's reason, or an engine failure's kind.
 Note = tuple[str, str]
 

@@ -32,8 +32,10 @@ class RelayedTraffic(Traffic):
         super().__init__(())
         self._link = link
 
-    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool) -> None:
-        self._link.finished(model, status, latency_s, ttfb_s, stream)
+    def record(self, model: str, status: int, latency_s: float, ttfb_s: Optional[float], stream: bool,
+               key: str = "anonymous", prompt: Optional[int] = None, completion: Optional[int] = None,
+               instance: Optional[str] = None, retries: int = 0) -> None:
+        self._link.finished(model, status, latency_s, ttfb_s, stream, key, instance, retries, prompt, completion)
 
 
 class RelayedMetrics(ModelMetrics):
@@ -46,7 +48,8 @@ class RelayedMetrics(ModelMetrics):
         super().__init__(model)
         self._link = link
 
-    def observe(self, status: int, latency_s: float, ttfb_s: Optional[float]) -> None:
+    def observe(self, status: int, latency_s: float, ttfb_s: Optional[float], key: str = "anonymous",
+                prompt: Optional[int] = None, completion: Optional[int] = None) -> None:
         return None
 
     def retry(self, reason: str) -> None:

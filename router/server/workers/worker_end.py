@@ -303,9 +303,11 @@ class ControllerLink:
         self._dirty.add(lc)
         self._schedule(REPORT_SECONDS if (lc.in_flight == 0) != (lc.reported == 0) else COUNTS_SECONDS)
 
-    def finished(self, model: str, status: int, seconds: float, ttfb: Optional[float], stream: bool) -> None:
+    def finished(self, model: str, status: int, seconds: float, ttfb: Optional[float], stream: bool,
+                 key: str = "anonymous", instance: Optional[str] = None, retries: int = 0,
+                 prompt: Optional[int] = None, completion: Optional[int] = None) -> None:
         """Keep what a request did; it reaches the controller within REPORT_SECONDS, with the others."""
-        self.done.append((model, status, seconds, ttfb, stream))
+        self.done.append((model, status, seconds, ttfb, stream, key, instance, retries, prompt, completion))
         self._schedule(REPORT_SECONDS)
 
     def retried(self, model: str, reason: str) -> None:
