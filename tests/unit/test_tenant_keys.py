@@ -14,7 +14,7 @@ from router.config import ConfigError, RouterSettings, parse_config
 from router.config.keys import ApiKey
 from router.server.proxy.auth import KEY, Guard
 from router.server.proxy.request import Outgoing
-from router.server.proxy.tenants import DEFAULT_COMPLETION_BOUND, bound_of, duration, ratelimit_headers, usage_in
+from router.server.proxy.tenants import DEFAULT_COMPLETION_BOUND, bound_of, duration, ratelimit_headers
 from router.tenants.quota import Standing
 
 SHA = hashlib.sha256(b"sk-hashed").hexdigest()
@@ -125,13 +125,6 @@ def test_headers_are_openais_and_only_for_the_limits_a_key_has() -> None:
     assert [k for k, _ in ratelimit_headers(Standing(None, 0, 0.0, 100, 0, 0.0))] == [
         b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens"]
     assert duration(0.0) == b"0s" and duration(360.0) == b"6m0s"
-
-
-def test_usage_is_read_from_openai_and_anthropic_answers() -> None:
-    assert usage_in(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}') == 7
-    assert usage_in(b'{"usage": {"input_tokens": 2, "output_tokens": 5}}') == 7
-    assert usage_in(b'{"usage": {"prompt_tokens": 3}}') is None
-    assert usage_in(b"[1]") is None and usage_in(b"not json") is None
 
 
 def test_a_glob_that_matches_no_model_is_warned() -> None:

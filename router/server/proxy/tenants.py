@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from typing import Any, Awaitable, Callable, Optional, Protocol, Union
 
-import orjson
-
 from router.config.keys import ApiKey
 from router.server.fleet.models import Model, ModelTable
 from router.server.proxy.auth import KEY
@@ -152,61 +150,43 @@ class Tenants:
         out.priority = requested(self.classes.get(name, NORMAL), header(scope, PRIORITY_HEADER))
         if not record.limited:
             return None
-        return self._admit(name, bound_of(out), record.tpm is not None)
+        return self._admit(name, bound_of(out))
 
-    async def _admit(self, name: str, bound: int, counts_tokens: bool) -> Pass:
+    async def _admit(self, name: str, bound: int) -> Pass:
         ticket, got = await self.gate.admit(name, bound)
         if isinstance(got, Refusal):
             raise Reject(got.status, got.message, None if got.status == 429 else "max_tokens",
                          headers=[(b"retry-after", b"%d" % got.retry_after), *ratelimit_headers(got.standing)])
-        return Pass(self.gate, ticket, name, bound, ratelimit_headers(got) if got is not None else [], counts_tokens)
+        return Pass(self.gate, ticket, name, bound, ratelimit_headers(got) if got is not None else [])
 
 
 class Pass:
     """A limited key's request let in: the headers its answer carries, and its end (`leave`)."""
 
-    __slots__ = ("gate", "ticket", "key", "bound", "headers", "counts_tokens", "seen")
+    __slots__ = ("gate", "ticket", "key", "bound", "headers")
 
-    def __init__(self, gate: Gate, ticket: int, key: str, bound: int, headers: list[tuple[bytes, bytes]],
-                 counts_tokens: bool):
+    def __init__(self, gate: Gate, ticket: int, key: str, bound: int, headers: list[tuple[bytes, bytes]]):
         self.gate = gate
         self.ticket = ticket
         self.key = key
         self.bound = bound
         self.headers = headers
-        self.counts_tokens = counts_tokens
-        #: prompt + completion tokens read from a whole JSON answer's `usage`, when no one else counted them.
-        self.seen: Optional[int] = None
 
     def reply(self, reply: Reply) -> Reply:
         return LimitedReply(reply, self)
 
     def leave(self, ex: Exchange) -> None:
         """The request ended: its reservation becomes the tokens it used (none when no engine answered:
-        the router refused it after all, or the client left first)."""
-        used = self.seen if ex.ttfb is not None else 0
+        the router refused it after all, or the client left first; its bound when the engine's answer
+        held no usage). The relay read the usage from the answer (router/server/proxy/tokens.py)."""
+        used: Optional[int] = None if ex.ttfb is not None else 0
         if ex.prompt_tokens is not None and ex.completion_tokens is not None:
             used = ex.prompt_tokens + ex.completion_tokens
         self.gate.finish(self.ticket, self.key, self.bound, used)
 
 
-def usage_in(body: bytes) -> Optional[int]:
-    """prompt + completion tokens of a whole OpenAI answer's ``usage`` (Anthropic's input/output too)."""
-    try:
-        usage = orjson.loads(body).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    return prompt + completion if type(prompt) is int and type(completion) is int else None
-
-
 class LimitedReply:
-    """The client's `Reply`, with the key's ``x-ratelimit-*`` headers on the answer; a whole answer's
-    `usage` is read for its key's `tpm` (streams are counted by their bound, or by the token
-    accounting when it fills the exchange)."""
+    """The client's `Reply`, with the key's ``x-ratelimit-*`` headers on the answer."""
 
     __slots__ = ("inner", "ticket")
 
@@ -222,8 +202,6 @@ class LimitedReply:
         return getattr(self.inner, name)
 
     async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        if self.ticket.counts_tokens and status == 200:
-            self.ticket.seen = usage_in(body)
         await self.inner.whole(status, [*headers, *self.ticket.headers], body)
 
     async def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
