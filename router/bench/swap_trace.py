@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -236,9 +237,22 @@ async def run_policy(policy: str, plan: TracePlan, engine: EnginePlan, max_wait:
                 await replay(session, stack.url, plan, engine, recs)
                 end = time.time()
                 await asyncio.sleep(0.2)  # the last state changes' events, on their way
+                async with session.get(stack.url + "/residency") as resp:
+                    evictions = [e for e in (await resp.json())["evictions"] if e["time"] >= start]
         finally:
             stack.stop()
-    return figures(policy, recs, Timeline(changes, start, end), end - start, max_wait)
+    doc = figures(policy, recs, Timeline(changes, start, end), end - start, max_wait)
+    doc["switch_reasons"] = dict(Counter(why_kind(str(e.get("why", ""))) for e in evictions))
+    return doc
+
+
+#: The scheduler's reasons (router/server/fleet/contention.py), by a phrase each contains.
+WHY = (("no queued work", "resident idle"), ("max_wait_seconds", "max_wait"), ("request-seconds", "accumulated wait"),
+       ("fifo", "fifo"))
+
+
+def why_kind(why: str) -> str:
+    return next((kind for phrase, kind in WHY if phrase in why), "other")
 
 
 def figures(policy: str, recs: dict[str, Recorder], timeline: Timeline, wall: float, max_wait: float) -> dict:
@@ -317,6 +331,9 @@ def report(doc: dict, out: TextIO) -> None:
                      f"{r['oldest_wait_s']:.2f} / {r['wait_bound_s']:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     out.write("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows) + "\n")
+    out.write("switches by the scheduler's reason: " + "; ".join(
+        f"{r['policy']} " + ", ".join(f"{k} {n}" for k, n in r["switch_reasons"].items())
+        for r in doc["runs"].values()) + "\n")
     if "ratios" in doc:
         out.write("cost_aware / fifo: " + ", ".join(f"{k} {v:.2f}" for k, v in doc["ratios"].items()
                                                    if v is not None) + "\n")

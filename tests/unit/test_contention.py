@@ -9,7 +9,7 @@ MAX_WAIT = 30.0
 
 
 def cost_aware(resident: Waits, newcomer: Waits, switch: float = SWITCH) -> tuple[bool, str]:
-    v = decide(COST_AWARE, resident, newcomer, switch, MAX_WAIT, awake_for=1.0, min_awake=80.0)
+    v = decide(COST_AWARE, resident, newcomer, switch, MAX_WAIT, awake_for=100.0, min_awake=80.0)
     return v.switch, v.reason
 
 
@@ -26,11 +26,12 @@ def test_an_idle_resident_gives_way_at_once_even_to_a_request_just_come() -> Non
 
 
 def test_a_resident_with_queued_work_keeps_serving_while_the_wait_is_below_the_switch_cost() -> None:
-    # 4 in flight and 1 waiting on the resident, 2 waiting on the newcomer: 7 requests held up by a 1.5 s switch.
+    # 4 in flight and 1 waiting on the resident (counted twice: the switch there and back), 2 waiting on the
+    # newcomer: 12 requests held up by a 1.5 s switch = 18 request-seconds.
     resident = Waits(4, (0.5,))
-    switch, reason = cost_aware(resident, Waits(0, (5.0, 5.0)))  # 10 request-seconds < 10.5
+    switch, reason = cost_aware(resident, Waits(0, (8.9, 9.0)))
     assert not switch and "resident has 5 queued" in reason
-    switch, reason = cost_aware(resident, Waits(0, (5.0, 5.5)))  # 10.5 >= 10.5
+    switch, reason = cost_aware(resident, Waits(0, (9.0, 9.0)))
     assert switch and "request-seconds" in reason
 
 
@@ -38,13 +39,13 @@ def test_a_crowd_gets_its_turn_sooner_than_a_lone_request() -> None:
     resident = Waits(8, ())
     lone = [t for t in range(1, 31) if cost_aware(resident, Waits(0, (float(t),)))[0]][0]
     crowd = [t for t in range(1, 31) if cost_aware(resident, Waits(0, (float(t),) * 8))[0]][0]
-    assert (lone, crowd) == (14, 3)  # 1.5 s x 9 held up = 13.5; 1.5 x 16 / 8 = 3
+    assert (lone, crowd) == (26, 5)  # 1.5 s x (2 x 8 + 1) = 25.5; 1.5 x (2 x 8 + 8) / 8 = 4.5
 
 
 def test_a_slower_switch_is_made_later() -> None:
-    resident, newcomer = Waits(2, ()), Waits(0, (4.0, 4.0))
-    assert cost_aware(resident, newcomer, switch=1.5)[0]  # 8 >= 6
-    assert not cost_aware(resident, newcomer, switch=60.0)[0]  # a cold start: 8 < 240
+    resident, newcomer = Waits(2, ()), Waits(0, (5.0, 5.0))
+    assert cost_aware(resident, newcomer, switch=1.5)[0]  # 10 >= 1.5 x 6
+    assert not cost_aware(resident, newcomer, switch=60.0)[0]  # a cold start: 10 < 360
 
 
 def test_no_model_is_starved_the_oldest_request_switches_at_max_wait() -> None:
@@ -63,3 +64,12 @@ def test_fifo_is_the_baseline_the_resident_gives_way_after_min_sleep_duration_wh
     # With min_sleep_duration 0, fifo drains a busy resident for every newcomer: what cost_aware avoids.
     assert decide(FIFO, busy, Waits(0, (0.0,)), SWITCH, MAX_WAIT, awake_for=0.0, min_awake=0.0).switch
     assert not cost_aware(busy, Waits(0, (0.0,)))[0]
+
+
+def test_a_resident_switched_in_serves_at_least_as_long_as_its_switch_took_even_idle() -> None:
+    idle, crowd = Waits(0, ()), Waits(0, (5.0,) * 10)
+    early = decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=1.4, min_awake=0.0)
+    assert not early.switch and "window" in early.reason
+    assert decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=1.5, min_awake=0.0).switch
+    # ... but not past max_wait_seconds.
+    assert decide(COST_AWARE, idle, Waits(0, (MAX_WAIT,)), SWITCH, MAX_WAIT, awake_for=0.0, min_awake=0.0).switch

@@ -60,15 +60,15 @@ def test_cost_aware_keeps_serving_the_busy_resident_and_switches_once_the_wait_o
     async def test() -> None:
         pair = Pair("cost_aware")
         waiter = await pair.begin()
-        # x has 1 in flight, y 1 waiting: a 1.5 s switch holds up 2 requests = 3 request-seconds.
-        pair.clock.advance(2.9)
+        # x has 1 in flight (counted twice), y 1 waiting: a 1.5 s switch holds up 3 = 4.5 request-seconds.
+        pair.clock.advance(4.4)
         await settle()
         assert pair.states() == ("awake", "sleeping") and not waiter.done()
-        await pair.x.admit()  # x keeps taking new work meanwhile (2 in flight now: 4.5 request-seconds)
-        pair.clock.advance(1.5)
+        await pair.x.admit()  # x keeps taking new work meanwhile (2 in flight now: 7.5 request-seconds)
+        pair.clock.advance(3.0)
         await settle()
         assert pair.states() == ("awake", "sleeping")
-        pair.clock.advance(0.1)  # 4.5 s waited
+        pair.clock.advance(0.1)  # 7.5 s waited
         await settle()
         assert pair.x.state == "draining"  # the switch began: x finishes what it runs, nothing more
         pair.x.release()
@@ -120,6 +120,21 @@ def test_cost_aware_takes_an_idle_resident_at_once_and_fifo_drains_a_busy_one_at
     asyncio.run(test())
 
 
+def test_cost_aware_keeps_a_resident_just_switched_in_for_as_long_as_its_switch_took() -> None:
+    async def test() -> None:
+        pair = Pair("cost_aware")
+        pair.x.last_wake_at = pair.clock.now  # x just came in; its switch is estimated at 1.5 s
+        waiter = await pair.begin()
+        pair.x.release()  # idle, but inside its window
+        pair.clock.advance(1.4)
+        await settle()
+        assert pair.states() == ("awake", "sleeping") and not waiter.done()
+        pair.clock.advance(0.1)
+        await settle()
+        assert pair.states() == ("sleeping", "awake") and waiter.done()
+    asyncio.run(test())
+
+
 def test_fifo_waits_min_sleep_duration_as_before() -> None:
     async def test() -> None:
         pair = Pair("fifo", min_awake=10.0)
@@ -145,10 +160,10 @@ def test_a_full_budget_of_busy_models_refuses_under_fifo_and_waits_its_turn_unde
 
         aware = Pair("cost_aware", group=False, max_wait_seconds=5.0)
         waiter = await aware.begin()
-        aware.clock.advance(2.9)
+        aware.clock.advance(4.4)
         await settle()
         assert aware.states() == ("awake", "sleeping") and not waiter.done()
-        aware.clock.advance(0.1)  # 3 request-seconds: the 1.5 s switch x 2 requests
+        aware.clock.advance(0.1)  # 4.5 request-seconds: the 1.5 s switch x 3 requests (x's one counted twice)
         await settle()
         aware.x.release()
         await settle()
