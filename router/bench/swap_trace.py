@@ -42,9 +42,12 @@ import yaml
 
 from router.bench.loadgen import Recorder, Span, Target, Workload, new_session, send_burst
 from router.bench.trace import Change, Timeline, TracePlan, make_trace, quantiles
+from router.engines import ENGINES, SIM_MODULE
 
 POLICIES = ("fifo", "cost_aware")
 MODELS = ("trace/a", "trace/b", "trace/c")
+#: The simulated engine kind: the first (most common) whose sleep state the router can ask (vLLM).
+ENGINE = next(s.name for s in ENGINES.values() if s.has_sleep_api and s.is_sleeping_path)
 #: The checks' thresholds (issue 23's "done when").
 FEWER_SWITCHES = 0.40
 
@@ -113,7 +116,7 @@ class Stack:
                "residency": {"policy": policy, "max_wait_seconds": max_wait,
                              "groups": [{"name": "trace", "members": [self._name(m) for m in MODELS],
                                          "exclusive": True}]},
-               "instances": [{"name": self._name(m), "model": m, "engine": "vllm", "launch": False,
+               "instances": [{"name": self._name(m), "model": m, "engine": ENGINE, "launch": False,
                               "engine_args": ["--host", "127.0.0.1", "--port", str(p)]} for m, p in self.ports.items()]}
         self.config = root / f"{policy}.yaml"
         self.config.write_text(yaml.safe_dump(doc))
@@ -131,7 +134,7 @@ class Stack:
     async def start(self, session: aiohttp.ClientSession) -> None:
         e = self.engine
         for model, port in self.ports.items():
-            self._spawn(["-m", "router.sim", "--engine", "vllm", "--model", model, "--host", "127.0.0.1",
+            self._spawn(["-m", SIM_MODULE, "--engine", ENGINE, "--model", model, "--host", "127.0.0.1",
                          "--port", str(port), "--wake-s", str(e.wake_s), "--sleep-s", str(e.sleep_s),
                          "--ttft-ms", str(e.ttft_ms), "--itl-ms", str(e.itl_ms)], f"{self._name(model)}.log")
         for port in self.ports.values():
