@@ -131,3 +131,26 @@ def test_recency_weighs_against_cost(fast_idle: float, gone: str) -> None:
         assert new is not None and (await new.lifecycle.start()).ok
         assert residency.evictions[-1]["model"] == gone
     asyncio.run(test())
+
+
+def test_an_unmeasured_instance_is_guessed_at_what_the_others_measured() -> None:
+    costs = Costs()
+    costs.observe("a", ["a-0"], wake_kind(1), 1.0)
+    costs.observe("b", ["b-0"], wake_kind(1), 3.0)
+    got = costs.estimate("c-0", wake_kind(1))
+    assert (got.seconds, got.samples) == (2.0, 0)
+    assert costs.estimate("c-0", START).seconds == 60.0  # nothing measured of that kind: the default guess
+
+
+def test_a_model_never_slept_is_not_kept_for_ever_by_the_default_guess() -> None:
+    """The others wake in 10 ms: the one never slept is guessed at that, not at 5 s, so recency decides."""
+    async def test() -> None:
+        costs = Costs()
+        costs.observe("b", ["b-0"], wake_kind(1), 0.01)
+        table, residency, clock, _ = fleet({"a": {}, "b": {}, "new": {"on_demand": True}}, costs)
+        clock.advance(1000)
+        used(table, clock, {"a": 50.0, "b": 10.0})
+        new = table.get("new")
+        assert new is not None and (await new.lifecycle.start()).ok
+        assert residency.evictions[-1]["model"] == "a"
+    asyncio.run(test())
