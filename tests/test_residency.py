@@ -252,7 +252,8 @@ def test_an_engine_that_exits_at_once_fails_its_waiting_requests_naming_it(make_
 def test_two_busy_models_in_an_exclusive_group_share_it(make_stack) -> None:
     stack = make_stack(lambda ports: [engine("x", ports["x"], sim="--startup-s 0 --itl-ms 50"),
                                       engine("y", ports["y"], sim="--startup-s 0 --itl-ms 50")],
-                       ["x", "y"], residency={"groups": [{"name": "pair", "members": ["x", "y"], "exclusive": True}]},
+                       ["x", "y"], residency={"groups": [{"name": "pair", "members": ["x", "y"], "exclusive": True}],
+                                              "policy": "fifo"},  # min_sleep_duration spaces fifo's swaps
                        sleep={"min_sleep_duration": 2})
     # Both came up with supervisord: the idle loop puts one of them to sleep.
     wait_for(lambda: len(stack.awake(["x", "y"])) == 1, 10, "one member of the group to be put to sleep")

@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional, Sequence, TextIO
 
 import uvloop
 
-from router.bench import swap
+from router.bench import swap, swap_trace
 from router.bench.loadgen import ENDPOINTS, Recorder, Span, Target, Workload, new_session, run_model
 from router.bench.report import compare, comparison_table, results_table, summarize, workload_line, write_json
 from router.bench.residency import ResidencyWatch
@@ -50,9 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router.bench", description=DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="example-config.yaml", help="the stack's YAML (models, router address)")
-    p.add_argument("--pattern", choices=("steady", "swap"), default="steady",
+    p.add_argument("--pattern", choices=("steady", "swap", "swap-trace"), default="steady",
                    help="steady: every model loaded at once; swap: bursts to one model at a time, to measure cold "
-                        "starts, wakes and evictions (see --burst)")
+                        "starts, wakes and evictions (see --burst); swap-trace: residency.policy fifo vs cost_aware "
+                        "on one seeded trace, over stacks of simulated engines it starts itself (no --config)")
     p.add_argument("--url", help="router base URL, overriding router_host/router_port from the config")
     p.add_argument("--models", help="comma-separated models (or aliases) to load; default: every configured model")
     where = p.add_mutually_exclusive_group()
@@ -78,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
                    help="one client per model in its own detached tmux session benchmark-<name>")
     p.add_argument("--results-dir", default="bench-results", help="with --tmux: where each model's JSON is written")
     swap.add_options(p, _positive(int))
+    swap_trace.add_options(p, _positive(int), _positive(float))
     return p
 
 
@@ -245,6 +247,24 @@ async def _swap(args: argparse.Namespace, cfg: Config, models: list[str], stop: 
             "output_len": str(work.output_len), "mode": plan.describe()}, "interrupted": stop.is_set(), **doc}
 
 
+def _swap_trace(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The swap-trace pattern (router/bench/swap_trace.py): its own stacks, so no config and no router URL."""
+    given = [f"--{o.replace('_', '-')}" for o in (*_STEADY_ONLY, "url", "models") if getattr(args, o) not in (None, False)]
+    if given:
+        p.error(f"--pattern swap-trace starts its own stacks and trace; drop {', '.join(given)}")
+    try:
+        swap_trace.plans(args)
+        doc = uvloop.run(swap_trace.run(args))
+    except ValueError as e:
+        p.error(str(e))
+    except swap_trace.SwapTraceError as e:
+        p.exit(1, f"{p.prog}: {e}\n")
+    swap_trace.report(doc, sys.stdout)
+    if args.json:
+        write_json(args.json, doc)
+    return 0 if swap_trace.passed(doc) else 1
+
+
 def _api_key(args: argparse.Namespace, cfg: Config) -> Optional[str]:
     return args.api_key or next((k.key for k in cfg.router.api_keys if k.key is not None), None)
 
@@ -265,6 +285,8 @@ def report(doc: dict, out: TextIO) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.pattern == "swap-trace":
+        return _swap_trace(p, args)
     try:
         cfg = load_config(args.config, sim=True)  # engines are not launched here: a missing venv is no matter
         models = pick_models(cfg, args.models)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from router.config.kinds import POSITIVE, Flag, Text
+from router.config.kinds import POSITIVE, Choice, Flag, Text
 from router.config.problems import Reading
 from router.config.schema import REQUIRED, Kind, ListOf, setting
+
+#: How a model that needs another's place gets it (router/server/fleet/contention.py).
+POLICIES = ("fifo", "cost_aware")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ class ResidencySettings:
     groups: tuple[Group, ...] = setting(ListOf(Group, "{name, members: [instance names], exclusive: true}"), (), (
         "`[{name, members: [instance names], exclusive: true}]`: at most one member of an exclusive group is awake at "
         "a time"))
+    policy: str = setting(Choice(POLICIES), "cost_aware", (
+        "when a waiting model needs the place of a busy one (an exclusive group, or a full GPU budget): `cost_aware` "
+        "keeps serving the resident while it has queued work and switches when the waiting requests' accumulated wait "
+        "outweighs the measured switch cost, or the oldest has waited `max_wait_seconds`; `fifo` switches in arrival "
+        "order (a group member after `min_sleep_duration`; a full budget of busy models refuses with 503)"))
+    max_wait_seconds: float = setting(POSITIVE, 30.0, (
+        "with `policy: cost_aware`, the longest a request waits for a busy resident before the switch to its model "
+        "begins"))
 
     def gpu_budget(self, gpu: str) -> Optional[float]:
         if self.gpu_memory_gb is None:

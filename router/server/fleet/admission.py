@@ -52,7 +52,7 @@ class Transitions(Protocol):
 class Admission:
     """The counts of one model's requests; subclasses say how one gets in when the model is not awake."""
 
-    __slots__ = ("lifecycle", "machine", "clock", "in_flight", "waiting", "last_end", "drained")
+    __slots__ = ("lifecycle", "machine", "clock", "in_flight", "waiting", "last_end", "drained", "wait_starts")
 
     def __init__(self, lifecycle: Transitions):
         self.lifecycle = lifecycle
@@ -66,6 +66,8 @@ class Admission:
         self.last_end = self.clock()
         #: Set when the last request in flight ends during a drain.
         self.drained = asyncio.Event()
+        #: When each request held now began to wait (clock times), for the contention policy.
+        self.wait_starts: list[float] = []
 
     async def admit(self) -> None:
         raise NotImplementedError
@@ -107,6 +109,8 @@ class LocalAdmission(Admission):
         lc = self.lifecycle
         machine = self.machine
         self.waiting += 1
+        began = self.clock()
+        self.wait_starts.append(began)
         try:
             while machine.state != AWAKE:
                 state = machine.state
@@ -131,6 +135,7 @@ class LocalAdmission(Admission):
                     raise ModelUnavailable(outcome.message, RETRY_AFTER_SECONDS)
         finally:
             self.waiting -= 1
+            self.wait_starts.remove(began)
 
 
 #: Makes a model's admission strategy from its lifecycle.

@@ -4,8 +4,9 @@ of its start, its sleep and its wake from each tier.
 Eviction and the scheduler weigh a switch by what it costs to bring a model
 back (a level-1 wake takes seconds, a cold start minutes), and those times are
 the engine's, the model's and the disk's, not the router's to know in advance.
-So each estimate starts from a guess (`DEFAULT_GUESSES`, or the caller's),
-the first measurement replaces it, and later ones move it by `WEIGHT` (an
+So each estimate starts from a guess (the mean of what the other instances
+measured for that transition, else `DEFAULT_GUESSES` or the caller's), the
+first measurement replaces it, and later ones move it by `WEIGHT` (an
 exponentially weighted mean: recent wakes count most, one slow outlier does
 not dominate). The replicas of a model move together, so a transition's time
 is recorded for each of them, and a model's estimate is its slowest replica's.
@@ -74,6 +75,13 @@ class Costs:
             listener(model, kind, seconds)
 
     def guess(self, kind: str) -> float:
+        """What an instance that has not made a transition of `kind` yet is expected to take: the mean of the
+        other instances' estimates of it once there are any (this node's disks and engines), else the
+        configured guess. A fixed guess far above what was measured would keep an unmeasured model from ever
+        being chosen for eviction, so it would never be measured."""
+        measured = [e.seconds for (_, k), e in self._estimates.items() if k == kind]
+        if measured:
+            return sum(measured) / len(measured)
         return self.guesses.get(kind, self.guesses[START])
 
     def estimate(self, instance: str, kind: str) -> Estimate:

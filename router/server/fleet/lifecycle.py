@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from router.config import SleepSettings
 from router.observe.events import Events
@@ -88,12 +88,12 @@ class Lifecycle(ModelLife):
         """Stop the model's engines (drained first); a request then starts them again if on demand."""
         return await asyncio.shield(startstop.begin_stop(self, reason))
 
-    async def evict(self, stop: bool, reason: str, drain: bool = False) -> Outcome:
-        return await eviction.evict(self, stop, reason, drain)
+    async def evict(self, stop: bool, reason: str, drain: bool = False, why: Optional[Mapping[str, object]] = None) -> Outcome:
+        return await eviction.evict(self, stop, reason, drain, why)
 
-    async def deepen(self, reason: str) -> Outcome:
+    async def deepen(self, reason: str, why: Optional[Mapping[str, object]] = None) -> Outcome:
         """A level-1 sleep taken to level 2 (its weights leave host RAM), in the caller's task."""
-        return await eviction.deepen(self, reason)
+        return await eviction.deepen(self, reason, why)
 
     async def reconcile(self) -> None:
         await sleepwake.reconcile(self)

@@ -4,11 +4,13 @@ Before a start or a wake, the model's lifecycle asks `Residency.make_room`:
 on each GPU the model uses, what the models holding it (awake, starting,
 waking, draining) hold plus what this one needs must fit the GPU's budget,
 and at most one member of an exclusive group may be awake. Room is made by
-evicting the least recently used models that are idle and not pinned: put
-to sleep (a slept vLLM wakes in seconds) when the host budget can take its
-weights, else stopped (a stopped engine loads for minutes). Before a sleep,
-`make_host_room` stops the least recently used sleeping models until the
-weights fit in host memory (the idle loop and a manual sleep ask first).
+evicting idle models that are not pinned, the one expected to cost least to
+bring back first (its measured wake or start over its idle time,
+router/server/fleet/victims.py): put to sleep (a slept vLLM wakes in
+seconds) when the host budget can take its weights, else stopped (a stopped
+engine loads for minutes). Before a sleep, `make_host_room` deepens or stops
+sleeping models, chosen the same way, until the weights fit in host memory
+(the idle loop and a manual sleep ask first).
 The idle loop's stops (``idle_stop_seconds``) go through `stop_idle`, under
 the same lock, and are recorded as evictions (reason ``idle_stop``) like the
 others. One lock orders all placement decisions, and each is computed from the
@@ -16,12 +18,16 @@ owners' state at that moment, never from a copy. A model waiting for room
 still counts as holding nothing (it is asleep or stopped until it gets it),
 so no decision ever waits on a model that waits for the lock.
 
-An exclusive group swaps fairly: a member that wants to wake waits until the
-awake one has been awake ``min_sleep_duration``, so the awake one serves
-what it has first; then the awake one is drained and put to sleep (its new
-requests wait and, in turn, swap back no sooner than ``min_sleep_duration``
-later). Two busy members therefore swap at most once per
-``min_sleep_duration``.
+When the place a model needs is held by a busy model (an exclusive group's
+awake member; under ``policy: cost_aware`` also a full GPU budget whose
+holders all have work), the scheduler's decision says when the resident
+gives way (router/server/fleet/contention.py): ``fifo`` once it has been
+awake ``min_sleep_duration`` (a full budget of busy models refuses at once),
+``cost_aware`` once it has no queued work, the waiting requests' accumulated
+wait outweighs the measured switch, or the oldest has waited
+``max_wait_seconds``. The decision is asked again every `poll_seconds`;
+then the resident is drained and put to sleep (or stopped), and its new
+requests wait and, in turn, ask for the place back.
 """
 from __future__ import annotations
 
@@ -31,18 +37,22 @@ from collections import Counter, deque
 from typing import Callable, Optional
 
 from router.config import ResidencySettings
-from router.server.fleet.costs import Costs
+from router.server.fleet.contention import COST_AWARE, Verdict, Waits, decide
+from router.server.fleet.costs import SLEEP, START, Costs, wake_kind
 from router.server.fleet.life import DEEP_LEVEL, ModelLife
 from router.server.fleet.models import Model, ModelTable
 from router.server.fleet.outcome import RETRY_AFTER_SECONDS, ModelUnavailable, Outcome
+from router.server.fleet.victims import Candidate, cheapest, explain
 from router.util.states import AWAKE, HOLDING_GPU, SLEEPING
 
 #: Evictions remembered for GET /residency.
 RECENT_EVICTIONS = 50
 #: The eviction reason of a stop by ``idle_stop_seconds``.
 IDLE_STOP = "idle_stop"
-#: How often a member of an exclusive group looks again whether it may swap in.
+#: How often a model waiting for a busy resident's place asks the scheduler again.
 SWAP_POLL_SECONDS = 0.1
+#: Eviction actions.
+SLEEP_ACTION, STOP_ACTION, DEEPEN_ACTION = "sleep", "stop", "deepen"
 
 
 def gpu_need(model: Model) -> dict[str, float]:
@@ -83,6 +93,10 @@ class Residency:
         self._lock: Optional[asyncio.Lock] = None
         self.evictions: deque[dict[str, object]] = deque(maxlen=RECENT_EVICTIONS)
         self.eviction_counts: Counter[str] = Counter()
+        #: How often a model waiting for a busy resident asks the scheduler again (tests: 0).
+        self.poll_seconds = SWAP_POLL_SECONDS
+        #: The scheduler's last answer to a waiting model (GET /residency).
+        self.last_decision: Optional[dict[str, object]] = None
 
     def _placement_lock(self) -> asyncio.Lock:
         if self._lock is None:
@@ -103,9 +117,10 @@ class Residency:
             # request just ended there is not taken for busy (and one just admitted is not idle).
             await lc.peers.fence()
             model = self._model_of(lc)
-            await self._swap_out_group(model)
+            began = lc.clock()
+            await self._swap_out_group(model, began)
             for gpu in gpu_need(model):
-                await self._fit_gpu(model, gpu)
+                await self._fit_gpu(model, gpu, began)
 
     async def make_host_room(self, model: Model) -> None:
         """Before `model` sleeps: stop the least recently used sleeping models until its weights fit."""
@@ -125,16 +140,18 @@ class Residency:
             deeper = [m for m in sleepers if m.lifecycle.deepenable]
             stoppable = [m for m in sleepers if m.lifecycle.stoppable]
             if deeper:
-                await self._deepen(min(deeper, key=lambda m: m.lifecycle.last_used), reason="host_budget")
+                victim, why = self._choose(deeper, lambda m: DEEPEN_ACTION)
+                await self._deepen(victim, "host_budget", why)
             elif stoppable:
-                await self._evict(min(stoppable, key=lambda m: m.lifecycle.last_used), stop=True, reason="host_budget")
+                victim, why = self._choose(stoppable, lambda m: STOP_ACTION)
+                await self._evict(victim, stop=True, reason="host_budget", why=why)
             else:
                 raise ModelUnavailable(
                     f"no host memory for the weights of model {model.name!r} ({need:g} GB; "
                     f"{self.host_used(exclude=model):g} of {budget:g} GB held by sleeping models that are "
                     "pinned or can neither sleep deeper nor be stopped)", RETRY_AFTER_SECONDS)
 
-    async def _fit_gpu(self, model: Model, gpu: str) -> None:
+    async def _fit_gpu(self, model: Model, gpu: str, began: float) -> None:
         budget = self._settings().gpu_budget(gpu)
         if budget is None:
             return
@@ -142,16 +159,26 @@ class Residency:
         while self.gpu_used(gpu, exclude=model) + need > budget:
             holders = [m for m in self._table() if m is not model and m.lifecycle.state in HOLDING_GPU
                        and gpu in gpu_need(m)]
-            victims = [m for m in holders if m.lifecycle.state == AWAKE and not m.lifecycle.pinned
-                       and not m.lifecycle.busy and not m.lifecycle.in_flight and not m.lifecycle.waiting
-                       and (m.lifecycle.sleepable or m.lifecycle.stoppable)]
-            if not victims:
+            movable = [m for m in holders if m.lifecycle.state == AWAKE and not m.lifecycle.pinned
+                       and not m.lifecycle.busy and (m.lifecycle.sleepable or m.lifecycle.stoppable)]
+            victims = [m for m in movable if not m.lifecycle.in_flight and not m.lifecycle.waiting]
+            if victims:
+                victim, why = self._choose(victims, self._action)
+                await self._evict(victim, stop=not await self._may_sleep(victim), reason="gpu_budget", why=why)
+                continue
+            if not movable or self._settings().policy != COST_AWARE:
                 held = ", ".join(f"{m.name} ({gpu_need(m)[gpu]:g} GB, {self._why_kept(m)})" for m in holders)
                 raise ModelUnavailable(
                     f"no room on GPU {gpu} for model {model.name!r} ({need:g} GB of a {budget:g} GB budget); "
                     f"held by: {held}", RETRY_AFTER_SECONDS)
-            victim = min(victims, key=lambda m: m.lifecycle.last_used)
-            await self._evict(victim, stop=not await self._may_sleep(victim), reason="gpu_budget")
+            # Every holder that could go is busy: the scheduler says when the cheapest one gives way.
+            resident, why = self._choose(movable, self._action)
+            verdict = self._turn(resident, model, began)
+            if verdict.switch:
+                await self._evict(resident, stop=not await self._may_sleep(resident), reason="gpu_budget",
+                                  drain=True, why=f"{verdict.reason}; {why}")
+            else:
+                await asyncio.sleep(self.poll_seconds)
 
     async def _may_sleep(self, victim: Model) -> bool:
         """Whether to put `victim` to sleep rather than stop it: it can sleep, and its weights fit in host
@@ -166,7 +193,7 @@ class Residency:
             raise
         return True
 
-    async def _swap_out_group(self, model: Model) -> None:
+    async def _swap_out_group(self, model: Model, began: float) -> None:
         """Sleep (or stop) the awake members of the model's exclusive groups, fairly (see the module doc)."""
         names = {r.name for r in model.replicas}
         for group in self._settings().groups:
@@ -175,11 +202,12 @@ class Residency:
             for other in self._group_members(group.members, model):
                 while other.lifecycle.state in HOLDING_GPU:
                     lc = other.lifecycle
-                    if lc.state == AWAKE and not lc.busy and self._swap_due(lc):
+                    verdict = self._turn(other, model, began) if lc.state == AWAKE and not lc.busy else None
+                    if verdict is not None and verdict.switch:
                         await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap",
-                                          drain=True)
+                                          drain=True, why=verdict.reason)
                     else:
-                        await asyncio.sleep(SWAP_POLL_SECONDS)
+                        await asyncio.sleep(self.poll_seconds)
 
     async def enforce_groups(self) -> None:
         """Members of an exclusive group that came up together (started with supervisord, or by hand):
@@ -195,27 +223,79 @@ class Residency:
                 for other in members:
                     lc = other.lifecycle
                     if other is not keep and lc.state == AWAKE and not (lc.busy or lc.in_flight or lc.waiting):
-                        await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap")
+                        await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap",
+                                          why="members came up together; the most recently used one stays")
 
-    def _swap_due(self, lc: ModelLife) -> bool:
-        """A busy awake member has had its turn once it was awake ``min_sleep_duration``."""
-        return lc.last_wake_at is None or lc.clock() - lc.last_wake_at >= self._min_awake()
+    def _turn(self, resident: Model, newcomer: Model, began: float) -> Verdict:
+        """The scheduler's word (router/server/fleet/contention.py): does `resident` give way to `newcomer`
+        now? A wake or start that no request waits for (an operator's, or its clients left) counts as one
+        request waiting since it asked (`began`), so it too gets its turn. Remembered for GET /residency."""
+        settings = self._settings()
+        r, n = resident.lifecycle, newcomer.lifecycle
+        now = n.clock()
+        switch = self._switch_seconds(resident, newcomer)
+        verdict = decide(settings.policy, Waits.since(r.in_flight, r.admission.wait_starts, now),
+                         Waits.since(n.in_flight, n.admission.wait_starts or [began], now), switch,
+                         settings.max_wait_seconds, float("inf") if r.last_wake_at is None else now - r.last_wake_at,
+                         self._min_awake())
+        self.last_decision = {"time": time.time(), "resident": resident.name, "waiting": newcomer.name,
+                              "switch": verdict.switch, "switch_seconds": round(switch, 3), "reason": verdict.reason}
+        return verdict
+
+    def _switch_seconds(self, resident: Model, newcomer: Model) -> float:
+        """A switch's measured seconds: the resident's sleep (a stop is not measured) and the newcomer's
+        wake from its tier, or its start."""
+        out = self._estimate(resident, SLEEP) if resident.lifecycle.sleepable else 0.0
+        lc = newcomer.lifecycle
+        if lc.state == SLEEPING:
+            return out + max(self._estimate(newcomer, wake_kind(lc.wake_level(r))) for r in newcomer.replicas)
+        return out + self._estimate(newcomer, START)
+
+    def _estimate(self, model: Model, kind: str) -> float:
+        return max((self.costs.estimate(r.name, kind).seconds for r in model.replicas), default=self.costs.guess(kind))
+
+    def _action(self, model: Model) -> str:
+        """How an awake model would be evicted: put to sleep if it can, else stopped."""
+        return SLEEP_ACTION if model.lifecycle.sleepable else STOP_ACTION
+
+    def _candidate(self, model: Model, action: str) -> Candidate:
+        """`model` evicted by `action`, and the measured transition that would bring it back."""
+        if action == STOP_ACTION:
+            kind = START
+        elif action == DEEPEN_ACTION:
+            kind = wake_kind(DEEP_LEVEL)
+        else:
+            kind = wake_kind(max((model.lifecycle.held_level(r) for r in model.replicas), default=1))
+        return Candidate(model.name, action, kind, self._estimate(model, kind), model.lifecycle.idle_seconds())
+
+    def _choose(self, models: list[Model], action: Callable[[Model], str]) -> tuple[Model, str]:
+        """The model whose eviction is expected to cost least (router/server/fleet/victims.py), and why."""
+        candidates = [self._candidate(m, action(m)) for m in models]
+        chosen = cheapest(candidates)
+        return next(m for m in models if m.name == chosen.model), explain(chosen, candidates)
 
     def _group_members(self, members: tuple[str, ...], model: Optional[Model]) -> list[Model]:
         wanted = set(members)
         return [m for m in self._table() if m is not model and any(r.name in wanted for r in m.replicas)]
 
-    async def _deepen(self, victim: Model, reason: str) -> None:
-        outcome = await victim.lifecycle.deepen(reason)
+    async def _deepen(self, victim: Model, reason: str, why: str) -> None:
+        cost = self._candidate(victim, DEEPEN_ACTION)
+        outcome = await victim.lifecycle.deepen(reason, self._explained(cost, why))
         if not outcome.ok:
             raise ModelUnavailable(f"could not make room: {outcome.message}", RETRY_AFTER_SECONDS)
-        self._record(victim, "deepen", reason)
+        self._record(victim, DEEPEN_ACTION, reason, cost, why)
 
-    async def _evict(self, victim: Model, stop: bool, reason: str, drain: bool = False) -> None:
-        outcome = await victim.lifecycle.evict(stop=stop, reason=reason, drain=drain)
+    async def _evict(self, victim: Model, stop: bool, reason: str, why: str, drain: bool = False) -> None:
+        cost = self._candidate(victim, STOP_ACTION if stop else SLEEP_ACTION)
+        outcome = await victim.lifecycle.evict(stop=stop, reason=reason, drain=drain, why=self._explained(cost, why))
         if not outcome.ok:
             raise ModelUnavailable(f"could not make room: {outcome.message}", RETRY_AFTER_SECONDS)
-        self._record(victim, "stop" if stop else "sleep", reason)
+        self._record(victim, cost.action, reason, cost, why)
+
+    @staticmethod
+    def _explained(cost: Candidate, why: str) -> dict[str, object]:
+        """What an eviction's event and record say about its choice: what bringing it back costs, and why."""
+        return {"cost_kind": cost.cost_kind, "cost_seconds": round(cost.cost_seconds, 3), "why": why}
 
     async def stop_idle(self, model: Model, due: Callable[[], bool]) -> Outcome:
         """A stop by a policy (the idle loop's ``idle_stop_seconds``), made as every eviction is: under the
@@ -225,14 +305,16 @@ class Residency:
         async with self._placement_lock():
             if not due():
                 return Outcome(False, f"model {model.name!r} is no longer idle", 409)
-            outcome = await model.lifecycle.evict(stop=True, reason=IDLE_STOP)
+            cost, why = self._candidate(model, STOP_ACTION), "idle past idle_stop_seconds"
+            outcome = await model.lifecycle.evict(stop=True, reason=IDLE_STOP, why=self._explained(cost, why))
             if outcome.ok:
-                self._record(model, "stop", IDLE_STOP)
+                self._record(model, STOP_ACTION, IDLE_STOP, cost, why)
             return outcome
 
-    def _record(self, victim: Model, action: str, reason: str) -> None:
+    def _record(self, victim: Model, action: str, reason: str, cost: Candidate, why: str) -> None:
         self.eviction_counts[reason] += 1
-        self.evictions.append({"time": time.time(), "model": victim.name, "action": action, "reason": reason})
+        self.evictions.append({"time": time.time(), "model": victim.name, "action": action, "reason": reason,
+                               **self._explained(cost, why)})
 
     @staticmethod
     def _why_kept(model: Model) -> str:
@@ -274,6 +356,8 @@ class Residency:
                                 "costs": self.costs.of_model(r.name for r in m.replicas)} for m in table},
             "queue": {m.name: m.lifecycle.waiting for m in table if m.lifecycle.waiting},
             "groups": [{"name": g.name, "members": list(g.members), "exclusive": g.exclusive} for g in settings.groups],
+            "scheduler": {"policy": settings.policy, "max_wait_seconds": settings.max_wait_seconds,
+                          "last_decision": self.last_decision},
             "evictions": list(self.evictions),
             "eviction_counts": dict(self.eviction_counts),
         }

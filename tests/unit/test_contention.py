@@ -1,0 +1,75 @@
+"""The scheduler's decision (router/server/fleet/contention.py): when a busy resident gives way."""
+from __future__ import annotations
+
+from router.server.fleet.contention import COST_AWARE, FIFO, Waits, decide
+
+#: A level-1 sleep and wake: about a second and a half.
+SWITCH = 1.5
+MAX_WAIT = 30.0
+
+
+def cost_aware(resident: Waits, newcomer: Waits, switch: float = SWITCH) -> tuple[bool, str]:
+    v = decide(COST_AWARE, resident, newcomer, switch, MAX_WAIT, awake_for=100.0, min_awake=80.0)
+    return v.switch, v.reason
+
+
+def test_waits_measure_from_when_each_request_began_to_wait() -> None:
+    w = Waits.since(2, [10.0, 14.0, 19.0], now=20.0)
+    assert (w.in_flight, w.waiting, w.queued) == (2, 3, 5)
+    assert (w.oldest, w.accumulated) == (10.0, 10.0 + 6.0 + 1.0)
+    assert Waits.since(0, [25.0], now=20.0).waited == (0.0,)  # a start after `now` (clocks) counts as no wait
+
+
+def test_an_idle_resident_gives_way_at_once_even_to_a_request_just_come() -> None:
+    switch, reason = cost_aware(Waits(0, ()), Waits(0, (0.0,)))
+    assert switch and "no queued work" in reason
+
+
+def test_a_resident_with_queued_work_keeps_serving_while_the_wait_is_below_the_switch_cost() -> None:
+    # 4 in flight and 1 waiting on the resident (counted twice: the switch there and back), 2 waiting on the
+    # newcomer: 12 requests held up by a 1.5 s switch = 18 request-seconds.
+    resident = Waits(4, (0.5,))
+    switch, reason = cost_aware(resident, Waits(0, (8.9, 9.0)))
+    assert not switch and "resident has 5 queued" in reason
+    switch, reason = cost_aware(resident, Waits(0, (9.0, 9.0)))
+    assert switch and "request-seconds" in reason
+
+
+def test_a_crowd_gets_its_turn_sooner_than_a_lone_request() -> None:
+    resident = Waits(8, ())
+    lone = [t for t in range(1, 31) if cost_aware(resident, Waits(0, (float(t),)))[0]][0]
+    crowd = [t for t in range(1, 31) if cost_aware(resident, Waits(0, (float(t),) * 8))[0]][0]
+    assert (lone, crowd) == (26, 5)  # 1.5 s x (2 x 8 + 1) = 25.5; 1.5 x (2 x 8 + 8) / 8 = 4.5
+
+
+def test_a_slower_switch_is_made_later() -> None:
+    resident, newcomer = Waits(2, ()), Waits(0, (5.0, 5.0))
+    assert cost_aware(resident, newcomer, switch=1.5)[0]  # 10 >= 1.5 x 6
+    assert not cost_aware(resident, newcomer, switch=60.0)[0]  # a cold start: 10 < 360
+
+
+def test_no_model_is_starved_the_oldest_request_switches_at_max_wait() -> None:
+    resident = Waits(100, tuple([0.1] * 50))
+    assert not cost_aware(resident, Waits(0, (MAX_WAIT - 0.1,)), switch=60.0)[0]
+    switch, reason = cost_aware(resident, Waits(0, (MAX_WAIT,)), switch=60.0)
+    assert switch and "max_wait_seconds" in reason
+
+
+def test_fifo_is_the_baseline_the_resident_gives_way_after_min_sleep_duration_whatever_its_queue() -> None:
+    busy = Waits(50, (1.0,))
+    early = decide(FIFO, busy, Waits(0, (0.0,)), SWITCH, MAX_WAIT, awake_for=1.9, min_awake=2.0)
+    due = decide(FIFO, busy, Waits(0, (0.0,)), SWITCH, MAX_WAIT, awake_for=2.0, min_awake=2.0)
+    assert (early.switch, due.switch) == (False, True)
+    assert "min_sleep_duration" in due.reason
+    # With min_sleep_duration 0, fifo drains a busy resident for every newcomer: what cost_aware avoids.
+    assert decide(FIFO, busy, Waits(0, (0.0,)), SWITCH, MAX_WAIT, awake_for=0.0, min_awake=0.0).switch
+    assert not cost_aware(busy, Waits(0, (0.0,)))[0]
+
+
+def test_a_resident_switched_in_serves_at_least_as_long_as_its_switch_took_even_idle() -> None:
+    idle, crowd = Waits(0, ()), Waits(0, (5.0,) * 10)
+    early = decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=1.4, min_awake=0.0)
+    assert not early.switch and "window" in early.reason
+    assert decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=1.5, min_awake=0.0).switch
+    # ... but not past max_wait_seconds.
+    assert decide(COST_AWARE, idle, Waits(0, (MAX_WAIT,)), SWITCH, MAX_WAIT, awake_for=0.0, min_awake=0.0).switch
