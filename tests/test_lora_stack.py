@@ -28,6 +28,7 @@ def lora_state(port: int) -> dict:
         return json.loads(r.read())["lora"]
 
 
+@pytest.mark.slow  # a supervised stack per mode; tests/test_lora.py covers loading over loopback in the fast suite
 @pytest.mark.parametrize("workers", ROUTER_MODES)
 def test_an_adapter_request_starts_its_stopped_base_and_loads_again_after_a_restart(workers: int) -> None:
     router_port, port = distinct_ports(2)

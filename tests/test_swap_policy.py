@@ -122,6 +122,7 @@ def test_cost_aware_serves_the_residents_queued_work_then_switches_by_max_wait_s
     assert got["residency"]["scheduler"]["policy"] == "cost_aware"
 
 
+@pytest.mark.slow  # fifo is the old behaviour, kept as the baseline (unit: test_contention)
 def test_fifo_drains_the_busy_resident_for_the_newcomer_at_once(pair, loop) -> None:  # noqa: F811
     p = pair("fifo")
     got = loop.run(p.run(), timeout=60)

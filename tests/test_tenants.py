@@ -103,6 +103,7 @@ def test_tpm_refuses_the_request_that_would_pass_the_budget(stack: Stack, worker
     assert chat(client(r.url, FREE), "a", max_tokens=cap).http_response.status_code == 200
 
 
+@pytest.mark.slow  # holds its one slot 2 s per request so the queue fills on a loaded machine (unit: test_tenant_classes)
 def test_a_high_request_is_served_before_the_queued_low_ones(stack: Stack) -> None:
     e = stack.engine(interval=2.0)  # each request holds the one slot 2 s: time for the queue to fill
     r = stack.router([instance("a", e.port, max_concurrency=1, max_queue=10)], api_keys=[
