@@ -116,6 +116,12 @@ def _object_after_key(body: bytes, i: int) -> int:
     return i if i < n and body[i] == 123 else -1  # '{'
 
 
+def _no_usage(data: bytes) -> bool:
+    """Whether `data` holds no usage to count: no ``"usage"`` key, or only ``"usage":null`` ones (what
+    every chunk of a stream asked for its usage carries until the last): two byte counts, not a parse."""
+    return USAGE not in data or data.count(USAGE) == data.count(NO_USAGE)
+
+
 def event_data(event: bytes) -> Optional[Any]:
     """The JSON of an SSE event's ``data:`` line(s), or None."""
     parts = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
@@ -156,7 +162,7 @@ class StreamUsage:
         """Scan `data`; with `strip`, the bytes to relay now (maybe b""); without, b"" (the caller
         relays `data` itself)."""
         rest = self._rest
-        if (not rest and not self._held and data.endswith(EVENT_END) and USAGE not in data
+        if (not rest and not self._held and data.endswith(EVENT_END) and _no_usage(data)
                 and not (self.completions and FINISHED in data)):
             return data if self.strip else b""  # whole events, nothing to count or hold: as they came
         if rest:
@@ -189,7 +195,7 @@ class StreamUsage:
     def scan(self, data: bytes) -> None:
         """Read `data` (relayed by the caller unchanged): a scan-only `feed`, cheap when the piece
         is whole events without a usage."""
-        if not self._rest and data.endswith(EVENT_END) and USAGE not in data:
+        if not self._rest and data.endswith(EVENT_END) and _no_usage(data):
             return
         self.feed(data)
 
