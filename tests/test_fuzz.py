@@ -304,7 +304,6 @@ TEXT_VALUES = {
     # router.api_keys: keys, key sources and records (router/config/keys.py), mixed
     "ApiKeys": st.lists(st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES
                         | st.deferred(lambda: block(ApiKey)), min_size=1, max_size=3) | KEY_SOURCES,
-    "KeyValue": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
     "Globs": st.lists(st.sampled_from(["m", "*", "org/*", "alias", "no-such-model", "[a-"]), max_size=2),
     "OneKey": st.text(min_size=1, max_size=8).filter(str.strip) | KEY_SOURCES,
     "LogPath": st.sampled_from(["activity.jsonl", "logs/activity.jsonl", ".", " "]),

@@ -80,8 +80,9 @@ def read_keys_from(value: object, where: str, reading: Reading, many: bool) -> t
 
 
 @dataclass(frozen=True)
-class KeyValue(Kind[str]):
-    """One key, inline or ``{env: VAR}`` or ``{file: PATH}`` (its first line)."""
+class OneKey(Kind[str]):
+    """One key, inline or ``{env: VAR}`` or ``{file: PATH}`` (its first line): a record's key, and
+    router.admin_api_key."""
 
     @property
     def label(self) -> str:
@@ -114,7 +115,7 @@ class ApiKey:
 
     name: str = setting(NAME, REQUIRED, "shown in logs and metrics, never the key; unique. A key given as a plain "
                                         "string is named `key-N` by its place in the list")
-    key: Optional[str] = setting(KeyValue(), None, "the key: inline, `{env: VAR}` or `{file: PATH}` (first line); "
+    key: Optional[str] = setting(OneKey(), None, "the key: inline, `{env: VAR}` or `{file: PATH}` (first line); "
                                                    "this or `key_sha256`", secret=True)
     key_sha256: Optional[str] = setting(SHA256, None, "the key's SHA-256 in hex, so the YAML holds no secret "
                                                       "(`printf %s KEY | sha256sum`)", secret=True)

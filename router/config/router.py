@@ -8,26 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from router.config.keys import ApiKey, ApiKeys, read_keys_from
+from router.config.keys import ApiKey, ApiKeys, OneKey
 from router.config.kinds import COUNT, HOST, NON_NEGATIVE, POSITIVE, Choice, Flag, Number, Text
 from router.config.problems import Reading
 from router.config.schema import Kind, Section, setting
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
-
-
-@dataclass(frozen=True)
-class OneKey(Kind[str]):
-    """One API key, inline or ``{env: VAR}`` or ``{file: PATH}`` (its first line)."""
-
-    @property
-    def label(self) -> str:
-        return "a key, `{env: VAR}` or `{file: PATH}`"
-
-    def read(self, value: object, where: str, reading: Reading) -> Optional[str]:
-        keys = read_keys_from(value, where, reading, many=False)
-        return keys[0] if keys else None
 
 
 NAMESERVER = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([0-9.]+)(?::(\d+))?|([0-9A-Fa-f:]+)")

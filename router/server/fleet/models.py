@@ -107,6 +107,11 @@ class Model:
                 continue
             if best is None or r.outstanding < best.outstanding:
                 best = r
+        return self._taken(best, full, now)
+
+    def _taken(self, best: Optional[Replica], full: bool, now: float) -> Replica:
+        """A pick's end: a slot on `best`; else Overloaded when some replica was only full (the
+        request may wait), NoReplica when none could serve."""
         if best is not None:
             best.take_slot(now)
             return best
@@ -117,12 +122,8 @@ class Model:
     def _pick_by_key(self, sticky: Sticky, now: float, exclude: tuple[Replica, ...], key: int) -> Replica:
         best, full, hit = sticky.choose(self.replicas, now, exclude, key)
         if best is not None:
-            best.take_slot(now)
             self.metrics.routed(hit)
-            return best
-        if full:
-            raise Overloaded()
-        raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+        return self._taken(best, full, now)
 
     def _pick_for_adapter(self, now: float, exclude: tuple[Replica, ...], adapter: str) -> Replica:
         """A replica that declares `adapter`, those that hold it or are loading it first (so one load
@@ -137,12 +138,7 @@ class Model:
                 continue
             if best is None or _lora_rank(r, adapter) < _lora_rank(best, adapter):
                 best = r
-        if best is not None:
-            best.take_slot(now)
-            return best
-        if full:
-            raise Overloaded()
-        raise NoReplica(self._wait_hint(now), self.unavailable_reason())
+        return self._taken(best, full, now)
 
     @property
     def loader(self) -> AdapterLoader:
