@@ -71,7 +71,10 @@ def test_the_resident_gives_way_to_the_model_that_has_waited_most_not_to_the_fir
         await settle()
         assert trio.states() == ("sleeping", "sleeping", "awake")
         assert all(f.done() for f in for_z) and not for_y[0].done()
-        assert trio.residency.evictions[-1]["model"] == "x"
+        record = trio.residency.evictions[-1]
+        assert record["model"] == "x" and "no queued work" in str(record["why"])
+        assert "next of 2 waiting models: z (3.0s accumulated" in str(record["why"])
+        assert "ahead of y, which asked first" in str(record["why"])
         decision = trio.residency.last_decision
         assert decision is not None and decision["resident"] == "z" and decision["waiting"] == "y"
         for _ in for_z:  # z's requests end, and once z has served its window (its switch), y gets the place

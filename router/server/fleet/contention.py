@@ -121,3 +121,13 @@ def next_in_line(policy: str, waiting: Mapping[str, Waits], max_wait: float) -> 
     if overdue:
         return max(overdue, key=lambda name: (overdue[name].oldest, name))
     return max(waiting, key=lambda name: (waiting[name].accumulated, waiting[name].oldest, name))
+
+
+def line_reason(chosen: str, waiting: Mapping[str, Waits], asked_first: str) -> str:
+    """Why `chosen` is next of the models `waiting` for one place (appended to the switch's reason)."""
+    w = waiting[chosen]
+    order = "the first to ask" if chosen == asked_first else f"ahead of {asked_first}, which asked first"
+    others = ", ".join(f"{name} {o.accumulated:.1f}s, oldest {o.oldest:.1f}s" for name, o in waiting.items()
+                       if name != chosen)
+    return (f"next of {len(waiting)} waiting models: {chosen} ({w.accumulated:.1f}s accumulated, oldest "
+            f"{w.oldest:.1f}s; {order}); others: {others}")

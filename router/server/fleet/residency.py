@@ -42,7 +42,7 @@ from collections import Counter, deque
 from typing import Callable, Optional
 
 from router.config import ResidencySettings
-from router.server.fleet.contention import COST_AWARE, Verdict, Waits, decide, next_in_line
+from router.server.fleet.contention import COST_AWARE, Verdict, Waits, decide, line_reason, next_in_line
 from router.server.fleet.costs import SLEEP, START, Costs, wake_kind
 from router.server.fleet.life import DEEP_LEVEL, ModelLife
 from router.server.fleet.models import Model, ModelTable
@@ -141,7 +141,7 @@ class Residency:
                         pass
                 # The lock is released to the model next in line, which is queued on it; ask again after it.
         finally:
-            del self._asking[lc.model]
+            self._asking.pop(lc.model, None)
 
     async def make_host_room(self, model: Model) -> None:
         """Before `model` sleeps: stop the least recently used sleeping models until its weights fit."""
@@ -262,27 +262,25 @@ class Residency:
         asking = {m.name: m for m in self._table() if m is newcomer or (m.name in self._asking and rival(m))}
         waiting = {name: self._waits(m, self._asking.get(name, began), now) for name, m in asking.items()}
         first = next_in_line(settings.policy, waiting, settings.max_wait_seconds)
-        verdict = self._decide(resident, asking[first] if first else newcomer, waiting[first or newcomer.name],
-                               now)
-        if first not in (None, newcomer.name) and verdict.switch:
+        chosen = asking[first] if first else newcomer
+        switch = self._switch_seconds(resident, chosen)
+        r = resident.lifecycle
+        verdict = decide(settings.policy, Waits.since(r.in_flight, r.admission.wait_starts, now), waiting[chosen.name],
+                         switch, settings.max_wait_seconds,
+                         float("inf") if r.last_wake_at is None else now - r.last_wake_at, self._min_awake())
+        if chosen is not newcomer and verdict.switch:
             raise _Behind()
+        if first is not None and len(waiting) > 1:
+            asked_first = min(waiting, key=lambda name: self._asking.get(name, began))
+            verdict = Verdict(verdict.switch, f"{verdict.reason}; {line_reason(first, waiting, asked_first)}")
+        self.last_decision = {"time": time.time(), "resident": resident.name, "waiting": chosen.name,
+                              "switch": verdict.switch, "switch_seconds": round(switch, 3), "reason": verdict.reason}
         return verdict
 
     @staticmethod
     def _waits(model: Model, began: float, now: float) -> Waits:
         lc = model.lifecycle
         return Waits.since(lc.in_flight, lc.admission.wait_starts or [began], now)
-
-    def _decide(self, resident: Model, newcomer: Model, waits: Waits, now: float) -> Verdict:
-        settings = self._settings()
-        r = resident.lifecycle
-        switch = self._switch_seconds(resident, newcomer)
-        verdict = decide(settings.policy, Waits.since(r.in_flight, r.admission.wait_starts, now), waits, switch,
-                         settings.max_wait_seconds, float("inf") if r.last_wake_at is None else now - r.last_wake_at,
-                         self._min_awake())
-        self.last_decision = {"time": time.time(), "resident": resident.name, "waiting": newcomer.name,
-                              "switch": verdict.switch, "switch_seconds": round(switch, 3), "reason": verdict.reason}
-        return verdict
 
     def _switch_seconds(self, resident: Model, newcomer: Model) -> float:
         """A switch's measured seconds: the resident's sleep (a stop is not measured) and the newcomer's
