@@ -249,6 +249,7 @@ async def run_policy(policy: str, plan: TracePlan, engine: EnginePlan, max_wait:
     # cost_aware's choice among several waiting models (router/server/fleet/contention.next_in_line).
     doc["switches_among_several"] = sum("waiting models:" in str(e.get("why", "")) for e in evictions)
     doc["switches_out_of_order"] = sum("which asked first" in str(e.get("why", "")) for e in evictions)
+    doc["switch_whys"] = [str(e.get("why", "")) for e in evictions]
     return doc
 
 
