@@ -246,6 +246,10 @@ async def run_policy(policy: str, plan: TracePlan, engine: EnginePlan, max_wait:
             stack.stop()
     doc = figures(policy, recs, Timeline(changes, start, end), end - start, max_wait)
     doc["switch_reasons"] = dict(Counter(why_kind(str(e.get("why", ""))) for e in evictions))
+    # cost_aware's choice among several waiting models (router/server/fleet/contention.next_in_line).
+    doc["switches_among_several"] = sum("waiting models:" in str(e.get("why", "")) for e in evictions)
+    doc["switches_out_of_order"] = sum("which asked first" in str(e.get("why", "")) for e in evictions)
+    doc["switch_whys"] = [str(e.get("why", "")) for e in evictions]
     return doc
 
 
@@ -337,6 +341,9 @@ def report(doc: dict, out: TextIO) -> None:
     out.write("switches by the scheduler's reason: " + "; ".join(
         f"{r['policy']} " + ", ".join(f"{k} {n}" for k, n in r["switch_reasons"].items())
         for r in doc["runs"].values()) + "\n")
+    out.write("switches with several models waiting: " + "; ".join(
+        f"{r['policy']} {r.get('switches_among_several', 0)} ({r.get('switches_out_of_order', 0)} not to the first "
+        "that asked)" for r in doc["runs"].values()) + "\n")
     if "ratios" in doc:
         out.write("cost_aware / fifo: " + ", ".join(f"{k} {v:.2f}" for k, v in doc["ratios"].items()
                                                    if v is not None) + "\n")

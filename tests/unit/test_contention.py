@@ -1,7 +1,7 @@
 """The scheduler's decision (router/server/fleet/contention.py): when a busy resident gives way."""
 from __future__ import annotations
 
-from router.server.fleet.contention import COST_AWARE, FIFO, Waits, decide
+from router.server.fleet.contention import COST_AWARE, FIFO, Waits, decide, next_in_line
 
 #: A level-1 sleep and wake: about a second and a half.
 SWITCH = 1.5
@@ -73,3 +73,22 @@ def test_a_resident_switched_in_serves_at_least_as_long_as_its_switch_took_even_
     assert decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=1.5, min_awake=0.0).switch
     # ... but not past max_wait_seconds.
     assert decide(COST_AWARE, idle, Waits(0, (MAX_WAIT,)), SWITCH, MAX_WAIT, awake_for=0.0, min_awake=0.0).switch
+
+
+def test_the_place_goes_to_the_biggest_accumulated_wait_not_the_first_to_ask() -> None:
+    waiting = {"first": Waits(0, (6.0,)), "crowd": Waits(0, (3.0, 3.0, 1.0))}
+    assert next_in_line(COST_AWARE, waiting, MAX_WAIT) == "crowd"  # 7 request-seconds against 6
+    assert next_in_line(COST_AWARE, {"first": Waits(0, (8.0,)), **{"crowd": waiting["crowd"]}}, MAX_WAIT) == "first"
+
+
+def test_max_wait_seconds_comes_before_the_crowd_the_longest_past_it_first() -> None:
+    waiting = {"late": Waits(0, (30.0,)), "later": Waits(0, (31.0,)), "crowd": Waits(0, (29.0,) * 10)}
+    assert next_in_line(COST_AWARE, waiting, MAX_WAIT) == "later"
+    assert next_in_line(COST_AWARE, {"crowd": waiting["crowd"], "late": waiting["late"]}, MAX_WAIT) == "late"
+
+
+def test_ties_are_broken_the_same_way_by_every_asker_and_fifo_keeps_the_order_of_asking() -> None:
+    same = {"a": Waits(0, (2.0,)), "b": Waits(0, (1.0, 1.0))}
+    assert next_in_line(COST_AWARE, same, MAX_WAIT) == "a"  # equal request-seconds: the oldest request first
+    assert next_in_line(COST_AWARE, dict(reversed(list(same.items()))), MAX_WAIT) == "a"
+    assert next_in_line(FIFO, same, MAX_WAIT) is None

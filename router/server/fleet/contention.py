@@ -20,6 +20,12 @@ waiting), and switches when one of these holds:
   and, twice, the resident's queued ones (a model busy now has more work
   coming, which waits for the newcomer's turn and for the switch back).
 
+When the resident gives way and more than one model waits for its place,
+`next_in_line` says which one gets it: under ``cost_aware`` the one whose
+oldest request has waited longest past ``max_wait_seconds``, if any has,
+else the one whose waiting requests have accumulated the most wait (so one
+switch serves the biggest batch); under ``fifo`` the one that asked first.
+
 So a burst for another model waits while the resident finishes its own, a
 crowd gets its turn sooner than a lone request, and a slow switch (a cold
 start) is made more rarely than a fast one (a level-1 wake). The caller
@@ -30,7 +36,7 @@ only decides, from the numbers it is given, so it is tested on a fake clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 FIFO = "fifo"
 COST_AWARE = "cost_aware"
@@ -102,3 +108,26 @@ def decide(policy: str, resident: Waits, newcomer: Waits, switch_seconds: float,
     return Verdict(False, f"cost_aware: the resident has {resident.queued} queued; {newcomer.waiting} waiting "
                           f"{newcomer.accumulated:.1f} of {cost:.1f} request-seconds, oldest {newcomer.oldest:.1f}s "
                           f"of {max_wait:g}s")
+
+
+def next_in_line(policy: str, waiting: Mapping[str, Waits], max_wait: float) -> Optional[str]:
+    """Of the models `waiting` for one place (name -> its requests), the one the place goes to next; None
+    under ``fifo``, whose order is the order they asked in. The ``max_wait_seconds`` bound comes first: a
+    model with a request waiting past it goes before one whose crowd is bigger, the longest waiting first.
+    Ties go to the oldest request, then to the name, so every asker computes the same answer."""
+    if policy != COST_AWARE or not waiting:
+        return None
+    overdue = {name: w for name, w in waiting.items() if w.oldest >= max_wait}
+    if overdue:
+        return max(overdue, key=lambda name: (overdue[name].oldest, name))
+    return max(waiting, key=lambda name: (waiting[name].accumulated, waiting[name].oldest, name))
+
+
+def line_reason(chosen: str, waiting: Mapping[str, Waits], asked_first: str) -> str:
+    """Why `chosen` is next of the models `waiting` for one place (appended to the switch's reason)."""
+    w = waiting[chosen]
+    order = "the first to ask" if chosen == asked_first else f"ahead of {asked_first}, which asked first"
+    others = ", ".join(f"{name} {o.accumulated:.1f}s, oldest {o.oldest:.1f}s" for name, o in waiting.items()
+                       if name != chosen)
+    return (f"next of {len(waiting)} waiting models: {chosen} ({w.accumulated:.1f}s accumulated, oldest "
+            f"{w.oldest:.1f}s; {order}); others: {others}")

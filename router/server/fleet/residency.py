@@ -27,7 +27,12 @@ awake ``min_sleep_duration`` (a full budget of busy models refuses at once),
 wait outweighs the measured switch, or the oldest has waited
 ``max_wait_seconds``. The decision is asked again every `poll_seconds`;
 then the resident is drained and put to sleep (or stopped), and its new
-requests wait and, in turn, ask for the place back.
+requests wait and, in turn, ask for the place back. When several models ask
+for the same place, the one asking under the lock is not necessarily next:
+``cost_aware`` gives the place to the one `contention.next_in_line` names
+(past ``max_wait_seconds`` first, else the most accumulated wait), and an
+asker that is not next lets the lock go to the others (queued on it in the
+order they asked) and asks again after them.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from collections import Counter, deque
 from typing import Callable, Optional
 
 from router.config import ResidencySettings
-from router.server.fleet.contention import COST_AWARE, Verdict, Waits, decide
+from router.server.fleet.contention import COST_AWARE, Verdict, Waits, decide, line_reason, next_in_line
 from router.server.fleet.costs import SLEEP, START, Costs, wake_kind
 from router.server.fleet.life import DEEP_LEVEL, ModelLife
 from router.server.fleet.models import Model, ModelTable
@@ -53,6 +58,10 @@ IDLE_STOP = "idle_stop"
 SWAP_POLL_SECONDS = 0.1
 #: Eviction actions.
 SLEEP_ACTION, STOP_ACTION, DEEPEN_ACTION = "sleep", "stop", "deepen"
+
+
+class _Behind(Exception):
+    """The place being made goes to another model asking for it first (contention.next_in_line)."""
 
 
 def gpu_need(model: Model) -> dict[str, float]:
@@ -97,6 +106,8 @@ class Residency:
         self.poll_seconds = SWAP_POLL_SECONDS
         #: The scheduler's last answer to a waiting model (GET /residency).
         self.last_decision: Optional[dict[str, object]] = None
+        #: The models asking for room now (queued on the placement lock or holding it) -> when they asked.
+        self._asking: dict[str, float] = {}
 
     def _placement_lock(self) -> asyncio.Lock:
         if self._lock is None:
@@ -112,15 +123,25 @@ class Residency:
     # ------------------------------------------------------------------ decisions
 
     async def make_room(self, lc: ModelLife) -> None:
-        async with self._placement_lock():
-            # Proxy workers report counts within milliseconds: fence them, so a model whose last
-            # request just ended there is not taken for busy (and one just admitted is not idle).
-            await lc.peers.fence()
-            model = self._model_of(lc)
-            began = lc.clock()
-            await self._swap_out_group(model, began)
-            for gpu in gpu_need(model):
-                await self._fit_gpu(model, gpu, began)
+        began = lc.clock()
+        self._asking[lc.model] = began
+        try:
+            while True:
+                async with self._placement_lock():
+                    # Proxy workers report counts within milliseconds: fence them, so a model whose last
+                    # request just ended there is not taken for busy (and one just admitted is not idle).
+                    await lc.peers.fence()
+                    model = self._model_of(lc)
+                    try:
+                        await self._swap_out_group(model, began)
+                        for gpu in gpu_need(model):
+                            await self._fit_gpu(model, gpu, began)
+                        return
+                    except _Behind:
+                        pass
+                # The lock is released to the model next in line, which is queued on it; ask again after it.
+        finally:
+            self._asking.pop(lc.model, None)
 
     async def make_host_room(self, model: Model) -> None:
         """Before `model` sleeps: stop the least recently used sleeping models until its weights fit."""
@@ -173,7 +194,7 @@ class Residency:
                     f"held by: {held}", RETRY_AFTER_SECONDS)
             # Every holder that could go is busy: the scheduler says when the cheapest one gives way.
             resident, why = self._choose(movable, self._action)
-            verdict = self._turn(resident, model, began)
+            verdict = self._turn(resident, model, began, lambda m: gpu in gpu_need(m))
             if verdict.switch:
                 await self._evict(resident, stop=not await self._may_sleep(resident), reason="gpu_budget",
                                   drain=True, why=f"{verdict.reason}; {why}")
@@ -199,10 +220,13 @@ class Residency:
         for group in self._settings().groups:
             if not group.exclusive or not names & set(group.members):
                 continue
+            def exclusive(m: Model, members: tuple[str, ...] = group.members) -> bool:
+                return any(r.name in members for r in m.replicas)
+
             for other in self._group_members(group.members, model):
                 while other.lifecycle.state in HOLDING_GPU:
                     lc = other.lifecycle
-                    verdict = self._turn(other, model, began) if lc.state == AWAKE and not lc.busy else None
+                    verdict = self._turn(other, model, began, exclusive) if lc.state == AWAKE and not lc.busy else None
                     if verdict is not None and verdict.switch:
                         await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap",
                                           drain=True, why=verdict.reason)
@@ -226,21 +250,37 @@ class Residency:
                         await self._evict(other, stop=not await self._may_sleep(other), reason="group_swap",
                                           why="members came up together; the most recently used one stays")
 
-    def _turn(self, resident: Model, newcomer: Model, began: float) -> Verdict:
-        """The scheduler's word (router/server/fleet/contention.py): does `resident` give way to `newcomer`
-        now? A wake or start that no request waits for (an operator's, or its clients left) counts as one
-        request waiting since it asked (`began`), so it too gets its turn. Remembered for GET /residency."""
+    def _turn(self, resident: Model, newcomer: Model, began: float, rival: Callable[[Model], bool]) -> Verdict:
+        """The scheduler's word (router/server/fleet/contention.py): does `resident` give way now, and to
+        whom? The place goes to the model next in line among `newcomer` and the other models asking for room
+        that want the same place (`rival`); when that is another one and the resident gives way to it,
+        `_Behind` is raised, so the caller lets the placement lock go to it. A wake or start that no request
+        waits for (an operator's, or its clients left) counts as one request waiting since it asked (`began`),
+        so it too gets its turn. Remembered for GET /residency."""
         settings = self._settings()
-        r, n = resident.lifecycle, newcomer.lifecycle
-        now = n.clock()
-        switch = self._switch_seconds(resident, newcomer)
-        verdict = decide(settings.policy, Waits.since(r.in_flight, r.admission.wait_starts, now),
-                         Waits.since(n.in_flight, n.admission.wait_starts or [began], now), switch,
-                         settings.max_wait_seconds, float("inf") if r.last_wake_at is None else now - r.last_wake_at,
-                         self._min_awake())
-        self.last_decision = {"time": time.time(), "resident": resident.name, "waiting": newcomer.name,
+        now = newcomer.lifecycle.clock()
+        asking = {m.name: m for m in self._table() if m is newcomer or (m.name in self._asking and rival(m))}
+        waiting = {name: self._waits(m, self._asking.get(name, began), now) for name, m in asking.items()}
+        first = next_in_line(settings.policy, waiting, settings.max_wait_seconds)
+        chosen = asking[first] if first else newcomer
+        switch = self._switch_seconds(resident, chosen)
+        r = resident.lifecycle
+        verdict = decide(settings.policy, Waits.since(r.in_flight, r.admission.wait_starts, now), waiting[chosen.name],
+                         switch, settings.max_wait_seconds,
+                         float("inf") if r.last_wake_at is None else now - r.last_wake_at, self._min_awake())
+        if chosen is not newcomer and verdict.switch:
+            raise _Behind()
+        if first is not None and len(waiting) > 1:
+            asked_first = min(waiting, key=lambda name: self._asking.get(name, began))
+            verdict = Verdict(verdict.switch, f"{verdict.reason}; {line_reason(first, waiting, asked_first)}")
+        self.last_decision = {"time": time.time(), "resident": resident.name, "waiting": chosen.name,
                               "switch": verdict.switch, "switch_seconds": round(switch, 3), "reason": verdict.reason}
         return verdict
+
+    @staticmethod
+    def _waits(model: Model, began: float, now: float) -> Waits:
+        lc = model.lifecycle
+        return Waits.since(lc.in_flight, lc.admission.wait_starts or [began], now)
 
     def _switch_seconds(self, resident: Model, newcomer: Model) -> float:
         """A switch's measured seconds: the resident's sleep (a stop is not measured) and the newcomer's
