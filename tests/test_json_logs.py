@@ -23,7 +23,7 @@ ACCESS = {"model", "stream", "instance", "status", "bytes", "ttft_ms", "latency_
           "completion_tokens"}
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+@pytest.mark.parametrize("workers", [pytest.param(1, id="one-process"), pytest.param(2, id="two-workers", marks=pytest.mark.slow)])
 def test_every_line_of_the_router_log_is_json_and_no_key_is_in_it(tmp_path: Path, procs: list[Proc], workers: int) -> None:
     router_port, engine_port = distinct_ports(2)
     (tmp_path / "keys").write_text("\n".join(CLIENT_KEYS) + "\n")

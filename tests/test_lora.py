@@ -61,7 +61,7 @@ def lora_state(port: int) -> dict[str, Any]:
     return get(f"http://127.0.0.1:{port}/sim/state")["lora"]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, id="two-workers", marks=pytest.mark.slow)])  # single flight under workers: the thirty below
 def test_an_adapter_is_loaded_on_first_request_listed_with_its_parent_and_swapped_within_max_loras(
         stack: Stack, sims, tmp_path: Path, workers: int) -> None:
     port = sims("vllm", "base", "--enable-lora", "--max-loras", "1")
@@ -158,7 +158,7 @@ def test_the_base_models_shaping_applies_to_its_adapters_requests(stack: Stack, 
     assert body["choices"][0]["text"].startswith("[sql] ")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, id="two-workers", marks=pytest.mark.slow)])
 def test_an_engine_that_lost_a_loaded_adapter_gets_it_loaded_again(stack: Stack, sims, tmp_path: Path,
                                                                   workers: int) -> None:
     port = sims("vllm", "base", "--enable-lora")

@@ -50,8 +50,11 @@ def sixteen_sessions(url: str) -> None:
         assert [j.result() for j in jobs] == [200] * 80
 
 
-@pytest.mark.parametrize("workers, limit", [(1, None), (2, None), (2, 50)],
-                         ids=["one-process", "workers-local-picks", "workers-leased"])
+@pytest.mark.parametrize("workers, limit", [
+    pytest.param(1, None, id="one-process"),
+    # each worker picks on its own ring: no state shared, so with the slow tests
+    pytest.param(2, None, id="workers-local-picks", marks=pytest.mark.slow),
+    pytest.param(2, 50, id="workers-leased")])
 def test_session_routing_keeps_every_session_on_one_replica(stack: Stack, workers: int, limit: Optional[int]) -> None:
     """With proxy workers, each process builds the same ring (a model with a max_concurrency is
     picked by the controller, on the key the lease carries)."""

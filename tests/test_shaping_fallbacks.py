@@ -61,7 +61,7 @@ def test_the_engine_gets_the_defaults_the_overrides_and_not_the_stripped_fields(
     assert headers[HEADER] == "plain"  # every engine answer names the model that gave it
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+@pytest.mark.parametrize("workers", [pytest.param(1, id="one-process"), pytest.param(2, id="two-workers", marks=pytest.mark.slow)])
 def test_a_model_whose_engine_is_gone_is_answered_by_its_fallback(stack: Stack, procs: list[Any],
                                                                   workers: int) -> None:
     big_port, small_port = free_port(), free_port()
