@@ -143,6 +143,7 @@ class Watcher:
             time.sleep(0.1)
 
 
+@pytest.mark.slow  # three supervised starts and two evictions (~15 s); eviction order: tests/unit/test_eviction_order.py
 def test_three_on_demand_models_in_a_budget_for_two_and_a_pinned_one(make_stack) -> None:
     names = ["a", "b", "c", "p"]
     stack = make_stack(lambda ports: [
@@ -283,6 +284,7 @@ def test_two_busy_models_in_an_exclusive_group_share_it(make_stack) -> None:
     assert all(g >= 1.9 for g in gaps), gaps
 
 
+@pytest.mark.slow  # a supervised stop and start (~7 s); the drain before a stop: tests/unit/test_life_transitions.py
 def test_a_manual_stop_drains_first_and_a_request_then_starts_the_engine_again(make_stack) -> None:
     stack = make_stack(lambda ports: [engine("a", ports["a"], on_demand=True, sim="--startup-s 0.5 --itl-ms 100")],
                        ["a"])

@@ -528,7 +528,7 @@ def test_events_stream_the_sleep_and_the_wake_in_order(stack):
     assert seqs == sorted(seqs) and all(e["time"] > 0 for e in events)
 
 
-@pytest.mark.parametrize("wake_status", [200, 500])
+@pytest.mark.parametrize("wake_status", [200, pytest.param(500, marks=pytest.mark.slow)])  # a failed wake: slow
 def test_loading_progress_comments_while_a_stream_waits_for_a_wake(stack, wake_status):
     st = stack(ControlEngine(wake_delay=4.5, wake_status=wake_status), router={"loading_progress": True})
     assert st.call("POST", f"/action/sleep/{ENC}")[0] == 200
