@@ -14,17 +14,6 @@ from helpers import Proc, free_port, start_sim, wait_http
 from router_support import Stack, instance, loop, stack  # noqa: F401  (fixtures)
 
 
-@pytest.fixture
-def sims(procs: list[Proc]):
-    """Start simulated engines: sims(engine, model, *args) -> port."""
-    def start(engine: str, model: str, *args: str) -> int:
-        port = free_port()
-        procs.append(start_sim(engine, model, port, *args))
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
-        return port
-    return start
-
-
 def adapters(tmp: Path, *names: str) -> list[dict[str, str]]:
     """Adapter folders the simulated engine can load (it checks only that they exist)."""
     out = []

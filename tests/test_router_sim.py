@@ -28,16 +28,6 @@ def sim_metric(port: int, name: str) -> float:
     return float(m.group(1))
 
 
-@pytest.fixture
-def sims(procs: list[Proc]):
-    """Start simulated engines: sims(engine, model, *args) -> port."""
-    def start(engine: str, model: str, *args: str) -> int:
-        port = free_port()
-        procs.append(start_sim(engine, model, port, *args))
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
-        return port
-    return start
-
 
 def test_sdk_through_router_to_simulated_engines(stack: Stack, sims) -> None:
     vport = sims("vllm", "org/llama", "--served-model-name", "llama")
