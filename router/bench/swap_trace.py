@@ -43,6 +43,7 @@ import yaml
 from router.bench.loadgen import Recorder, Span, Target, Workload, new_session, send_burst
 from router.bench.trace import Change, Timeline, TracePlan, make_trace, quantiles
 from router.engines import ENGINES, SIM_MODULE
+from router.util.answering import answers_200
 
 POLICIES = ("fifo", "cost_aware")
 MODELS = ("trace/a", "trace/b", "trace/c")
@@ -153,15 +154,8 @@ class Stack:
 
 
 async def _until_up(session: aiohttp.ClientSession, url: str, root: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
+    if await answers_200(session, url, timeout, 0.2):
+        return
     raise SwapTraceError(f"{url} did not answer 200 within {timeout:g}s; see the logs in {root}")
 
 

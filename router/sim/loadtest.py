@@ -26,6 +26,7 @@ import orjson
 import psutil
 
 from router.engines import ENGINES
+from router.util.answering import answers_200
 
 
 def _free_port() -> int:
@@ -41,14 +42,8 @@ def _cpu(proc: psutil.Process) -> float:
 
 async def _wait_up(url: str) -> None:
     async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            try:
-                async with http.get(url + "/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
+        if await answers_200(http, url + "/health", 10.0, 0.05):
+            return
     raise SystemExit(f"the simulator at {url} did not come up")
 
 
