@@ -26,9 +26,9 @@ def test_an_idle_resident_gives_way_at_once_even_to_a_request_just_come() -> Non
 
 
 def test_a_resident_with_queued_work_keeps_serving_while_the_wait_is_below_the_switch_cost() -> None:
-    # 4 in flight and 1 waiting on the resident (counted twice: the switch there and back), 2 waiting on the
+    # 5 in flight on the resident (counted twice: the switch there and back), 2 waiting on the
     # newcomer: 12 requests held up by a 1.5 s switch = 18 request-seconds.
-    resident = Waits(4, (0.5,))
+    resident = Waits(5, ())
     switch, reason = cost_aware(resident, Waits(0, (8.9, 9.0)))
     assert not switch and "resident has 5 queued" in reason
     switch, reason = cost_aware(resident, Waits(0, (9.0, 9.0)))
@@ -49,14 +49,14 @@ def test_a_slower_switch_is_made_later() -> None:
 
 
 def test_no_model_is_starved_the_oldest_request_switches_at_max_wait() -> None:
-    resident = Waits(100, tuple([0.1] * 50))
+    resident = Waits(150, ())
     assert not cost_aware(resident, Waits(0, (MAX_WAIT - 0.1,)), switch=60.0)[0]
     switch, reason = cost_aware(resident, Waits(0, (MAX_WAIT,)), switch=60.0)
     assert switch and "max_wait_seconds" in reason
 
 
 def test_fifo_is_the_baseline_the_resident_gives_way_after_min_sleep_duration_whatever_its_queue() -> None:
-    busy = Waits(50, (1.0,))
+    busy = Waits(50, ())
     early = decide(FIFO, busy, Waits(0, (0.0,)), SWITCH, MAX_WAIT, awake_for=1.9, min_awake=2.0)
     due = decide(FIFO, busy, Waits(0, (0.0,)), SWITCH, MAX_WAIT, awake_for=2.0, min_awake=2.0)
     assert (early.switch, due.switch) == (False, True)
@@ -92,3 +92,13 @@ def test_ties_are_broken_the_same_way_by_every_asker_and_fifo_keeps_the_order_of
     assert next_in_line(COST_AWARE, same, MAX_WAIT) == "a"  # equal request-seconds: the oldest request first
     assert next_in_line(COST_AWARE, dict(reversed(list(same.items()))), MAX_WAIT) == "a"
     assert next_in_line(FIFO, same, MAX_WAIT) is None
+
+
+def test_a_resident_whose_waiting_requests_are_going_in_keeps_its_place_under_either_policy() -> None:
+    # Awake with requests still waiting: it has just woken for them, and they go in on the loop's next turns.
+    for policy in (FIFO, COST_AWARE):
+        v = decide(policy, Waits(0, (3.0, 2.0)), Waits(0, (MAX_WAIT,)), SWITCH, MAX_WAIT, awake_for=100.0,
+                   min_awake=0.0)
+        assert not v.switch and "2 requests that waited for it are going in" in v.reason
+        assert decide(policy, Waits(2, ()), Waits(0, (MAX_WAIT,)), SWITCH, MAX_WAIT, awake_for=100.0,
+                      min_awake=0.0).switch  # once in, they are in flight: the switch goes ahead (after a drain)

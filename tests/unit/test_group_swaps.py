@@ -24,15 +24,16 @@ from router.util.states import AWAKE, HOLDING_GPU, SLEEPING
 TURN = 30.0
 
 
-def group(names: str = "ab", exclusive: bool = True) -> tuple[ModelTable, Residency, FakeControl, Clock, Recorder]:
+def group(names: str = "ab", exclusive: bool = True, policy: str = "cost_aware",
+          turn: float = TURN) -> tuple[ModelTable, Residency, FakeControl, Clock, Recorder]:
     """One model per letter (replica `<letter>-0`), all awake, the letters one group."""
     events = Events()
     control = FakeControl()
     clock = Clock()
     recorder = Recorder(events)
     table: list[ModelTable] = []
-    settings = ResidencySettings(groups=(Group("pair", tuple(f"{n}-0" for n in names), exclusive),))
-    residency = Residency(lambda: table[0], lambda: settings, lambda: TURN)
+    settings = ResidencySettings(groups=(Group("pair", tuple(f"{n}-0" for n in names), exclusive),), policy=policy)
+    residency = Residency(lambda: table[0], lambda: settings, lambda: turn)
 
     def lifecycle(name: str, members: Callable[[], tuple[Replica, ...]]) -> Lifecycle:
         return Lifecycle(name, members, SleepSettings(drain_timeout_seconds=5.0), control, events,  # type: ignore[arg-type]
@@ -158,4 +159,34 @@ def test_members_of_a_group_that_is_not_exclusive_stay_awake_together() -> None:
         await b.lifecycle.admit()
         assert states(table) == {"a": AWAKE, "b": AWAKE}
         assert [n for n, _ in engine_calls(control)] == ["b-0"] and evictions(residency) == []
+    asyncio.run(test())
+
+
+
+def test_requests_that_waited_for_a_wake_go_in_before_another_member_takes_the_place() -> None:
+    """Under fifo with no min_sleep_duration, a member that wakes while another member's requests wait
+    gives way at once; but the requests that waited for its wake are let in first (they were once sent
+    back to wait for the next turn, and waited a whole round more)."""
+    async def test() -> None:
+        table, residency, _, _, _ = group("abc", policy="fifo", turn=0.0)
+        residency.poll_seconds = 0.0  # the other asker looks at every turn of the loop
+        a, b, c = model(table, "a"), model(table, "b"), model(table, "c")
+        assert (await b.lifecycle.sleep()).ok and (await c.lifecycle.sleep()).ok
+        await a.lifecycle.admit()  # a serves one request
+        for_b = asyncio.ensure_future(b.lifecycle.admit())  # b asks: a drains
+        await settle()
+        assert a.lifecycle.state == "draining"
+        for_a = asyncio.ensure_future(a.lifecycle.admit())  # a request for a, while a drains: it waits
+        await settle()
+        a.lifecycle.release()  # a's request ends: a sleeps, b wakes, and a asks for the place back
+        await asyncio.wait_for(for_b, 5)
+        for_c = asyncio.ensure_future(c.lifecycle.admit())  # c asks too, after a
+        await settle()
+        b.lifecycle.release()  # b's request ends: b sleeps, a wakes
+        await asyncio.wait_for(for_a, 5)
+        # a's request is in: a drains for c only once it is over.
+        assert a.lifecycle.in_flight == 1 and not for_c.done()
+        a.lifecycle.release()
+        await asyncio.wait_for(for_c, 5)
+        assert states(table) == {"a": SLEEPING, "b": SLEEPING, "c": AWAKE}
     asyncio.run(test())

@@ -86,7 +86,13 @@ class Verdict:
 def decide(policy: str, resident: Waits, newcomer: Waits, switch_seconds: float, max_wait: float,
            awake_for: float, min_awake: float) -> Verdict:
     """Whether the resident (awake `awake_for` seconds, with its `resident` requests) gives its place now to
-    the model whose requests are `newcomer`, a switch being estimated at `switch_seconds`."""
+    the model whose requests are `newcomer`, a switch being estimated at `switch_seconds`.
+
+    A resident that is awake with requests still waiting has just woken (or started) for them: they go in
+    on the loop's next turns. Under either policy it keeps its place until they are in; taken from them
+    now, they would wait for its next turn (and two models woken for each other would swap forever)."""
+    if resident.waiting:
+        return Verdict(False, f"{policy}: the resident's {resident.waiting} requests that waited for it are going in")
     if policy == FIFO:
         if awake_for >= min_awake:
             return Verdict(True, f"fifo: the resident was awake {awake_for:.1f}s (min_sleep_duration {min_awake:g}s)")
