@@ -68,7 +68,9 @@ def add_options(p: argparse.ArgumentParser, positive_int: Callable[[str], float]
                 positive: Callable[[str], float]) -> None:
     g = p.add_argument_group("--pattern swap-trace", "fifo vs cost_aware on one seeded trace over simulated "
                                                      "engines (starts its own stacks; --duration is per policy)")
-    g.add_argument("--policies", default=",".join(POLICIES), help="residency.policy values to run, in order")
+    g.add_argument("--policies", default=",".join(POLICIES),
+                   help="residency.policy values to run, in order; fifo:S is fifo with min_sleep_duration S "
+                        "(a cooldown: the other way to switch less)")
     g.add_argument("--max-wait", type=positive, default=30.0, help="residency.max_wait_seconds")
     g.add_argument("--wake-s", type=positive, default=EnginePlan.wake_s, help="the engines' level-1 wake time")
     g.add_argument("--sleep-s", type=positive, default=EnginePlan.sleep_s, help="the engines' level-1 sleep time")
@@ -88,12 +90,27 @@ def plans(args: argparse.Namespace) -> tuple[TracePlan, EnginePlan, list[str]]:
     if len(popularity) != len(MODELS) or min(popularity) <= 0:
         raise ValueError(f"--popularity: give {len(MODELS)} shares > 0, e.g. 0.6,0.3,0.1")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if not policies or any(p not in POLICIES for p in policies):
-        raise ValueError(f"--policies: {args.policies!r}; use some of {', '.join(POLICIES)}")
+    if not policies or not all(_valid(p) for p in policies):
+        raise ValueError(f"--policies: {args.policies!r}; use some of {', '.join(POLICIES)}, or fifo:S "
+                         "(S seconds of min_sleep_duration)")
     trace = TracePlan(duration=args.duration or TracePlan.duration, popularity=popularity, burst_gap=args.burst_gap,
                       burst_max=int(args.burst_max), seed=args.seed)
     engine = EnginePlan(wake_s=args.wake_s, sleep_s=args.sleep_s, tokens=int(args.tokens))
     return trace, engine, policies
+
+
+def policy_of(run: str) -> tuple[str, float]:
+    """A run's ``residency.policy`` and ``min_sleep_duration``: ``fifo:2`` is fifo with 2 s (a plain name, 0)."""
+    name, _, cooldown = run.partition(":")
+    return name, float(cooldown or 0.0)
+
+
+def _valid(run: str) -> bool:
+    try:
+        name, cooldown = policy_of(run)
+    except ValueError:
+        return False
+    return name in POLICIES and cooldown >= 0 and (name == "fifo" or ":" not in run)
 
 
 def _free_port() -> int:
@@ -111,15 +128,16 @@ class Stack:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.engine = engine
+        name, cooldown = policy_of(policy)
         doc = {"router": {"router_port": self.port, "access_log": False, "health_check_interval_seconds": 30},
-               "sleep_manager": {"check_interval_seconds": 60, "min_sleep_duration": 0, "wake_timeout_seconds": 60,
-                                 "drain_timeout_seconds": 120},
-               "residency": {"policy": policy, "max_wait_seconds": max_wait,
+               "sleep_manager": {"check_interval_seconds": 60, "min_sleep_duration": cooldown,
+                                 "wake_timeout_seconds": 60, "drain_timeout_seconds": 120},
+               "residency": {"policy": name, "max_wait_seconds": max_wait,
                              "groups": [{"name": "trace", "members": [self._name(m) for m in MODELS],
                                          "exclusive": True}]},
                "instances": [{"name": self._name(m), "model": m, "engine": ENGINE, "launch": False,
                               "engine_args": ["--host", "127.0.0.1", "--port", str(p)]} for m, p in self.ports.items()]}
-        self.config = root / f"{policy}.yaml"
+        self.config = root / f"{policy.replace(':', '-')}.yaml"
         self.config.write_text(yaml.safe_dump(doc))
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -311,7 +329,19 @@ async def run(args: argparse.Namespace, log: TextIO = sys.stderr) -> dict:
         for k in ("latency_s", "ttft_s"):
             doc["ratios"].update({f"{k[:-2]}_{q}": _ratio(new[k], base[k], q) for q in ("p50", "p95", "max")})
         doc["checks"] = [{"check": c, "passed": ok, "detail": d} for c, ok, d in verdicts(base, new)]
+    if "cost_aware" in runs:
+        doc["cooldowns"] = [against_cooldown(runs["cost_aware"], r) for name, r in runs.items()
+                            if policy_of(name)[0] == "fifo" and policy_of(name)[1] > 0]
     return doc
+
+
+def against_cooldown(new: dict, cooled: dict) -> dict:
+    """cost_aware against fifo with a cooldown (``min_sleep_duration``), the simple way to switch less:
+    whether cost_aware makes no more switches with a p95 latency no worse (it is better on both)."""
+    p95_new, p95_cooled = new["latency_s"]["p95"], cooled["latency_s"]["p95"]
+    return {"against": cooled["policy"], "switches": [new["switches"], cooled["switches"]],
+            "latency_p95_s": [p95_new, p95_cooled],
+            "better_on_both": new["switches"] <= cooled["switches"] and p95_new <= p95_cooled}
 
 
 def _ratio(new: dict, base: dict, key: str) -> Optional[float]:
@@ -343,6 +373,10 @@ def report(doc: dict, out: TextIO) -> None:
                                                    if v is not None) + "\n")
         for c in doc["checks"]:
             out.write(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['check']}: {c['detail']}\n")
+    for c in doc.get("cooldowns", ()):
+        (sw_new, sw_old), (p_new, p_old) = c["switches"], c["latency_p95_s"]
+        out.write(f"cost_aware vs {c['against']}: switches {sw_new} vs {sw_old}, p95 latency {p_new:.2f}s vs {p_old:.2f}s: "
+                  f"{'better on both' if c['better_on_both'] else 'not better on both'}\n")
 
 
 def _q(d: Optional[dict]) -> str:

@@ -2,11 +2,12 @@
 checks that decide the scheduler (router/bench/swap_trace.py), without a stack."""
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 
 import pytest
 
-from router.bench.swap_trace import verdicts
+from router.bench.swap_trace import against_cooldown, plans, policy_of, verdicts
 from router.bench.trace import Change, Timeline, TracePlan, make_trace, quantiles
 
 
@@ -55,3 +56,24 @@ def test_the_checks_pass_only_when_every_done_when_holds() -> None:
 def test_quantiles_are_p50_p95_and_max() -> None:
     assert quantiles([]) is None
     assert quantiles([float(i) for i in range(101)]) == {"p50": 50.0, "p95": 95.0, "max": 100.0}
+
+
+def test_a_fifo_run_may_carry_a_cooldown_and_nothing_else_may() -> None:
+    assert policy_of("fifo") == ("fifo", 0.0) and policy_of("fifo:2.5") == ("fifo", 2.5)
+    assert policy_of("cost_aware") == ("cost_aware", 0.0)
+
+    def options(policies: str) -> argparse.Namespace:
+        return argparse.Namespace(popularity="0.6,0.3,0.1", policies=policies, duration=None, burst_gap=0.75,
+                                  burst_max=6, seed=0, wake_s=1.0, sleep_s=0.3, tokens=32)
+
+    assert plans(options("fifo,fifo:1,cost_aware"))[2] == ["fifo", "fifo:1", "cost_aware"]
+    for wrong in ("fifo:x", "fifo:-1", "cost_aware:2", "lru"):
+        with pytest.raises(ValueError, match="--policies"):
+            plans(options(wrong))
+
+
+def test_cost_aware_is_better_than_a_cooldown_only_with_no_more_switches_and_no_worse_p95() -> None:
+    cooled = {**run(15, 0, 8.0, 9.0), "policy": "fifo:2"}
+    assert against_cooldown(run(15, 0, 8.0, 9.0), cooled)["better_on_both"]
+    assert not against_cooldown(run(16, 0, 5.0, 9.0), cooled)["better_on_both"]
+    assert not against_cooldown(run(10, 0, 8.1, 9.0), cooled)["better_on_both"]
