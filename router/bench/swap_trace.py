@@ -71,6 +71,9 @@ def add_options(p: argparse.ArgumentParser, positive_int: Callable[[str], float]
     g.add_argument("--policies", default=",".join(POLICIES),
                    help="residency.policy values to run, in order; fifo:S is fifo with min_sleep_duration S "
                         "(a cooldown: the other way to switch less)")
+    g.add_argument("--seeds", default=None,
+                   help="several traces (comma-separated seeds, instead of --seed) replayed one after another on "
+                        "each policy's stack; the figures and checks are over all of them")
     g.add_argument("--max-wait", type=positive, default=30.0, help="residency.max_wait_seconds")
     g.add_argument("--wake-s", type=positive, default=EnginePlan.wake_s, help="the engines' level-1 wake time")
     g.add_argument("--sleep-s", type=positive, default=EnginePlan.sleep_s, help="the engines' level-1 sleep time")
@@ -81,7 +84,7 @@ def add_options(p: argparse.ArgumentParser, positive_int: Callable[[str], float]
     g.add_argument("--tokens", type=positive_int, default=EnginePlan.tokens, help="tokens per answer")
 
 
-def plans(args: argparse.Namespace) -> tuple[TracePlan, EnginePlan, list[str]]:
+def plans(args: argparse.Namespace) -> tuple[list[TracePlan], EnginePlan, list[str]]:
     """The trace, engine and policy plans from the options; ValueError naming the option when one is wrong."""
     try:
         popularity = tuple(float(x) for x in args.popularity.split(","))
@@ -93,10 +96,14 @@ def plans(args: argparse.Namespace) -> tuple[TracePlan, EnginePlan, list[str]]:
     if not policies or not all(_valid(p) for p in policies):
         raise ValueError(f"--policies: {args.policies!r}; use some of {', '.join(POLICIES)}, or fifo:S "
                          "(S seconds of min_sleep_duration)")
-    trace = TracePlan(duration=args.duration or TracePlan.duration, popularity=popularity, burst_gap=args.burst_gap,
-                      burst_max=int(args.burst_max), seed=args.seed)
+    try:
+        seeds = [args.seed] if not getattr(args, "seeds", None) else [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
+    traces = [TracePlan(duration=args.duration or TracePlan.duration, popularity=popularity,
+                        burst_gap=args.burst_gap, burst_max=int(args.burst_max), seed=seed) for seed in seeds]
     engine = EnginePlan(wake_s=args.wake_s, sleep_s=args.sleep_s, tokens=int(args.tokens))
-    return trace, engine, policies
+    return traces, engine, policies
 
 
 def policy_of(run: str) -> tuple[str, float]:
@@ -234,29 +241,32 @@ async def replay(session: aiohttp.ClientSession, url: str, plan: TracePlan, engi
     await asyncio.gather(*tasks)
 
 
-async def run_policy(policy: str, plan: TracePlan, engine: EnginePlan, max_wait: float, root: Path,
+async def run_policy(policy: str, traces: list[TracePlan], engine: EnginePlan, max_wait: float, root: Path,
                      log: TextIO) -> dict:
-    """One policy's stack, warm-up and trace; its figures."""
+    """One policy's stack and warm-up, then each trace in turn; its figures over all of them."""
     stack = Stack(root, policy, max_wait, engine)
     changes: list[Change] = []
     recs = {m: Recorder() for m in MODELS}
+    windows: list[tuple[float, float]] = []
     async with new_session(600.0) as session:
         try:
             await stack.start(session)
             async with _following(session, stack.url, changes):
                 await warm_up(session, stack.url)
-                log.write(f"[swap-trace] {policy}: replaying {len(make_trace(plan))} requests over "
-                          f"{plan.duration:g}s\n")
-                log.flush()
-                start = time.time()
-                await replay(session, stack.url, plan, engine, recs)
-                end = time.time()
+                for plan in traces:
+                    log.write(f"[swap-trace] {policy}: replaying {len(make_trace(plan))} requests over "
+                              f"{plan.duration:g}s (seed {plan.seed})\n")
+                    log.flush()
+                    start = time.time()
+                    await replay(session, stack.url, plan, engine, recs)
+                    windows.append((start, time.time()))
                 await asyncio.sleep(0.2)  # the last state changes' events, on their way
                 async with session.get(stack.url + "/residency") as resp:
-                    evictions = [e for e in (await resp.json())["evictions"] if e["time"] >= start]
+                    evictions = [e for e in (await resp.json())["evictions"]
+                                 if any(a <= e["time"] <= b for a, b in windows)]
         finally:
             stack.stop()
-    doc = figures(policy, recs, Timeline(changes, start, end), end - start, max_wait)
+    doc = figures(policy, recs, [Timeline(changes, a, b) for a, b in windows], max_wait)
     doc["switch_reasons"] = dict(Counter(why_kind(str(e.get("why", ""))) for e in evictions))
     # cost_aware's choice among several waiting models (router/server/fleet/contention.next_in_line).
     doc["switches_among_several"] = sum("waiting models:" in str(e.get("why", "")) for e in evictions)
@@ -274,8 +284,8 @@ def why_kind(why: str) -> str:
     return next((kind for phrase, kind in WHY if phrase in why), "other")
 
 
-def figures(policy: str, recs: dict[str, Recorder], timeline: Timeline, wall: float, max_wait: float) -> dict:
-    """One policy's figures (seconds; keys carry the unit)."""
+def figures(policy: str, recs: dict[str, Recorder], timelines: list[Timeline], max_wait: float) -> dict:
+    """One policy's figures over its traces' windows (seconds; keys carry the unit)."""
     latency, ttft = array("d"), array("d")
     ok = failed = 0
     for rec in recs.values():
@@ -283,10 +293,11 @@ def figures(policy: str, recs: dict[str, Recorder], timeline: Timeline, wall: fl
         ttft.extend(rec.ttft)
         ok += rec.ok
         failed += sum(rec.failed.values())
-    switching = timeline.switching_seconds()
-    longest = timeline.longest_switch()
+    switching = sum(t.switching_seconds() for t in timelines)
+    longest = max((t.longest_switch() for t in timelines), default=0.0)
+    wall = sum(t.end - t.start for t in timelines)
     oldest = max(ttft, default=0.0)
-    return {"policy": policy, "switches": timeline.switches(), "switching_s": switching,
+    return {"policy": policy, "switches": sum(t.switches() for t in timelines), "switching_s": switching,
             "serving_fraction": 1.0 - switching / wall if wall > 0 else None, "wall_s": wall,
             "completed": ok, "completed_per_min": ok / wall * 60.0 if wall > 0 else None, "failures": failed,
             "latency_s": quantiles(latency), "ttft_s": quantiles(ttft),
@@ -312,17 +323,17 @@ def verdicts(base: dict, new: dict) -> list[tuple[str, bool, str]]:
 
 
 async def run(args: argparse.Namespace, log: TextIO = sys.stderr) -> dict:
-    trace, engine, policies = plans(args)
+    traces, engine, policies = plans(args)
     with tempfile.TemporaryDirectory(prefix="swap-trace-") as tmp:
         runs = {}
         for policy in policies:
             try:
-                runs[policy] = await run_policy(policy, trace, engine, args.max_wait, Path(tmp), log)
+                runs[policy] = await run_policy(policy, traces, engine, args.max_wait, Path(tmp), log)
             except SwapTraceError as e:
                 logs = {p.name: p.read_text(errors="replace")[-2000:] for p in Path(tmp).glob("*.log")}
                 raise SwapTraceError(f"{e}\n" + "\n".join(f"--- {n}\n{t}" for n, t in logs.items())) from None
-    doc: dict = {"pattern": "swap-trace", "trace": asdict(trace), "engines": asdict(engine),
-                 "requests": len(make_trace(trace)), "runs": runs}
+    doc: dict = {"pattern": "swap-trace", "trace": asdict(traces[0]), "seeds": [t.seed for t in traces],
+                 "engines": asdict(engine), "requests": sum(len(make_trace(t)) for t in traces), "runs": runs}
     if "fifo" in runs and "cost_aware" in runs:
         base, new = runs["fifo"], runs["cost_aware"]
         doc["ratios"] = {k: _ratio(new, base, k) for k in ("switches", "switching_s", "completed_per_min")}
@@ -350,7 +361,8 @@ def _ratio(new: dict, base: dict, key: str) -> Optional[float]:
 
 def report(doc: dict, out: TextIO) -> None:
     t, e = doc["trace"], doc["engines"]
-    out.write(f"swap-trace: {doc['requests']} requests over {t['duration']:g}s per policy (seed {t['seed']}), "
+    seeds = ",".join(str(x) for x in doc.get("seeds", [t["seed"]]))
+    out.write(f"swap-trace: {doc['requests']} requests over {t['duration']:g}s per trace and policy (seed {seeds}), "
               f"3 models {t['popularity']}, bursts of {t['burst_min']}-{t['burst_max']} every ~{t['burst_gap']:g}s; "
               f"one exclusive group; engines wake {e['wake_s']:g}s, sleep {e['sleep_s']:g}s, "
               f"{e['tokens']} tokens at {e['itl_ms']:g} ms\n")

@@ -20,9 +20,14 @@ def test_waits_measure_from_when_each_request_began_to_wait() -> None:
     assert Waits.since(0, [25.0], now=20.0).waited == (0.0,)  # a start after `now` (clocks) counts as no wait
 
 
-def test_an_idle_resident_gives_way_at_once_even_to_a_request_just_come() -> None:
-    switch, reason = cost_aware(Waits(0, ()), Waits(0, (0.0,)))
+def test_an_idle_resident_gives_way_after_a_pause_of_a_quarter_switch_even_to_a_request_just_come() -> None:
+    # A 1.5 s switch: a pause is 0.375 s. Within it the resident's next request may come; after it, the GPU
+    # would idle while a request waits.
+    switch, reason = cost_aware(Waits(0, (), idle_for=0.37), Waits(0, (0.0,)))
+    assert not switch and "less than a 0.38s pause" in reason
+    switch, reason = cost_aware(Waits(0, (), idle_for=0.375), Waits(0, (0.0,)))
     assert switch and "no queued work" in reason
+    assert Waits.since(0, [], now=5.0, idle_for=2.0).idle_for == 2.0
 
 
 def test_a_resident_with_queued_work_keeps_serving_while_the_wait_is_below_the_switch_cost() -> None:
@@ -66,11 +71,11 @@ def test_fifo_is_the_baseline_the_resident_gives_way_after_min_sleep_duration_wh
     assert not cost_aware(busy, Waits(0, (0.0,)))[0]
 
 
-def test_a_resident_switched_in_serves_at_least_as_long_as_its_switch_took_even_idle() -> None:
-    idle, crowd = Waits(0, ()), Waits(0, (5.0,) * 10)
-    early = decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=1.4, min_awake=0.0)
+def test_a_resident_switched_in_serves_at_least_half_as_long_as_its_switch_took_even_idle() -> None:
+    idle, crowd = Waits(0, (), idle_for=10.0), Waits(0, (5.0,) * 10)
+    early = decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=0.74, min_awake=0.0)
     assert not early.switch and "window" in early.reason
-    assert decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=1.5, min_awake=0.0).switch
+    assert decide(COST_AWARE, idle, crowd, SWITCH, MAX_WAIT, awake_for=0.75, min_awake=0.0).switch
     # ... but not past max_wait_seconds.
     assert decide(COST_AWARE, idle, Waits(0, (MAX_WAIT,)), SWITCH, MAX_WAIT, awake_for=0.0, min_awake=0.0).switch
 

@@ -101,15 +101,19 @@ def test_cost_aware_switches_by_max_wait_seconds_whatever_the_switch_costs() -> 
     asyncio.run(test())
 
 
-def test_cost_aware_takes_an_idle_resident_at_once_and_fifo_drains_a_busy_one_at_once() -> None:
+def test_cost_aware_takes_an_idle_resident_after_a_pause_and_fifo_drains_a_busy_one_at_once() -> None:
     async def test() -> None:
         idle = Pair("cost_aware")
         waiter = await idle.begin()
         assert idle.x.state == "awake"
         idle.x.release()  # x's last request ends: nothing queued
+        idle.clock.advance(0.37)  # a 1.5 s switch: a pause is 0.375 s, within which x's next request may come
+        await settle()
+        assert idle.states() == ("awake", "sleeping") and not waiter.done()
+        idle.clock.advance(0.005)
         await settle()
         assert idle.states() == ("sleeping", "awake") and waiter.done()
-        assert "no queued work" in str(idle.residency.evictions[-1]["why"])
+        assert "no queued work (idle 0.4s)" in str(idle.residency.evictions[-1]["why"])
 
         fifo = Pair("fifo")
         waiter = await fifo.begin()
@@ -120,16 +124,16 @@ def test_cost_aware_takes_an_idle_resident_at_once_and_fifo_drains_a_busy_one_at
     asyncio.run(test())
 
 
-def test_cost_aware_keeps_a_resident_just_switched_in_for_as_long_as_its_switch_took() -> None:
+def test_cost_aware_keeps_a_resident_just_switched_in_for_half_as_long_as_its_switch_took() -> None:
     async def test() -> None:
         pair = Pair("cost_aware")
         pair.x.last_wake_at = pair.clock.now  # x just came in; its switch is estimated at 1.5 s
         waiter = await pair.begin()
         pair.x.release()  # idle, but inside its window
-        pair.clock.advance(1.4)
+        pair.clock.advance(0.74)
         await settle()
         assert pair.states() == ("awake", "sleeping") and not waiter.done()
-        pair.clock.advance(0.1)
+        pair.clock.advance(0.01)
         await settle()
         assert pair.states() == ("sleeping", "awake") and waiter.done()
     asyncio.run(test())

@@ -67,13 +67,14 @@ def test_the_resident_gives_way_to_the_model_that_has_waited_most_not_to_the_fir
         trio = Trio("cost_aware")
         for_y, for_z = await trio.begin()
         assert trio.states() == ("awake", "sleeping", "sleeping")
-        trio.x.release()  # x has nothing left: its place goes to z's three, though y asked first
+        trio.x.release()  # x has nothing left: after a pause, its place goes to z's three, though y asked first
+        trio.clock.advance(0.375)  # a quarter of the 1.5 s switch
         await settle()
         assert trio.states() == ("sleeping", "sleeping", "awake")
         assert all(f.done() for f in for_z) and not for_y[0].done()
         record = trio.residency.evictions[-1]
         assert record["model"] == "x" and "no queued work" in str(record["why"])
-        assert "next of 2 waiting models: z (3.0s accumulated" in str(record["why"])
+        assert "next of 2 waiting models: z (4.1s accumulated" in str(record["why"])
         assert "ahead of y, which asked first" in str(record["why"])
         decision = trio.residency.last_decision
         assert decision is not None and decision["resident"] == "z" and decision["waiting"] == "y"

@@ -42,6 +42,7 @@ def group(names: str = "ab", exclusive: bool = True, policy: str = "cost_aware",
     models = {n: Model(n, (Replica(instance(f"{n}-0", model=n), events),), lifecycle, ModelMetrics(n), 1)
               for n in names}
     table.append(ModelTable(models, {n: n for n in models}))
+    clock.advance(TURN)  # every member has been idle a while
     return table[0], residency, control, clock, recorder
 
 
@@ -121,6 +122,7 @@ def test_a_request_in_flight_on_the_awake_member_finishes_before_it_sleeps() -> 
         assert not wanting.done() and a.lifecycle.in_flight == 1
         assert engine_calls(control) == [] and b.lifecycle.state == SLEEPING
         a.lifecycle.release()  # the request on a ends
+        clock.advance(TURN)  # and a pause passes with nothing more for a: it gives way
         await asyncio.wait_for(wanting, 5)
         assert states(table) == {"a": SLEEPING, "b": AWAKE}
         assert [n for n, _ in engine_calls(control)] == ["a-0", "b-0"]

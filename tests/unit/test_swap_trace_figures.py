@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from typing import Optional
 
 import pytest
 
@@ -62,11 +63,15 @@ def test_a_fifo_run_may_carry_a_cooldown_and_nothing_else_may() -> None:
     assert policy_of("fifo") == ("fifo", 0.0) and policy_of("fifo:2.5") == ("fifo", 2.5)
     assert policy_of("cost_aware") == ("cost_aware", 0.0)
 
-    def options(policies: str) -> argparse.Namespace:
+    def options(policies: str, seeds: Optional[str] = None) -> argparse.Namespace:
         return argparse.Namespace(popularity="0.6,0.3,0.1", policies=policies, duration=None, burst_gap=0.75,
-                                  burst_max=6, seed=0, wake_s=1.0, sleep_s=0.3, tokens=32)
+                                  burst_max=6, seed=0, seeds=seeds, wake_s=1.0, sleep_s=0.3, tokens=32)
 
     assert plans(options("fifo,fifo:1,cost_aware"))[2] == ["fifo", "fifo:1", "cost_aware"]
+    assert [t.seed for t in plans(options("fifo"))[0]] == [0]
+    assert [t.seed for t in plans(options("fifo", seeds="3,1"))[0]] == [3, 1]  # --seeds replaces --seed
+    with pytest.raises(ValueError, match="--seeds"):
+        plans(options("fifo", seeds="1,x"))
     for wrong in ("fifo:x", "fifo:-1", "cost_aware:2", "lru"):
         with pytest.raises(ValueError, match="--policies"):
             plans(options(wrong))

@@ -9,10 +9,12 @@ waiting), and switches when one of these holds:
 
 - the waiting side's oldest request has waited ``max_wait_seconds``: no
   model is starved, whatever the costs say;
-- the resident has served its window (as long as one switch takes: a model
-  brought in at that price serves at least as long before it gives way,
-  so at least half the time goes to serving) and has no queued work:
-  nothing is drained, nobody waits for it;
+- the resident has served its window (half of what one switch takes, so a
+  model brought in at that price serves at least a third of the time) and
+  has been idle for a pause (a quarter of the switch): its stream of
+  requests has ended, nobody waits for it, and the GPU would otherwise idle
+  while others wait. A shorter pause keeps its place: a busy model's next
+  request usually comes within it, and leaving would cost a switch back;
 - the resident has served its window and the waiting side's accumulated
   wait (the sum, over its waiting requests, of the seconds each has waited)
   reaches the switch's cost in the same unit: the measured switch seconds
@@ -41,20 +43,24 @@ from typing import Mapping, Optional, Sequence
 FIFO = "fifo"
 COST_AWARE = "cost_aware"
 #: A resident keeps its place, even idle, at least this many times the switch's seconds after it came in.
-SERVING_WINDOW = 1.0
+SERVING_WINDOW = 0.5
+#: An idle resident keeps its place through a pause shorter than this many times the switch's seconds.
+PAUSE = 0.25
 
 
 @dataclass(frozen=True)
 class Waits:
-    """One model's requests at one moment: in flight, and how long each waiting one has waited."""
+    """One model's requests at one moment: in flight, how long each waiting one has waited, and how long
+    the model has been idle (since its last request ended or it woke; 0 with one in flight)."""
 
     in_flight: int = 0
     waited: tuple[float, ...] = ()
+    idle_for: float = 0.0
 
     @classmethod
-    def since(cls, in_flight: int, starts: Sequence[float], now: float) -> "Waits":
+    def since(cls, in_flight: int, starts: Sequence[float], now: float, idle_for: float = 0.0) -> "Waits":
         """From the clock times at which the waiting requests began to wait."""
-        return cls(in_flight, tuple(max(0.0, now - t) for t in starts))
+        return cls(in_flight, tuple(max(0.0, now - t) for t in starts), idle_for)
 
     @property
     def waiting(self) -> int:
@@ -105,7 +111,11 @@ def decide(policy: str, resident: Waits, newcomer: Waits, switch_seconds: float,
         return Verdict(False, f"cost_aware: the resident has served {awake_for:.1f}s of its {window:.1f}s window "
                               "(the switch that brought it in)")
     if not resident.queued:
-        return Verdict(True, "cost_aware: the resident has no queued work")
+        pause = PAUSE * switch_seconds
+        if resident.idle_for < pause:
+            return Verdict(False, f"cost_aware: the resident has been idle {resident.idle_for:.2f}s, less than a "
+                                  f"{pause:.2f}s pause (its next request may come)")
+        return Verdict(True, f"cost_aware: the resident has no queued work (idle {resident.idle_for:.1f}s)")
     held_up = 2 * resident.queued + newcomer.waiting
     cost = switch_seconds * held_up
     if newcomer.waiting and newcomer.accumulated >= cost:

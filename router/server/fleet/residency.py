@@ -265,7 +265,8 @@ class Residency:
         chosen = asking[first] if first else newcomer
         switch = self._switch_seconds(resident, chosen)
         r = resident.lifecycle
-        verdict = decide(settings.policy, Waits.since(r.in_flight, r.admission.wait_starts, now), waiting[chosen.name],
+        verdict = decide(settings.policy, Waits.since(r.in_flight, r.admission.wait_starts, now, r.idle_seconds(now)),
+                         waiting[chosen.name],
                          switch, settings.max_wait_seconds,
                          float("inf") if r.last_wake_at is None else now - r.last_wake_at, self._min_awake())
         if chosen is not newcomer and verdict.switch:
