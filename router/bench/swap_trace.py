@@ -201,7 +201,7 @@ async def _follow(session: aiohttp.ClientSession, url: str, into: list[Change]) 
             if line.startswith(b"data: "):
                 doc = orjson.loads(line[6:])
                 if doc.get("kind") == "model" and doc.get("model"):
-                    into.append(Change(float(doc["time"]), doc["model"], doc["state"]))
+                    into.append(Change(float(doc["time"]), doc["model"], doc["state"], str(doc.get("why", ""))))
 
 
 @asynccontextmanager
@@ -261,17 +261,15 @@ async def run_policy(policy: str, traces: list[TracePlan], engine: EnginePlan, m
                     await replay(session, stack.url, plan, engine, recs)
                     windows.append((start, time.time()))
                 await asyncio.sleep(0.2)  # the last state changes' events, on their way
-                async with session.get(stack.url + "/residency") as resp:
-                    evictions = [e for e in (await resp.json())["evictions"]
-                                 if any(a <= e["time"] <= b for a, b in windows)]
         finally:
             stack.stop()
+    whys = [c.why for c in changes if c.state == "evicted" and any(a <= c.time <= b for a, b in windows)]
     doc = figures(policy, recs, [Timeline(changes, a, b) for a, b in windows], max_wait)
-    doc["switch_reasons"] = dict(Counter(why_kind(str(e.get("why", ""))) for e in evictions))
+    doc["switch_reasons"] = dict(Counter(why_kind(why) for why in whys))
     # cost_aware's choice among several waiting models (router/server/fleet/contention.next_in_line).
-    doc["switches_among_several"] = sum("waiting models:" in str(e.get("why", "")) for e in evictions)
-    doc["switches_out_of_order"] = sum("which asked first" in str(e.get("why", "")) for e in evictions)
-    doc["switch_whys"] = [str(e.get("why", "")) for e in evictions]
+    doc["switches_among_several"] = sum("waiting models:" in why for why in whys)
+    doc["switches_out_of_order"] = sum("which asked first" in why for why in whys)
+    doc["switch_whys"] = whys
     return doc
 
 

@@ -61,11 +61,12 @@ def make_trace(plan: TracePlan) -> list[Arrival]:
 
 @dataclass(frozen=True)
 class Change:
-    """One model's state change, at the router's wall-clock time."""
+    """One model's state change, at the router's wall-clock time (an eviction's with the scheduler's why)."""
 
     time: float
     model: str
     state: str
+    why: str = ""
 
 
 class Timeline:
