@@ -9,9 +9,10 @@ one place held by one of three models: a request for the awake model goes in
 at once and takes the answer's time (no batch limit, as the simulated
 engines); a switch drains the resident (its requests in flight end, its new
 ones wait), sleeps it and wakes the next model, whose waiting requests then
-go in. Decisions are asked every `--tick` seconds. On seed 0 it made the
-same 20 switches as a real run of the pause-less rule within 0.2 s of their
-times and a p95 latency of 5.66 s against the real 5.71 s.
+go in. Decisions are asked every `Times.tick` seconds. A guide, not a
+substitute for the real run: on seed 0 it makes 20 switches with a p95
+latency of 5.25 s where a real run made 20 and 5.35 s (and under the rule
+before the pause, 21 and 6.25 s where real runs made 19-20 and 5.71-5.73 s).
 
     python benchmarks/swap_model.py --seeds 16
     python benchmarks/swap_model.py --seeds 16 --window 1.0 --pause 0    # the rule before the pause
