@@ -1,4 +1,4 @@
-"""``router.bench --pattern swap-trace``: the contention scheduler against the FIFO baseline, on one trace.
+"""``router.bench --pattern swap-trace``: the contention scheduler against the FIFO baseline, on seeded traces.
 
 Three simulated vLLM engines (``python -m router.sim``, level-1 wake
 ``--wake-s``, sleep ``--sleep-s``) in one exclusive group, so one is awake
@@ -6,9 +6,12 @@ at a time, behind a real router (``python -m router.serve``) whose
 ``residency.policy`` is each of ``--policies`` in turn. Each policy gets a
 fresh stack, the same warm-up (every model slept and woken once, so the
 router has measured its switch costs, as one running for a while has) and
-the same seeded trace (router/bench/trace.py): bursts of streamed requests
-for models of skewed popularity, overlapping, sent on an absolute schedule
-(open loop: a slow router does not slow the arrivals).
+the same seeded trace (router/bench/trace.py; with ``--seeds``, several in
+turn, since one trace can flatter a rule): bursts of streamed requests for
+models of skewed popularity, overlapping, sent on an absolute schedule (open
+loop: a slow router does not slow the arrivals). ``fifo:S`` runs fifo with
+``min_sleep_duration`` S, a cooldown: the simple way to switch less, which
+cost_aware is compared with on both switches and p95 latency.
 
 Per policy: switches and seconds switching (from the router's ``/events``),
 the fraction of time serving, completed requests per minute, latency and
@@ -97,7 +100,7 @@ def plans(args: argparse.Namespace) -> tuple[list[TracePlan], EnginePlan, list[s
         raise ValueError(f"--policies: {args.policies!r}; use some of {', '.join(POLICIES)}, or fifo:S "
                          "(S seconds of min_sleep_duration)")
     try:
-        seeds = [args.seed] if not getattr(args, "seeds", None) else [int(x) for x in args.seeds.split(",")]
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     except ValueError:
         raise ValueError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
     traces = [TracePlan(duration=args.duration or TracePlan.duration, popularity=popularity,
