@@ -30,7 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from chaos import CLASS_CORRUPT, CLASS_OTHER, FAULT_KINDS  # noqa: E402
+from chaos_stack import FAULT_KINDS  # noqa: E402
+from chaos_verdict import CLASS_CORRUPT, CLASS_OTHER  # noqa: E402
 from helpers import distinct_ports, get_json, http_status, post_json, render, wait_for  # noqa: E402
 from supervised import Supervised  # noqa: E402
 

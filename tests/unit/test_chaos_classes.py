@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from chaos import CLASS_DOWN, CLASS_KILL, CLASS_OTHER, CONTROLLER_GONE, CONTROLLER_GONE_WITHIN, ENGINES, Fault, Request, classify  # noqa: E402
+from chaos_stack import ENGINES  # noqa: E402
+from chaos_verdict import CLASS_DOWN, CLASS_KILL, CLASS_OTHER, CONTROLLER_GONE, CONTROLLER_GONE_WITHIN, Fault, Request, classify  # noqa: E402
 
 MARGIN = 2.0
 RUN_END = 1000.0
