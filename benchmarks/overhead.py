@@ -42,43 +42,32 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import aiohttp
+import psutil
 import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import rust_router  # noqa: E402  (benchmarks/rust_router.py, next to this file)
-from routers import API_KEY, SIMS, CheckoutFailed, checkout, config_text, free_port, router_argv, start_router, stop_processes  # noqa: E402
+from routers import API_KEY, SIMS, CheckoutFailed, checkout, config_text, cpu_seconds, free_port, router_argv, start_router, stop_processes  # noqa: E402
 
 from router.bench.loadgen import Recorder, Span, Target, Workload, new_session, run_model  # noqa: E402
 from router.bench.report import distribution_ms  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
 # --------------------------------------------------------------------------
-# Processes and their /proc figures
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` (fields 14 and 15 of /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
+# Processes and their figures (psutil: it reads /proc/<pid>/stat, status and fd)
 
 def kernel_seconds(pid: int) -> float:
-    """System (kernel) CPU time of `pid` (field 15 of /proc/<pid>/stat)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12]) / CLK_TCK
+    """System (kernel) CPU time of `pid`."""
+    return float(psutil.Process(pid).cpu_times().system)
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return int(psutil.Process(pid).num_fds())
 
 
 @dataclass

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "overhead-bench-key"
 #: name -> simulator knobs; one router model per simulated engine.
@@ -102,3 +104,9 @@ def stop_processes(procs: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, children not included (psutil reads /proc/<pid>/stat)."""
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)

@@ -44,14 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from overhead import phase, relayed_chunks, wait_ready  # noqa: E402
-from routers import API_KEY, SIMS, CheckoutFailed, checkout, config_text, free_port, router_argv, start_router, stop_processes  # noqa: E402
+from routers import API_KEY, SIMS, CheckoutFailed, checkout, config_text, cpu_seconds, free_port, router_argv, start_router, stop_processes  # noqa: E402
 
 from router.bench.loadgen import Recorder, Span, Target, Workload, new_session  # noqa: E402
-
-
-def cpu(p: psutil.Process) -> float:
-    t = p.cpu_times()
-    return t.user + t.system
 
 
 @dataclass
@@ -71,9 +66,9 @@ class Router:
 
     def sample(self) -> dict[str, float]:
         """CPU seconds so far: "controller" (the one process, or the controller) and each "workerI"."""
-        out = {"controller": cpu(self.process)}
+        out = {"controller": cpu_seconds(self.process.pid)}
         for i, w in enumerate(self.proxy_workers()):
-            out[f"worker{i}"] = cpu(w)
+            out[f"worker{i}"] = cpu_seconds(w.pid)
         return out
 
 
