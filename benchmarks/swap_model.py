@@ -28,8 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from router.bench.report import percentile
-from router.bench.trace import TracePlan, make_trace
+from router.bench.trace import TracePlan, make_trace, quantiles
 from router.server.fleet import contention
 from router.server.fleet.contention import Waits
 
@@ -100,8 +99,8 @@ def replay(policy: str, plan: TracePlan, times: Times, cooldown: float = 0.0, ma
                 if verdict.switch:
                     target, state = chosen, "draining"
         now = round(now + times.tick, 6)
-    return {"switches": switches, "p50": percentile(sorted(latencies), 0.5),
-            "p95": percentile(sorted(latencies), 0.95), "requests": len(latencies)}
+    q = quantiles(latencies) or {"p50": 0.0, "p95": 0.0}
+    return {"switches": switches, "p50": q["p50"], "p95": q["p95"], "requests": len(latencies)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
